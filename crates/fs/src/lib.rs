@@ -1,0 +1,22 @@
+//! # doppel-fs: the file-system layer
+//!
+//! All Linux-specific file-system work of doppel lives here, behind small functions, so that the
+//! stages above it (capture, mirror, apply) read as data flow rather than system calls.
+//!
+//! - [`beneath`]: resolving replica paths strictly beneath a root, never through a symlink.
+//! - [`meta`]: file metadata in doppel's terms (kind, mode, owner, times, identity).
+//! - [`xattr`]: reading and writing extended attributes without following symlinks.
+//! - [`hash`]: per-block BLAKE3 hashes of files.
+//! - [`walk`]: deterministic, selection-aware tree walks.
+//! - [`select`]: include/exclude rules with gitignore syntax.
+
+pub mod beneath;
+pub mod hash;
+pub mod meta;
+pub mod select;
+pub mod walk;
+pub mod xattr;
+
+pub use beneath::Beneath;
+pub use meta::Meta;
+pub use select::{Selection, SelectionError};

@@ -1,0 +1,524 @@
+//! # doppel-spool: the ordered queue between capture and link
+//!
+//! Capture appends ops; the spool gives each its job-scoped, gap-free sequence number and keeps
+//! it until the target acknowledges it. Records live in memory while there is room (the common
+//! case: the link keeps up and nothing touches the disk twice) and spill to append-only segment
+//! files when memory is full or the link is down. [`Spool::persist`] moves everything to disk and
+//! syncs it, which is what a clean shutdown and an index checkpoint rely on; the acknowledged
+//! prefix is dropped as acks arrive.
+//!
+//! After a crash, [`Spool::open`] recovers the contiguous run of records on disk that follows the
+//! last acknowledged sequence; whatever was only in memory is gone, and the caller learns where
+//! the recovered run ends so it can decide how to find the lost changes again.
+
+mod segment;
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use doppel_proto::{Op, OpRecord};
+use segment::{SegmentFile, parse_name};
+use tokio::sync::Notify;
+
+/// Spool errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The disk limit is reached and the caller chose not to wait.
+    #[error("spool is full ({used} of {limit} bytes on disk)")]
+    Full {
+        /// Bytes on disk.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Reading or writing segment files failed.
+    #[error("spool I/O error in {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The spool was closed while waiting.
+    #[error("spool closed")]
+    Closed,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io { path: path.to_path_buf(), source }
+}
+
+/// Limits of a spool.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolLimits {
+    /// Bytes of records kept in memory before spilling to disk.
+    pub memory: usize,
+    /// Bytes of segment files allowed on disk.
+    pub disk: u64,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment: u64,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        SpoolLimits { memory: 64 << 20, disk: 4 << 30, segment: 64 << 20 }
+    }
+}
+
+/// Where a new record may go when memory is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Spill to disk (live changes: they must be kept however slow the link is).
+    Spill,
+    /// Wait for memory to free up (mirror data: it can be read again from the source tree, so
+    /// writing it to the spool's disk first would only double the I/O).
+    WaitForMemory,
+}
+
+/// What [`Spool::open`] found on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Highest acknowledged sequence on record.
+    pub acked: u64,
+    /// Last sequence recovered (equal to `acked` if nothing is pending).
+    pub last_seq: u64,
+    /// Records after a gap (lost in memory) were found and discarded.
+    pub discarded_after_gap: bool,
+}
+
+/// Counters for status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Last sequence assigned.
+    pub last_seq: u64,
+    /// Last acknowledged sequence.
+    pub acked: u64,
+    /// Bytes of unacknowledged records in memory.
+    pub memory_bytes: u64,
+    /// Bytes of unacknowledged records on disk.
+    pub disk_bytes: u64,
+    /// Capture time of the oldest unacknowledged record (µs since the epoch), if any.
+    pub oldest_pending_us: Option<u64>,
+}
+
+enum Data {
+    Mem { recs: VecDeque<(u64, Bytes)> },
+    Disk { file: SegmentFile, skip: usize },
+}
+
+struct Segment {
+    /// Sequence of the first record still held (records before it were acknowledged).
+    first: u64,
+    data: Data,
+}
+
+impl Segment {
+    fn len(&self) -> usize {
+        match &self.data {
+            Data::Mem { recs } => recs.len(),
+            Data::Disk { file, skip } => file.offsets.len() - skip,
+        }
+    }
+    fn last(&self) -> u64 {
+        self.first + self.len() as u64 - 1
+    }
+    fn oldest_time(&self) -> Option<u64> {
+        match &self.data {
+            Data::Mem { recs } => recs.front().map(|r| r.0),
+            Data::Disk { file, skip } => file.times.get(*skip).copied(),
+        }
+    }
+}
+
+struct Inner {
+    acked: u64,
+    next_seq: u64,
+    segments: VecDeque<Segment>,
+    mem_bytes: usize,
+    disk_bytes: u64,
+    closed: bool,
+}
+
+/// The spool of one job.
+pub struct Spool {
+    dir: PathBuf,
+    limits: SpoolLimits,
+    inner: Mutex<Inner>,
+    space: Condvar,
+    appended: Notify,
+}
+
+const ACKED_FILE: &str = "acked";
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir` and recovers what is on disk.
+    pub fn open(dir: &Path, limits: SpoolLimits) -> Result<(Spool, Recovery), SpoolError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let acked_path = dir.join(ACKED_FILE);
+        let acked = match fs::read_to_string(&acked_path) {
+            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&acked_path)(e)),
+        };
+        let mut firsts: Vec<u64> = fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| parse_name(&e.file_name().to_string_lossy()))
+            .collect();
+        firsts.sort_unstable();
+        let mut segments = VecDeque::new();
+        let mut next = acked + 1;
+        let mut disk_bytes = 0;
+        let mut discarded = false;
+        for first in firsts {
+            let path = dir.join(segment::name_for(first));
+            let file = SegmentFile::recover(&path, first).map_err(io_err(&path))?;
+            let n = file.offsets.len() as u64;
+            let last = first + n.max(1) - 1;
+            if n == 0 || last < next {
+                // Empty, or entirely acknowledged already.
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            if first > next {
+                // A gap: records in between were only in memory when the process died.
+                discarded = true;
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            let skip = (next - first) as usize;
+            disk_bytes += file.end - file.offsets[skip];
+            segments.push_back(Segment { first: next, data: Data::Disk { file, skip } });
+            next = last + 1;
+        }
+        let recovery = Recovery { acked, last_seq: next - 1, discarded_after_gap: discarded };
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            limits,
+            inner: Mutex::new(Inner {
+                acked,
+                next_seq: next,
+                segments,
+                mem_bytes: 0,
+                disk_bytes,
+                closed: false,
+            }),
+            space: Condvar::new(),
+            appended: Notify::new(),
+        };
+        Ok((spool, recovery))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an op, assigning the next sequence number, which it returns. With
+    /// [`Placement::WaitForMemory`] it blocks while memory is full; with [`Placement::Spill`] it
+    /// writes to disk instead and blocks only while the disk limit is reached (or fails with
+    /// [`SpoolError::Full`] if `wait_for_disk` is false).
+    pub fn append(
+        &self,
+        op: Op,
+        time_us: u64,
+        placement: Placement,
+        wait_for_disk: bool,
+    ) -> Result<u64, SpoolError> {
+        let mut g = self.lock();
+        let mut record = OpRecord { seq: 0, time_us, op };
+        loop {
+            if g.closed {
+                return Err(SpoolError::Closed);
+            }
+            record.seq = g.next_seq;
+            let len = record_len(&record);
+            // A record larger than the whole memory budget still goes through memory when it
+            // may not spill, or it would wait forever.
+            let mem_ok = g.mem_bytes + len <= self.limits.memory
+                || (g.mem_bytes == 0 && placement == Placement::WaitForMemory);
+            let disk_ok = g.disk_bytes + len as u64 <= self.limits.disk;
+            let to_disk = match (placement, mem_ok) {
+                (_, true) => false,
+                (Placement::WaitForMemory, false) => {
+                    g = self.wait(g);
+                    continue;
+                }
+                (Placement::Spill, false) if disk_ok => true,
+                (Placement::Spill, false) if wait_for_disk => {
+                    g = self.wait(g);
+                    continue;
+                }
+                (Placement::Spill, false) => {
+                    return Err(SpoolError::Full { used: g.disk_bytes, limit: self.limits.disk });
+                }
+            };
+            let bytes = Bytes::from(record.encode());
+            self.push(&mut g, record.seq, time_us, bytes, to_disk)?;
+            g.next_seq += 1;
+            drop(g);
+            self.appended.notify_waiters();
+            return Ok(record.seq);
+        }
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        self.space.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    fn push(&self, g: &mut Inner, seq: u64, time_us: u64, bytes: Bytes, to_disk: bool) -> Result<(), SpoolError> {
+        if to_disk {
+            let need_new = match g.segments.back() {
+                Some(Segment { data: Data::Disk { file, .. }, .. }) => file.end >= self.limits.segment,
+                _ => true,
+            };
+            if need_new {
+                let file = SegmentFile::create(&self.dir, seq).map_err(io_err(&self.dir))?;
+                g.segments.push_back(Segment { first: seq, data: Data::Disk { file, skip: 0 } });
+            }
+            let Some(Segment { data: Data::Disk { file, .. }, .. }) = g.segments.back_mut() else {
+                unreachable!("a disk segment was just ensured")
+            };
+            let before = file.end;
+            file.append(&bytes, time_us).map_err(|e| SpoolError::Io { path: file.path.clone(), source: e })?;
+            g.disk_bytes += file.end - before;
+        } else {
+            if !matches!(g.segments.back(), Some(Segment { data: Data::Mem { .. }, .. })) {
+                g.segments.push_back(Segment { first: seq, data: Data::Mem { recs: VecDeque::new() } });
+            }
+            g.mem_bytes += bytes.len();
+            let Some(Segment { data: Data::Mem { recs }, .. }) = g.segments.back_mut() else {
+                unreachable!("a memory segment was just ensured")
+            };
+            recs.push_back((time_us, bytes));
+        }
+        Ok(())
+    }
+
+    /// Reads up to `max_bytes` (at least one record) of encoded records starting at `from`.
+    /// Returns an empty list if `from` has not been appended yet. Records before the
+    /// acknowledged prefix cannot be read (they are gone); asking for them reads from the
+    /// first one still held.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Bytes>, SpoolError> {
+        let g = self.lock();
+        let mut out = Vec::new();
+        let mut budget = max_bytes;
+        let mut seq = from.max(g.acked + 1);
+        for seg in g.segments.iter() {
+            if seg.len() == 0 || seg.last() < seq {
+                continue;
+            }
+            let start = (seq - seg.first) as usize;
+            match &seg.data {
+                Data::Mem { recs } => {
+                    for (_, r) in recs.iter().skip(start) {
+                        if !out.is_empty() && r.len() > budget {
+                            return Ok(out);
+                        }
+                        budget = budget.saturating_sub(r.len());
+                        out.push(r.clone());
+                        seq += 1;
+                    }
+                }
+                Data::Disk { file, skip } => {
+                    let from_i = skip + start;
+                    let mut to_i = from_i;
+                    while to_i < file.offsets.len() {
+                        let l = file.lens[to_i] as usize;
+                        if to_i > from_i && l > budget || (!out.is_empty() && l > budget) {
+                            break;
+                        }
+                        budget = budget.saturating_sub(l);
+                        to_i += 1;
+                    }
+                    let recs = file.read_range(from_i, to_i).map_err(io_err(&file.path))?;
+                    seq += recs.len() as u64;
+                    out.extend(recs);
+                    if to_i < file.offsets.len() {
+                        return Ok(out);
+                    }
+                }
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until a record with sequence `seq` exists (or the spool is closed).
+    pub async fn wait_for(&self, seq: u64) {
+        loop {
+            let notified = self.appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                if g.next_seq > seq || g.closed {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Records that the target holds everything up to `seq` durably: drops those records.
+    pub fn ack(&self, seq: u64) -> Result<(), SpoolError> {
+        let mut g = self.lock();
+        let seq = seq.min(g.next_seq - 1);
+        if seq <= g.acked {
+            return Ok(());
+        }
+        g.acked = seq;
+        self.drop_prefix(&mut g)?;
+        self.write_acked(seq)?;
+        drop(g);
+        self.space.notify_all();
+        Ok(())
+    }
+
+    fn drop_prefix(&self, g: &mut Inner) -> Result<(), SpoolError> {
+        let acked = g.acked;
+        while let Some(seg) = g.segments.front_mut() {
+            if seg.len() > 0 && seg.first > acked {
+                break;
+            }
+            let n = if seg.len() == 0 { 0 } else { ((acked - seg.first + 1) as usize).min(seg.len()) };
+            let mut freed_mem = 0;
+            let mut freed_disk = 0;
+            match &mut seg.data {
+                Data::Mem { recs } => {
+                    for (_, r) in recs.drain(..n) {
+                        freed_mem += r.len();
+                    }
+                }
+                Data::Disk { file, skip } => {
+                    let start = file.offsets[*skip];
+                    *skip += n;
+                    let stop = file.offsets.get(*skip).copied().unwrap_or(file.end);
+                    freed_disk += stop - start;
+                }
+            }
+            seg.first += n as u64;
+            let empty = seg.len() == 0;
+            g.mem_bytes -= freed_mem;
+            g.disk_bytes -= freed_disk;
+            if !empty {
+                break;
+            }
+            if let Some(Segment { data: Data::Disk { file, .. }, .. }) = g.segments.pop_front() {
+                fs::remove_file(&file.path).map_err(io_err(&file.path))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_acked(&self, seq: u64) -> Result<(), SpoolError> {
+        // No fsync: after a machine crash an older value only means re-sending records the
+        // target will recognise as already applied.
+        let tmp = self.dir.join("acked.tmp");
+        fs::write(&tmp, seq.to_string()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, self.dir.join(ACKED_FILE)).map_err(io_err(&tmp))
+    }
+
+    /// Discards every pending record and continues numbering after `applied`: used when the
+    /// target's replica is not the one these records were meant for (a new or unknown replica,
+    /// which will be brought in line by a difference mirror instead).
+    pub fn reset(&self, applied: u64) -> Result<(), SpoolError> {
+        let mut g = self.lock();
+        for seg in g.segments.drain(..) {
+            if let Data::Disk { file, .. } = seg.data {
+                fs::remove_file(&file.path).map_err(io_err(&file.path))?;
+            }
+        }
+        g.mem_bytes = 0;
+        g.disk_bytes = 0;
+        g.acked = applied;
+        g.next_seq = applied + 1;
+        self.write_acked(applied)?;
+        drop(g);
+        self.space.notify_all();
+        Ok(())
+    }
+
+    /// The target has applied up to `applied`, which may be beyond the last record this spool
+    /// holds (records that died in memory with a previous process had been sent and applied):
+    /// acknowledges what is held and continues numbering after `applied`.
+    pub fn catch_up(&self, applied: u64) -> Result<(), SpoolError> {
+        {
+            let mut g = self.lock();
+            if applied >= g.next_seq {
+                g.next_seq = applied + 1;
+            }
+        }
+        self.ack(applied)
+    }
+
+    /// Moves every record held in memory to disk and syncs all segment files, so that the
+    /// spool's content survives a crash from here on.
+    pub fn persist(&self) -> Result<(), SpoolError> {
+        let mut g = self.lock();
+        let segments = std::mem::take(&mut g.segments);
+        let mut out = VecDeque::with_capacity(segments.len());
+        for seg in segments {
+            match seg.data {
+                Data::Disk { .. } => out.push_back(seg),
+                Data::Mem { recs } if recs.is_empty() => {}
+                Data::Mem { recs } => {
+                    let mut file = SegmentFile::create(&self.dir, seg.first).map_err(io_err(&self.dir))?;
+                    for (t, r) in &recs {
+                        file.append(r, *t).map_err(io_err(&file.path))?;
+                        g.mem_bytes -= r.len();
+                    }
+                    g.disk_bytes += file.end;
+                    out.push_back(Segment { first: seg.first, data: Data::Disk { file, skip: 0 } });
+                }
+            }
+        }
+        for seg in &out {
+            if let Data::Disk { file, .. } = &seg.data {
+                file.sync().map_err(io_err(&file.path))?;
+            }
+        }
+        g.segments = out;
+        let dir = fs::File::open(&self.dir).map_err(io_err(&self.dir))?;
+        dir.sync_all().map_err(io_err(&self.dir))?;
+        Ok(())
+    }
+
+    /// Wakes every waiter and makes further appends fail: used at shutdown.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.space.notify_all();
+        self.appended.notify_waiters();
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> SpoolStats {
+        let g = self.lock();
+        SpoolStats {
+            last_seq: g.next_seq - 1,
+            acked: g.acked,
+            memory_bytes: g.mem_bytes as u64,
+            disk_bytes: g.disk_bytes,
+            oldest_pending_us: g.segments.iter().find(|s| s.len() > 0).and_then(|s| s.oldest_time()),
+        }
+    }
+
+    /// The next sequence number to be assigned.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+}
+
+fn record_len(r: &OpRecord) -> usize {
+    // Close enough for accounting without encoding twice: the payload dominates.
+    64 + r.op.data_len()
+}
+
+#[cfg(test)]
+mod tests;
