@@ -1,0 +1,16 @@
+//! # doppel-capture: seeing changes as they happen
+//!
+//! - [`event`]: [`FsEvent`], a hint that something under the job root changed, and the
+//!   [`EventSource`] trait that the watch back-ends implement.
+//! - [`watch`]: the `watch` capture back-ends: fanotify (a filesystem mark filtered to the job
+//!   root) where the kernel and privileges allow it, inotify otherwise.
+//!
+//! Watch events are hints, not ops: the mirror's reconciler looks at the file and its block
+//! index to decide which ops to emit, so a lost or merged event can cost time but never
+//! correctness, as long as an overflow is reported as [`FsEvent::Rescan`].
+
+pub mod event;
+pub mod watch;
+
+pub use event::{EventSource, FsEvent};
+pub use watch::{WatchBackend, open_watch};
