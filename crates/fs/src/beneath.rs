@@ -31,8 +31,9 @@ impl Beneath {
     /// Opens `root` (which must be a directory). Symlinks in `root` itself are followed: the
     /// operator chose it; only what lies beneath is confined.
     pub fn open(root: &Path) -> io::Result<Beneath> {
-        let root_fd = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", root.display())))?;
+        let root_fd =
+            rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", root.display())))?;
         Ok(Beneath { root: root_fd, path: root.to_path_buf() })
     }
 
@@ -41,7 +42,7 @@ impl Beneath {
         &self.path
     }
 
-    /// The root directory handle.
+    /// The root directory handle (opened for reading, so it also serves `syncfs`).
     pub fn root_fd(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -37,7 +37,11 @@ impl Default for Selection {
 fn build(kind: &'static str, rules: &[String]) -> Result<Gitignore, SelectionError> {
     let mut b = GitignoreBuilder::new("");
     for rule in rules {
-        b.add_line(None, rule).map_err(|e| SelectionError { kind, rule: rule.clone(), reason: e.to_string() })?;
+        b.add_line(None, rule).map_err(|e| SelectionError {
+            kind,
+            rule: rule.clone(),
+            reason: e.to_string(),
+        })?;
     }
     b.build().map_err(|e| SelectionError { kind, rule: rules.join(", "), reason: e.to_string() })
 }
@@ -92,7 +96,8 @@ mod tests {
 
     #[test]
     fn gitignore_semantics() {
-        let s = Selection::new(&[], &["*.tmp".into(), "cache/".into(), "/build".into(), "!keep.tmp".into()]).unwrap();
+        let s = Selection::new(&[], &["*.tmp".into(), "cache/".into(), "/build".into(), "!keep.tmp".into()])
+            .unwrap();
         assert!(!s.selects(&p("a/b.tmp"), false));
         assert!(s.selects(&p("a/keep.tmp"), false));
         assert!(!s.selects(&p("x/cache"), true));

@@ -69,6 +69,14 @@ pub fn replace_all(fd: BorrowedFd<'_>, wanted: &[Xattr]) -> io::Result<()> {
     Ok(())
 }
 
+/// Lists the attributes of the inode behind `fd` (an `O_PATH` handle to a file or directory).
+pub fn read_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<Xattr>> {
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let mut x = read_all_following(Path::new(&proc))?;
+    x.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(x)
+}
+
 fn read_all_following(path: &Path) -> io::Result<Vec<Xattr>> {
     let mut names = vec![0u8; 64 * 1024];
     let n = match rustix::fs::listxattr(path, &mut names[..]) {

@@ -72,11 +72,7 @@ pub fn unpack_batch(batch: &Batch, max_raw: u32) -> Result<Vec<OpRecord>, BatchE
         }
     };
     if raw.len() != batch.raw_len as usize {
-        return Err(BatchError::Codec(format!(
-            "decoded {} bytes, header said {}",
-            raw.len(),
-            batch.raw_len
-        )));
+        return Err(BatchError::Codec(format!("decoded {} bytes, header said {}", raw.len(), batch.raw_len)));
     }
     let mut out = Vec::with_capacity(batch.count as usize);
     let mut rest = raw;

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::block::BlockHash;
-use crate::op::Timestamp;
+use crate::op::{Timestamp, Xattr};
 use crate::path::WirePath;
 
 /// The protocol spoken by this build. Peers with a different major version are refused in the
@@ -196,6 +196,8 @@ pub struct Entry {
     pub link_group: Option<u64>,
     /// BLAKE3 of each block of a regular file, in order.
     pub blocks: Vec<BlockHash>,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<Xattr>,
 }
 
 /// Every message of the link protocol.
@@ -273,7 +275,16 @@ mod tests {
     #[test]
     fn golden_tags() {
         let msgs = [
-            (0, Message::Hello(Hello { protocol: 1, job: "j".into(), agent_version: "v".into(), replica_id: None, epoch: 0 })),
+            (
+                0,
+                Message::Hello(Hello {
+                    protocol: 1,
+                    job: "j".into(),
+                    agent_version: "v".into(),
+                    replica_id: None,
+                    epoch: 0,
+                }),
+            ),
             (4, Message::Ack { seq: 5 }),
             (6, Message::Heartbeat { time_us: 1 }),
             (10, Message::Goodbye { reason: String::new() }),

@@ -299,7 +299,10 @@ mod tests {
         assert!(!RelPath::new("a/bc").unwrap().starts_with(&RelPath::new("a/b").unwrap()));
         let moved = p.rebase(&RelPath::new("a").unwrap(), &RelPath::new("z/y").unwrap()).unwrap();
         assert_eq!(moved, RelPath::new("z/y/b/c").unwrap());
-        assert_eq!(RelPath::new("a").unwrap().rebase(&RelPath::new("a").unwrap(), &RelPath::root()), Some(RelPath::root()));
+        assert_eq!(
+            RelPath::new("a").unwrap().rebase(&RelPath::new("a").unwrap(), &RelPath::root()),
+            Some(RelPath::root())
+        );
         assert_eq!(RelPath::new("a").unwrap().split_last().unwrap().0, RelPath::root());
     }
 }

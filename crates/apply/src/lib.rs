@@ -1,0 +1,19 @@
+//! # doppel-apply: the replica side of replication
+//!
+//! - [`replica`]: [`Replica`], one job's replica: applies op records in sequence order, makes
+//!   them durable in groups ([`Replica::commit`]) before they may be acknowledged, and keeps
+//!   enough state to resume exactly after a crash of the process or of the machine.
+//! - [`ops`]: how each op is carried out beneath the replica root (never outside it, never
+//!   through a symlink).
+//! - [`state`]: the replica's persistent state files.
+//! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
+//! - [`error`]: what can go wrong, split by what the caller must do about it.
+
+pub mod error;
+pub mod listing;
+pub mod ops;
+pub mod replica;
+pub mod state;
+
+pub use error::ApplyError;
+pub use replica::{Outcome, Replica, ReplicaInfo};

@@ -1,0 +1,345 @@
+//! Carrying out one op beneath the replica root.
+//!
+//! Every path is first checked as a [`RelPath`] (no `..`, no absolute path, no NUL, no empty
+//! component) and then resolved with [`Beneath`] (no symlink on the way, no escape). The last
+//! component is acted on through its parent directory handle and never followed. Ops are
+//! written so that applying one a second time, right after it was applied, changes nothing:
+//! that is what makes the replay of the single op that may have been in flight when a target
+//! was killed exact.
+//!
+//! Errors are classified for the caller: a condition that may go away (no space, I/O error,
+//! read-only file system) is [`ApplyError::Io`] and the op will be retried; anything else
+//! (a hostile path, a name of the wrong type, a missing parent) is [`ApplyError::Refused`]: the
+//! op is skipped and the source is told, so one bad op cannot stall the stream.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+use doppel_fs::Beneath;
+use doppel_fs::beneath::is_escape;
+use doppel_proto::{Attrs, Op, RelPath, RenameFlags, Timestamp, WirePath};
+use rustix::fs::{AtFlags, Dev, FallocateFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+
+use crate::error::ApplyError;
+
+/// Modes a source may create with `Mknod`: FIFOs and sockets only. Device nodes would give
+/// whoever can read the replica access to the target's own devices.
+const ALLOWED_NODES: [u32; 2] = [libc::S_IFIFO, libc::S_IFSOCK];
+
+/// `fallocate` flags a source may use: those that only change the file's own space.
+const ALLOWED_FALLOCATE: u32 =
+    (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) as u32;
+
+/// A file kept open between consecutive writes to it.
+#[derive(Default)]
+pub struct OpenFile {
+    held: Option<(RelPath, OwnedFd)>,
+}
+
+impl OpenFile {
+    /// Forgets the held file (after any op that changes names).
+    pub fn clear(&mut self) {
+        self.held = None;
+    }
+
+    fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<&OwnedFd> {
+        if !matches!(&self.held, Some((p, _)) if p == path) {
+            let fd = root.open_at(path, OFlags::WRONLY, 0)?;
+            self.held = Some((path.clone(), fd));
+        }
+        Ok(&self.held.as_ref().expect("just set").1)
+    }
+}
+
+struct Ctx<'a> {
+    seq: u64,
+    kind: &'static str,
+    root: &'a Beneath,
+}
+
+impl Ctx<'_> {
+    fn path(&self, w: &WirePath) -> Result<RelPath, ApplyError> {
+        RelPath::try_from(w).map_err(|e| self.refuse(e.to_string()))
+    }
+
+    fn named(&self, w: &WirePath) -> Result<RelPath, ApplyError> {
+        let p = self.path(w)?;
+        if p.is_root() {
+            return Err(
+                self.refuse("the replica root itself cannot be created, linked, renamed or removed".into())
+            );
+        }
+        Ok(p)
+    }
+
+    fn refuse(&self, reason: String) -> ApplyError {
+        ApplyError::Refused { seq: self.seq, kind: self.kind, reason }
+    }
+
+    /// Classifies an OS error on `path`.
+    fn fail(&self, path: &RelPath, e: io::Error) -> ApplyError {
+        if is_escape(&e) {
+            return self
+                .refuse(format!("{path}: the path leads through a symlink or out of the replica ({e})"));
+        }
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS | libc::ENOMEM | libc::EAGAIN) => {
+                ApplyError::Io { seq: self.seq, kind: self.kind, path: path.to_string(), source: e }
+            }
+            _ => self.refuse(format!("{path}: {e}")),
+        }
+    }
+
+    fn parent<'p>(&self, path: &'p RelPath) -> Result<(OwnedFd, &'p [u8]), ApplyError> {
+        self.root.parent(path).map_err(|e| self.fail(path, e))
+    }
+
+    fn lstat_at(&self, dir: &OwnedFd, name: &[u8]) -> io::Result<rustix::fs::Stat> {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)
+    }
+}
+
+fn ts(t: Timestamp) -> Timespec {
+    Timespec { tv_sec: t.secs, tv_nsec: t.nanos as _ }
+}
+
+fn file_type(mode: u32) -> u32 {
+    mode & libc::S_IFMT
+}
+
+/// Applies `op` (sequence `seq`) to the tree beneath `root`.
+pub fn apply_op(root: &Beneath, open: &mut OpenFile, seq: u64, op: &Op) -> Result<(), ApplyError> {
+    let c = Ctx { seq, kind: op.kind(), root };
+    if op.changes_names() {
+        open.clear();
+    }
+    match op {
+        Op::Create { path, mode } => create(&c, &c.named(path)?, *mode),
+        Op::Mkdir { path, mode } => mkdir(&c, &c.named(path)?, *mode),
+        Op::Symlink { path, target } => symlink(&c, &c.named(path)?, target),
+        Op::Link { path, existing } => link(&c, &c.named(path)?, &c.named(existing)?),
+        Op::Rename { from, to, flags } => rename(&c, &c.named(from)?, &c.named(to)?, *flags),
+        Op::Unlink { path } => remove(&c, &c.named(path)?, false),
+        Op::Rmdir { path } => remove(&c, &c.named(path)?, true),
+        Op::Write { path, offset, data } => {
+            let p = c.path(path)?;
+            let fd = open.get(root, &p).map_err(|e| c.fail(&p, e))?;
+            write_all_at(fd, data, *offset).map_err(|e| c.fail(&p, e))
+        }
+        Op::Truncate { path, size } => {
+            let p = c.path(path)?;
+            let fd = open.get(root, &p).map_err(|e| c.fail(&p, e))?;
+            rustix::fs::ftruncate(fd, *size).map_err(|e| c.fail(&p, e.into()))
+        }
+        Op::Fallocate { path, mode, offset, len } => {
+            let p = c.path(path)?;
+            if mode & !ALLOWED_FALLOCATE != 0 {
+                return Err(c.refuse(format!("fallocate mode {mode:#x} is not allowed")));
+            }
+            let fd = open.get(root, &p).map_err(|e| c.fail(&p, e))?;
+            rustix::fs::fallocate(fd, FallocateFlags::from_bits_retain(*mode), *offset, *len)
+                .map_err(|e| c.fail(&p, e.into()))
+        }
+        Op::SetAttr { path, attrs } => set_attrs(&c, &c.path(path)?, attrs),
+        Op::Fsync { .. } => Ok(()),
+        Op::Mknod { path, mode, rdev } => mknod(&c, &c.named(path)?, *mode, *rdev),
+    }
+}
+
+fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(fd, data, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn create(c: &Ctx<'_>, path: &RelPath, mode: u32) -> Result<(), ApplyError> {
+    let (dir, name) = c.parent(path)?;
+    match rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o7777),
+    ) {
+        Ok(fd) => {
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777)).map_err(|e| c.fail(path, e.into()))
+        }
+        Err(rustix::io::Errno::EXIST) => match c.lstat_at(&dir, name) {
+            Ok(st) if file_type(st.st_mode) == libc::S_IFREG => Ok(()),
+            Ok(_) => Err(c.refuse(format!("{path}: exists and is not a regular file"))),
+            Err(e) => Err(c.fail(path, e)),
+        },
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+fn mkdir(c: &Ctx<'_>, path: &RelPath, mode: u32) -> Result<(), ApplyError> {
+    let (dir, name) = c.parent(path)?;
+    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o7777)) {
+        Ok(()) => {
+            let fd = c.root.dir(path).map_err(|e| c.fail(path, e))?;
+            chmod_fd(&fd, mode).map_err(|e| c.fail(path, e))
+        }
+        Err(rustix::io::Errno::EXIST) => match c.lstat_at(&dir, name) {
+            Ok(st) if file_type(st.st_mode) == libc::S_IFDIR => Ok(()),
+            Ok(_) => Err(c.refuse(format!("{path}: exists and is not a directory"))),
+            Err(e) => Err(c.fail(path, e)),
+        },
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+fn symlink(c: &Ctx<'_>, path: &RelPath, target: &[u8]) -> Result<(), ApplyError> {
+    if target.is_empty() || target.contains(&0) {
+        return Err(c.refuse(format!("{path}: a symlink target must be non-empty and free of NUL")));
+    }
+    let (dir, name) = c.parent(path)?;
+    match rustix::fs::symlinkat(target, &dir, name) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => {
+            let st = c.lstat_at(&dir, name).map_err(|e| c.fail(path, e))?;
+            match file_type(st.st_mode) {
+                libc::S_IFDIR => Err(c.refuse(format!("{path}: a directory is in the way of a symlink"))),
+                libc::S_IFLNK
+                    if rustix::fs::readlinkat(&dir, name, Vec::new())
+                        .is_ok_and(|t| t.as_bytes() == target) =>
+                {
+                    Ok(())
+                }
+                _ => {
+                    rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| c.fail(path, e.into()))?;
+                    rustix::fs::symlinkat(target, &dir, name).map_err(|e| c.fail(path, e.into()))
+                }
+            }
+        }
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+fn link(c: &Ctx<'_>, path: &RelPath, existing: &RelPath) -> Result<(), ApplyError> {
+    let (edir, ename) = c.parent(existing)?;
+    let (dir, name) = c.parent(path)?;
+    match rustix::fs::linkat(&edir, ename, &dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => {
+            let a = c.lstat_at(&edir, ename).map_err(|e| c.fail(existing, e))?;
+            let b = c.lstat_at(&dir, name).map_err(|e| c.fail(path, e))?;
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
+                return Ok(());
+            }
+            if file_type(b.st_mode) == libc::S_IFDIR {
+                return Err(c.refuse(format!("{path}: a directory is in the way of a hard link")));
+            }
+            rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| c.fail(path, e.into()))?;
+            rustix::fs::linkat(&edir, ename, &dir, name, AtFlags::empty()).map_err(|e| c.fail(path, e.into()))
+        }
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+fn rename(c: &Ctx<'_>, from: &RelPath, to: &RelPath, flags: RenameFlags) -> Result<(), ApplyError> {
+    if to.starts_with(from) && to != from {
+        return Err(c.refuse(format!("cannot move {from} into itself ({to})")));
+    }
+    let (fdir, fname) = c.parent(from)?;
+    let (tdir, tname) = c.parent(to)?;
+    let mut f = rustix::fs::RenameFlags::empty();
+    if flags.noreplace {
+        f |= rustix::fs::RenameFlags::NOREPLACE;
+    }
+    if flags.exchange {
+        f |= rustix::fs::RenameFlags::EXCHANGE;
+    }
+    match rustix::fs::renameat_with(&fdir, fname, &tdir, tname, f) {
+        Ok(()) => Ok(()),
+        // Replayed after it took effect: the old name is gone and the new one exists.
+        Err(rustix::io::Errno::NOENT)
+            if !flags.exchange && c.lstat_at(&fdir, fname).is_err() && c.lstat_at(&tdir, tname).is_ok() =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(c.fail(from, e.into())),
+    }
+}
+
+fn remove(c: &Ctx<'_>, path: &RelPath, dir_wanted: bool) -> Result<(), ApplyError> {
+    let (dir, name) = c.parent(path)?;
+    let flags = if dir_wanted { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+    match rustix::fs::unlinkat(&dir, name, flags) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+fn mknod(c: &Ctx<'_>, path: &RelPath, mode: u32, rdev: u64) -> Result<(), ApplyError> {
+    let ft = file_type(mode);
+    if !ALLOWED_NODES.contains(&ft) {
+        return Err(c.refuse(format!("{path}: only FIFOs and sockets may be created, not mode {mode:#o}")));
+    }
+    let (dir, name) = c.parent(path)?;
+    match rustix::fs::mknodat(
+        &dir,
+        name,
+        FileType::from_raw_mode(ft),
+        Mode::from_raw_mode(mode & 0o7777),
+        rdev as Dev,
+    ) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => match c.lstat_at(&dir, name) {
+            Ok(st) if file_type(st.st_mode) == ft => Ok(()),
+            Ok(_) => Err(c.refuse(format!("{path}: exists with another type"))),
+            Err(e) => Err(c.fail(path, e)),
+        },
+        Err(e) => Err(c.fail(path, e.into())),
+    }
+}
+
+/// `chmod` through an `O_PATH` handle (via its `/proc/self/fd` name, which reaches exactly
+/// that inode).
+fn chmod_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::chmod(Path::new(&proc), Mode::from_raw_mode(mode & 0o7777)).map_err(io::Error::from)
+}
+
+fn set_attrs(c: &Ctx<'_>, path: &RelPath, a: &Attrs) -> Result<(), ApplyError> {
+    let fd = c.root.open_at(path, OFlags::PATH, 0).map_err(|e| c.fail(path, e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| c.fail(path, e.into()))?;
+    let is_link = file_type(st.st_mode) == libc::S_IFLNK;
+    let here = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW;
+    // Owner first: changing it clears set-id bits, which the mode then restores.
+    if a.uid.is_some() || a.gid.is_some() {
+        let uid = a.uid.filter(|&u| u != st.st_uid).map(rustix::fs::Uid::from_raw);
+        let gid = a.gid.filter(|&g| g != st.st_gid).map(rustix::fs::Gid::from_raw);
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(&fd, "", uid, gid, here).map_err(|e| c.fail(path, e.into()))?;
+        }
+    }
+    if let Some(mode) = a.mode
+        && !is_link
+    {
+        chmod_fd(&fd, mode).map_err(|e| c.fail(path, e))?;
+    }
+    if let Some(x) = &a.xattrs
+        && !is_link
+    {
+        doppel_fs::xattr::replace_all(fd.as_fd(), x).map_err(|e| c.fail(path, e))?;
+    }
+    if a.atime.is_some() || a.mtime.is_some() {
+        let omit = Timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT as _ };
+        let t = Timestamps {
+            last_access: a.atime.map(ts).unwrap_or(omit),
+            last_modification: a.mtime.map(ts).unwrap_or(omit),
+        };
+        rustix::fs::utimensat(&fd, "", &t, here).map_err(|e| c.fail(path, e.into()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! One job's replica.
+
+use std::path::{Path, PathBuf};
+
+use doppel_fs::Beneath;
+use doppel_proto::OpRecord;
+
+use crate::error::ApplyError;
+use crate::ops::{OpenFile, apply_op};
+use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
+
+/// What a source needs to know to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// The replica's id (changes when its content can no longer be vouched for).
+    pub replica_id: [u8; 16],
+    /// Failover epoch.
+    pub epoch: u64,
+    /// Every op up to here is applied (and durable once [`Replica::commit`] returns it).
+    pub applied: u64,
+    /// The id was just changed because the replica may hold a partial mix of un-synced ops
+    /// (the machine went down uncleanly): the source must compare, not resume.
+    pub needs_resync: bool,
+}
+
+/// What happened to an op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied.
+    Applied,
+    /// Already applied before (a resend after a reconnect); skipped.
+    Duplicate,
+    /// Refused and skipped for good, with the reason (also logged).
+    Refused(String),
+}
+
+/// A replica: a plain tree at `root` plus state kept in a separate directory.
+pub struct Replica {
+    root: Beneath,
+    state_dir: PathBuf,
+    durable: Checkpoint,
+    applied: u64,
+    dirty_on_disk: bool,
+    progress: Progress,
+    open: OpenFile,
+    needs_resync: bool,
+}
+
+impl Replica {
+    /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
+    /// `state_dir`, recovering from whatever way the previous process ended.
+    pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
+        for d in [root, state_dir] {
+            std::fs::create_dir_all(d).map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
+        }
+        let beneath =
+            Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
+        let (progress, seen) = Progress::open(state_dir)?;
+        let mut needs_resync = false;
+        let (durable, applied) = match read_checkpoint(state_dir)? {
+            None => {
+                let c = Checkpoint { replica_id: new_replica_id(), epoch: 1, applied: 0, dirty: false };
+                write_checkpoint(state_dir, &c)?;
+                (c, 0)
+            }
+            // The process died but the machine did not: every applied op is in the page
+            // cache, and the progress marker says exactly how far they went.
+            Some(c) if seen.is_some() => (c, c.applied.max(seen.unwrap_or(0))),
+            // The machine went down with ops applied past the last durable point: some of
+            // them may have reached the disk and some not, in any order.
+            Some(mut c) if c.dirty => {
+                tracing::warn!(
+                    replica = %root.display(),
+                    applied = c.applied,
+                    "replica may hold un-synced changes from before an unclean shutdown; the source will compare it"
+                );
+                c.replica_id = new_replica_id();
+                c.dirty = false;
+                write_checkpoint(state_dir, &c)?;
+                needs_resync = true;
+                (c, c.applied)
+            }
+            Some(c) => (c, c.applied),
+        };
+        if seen.is_none() || seen.is_some_and(|s| s < applied) {
+            progress.record(applied)?;
+        }
+        Ok(Replica {
+            root: beneath,
+            state_dir: state_dir.to_path_buf(),
+            dirty_on_disk: durable.dirty,
+            durable,
+            applied,
+            progress,
+            open: OpenFile::default(),
+            needs_resync,
+        })
+    }
+
+    /// The resume point and identity, as a Welcome reports them.
+    pub fn info(&self) -> ReplicaInfo {
+        ReplicaInfo {
+            replica_id: self.durable.replica_id,
+            epoch: self.durable.epoch,
+            applied: self.applied,
+            needs_resync: self.needs_resync,
+        }
+    }
+
+    /// The replica tree's root.
+    pub fn root(&self) -> &Beneath {
+        &self.root
+    }
+
+    /// Last applied sequence (not necessarily durable yet).
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Last durable sequence.
+    pub fn durable(&self) -> u64 {
+        self.durable.applied
+    }
+
+    /// Applies one record. Records must come in sequence order; ones already applied are
+    /// skipped. An [`ApplyError::Io`] leaves the op unapplied (retry it later); a refused op
+    /// counts as done.
+    pub fn apply(&mut self, rec: &OpRecord) -> Result<Outcome, ApplyError> {
+        if rec.seq <= self.applied {
+            return Ok(Outcome::Duplicate);
+        }
+        if rec.seq != self.applied + 1 {
+            return Err(ApplyError::Gap { expected: self.applied + 1, got: rec.seq });
+        }
+        if !self.dirty_on_disk {
+            write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
+            self.dirty_on_disk = true;
+        }
+        let outcome = match apply_op(&self.root, &mut self.open, rec.seq, &rec.op) {
+            Ok(()) => Outcome::Applied,
+            Err(ApplyError::Refused { reason, .. }) => {
+                tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused");
+                Outcome::Refused(reason)
+            }
+            Err(e) => return Err(e),
+        };
+        self.applied = rec.seq;
+        self.progress.record(rec.seq)?;
+        Ok(outcome)
+    }
+
+    /// Makes every applied op durable (one `syncfs` of the replica's file system, then the
+    /// checkpoint) and returns the durable sequence, which may now be acknowledged.
+    pub fn commit(&mut self) -> Result<u64, ApplyError> {
+        if self.durable.applied == self.applied && !self.dirty_on_disk {
+            return Ok(self.applied);
+        }
+        self.open.clear();
+        rustix::fs::syncfs(self.root.root_fd())
+            .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e.into() })?;
+        let c = Checkpoint { applied: self.applied, dirty: false, ..self.durable };
+        write_checkpoint(&self.state_dir, &c)?;
+        self.durable = c;
+        self.dirty_on_disk = false;
+        Ok(self.applied)
+    }
+
+    /// Starts a new epoch (failover): the stream of the previous epoch's source is refused from
+    /// now on. Returns the new epoch.
+    pub fn bump_epoch(&mut self) -> Result<u64, ApplyError> {
+        self.commit()?;
+        let c = Checkpoint { epoch: self.durable.epoch + 1, ..self.durable };
+        write_checkpoint(&self.state_dir, &c)?;
+        self.durable = c;
+        Ok(c.epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests;

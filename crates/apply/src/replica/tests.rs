@@ -1,0 +1,285 @@
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use doppel_proto::{Attrs, Op, OpRecord, RenameFlags, Timestamp, WirePath, Xattr};
+
+use super::*;
+
+fn w(s: &str) -> WirePath {
+    WirePath(s.as_bytes().to_vec())
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    state: PathBuf,
+    outside: PathBuf,
+    replica: Replica,
+    seq: u64,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("replicas/src/job");
+        let state = dir.path().join("state/src/job");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("secret"), b"do not touch").unwrap();
+        std::fs::write(outside.join("sub/file"), b"nor this").unwrap();
+        let replica = Replica::open(&root, &state).unwrap();
+        Fixture { _dir: dir, root, state, outside, replica, seq: 0 }
+    }
+
+    fn apply(&mut self, op: Op) -> Outcome {
+        self.seq += 1;
+        self.replica.apply(&OpRecord { seq: self.seq, time_us: 0, op }).unwrap()
+    }
+
+    fn refused(&mut self, op: Op) -> String {
+        let desc = format!("{op:?}");
+        match self.apply(op) {
+            Outcome::Refused(r) => r,
+            o => panic!("{desc} was not refused: {o:?}"),
+        }
+    }
+}
+
+/// Everything under `dir`: path -> (mode, content or link target).
+fn snapshot(dir: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    fn rec(base: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            let content = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes()
+            } else {
+                Vec::new()
+            };
+            out.insert(rel, (m.mode(), content));
+            if m.is_dir() {
+                rec(base, &p, out);
+            }
+        }
+    }
+    rec(dir, dir, &mut out);
+    out
+}
+
+#[test]
+fn applies_every_op_kind() {
+    let mut f = Fixture::new();
+    let r = f.root.clone();
+    f.apply(Op::Mkdir { path: w("d"), mode: 0o750 });
+    f.apply(Op::Create { path: w("d/a"), mode: 0o640 });
+    f.apply(Op::Write { path: w("d/a"), offset: 0, data: b"hello world".to_vec() });
+    f.apply(Op::Write { path: w("d/a"), offset: 6, data: b"WORLD".to_vec() });
+    f.apply(Op::Truncate { path: w("d/a"), size: 8 });
+    f.apply(Op::Link { path: w("d/hard"), existing: w("d/a") });
+    f.apply(Op::Symlink { path: w("d/sym"), target: b"a".to_vec() });
+    f.apply(Op::Symlink { path: w("d/sym"), target: b"hard".to_vec() });
+    f.apply(Op::Mknod { path: w("fifo"), mode: libc::S_IFIFO | 0o600, rdev: 0 });
+    let mtime = Timestamp { secs: 1_000_000_000, nanos: 123_456_789 };
+    let xattrs = vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }];
+    f.apply(Op::SetAttr {
+        path: w("d/a"),
+        attrs: Attrs {
+            mode: Some(0o604),
+            mtime: Some(mtime),
+            xattrs: Some(xattrs.clone()),
+            ..Attrs::default()
+        },
+    });
+    f.apply(Op::Rename { from: w("d"), to: w("e"), flags: RenameFlags::default() });
+    assert_eq!(std::fs::read(r.join("e/a")).unwrap(), b"hello WO");
+    assert_eq!(std::fs::read(r.join("e/hard")).unwrap(), b"hello WO");
+    assert_eq!(std::fs::read_link(r.join("e/sym")).unwrap(), Path::new("hard"));
+    let m = std::fs::metadata(r.join("e/a")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o604);
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 123_456_789));
+    assert_eq!(m.nlink(), 2);
+    assert_eq!(doppel_fs::xattr::read_all(&r.join("e/a")).unwrap(), xattrs);
+    assert_eq!(std::fs::metadata(r.join("e")).unwrap().permissions().mode() & 0o7777, 0o750);
+    f.apply(Op::Unlink { path: w("e/hard") });
+    f.apply(Op::Unlink { path: w("e/sym") });
+    f.apply(Op::Unlink { path: w("e/a") });
+    f.apply(Op::Rmdir { path: w("e") });
+    f.apply(Op::Unlink { path: w("fifo") });
+    assert!(snapshot(&r).is_empty());
+    assert_eq!(f.replica.commit().unwrap(), f.seq);
+}
+
+#[test]
+fn hostile_ops_are_refused_and_nothing_outside_changes() {
+    let mut f = Fixture::new();
+    let outside = f.outside.clone();
+    let before = snapshot(&outside);
+    let up = "../../../outside";
+    // A symlink inside the replica pointing out of it is stored as a link, never followed.
+    assert_eq!(
+        f.apply(Op::Symlink { path: w("evil"), target: outside.as_os_str().as_encoded_bytes().to_vec() }),
+        Outcome::Applied
+    );
+    assert_eq!(f.apply(Op::Symlink { path: w("rel"), target: up.as_bytes().to_vec() }), Outcome::Applied);
+    let mut bad_paths: Vec<WirePath> =
+        ["../x", "/etc/passwd", "a/../../x", "..", "a//b", "./a", "a/."].iter().map(|s| w(s)).collect();
+    bad_paths.push(WirePath(b"a\0b".to_vec()));
+    bad_paths.push(WirePath(outside.join("secret").as_os_str().as_encoded_bytes().to_vec()));
+    for via in ["evil", "rel"] {
+        bad_paths.push(w(&format!("{via}/secret")));
+        bad_paths.push(w(&format!("{via}/sub/file")));
+        bad_paths.push(w(&format!("{via}/newfile")));
+    }
+    for p in bad_paths {
+        let reasons = [
+            f.refused(Op::Create { path: p.clone(), mode: 0o644 }),
+            f.refused(Op::Mkdir { path: p.clone(), mode: 0o755 }),
+            f.refused(Op::Write { path: p.clone(), offset: 0, data: b"pwned".to_vec() }),
+            f.refused(Op::Truncate { path: p.clone(), size: 0 }),
+            f.refused(Op::SetAttr {
+                path: p.clone(),
+                attrs: Attrs { mode: Some(0o777), ..Attrs::default() },
+            }),
+            f.refused(Op::Unlink { path: p.clone() }),
+            f.refused(Op::Rmdir { path: p.clone() }),
+            f.refused(Op::Symlink { path: p.clone(), target: b"x".to_vec() }),
+            f.refused(Op::Link { path: w("stolen"), existing: p.clone() }),
+            f.refused(Op::Link { path: p.clone(), existing: w("evil") }),
+            f.refused(Op::Rename { from: p.clone(), to: w("moved"), flags: RenameFlags::default() }),
+            f.refused(Op::Rename { from: w("evil"), to: p.clone(), flags: RenameFlags::default() }),
+        ];
+        for r in reasons {
+            assert!(!r.is_empty());
+        }
+    }
+    // Acting on the symlink itself as if it were a file or directory is refused too.
+    let r = f.refused(Op::Write { path: w("evil"), offset: 0, data: b"x".to_vec() });
+    assert!(r.contains("symlink"), "{r}");
+    f.refused(Op::Truncate { path: w("rel"), size: 0 });
+    // Chmod of the link itself must not reach its target.
+    f.apply(Op::SetAttr { path: w("evil"), attrs: Attrs { mode: Some(0o777), ..Attrs::default() } });
+    // Device nodes and unknown fallocate modes are refused.
+    let r = f.refused(Op::Mknod { path: w("sda"), mode: libc::S_IFBLK | 0o666, rdev: 0x800 });
+    assert!(r.contains("only FIFOs"), "{r}");
+    f.apply(Op::Create { path: w("f"), mode: 0o644 });
+    f.refused(Op::Fallocate { path: w("f"), mode: 0x40, offset: 0, len: 10 });
+    f.refused(Op::Rename { from: w("f"), to: w("f/g"), flags: RenameFlags::default() });
+    f.apply(Op::Mkdir { path: w("d"), mode: 0o755 });
+    f.refused(Op::Rename { from: w("d"), to: w("d/inner"), flags: RenameFlags::default() });
+    f.refused(Op::Rmdir { path: w("") });
+    f.refused(Op::Create { path: w(""), mode: 0o644 });
+    // The refusals consumed their sequence numbers: the stream goes on.
+    assert_eq!(f.replica.applied(), f.seq);
+    assert_eq!(snapshot(&outside), before, "the file system outside the replica changed");
+    let names: Vec<String> = snapshot(&f.root).into_keys().collect();
+    assert_eq!(names, ["d", "evil", "f", "rel"]);
+}
+
+#[test]
+fn duplicates_are_skipped_and_gaps_rejected() {
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    let again =
+        OpRecord { seq: 1, time_us: 0, op: Op::Write { path: w("a"), offset: 0, data: b"x".to_vec() } };
+    assert_eq!(f.replica.apply(&again).unwrap(), Outcome::Duplicate);
+    assert_eq!(std::fs::read(f.root.join("a")).unwrap(), b"");
+    let gap = OpRecord { seq: 5, time_us: 0, op: Op::Fsync { path: None } };
+    assert!(matches!(f.replica.apply(&gap), Err(ApplyError::Gap { expected: 2, got: 5 })));
+}
+
+#[test]
+fn a_killed_target_resumes_at_the_exact_op_and_replay_is_harmless() {
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    f.apply(Op::Write { path: w("a"), offset: 0, data: b"first".to_vec() });
+    f.replica.commit().unwrap();
+    f.apply(Op::Rename { from: w("a"), to: w("b"), flags: RenameFlags::default() });
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    let id = f.replica.info().replica_id;
+    // "Kill" the process: no commit, reopen from the files.
+    let mut r = Replica::open(&f.root, &f.state).unwrap();
+    let info = r.info();
+    assert_eq!((info.applied, info.replica_id, info.needs_resync), (4, id, false));
+    // The op in flight when the process died may be replayed: nothing changes.
+    for seq in [3, 4] {
+        let rec = OpRecord {
+            seq,
+            time_us: 0,
+            op: if seq == 3 {
+                Op::Rename { from: w("a"), to: w("b"), flags: RenameFlags::default() }
+            } else {
+                Op::Create { path: w("a"), mode: 0o644 }
+            },
+        };
+        assert_eq!(r.apply(&rec).unwrap(), Outcome::Duplicate);
+    }
+    assert_eq!(std::fs::read(f.root.join("b")).unwrap(), b"first");
+    // Replaying an op right after it took effect changes nothing either.
+    let mut open = OpenFile::default();
+    let ren = Op::Rename { from: w("b"), to: w("c"), flags: RenameFlags::default() };
+    apply_op(r.root(), &mut open, 5, &ren).unwrap();
+    apply_op(r.root(), &mut open, 5, &ren).unwrap();
+    assert_eq!(std::fs::read(f.root.join("c")).unwrap(), b"first");
+}
+
+#[test]
+fn unclean_reboot_with_unsynced_ops_demands_a_resync() {
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    f.replica.commit().unwrap();
+    f.apply(Op::Write { path: w("a"), offset: 0, data: b"maybe on disk".to_vec() });
+    let id = f.replica.info().replica_id;
+    // A reboot: the progress marker was written under another boot id.
+    std::fs::write(f.state.join("progress"), [b'x'; 44]).unwrap();
+    let r = Replica::open(&f.root, &f.state).unwrap();
+    let info = r.info();
+    assert!(info.needs_resync);
+    assert_ne!(info.replica_id, id);
+    assert_eq!(info.applied, 1);
+    // After a clean commit, a reboot is harmless.
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    f.replica.commit().unwrap();
+    let id = f.replica.info().replica_id;
+    std::fs::write(f.state.join("progress"), [b'x'; 44]).unwrap();
+    let info = Replica::open(&f.root, &f.state).unwrap().info();
+    assert_eq!((info.needs_resync, info.replica_id, info.applied), (false, id, 1));
+}
+
+#[test]
+fn listing_describes_the_tree_with_block_hashes() {
+    let mut f = Fixture::new();
+    f.apply(Op::Mkdir { path: w("d"), mode: 0o755 });
+    f.apply(Op::Create { path: w("d/big"), mode: 0o644 });
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    f.apply(Op::Write { path: w("d/big"), offset: 0, data: data.clone() });
+    f.apply(Op::Link { path: w("d/big2"), existing: w("d/big") });
+    f.apply(Op::Symlink { path: w("l"), target: b"d/big".to_vec() });
+    let mut entries = Vec::new();
+    crate::listing::list(f.replica.root(), &doppel_proto::ListScope::All, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })
+    .unwrap();
+    let names: Vec<String> = entries.iter().map(|e| e.path.display()).collect();
+    assert_eq!(names, ["", "d", "d/big", "d/big2", "l"]);
+    let big = &entries[2];
+    assert_eq!(big.size, 200_000);
+    assert_eq!(big.blocks.len(), 4);
+    assert_eq!(big.blocks[3], doppel_proto::hash_block(&data[3 * 65536..]));
+    assert!(big.link_group.is_some() && big.link_group == entries[3].link_group);
+    assert_eq!(entries[4].link_target, b"d/big");
+    let mut some = Vec::new();
+    let scope = doppel_proto::ListScope::Paths(vec![w("l"), w("missing"), w("../x"), w("l/through")]);
+    crate::listing::list(f.replica.root(), &scope, &mut |e| {
+        some.push(e.path.display());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(some, ["l"]);
+}
