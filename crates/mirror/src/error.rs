@@ -1,0 +1,28 @@
+//! Mirror errors.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors while reconciling.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// Reading the source tree failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The op sink refused (the spool is closed: shutting down).
+    #[error("cannot queue ops: {0}")]
+    Sink(String),
+    /// The index file is unreadable.
+    #[error("index {path} is unreadable: {reason}")]
+    Index {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,116 @@
+//! From watch hints to reconciler work.
+//!
+//! Renames are handled the moment they are seen, so they go on the wire as renames and in
+//! their place in the order of events. Everything else only marks a name as dirty; dirty names
+//! are reconciled together when the queue is flushed, which coalesces the many events a single
+//! save produces into one look at the file.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use doppel_capture::FsEvent;
+use doppel_proto::RelPath;
+
+use crate::error::MirrorError;
+use crate::reconcile::{OpSink, Reconciler};
+
+/// How a dirty name must be looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Depth {
+    /// The name itself (a new directory is still scanned in full).
+    Entry,
+    /// The whole subtree (after lost events, or a directory moved in).
+    Tree,
+}
+
+/// Names waiting to be reconciled.
+#[derive(Debug, Default)]
+pub struct EventQueue {
+    dirty: BTreeMap<RelPath, Depth>,
+    since: Option<Instant>,
+}
+
+impl EventQueue {
+    /// An empty queue.
+    pub fn new() -> EventQueue {
+        EventQueue::default()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// Number of dirty names.
+    pub fn len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    fn mark(&mut self, path: RelPath, depth: Depth) {
+        self.since.get_or_insert_with(Instant::now);
+        let d = self.dirty.entry(path).or_insert(depth);
+        *d = (*d).max(depth);
+    }
+
+    /// Marks the whole tree for a rescan.
+    pub fn rescan_all(&mut self) {
+        self.mark(RelPath::root(), Depth::Tree);
+    }
+
+    /// Takes one event. Renames may emit ops at once.
+    pub fn push(
+        &mut self,
+        ev: FsEvent,
+        rec: &mut Reconciler,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        match ev {
+            FsEvent::Modified(p) | FsEvent::Closed(p) | FsEvent::Attrib(p) => self.mark(p, Depth::Entry),
+            FsEvent::Created { path, .. } | FsEvent::Removed { path, .. } => self.mark(path, Depth::Entry),
+            FsEvent::Rescan(p) => self.mark(p, Depth::Tree),
+            FsEvent::Renamed { from, to, is_dir } => {
+                // Pending work on names that moved now concerns their new names.
+                let moved: Vec<RelPath> =
+                    self.dirty.keys().filter(|k| k.starts_with(&from)).cloned().collect();
+                for k in moved {
+                    let d = self.dirty.remove(&k).expect("key just listed");
+                    self.mark(k.rebase(&from, &to).expect("beneath the old name"), d);
+                }
+                if rec.rename(&from, &to, sink)? {
+                    // Cheap when unchanged; catches a change made between events.
+                    self.mark(to, Depth::Entry);
+                } else {
+                    self.mark(from, Depth::Entry);
+                    self.mark(to, if is_dir { Depth::Tree } else { Depth::Entry });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the oldest dirty mark is older than `debounce`.
+    pub fn due(&self, debounce: Duration) -> bool {
+        self.since.is_some_and(|s| s.elapsed() >= debounce)
+    }
+
+    /// Reconciles every dirty name (parents before children; a subtree scan covers the names
+    /// beneath it), then lets the reconciler settle directory times.
+    pub fn flush(&mut self, rec: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        self.since = None;
+        let mut covered: Option<RelPath> = None;
+        for (path, depth) in dirty {
+            if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
+                continue;
+            }
+            match depth {
+                Depth::Tree => {
+                    rec.sync_tree(&path, sink)?;
+                    covered = Some(path);
+                }
+                Depth::Entry => rec.sync_entry(&path, sink)?,
+            }
+        }
+        rec.finish(sink)
+    }
+}

@@ -1,0 +1,499 @@
+//! The reconciler: brings the replica (as the index describes it) in line with the source.
+//!
+//! Invariant: the index always describes the replica as it will be once every op emitted so
+//! far is applied. Every method keeps it, so any sequence of calls converges: events only
+//! decide *which* names get looked at and whether a rename can be sent as a rename.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use doppel_fs::{Meta, Selection};
+use doppel_proto::{Attrs, Entry, EntryKind, Op, RelPath, RenameFlags};
+
+use crate::error::MirrorError;
+use crate::index::{Index, IndexEntry};
+
+mod file;
+
+/// Where emitted ops go (the spool, or a report for verify).
+pub trait OpSink {
+    /// Takes one op.
+    fn emit(&mut self, op: Op) -> Result<(), MirrorError>;
+}
+
+impl OpSink for Vec<Op> {
+    fn emit(&mut self, op: Op) -> Result<(), MirrorError> {
+        self.push(op);
+        Ok(())
+    }
+}
+
+/// Running totals, shared with status and progress displays while a long mirror runs.
+#[derive(Debug, Default)]
+pub struct ReconcileStats {
+    /// Names examined.
+    pub entries_seen: AtomicU64,
+    /// Regular files read and hashed.
+    pub files_hashed: AtomicU64,
+    /// Bytes read and hashed.
+    pub bytes_hashed: AtomicU64,
+    /// Ops emitted.
+    pub ops: AtomicU64,
+    /// Payload bytes in emitted ops.
+    pub bytes_emitted: AtomicU64,
+}
+
+impl ReconcileStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Reconciles one job's tree.
+pub struct Reconciler {
+    root: PathBuf,
+    selection: Selection,
+    /// The job's index.
+    pub index: Index,
+    touched_dirs: BTreeSet<RelPath>,
+    needs_scan: BTreeSet<RelPath>,
+    stats: Arc<ReconcileStats>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MirrorError + '_ {
+    move |source| MirrorError::Io { path: path.to_path_buf(), source }
+}
+
+/// Whether an lstat error means "not there (any more)".
+fn vanished(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+}
+
+impl Reconciler {
+    /// A reconciler for the tree at `root` with the given index.
+    pub fn new(root: &Path, selection: Selection, index: Index) -> Reconciler {
+        Reconciler {
+            root: root.to_path_buf(),
+            selection,
+            index,
+            touched_dirs: BTreeSet::new(),
+            needs_scan: BTreeSet::new(),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The running totals.
+    pub fn stats(&self) -> Arc<ReconcileStats> {
+        self.stats.clone()
+    }
+
+    /// The source tree's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn emit(&mut self, sink: &mut dyn OpSink, op: Op) -> Result<(), MirrorError> {
+        ReconcileStats::add(&self.stats.ops, 1);
+        ReconcileStats::add(&self.stats.bytes_emitted, op.data_len() as u64);
+        if op.changes_names()
+            && let Some(p) = op.path()
+            && let Ok(p) = RelPath::try_from(p)
+            && let Some((parent, _)) = p.split_last()
+        {
+            self.touched_dirs.insert(parent);
+        }
+        if let Op::Rename { from, .. } = &op
+            && let Ok(p) = RelPath::try_from(from)
+            && let Some((parent, _)) = p.split_last()
+        {
+            self.touched_dirs.insert(parent);
+        }
+        sink.emit(op)
+    }
+
+    fn lstat(&self, path: &RelPath) -> Result<Option<Meta>, MirrorError> {
+        let full = self.root.join(path.as_path());
+        match Meta::lstat(&full) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if vanished(&e) => Ok(None),
+            Err(e) => Err(io_err(&full)(e)),
+        }
+    }
+
+    /// Brings the single name `path` in line: creates, updates, replaces or removes it. A
+    /// directory that is new to the replica is scanned in full.
+    pub fn sync_entry(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        let meta = self.lstat(path)?;
+        let is_new_dir = meta.is_some_and(|m| m.kind == EntryKind::Dir)
+            && !self.index.get(path).is_some_and(|e| e.kind == EntryKind::Dir);
+        self.sync_with(path, meta, sink)?;
+        if is_new_dir && self.index.get(path).is_some() {
+            self.sync_tree(path, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the whole subtree at `path` in line: every selected name on the source is
+    /// synced, every indexed name no longer on the source (or no longer selected) is removed.
+    pub fn sync_tree(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        let mut seen: Vec<RelPath> = Vec::new();
+        let walked = doppel_fs::walk::walk(&self.root, path, &self.selection, &mut |e| {
+            seen.push(e.path);
+            Ok(())
+        });
+        walked.map_err(io_err(&self.root.join(path.as_path())))?;
+        // Remove first: frees space on the target and clears names that change type.
+        let keep: BTreeSet<&RelPath> = seen.iter().collect();
+        let gone: Vec<RelPath> = self.index.subtree(path).into_iter().filter(|p| !keep.contains(p)).collect();
+        for p in gone.iter().rev() {
+            if self.index.get(p).is_some() {
+                self.remove(p, sink)?;
+            }
+        }
+        for p in &seen {
+            ReconcileStats::add(&self.stats.entries_seen, 1);
+            let meta = self.lstat(p)?;
+            self.sync_with(p, meta, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Syncs `path` given its current metadata (`None`: absent). Never scans directories.
+    fn sync_with(
+        &mut self,
+        path: &RelPath,
+        meta: Option<Meta>,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let meta = meta.filter(|m| self.selection.selects(path, m.kind == EntryKind::Dir));
+        let mut old = self.index.get(path).cloned();
+        let Some(meta) = meta else {
+            if old.is_some() {
+                self.remove(path, sink)?;
+            }
+            return Ok(());
+        };
+        if let Some(o) = &old
+            && (o.kind != meta.kind || (path.is_root() && o.kind != EntryKind::Dir))
+        {
+            self.remove(path, sink)?;
+            old = None;
+        }
+        if let Some(o) = &old
+            && o.unchanged(&meta)
+        {
+            return Ok(());
+        }
+        if !path.is_root() && !self.ensure_parent(path, sink)? {
+            return Ok(());
+        }
+        match meta.kind {
+            EntryKind::Dir => self.sync_dir(path, old, &meta, sink),
+            EntryKind::File => self.sync_file(path, old, &meta, sink),
+            EntryKind::Symlink => self.sync_symlink(path, old, &meta, sink),
+            EntryKind::Fifo | EntryKind::Other => self.sync_special(path, old, &meta, sink),
+        }
+    }
+
+    /// Makes sure the parent directory of `path` exists on the replica, creating missing
+    /// ancestors (which are then scanned later). Returns false if the source parent is gone.
+    fn ensure_parent(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<bool, MirrorError> {
+        let Some((parent, _)) = path.split_last() else { return Ok(true) };
+        if parent.is_root() || self.index.get(&parent).is_some_and(|e| e.kind == EntryKind::Dir) {
+            return Ok(true);
+        }
+        let Some(meta) = self.lstat(&parent)?.filter(|m| m.kind == EntryKind::Dir) else {
+            return Ok(false);
+        };
+        if !self.ensure_parent(&parent, sink)? {
+            return Ok(false);
+        }
+        if self.index.get(&parent).is_some() {
+            self.remove(&parent, sink)?;
+        }
+        self.emit(sink, Op::Mkdir { path: parent.to_wire(), mode: meta.mode })?;
+        let mut e = IndexEntry::from_meta(&meta);
+        // Attributes are settled when the directory itself is synced by the scan below.
+        e.mtime = Default::default();
+        self.index.insert(parent.clone(), e);
+        self.needs_scan.insert(parent);
+        Ok(true)
+    }
+
+    fn sync_dir(
+        &mut self,
+        path: &RelPath,
+        old: Option<IndexEntry>,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        if old.is_none() && !path.is_root() {
+            self.emit(sink, Op::Mkdir { path: path.to_wire(), mode: meta.mode })?;
+        }
+        let mut e = IndexEntry::from_meta(meta);
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, false, sink)?;
+        self.index.insert(path.clone(), e);
+        // The directory's mtime moves with every name created in it: settle it last.
+        self.touched_dirs.insert(path.clone());
+        Ok(())
+    }
+
+    fn sync_symlink(
+        &mut self,
+        path: &RelPath,
+        old: Option<IndexEntry>,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let full = self.root.join(path.as_path());
+        let target = match std::fs::read_link(&full) {
+            Ok(t) => t.into_os_string().into_encoded_bytes(),
+            Err(e) if vanished(&e) => return Ok(()),
+            Err(e) => return Err(io_err(&full)(e)),
+        };
+        let changed = old.as_ref().is_none_or(|o| o.link_target != target);
+        if changed {
+            self.emit(sink, Op::Symlink { path: path.to_wire(), target: target.clone() })?;
+        }
+        let mut e = IndexEntry::from_meta(meta);
+        e.link_target = target;
+        let old = if changed { None } else { old };
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, true, sink)?;
+        self.index.insert(path.clone(), e);
+        Ok(())
+    }
+
+    fn sync_special(
+        &mut self,
+        path: &RelPath,
+        old: Option<IndexEntry>,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let full = self.root.join(path.as_path());
+        let ft = std::fs::symlink_metadata(&full).map(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            let t = m.file_type();
+            if t.is_fifo() {
+                Some(libc_mode::FIFO)
+            } else if t.is_socket() {
+                Some(libc_mode::SOCK)
+            } else {
+                None
+            }
+        });
+        let Ok(Some(ft)) = ft else {
+            tracing::debug!(%path, "device nodes are not replicated");
+            return Ok(());
+        };
+        if old.is_none() {
+            self.emit(sink, Op::Mknod { path: path.to_wire(), mode: ft | meta.mode, rdev: 0 })?;
+        }
+        let mut e = IndexEntry::from_meta(meta);
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, true, sink)?;
+        self.index.insert(path.clone(), e);
+        Ok(())
+    }
+
+    /// Emits the attribute changes between `old` (None: a name just created on the replica)
+    /// and the source, and records the source's values in `e`.
+    pub(crate) fn sync_attrs(
+        &mut self,
+        path: &RelPath,
+        old: Option<&IndexEntry>,
+        meta: &Meta,
+        e: &mut IndexEntry,
+        content_changed: bool,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let mut a = Attrs::default();
+        let is_link = meta.kind == EntryKind::Symlink;
+        let created = old.is_none();
+        // A new name gets its mode again after its owner: changing the owner clears set-id bits.
+        if !is_link && old.is_none_or(|o| o.mode != meta.mode) {
+            a.mode = Some(meta.mode);
+        }
+        if created || old.is_some_and(|o| o.uid != meta.uid || o.gid != meta.gid) {
+            a.uid = Some(meta.uid);
+            a.gid = Some(meta.gid);
+        }
+        if matches!(meta.kind, EntryKind::File | EntryKind::Dir) {
+            let full = self.root.join(path.as_path());
+            e.xattrs = match doppel_fs::xattr::read_all(&full) {
+                Ok(x) => x,
+                Err(err) if vanished(&err) => Vec::new(),
+                Err(err) => return Err(io_err(&full)(err)),
+            };
+            let before: &[doppel_proto::Xattr] = old.map(|o| &o.xattrs[..]).unwrap_or(&[]);
+            if e.xattrs != before {
+                a.xattrs = Some(e.xattrs.clone());
+            }
+        }
+        if meta.kind != EntryKind::Dir
+            && (created || content_changed || old.is_some_and(|o| o.mtime != meta.mtime))
+        {
+            a.mtime = Some(meta.mtime);
+        }
+        if !a.is_empty() {
+            self.emit(sink, Op::SetAttr { path: path.to_wire(), attrs: a })?;
+        }
+        Ok(())
+    }
+
+    /// Removes `path` and everything beneath it from the replica (deepest first).
+    pub fn remove(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        for p in self.index.subtree(path).into_iter().rev() {
+            let Some(e) = self.index.remove(&p) else { continue };
+            let op = if e.kind == EntryKind::Dir {
+                Op::Rmdir { path: p.to_wire() }
+            } else {
+                Op::Unlink { path: p.to_wire() }
+            };
+            if p.is_root() {
+                continue;
+            }
+            self.emit(sink, op)?;
+        }
+        self.touched_dirs.remove(path);
+        Ok(())
+    }
+
+    /// Sends a rename observed on the source as a rename, if the index allows it (the old
+    /// name is on the replica, the new name can take it). Returns false when the caller must
+    /// fall back to syncing both names.
+    pub fn rename(
+        &mut self,
+        from: &RelPath,
+        to: &RelPath,
+        sink: &mut dyn OpSink,
+    ) -> Result<bool, MirrorError> {
+        let Some(old) = self.index.get(from).cloned() else { return Ok(false) };
+        if from == to || to.starts_with(from) || from.is_root() || to.is_root() {
+            return Ok(false);
+        }
+        if !self.selection.selects(to, old.kind == EntryKind::Dir) {
+            return Ok(false);
+        }
+        if let Some(dest) = self.index.get(to) {
+            let dest_is_dir = dest.kind == EntryKind::Dir;
+            if dest_is_dir != (old.kind == EntryKind::Dir)
+                || (dest_is_dir && self.index.subtree(to).len() > 1)
+            {
+                return Ok(false);
+            }
+        }
+        if !self.ensure_parent(to, sink)? {
+            return Ok(false);
+        }
+        self.emit(
+            sink,
+            Op::Rename { from: from.to_wire(), to: to.to_wire(), flags: RenameFlags::default() },
+        )?;
+        self.index.rename_subtree(from, to);
+        // A rename moves the ctime of what moved; nothing else about it changed.
+        if let Some(meta) = self.lstat(to)?
+            && let Some(e) = self.index.get_mut(to)
+            && e.ino == meta.ino
+            && e.mtime == meta.mtime
+            && (e.kind != EntryKind::File || e.size == meta.size)
+        {
+            e.ctime = meta.ctime;
+        }
+        Ok(true)
+    }
+
+    /// Finishes a round of changes: scans directories created on the way, then sets the
+    /// modification times of directories whose contents changed.
+    pub fn finish(&mut self, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        while let Some(dir) = self.needs_scan.pop_first() {
+            self.sync_tree(&dir, sink)?;
+        }
+        let dirs = std::mem::take(&mut self.touched_dirs);
+        for dir in dirs {
+            let Some(e) = self.index.get(&dir) else { continue };
+            if e.kind != EntryKind::Dir {
+                continue;
+            }
+            let Some(meta) = self.lstat(&dir)?.filter(|m| m.kind == EntryKind::Dir) else { continue };
+            let op = Op::SetAttr {
+                path: dir.to_wire(),
+                attrs: Attrs { mtime: Some(meta.mtime), ..Attrs::default() },
+            };
+            ReconcileStats::add(&self.stats.ops, 1);
+            sink.emit(op)?;
+            if let Some(e) = self.index.get_mut(&dir) {
+                e.mtime = meta.mtime;
+                e.ctime = meta.ctime;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole index by what a replica listing describes (before a difference
+    /// mirror of the whole tree).
+    pub fn seed_all(&mut self, listing: impl IntoIterator<Item = Entry>) {
+        self.index.clear();
+        self.seed(listing);
+    }
+
+    /// Replaces the index entries of `paths` by what a listing of them describes (absent
+    /// from the listing: absent from the replica).
+    pub fn seed_paths(&mut self, paths: &[RelPath], listing: impl IntoIterator<Item = Entry>) {
+        for p in paths {
+            self.index.remove(p);
+        }
+        self.seed(listing);
+    }
+
+    fn seed(&mut self, listing: impl IntoIterator<Item = Entry>) {
+        for e in listing {
+            if let Ok(p) = RelPath::try_from(&e.path) {
+                self.index.insert(p, IndexEntry::from_listing(&e));
+            }
+        }
+    }
+
+    /// Names that may differ from the index: new, changed or removed since it was recorded,
+    /// or modified so close to `saved_at_us` that their timestamps cannot tell (the "racy"
+    /// entries of git's index). Used after a crash, when the index may be behind the replica.
+    pub fn suspects(&self, saved_at_us: u64) -> Result<Vec<RelPath>, MirrorError> {
+        // Linux file systems stamp times from a coarse clock (a few milliseconds); 100 ms
+        // leaves a wide margin.
+        let margin_us = 100_000;
+        let racy_after = saved_at_us.saturating_sub(margin_us) as i128 * 1000;
+        let ns = |t: doppel_proto::Timestamp| t.secs as i128 * 1_000_000_000 + t.nanos as i128;
+        let mut out = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        doppel_fs::walk::walk(&self.root, &RelPath::root(), &self.selection, &mut |w| {
+            let suspect = match self.index.get(&w.path) {
+                None => true,
+                Some(e) => {
+                    !e.unchanged(&w.meta) || ns(w.meta.mtime) >= racy_after || ns(w.meta.ctime) >= racy_after
+                }
+            };
+            if suspect {
+                out.insert(w.path.clone());
+            }
+            seen.insert(w.path);
+            Ok(())
+        })
+        .map_err(io_err(&self.root))?;
+        for (p, _) in self.index.iter() {
+            if !seen.contains(p) {
+                out.insert(p.clone());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+mod libc_mode {
+    pub const FIFO: u32 = 0o010000;
+    pub const SOCK: u32 = 0o140000;
+}
+
+#[cfg(test)]
+mod tests;

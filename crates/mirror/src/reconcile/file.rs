@@ -1,0 +1,167 @@
+//! Regular files: hard links, and block-by-block content deltas.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+
+use doppel_fs::Meta;
+use doppel_proto::{BLOCK_SIZE, EntryKind, Op, RelPath, hash_block};
+
+use super::{OpSink, ReconcileStats, Reconciler, io_err, vanished};
+use crate::error::MirrorError;
+use crate::index::IndexEntry;
+
+/// Largest write op emitted: big enough to amortise per-op costs, small enough to keep
+/// batches flowing and memory bounded.
+const MAX_WRITE: usize = 1 << 20;
+
+impl Reconciler {
+    pub(super) fn sync_file(
+        &mut self,
+        path: &RelPath,
+        old: Option<IndexEntry>,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        if meta.nlink > 1 && self.try_link(path, old.as_ref(), meta, sink)? {
+            return Ok(());
+        }
+        let mut old = old;
+        // The replica's file shares its inode with other names there: writing into it would
+        // change them too, so it is replaced by a file of its own.
+        if let Some(o) = &old
+            && o.ino != meta.ino
+            && o.ino != 0
+            && self.index.names_of(o.ino).len() > 1
+        {
+            self.emit(sink, Op::Unlink { path: path.to_wire() })?;
+            self.index.remove(path);
+            old = None;
+        }
+        let full = self.root.join(path.as_path());
+        let mut file = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&full) {
+            Ok(f) => f,
+            // Gone or replaced since the stat: the event for that change will follow.
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
+            Err(e) => return Err(io_err(&full)(e)),
+        };
+        if old.is_none() {
+            self.emit(sink, Op::Create { path: path.to_wire(), mode: meta.mode })?;
+        }
+        let (old_blocks, old_size) = old.as_ref().map(|o| (o.blocks.clone(), o.size)).unwrap_or_default();
+        let mut delta = Delta { path, run_at: 0, run: Vec::new(), changed: false };
+        let mut blocks = Vec::with_capacity(meta.size.div_ceil(BLOCK_SIZE) as usize);
+        let size = doppel_fs::hash::for_each_block(&mut file, |i, data, h| {
+            blocks.push(*h);
+            if old_blocks.get(i as usize) == Some(h) {
+                return delta.flush(self, sink);
+            }
+            let at = i * BLOCK_SIZE;
+            let mut skip = 0usize;
+            // An append into a short last block: when the old bytes are unchanged, only the
+            // new ones go.
+            if i + 1 == old_blocks.len() as u64 && old_size > at && old_size - at < data.len() as u64 {
+                let old_len = (old_size - at) as usize;
+                if hash_block(&data[..old_len]) == old_blocks[i as usize] {
+                    skip = old_len;
+                }
+            }
+            delta.add(self, sink, at + skip as u64, &data[skip..])
+        })
+        .map_err(io_err(&full))?;
+        delta.flush(self, sink).map_err(io_err(&full))?;
+        ReconcileStats::add(&self.stats.files_hashed, 1);
+        ReconcileStats::add(&self.stats.bytes_hashed, size);
+        let mut changed = delta.changed;
+        if size < old_size {
+            self.emit(sink, Op::Truncate { path: path.to_wire(), size })?;
+            changed = true;
+        }
+        let mut e = IndexEntry::from_meta(meta);
+        e.size = size;
+        e.blocks = blocks;
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, changed, sink)?;
+        // Other names of the same inode on the replica saw the same bytes.
+        for other in self.index.names_of(meta.ino) {
+            if other != *path
+                && let Some(o) = self.index.get_mut(&other)
+            {
+                o.size = e.size;
+                o.blocks = e.blocks.clone();
+            }
+        }
+        self.index.insert(path.clone(), e);
+        Ok(())
+    }
+
+    /// For a file with several names: if another name of the same source inode is already on
+    /// the replica, makes `path` a hard link to it. Returns whether it did (or needed nothing).
+    fn try_link(
+        &mut self,
+        path: &RelPath,
+        old: Option<&IndexEntry>,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<bool, MirrorError> {
+        let Some(other) = self.index.other_name(meta.ino, path) else { return Ok(false) };
+        let Some(other_meta) = self.lstat(&other)? else { return Ok(false) };
+        if other_meta.ino != meta.ino || other_meta.kind != EntryKind::File {
+            return Ok(false);
+        }
+        let Some(shared) = self.index.get(&other).cloned() else { return Ok(false) };
+        if old.is_some_and(|o| o.ino == meta.ino) {
+            if !shared.unchanged(meta) {
+                // Already linked, but the shared content changed and the other name has not
+                // been looked at yet: compare through this name (which updates all names).
+                return Ok(false);
+            }
+            self.index.insert(path.clone(), shared);
+            return Ok(true);
+        }
+        if old.is_some() {
+            self.emit(sink, Op::Unlink { path: path.to_wire() })?;
+            self.index.remove(path);
+        }
+        self.emit(sink, Op::Link { path: path.to_wire(), existing: other.to_wire() })?;
+        self.index.insert(path.clone(), shared);
+        Ok(true)
+    }
+}
+
+/// A run of contiguous changed bytes, emitted as write ops of at most [`MAX_WRITE`].
+struct Delta<'p> {
+    path: &'p RelPath,
+    run_at: u64,
+    run: Vec<u8>,
+    changed: bool,
+}
+
+impl Delta<'_> {
+    fn add(&mut self, r: &mut Reconciler, sink: &mut dyn OpSink, at: u64, data: &[u8]) -> io::Result<()> {
+        if !self.run.is_empty() && self.run_at + self.run.len() as u64 != at {
+            self.flush(r, sink)?;
+        }
+        if self.run.is_empty() {
+            self.run_at = at;
+        }
+        self.run.extend_from_slice(data);
+        if self.run.len() >= MAX_WRITE {
+            self.flush(r, sink)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, r: &mut Reconciler, sink: &mut dyn OpSink) -> io::Result<()> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.run);
+        let offset = self.run_at;
+        self.run_at += data.len() as u64;
+        self.changed = true;
+        r.emit(sink, Op::Write { path: self.path.to_wire(), offset, data }).map_err(|e| match e {
+            MirrorError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        })
+    }
+}
