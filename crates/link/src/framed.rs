@@ -133,6 +133,40 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// Writes every message from `rx` (batching those ready together into one flush), and a
+/// heartbeat whenever nothing was sent for `heartbeat`, so the peer can tell a quiet link from
+/// a dead one. Ends, shutting the stream down, when `rx` closes.
+pub async fn write_pump<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
+    mut rx: tokio::sync::mpsc::Receiver<Message>,
+    heartbeat: std::time::Duration,
+) -> Result<(), LinkError> {
+    loop {
+        match tokio::time::timeout(heartbeat, rx.recv()).await {
+            Ok(Some(msg)) => {
+                writer.send(&msg).await?;
+                while let Ok(m) = rx.try_recv() {
+                    writer.send(&m).await?;
+                }
+                writer.flush().await?;
+            }
+            Ok(None) => {
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+            Err(_) => writer.send_now(&Message::Heartbeat { time_us: now_us() }).await?,
+        }
+    }
+}
+
+/// Microseconds since the epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,7 +152,8 @@ impl Identity {
         let write_private = |p: &Path, bytes: &[u8]| -> io::Result<()> {
             use io::Write;
             let tmp = p.with_extension("tmp");
-            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            let mut f =
+                fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, p)

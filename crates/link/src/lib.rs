@@ -10,7 +10,9 @@
 
 pub mod framed;
 pub mod identity;
+pub mod metered;
 pub mod tls;
 
 pub use framed::{ByteCounter, FrameReader, FrameWriter, LinkError};
 pub use identity::{Identity, IdentityError, NodeId};
+pub use metered::Metered;

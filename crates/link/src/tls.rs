@@ -186,7 +186,8 @@ mod tests {
 
     #[tokio::test]
     async fn mutual_auth_with_pinning() {
-        let (c, s, other) = (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
+        let (c, s, other) =
+            (Identity::generate().unwrap(), Identity::generate().unwrap(), Identity::generate().unwrap());
         assert_eq!(handshake(&c, &s, s.id).await.unwrap(), Some(c.id));
         let err = handshake(&c, &s, other.id).await.unwrap_err();
         assert!(err.to_string().contains("does not match the pinned identity"), "{err}");

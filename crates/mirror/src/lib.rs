@@ -8,6 +8,7 @@
 //!   needed: differing blocks, appended bytes, renames as renames.
 //! - [`events`]: turns watch hints ([`doppel_capture::FsEvent`]) into reconciler work, in order,
 //!   with renames applied at once and content changes coalesced.
+//! - [`verify`]: comparing without changing anything, and describing the differences.
 //! - [`error`]: what can fail.
 //!
 //! A difference mirror is the same machinery with the index seeded from the target's listing;
@@ -17,8 +18,10 @@ pub mod error;
 pub mod events;
 pub mod index;
 pub mod reconcile;
+pub mod verify;
 
 pub use error::MirrorError;
 pub use events::EventQueue;
 pub use index::{Index, IndexEntry};
 pub use reconcile::{OpSink, ReconcileStats, Reconciler};
+pub use verify::{Difference, VerifyReport};

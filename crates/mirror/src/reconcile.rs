@@ -95,6 +95,11 @@ impl Reconciler {
         &self.root
     }
 
+    /// The job's selection rules.
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
     pub(crate) fn emit(&mut self, sink: &mut dyn OpSink, op: Op) -> Result<(), MirrorError> {
         ReconcileStats::add(&self.stats.ops, 1);
         ReconcileStats::add(&self.stats.bytes_emitted, op.data_len() as u64);
@@ -235,9 +240,11 @@ impl Reconciler {
         }
         let mut e = IndexEntry::from_meta(meta);
         self.sync_attrs(path, old.as_ref(), meta, &mut e, false, sink)?;
-        self.index.insert(path.clone(), e);
         // The directory's mtime moves with every name created in it: settle it last.
-        self.touched_dirs.insert(path.clone());
+        if old.as_ref().is_none_or(|o| o.mtime != meta.mtime) {
+            self.touched_dirs.insert(path.clone());
+        }
+        self.index.insert(path.clone(), e);
         Ok(())
     }
 

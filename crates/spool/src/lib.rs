@@ -270,7 +270,14 @@ impl Spool {
         self.space.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0
     }
 
-    fn push(&self, g: &mut Inner, seq: u64, time_us: u64, bytes: Bytes, to_disk: bool) -> Result<(), SpoolError> {
+    fn push(
+        &self,
+        g: &mut Inner,
+        seq: u64,
+        time_us: u64,
+        bytes: Bytes,
+        to_disk: bool,
+    ) -> Result<(), SpoolError> {
         if to_disk {
             let need_new = match g.segments.back() {
                 Some(Segment { data: Data::Disk { file, .. }, .. }) => file.end >= self.limits.segment,
@@ -284,7 +291,8 @@ impl Spool {
                 unreachable!("a disk segment was just ensured")
             };
             let before = file.end;
-            file.append(&bytes, time_us).map_err(|e| SpoolError::Io { path: file.path.clone(), source: e })?;
+            file.append(&bytes, time_us)
+                .map_err(|e| SpoolError::Io { path: file.path.clone(), source: e })?;
             g.disk_bytes += file.end - before;
         } else {
             if !matches!(g.segments.back(), Some(Segment { data: Data::Mem { .. }, .. })) {
@@ -299,15 +307,20 @@ impl Spool {
         Ok(())
     }
 
-    /// Reads up to `max_bytes` (at least one record) of encoded records starting at `from`.
-    /// Returns an empty list if `from` has not been appended yet. Records before the
-    /// acknowledged prefix cannot be read (they are gone); asking for them reads from the
-    /// first one still held.
-    pub fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<Bytes>, SpoolError> {
+    /// Reads up to `max_bytes` (at least one record) of encoded records starting at `from`,
+    /// returning the sequence of the first one and the records. The list is empty if `from`
+    /// has not been appended yet. Records before the acknowledged prefix cannot be read (they
+    /// are gone); asking for them reads from the first one still held.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<(u64, Vec<Bytes>), SpoolError> {
         let g = self.lock();
+        let first = from.max(g.acked + 1);
+        self.read_locked(&g, first, max_bytes).map(|v| (first, v))
+    }
+
+    fn read_locked(&self, g: &Inner, first: u64, max_bytes: usize) -> Result<Vec<Bytes>, SpoolError> {
         let mut out = Vec::new();
         let mut budget = max_bytes;
-        let mut seq = from.max(g.acked + 1);
+        let mut seq = first;
         for seg in g.segments.iter() {
             if seg.len() == 0 || seg.last() < seq {
                 continue;
@@ -329,7 +342,8 @@ impl Spool {
                     let mut to_i = from_i;
                     while to_i < file.offsets.len() {
                         let l = file.lens[to_i] as usize;
-                        if to_i > from_i && l > budget || (!out.is_empty() && l > budget) {
+                        let have_one = !out.is_empty() || to_i > from_i;
+                        if have_one && l > budget {
                             break;
                         }
                         budget = budget.saturating_sub(l);

@@ -23,9 +23,9 @@ fn sequences_are_gap_free_and_reads_span_memory_and_disk() {
     }
     let st = s.stats();
     assert!(st.disk_bytes > 0 && st.memory_bytes > 0, "{st:?}");
-    assert_eq!(seqs(&s.read(1, usize::MAX).unwrap()), (1..=100).collect::<Vec<_>>());
-    assert_eq!(seqs(&s.read(57, 300).unwrap()), vec![57, 58]);
-    assert!(s.read(101, 1000).unwrap().is_empty());
+    assert_eq!(seqs(&s.read(1, usize::MAX).unwrap().1), (1..=100).collect::<Vec<_>>());
+    assert_eq!(seqs(&s.read(57, 300).unwrap().1), vec![57, 58]);
+    assert!(s.read(101, 1000).unwrap().1.is_empty());
     assert_eq!(st.oldest_pending_us, Some(1));
 }
 
@@ -36,12 +36,17 @@ fn ack_drops_prefix_and_deletes_segments() {
     for i in 1..=200 {
         s.append(op(i, 100), i, Placement::Spill, true).unwrap();
     }
-    let files = || std::fs::read_dir(d.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg")).count();
+    let files = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    };
     let before = files();
     assert!(before > 3);
     s.ack(150).unwrap();
     assert!(files() < before);
-    assert_eq!(seqs(&s.read(1, usize::MAX).unwrap()), (151..=200).collect::<Vec<_>>());
+    assert_eq!(seqs(&s.read(1, usize::MAX).unwrap().1), (151..=200).collect::<Vec<_>>());
     s.ack(200).unwrap();
     assert_eq!(s.stats().disk_bytes, 0);
     assert_eq!(s.stats().oldest_pending_us, None);
@@ -60,7 +65,7 @@ fn persist_then_reopen_recovers_everything_unacked() {
     }
     let (s, rec) = Spool::open(d.path(), limits(1 << 20, 1 << 20)).unwrap();
     assert_eq!(rec, Recovery { acked: 20, last_seq: 50, discarded_after_gap: false });
-    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap()), (21..=50).collect::<Vec<_>>());
+    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap().1), (21..=50).collect::<Vec<_>>());
     assert_eq!(s.append(op(0, 1), 0, Placement::Spill, true).unwrap(), 51);
 }
 
@@ -83,7 +88,7 @@ fn memory_only_records_are_lost_and_a_gap_discards_later_segments() {
     let (s, rec) = Spool::open(d.path(), limits(1500, 1 << 20)).unwrap();
     assert_eq!(rec.last_seq, 10);
     assert!(rec.discarded_after_gap);
-    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap()), (1..=10).collect::<Vec<_>>());
+    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap().1), (1..=10).collect::<Vec<_>>());
 }
 
 #[test]
@@ -102,7 +107,7 @@ fn torn_tail_is_truncated() {
     let (s, rec) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
     assert_eq!(rec.last_seq, 4);
     assert_eq!(s.append(op(9, 1), 0, Placement::Spill, true).unwrap(), 5);
-    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap()), vec![1, 2, 3, 4, 5]);
+    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap().1), vec![1, 2, 3, 4, 5]);
 }
 
 #[test]
@@ -136,7 +141,7 @@ fn reset_and_catch_up_renumber() {
         s.append(op(i, 1), 0, Placement::Spill, true).unwrap();
     }
     s.catch_up(9).unwrap();
-    assert!(s.read(0, usize::MAX).unwrap().is_empty());
+    assert!(s.read(0, usize::MAX).unwrap().1.is_empty());
     assert_eq!(s.append(op(0, 1), 0, Placement::Spill, true).unwrap(), 10);
     s.reset(100).unwrap();
     assert_eq!(s.stats().acked, 100);
@@ -151,7 +156,7 @@ async fn wait_for_wakes_on_append() {
     let s2 = s.clone();
     let t = tokio::spawn(async move {
         s2.wait_for(1).await;
-        s2.read(1, 100).unwrap().len()
+        s2.read(1, 100).unwrap().1.len()
     });
     tokio::task::yield_now().await;
     s.append(op(1, 1), 0, Placement::Spill, true).unwrap();

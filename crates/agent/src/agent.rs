@@ -1,0 +1,322 @@
+//! Wiring a job together, and taking it apart cleanly.
+
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use doppel_capture::open_watch;
+use doppel_fs::Selection;
+use doppel_link::Identity;
+use doppel_mirror::{Index, Reconciler};
+use doppel_spool::Spool;
+use doppel_target::{Layout, Target, TargetConfig, valid_name};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture_loop::Capture;
+use crate::config::{Destination, JobConfig};
+use crate::connect::Connector;
+use crate::error::{AgentError, io_at};
+use crate::link_loop::{Link, VerifyRequest};
+use crate::state::JobState;
+use crate::status::{JobStatus, JobStatusSnapshot};
+
+/// A prepared job, ready to run.
+pub struct Agent {
+    job: JobConfig,
+    spool: Arc<Spool>,
+    status: Arc<JobStatus>,
+    state: Arc<Mutex<JobState>>,
+    state_path: PathBuf,
+    capture: Option<Capture>,
+    commands_tx: std::sync::mpsc::Sender<crate::capture_loop::Command>,
+    connector: Option<Connector>,
+    embedded: Option<Arc<Target>>,
+    stop: Arc<AtomicBool>,
+    crash_recovery: bool,
+    verify_tx: tokio::sync::mpsc::Sender<VerifyRequest>,
+    verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
+    _lock: OwnedFd,
+}
+
+/// `HOME/jobs/JOB`.
+pub fn job_dir(home: &Path, job: &str) -> PathBuf {
+    home.join("jobs").join(job)
+}
+
+fn canonical(p: &Path, what: &str) -> Result<PathBuf, AgentError> {
+    fs::canonicalize(p).map_err(|e| AgentError::Config(format!("{what} {}: {e}", p.display())))
+}
+
+impl Agent {
+    /// Checks the job, takes its lock, recovers its spool and index, and starts watching.
+    pub fn new(mut job: JobConfig, home: &Path) -> Result<Agent, AgentError> {
+        valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
+        job.root = canonical(&job.root, "protected directory")?;
+        if !job.root.is_dir() {
+            return Err(AgentError::Config(format!("{} is not a directory", job.root.display())));
+        }
+        fs::create_dir_all(home).map_err(io_at(home))?;
+        let home = canonical(home, "state directory")?;
+        if home.starts_with(&job.root) {
+            return Err(AgentError::Config(format!(
+                "the state directory {} is inside the protected tree {}; choose another --home",
+                home.display(),
+                job.root.display()
+            )));
+        }
+        if let Destination::Local(dir) = &mut job.dest {
+            fs::create_dir_all(&*dir).map_err(io_at(dir))?;
+            *dir = canonical(dir, "destination")?;
+            if dir.starts_with(&job.root) || job.root.starts_with(&*dir) {
+                return Err(AgentError::Config(format!(
+                    "the destination {} and the protected tree {} must not contain one another",
+                    dir.display(),
+                    job.root.display()
+                )));
+            }
+        }
+        let dir = job_dir(&home, &job.name);
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let lock = take_lock(&dir, &job.name)?;
+
+        let state_path = dir.join("state.json");
+        let mut state = JobState::load(&state_path)?;
+        let dest = job.dest.to_string();
+        if state.dest != dest {
+            state = JobState { dest, ..JobState::default() };
+        }
+        let (spool, recovery) = Spool::open(&dir.join("spool"), job.spool)?;
+        if recovery.discarded_after_gap {
+            tracing::warn!(job = %job.name, "ops that were only in memory died with the previous process; they will be found again");
+        }
+        let index_path = dir.join("index.bin");
+        let loaded = if state.replica_id.is_some() { Index::load(&index_path)? } else { None };
+        if loaded.is_none() {
+            state.replica_id = None;
+        }
+        let was_clean = state.clean;
+        let (index, saved) = loaded.map(|(i, s)| (i, Some(s))).unwrap_or((Index::new(), None));
+        let local_rescan = was_clean && saved.is_some();
+        let crash_recovery = if was_clean { None } else { saved.map(|s| s.saved_at_us) };
+        state.clean = false;
+        state.save(&state_path)?;
+
+        let selection =
+            Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
+        let watch = open_watch(&job.root, job.backend)
+            .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
+        let status = Arc::new(JobStatus::default());
+        status.set_state("starting");
+        let spool = Arc::new(spool);
+        let state = Arc::new(Mutex::new(state));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+        let capture = Capture {
+            rec: Reconciler::new(&job.root, selection, index),
+            spool: spool.clone(),
+            watch,
+            index_path,
+            state_path: state_path.clone(),
+            state: state.clone(),
+            status: status.clone(),
+            stop: stop.clone(),
+            commands: commands_rx,
+            crash_recovery,
+            local_rescan,
+            debounce: job.debounce,
+            checkpoint_interval: job.checkpoint_interval,
+        };
+        let (connector, embedded) = match &job.dest {
+            Destination::Local(replica) => {
+                let layout =
+                    Layout::Embedded { replica: replica.clone(), state: dir.join("embedded-target") };
+                let target = Target::new(TargetConfig::new(layout));
+                (Connector::Embedded(target.clone()), Some(target))
+            }
+            Destination::Remote { addr, target_id } => {
+                let (me, created) = Identity::load_or_create(&home)?;
+                if created {
+                    tracing::info!(identity = %me.id, "created this node's identity");
+                }
+                (Connector::remote(addr, &me, *target_id).map_err(AgentError::Config)?, None)
+            }
+        };
+        tracing::info!(
+            job = %job.name,
+            root = %job.root.display(),
+            dest = %job.dest,
+            capture = capture.watch.backend(),
+            resume = if local_rescan { "clean restart" } else if crash_recovery.is_some() { "after an unclean stop" } else { "first contact" },
+            "protecting"
+        );
+        let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(4);
+        Ok(Agent {
+            verify_tx,
+            verify_rx: Some(verify_rx),
+            job,
+            spool,
+            status,
+            state,
+            state_path,
+            capture: Some(capture),
+            commands_tx,
+            connector: Some(connector),
+            embedded,
+            stop,
+            crash_recovery: crash_recovery.is_some(),
+            _lock: lock,
+        })
+    }
+
+    /// The job's configuration (paths canonicalized).
+    pub fn job(&self) -> &JobConfig {
+        &self.job
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> JobStatusSnapshot {
+        self.status.snapshot(
+            &self.job.name,
+            &self.job.root.to_string_lossy(),
+            &self.job.dest.to_string(),
+            &self.spool,
+        )
+    }
+
+    /// A handle to request verifications while the job runs.
+    pub fn verifier(&self) -> Verifier {
+        Verifier(self.verify_tx.clone())
+    }
+
+    /// Live status handle (for a status server that outlives `run`'s borrow).
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource {
+            status: self.status.clone(),
+            spool: self.spool.clone(),
+            job: self.job.name.clone(),
+            root: self.job.root.to_string_lossy().into_owned(),
+            dest: self.job.dest.to_string(),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (Ok) or the job cannot go on (Err).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let capture = self.capture.take().expect("run is called once");
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("capture-{}", self.job.name))
+            .spawn(move || {
+                let r = capture.run();
+                let _ = done_tx.send(());
+                r
+            })
+            .map_err(|e| AgentError::Io { path: self.job.root.clone(), source: e })?;
+        let link_stop = CancellationToken::new();
+        let link = Link {
+            connector: self.connector.take().expect("run is called once"),
+            job: self.job.name.clone(),
+            spool: self.spool.clone(),
+            state: self.state.clone(),
+            status: self.status.clone(),
+            commands: self.commands_tx.clone(),
+            compression: self.job.compression,
+            window: self.job.window,
+            heartbeat: self.job.heartbeat,
+            shutdown: link_stop.clone(),
+            crash_recovery: self.crash_recovery,
+            verify: self.verify_rx.take().expect("run is called once"),
+            list_id: 0,
+        };
+        let mut link_task = tokio::spawn(link.run());
+        let mut link_result = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = done_rx => {}
+            r = &mut link_task => link_result = Some(r),
+        }
+        // Stop capture first: it saves spool and index together when it can.
+        self.stop.store(true, Ordering::Relaxed);
+        let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+        let capture_result = match joined {
+            Ok(Ok(r)) => r,
+            _ => Err(AgentError::Config("the capture thread panicked".into())),
+        };
+        link_stop.cancel();
+        let link_result = match link_result {
+            Some(r) => r,
+            None => link_task.await,
+        };
+        self.spool.close();
+        if let Some(t) = &self.embedded {
+            t.shutdown.cancel();
+        }
+        let clean = matches!(capture_result, Ok(true));
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.clean = clean;
+            st.save(&self.state_path)?;
+        }
+        self.status.set_state("stopped");
+        tracing::info!(job = %self.job.name, clean, "stopped");
+        match (capture_result, link_result) {
+            (Err(e), _) if !is_stopping(&e) => Err(e),
+            (_, Ok(Err(e))) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn is_stopping(e: &AgentError) -> bool {
+    matches!(e, AgentError::Mirror(doppel_mirror::MirrorError::Sink(_)))
+}
+
+/// Everything needed to report a job's status.
+#[derive(Clone)]
+pub struct StatusSource {
+    status: Arc<JobStatus>,
+    spool: Arc<Spool>,
+    job: String,
+    root: String,
+    dest: String,
+}
+
+impl StatusSource {
+    /// A snapshot.
+    pub fn snapshot(&self) -> JobStatusSnapshot {
+        self.status.snapshot(&self.job, &self.root, &self.dest, &self.spool)
+    }
+}
+
+fn take_lock(dir: &Path, job: &str) -> Result<OwnedFd, AgentError> {
+    let path = dir.join("lock");
+    let fd = rustix::fs::open(
+        &path,
+        rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| io_at(&path)(e.into()))?;
+    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::Locked { job: job.to_string(), lock: path }),
+        Err(e) => Err(io_at(&path)(e.into())),
+    }
+}
+
+/// Requests verifications of a running job.
+#[derive(Clone)]
+pub struct Verifier(tokio::sync::mpsc::Sender<VerifyRequest>);
+
+impl Verifier {
+    /// Compares the replica with the source (after the replica caught up with everything
+    /// captured so far) and, with `repair`, queues the fixes.
+    pub async fn verify(&self, repair: bool) -> Result<doppel_mirror::VerifyReport, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .send(VerifyRequest { repair, reply: tx })
+            .await
+            .map_err(|_| "the job is stopping".to_string())?;
+        rx.await.map_err(|_| "the job is stopping".to_string())?
+    }
+}

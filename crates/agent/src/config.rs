@@ -1,0 +1,82 @@
+//! Job configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use doppel_capture::WatchBackend;
+use doppel_link::NodeId;
+use doppel_spool::SpoolLimits;
+
+/// Where a job's replica is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A target daemon, reached over TLS and pinned by identity.
+    Remote {
+        /// `HOST:PORT`.
+        addr: String,
+        /// The target's identity (`doppel id` on the target).
+        target_id: NodeId,
+    },
+    /// A directory on this machine, served by a target embedded in the agent.
+    Local(PathBuf),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Remote { addr, target_id } => write!(f, "{addr} (target {target_id})"),
+            Destination::Local(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Everything one job needs.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Job name: unique per source, names the replica on the target.
+    pub name: String,
+    /// The protected tree.
+    pub root: PathBuf,
+    /// Where the replica is.
+    pub dest: Destination,
+    /// Include rules (gitignore syntax); empty means everything.
+    pub include: Vec<String>,
+    /// Exclude rules (gitignore syntax).
+    pub exclude: Vec<String>,
+    /// Watch back-end.
+    pub backend: WatchBackend,
+    /// Spool limits.
+    pub spool: SpoolLimits,
+    /// zstd level for batches; `None` sends raw.
+    pub compression: Option<i32>,
+    /// Bytes of batches sent but not yet acknowledged.
+    pub window: u64,
+    /// How long changes settle before they are compared (coalesces the events of one save).
+    pub debounce: Duration,
+    /// Heartbeat interval; a target silent for three intervals is presumed dead.
+    pub heartbeat: Duration,
+    /// How often the index is checkpointed.
+    pub checkpoint_interval: Duration,
+}
+
+impl JobConfig {
+    /// A job with default settings.
+    pub fn new(name: &str, root: PathBuf, dest: Destination) -> JobConfig {
+        let local = matches!(dest, Destination::Local(_));
+        JobConfig {
+            name: name.to_string(),
+            root,
+            dest,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            backend: WatchBackend::Auto,
+            spool: SpoolLimits::default(),
+            // Compressing for an in-process pipe only burns CPU.
+            compression: if local { None } else { Some(3) },
+            window: 32 << 20,
+            debounce: Duration::from_millis(50),
+            heartbeat: Duration::from_secs(5),
+            checkpoint_interval: Duration::from_secs(30),
+        }
+    }
+}

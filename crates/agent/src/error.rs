@@ -1,0 +1,46 @@
+//! Agent errors: what stops a job.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors that stop a job. Link failures are not among them (the link reconnects by itself);
+/// a refusal by the target that retrying cannot fix is.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A local file or directory problem.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The job is misconfigured.
+    #[error("{0}")]
+    Config(String),
+    /// Another agent runs this job already.
+    #[error("job {job:?} is already being protected by another doppel process (lock {lock})")]
+    Locked {
+        /// The job.
+        job: String,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] doppel_spool::SpoolError),
+    /// Reconciling failed.
+    #[error(transparent)]
+    Mirror(#[from] doppel_mirror::MirrorError),
+    /// The node identity is unusable.
+    #[error(transparent)]
+    Identity(#[from] doppel_link::IdentityError),
+    /// The target refused this source for a reason retrying cannot fix.
+    #[error("target refused: {0}")]
+    Refused(doppel_proto::Refusal),
+}
+
+/// Maps an io error on `path`.
+pub fn io_at(path: &std::path::Path) -> impl FnOnce(io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io { path: path.to_path_buf(), source }
+}

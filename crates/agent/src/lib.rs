@@ -1,0 +1,33 @@
+//! # doppel-agent: protecting a job
+//!
+//! The agent runs one job's pipeline on the source:
+//!
+//! ```text
+//! watch (capture) -> reconciler (mirror) -> spool -> link -> target
+//!                          ^                          |
+//!                          +------ listings ----------+   acks -> spool
+//! ```
+//!
+//! - [`config`]: [`JobConfig`], everything a job needs, from flags or the config file.
+//! - [`state`]: what the agent remembers about a job between runs.
+//! - [`status`]: live counters for `doppel status`.
+//! - [`capture_loop`]: the capture thread: watch events to ops through the reconciler.
+//! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
+//!   stream batches in a window, take acks, reconnect after any break.
+//! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
+//! - [`agent`]: [`Agent`], which wires these together and shuts them down cleanly.
+//! - [`error`]: what can stop a job.
+
+pub mod agent;
+pub mod capture_loop;
+pub mod config;
+pub mod connect;
+pub mod error;
+pub mod link_loop;
+pub mod state;
+pub mod status;
+
+pub use agent::{Agent, StatusSource, Verifier};
+pub use config::{Destination, JobConfig};
+pub use error::AgentError;
+pub use status::{JobStatus, JobStatusSnapshot};

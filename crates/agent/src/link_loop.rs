@@ -1,0 +1,473 @@
+//! The source side of the link.
+//!
+//! One session per connection: handshake, then the decision the target's answer calls for
+//! (resume after the acknowledged sequence; compare the whole tree when the replica is not the
+//! one the index describes; compare the names changed since the last checkpoint after a crash),
+//! then batches stream from the spool in a window of unacknowledged bytes while acks drop the
+//! acknowledged prefix. Any break ends the session; the loop reconnects with backoff and
+//! jitter and resumes from the acknowledged sequence, so nothing acknowledged is sent again
+//! and nothing unacknowledged is lost.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
+use doppel_mirror::VerifyReport;
+use doppel_proto::{Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome, pack_batch};
+use doppel_spool::Spool;
+use tokio::io::{BufReader, BufWriter};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture_loop::Command;
+use crate::connect::{Conn, Connector};
+use crate::error::AgentError;
+use crate::state::JobState;
+use crate::status::JobStatus;
+
+/// Raw bytes of ops per batch.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// The link of one job.
+pub struct Link {
+    /// How to reach the target.
+    pub connector: Connector,
+    /// Job name.
+    pub job: String,
+    /// The job's spool.
+    pub spool: Arc<Spool>,
+    /// Job state (replica id and epoch).
+    pub state: Arc<Mutex<JobState>>,
+    /// Live status.
+    pub status: Arc<JobStatus>,
+    /// Orders to the capture thread.
+    pub commands: std::sync::mpsc::Sender<Command>,
+    /// zstd level, or `None` for raw batches.
+    pub compression: Option<i32>,
+    /// Unacknowledged bytes allowed in flight.
+    pub window: u64,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Cancelled to stop.
+    pub shutdown: CancellationToken,
+    /// A crash left names to compare with the replica once the spool is drained.
+    pub crash_recovery: bool,
+    /// Verify requests from the control socket.
+    pub verify: mpsc::Receiver<VerifyRequest>,
+    /// Last listing request id used.
+    pub list_id: u64,
+}
+
+/// A request to verify the replica (and repair it if asked).
+pub struct VerifyRequest {
+    /// Queue repairs for the differences.
+    pub repair: bool,
+    /// The answer.
+    pub reply: oneshot::Sender<Result<VerifyReport, String>>,
+}
+
+/// How a session ended.
+enum End {
+    /// Shutdown requested.
+    Stopped,
+    /// Something retrying may fix.
+    Retry(LinkError),
+    /// A refusal retrying cannot fix.
+    Fatal(Refusal),
+}
+
+impl From<LinkError> for End {
+    fn from(e: LinkError) -> End {
+        End::Retry(e)
+    }
+}
+
+impl Link {
+    /// Runs until shutdown (Ok) or a fatal refusal.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let end = self.session().await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            match end {
+                End::Stopped => return Ok(()),
+                End::Fatal(r) => {
+                    let word = if matches!(r, Refusal::Fenced { .. }) { "fenced" } else { "refused" };
+                    self.status.set_state(word);
+                    self.status.set_detail(r.to_string());
+                    tracing::error!(reason = %r, "the target refused this job");
+                    return Err(AgentError::Refused(r));
+                }
+                End::Retry(e) => {
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "link down");
+                    self.status.set_state("disconnected");
+                    self.status.set_detail(e.to_string());
+                    let jittered = tokio::time::Instant::now() + backoff.mul_f64(0.8 + 0.4 * jitter());
+                    loop {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep_until(jittered) => break,
+                            Some(req) = self.verify.recv() => {
+                                let _ = req.reply.send(Err("not connected to the target; try again when status shows it connected".into()));
+                            }
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn session(&mut self) -> End {
+        let conn = tokio::select! {
+            _ = self.shutdown.cancelled() => return End::Stopped,
+            c = self.connector.connect(&self.status.bytes_sent, &self.status.bytes_received) => match c {
+                Ok(c) => c,
+                Err(e) => return End::Retry(e),
+            },
+        };
+        match self.converse(conn).await {
+            Ok(()) => End::Stopped,
+            Err(e) => e,
+        }
+    }
+
+    async fn converse(&mut self, conn: Box<dyn Conn>) -> Result<(), End> {
+        let (r, w) = tokio::io::split(conn);
+        let mut reader =
+            FrameReader::new(BufReader::with_capacity(256 << 10, r), u32::MAX / 2, ByteCounter::default());
+        let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
+        let (replica_id, epoch) = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            (st.replica_id, st.epoch)
+        };
+        writer
+            .send_now(&Message::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                job: self.job.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                replica_id,
+                epoch,
+            }))
+            .await?;
+        let first = tokio::time::timeout(Duration::from_secs(60), reader.read())
+            .await
+            .map_err(|_| LinkError::Timeout(Duration::from_secs(60)))??;
+        let welcome = match first {
+            Message::Welcome(w) => w,
+            Message::Refused(r) => return Err(classify(r)),
+            other => return Err(End::Retry(LinkError::Protocol(format!("expected Welcome, got {other:?}")))),
+        };
+        self.status.connected.store(true, Ordering::Relaxed);
+        self.status.connections.fetch_add(1, Ordering::Relaxed);
+        self.status.set_detail("");
+        tracing::info!(applied = welcome.applied_seq, epoch = welcome.epoch, "connected to target");
+
+        let window = Arc::new(Window::new(self.window));
+        let (out_tx, out_rx) = mpsc::channel::<Message>(16);
+        let (list_tx, mut list_rx) = mpsc::channel::<Message>(16);
+        let stop = self.shutdown.child_token();
+        let mut tasks = tokio::task::JoinSet::new();
+        let heartbeat = self.heartbeat;
+        tasks.spawn(async move {
+            doppel_link::framed::write_pump(writer, out_rx, heartbeat).await.map_err(End::Retry)
+        });
+        {
+            let (spool, window, status, dead) =
+                (self.spool.clone(), window.clone(), self.status.clone(), heartbeat * 3);
+            tasks.spawn(async move { receive(reader, spool, window, status, list_tx, dead).await });
+        }
+        let (start_tx, start_rx) = oneshot::channel::<u64>();
+        {
+            let (spool, out, window, level) =
+                (self.spool.clone(), out_tx.clone(), window.clone(), self.compression);
+            tasks.spawn(async move {
+                match start_rx.await {
+                    Ok(from) => send(spool, out, window, level, from).await,
+                    Err(_) => std::future::pending().await,
+                }
+            });
+        }
+        let control = self.after_welcome(&welcome, &out_tx, &mut list_rx, start_tx);
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => Ok(()),
+            r = control => r,
+            Some(r) = tasks.join_next() => match r {
+                Ok(Ok(())) => Err(End::Retry(LinkError::Closed)),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(End::Retry(LinkError::Protocol(format!("link task failed: {e}")))),
+            },
+        };
+        let outcome = match outcome {
+            // The decision is made and streaming runs: serve verify requests until the end.
+            Ok(()) if !stop.is_cancelled() => loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break Ok(()),
+                    Some(r) = tasks.join_next() => break match r {
+                        Ok(Ok(())) => Err(End::Retry(LinkError::Closed)),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(End::Retry(LinkError::Protocol(format!("link task failed: {e}")))),
+                    },
+                    Some(req) = self.verify.recv() => {
+                        let answer = self.verify_once(req.repair, &out_tx, &mut list_rx).await;
+                        let _ = req.reply.send(answer);
+                    }
+                }
+            },
+            other => other,
+        };
+        if outcome.is_ok() {
+            let _ = out_tx.try_send(Message::Goodbye { reason: "source agent stopping".into() });
+        }
+        drop(out_tx);
+        // Give the writer a moment to say goodbye, then stop everything.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(r) = tasks.join_next().await {
+                if r.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        tasks.abort_all();
+        outcome
+    }
+
+    /// Decides between resuming and comparing, starts the sender, and runs crash recovery.
+    async fn after_welcome(
+        &mut self,
+        w: &Welcome,
+        out: &mpsc::Sender<Message>,
+        lists: &mut mpsc::Receiver<Message>,
+        start_sender: oneshot::Sender<u64>,
+    ) -> Result<(), End> {
+        let known = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.replica_id == Some(w.replica_id) && !w.needs_resync
+        };
+        if !known {
+            self.status.set_state("mirroring");
+            tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
+            self.list_id += 1;
+            let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
+            let (tx, rx) = oneshot::channel();
+            self.command(Command::MirrorAll {
+                applied: w.applied_seq,
+                replica_id: w.replica_id,
+                epoch: w.epoch,
+                listing,
+                started: tx,
+            })?;
+            rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+            self.crash_recovery = false;
+        } else {
+            self.spool.catch_up(w.applied_seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
+            if !self.crash_recovery && self.status.state() != "scanning" {
+                self.status.set_state("replicating");
+            }
+        }
+        let _ = start_sender.send(w.applied_seq + 1);
+        if known && self.crash_recovery {
+            self.status.set_state("mirroring");
+            // Drain what survived in the spool first: the replica must hold it before the
+            // changed names are compared.
+            let target = self.spool.stats().last_seq;
+            while self.spool.stats().acked < target {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.command(Command::Suspects { reply: tx })?;
+            let paths =
+                rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+            let scope = ListScope::Paths(paths.iter().map(|p| p.to_wire()).collect());
+            self.list_id += 1;
+            let listing = request_list(out, lists, self.list_id, scope).await?;
+            self.command(Command::MirrorPaths { paths, listing, replica_id: w.replica_id, epoch: w.epoch })?;
+            self.crash_recovery = false;
+        }
+        Ok(())
+    }
+
+    /// Waits for the spool to drain (so the listing reflects everything captured so far),
+    /// lists the whole replica, and has the capture thread compare.
+    async fn verify_once(
+        &mut self,
+        repair: bool,
+        out: &mpsc::Sender<Message>,
+        lists: &mut mpsc::Receiver<Message>,
+    ) -> Result<VerifyReport, String> {
+        let target = self.spool.stats().last_seq;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while self.spool.stats().acked < target {
+            if Instant::now() > deadline {
+                return Err("the replica did not catch up within 10 minutes".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.list_id += 1;
+        let listing = request_list(out, lists, self.list_id, ListScope::All).await.map_err(|e| match e {
+            End::Retry(e) => e.to_string(),
+            End::Fatal(r) => r.to_string(),
+            End::Stopped => "stopping".into(),
+        })?;
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Verify { listing, repair, reply: tx })
+            .map_err(|_| "the capture thread stopped".to_string())?;
+        rx.await.map_err(|_| "the capture thread stopped".to_string())?
+    }
+
+    fn command(&self, c: Command) -> Result<(), End> {
+        self.commands
+            .send(c)
+            .map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))
+    }
+}
+
+fn classify(r: Refusal) -> End {
+    match r {
+        Refusal::Busy | Refusal::Other { .. } => End::Retry(LinkError::Refused(r)),
+        fatal => End::Fatal(fatal),
+    }
+}
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    u16::from_le_bytes(b) as f64 / u16::MAX as f64
+}
+
+async fn request_list(
+    out: &mpsc::Sender<Message>,
+    lists: &mut mpsc::Receiver<Message>,
+    id: u64,
+    scope: ListScope,
+) -> Result<Vec<Entry>, End> {
+    let closed = || End::Retry(LinkError::Closed);
+    out.send(Message::ListRequest { id, scope }).await.map_err(|_| closed())?;
+    let mut all = Vec::new();
+    loop {
+        match lists.recv().await.ok_or_else(closed)? {
+            Message::ListEntries { id: i, entries } if i == id => all.extend(entries),
+            Message::ListEnd { id: i, error } if i == id => {
+                return match error {
+                    None => Ok(all),
+                    Some(e) => Err(End::Retry(LinkError::Protocol(format!(
+                        "the target could not list the replica: {e}"
+                    )))),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Batches sent and not yet acknowledged.
+struct Window {
+    inflight: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    freed: Notify,
+    max: u64,
+}
+
+impl Window {
+    fn new(max: u64) -> Window {
+        Window { inflight: Mutex::new((VecDeque::new(), 0)), freed: Notify::new(), max }
+    }
+
+    async fn wait_room(&self) {
+        loop {
+            let notified = self.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).1 < self.max {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn sent(&self, last_seq: u64, bytes: u64) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.push_back((last_seq, bytes));
+        g.1 += bytes;
+    }
+
+    fn acked(&self, seq: u64) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0.front().is_some_and(|(last, _)| *last <= seq) {
+            let (_, b) = g.0.pop_front().expect("front exists");
+            g.1 -= b;
+        }
+        drop(g);
+        self.freed.notify_waiters();
+    }
+}
+
+async fn send(
+    spool: Arc<Spool>,
+    out: mpsc::Sender<Message>,
+    window: Arc<Window>,
+    level: Option<i32>,
+    mut next: u64,
+) -> Result<(), End> {
+    loop {
+        spool.wait_for(next).await;
+        window.wait_room().await;
+        let (first, records) =
+            spool.read(next, BATCH_BYTES).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
+        if records.is_empty() {
+            // Only a closed spool wakes us without a record.
+            return Ok(());
+        }
+        let batch = pack_batch(first, &records, level);
+        let n = records.len() as u64;
+        let size = batch.payload.len() as u64;
+        out.send(Message::Batch(batch)).await.map_err(|_| End::Retry(LinkError::Closed))?;
+        window.sent(first + n - 1, size);
+        next = first + n;
+    }
+}
+
+async fn receive<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+    spool: Arc<Spool>,
+    window: Arc<Window>,
+    status: Arc<JobStatus>,
+    lists: mpsc::Sender<Message>,
+    dead_after: Duration,
+) -> Result<(), End> {
+    loop {
+        let msg = tokio::time::timeout(dead_after, reader.read())
+            .await
+            .map_err(|_| End::Retry(LinkError::Timeout(dead_after)))??;
+        match msg {
+            Message::Ack { seq } => {
+                spool.ack(seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
+                window.acked(seq);
+            }
+            Message::OpRefused { seq, reason } => {
+                status.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(seq, %reason, "the target refused an op");
+            }
+            m @ (Message::ListEntries { .. } | Message::ListEnd { .. }) => {
+                let _ = lists.send(m).await;
+            }
+            Message::Heartbeat { .. } => {}
+            Message::Goodbye { reason } => {
+                return Err(End::Retry(LinkError::Protocol(format!("target closed the link: {reason}"))));
+            }
+            Message::Refused(r) => return Err(classify(r)),
+            other => {
+                return Err(End::Retry(LinkError::Protocol(format!(
+                    "unexpected message from target: {other:?}"
+                ))));
+            }
+        }
+    }
+}

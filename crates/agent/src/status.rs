@@ -1,0 +1,126 @@
+//! Live job status.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use doppel_link::ByteCounter;
+use doppel_mirror::ReconcileStats;
+use doppel_spool::Spool;
+use serde::{Deserialize, Serialize};
+
+/// Counters shared by the job's threads and tasks.
+#[derive(Default)]
+pub struct JobStatus {
+    state: Mutex<String>,
+    detail: Mutex<String>,
+    /// Connected to the target.
+    pub connected: AtomicBool,
+    /// Bytes sent on the link (on the wire, TLS included), since the agent started.
+    pub bytes_sent: ByteCounter,
+    /// Bytes received on the link.
+    pub bytes_received: ByteCounter,
+    /// Ops the target refused.
+    pub refused: AtomicU64,
+    /// Completed connections (handshakes).
+    pub connections: AtomicU64,
+    /// The watch back-end in use.
+    pub backend: Mutex<String>,
+    /// Reconciler totals (mirror progress).
+    pub reconcile: Mutex<Option<Arc<ReconcileStats>>>,
+}
+
+/// A status snapshot, as `doppel status --json` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStatusSnapshot {
+    /// Job name.
+    pub job: String,
+    /// Protected tree.
+    pub root: String,
+    /// Destination.
+    pub dest: String,
+    /// `starting`, `mirroring`, `replicating`, `disconnected`, `fenced`, `stopped`...
+    pub state: String,
+    /// More about the state (the last link error, say).
+    pub detail: String,
+    /// Connected to the target.
+    pub connected: bool,
+    /// Watch back-end.
+    pub capture: String,
+    /// Last sequence captured.
+    pub last_captured_seq: u64,
+    /// Last sequence acknowledged by the target.
+    pub last_acked_seq: u64,
+    /// Bytes of ops waiting for an ack (memory and disk).
+    pub pending_bytes: u64,
+    /// Bytes of pending ops spilled to disk.
+    pub spooled_bytes: u64,
+    /// Age of the oldest unacknowledged op, in seconds.
+    pub lag_seconds: f64,
+    /// Bytes sent on the wire since the agent started.
+    pub bytes_sent: u64,
+    /// Bytes received on the wire since the agent started.
+    pub bytes_received: u64,
+    /// Ops refused by the target.
+    pub refused_ops: u64,
+    /// Connections made since the agent started.
+    pub connections: u64,
+    /// Files compared (hashed) since the agent started.
+    pub files_hashed: u64,
+    /// Bytes compared (hashed) since the agent started.
+    pub bytes_hashed: u64,
+}
+
+impl JobStatus {
+    /// Sets the state word (and clears the detail).
+    pub fn set_state(&self, s: &str) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != s {
+            tracing::info!(state = s, "job state");
+            *g = s.to_string();
+        }
+    }
+
+    /// The state word.
+    pub fn state(&self) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the detail line.
+    pub fn set_detail(&self, s: impl Into<String>) {
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = s.into();
+    }
+
+    /// A snapshot, combined with the spool's counters.
+    pub fn snapshot(&self, job: &str, root: &str, dest: &str, spool: &Spool) -> JobStatusSnapshot {
+        let s = spool.stats();
+        let now = doppel_target::registry::now_us();
+        let (files, bytes) = self
+            .reconcile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| (r.files_hashed.load(Ordering::Relaxed), r.bytes_hashed.load(Ordering::Relaxed)))
+            .unwrap_or_default();
+        JobStatusSnapshot {
+            job: job.to_string(),
+            root: root.to_string(),
+            dest: dest.to_string(),
+            state: self.state(),
+            detail: self.detail.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            capture: self.backend.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            last_captured_seq: s.last_seq,
+            last_acked_seq: s.acked,
+            pending_bytes: s.memory_bytes + s.disk_bytes,
+            spooled_bytes: s.disk_bytes,
+            lag_seconds: s.oldest_pending_us.map(|t| now.saturating_sub(t) as f64 / 1e6).unwrap_or(0.0),
+            bytes_sent: self.bytes_sent.get(),
+            bytes_received: self.bytes_received.get(),
+            refused_ops: self.refused.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+            files_hashed: files,
+            bytes_hashed: bytes,
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Continuous, byte-level replication of live directory trees to a disaster-recovery target.
+#[derive(Parser, Debug)]
+#[command(name = "doppel", version, about, long_about = None)]
+pub struct Cli {
+    /// Directory for this node's identity and state [default: $DOPPEL_HOME, else
+    /// /var/lib/doppel for root, else $XDG_STATE_HOME/doppel].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Configuration file [default: $DOPPEL_CONFIG, else /etc/doppel/doppel.toml if present].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log warnings and errors only (DOPPEL_LOG overrides, e.g. DOPPEL_LOG=debug).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create this node's identity (key pair and certificate) if it has none.
+    Init,
+    /// Print this node's identity, as other nodes must be told it.
+    Id,
+    /// Run a target: receive replicas from the allowed sources.
+    Target(TargetArgs),
+    /// Protect a directory: mirror it to its destination, then replicate every change.
+    Protect(ProtectArgs),
+    /// Show the state of jobs (and of replicas, on a target).
+    Status(StatusArgs),
+    /// Compare a job's replica with its source block by block and report differences.
+    Verify(VerifyArgs),
+}
+
+/// `doppel target`.
+#[derive(Args, Debug)]
+pub struct TargetArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7340.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory holding the replicas (DIR/replicas/SOURCE/JOB) and their state.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Allow a source: NAME=ID (repeatable; adds to the config's list).
+    #[arg(long = "allow", value_name = "NAME=ID")]
+    pub allow: Vec<String>,
+}
+
+/// Capture modes.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// fanotify where possible, inotify otherwise.
+    Watch,
+    /// fanotify only.
+    Fanotify,
+    /// inotify only.
+    Inotify,
+}
+
+/// `doppel protect`.
+#[derive(Args, Debug)]
+pub struct ProtectArgs {
+    /// The directory to protect (omit to run every job of the config file).
+    #[arg(value_name = "SRC")]
+    pub src: Option<PathBuf>,
+    /// Destination: HOST:PORT of a target, or a local directory.
+    #[arg(long, value_name = "DEST")]
+    pub to: Option<String>,
+    /// The target's identity (as `doppel id` prints it there), for HOST:PORT destinations.
+    #[arg(long, value_name = "ID")]
+    pub target_id: Option<String>,
+    /// Job name [default: the base name of SRC].
+    #[arg(long, value_name = "JOB")]
+    pub name: Option<String>,
+    /// Protect only files matching this gitignore-style rule (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out paths matching this gitignore-style rule (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// How changes are captured.
+    #[arg(long, value_enum)]
+    pub capture: Option<CaptureMode>,
+}
+
+/// `doppel status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON for machines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `doppel verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The job to verify (it must be running).
+    #[arg(value_name = "JOB")]
+    pub job: String,
+    /// Repair the differences found (a difference mirror of just those names).
+    #[arg(long)]
+    pub repair: bool,
+    /// Print JSON for machines.
+    #[arg(long)]
+    pub json: bool,
+}

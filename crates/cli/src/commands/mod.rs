@@ -1,0 +1,59 @@
+//! The subcommands.
+
+mod protect;
+mod status;
+mod target;
+
+use anyhow::Result;
+use doppel_link::Identity;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command};
+use crate::config::FileConfig;
+use crate::home;
+
+/// Runs the parsed command line.
+pub fn run(args: Cli) -> Result<()> {
+    let file = FileConfig::load(args.config.as_deref())?;
+    let home = home::resolve(args.home.clone().or(file.home.clone()));
+    match args.command {
+        Command::Init => {
+            let (me, created) = Identity::load_or_create(&home)?;
+            if created {
+                eprintln!("created identity in {}", home.join("identity").display());
+            }
+            println!("{}", me.id);
+            Ok(())
+        }
+        Command::Id => {
+            println!("{}", Identity::load(&home)?.id);
+            Ok(())
+        }
+        Command::Target(a) => runtime()?.block_on(target::run(a, file, home)),
+        Command::Protect(a) => runtime()?.block_on(protect::run(a, file, home)),
+        Command::Status(a) => status::run(a, &home),
+        Command::Verify(a) => status::verify(a, &home),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("doppel").build()?)
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn on_signals() -> Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received, stopping");
+        t.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,98 @@
+//! `doppel protect`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use doppel_agent::{Agent, JobConfig};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{CaptureMode, ProtectArgs};
+use crate::config::{FileConfig, destination, job_from_section};
+use crate::control;
+
+pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
+    let jobs = jobs(a, &file)?;
+    let mut agents = Vec::new();
+    for job in jobs {
+        let name = job.name.clone();
+        agents.push(Agent::new(job, &home).with_context(|| format!("job {name}"))?);
+    }
+    let shutdown = super::on_signals()?;
+    let stop_control = CancellationToken::new();
+    let mut runs = tokio::task::JoinSet::new();
+    for agent in agents {
+        let name = agent.job().name.clone();
+        let src = agent.status_source();
+        let verifier = agent.verifier();
+        let handler: control::Handler = Arc::new(move |req| {
+            let (src, verifier) = (src.clone(), verifier.clone());
+            Box::pin(async move {
+                match req["cmd"].as_str() {
+                    Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
+                        Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+                        Err(e) => json!({ "error": e }),
+                    },
+                    _ => json!({ "jobs": [src.snapshot()] }),
+                }
+            })
+        });
+        let sock = control::run_dir(&home).join(format!("job-{name}.sock"));
+        tokio::spawn(control::serve(sock, handler, stop_control.clone()));
+        let token = shutdown.clone();
+        runs.spawn(async move { (name, agent.run(token).await) });
+    }
+    let mut first_error = None;
+    while let Some(r) = runs.join_next().await {
+        let (name, r) = r?;
+        if let Err(e) = r {
+            shutdown.cancel();
+            first_error.get_or_insert_with(|| anyhow!(e).context(format!("job {name}")));
+        }
+    }
+    stop_control.cancel();
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
+    let Some(src) = a.src else {
+        if file.job.is_empty() {
+            bail!("nothing to protect: give a directory and --to DEST, or add [[job]] entries to the config");
+        }
+        return file.job.iter().map(|s| job_from_section(s, &file.pins)).collect();
+    };
+    let to =
+        a.to.ok_or_else(|| anyhow!("--to DEST is required: a local directory or HOST:PORT of a target"))?;
+    let name = match a.name {
+        Some(n) => n,
+        None => std::fs::canonicalize(&src)
+            .with_context(|| format!("protected directory {}", src.display()))?
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| anyhow!("cannot name a job after {}: pass --name", src.display()))?,
+    };
+    let dest = destination(&to, a.target_id.as_deref(), &file.pins)?;
+    let mut job = match file.job.iter().find(|j| j.name == name) {
+        Some(s) => {
+            let mut j = job_from_section(s, &file.pins)?;
+            j.root = src.clone();
+            j.dest = dest;
+            j
+        }
+        None => JobConfig::new(&name, src, dest),
+    };
+    job.include.extend(a.include);
+    job.exclude.extend(a.exclude);
+    if let Some(c) = a.capture {
+        job.backend = match c {
+            CaptureMode::Watch => doppel_capture::WatchBackend::Auto,
+            CaptureMode::Fanotify => doppel_capture::WatchBackend::Fanotify,
+            CaptureMode::Inotify => doppel_capture::WatchBackend::Inotify,
+        };
+    }
+    Ok(vec![job])
+}

@@ -1,0 +1,225 @@
+//! The configuration file (`/etc/doppel/doppel.toml` by default), in TOML.
+//!
+//! Unknown keys are errors naming the key and its line: a misspelt `exclude` silently
+//! replicating a cache directory is exactly the kind of surprise a DR tool must not spring.
+//!
+//! ```toml
+//! [target]
+//! listen = "0.0.0.0:7340"
+//! data = "/srv/doppel"
+//! [[target.allow]]
+//! name = "web1"
+//! id = "3f1c...e2"          # `doppel id` on web1
+//!
+//! [pins]                    # target identities, by address
+//! "dr.example.com:7340" = "9ab0...77"
+//!
+//! [[job]]
+//! name = "www"
+//! path = "/var/www"
+//! to = "dr.example.com:7340"  # or a local directory
+//! exclude = ["cache/", "*.tmp"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use doppel_agent::{Destination, JobConfig};
+use doppel_capture::WatchBackend;
+use doppel_link::NodeId;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// State directory (overridden by `--home` and `$DOPPEL_HOME`).
+    pub home: Option<PathBuf>,
+    /// Target settings.
+    pub target: Option<TargetSection>,
+    /// Target identities by `HOST:PORT`.
+    #[serde(default)]
+    pub pins: BTreeMap<String, String>,
+    /// Jobs of this source.
+    #[serde(default)]
+    pub job: Vec<JobSection>,
+}
+
+/// `[target]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data: Option<PathBuf>,
+    /// Allowed sources.
+    #[serde(default)]
+    pub allow: Vec<AllowSection>,
+    /// Heartbeat interval in seconds.
+    pub heartbeat_secs: Option<u64>,
+}
+
+/// `[[target.allow]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowSection {
+    /// The source's name on this target.
+    pub name: String,
+    /// Its identity.
+    pub id: String,
+}
+
+/// `[[job]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSection {
+    /// Job name.
+    pub name: String,
+    /// Protected directory.
+    pub path: PathBuf,
+    /// Destination: `HOST:PORT` or a local directory.
+    pub to: String,
+    /// Target identity (else from `[pins]`).
+    pub target_id: Option<String>,
+    /// Include rules.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Exclude rules.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// `watch`, `fanotify` or `inotify`.
+    pub capture: Option<String>,
+    /// zstd level 1-19, or 0 for none.
+    pub compression: Option<i32>,
+    /// Spool memory in MiB.
+    pub spool_memory_mib: Option<u64>,
+    /// Spool disk limit in MiB.
+    pub spool_disk_mib: Option<u64>,
+    /// Heartbeat interval in seconds.
+    pub heartbeat_secs: Option<u64>,
+}
+
+impl FileConfig {
+    /// Loads `--config`, else `$DOPPEL_CONFIG`, else `/etc/doppel/doppel.toml` if it exists.
+    pub fn load(flag: Option<&Path>) -> Result<FileConfig> {
+        let path = match flag
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("DOPPEL_CONFIG").map(PathBuf::from))
+        {
+            Some(p) => p,
+            None => {
+                let p = PathBuf::from("/etc/doppel/doppel.toml");
+                if !p.exists() {
+                    return Ok(FileConfig::default());
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        parse(&text).map_err(|e| anyhow!("{}:{e}", path.display()))
+    }
+}
+
+/// Parses config text; errors read `LINE: message`.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(0);
+        let msg = e.message().trim().to_string();
+        let key = e.span().map(|s| text[s.clone()].trim().to_string()).unwrap_or_default();
+        if msg.starts_with("unknown field") {
+            format!("{line}: unknown key {key} ({msg})")
+        } else {
+            format!("{line}: {msg}")
+        }
+    })
+}
+
+/// Parses a destination: a local directory, or `HOST:PORT`.
+pub fn destination(
+    to: &str,
+    target_id: Option<&str>,
+    pins: &BTreeMap<String, String>,
+) -> Result<Destination> {
+    let looks_remote = !to.starts_with('/')
+        && !to.starts_with('.')
+        && to.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !looks_remote {
+        return Ok(Destination::Local(PathBuf::from(to)));
+    }
+    let id = target_id.or_else(|| pins.get(to).map(String::as_str)).ok_or_else(|| {
+        anyhow!("no identity for target {to}: pass --target-id (from `doppel id` on the target) or add it under [pins]")
+    })?;
+    let target_id: NodeId = id.parse()?;
+    Ok(Destination::Remote { addr: to.to_string(), target_id })
+}
+
+/// Maps a capture mode name.
+pub fn backend(name: &str) -> Result<WatchBackend> {
+    Ok(match name {
+        "watch" | "auto" => WatchBackend::Auto,
+        "fanotify" => WatchBackend::Fanotify,
+        "inotify" => WatchBackend::Inotify,
+        other => bail!("unknown capture mode {other:?}: use watch, fanotify or inotify"),
+    })
+}
+
+/// A job from its config section.
+pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Result<JobConfig> {
+    let dest = destination(&s.to, s.target_id.as_deref(), pins).with_context(|| format!("job {}", s.name))?;
+    let mut job = JobConfig::new(&s.name, s.path.clone(), dest);
+    job.include = s.include.clone();
+    job.exclude = s.exclude.clone();
+    if let Some(c) = &s.capture {
+        job.backend = backend(c)?;
+    }
+    if let Some(level) = s.compression {
+        job.compression = (level > 0).then_some(level.min(19));
+    }
+    if let Some(m) = s.spool_memory_mib {
+        job.spool.memory = (m << 20) as usize;
+    }
+    if let Some(d) = s.spool_disk_mib {
+        job.spool.disk = d << 20;
+    }
+    if let Some(h) = s.heartbeat_secs {
+        job.heartbeat = std::time::Duration::from_secs(h.max(1));
+    }
+    Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let text = "[target]\nlisten = \"0.0.0.0:1\"\n\n[[job]]\nname = \"a\"\npath = \"/x\"\nto = \"/y\"\nexclud = [\"*.tmp\"]\n";
+        let e = parse(text).unwrap_err();
+        assert!(e.starts_with("8: unknown key exclud"), "{e}");
+        let e = parse("bogus = 1\n").unwrap_err();
+        assert!(e.starts_with("1: unknown key bogus"), "{e}");
+        let e = parse("[target]\nlisten = 5\n").unwrap_err();
+        assert!(e.starts_with("2: "), "{e}");
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(include_str!("../../../examples/doppel.toml")).unwrap();
+        assert_eq!(c.job.len(), 2);
+        assert_eq!(c.target.unwrap().allow.len(), 1);
+    }
+
+    #[test]
+    fn destinations() {
+        let pins = BTreeMap::from([("dr:7340".to_string(), "ab".repeat(32))]);
+        assert!(matches!(destination("/mnt/r", None, &pins).unwrap(), Destination::Local(_)));
+        assert!(matches!(destination("replica", None, &pins).unwrap(), Destination::Local(_)));
+        assert!(matches!(destination("dr:7340", None, &pins).unwrap(), Destination::Remote { .. }));
+        let e = destination("other:1", None, &pins).unwrap_err().to_string();
+        assert!(e.contains("--target-id"), "{e}");
+        assert!(destination("h:1", Some("zz"), &pins).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! The `doppel` binary: parses the command line, sets up logging, and hands over to the
+//! command. Everything else lives in the library crates.
+
+mod cli;
+mod commands;
+mod config;
+mod control;
+mod home;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOPPEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.quiet { "warn" } else { "info" }));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    if let Err(e) = commands::run(args) {
+        // One line naming the cause, as scripts expect.
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("doppel: error: {msg}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,250 @@
+//! The replicas a target holds.
+//!
+//! Each replica has a slot. A session leases the slot's [`Replica`] for as long as it runs;
+//! a new connection for the same replica (the source reconnected before the target noticed
+//! the old connection die) cancels the old session and waits for it to hand the replica back,
+//! so two sessions can never write to one replica.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use doppel_apply::{ApplyError, Replica};
+use doppel_link::ByteCounter;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TargetConfig;
+
+enum Held {
+    Closed,
+    Open(Replica),
+    Leased,
+}
+
+/// A status snapshot of one replica, for `doppel status` and the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    /// Source name.
+    pub source: String,
+    /// Job name.
+    pub job: String,
+    /// Whether a session is connected.
+    pub connected: bool,
+    /// What the replica is doing, in words (`replicating`, `idle`, `paused: no space ...`).
+    pub state: String,
+    /// Last applied sequence.
+    pub applied: u64,
+    /// Last durable (acknowledged) sequence.
+    pub durable: u64,
+    /// Bytes received on the link (all sessions since the target started).
+    pub bytes_received: u64,
+    /// Ops refused (hostile or impossible).
+    pub refused: u64,
+    /// Seconds since the source was last heard from.
+    pub last_seen_secs: Option<u64>,
+}
+
+/// Shared, lock-free-ish counters of one replica.
+#[derive(Default)]
+pub struct SlotStatus {
+    /// See [`ReplicaStatus::connected`].
+    pub connected: AtomicBool,
+    /// See [`ReplicaStatus::applied`].
+    pub applied: AtomicU64,
+    /// See [`ReplicaStatus::durable`].
+    pub durable: AtomicU64,
+    /// See [`ReplicaStatus::bytes_received`].
+    pub bytes_received: ByteCounter,
+    /// See [`ReplicaStatus::refused`].
+    pub refused: AtomicU64,
+    /// Last time the source was heard from, µs since the epoch.
+    pub last_seen_us: AtomicU64,
+    /// See [`ReplicaStatus::state`].
+    pub state: Mutex<String>,
+}
+
+impl SlotStatus {
+    /// Sets the state text.
+    pub fn set_state(&self, s: impl Into<String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s.into();
+    }
+
+    /// Records that the source was heard from now.
+    pub fn seen(&self) {
+        self.last_seen_us.store(now_us(), Ordering::Relaxed);
+    }
+}
+
+pub use doppel_link::framed::now_us;
+
+/// One replica's slot.
+pub struct Slot {
+    /// Source name.
+    pub source: String,
+    /// Job name.
+    pub job: String,
+    held: Mutex<Held>,
+    returned: Notify,
+    session: Mutex<Option<CancellationToken>>,
+    /// Counters.
+    pub status: SlotStatus,
+}
+
+/// A leased replica: give it back with [`Slot::give_back`].
+pub struct Lease {
+    /// The replica.
+    pub replica: Replica,
+    /// Cancelled when another session takes over or the target shuts down.
+    pub cancel: CancellationToken,
+}
+
+impl Slot {
+    /// Takes the replica for a new session, cancelling any session holding it and waiting
+    /// (up to `wait`) for it to be handed back; opens it on first use.
+    pub async fn lease(
+        &self,
+        cfg: &TargetConfig,
+        shutdown: &CancellationToken,
+        wait: Duration,
+    ) -> Result<Lease, String> {
+        let cancel = shutdown.child_token();
+        if let Some(old) = self.session.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
+            old.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let taken = {
+                let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                match std::mem::replace(&mut *h, Held::Leased) {
+                    Held::Open(r) => Some(Ok(r)),
+                    Held::Closed => Some(Err(())),
+                    Held::Leased => None,
+                }
+            };
+            match taken {
+                Some(Ok(replica)) => return Ok(Lease { replica, cancel }),
+                Some(Err(())) => {
+                    let (tree, state) = cfg.layout.paths(&self.source, &self.job);
+                    let opened = tokio::task::spawn_blocking(move || Replica::open(&tree, &state))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match opened {
+                        Ok(replica) => return Ok(Lease { replica, cancel }),
+                        Err(e) => {
+                            *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Closed;
+                            return Err(open_error(e));
+                        }
+                    }
+                }
+                None => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Err("the previous session did not release the replica in time".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a replica back after its session ended.
+    pub fn give_back(&self, replica: Replica) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Open(replica);
+        self.returned.notify_waiters();
+    }
+
+    /// Drops a failed lease (the replica is reopened on next use).
+    pub fn abandon(&self) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Closed;
+        self.returned.notify_waiters();
+    }
+
+    /// A status snapshot.
+    pub fn snapshot(&self) -> ReplicaStatus {
+        let s = &self.status;
+        let seen = s.last_seen_us.load(Ordering::Relaxed);
+        ReplicaStatus {
+            source: self.source.clone(),
+            job: self.job.clone(),
+            connected: s.connected.load(Ordering::Relaxed),
+            state: s.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            applied: s.applied.load(Ordering::Relaxed),
+            durable: s.durable.load(Ordering::Relaxed),
+            bytes_received: s.bytes_received.get(),
+            refused: s.refused.load(Ordering::Relaxed),
+            last_seen_secs: (seen > 0).then(|| now_us().saturating_sub(seen) / 1_000_000),
+        }
+    }
+}
+
+fn open_error(e: ApplyError) -> String {
+    format!("cannot open replica: {e}")
+}
+
+/// A target: its configuration and replicas.
+pub struct Target {
+    /// Configuration.
+    pub config: TargetConfig,
+    slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    /// Cancelled to stop every session.
+    pub shutdown: CancellationToken,
+}
+
+impl Target {
+    /// A target with no replicas open yet.
+    pub fn new(config: TargetConfig) -> Arc<Target> {
+        Arc::new(Target { config, slots: Mutex::default(), shutdown: CancellationToken::new() })
+    }
+
+    /// The slot of `job` from `source`.
+    pub fn slot(&self, source: &str, job: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry((source.to_string(), job.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    source: source.to_string(),
+                    job: job.to_string(),
+                    held: Mutex::new(Held::Closed),
+                    returned: Notify::new(),
+                    session: Mutex::new(None),
+                    status: SlotStatus::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// Status of every replica seen since start, plus replicas found on disk.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        if let crate::config::Layout::DataDir(d) = &self.config.layout {
+            // Replicas not connected since start still deserve a line.
+            if let Ok(sources) = std::fs::read_dir(d.join("state")) {
+                for s in sources.flatten() {
+                    if let Ok(jobs) = std::fs::read_dir(s.path()) {
+                        for j in jobs.flatten() {
+                            let (src, job) = (
+                                s.file_name().to_string_lossy().into_owned(),
+                                j.file_name().to_string_lossy().into_owned(),
+                            );
+                            let slot = self.slot(&src, &job);
+                            if slot.status.durable.load(Ordering::Relaxed) == 0
+                                && let Ok(Some(c)) = doppel_apply::state::read_checkpoint(&j.path())
+                            {
+                                slot.status.durable.store(c.applied, Ordering::Relaxed);
+                                slot.status.applied.fetch_max(c.applied, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<ReplicaStatus> = slots.values().map(|s| s.snapshot()).collect();
+        v.sort_by(|a, b| (&a.source, &a.job).cmp(&(&b.source, &b.job)));
+        v
+    }
+}

@@ -1,0 +1,164 @@
+//! One source connection for one job.
+//!
+//! The session reads frames and feeds the apply worker in stream order; a writer task sends
+//! what the worker produces (acks, refusals, listings) and heartbeats when otherwise quiet. A
+//! malformed frame, an oversized frame, a sequence gap or a silent peer ends this session only:
+//! the replica keeps everything applied so far and the next connection resumes from it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
+use doppel_proto::{Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::sync::mpsc;
+
+use crate::config::valid_name;
+use crate::registry::{Slot, Target};
+use crate::worker::{self, Work};
+
+/// Largest decoded batch accepted.
+const MAX_BATCH_RAW: u32 = 64 << 20;
+
+/// Serves one authenticated connection from the source known as `source`. Returns when the
+/// connection ends; the error says why it ended abnormally.
+pub async fn handle_stream<S>(target: Arc<Target>, stream: S, source: String) -> Result<(), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &target.config;
+    let (r, w) = tokio::io::split(stream);
+    let received = ByteCounter::default();
+    let mut reader =
+        FrameReader::new(BufReader::with_capacity(256 << 10, r), cfg.max_frame, received.clone());
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
+
+    let hello = match tokio::time::timeout(cfg.handshake_timeout, reader.read()).await {
+        Ok(m) => m?,
+        Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
+    };
+    let Message::Hello(hello) = hello else {
+        return refuse(&mut writer, Refusal::Other { reason: "expected Hello".into() }).await;
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        return refuse(&mut writer, Refusal::Version { target: PROTOCOL_VERSION, source: hello.protocol })
+            .await;
+    }
+    if let Err(reason) = valid_name(&hello.job) {
+        return refuse(&mut writer, Refusal::BadJob { reason }).await;
+    }
+    let slot = target.slot(&source, &hello.job);
+    let lease = match slot.lease(cfg, &target.shutdown, Duration::from_secs(30)).await {
+        Ok(l) => l,
+        Err(reason) => return refuse(&mut writer, Refusal::Other { reason }).await,
+    };
+    let info = lease.replica.info();
+    if hello.epoch != 0 && hello.epoch < info.epoch {
+        slot.give_back(lease.replica);
+        return refuse(&mut writer, Refusal::Fenced { epoch: info.epoch }).await;
+    }
+    writer
+        .send_now(&Message::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            replica_id: info.replica_id,
+            applied_seq: info.applied,
+            epoch: info.epoch,
+            needs_resync: info.needs_resync,
+            max_frame: cfg.max_frame,
+            source_name: source.clone(),
+        }))
+        .await?;
+    tracing::info!(%source, job = %hello.job, applied = info.applied, "source connected");
+    let status = &slot.status;
+    status.connected.store(true, Ordering::Relaxed);
+    status.applied.store(info.applied, Ordering::Relaxed);
+    status.durable.store(info.applied, Ordering::Relaxed);
+    status.set_state("replicating");
+    status.seen();
+
+    let (work_tx, work_rx) = mpsc::channel::<Work>(16);
+    let (out_tx, out_rx) = mpsc::channel::<Message>(64);
+    let cancel = lease.cancel.clone();
+    let worker = {
+        let (slot, out_tx, cancel, interval) =
+            (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
+        let replica = lease.replica;
+        tokio::task::spawn_blocking(move || worker::run(replica, work_rx, out_tx, slot, interval, cancel))
+    };
+    let writer_task = tokio::spawn(doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat));
+    drop(out_tx);
+
+    let result = read_loop(&mut reader, &work_tx, &slot, cfg.heartbeat * 3, &cancel, &received).await;
+    drop(work_tx);
+    match worker.await {
+        Ok(replica) => slot.give_back(replica),
+        Err(e) => {
+            tracing::error!(error = %e, "apply worker panicked");
+            slot.abandon();
+        }
+    }
+    let _ = writer_task.await;
+    status.connected.store(false, Ordering::Relaxed);
+    status.set_state("disconnected");
+    match &result {
+        Ok(()) => tracing::info!(%source, job = %hello.job, "source disconnected"),
+        Err(e) => tracing::warn!(%source, job = %hello.job, error = %e, "session ended"),
+    }
+    result
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, r: Refusal) -> Result<(), LinkError> {
+    tracing::warn!(reason = %r, "refusing connection");
+    writer.send_now(&Message::Refused(r.clone())).await?;
+    let _ = writer.shutdown().await;
+    Err(LinkError::Refused(r))
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    work: &mpsc::Sender<Work>,
+    slot: &Slot,
+    dead_after: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+    received: &ByteCounter,
+) -> Result<(), LinkError> {
+    let mut counted = received.get();
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = tokio::time::timeout(dead_after, reader.read()) => match m {
+                Ok(m) => m,
+                Err(_) => return Err(LinkError::Timeout(dead_after)),
+            },
+        };
+        let now = received.get();
+        slot.status.bytes_received.add(now - counted);
+        counted = now;
+        slot.status.seen();
+        let item = match msg {
+            Ok(Message::Batch(b)) => {
+                let records = unpack_batch(&b, MAX_BATCH_RAW)
+                    .map_err(|e| LinkError::Protocol(format!("bad batch at seq {}: {e}", b.first_seq)))?;
+                Work::Records(records)
+            }
+            Ok(Message::ListRequest { id, scope }) => Work::List { id, scope },
+            Ok(Message::Heartbeat { .. }) => continue,
+            Ok(Message::Goodbye { reason }) => {
+                tracing::info!(%reason, "source said goodbye");
+                return Ok(());
+            }
+            Ok(other) => {
+                return Err(LinkError::Protocol(format!("unexpected message from source: {other:?}")));
+            }
+            Err(LinkError::Closed) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            sent = work.send(item) => if sent.is_err() {
+                return Err(LinkError::Protocol("the apply worker stopped".into()));
+            },
+        }
+    }
+}
