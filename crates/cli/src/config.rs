@@ -126,7 +126,7 @@ impl FileConfig {
 /// Parses config text; errors read `LINE: message`.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e: toml::de::Error| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(0);
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0);
         let msg = e.message().trim().to_string();
         let key = e.span().map(|s| text[s.clone()].trim().to_string()).unwrap_or_default();
         if msg.starts_with("unknown field") {

@@ -268,7 +268,7 @@ impl Reconciler {
         let mut e = IndexEntry::from_meta(meta);
         e.link_target = target;
         let old = if changed { None } else { old };
-        self.sync_attrs(path, old.as_ref(), meta, &mut e, true, sink)?;
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, changed, sink)?;
         self.index.insert(path.clone(), e);
         Ok(())
     }
@@ -300,7 +300,7 @@ impl Reconciler {
             self.emit(sink, Op::Mknod { path: path.to_wire(), mode: ft | meta.mode, rdev: 0 })?;
         }
         let mut e = IndexEntry::from_meta(meta);
-        self.sync_attrs(path, old.as_ref(), meta, &mut e, true, sink)?;
+        self.sync_attrs(path, old.as_ref(), meta, &mut e, false, sink)?;
         self.index.insert(path.clone(), e);
         Ok(())
     }

@@ -9,7 +9,7 @@ use doppel_proto::{BLOCK_SIZE, EntryKind, Op, RelPath, hash_block};
 
 use super::{OpSink, ReconcileStats, Reconciler, io_err, vanished};
 use crate::error::MirrorError;
-use crate::index::IndexEntry;
+use crate::index::{IndexEntry, REPLICA_GROUP};
 
 /// Largest write op emitted: big enough to amortise per-op costs, small enough to keep
 /// batches flowing and memory bounded.
@@ -23,10 +23,27 @@ impl Reconciler {
         meta: &Meta,
         sink: &mut dyn OpSink,
     ) -> Result<(), MirrorError> {
+        let mut old = old;
+        if let Some(o) = &mut old
+            && o.ino & REPLICA_GROUP != 0
+            && meta.nlink > 1
+            && self.index.other_name(meta.ino, path).is_none()
+        {
+            // The first source name of this inode meets a hard-link group seen on the replica:
+            // the group becomes this inode's. Names of the group that are not names of this
+            // inode on the source are split off when they are reached.
+            let group = o.ino;
+            for name in self.index.names_of(group) {
+                if let Some(mut e) = self.index.remove(&name) {
+                    e.ino = meta.ino;
+                    self.index.insert(name, e);
+                }
+            }
+            o.ino = meta.ino;
+        }
         if meta.nlink > 1 && self.try_link(path, old.as_ref(), meta, sink)? {
             return Ok(());
         }
-        let mut old = old;
         // The replica's file shares its inode with other names there: writing into it would
         // change them too, so it is replaced by a file of its own.
         if let Some(o) = &old

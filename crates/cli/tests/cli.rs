@@ -1,0 +1,163 @@
+//! The command-line contract: what scripts rely on (output, exit status, one-line errors).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn one_line_error(err: &str) -> &str {
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("doppel: error:")).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one error line, got:\n{err}");
+    lines[0]
+}
+
+#[test]
+fn init_is_idempotent_and_id_prints_the_identity_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    let (st, _, err) = run(&home, &["id"]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("doppel init"), "{err}");
+    let a = init(&home);
+    let b = init(&home);
+    assert_eq!(a, b);
+    let (st, out, _) = run(&home, &["id"]);
+    assert!(st.success());
+    assert_eq!(out, format!("{a}\n"));
+    assert_eq!(a.len(), 64);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    // DOPPEL_HOME is honoured when --home is absent.
+    let out = std::process::Command::new(doppel()).arg("id").env("DOPPEL_HOME", &home).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a);
+}
+
+#[test]
+fn config_errors_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("doppel.toml");
+    std::fs::write(&cfg, "[target]\nlisten = \"127.0.0.1:0\"\ndata = \"/tmp/x\"\nallow_all = true\n")
+        .unwrap();
+    let (st, _, err) = run(dir.path(), &["--config", cfg.to_str().unwrap(), "status"]);
+    assert!(!st.success());
+    let line = one_line_error(&err);
+    assert!(line.contains("doppel.toml:4: unknown key allow_all"), "{line}");
+}
+
+#[test]
+fn protect_usage_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let (st, _, err) = run(dir.path(), &["protect", src.to_str().unwrap()]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("--to DEST is required"), "{err}");
+    let (st, _, err) = run(dir.path(), &["protect", "/nonexistent/dir", "--to", "/tmp/r"]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("/nonexistent/dir"), "{err}");
+    let (st, _, err) = run(dir.path(), &["protect", src.to_str().unwrap(), "--to", "host:7340"]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("--target-id"), "{err}");
+    let inside = src.join("replica");
+    let (st, _, err) = run(dir.path(), &["protect", src.to_str().unwrap(), "--to", inside.to_str().unwrap()]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("must not contain one another"), "{err}");
+}
+
+#[test]
+fn an_unlisted_source_is_refused_with_its_identity_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).file("f", b"x");
+    let home = dir.path().join("source-home");
+    let id = init(&home);
+    let target = start_target(dir.path(), &[], 0);
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &["protect", src.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id],
+    );
+    let st = agent.wait(Duration::from_secs(60));
+    assert!(!st.success());
+    let log = agent.log();
+    let line = one_line_error(&log);
+    assert!(line.contains("does not allow source identity") && line.contains(&id), "{line}");
+    assert!(
+        !target.data.join("replicas").exists()
+            || std::fs::read_dir(target.data.join("replicas")).unwrap().next().is_none()
+    );
+    // And a source pinning the wrong target identity never sends anything.
+    let wrong = "ab".repeat(32);
+    let mut agent = Proc::start(
+        &home,
+        "agent-wrong-pin",
+        &["protect", src.to_str().unwrap(), "--to", &target.addr, "--target-id", &wrong],
+    );
+    wait_until(Duration::from_secs(30), "the pin mismatch to be reported", || {
+        let s = job_status(&home, "src");
+        let d = s["detail"].as_str().unwrap_or_default().to_string();
+        d.contains("does not match the pinned identity").then_some(()).ok_or(s.to_string())
+    });
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn one_job_one_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).file("f", b"x");
+    let home = dir.path().join("home");
+    let replica = dir.path().join("replica");
+    let mut a =
+        Proc::start(&home, "agent", &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    wait_converged(&src, &replica, Duration::from_secs(30), &mut a);
+    let (st, _, err) = run(&home, &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("already being protected"), "{err}");
+    assert!(a.stop().success());
+    let s = job_status(&home, "src");
+    assert_eq!(s["state"], "stopped", "{s}");
+}
+
+#[test]
+fn verify_reports_and_repairs_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).standard();
+    big_file(&src.join("disk.img"), 8 << 20, 4);
+    let home = dir.path().join("home");
+    let replica = dir.path().join("replica");
+    let mut a =
+        Proc::start(&home, "agent", &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    wait_converged(&src, &replica, Duration::from_secs(60), &mut a);
+    let (st, out, err) = run(&home, &["verify", "src"]);
+    assert!(st.success(), "{out}{err}");
+    assert!(out.contains("replica matches the source"), "{out}");
+    // Damage the replica behind doppel's back.
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(replica.join("disk.img")).unwrap(),
+        b"rot",
+        5 << 20,
+    )
+    .unwrap();
+    std::fs::write(replica.join("stray"), b"not on the source").unwrap();
+    std::fs::remove_file(replica.join("dir2/e")).unwrap();
+    let (st, out, _) = run(&home, &["verify", "src", "--json"]);
+    assert!(!st.success(), "differences must fail verify");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let diffs: Vec<(String, String)> = v["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["path"].as_str().unwrap().to_string(), d["what"].as_str().unwrap().to_string()))
+        .collect();
+    let find = |p: &str| diffs.iter().find(|(q, _)| q == p).map(|(_, w)| w.clone()).unwrap_or_default();
+    assert!(find("disk.img").starts_with("content differs (65536 bytes)"), "{diffs:?}");
+    assert_eq!(find("stray"), "only on the replica", "{diffs:?}");
+    assert_eq!(find("dir2/e"), "missing on the replica", "{diffs:?}");
+    let (st, out, err) = run(&home, &["verify", "src", "--repair"]);
+    assert!(st.success(), "{out}{err}");
+    wait_converged(&src, &replica, Duration::from_secs(30), &mut a);
+    let (st, out, _) = run(&home, &["verify", "src"]);
+    assert!(st.success() && out.contains("replica matches the source"), "{out}");
+}

@@ -1,0 +1,208 @@
+//! Helpers for end-to-end tests: real `doppel` processes, real files, real sockets.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[allow(unused_imports)]
+pub use doppel_testkit::{Compare, Tree, compare_trees, noise, snapshot, wait_until};
+
+/// The binary under test.
+pub fn doppel() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_doppel"))
+}
+
+/// Runs `doppel ARGS` to completion; returns (status, stdout, stderr).
+pub fn run(home: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(doppel())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("DOPPEL_LOG", "warn")
+        .env_remove("DOPPEL_CONFIG")
+        .output()
+        .expect("run doppel");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `doppel init`; returns the identity.
+pub fn init(home: &Path) -> String {
+    let (st, out, err) = run(home, &["init"]);
+    assert!(st.success(), "init failed: {err}");
+    out.trim().to_string()
+}
+
+/// A running doppel process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub home: PathBuf,
+}
+
+impl Proc {
+    /// Starts `doppel --home HOME ARGS` with its log in `HOME/<name>.log`.
+    pub fn start(home: &Path, name: &str, args: &[&str]) -> Proc {
+        fs::create_dir_all(home).unwrap();
+        let log = home.join(format!("{name}.log"));
+        let f = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(doppel())
+            .arg("--home")
+            .arg(home)
+            .args(args)
+            .env("DOPPEL_LOG", "info")
+            .env_remove("DOPPEL_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn doppel");
+        Proc { child, log, home: home.to_path_buf() }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit (at most 60 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        self.wait(Duration::from_secs(60))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "process did not exit in {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A target daemon on 127.0.0.1.
+pub struct TargetProc {
+    pub proc: Proc,
+    pub addr: String,
+    pub id: String,
+    pub data: PathBuf,
+}
+
+/// Starts a target with its home in `dir/target-home`, data in `dir/target-data`, allowing
+/// `allow` (NAME, ID), listening on `port` (0: any).
+pub fn start_target(dir: &Path, allow: &[(&str, &str)], port: u16) -> TargetProc {
+    let home = dir.join("target-home");
+    let data = dir.join("target-data");
+    let id = init(&home);
+    let _ = fs::remove_file(home.join("run/target.addr"));
+    let listen = format!("127.0.0.1:{port}");
+    let mut args: Vec<String> =
+        vec!["target".into(), "--listen".into(), listen, "--data".into(), data.to_string_lossy().into()];
+    for (name, id) in allow {
+        args.push("--allow".into());
+        args.push(format!("{name}={id}"));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::start(&home, "target", &argv);
+    let addr = wait_until(Duration::from_secs(30), "the target to listen", || {
+        if !proc.running() {
+            panic!("target exited: {}", proc.log());
+        }
+        fs::read_to_string(home.join("run/target.addr")).map_err(|e| e.to_string())
+    });
+    TargetProc { proc, addr, id, data }
+}
+
+/// The status of `job` from `doppel status --json`.
+pub fn job_status(home: &Path, job: &str) -> Value {
+    let (st, out, err) = run(home, &["status", "--json"]);
+    assert!(st.success(), "status failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["jobs"].as_array().unwrap().iter().find(|j| j["job"] == job).cloned().unwrap_or(Value::Null)
+}
+
+/// Bytes the running agent of `job` has sent since it started.
+pub fn bytes_sent(home: &Path, job: &str) -> u64 {
+    job_status(home, job)["bytes_sent"].as_u64().unwrap_or(0)
+}
+
+/// Waits until the replica equals the source.
+pub fn wait_converged(src: &Path, replica: &Path, timeout: Duration, proc: &mut Proc) {
+    wait_until(timeout, "the replica to equal the source", || {
+        if !proc.running() {
+            panic!("agent exited early; log:\n{}", proc.log());
+        }
+        compare_trees(src, replica, Compare::default())
+    });
+}
+
+/// Writes a file of `size` bytes of noise in 8 MiB pieces (no huge allocation).
+pub fn big_file(path: &Path, size: u64, seed: u64) {
+    let f = fs::File::create(path).unwrap();
+    let chunk = 8 << 20;
+    let mut off = 0u64;
+    while off < size {
+        let n = chunk.min(size - off) as usize;
+        f.write_all_at(&noise(seed + off, n), off).unwrap();
+        off += n as u64;
+    }
+}
+
+/// Makes every kind of change a live system makes: in-place overwrites, appends, truncates
+/// (both ways), renames of files and directories, deletes, chmods, new nested directories,
+/// a retargeted symlink, a new hard link and an explicit mtime.
+pub fn churn(src: &Path) {
+    let t = Tree::at(src);
+    let big = src.join("big.img");
+    if big.exists() {
+        let f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+        f.write_all_at(&noise(77, 1 << 20), 100 << 20).unwrap();
+        f.write_all_at(b"tiny change", 3).unwrap();
+    }
+    let mut f = fs::OpenOptions::new().append(true).open(src.join("a.txt")).unwrap();
+    std::io::Write::write_all(&mut f, b"appended line\n").unwrap();
+    drop(f);
+    fs::OpenOptions::new().write(true).open(src.join("dir1/b.bin")).unwrap().set_len(1234).unwrap();
+    fs::OpenOptions::new().write(true).open(src.join("dir2/e")).unwrap().set_len(200_000).unwrap();
+    fs::rename(src.join("dir1/sub/c.txt"), src.join("dir1/c-renamed.txt")).unwrap();
+    fs::rename(src.join("dir1/sub"), src.join("moved-sub")).unwrap();
+    fs::remove_file(src.join("empty")).unwrap();
+    fs::remove_dir(src.join("emptydir")).unwrap();
+    t.chmod("dir2/e", 0o640).chmod("dir2", 0o711);
+    t.file("new/deep/er/file1", &noise(5, 3000)).file("new/deep/file2", b"two");
+    fs::remove_file(src.join("link-rel")).unwrap();
+    t.symlink("link-rel", "a.txt");
+    t.hardlink("new/hard-to-a", "a.txt");
+    t.mtime("dir2/e", 1_500_000_000);
+    fs::remove_dir_all(src.join("moved-sub/deeper")).unwrap();
+}

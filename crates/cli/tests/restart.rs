@@ -1,0 +1,175 @@
+//! Breaks: the agent and the target killed with SIGKILL mid-stream, and a clean restart with
+//! changes made while the agent was down. The replica must converge without a full re-mirror.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const BIG: u64 = 256 << 20;
+
+/// Keeps a live workload going: 4 KiB writes at random offsets of a few small files and
+/// appends to a log, about 25 times a second, until stopped.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Workload {
+    fn start(src: &Path) -> Workload {
+        let dir = src.join("live");
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8 {
+            std::fs::write(dir.join(format!("f{i}")), noise(100 + i, 256 << 10)).unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                let f =
+                    std::fs::OpenOptions::new().write(true).open(dir.join(format!("f{}", n % 8))).unwrap();
+                let off = (noise(n, 8)[0] as u64 * 997) % ((256 << 10) - 4096);
+                f.write_all_at(&noise(1000 + n, 4096), off).unwrap();
+                let mut log =
+                    std::fs::OpenOptions::new().create(true).append(true).open(dir.join("app.log")).unwrap();
+                std::io::Write::write_all(&mut log, format!("record {n}\n").as_bytes()).unwrap();
+                n += 1;
+                // Pacing of the load generator, not a wait for a condition.
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            n
+        });
+        Workload { stop, handle: Some(handle) }
+    }
+
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().map(|h| h.join().unwrap()).unwrap_or(0)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    home: PathBuf,
+    replica: PathBuf,
+    target: TargetProc,
+    root: PathBuf,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let home = dir.path().join("source-home");
+    Tree::at(&src).standard();
+    big_file(&src.join("big.img"), BIG, 3);
+    let id = init(&home);
+    let target = start_target(dir.path(), &[("s1", &id)], 0);
+    let replica = target.data.join("replicas/s1/job");
+    let root = dir.path().to_path_buf();
+    Rig { _dir: dir, src, home, replica, target, root }
+}
+
+fn agent(r: &Rig, log: &str) -> Proc {
+    Proc::start(
+        &r.home,
+        log,
+        &[
+            "protect",
+            r.src.to_str().unwrap(),
+            "--to",
+            &r.target.addr,
+            "--target-id",
+            &r.target.id,
+            "--name",
+            "job",
+        ],
+    )
+}
+
+/// Waits until the running agent has captured at least `n` more ops than `from`.
+fn wait_captured(home: &Path, from: u64, n: u64) -> u64 {
+    wait_until(Duration::from_secs(60), "ops to be captured", || {
+        let s = job_status(home, "job");
+        let c = s["last_captured_seq"].as_u64().unwrap_or(0);
+        (c >= from + n).then_some(c).ok_or(s.to_string())
+    })
+}
+
+#[test]
+fn agent_and_target_killed_mid_stream_resume_without_a_full_remirror() {
+    let r = rig();
+    let mut a = agent(&r, "agent1");
+    wait_converged(&r.src, &r.replica, Duration::from_secs(180), &mut a);
+    let mut work = Workload::start(&r.src);
+    let c = wait_captured(&r.home, 0, 0);
+    wait_captured(&r.home, c, 20);
+
+    // SIGKILL the agent mid-stream, restart it while the workload goes on.
+    a.kill();
+    let mut a = agent(&r, "agent2");
+    wait_until(Duration::from_secs(60), "the restarted agent to connect", || {
+        let s = job_status(&r.home, "job");
+        (s["connected"] == true && s["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    let c = wait_captured(&r.home, 0, 0);
+    wait_captured(&r.home, c, 20);
+
+    // SIGKILL the target mid-stream, restart it on the same address.
+    let port: u16 = r.target.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let mut old_target = r.target;
+    old_target.proc.kill();
+    let target = start_target(&r.root, &[("s1", &init(&r.home))], port);
+    wait_until(Duration::from_secs(60), "the agent to reconnect", || {
+        let s = job_status(&r.home, "job");
+        (s["connections"].as_u64() >= Some(2) && s["connected"] == true).then_some(()).ok_or(s.to_string())
+    });
+    let c = wait_captured(&r.home, 0, 0);
+    wait_captured(&r.home, c, 10);
+    let writes = work.stop();
+    assert!(writes > 20);
+
+    wait_converged(&r.src, &r.replica, Duration::from_secs(120), &mut a);
+    let sent = bytes_sent(&r.home, "job");
+    println!(
+        "after the kills: the restarted agent sent {sent} bytes ({writes} workload writes); tree {BIG} bytes"
+    );
+    assert!(sent < BIG / 4, "the restarted agent sent {sent} bytes: a full re-mirror?");
+    let log = a.log();
+    assert!(log.contains("after an unclean stop"), "{log}");
+    assert!(!log.contains("comparing the whole tree"), "a whole-tree comparison happened:\n{log}");
+    assert!(!target.proc.log().contains("un-synced changes"), "{}", target.proc.log());
+}
+
+#[test]
+fn clean_restart_sends_only_what_changed_while_down() {
+    let r = rig();
+    let mut a = agent(&r, "agent1");
+    wait_converged(&r.src, &r.replica, Duration::from_secs(180), &mut a);
+    assert!(a.stop().success(), "{}", a.log());
+    // Changes while no agent runs.
+    let f = std::fs::OpenOptions::new().write(true).open(r.src.join("big.img")).unwrap();
+    f.write_all_at(&noise(5, 4096), 7 << 20).unwrap();
+    drop(f);
+    Tree::at(&r.src).file("made-while-down", b"hello").chmod("a.txt", 0o600);
+    std::fs::remove_file(r.src.join("dir2/e")).unwrap();
+    let mut a = agent(&r, "agent2");
+    wait_converged(&r.src, &r.replica, Duration::from_secs(60), &mut a);
+    let sent = bytes_sent(&r.home, "job");
+    assert!(sent < 1 << 20, "sent {sent} bytes after a clean restart");
+    let log = a.log();
+    assert!(log.contains("clean restart"), "{log}");
+    assert!(!log.contains("comparing the whole tree"), "{log}");
+}
