@@ -10,6 +10,7 @@
 //! correctness, as long as an overflow is reported as [`FsEvent::Rescan`].
 
 pub mod event;
+pub mod fuse;
 pub mod watch;
 
 pub use event::{EventSource, FsEvent};

@@ -1,0 +1,240 @@
+//! Open files: open, read, write, fallocate, sync, release.
+//!
+//! A write holds the namespace lock shared and its file's lock across: recording the extent
+//! as dirty, writing the bytes to the underlying file, and sequencing the write op. Reads of
+//! files opened read-only go through kernel passthrough when the kernel offers it (the daemon
+//! never sees them); once an inode is in passthrough mode, later writers open it with direct
+//! I/O on the same backing file, so their writes still come through the daemon.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use doppel_proto::Op;
+use fuser::{Errno, FileHandle, FopenFlags, INodeNo, ReplyOpen};
+use rustix::fs::{Mode, OFlags};
+
+use super::{DoppelFs, Handle, OpenFile, errno};
+use crate::fuse::{CaptureSink, Dirty};
+
+impl<S: CaptureSink> DoppelFs<S> {
+    pub(super) fn do_open(&self, ino: INodeNo, flags: i32, reply: ReplyOpen) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let access = flags & libc::O_ACCMODE;
+        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
+        let oflags = OFlags::from_bits_retain((access | keep) as u32) | OFlags::CLOEXEC;
+        let file = match rustix::fs::open(node.proc_path(), oflags, Mode::empty()) {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(e) => return reply.error(errno(e)),
+        };
+        let writable = access != libc::O_RDONLY;
+        let sync = keep & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let mut io = node.io.lock();
+        // Passthrough is possible for readers while nobody writes through the page cache,
+        // and required (as direct I/O) for writers once the inode is in passthrough mode.
+        let backing = if let Some(b) = &io.backing {
+            Some(b.clone())
+        } else if !writable && io.writers == 0 && self.passthrough.load(Ordering::Relaxed) {
+            match reply.open_backing(&file) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    io.backing = Some(b.clone());
+                    Some(b)
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "passthrough unavailable for this file");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if writable {
+            io.writers += 1;
+        }
+        if backing.is_some() {
+            io.passthrough += 1;
+        }
+        drop(io);
+        let passthrough = backing.is_some();
+        let fh = self.add_handle(Handle::File(OpenFile {
+            file,
+            node,
+            writable,
+            sync,
+            passthrough,
+            wrote: false.into(),
+        }));
+        match backing {
+            Some(b) if writable => reply.opened_passthrough(fh, FopenFlags::FOPEN_DIRECT_IO, &b),
+            Some(b) => reply.opened_passthrough(fh, FopenFlags::empty(), &b),
+            None => reply.opened(fh, FopenFlags::empty()),
+        }
+    }
+
+    pub(super) fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let (h, _) = self.file(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    pub(super) fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let (h, writable) = self.file(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        if !writable {
+            return Err(Errno::EBADF);
+        }
+        let seq = {
+            let _ns = self.locks.shared();
+            let _file = f.node.data.lock();
+            let path = self.nodes.path(&f.node);
+            let prep = match &path {
+                Some(p) => {
+                    Some(self.prepare(&[Dirty::Extent { path: p, offset, len: data.len() as u64 }])?)
+                }
+                None => None,
+            };
+            f.file.write_all_at(data, offset).map_err(errno)?;
+            f.wrote.store(true, Ordering::Relaxed);
+            f.node.mtime_dirty.store(true, Ordering::Relaxed);
+            match (path, prep) {
+                (Some(p), Some(prep)) => {
+                    self.commit(prep, vec![Op::Write { path: p.to_wire(), offset, data: data.to_vec() }])
+                }
+                _ => None,
+            }
+        };
+        // Waiting for the target happens outside the locks, so other writers go on.
+        if f.sync
+            && let Some(seq) = seq
+        {
+            self.sink.barrier(seq);
+        }
+        Ok(data.len() as u32)
+    }
+
+    pub(super) fn do_fallocate(&self, fh: FileHandle, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
+        let (h, writable) = self.file(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        if !writable {
+            return Err(Errno::EBADF);
+        }
+        let _ns = self.locks.shared();
+        let _file = f.node.data.lock();
+        let path = self.nodes.path(&f.node);
+        let prep = match &path {
+            Some(p) => Some(self.prepare(&[Dirty::Extent { path: p, offset, len }, Dirty::Name(p)])?),
+            None => None,
+        };
+        rustix::fs::fallocate(
+            &f.file,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            len,
+        )
+        .map_err(errno)?;
+        f.wrote.store(true, Ordering::Relaxed);
+        if let (Some(p), Some(prep)) = (path, prep) {
+            self.commit(prep, vec![Op::Fallocate { path: p.to_wire(), mode: mode as u32, offset, len }]);
+        }
+        Ok(())
+    }
+
+    pub(super) fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let (h, _) = self.file(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        let pos = match whence {
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+            _ => return Err(Errno::EINVAL),
+        };
+        rustix::fs::seek(&f.file, pos).map(|o| o as i64).map_err(errno)
+    }
+
+    /// Sends the file's modification time if it wrote: after the last write of a session the
+    /// replica must end with the source's mtime, not the time it applied the bytes.
+    fn flush_mtime(&self, f: &OpenFile) -> Option<u64> {
+        if !f.node.mtime_dirty.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let _ns = self.locks.shared();
+        let _file = f.node.data.lock();
+        let path = self.nodes.path(&f.node)?;
+        let op = Self::mtime_op(&f.node, &path)?;
+        let prep = self.prepare(&[]).ok()?;
+        self.commit(prep, vec![op])
+    }
+
+    pub(super) fn do_release(&self, fh: FileHandle) {
+        let Some(h) = self.handles.lock().remove(&fh.0) else { return };
+        let Handle::File(f) = &*h else { return };
+        if f.wrote.load(Ordering::Relaxed) {
+            self.flush_mtime(f);
+        }
+        let mut io = f.node.io.lock();
+        if f.writable {
+            io.writers -= 1;
+        }
+        if f.passthrough {
+            io.passthrough -= 1;
+            if io.passthrough == 0 {
+                io.backing = None;
+            }
+        }
+    }
+
+    pub(super) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
+        let (h, _) = self.file(fh)?;
+        let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
+        if datasync { f.file.sync_data() } else { f.file.sync_all() }.map_err(errno)?;
+        self.flush_mtime(f);
+        let path = {
+            let _ns = self.locks.shared();
+            self.nodes.path(&f.node)
+        };
+        self.barrier_op(path)
+    }
+
+    pub(super) fn do_fsyncdir(&self, ino: INodeNo) -> Result<(), Errno> {
+        let node = self.node(ino)?;
+        rustix::fs::fsync(
+            rustix::fs::open(
+                node.proc_path(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno)?,
+        )
+        .map_err(errno)?;
+        let path = {
+            let _ns = self.locks.shared();
+            self.nodes.path(&node)
+        };
+        self.barrier_op(path)
+    }
+
+    /// Sequences an `Fsync` barrier and waits for it in sync mode.
+    fn barrier_op(&self, path: Option<doppel_proto::RelPath>) -> Result<(), Errno> {
+        let prep = self.prepare(&[])?;
+        if let Some(seq) = self.commit(prep, vec![Op::Fsync { path: path.map(|p| p.to_wire()) }]) {
+            self.sink.barrier(seq);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The `fuse` capture mode: an in-place pass-through mount that sees every change.
+//!
+//! The agent opens the job root, then mounts a FUSE file system over the same path and serves
+//! the underlying tree through the directory handle it kept, so applications keep their paths
+//! and every mutating call (with its offset and bytes) is performed by the daemon on the real
+//! tree and turned into ops in the order the effects landed (see [`locks`]). Before a change
+//! is made, the region it touches is recorded through [`CaptureSink::prepare`] (the agent keeps
+//! an on-disk activity log of hot regions); after it, its ops are sequenced through
+//! [`CaptureSink::commit`].
+
+mod fs;
+pub mod locks;
+pub mod mounts;
+pub mod nodes;
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use doppel_proto::{Op, RelPath};
+
+pub use locks::Locks;
+pub use mounts::{Existing, open_files_under, recover_stale};
+
+/// A region about to change, recorded durably before the change is made.
+#[derive(Debug, Clone, Copy)]
+pub enum Dirty<'a> {
+    /// Bytes of a file.
+    Extent {
+        /// The file.
+        path: &'a RelPath,
+        /// First byte.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// A name (created, removed, renamed, or its attributes changed).
+    Name(&'a RelPath),
+}
+
+/// Where the mount sends what it captures.
+pub trait CaptureSink: Send + Sync + 'static {
+    /// Proof that [`CaptureSink::prepare`] ran; given back to [`CaptureSink::commit`].
+    type Prepared: Send;
+
+    /// Records, durably, that these regions are about to change. An error refuses the change
+    /// (the application gets `EIO`): a change that could be lost in a crash must not happen.
+    fn prepare(&self, dirty: &[Dirty<'_>]) -> io::Result<Self::Prepared>;
+
+    /// Sequences the ops describing a change that was made; returns the last sequence.
+    fn commit(&self, prepared: Self::Prepared, ops: Vec<Op>) -> io::Result<u64>;
+
+    /// The application asked for durability up to `seq` (`fsync`, `O_SYNC`): in sync mode this
+    /// waits until the target acknowledged it.
+    fn barrier(&self, seq: u64);
+}
+
+/// Options of a mount.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// Kernel request threads.
+    pub threads: usize,
+    /// Use kernel passthrough for read-only opens when the kernel offers it.
+    pub passthrough: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions { threads: 8, passthrough: true }
+    }
+}
+
+/// A live mount. Dropping it unmounts (lazily, so open files do not block the stop).
+pub struct FuseCapture {
+    root: PathBuf,
+    root_fd: Arc<OwnedFd>,
+    locks: Arc<Locks>,
+    session: Option<fuser::BackgroundSession>,
+    passthrough: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FuseCapture {
+    /// Opens `root`, then mounts over it. `root` must be canonical. Recovers a stale mount
+    /// left by a killed agent first, and warns about files that processes opened before the
+    /// mount (their writes would bypass capture).
+    pub fn mount<S: CaptureSink>(root: &Path, sink: Arc<S>, opts: FuseOptions) -> io::Result<FuseCapture> {
+        if recover_stale(root)? == Existing::RecoveredStale {
+            tracing::warn!(root = %root.display(), "recovered a stale doppel mount left by an agent that did not stop cleanly");
+        }
+        for (pid, path) in open_files_under(root) {
+            tracing::warn!(
+                pid,
+                path = %path.display(),
+                "file opened before the capture mount: writes through this descriptor bypass capture until it is reopened"
+            );
+        }
+        let root_fd = Arc::new(
+            rustix::fs::open(
+                root,
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+                0.into(),
+            )
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", root.display())))?,
+        );
+        let locks = Arc::new(Locks::default());
+        let passthrough = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filesystem =
+            fs::DoppelFs::new(&root_fd, locks.clone(), sink, opts.passthrough, passthrough.clone())?;
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName("doppel".into()),
+            fuser::MountOption::Subtype("doppel".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::Suid,
+            fuser::MountOption::Dev,
+            fuser::MountOption::Exec,
+        ];
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::Session::new(filesystem, root, &config).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot mount the capture file system on {}: {e}", root.display()),
+            )
+        })?;
+        let session = session.spawn()?;
+        tracing::info!(root = %root.display(), passthrough = passthrough.load(std::sync::atomic::Ordering::Relaxed), "capture mount active");
+        Ok(FuseCapture { root: root.to_path_buf(), root_fd, locks, session: Some(session), passthrough })
+    }
+
+    /// The locks the mirror must take while it reads the tree under a live mount.
+    pub fn locks(&self) -> Arc<Locks> {
+        self.locks.clone()
+    }
+
+    /// A path that reaches the underlying tree (not the mount): `/proc/self/fd/N/.`.
+    pub fn underlying(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/.", self.root_fd.as_raw_fd()))
+    }
+
+    /// Whether reads of read-only opens bypass the daemon (kernel passthrough).
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Unmounts and waits for the request threads to finish.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        if let Some(s) = self.session.take() {
+            tracing::info!(root = %self.root.display(), "unmounting the capture mount");
+            s.umount_and_join()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FuseCapture {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    }
+}
