@@ -45,7 +45,13 @@ impl OpenFile {
 
     fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<&OwnedFd> {
         if !matches!(&self.held, Some((p, _)) if p == path) {
-            let fd = root.open_at(path, OFlags::WRONLY, 0)?;
+            // Non-blocking, so a FIFO without a reader fails at once instead of stalling the
+            // whole replica; then only regular files are accepted.
+            let fd = root.open_at(path, OFlags::WRONLY | OFlags::NONBLOCK, 0)?;
+            let st = rustix::fs::fstat(&fd)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+            }
             self.held = Some((path.clone(), fd));
         }
         Ok(&self.held.as_ref().expect("just set").1)
@@ -87,6 +93,9 @@ impl Ctx<'_> {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS | libc::ENOMEM | libc::EAGAIN) => {
                 ApplyError::Io { seq: self.seq, kind: self.kind, path: path.to_string(), source: e }
             }
+            Some(libc::ENOTDIR) => self.refuse(format!(
+                "{path}: a parent is not a directory (a file, or a symlink, which is never followed)"
+            )),
             _ => self.refuse(format!("{path}: {e}")),
         }
     }

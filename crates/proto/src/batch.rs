@@ -74,7 +74,9 @@ pub fn unpack_batch(batch: &Batch, max_raw: u32) -> Result<Vec<OpRecord>, BatchE
     if raw.len() != batch.raw_len as usize {
         return Err(BatchError::Codec(format!("decoded {} bytes, header said {}", raw.len(), batch.raw_len)));
     }
-    let mut out = Vec::with_capacity(batch.count as usize);
+    // `count` comes from the peer: it may only size the vector as far as the payload could
+    // possibly hold records (each takes at least 5 bytes).
+    let mut out = Vec::with_capacity((batch.count as usize).min(raw.len() / 5));
     let mut rest = raw;
     while !rest.is_empty() {
         let index = out.len();
@@ -157,5 +159,9 @@ mod tests {
         b.payload.truncate(b.payload.len() - 2);
         b.raw_len = b.payload.len() as u32;
         assert!(matches!(unpack_batch(&b, 1 << 24), Err(BatchError::Record { .. })));
+        // A huge declared count must not size an allocation.
+        let mut b = pack_batch(1, &recs(1, 1, b"abc"), None);
+        b.count = u32::MAX;
+        assert!(matches!(unpack_batch(&b, 1 << 24), Err(BatchError::Sequence(_))));
     }
 }

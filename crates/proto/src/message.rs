@@ -155,6 +155,9 @@ pub enum ListScope {
     All,
     /// Just these paths (each one itself; directories are not descended into).
     Paths(Vec<WirePath>),
+    /// Byte ranges of files: `(path, offset, len)`, widened to whole blocks. Each answer entry
+    /// carries the blocks of one range, starting at [`Entry::first_block`].
+    Ranges(Vec<(WirePath, u64, u64)>),
 }
 
 /// The type of a tree entry.
@@ -194,6 +197,8 @@ pub struct Entry {
     pub link_target: Vec<u8>,
     /// Inode number when the file has more than one name, so hard-link groups can be compared.
     pub link_group: Option<u64>,
+    /// Index of the block `blocks[0]` describes (non-zero only for ranges).
+    pub first_block: u64,
     /// BLAKE3 of each block of a regular file, in order.
     pub blocks: Vec<BlockHash>,
     /// Extended attributes, sorted by name.

@@ -20,7 +20,7 @@ use crate::config::TargetConfig;
 
 enum Held {
     Closed,
-    Open(Replica),
+    Open(Box<Replica>),
     Leased,
 }
 
@@ -122,7 +122,7 @@ impl Slot {
             let taken = {
                 let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
                 match std::mem::replace(&mut *h, Held::Leased) {
-                    Held::Open(r) => Some(Ok(r)),
+                    Held::Open(r) => Some(Ok(*r)),
                     Held::Closed => Some(Err(())),
                     Held::Leased => None,
                 }
@@ -153,7 +153,7 @@ impl Slot {
 
     /// Hands a replica back after its session ended.
     pub fn give_back(&self, replica: Replica) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Open(replica);
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Open(Box::new(replica));
         self.returned.notify_waiters();
     }
 

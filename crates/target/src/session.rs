@@ -53,6 +53,21 @@ where
         Ok(l) => l,
         Err(reason) => return refuse(&mut writer, Refusal::Other { reason }).await,
     };
+    // Welcome promises durability up to `applied_seq`: make whatever the previous session
+    // applied durable before saying so.
+    let mut lease = lease;
+    let (replica, committed) = tokio::task::spawn_blocking(move || {
+        let mut r = lease.replica;
+        let c = r.commit();
+        (r, c)
+    })
+    .await
+    .map_err(|e| LinkError::Protocol(format!("commit task failed: {e}")))?;
+    lease.replica = replica;
+    if let Err(e) = committed {
+        slot.give_back(lease.replica);
+        return refuse(&mut writer, Refusal::Other { reason: format!("replica not available: {e}") }).await;
+    }
     let info = lease.replica.info();
     if hello.epoch != 0 && hello.epoch < info.epoch {
         slot.give_back(lease.replica);

@@ -37,8 +37,18 @@ pub enum Work {
 
 /// Commit after this much data even if more is queued.
 const COMMIT_BYTES: u64 = 64 << 20;
-/// Entries per listing message.
+/// Entries per listing message, at most.
 const LIST_CHUNK: usize = 256;
+/// Approximate bytes per listing message, at most (well under the frame cap).
+const LIST_CHUNK_BYTES: usize = 4 << 20;
+
+/// Roughly what an entry weighs on the wire.
+fn weight(e: &Entry) -> usize {
+    128 + e.path.0.len()
+        + e.link_target.len()
+        + e.blocks.len() * 32
+        + e.xattrs.iter().map(|x| x.name.len() + x.value.len()).sum::<usize>()
+}
 
 /// Runs until `rx` closes (the session ended) or the session is cancelled; returns the
 /// replica for the next session.
@@ -84,6 +94,12 @@ pub fn run(
                 let mut barrier = false;
                 for rec in &recs {
                     if !apply_with_retry(&mut replica, rec, &tx, &slot, &cancel, &mut acked, &commit) {
+                        // The session is over (broken stream or gone peer): keep what was
+                        // applied durable, and make the reader stop too.
+                        if let Err(e) = commit(&mut replica, &mut acked) {
+                            tracing::error!(error = %e, "commit failed");
+                        }
+                        cancel.cancel();
                         return replica;
                     }
                     barrier |= matches!(rec.op, Op::Fsync { .. });
@@ -100,9 +116,12 @@ pub fn run(
             }
             Work::List { id, scope } => {
                 let mut chunk: Vec<Entry> = Vec::with_capacity(LIST_CHUNK);
+                let mut bytes = 0;
                 let result = doppel_apply::listing::list(replica.root(), &scope, &mut |e| {
+                    bytes += weight(&e);
                     chunk.push(e);
-                    if chunk.len() >= LIST_CHUNK {
+                    if chunk.len() >= LIST_CHUNK || bytes >= LIST_CHUNK_BYTES {
+                        bytes = 0;
                         let entries = std::mem::take(&mut chunk);
                         tx.blocking_send(Message::ListEntries { id, entries })
                             .map_err(|_| std::io::Error::other("session closed"))?;

@@ -283,3 +283,21 @@ fn listing_describes_the_tree_with_block_hashes() {
     .unwrap();
     assert_eq!(some, ["l"]);
 }
+
+#[test]
+fn listings_split_huge_files_into_pieces() {
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("huge"), mode: 0o644 });
+    // Six blocks, in pieces of four (the real piece size is 65,536 blocks).
+    f.apply(Op::Truncate { path: w("huge"), size: 6 * doppel_proto::BLOCK_SIZE });
+    let mut entries = Vec::new();
+    let scope = doppel_proto::ListScope::Paths(vec![w("huge")]);
+    crate::listing::list_in_pieces(f.replica.root(), &scope, 4, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!((entries[0].first_block, entries[0].blocks.len()), (0, 4));
+    assert_eq!((entries[1].first_block, entries[1].blocks.len()), (4, 2));
+}

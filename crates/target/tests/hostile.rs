@@ -1,0 +1,822 @@
+//! A target facing hostile or broken sources over real TLS connections.
+//!
+//! Every test starts an in-process target on 127.0.0.1 and talks to it with hand-made frames,
+//! so it can send what no well-behaved agent ever would: identities that are not allowed,
+//! paths that try to climb out of the replica or through symlinks, forbidden node types,
+//! garbage frames, oversized batches and sequence gaps. Every wait is bounded by a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use doppel_link::tls::{client_config, server_name};
+use doppel_link::{ByteCounter, FrameReader, FrameWriter, Identity, LinkError, NodeId};
+use doppel_proto::encode_frame;
+use doppel_proto::frame::{HEADER_LEN, header_for};
+use doppel_proto::{
+    Attrs, Hello, MAX_FRAME_DEFAULT, Message, Op, OpRecord, PROTOCOL_VERSION, Refusal, RenameFlags, Welcome,
+    WirePath, pack_batch,
+};
+use doppel_target::{AllowedSource, Layout, Target, TargetConfig};
+use doppel_testkit::{Compare, Tree, noise, snapshot};
+use tokio::io::{AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// Longest wait for any single expected event.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+const S_IFIFO: u32 = 0o010000;
+const S_IFCHR: u32 = 0o020000;
+const S_IFDIR: u32 = 0o040000;
+const S_IFBLK: u32 = 0o060000;
+const S_IFREG: u32 = 0o100000;
+/// `FALLOC_FL_COLLAPSE_RANGE`: changes the layout of the file beyond the source's allowed set.
+const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
+
+fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
+fn wp(p: impl AsRef<[u8]>) -> WirePath {
+    WirePath(p.as_ref().to_vec())
+}
+
+/// A target listening on 127.0.0.1 with a data directory under a temporary directory.
+struct Harness {
+    /// Owns everything on disk; `data` and anything the test puts beside it live here.
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    target: Arc<Target>,
+    target_id: NodeId,
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Harness {
+    async fn start(allowed: &[(&str, &Identity)], tweak: impl FnOnce(&mut TargetConfig)) -> Harness {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
+        cfg.allowed =
+            allowed.iter().map(|(name, id)| AllowedSource { name: name.to_string(), id: id.id }).collect();
+        tweak(&mut cfg);
+        let target = Target::new(cfg);
+        let identity = Identity::generate().expect("target identity");
+        let target_id = identity.id;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let server = tokio::spawn({
+            let target = target.clone();
+            async move { doppel_target::serve(target, &identity, listener).await }
+        });
+        Harness { tmp, data, target, target_id, addr, server }
+    }
+
+    fn replica(&self, source: &str, job: &str) -> PathBuf {
+        self.data.join("replicas").join(source).join(job)
+    }
+
+    async fn connect(&self, me: &Identity) -> Client {
+        Client::connect(self.addr, me, self.target_id).await
+    }
+
+    /// Connects and completes the handshake for `job`, expecting a Welcome.
+    async fn session(&self, me: &Identity, job: &str) -> (Client, Welcome) {
+        let mut c = self.connect(me).await;
+        match c.hello(job).await {
+            Message::Welcome(w) => (c, w),
+            other => panic!("expected a Welcome for job {job:?}, got {other:?}"),
+        }
+    }
+
+    /// Stops the target and waits (bounded) for every session to end.
+    async fn stop(self) {
+        self.target.shutdown.cancel();
+        match tokio::time::timeout(DEADLINE, self.server).await {
+            Ok(joined) => joined.expect("serve task panicked").expect("serve failed"),
+            Err(_) => panic!("the target did not shut down within {DEADLINE:?}"),
+        }
+        drop(self.tmp);
+    }
+}
+
+type Tls = TlsStream<TcpStream>;
+
+/// A hand-driven source connection. Writes are buffered and flushed once per message, as
+/// the agent does, so each frame leaves in one piece.
+struct Client {
+    r: FrameReader<ReadHalf<Tls>>,
+    w: FrameWriter<BufWriter<WriteHalf<Tls>>>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, me: &Identity, target: NodeId) -> Client {
+        let connector = TlsConnector::from(client_config(me, target).expect("client TLS config"));
+        let tls = tokio::time::timeout(DEADLINE, async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(server_name(), tcp).await
+        })
+        .await
+        .expect("connect timed out")
+        .expect("TLS connect failed");
+        let (r, w) = tokio::io::split(tls);
+        Client {
+            r: FrameReader::new(r, MAX_FRAME_DEFAULT, ByteCounter::default()),
+            w: FrameWriter::new(BufWriter::new(w), ByteCounter::default()),
+        }
+    }
+
+    async fn send(&mut self, msg: &Message) {
+        tokio::time::timeout(DEADLINE, self.w.send_now(msg))
+            .await
+            .expect("send timed out")
+            .expect("send failed");
+    }
+
+    /// Writes bytes as they are, bypassing framing.
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        let w = self.w.get_mut();
+        tokio::time::timeout(DEADLINE, async {
+            w.write_all(bytes).await?;
+            w.flush().await
+        })
+        .await
+        .expect("raw send timed out")
+        .expect("raw send failed");
+    }
+
+    /// Sends Hello for `job` and returns the answer (Welcome or Refused).
+    async fn hello(&mut self, job: &str) -> Message {
+        let hello = Message::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            job: job.to_string(),
+            agent_version: "hostile-test".to_string(),
+            replica_id: None,
+            epoch: 0,
+        });
+        // A target that refuses the identity answers without waiting for the Hello and closes,
+        // so this send may meet a reset connection; the answer is still there to be read.
+        let _ = tokio::time::timeout(DEADLINE, self.w.send_now(&hello)).await.expect("send timed out");
+        self.recv().await.expect("no answer to Hello")
+    }
+
+    /// The next message that is not a heartbeat.
+    async fn recv(&mut self) -> Result<Message, LinkError> {
+        loop {
+            match tokio::time::timeout(DEADLINE, self.r.read()).await {
+                Err(_) => panic!("no message from the target within {DEADLINE:?}"),
+                Ok(Ok(Message::Heartbeat { .. })) => continue,
+                Ok(other) => return other,
+            }
+        }
+    }
+
+    /// Sends `ops` as one batch of consecutive records starting at `first_seq`.
+    async fn send_ops(&mut self, first_seq: u64, ops: &[Op]) {
+        let records: Vec<Vec<u8>> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| OpRecord { seq: first_seq + i as u64, time_us: 1, op: op.clone() }.encode())
+            .collect();
+        self.send(&Message::Batch(pack_batch(first_seq, &records, Some(3)))).await;
+    }
+
+    /// Reads until an Ack covers `seq`; returns the refusals seen on the way, by sequence.
+    async fn until_acked(&mut self, seq: u64) -> BTreeMap<u64, String> {
+        let mut refused = BTreeMap::new();
+        loop {
+            match self.recv().await {
+                Ok(Message::Ack { seq: acked }) if acked >= seq => return refused,
+                Ok(Message::Ack { .. }) => {}
+                Ok(Message::OpRefused { seq: s, reason }) => {
+                    assert!(refused.insert(s, reason).is_none(), "op {s} refused twice");
+                }
+                Ok(other) => panic!("waiting for the ack of {seq}: unexpected {other:?}"),
+                Err(e) => panic!("waiting for the ack of {seq}: connection ended: {e}"),
+            }
+        }
+    }
+
+    /// Reads until the target closes the connection (within the deadline); returns the
+    /// messages received before the close.
+    async fn expect_closed(&mut self, why: &str) -> Vec<Message> {
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(DEADLINE, self.r.read()).await {
+                Err(_) => panic!("{why}: the target kept the connection open for {DEADLINE:?}"),
+                Ok(Err(_)) => return seen,
+                Ok(Ok(Message::Heartbeat { .. })) => {}
+                Ok(Ok(m)) => seen.push(m),
+            }
+        }
+    }
+}
+
+/// Asserts that the target closed the connection having sent nothing but (at most) Goodbyes.
+async fn assert_closed_quietly(c: &mut Client, why: &str) {
+    let seen = c.expect_closed(why).await;
+    assert!(seen.iter().all(|m| matches!(m, Message::Goodbye { .. })), "{why}: the target sent {seen:?}");
+}
+
+/// Names directly in `dir`, sorted (empty if `dir` does not exist).
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_identity_is_refused() {
+    let allowed = Identity::generate().unwrap();
+    let stranger = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &allowed)], |_| {}).await;
+
+    let mut c = h.connect(&stranger).await;
+    // The target answers as soon as TLS is up, before any Hello; sending one anyway is what a
+    // real agent does and must not change the answer.
+    let answer = c.hello("job").await;
+    assert_eq!(answer, Message::Refused(Refusal::UnknownSource { identity: stranger.id.to_string() }));
+    let after = c.expect_closed("after refusing an unknown source").await;
+    assert!(after.is_empty(), "messages after the refusal: {after:?}");
+
+    // Refused before anything touched the disk: no replica, no state, no status line.
+    assert_eq!(names(&h.data), Vec::<String>::new(), "the data directory must stay empty");
+    assert!(h.target.status().is_empty(), "{:?}", h.target.status());
+
+    // The allowed identity is unaffected, and hostile job names are refused without a trace.
+    for job in ["..", ".hidden", "a/b", "../../etc", "", &"j".repeat(65), "a\0b"] {
+        let mut c = h.connect(&allowed).await;
+        match c.hello(job).await {
+            Message::Refused(Refusal::BadJob { reason }) => assert!(!reason.is_empty()),
+            other => panic!("job {job:?}: expected BadJob, got {other:?}"),
+        }
+        assert_closed_quietly(&mut c, "after a bad job name").await;
+    }
+    assert_eq!(names(&h.data), Vec::<String>::new(), "bad job names must create nothing");
+    let (c, w) = h.session(&allowed, "job").await;
+    assert_eq!(w.applied_seq, 0);
+    assert_eq!(w.source_name, "src");
+    assert!(h.replica("src", "job").is_dir());
+    assert_eq!(names(&h.data.join("replicas")), ["src"]);
+    drop(c);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_are_refused_and_nothing_outside_changes() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |_| {}).await;
+
+    // Beside the data directory: a tree the source must not reach.
+    let outside = h.tmp.path().join("outside");
+    Tree::at(&outside)
+        .file("secret", b"top secret\n")
+        .file("sub/inner", b"inner\n")
+        .dir("sub/empty")
+        .chmod("secret", 0o600)
+        .chmod("sub", 0o750)
+        .mtime("secret", 1_500_000_000);
+    // Inside the data directory: another source's replica.
+    let other = h.replica("other", "job");
+    Tree::at(&other).file("file", b"other source's data\n").file("dir/f2", b"more\n").chmod("file", 0o640);
+    let strict = Compare::default();
+    let outside_before = snapshot(&outside, strict);
+    let other_before = snapshot(&other, strict);
+    let passwd_before = std::fs::read("/etc/passwd").ok();
+    let passwd_mode = std::fs::metadata("/etc/passwd").map(|m| m.mode()).ok();
+
+    let (mut c, welcome) = h.session(&me, "job").await;
+    assert_eq!(welcome.applied_seq, 0);
+    let replica = h.replica("src", "job");
+
+    // (description, op, hostile)
+    let mut ops: Vec<(String, Op, bool)> = Vec::new();
+    let mut good = |d: &str, op: Op| ops.push((format!("legit {d}"), op, false));
+    good("mkdir d", Op::Mkdir { path: wp("d"), mode: 0o755 });
+    good("create legit", Op::Create { path: wp("legit"), mode: 0o644 });
+    good("write legit", Op::Write { path: wp("legit"), offset: 0, data: b"hello".to_vec() });
+    good(
+        "symlink evil",
+        Op::Symlink { path: wp("evil"), target: outside.as_os_str().as_encoded_bytes().to_vec() },
+    );
+    good("symlink up", Op::Symlink { path: wp("up"), target: b"../..".to_vec() });
+    good("symlink up3", Op::Symlink { path: wp("up3"), target: b"../../..".to_vec() });
+    good("symlink out", Op::Symlink { path: wp("out"), target: b"../../../../outside".to_vec() });
+    good("mknod fifo", Op::Mknod { path: wp("d/pipe"), mode: S_IFIFO | 0o644, rdev: 0 });
+
+    let mut bad = |d: String, op: Op| ops.push((d, op, true));
+    let outside_secret = outside.join("secret");
+    let outside_secret = outside_secret.as_os_str().as_encoded_bytes();
+    let mut escape_paths: Vec<Vec<u8>> = [
+        &b".."[..],
+        b"../x",
+        b"a/../../x",
+        b"d/..",
+        b"a//b",
+        b"./a",
+        b"d/./x",
+        b"d/.",
+        b"legit/",
+        b"a\0b",
+        b"d/x\0/../../x",
+    ]
+    .iter()
+    .map(|p| p.to_vec())
+    .collect();
+    escape_paths.push(outside_secret.to_vec());
+    escape_paths.push(vec![b'n'; 256]);
+    escape_paths.push([&b"d/"[..], &[b'n'; 256]].concat());
+    escape_paths.push(b"z/".repeat(2100)); // over PATH_MAX
+    for p in &escape_paths {
+        let d = |kind: &str| format!("{kind} {:?}", String::from_utf8_lossy(p));
+        let w = WirePath(p.clone());
+        bad(d("create"), Op::Create { path: w.clone(), mode: 0o644 });
+        bad(d("mkdir"), Op::Mkdir { path: w.clone(), mode: 0o755 });
+        bad(d("symlink"), Op::Symlink { path: w.clone(), target: b"legit".to_vec() });
+        bad(d("link path"), Op::Link { path: w.clone(), existing: wp("legit") });
+        bad(d("link existing"), Op::Link { path: wp("lnk"), existing: w.clone() });
+        bad(d("rename from"), Op::Rename { from: w.clone(), to: wp("moved"), flags: RenameFlags::default() });
+        bad(d("rename to"), Op::Rename { from: wp("legit"), to: w.clone(), flags: RenameFlags::default() });
+        bad(d("unlink"), Op::Unlink { path: w.clone() });
+        bad(d("rmdir"), Op::Rmdir { path: w.clone() });
+        bad(d("write"), Op::Write { path: w.clone(), offset: 0, data: b"pwned".to_vec() });
+        bad(d("truncate"), Op::Truncate { path: w.clone(), size: 0 });
+        bad(d("fallocate"), Op::Fallocate { path: w.clone(), mode: 0, offset: 0, len: 4096 });
+        bad(
+            d("setattr"),
+            Op::SetAttr { path: w.clone(), attrs: Attrs { mode: Some(0o777), ..Attrs::default() } },
+        );
+        bad(d("mknod"), Op::Mknod { path: w.clone(), mode: S_IFIFO | 0o644, rdev: 0 });
+    }
+    // /etc/passwd: only ops that would leave it as it is even if they got through (this test
+    // runs as root; the destructive forms are aimed at the outside directory above).
+    if let (Some(content), Some(mode)) = (&passwd_before, passwd_mode) {
+        let p = wp("/etc/passwd");
+        bad("write /etc/passwd".into(), Op::Write { path: p.clone(), offset: 0, data: content.clone() });
+        bad("truncate /etc/passwd".into(), Op::Truncate { path: p.clone(), size: content.len() as u64 });
+        bad("create /etc/passwd".into(), Op::Create { path: p.clone(), mode: mode & 0o7777 });
+        bad("mkdir /etc/passwd".into(), Op::Mkdir { path: p.clone(), mode: 0o755 });
+        bad(
+            "setattr /etc/passwd".into(),
+            Op::SetAttr { path: p.clone(), attrs: Attrs { mode: Some(mode & 0o7777), ..Attrs::default() } },
+        );
+    }
+    // The empty path is the root, which cannot be created, linked, renamed or removed; and it
+    // is a directory, so it cannot be written to either.
+    let e = || wp("");
+    bad("create ''".into(), Op::Create { path: e(), mode: 0o644 });
+    bad("mkdir ''".into(), Op::Mkdir { path: e(), mode: 0o755 });
+    bad("symlink ''".into(), Op::Symlink { path: e(), target: b"x".to_vec() });
+    bad("link path ''".into(), Op::Link { path: e(), existing: wp("legit") });
+    bad("link existing ''".into(), Op::Link { path: wp("lnk"), existing: e() });
+    bad("rename from ''".into(), Op::Rename { from: e(), to: wp("moved"), flags: RenameFlags::default() });
+    bad("rename to ''".into(), Op::Rename { from: wp("legit"), to: e(), flags: RenameFlags::default() });
+    bad("unlink ''".into(), Op::Unlink { path: e() });
+    bad("rmdir ''".into(), Op::Rmdir { path: e() });
+    bad("mknod ''".into(), Op::Mknod { path: e(), mode: S_IFIFO | 0o644, rdev: 0 });
+    bad("write ''".into(), Op::Write { path: e(), offset: 0, data: b"x".to_vec() });
+    bad("truncate ''".into(), Op::Truncate { path: e(), size: 0 });
+    bad("fallocate ''".into(), Op::Fallocate { path: e(), mode: 0, offset: 0, len: 1 });
+    // Symlink targets that cannot be stored.
+    bad("symlink to ''".into(), Op::Symlink { path: wp("s1"), target: Vec::new() });
+    bad("symlink to NUL".into(), Op::Symlink { path: wp("s2"), target: b"a\0b".to_vec() });
+    // Through `evil -> <outside>` (absolute symlink out of the replica).
+    let through: &[(&str, Op)] = &[
+        ("write evil/secret", Op::Write { path: wp("evil/secret"), offset: 0, data: b"pwned".to_vec() }),
+        ("create evil/new", Op::Create { path: wp("evil/new"), mode: 0o644 }),
+        ("mkdir evil/newdir", Op::Mkdir { path: wp("evil/newdir"), mode: 0o755 }),
+        ("truncate evil/secret", Op::Truncate { path: wp("evil/secret"), size: 0 }),
+        (
+            "fallocate evil/secret",
+            Op::Fallocate { path: wp("evil/secret"), mode: 0, offset: 0, len: 1 << 20 },
+        ),
+        (
+            "setattr evil/secret",
+            Op::SetAttr { path: wp("evil/secret"), attrs: Attrs { mode: Some(0o777), ..Attrs::default() } },
+        ),
+        (
+            "setattr evil/sub",
+            Op::SetAttr {
+                path: wp("evil/sub"),
+                attrs: Attrs { mode: Some(0o777), uid: Some(1234), gid: Some(1234), ..Attrs::default() },
+            },
+        ),
+        ("unlink evil/secret", Op::Unlink { path: wp("evil/secret") }),
+        ("unlink evil/sub/inner", Op::Unlink { path: wp("evil/sub/inner") }),
+        ("rmdir evil/sub/empty", Op::Rmdir { path: wp("evil/sub/empty") }),
+        (
+            "rename from evil/secret",
+            Op::Rename { from: wp("evil/secret"), to: wp("stolen2"), flags: RenameFlags::default() },
+        ),
+        (
+            "rename to evil/planted",
+            Op::Rename { from: wp("legit"), to: wp("evil/planted"), flags: RenameFlags::default() },
+        ),
+        (
+            "rename exchange evil/secret",
+            Op::Rename {
+                from: wp("legit"),
+                to: wp("evil/secret"),
+                flags: RenameFlags { noreplace: false, exchange: true },
+            },
+        ),
+        ("link into evil", Op::Link { path: wp("evil/planted2"), existing: wp("legit") }),
+        ("link from evil", Op::Link { path: wp("stolen3"), existing: wp("evil/secret") }),
+        ("symlink in evil", Op::Symlink { path: wp("evil/lnk"), target: b"x".to_vec() }),
+        ("mknod in evil", Op::Mknod { path: wp("evil/fifo"), mode: S_IFIFO | 0o644, rdev: 0 }),
+        // The link itself is replicated as a link, never written through.
+        ("write evil", Op::Write { path: wp("evil"), offset: 0, data: b"pwned".to_vec() }),
+        ("truncate evil", Op::Truncate { path: wp("evil"), size: 0 }),
+        ("fallocate evil", Op::Fallocate { path: wp("evil"), mode: 0, offset: 0, len: 1 }),
+        ("create over evil", Op::Create { path: wp("evil"), mode: 0o644 }),
+        ("mkdir over evil", Op::Mkdir { path: wp("evil"), mode: 0o755 }),
+        // `up -> ../..` is `DATA/replicas`; `up3 -> ../../..` is `DATA`; `out` is `outside`.
+        (
+            "write up/other/job/file",
+            Op::Write { path: wp("up/other/job/file"), offset: 0, data: b"pwned".to_vec() },
+        ),
+        ("create up/other/job/new", Op::Create { path: wp("up/other/job/new"), mode: 0o644 }),
+        ("truncate up/other/job/file", Op::Truncate { path: wp("up/other/job/file"), size: 0 }),
+        ("unlink up/other/job/file", Op::Unlink { path: wp("up/other/job/file") }),
+        (
+            "setattr up/other/job/file",
+            Op::SetAttr {
+                path: wp("up/other/job/file"),
+                attrs: Attrs { mode: Some(0o777), ..Attrs::default() },
+            },
+        ),
+        (
+            "rename up/other/job/file",
+            Op::Rename { from: wp("up/other/job/file"), to: wp("got"), flags: RenameFlags::default() },
+        ),
+        ("link up/other/job/file", Op::Link { path: wp("got2"), existing: wp("up/other/job/file") }),
+        (
+            "write up3/replicas/other/job/file",
+            Op::Write { path: wp("up3/replicas/other/job/file"), offset: 0, data: b"pwned".to_vec() },
+        ),
+        (
+            "mkdir up3/replicas/other/job/dir/x",
+            Op::Mkdir { path: wp("up3/replicas/other/job/dir/x"), mode: 0o755 },
+        ),
+        ("write out/secret", Op::Write { path: wp("out/secret"), offset: 0, data: b"pwned".to_vec() }),
+        ("create out/new", Op::Create { path: wp("out/new"), mode: 0o644 }),
+        // A hard link straight at another replica.
+        ("link ../../other/job/file", Op::Link { path: wp("stolen"), existing: wp("../../other/job/file") }),
+        // Device nodes and other forbidden types.
+        ("mknod block device", Op::Mknod { path: wp("blk"), mode: S_IFBLK | 0o666, rdev: makedev(8, 0) }),
+        ("mknod char device", Op::Mknod { path: wp("chr"), mode: S_IFCHR | 0o666, rdev: makedev(1, 3) }),
+        ("mknod regular file", Op::Mknod { path: wp("reg"), mode: S_IFREG | 0o644, rdev: 0 }),
+        ("mknod directory", Op::Mknod { path: wp("dir"), mode: S_IFDIR | 0o755, rdev: 0 }),
+        ("mknod without type", Op::Mknod { path: wp("none"), mode: 0o644, rdev: 0 }),
+        (
+            "fallocate collapse range",
+            Op::Fallocate { path: wp("legit"), mode: FALLOC_FL_COLLAPSE_RANGE, offset: 0, len: 4096 },
+        ),
+    ];
+    for (d, op) in through {
+        bad(d.to_string(), op.clone());
+    }
+    // The stream goes on after all of that.
+    let mut good = |d: &str, op: Op| ops.push((format!("legit {d}"), op, false));
+    good("append legit", Op::Write { path: wp("legit"), offset: 5, data: b" world".to_vec() });
+    good("create d/after", Op::Create { path: wp("d/after"), mode: 0o600 });
+    good("write d/after", Op::Write { path: wp("d/after"), offset: 0, data: b"still here".to_vec() });
+
+    let first = welcome.applied_seq + 1;
+    let last = first + ops.len() as u64 - 1;
+    for (i, chunk) in ops.chunks(40).enumerate() {
+        let only: Vec<Op> = chunk.iter().map(|(_, op, _)| op.clone()).collect();
+        c.send_ops(first + (i * 40) as u64, &only).await;
+    }
+    let refused = c.until_acked(last).await;
+
+    let describe = |seq: u64| &ops[(seq - first) as usize].0;
+    let hostile: BTreeSet<u64> =
+        ops.iter().enumerate().filter(|(_, (_, _, h))| *h).map(|(i, _)| first + i as u64).collect();
+    let accepted_hostile: Vec<&String> =
+        hostile.iter().filter(|s| !refused.contains_key(s)).map(|&s| describe(s)).collect();
+    let refused_legit: Vec<(&String, &String)> =
+        refused.iter().filter(|(s, _)| !hostile.contains(s)).map(|(&s, r)| (describe(s), r)).collect();
+    assert!(accepted_hostile.is_empty(), "hostile ops not refused: {accepted_hostile:#?}");
+    assert!(refused_legit.is_empty(), "legitimate ops refused: {refused_legit:#?}");
+    for (&s, reason) in &refused {
+        assert!(!reason.trim().is_empty(), "op {s} ({}) refused without a reason", describe(s));
+    }
+    let status = h.target.status();
+    let mine = status.iter().find(|s| s.source == "src" && s.job == "job").expect("status line");
+    assert_eq!(mine.refused, hostile.len() as u64);
+    assert_eq!(mine.durable, last);
+
+    // Nothing outside the replica changed, byte for byte and mode for mode.
+    assert_eq!(snapshot(&outside, strict), outside_before, "the outside directory changed");
+    assert_eq!(snapshot(&other, strict), other_before, "another source's replica changed");
+    assert_eq!(std::fs::read("/etc/passwd").ok(), passwd_before);
+    assert_eq!(std::fs::metadata("/etc/passwd").map(|m| m.mode()).ok(), passwd_mode);
+    assert_eq!(names(h.tmp.path()), ["data", "outside"]);
+    assert_eq!(names(&h.data), ["replicas", "state"]);
+    assert_eq!(names(&h.data.join("replicas")), ["other", "src"]);
+    assert_eq!(names(&h.data.join("replicas/src")), ["job"]);
+    assert_eq!(names(&h.data.join("replicas/other")), ["job"]);
+
+    // The replica holds exactly what the legitimate ops made.
+    let snap = snapshot(&replica, Compare { ignore_dir_mtimes: true });
+    let got: Vec<(&str, &str, &str)> = snap
+        .iter()
+        .map(|(k, n)| (k.as_str(), n.kind, if n.kind == "symlink" { n.content.as_str() } else { "" }))
+        .collect();
+    let evil_target = outside.to_string_lossy().into_owned();
+    let want: Vec<(&str, &str, &str)> = vec![
+        (".", "dir", ""),
+        ("d", "dir", ""),
+        ("d/after", "file", ""),
+        ("d/pipe", "fifo", ""),
+        ("evil", "symlink", &evil_target),
+        ("legit", "file", ""),
+        ("out", "symlink", "../../../../outside"),
+        ("up", "symlink", "../.."),
+        ("up3", "symlink", "../../.."),
+    ];
+    assert_eq!(got, want, "the replica's names");
+    assert_eq!(std::fs::read(replica.join("legit")).unwrap(), b"hello world");
+    assert_eq!(std::fs::read(replica.join("d/after")).unwrap(), b"still here");
+    let legit_mode = std::fs::metadata(replica.join("legit")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(legit_mode, 0o644);
+    assert_eq!(
+        std::fs::metadata(replica.join("legit")).unwrap().nlink(),
+        1,
+        "no hard link to legit survived"
+    );
+
+    drop(c);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frame_closes_only_that_connection() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |_| {}).await;
+
+    // The connection that must survive, opened first and kept open throughout.
+    let (mut good, welcome_b) = h.session(&me, "b").await;
+
+    // 1. A frame whose checksum does not match its payload.
+    let (mut c, _) = h.session(&me, "a").await;
+    let payload = Message::Ack { seq: 1 }.encode();
+    let mut header = header_for(&payload);
+    header[4] ^= 0x5a;
+    c.send_raw(&[&header[..], &payload].concat()).await;
+    assert_closed_quietly(&mut c, "after a frame with a bad checksum").await;
+
+    // 2. A header announcing 1 GiB (and nothing after it).
+    let (mut c, _) = h.session(&me, "a").await;
+    let mut header = [0u8; HEADER_LEN];
+    header[0..4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    c.send_raw(&header).await;
+    assert_closed_quietly(&mut c, "after a header announcing 1 GiB").await;
+
+    // 3. A well-framed payload that is not a message.
+    let (mut c, _) = h.session(&me, "a").await;
+    let mut junk = noise(7, 300);
+    junk[0] = 0xff; // no such message tag
+    assert!(Message::decode(&junk).is_err());
+    c.send_raw(&[&header_for(&junk)[..], &junk].concat()).await;
+    assert_closed_quietly(&mut c, "after an undecodable message").await;
+
+    // 4. Garbage instead of the Hello.
+    let mut c = h.connect(&me).await;
+    c.send_raw(&noise(8, 100)).await;
+    assert_closed_quietly(&mut c, "after garbage instead of Hello").await;
+
+    // 5. A valid frame carrying a message a source must not send.
+    let (mut c, _) = h.session(&me, "a").await;
+    c.send(&Message::Ack { seq: 99 }).await;
+    assert_closed_quietly(&mut c, "after a target-only message from the source").await;
+
+    // 6. A batch whose records are not what its header says.
+    let (mut c, w) = h.session(&me, "a").await;
+    let rec = OpRecord { seq: w.applied_seq + 1, time_us: 0, op: Op::Create { path: wp("x"), mode: 0o644 } };
+    let mut batch = pack_batch(w.applied_seq + 1, &[rec.encode()], None);
+    batch.payload.truncate(batch.payload.len() - 3);
+    batch.raw_len = batch.payload.len() as u32;
+    c.send(&Message::Batch(batch)).await;
+    assert_closed_quietly(&mut c, "after a batch with a truncated record").await;
+
+    // The other connection never noticed.
+    let seq = welcome_b.applied_seq + 1;
+    good.send_ops(
+        seq,
+        &[
+            Op::Create { path: wp("f"), mode: 0o640 },
+            Op::Write { path: wp("f"), offset: 0, data: b"survived\n".to_vec() },
+        ],
+    )
+    .await;
+    let refused = good.until_acked(seq + 1).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    let f = h.replica("src", "b").join("f");
+    assert_eq!(std::fs::read(&f).unwrap(), b"survived\n");
+    assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o640);
+
+    // And the job whose connections were cut is not wedged: it resumes where it was.
+    let (mut c, w) = h.session(&me, "a").await;
+    assert_eq!(w.applied_seq, 0, "nothing from the broken connections was applied");
+    c.send_ops(1, &[Op::Create { path: wp("ok"), mode: 0o644 }]).await;
+    assert!(c.until_acked(1).await.is_empty());
+    assert_eq!(names(&h.replica("src", "a")), ["ok"]);
+
+    drop((c, good));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_batch_and_sequence_gap_end_the_session_but_keep_applied_data() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |_| {}).await;
+    let replica = h.replica("src", "j");
+    let check_good = || {
+        assert_eq!(names(&replica), ["d"]);
+        assert_eq!(names(&replica.join("d")), ["f"]);
+        assert_eq!(std::fs::read(replica.join("d/f")).unwrap(), b"good data");
+    };
+
+    let (mut c, w) = h.session(&me, "j").await;
+    assert_eq!(w.applied_seq, 0);
+    c.send_ops(
+        1,
+        &[
+            Op::Mkdir { path: wp("d"), mode: 0o755 },
+            Op::Create { path: wp("d/f"), mode: 0o644 },
+            Op::Write { path: wp("d/f"), offset: 0, data: b"good data".to_vec() },
+        ],
+    )
+    .await;
+    assert!(c.until_acked(3).await.is_empty());
+    let last_good = 3;
+
+    // An honest but oversized batch: 70 MiB decoded (over the 64 MiB limit), a few KiB on
+    // the wire once compressed, so it fits in a frame and only the batch limit stops it.
+    let big = Op::Write { path: wp("d/big"), offset: 0, data: vec![0u8; 70 << 20] };
+    let batch = pack_batch(4, &[OpRecord { seq: 4, time_us: 0, op: big }.encode()], Some(1));
+    assert!(batch.raw_len > 64 << 20);
+    assert!(batch.payload.len() < 1 << 20, "{batch:?}");
+    c.send(&Message::Batch(batch)).await;
+    assert_closed_quietly(&mut c, "after an oversized batch").await;
+
+    let (mut c, w) = h.session(&me, "j").await;
+    assert_eq!(w.applied_seq, last_good);
+    check_good();
+
+    // A compressed payload that decodes to more than it declares (a decompression bomb).
+    let mut bomb = pack_batch(
+        4,
+        &[OpRecord {
+            seq: 4,
+            time_us: 0,
+            op: Op::Write { path: wp("d/f"), offset: 0, data: vec![0; 8 << 20] },
+        }
+        .encode()],
+        Some(1),
+    );
+    bomb.raw_len = 4096;
+    c.send(&Message::Batch(bomb)).await;
+    assert_closed_quietly(&mut c, "after a batch that decodes to more than it declares").await;
+
+    let (mut c, w) = h.session(&me, "j").await;
+    assert_eq!(w.applied_seq, last_good);
+    check_good();
+
+    // A gap: the next batch starts at 10 instead of 4.
+    c.send_ops(10, &[Op::Create { path: wp("gap"), mode: 0o644 }]).await;
+    let seen = c.expect_closed("after a sequence gap").await;
+    assert!(
+        seen.iter().all(|m| matches!(m, Message::Goodbye { reason } if reason.contains("gap"))),
+        "only a Goodbye naming the gap may precede the close: {seen:?}"
+    );
+
+    let (mut c, w) = h.session(&me, "j").await;
+    assert_eq!(w.applied_seq, last_good, "the gap must not move the resume point");
+    check_good();
+    assert!(!replica.join("gap").exists());
+
+    // The stream resumes exactly after the last good op.
+    c.send_ops(last_good + 1, &[Op::Create { path: wp("d/next"), mode: 0o644 }]).await;
+    assert!(c.until_acked(last_good + 1).await.is_empty());
+    assert_eq!(names(&replica.join("d")), ["f", "next"]);
+
+    drop(c);
+    h.stop().await;
+}
+
+// Known bugs, reproduced. Each test asserts the behaviour the target should have and is
+// ignored until the bug is fixed; run with `cargo test -p doppel-target --test hostile --
+// --ignored --test-threads 1 NAME`.
+
+/// Opens a FIFO for reading when dropped, which releases a writer blocked in `open(2)` on it,
+/// so that a test that fails does not also hang the runtime's shutdown.
+struct ReleaseFifo(PathBuf);
+
+impl Drop for ReleaseFifo {
+    fn drop(&mut self) {
+        const O_NONBLOCK: i32 = 0o4000;
+        let _ = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&self.0);
+    }
+}
+
+/// BUG: `Write`/`Truncate`/`Fallocate` on a FIFO (which `Mknod` may create) open it with
+/// `O_WRONLY` and no `O_NONBLOCK` (`crates/apply/src/ops.rs`, `OpenFile::get`), so the apply
+/// worker blocks in `open(2)` until some reader appears: the session hangs, a reconnect is
+/// refused after 30 s ("the previous session did not release the replica in time") and
+/// `serve` never returns after shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_to_a_fifo_is_refused_without_stalling() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |_| {}).await;
+    let _release = ReleaseFifo(h.replica("src", "j").join("p"));
+    let (mut c, _) = h.session(&me, "j").await;
+    c.send_ops(
+        1,
+        &[
+            Op::Mknod { path: wp("p"), mode: S_IFIFO | 0o644, rdev: 0 },
+            Op::Write { path: wp("p"), offset: 0, data: b"x".to_vec() },
+            Op::Truncate { path: wp("p"), size: 0 },
+            Op::Create { path: wp("after"), mode: 0o644 },
+        ],
+    )
+    .await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), c.until_acked(4))
+        .await
+        .expect("the apply worker is stuck opening the FIFO for writing");
+    assert_eq!(refused.keys().copied().collect::<Vec<_>>(), [2, 3]);
+    drop(c);
+    h.stop().await;
+}
+
+/// BUG: `unpack_batch` preallocates `Vec::with_capacity(batch.count)` from the untrusted
+/// header (`crates/proto/src/batch.rs:77`); `count = u32::MAX` asks for ~584 GB and the
+/// allocation failure aborts the whole target process (every source's sessions), instead of
+/// ending this session with "batch sequence error". Running this test aborts the test binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_declaring_u32_max_records_ends_only_that_session() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |_| {}).await;
+    let (mut other, w) = h.session(&me, "other").await;
+    let (mut c, _) = h.session(&me, "j").await;
+    let rec = OpRecord { seq: 1, time_us: 0, op: Op::Create { path: wp("x"), mode: 0o644 } };
+    let mut batch = pack_batch(1, &[rec.encode()], None);
+    batch.count = u32::MAX;
+    c.send(&Message::Batch(batch)).await;
+    assert_closed_quietly(&mut c, "after a batch declaring u32::MAX records").await;
+    other.send_ops(w.applied_seq + 1, &[Op::Create { path: wp("alive"), mode: 0o644 }]).await;
+    assert!(other.until_acked(w.applied_seq + 1).await.is_empty());
+    drop((c, other));
+    h.stop().await;
+}
+
+/// The `applied` field of a replica's `checkpoint.json` (the durable sequence).
+fn durable_on_disk(state: &Path) -> u64 {
+    let text = std::fs::read_to_string(state.join("checkpoint.json")).expect("checkpoint");
+    let at = text.find("\"applied\"").expect("applied field") + "\"applied\"".len();
+    let digits: String =
+        text[at..].chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().expect("applied is a number")
+}
+
+/// BUG: when the worker stops on a sequence gap it returns the replica without committing
+/// (`crates/target/src/worker.rs:87`, `return replica`), and the next Welcome reports
+/// `Replica::info().applied` (`crates/target/src/session.rs:65`), not the durable sequence,
+/// although `Welcome::applied_seq` is documented as "every op up to this sequence is durable"
+/// and the agent drops its spool up to it (`Spool::catch_up`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_reports_only_durable_progress() {
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |c| c.commit_interval = Duration::from_secs(60)).await;
+    let (mut c, _) = h.session(&me, "j").await;
+    let rec = |seq: u64, name: &str| {
+        OpRecord { seq, time_us: 0, op: Op::Create { path: wp(name), mode: 0o644 } }.encode()
+    };
+    // Three good ops and, in the same write, a batch after a gap.
+    let good = encode_frame(&Message::Batch(pack_batch(1, &[rec(1, "a"), rec(2, "b"), rec(3, "c")], None)));
+    let gap = encode_frame(&Message::Batch(pack_batch(10, &[rec(10, "gap")], None)));
+    c.send_raw(&[good, gap].concat()).await;
+    c.expect_closed("after a sequence gap").await;
+    drop(c);
+    let durable = durable_on_disk(&h.data.join("state/src/j"));
+    let (c, w) = h.session(&me, "j").await;
+    assert!(
+        w.applied_seq <= durable,
+        "Welcome says {} is durable but the checkpoint on disk says {durable}",
+        w.applied_seq
+    );
+    drop(c);
+    h.stop().await;
+}
