@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use doppel_capture::fuse::{FuseCapture, FuseOptions};
 use doppel_capture::open_watch;
 use doppel_fs::Selection;
 use doppel_link::Identity;
@@ -14,10 +15,12 @@ use doppel_spool::Spool;
 use doppel_target::{Layout, Target, TargetConfig, valid_name};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture_loop::Capture;
-use crate::config::{Destination, JobConfig};
+use crate::activity::ActivityLog;
+use crate::capture_loop::{Capture, Recovery, Source};
+use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
 use crate::error::{AgentError, io_at};
+use crate::fuse_sink::{FuseSink, MountGuard};
 use crate::link_loop::{Link, VerifyRequest};
 use crate::state::JobState;
 use crate::status::{JobStatus, JobStatusSnapshot};
@@ -53,6 +56,9 @@ impl Agent {
     /// Checks the job, takes its lock, recovers its spool and index, and starts watching.
     pub fn new(mut job: JobConfig, home: &Path) -> Result<Agent, AgentError> {
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
+        if job.capture == CaptureMode::Fuse {
+            recover_stale_mount(&job.root)?;
+        }
         job.root = canonical(&job.root, "protected directory")?;
         if !job.root.is_dir() {
             return Err(AgentError::Config(format!("{} is not a directory", job.root.display())));
@@ -98,32 +104,74 @@ impl Agent {
         }
         let was_clean = state.clean;
         let (index, saved) = loaded.map(|(i, s)| (i, Some(s))).unwrap_or((Index::new(), None));
-        let local_rescan = was_clean && saved.is_some();
-        let crash_recovery = if was_clean { None } else { saved.map(|s| s.saved_at_us) };
         state.clean = false;
         state.save(&state_path)?;
 
         let selection =
             Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
-        let watch = open_watch(&job.root, job.backend)
-            .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
         let status = Arc::new(JobStatus::default());
         status.set_state("starting");
+        status.sync.store(job.sync, Ordering::Relaxed);
         let spool = Arc::new(spool);
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
         let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+        let (source, rec, recovery, local_rescan) = match job.capture {
+            CaptureMode::Watch(backend) => {
+                let watch = open_watch(&job.root, backend)
+                    .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
+                let recovery = match saved {
+                    Some(s) if !was_clean => Recovery::Index { saved_at_us: s.saved_at_us },
+                    _ => Recovery::None,
+                };
+                (
+                    Source::Watch(watch),
+                    Reconciler::new(&job.root, selection, index),
+                    recovery,
+                    was_clean && saved.is_some(),
+                )
+            }
+            CaptureMode::Fuse => {
+                let al_path = dir.join("activity.log");
+                let (activity, left) = ActivityLog::open(&al_path).map_err(io_at(&al_path))?;
+                let activity = Arc::new(activity);
+                let recovery = if saved.is_none() {
+                    // No replica known yet: the whole-tree comparison covers everything.
+                    Recovery::None
+                } else if !left.is_empty() || was_clean {
+                    Recovery::Regions {
+                        regions: left,
+                        saved_at_us: saved.filter(|_| was_clean).map(|s| s.saved_at_us),
+                    }
+                } else {
+                    Recovery::None
+                };
+                let sink = Arc::new(FuseSink {
+                    spool: spool.clone(),
+                    activity: activity.clone(),
+                    status: status.clone(),
+                    sync: job.sync,
+                    sync_timeout: job.sync_timeout,
+                });
+                let mount = FuseCapture::mount(&job.root, sink, FuseOptions::default())
+                    .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
+                let rec = Reconciler::new(&mount.underlying(), selection, index)
+                    .with_guard(Arc::new(MountGuard(mount.locks())));
+                (Source::Fuse { mount: Some(mount), activity }, rec, recovery, false)
+            }
+        };
+        let crash_recovery = recovery.pending();
         let capture = Capture {
-            rec: Reconciler::new(&job.root, selection, index),
+            rec,
             spool: spool.clone(),
-            watch,
+            source,
             index_path,
             state_path: state_path.clone(),
             state: state.clone(),
             status: status.clone(),
             stop: stop.clone(),
             commands: commands_rx,
-            crash_recovery,
+            recovery,
             local_rescan,
             debounce: job.debounce,
             checkpoint_interval: job.checkpoint_interval,
@@ -147,8 +195,17 @@ impl Agent {
             job = %job.name,
             root = %job.root.display(),
             dest = %job.dest,
-            capture = capture.watch.backend(),
-            resume = if local_rescan { "clean restart" } else if crash_recovery.is_some() { "after an unclean stop" } else { "first contact" },
+            capture = ?job.capture,
+            sync = job.sync,
+            resume = if local_rescan {
+                "clean restart"
+            } else if crash_recovery && !was_clean {
+                "after an unclean stop"
+            } else if crash_recovery {
+                "clean restart, comparing what changed while stopped"
+            } else {
+                "first contact"
+            },
             "protecting"
         );
         let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(4);
@@ -165,7 +222,7 @@ impl Agent {
             connector: Some(connector),
             embedded,
             stop,
-            crash_recovery: crash_recovery.is_some(),
+            crash_recovery,
             _lock: lock,
         })
     }
@@ -225,7 +282,7 @@ impl Agent {
             window: self.job.window,
             heartbeat: self.job.heartbeat,
             shutdown: link_stop.clone(),
-            crash_recovery: self.crash_recovery,
+            recovery: self.crash_recovery,
             verify: self.verify_rx.take().expect("run is called once"),
             list_id: 0,
         };
@@ -318,5 +375,21 @@ impl Verifier {
             .await
             .map_err(|_| "the job is stopping".to_string())?;
         rx.await.map_err(|_| "the job is stopping".to_string())?
+    }
+}
+
+/// Detaches a doppel mount left at `root` by an agent that was killed, before anything else
+/// touches the path (which answers `ENOTCONN` until then).
+fn recover_stale_mount(root: &Path) -> Result<(), AgentError> {
+    let parent = root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (Ok(parent), Some(name)) = (fs::canonicalize(parent), root.file_name()) else { return Ok(()) };
+    let candidate = parent.join(name);
+    match doppel_capture::fuse::recover_stale(&candidate) {
+        Ok(doppel_capture::fuse::Existing::RecoveredStale) => {
+            tracing::warn!(root = %candidate.display(), "detached a stale doppel mount left by an agent that did not stop cleanly");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(AgentError::Io { path: candidate, source: e }),
     }
 }

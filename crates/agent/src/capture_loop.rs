@@ -1,11 +1,14 @@
-//! The capture thread: watch events in, ops out.
+//! The capture thread: changes in, ops out.
 //!
-//! It owns the reconciler (and so the index) alone, so no lock guards the index. The link
-//! sends it commands when the target's answer decides how to bring the replica in line:
-//! a whole-tree difference mirror, or a mirror of the names that changed after the last
-//! index checkpoint (after a crash). Until one of those has happened, or a clean restart let
-//! it compare the tree with its saved index locally, it only buffers events: emitting ops
-//! against an index that may not describe the replica would be wrong.
+//! It owns the reconciler (and so the index) alone, so no lock guards the index. In `watch`
+//! mode it turns watch events into ops; in `fuse` mode the mount sequences ops itself and this
+//! thread keeps the activity log cool. In both modes it carries out the comparisons the link
+//! asks for once the target's answer decides how to bring the replica in line: a whole-tree
+//! difference mirror, or a comparison of just the names and ranges that may differ (after a
+//! crash, or changes made while a `fuse` job was stopped). In `watch` mode, until one of those
+//! has happened (or a clean restart let it compare the tree with its saved index locally), it
+//! only buffers events: ops emitted against an index that may not describe the replica would be
+//! wrong.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,19 +16,32 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use doppel_capture::fuse::FuseCapture;
 use doppel_capture::{EventSource, FsEvent};
-use doppel_mirror::{EventQueue, MirrorError, OpSink, Reconciler, VerifyReport};
+use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconciler, VerifyReport};
 use doppel_proto::{Entry, Op, RelPath};
 use doppel_spool::{Placement, Spool};
 use doppel_target::registry::now_us;
 use tokio::sync::oneshot;
 
+use crate::activity::{ActivityLog, EXTENT, Region};
 use crate::error::AgentError;
 use crate::state::JobState;
 use crate::status::JobStatus;
 
 /// Events kept while waiting for the link's decision; beyond this a full rescan follows.
 const MAX_BUFFERED_EVENTS: usize = 200_000;
+/// A region cools once acknowledged and idle this long.
+const COOL_AFTER: Duration = Duration::from_secs(10);
+
+/// Names and byte ranges that may differ between the source and the replica.
+#[derive(Debug, Default, Clone)]
+pub struct Suspects {
+    /// Names to compare (existence, type, attributes; whole content for files).
+    pub names: Vec<RelPath>,
+    /// Byte ranges of files to compare block by block: `(path, offset, len)`.
+    pub ranges: Vec<(RelPath, u64, u64)>,
+}
 
 /// Orders from the link.
 pub enum Command {
@@ -44,10 +60,24 @@ pub enum Command {
         /// Answered when numbering was reset.
         started: oneshot::Sender<()>,
     },
-    /// After a crash: which names may differ from the saved index?
+    /// What may differ from the replica (after an unclean stop, or changes made while a
+    /// `fuse` job was stopped)?
     Suspects {
         /// The answer.
-        reply: oneshot::Sender<Vec<RelPath>>,
+        reply: oneshot::Sender<Suspects>,
+    },
+    /// Compare the suspects with the target's listings of them.
+    MirrorSuspects {
+        /// What was asked.
+        suspects: Suspects,
+        /// The target's listing of the names.
+        names: Vec<Entry>,
+        /// The target's listing of the ranges.
+        ranges: Vec<Entry>,
+        /// The replica's id.
+        replica_id: [u8; 16],
+        /// The replica's epoch.
+        epoch: u64,
     },
     /// Compare the whole tree with `listing` and report; with `repair`, also bring the names
     /// that differ in line.
@@ -59,26 +89,47 @@ pub enum Command {
         /// The report, or why there is none.
         reply: oneshot::Sender<Result<VerifyReport, String>>,
     },
-    /// After a crash: compare these names with the target's listing of them.
-    MirrorPaths {
-        /// The names.
-        paths: Vec<RelPath>,
-        /// The target's listing of them.
-        listing: Vec<Entry>,
-        /// The replica's id.
-        replica_id: [u8; 16],
-        /// The replica's epoch.
-        epoch: u64,
+}
+
+/// What the previous run left to compare.
+#[derive(Debug, Clone, Default)]
+pub enum Recovery {
+    /// Nothing: a clean `watch` restart (compared locally) or a first start.
+    #[default]
+    None,
+    /// Names whose stat differs from the saved index (saved at this time).
+    Index {
+        /// When the index was saved (µs since the epoch).
+        saved_at_us: u64,
+    },
+    /// `fuse` mode: the activity log's regions, plus the index suspects if the stop was clean
+    /// (changes made while no mount captured them).
+    Regions {
+        /// Hot regions left by the previous run.
+        regions: Vec<Region>,
+        /// When the stat index of a clean stop was saved, if it was.
+        saved_at_us: Option<u64>,
     },
 }
 
-/// Whether the capture thread may emit ops yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Waiting for the link's decision.
-    Waiting,
-    /// Turning events into ops.
-    Streaming,
+impl Recovery {
+    /// Whether there is something to compare.
+    pub fn pending(&self) -> bool {
+        !matches!(self, Recovery::None)
+    }
+}
+
+/// How changes are captured.
+pub enum Source {
+    /// Watch events.
+    Watch(Box<dyn EventSource>),
+    /// A capture mount and its activity log.
+    Fuse {
+        /// The mount (unmounted at stop, before the final checkpoint).
+        mount: Option<FuseCapture>,
+        /// The activity log.
+        activity: Arc<ActivityLog>,
+    },
 }
 
 /// Everything the capture thread owns.
@@ -87,8 +138,8 @@ pub struct Capture {
     pub rec: Reconciler,
     /// Where ops go.
     pub spool: Arc<Spool>,
-    /// The watch.
-    pub watch: Box<dyn EventSource>,
+    /// How changes are captured.
+    pub source: Source,
     /// Index file.
     pub index_path: PathBuf,
     /// Job state file.
@@ -101,9 +152,10 @@ pub struct Capture {
     pub stop: Arc<AtomicBool>,
     /// Commands from the link.
     pub commands: Receiver<Command>,
-    /// When the loaded index was saved, if a crash left recovery to do.
-    pub crash_recovery: Option<u64>,
-    /// The previous run ended cleanly and the index describes the replica: compare locally.
+    /// What the previous run left to compare.
+    pub recovery: Recovery,
+    /// The previous `watch` run ended cleanly and the index describes the replica: compare
+    /// the tree with it locally.
     pub local_rescan: bool,
     /// Settle time for events.
     pub debounce: Duration,
@@ -115,7 +167,7 @@ pub struct Capture {
 struct SpoolSink<'a> {
     spool: &'a Spool,
     placement: Placement,
-    /// Set for long mirrors, so a stop request interrupts them.
+    /// Set for long comparisons, so a stop request interrupts them.
     stop: Option<&'a AtomicBool>,
 }
 
@@ -132,12 +184,23 @@ impl OpSink for SpoolSink<'_> {
 }
 
 impl Capture {
+    fn watching(&self) -> bool {
+        matches!(self.source, Source::Watch(_))
+    }
+
     /// Runs until stopped. Returns whether the job ended cleanly (index and spool saved
-    /// together, so the next start can compare locally).
+    /// together, so the next start knows exactly what it has to compare).
     pub fn run(mut self) -> Result<bool, AgentError> {
         *self.status.reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.rec.stats());
-        *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = self.watch.backend().to_string();
-        let mut mode = Mode::Waiting;
+        let backend = match &self.source {
+            Source::Watch(w) => w.backend().to_string(),
+            Source::Fuse { mount, .. } => {
+                let pt = mount.as_ref().is_some_and(|m| m.passthrough());
+                if pt { "fuse (passthrough reads)".into() } else { "fuse".into() }
+            }
+        };
+        *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+        let mut streaming = !self.watching();
         let mut queue = EventQueue::new();
         let mut buffered: Vec<FsEvent> = Vec::new();
         let mut overflowed = false;
@@ -147,17 +210,18 @@ impl Capture {
             let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: Some(&self.stop) };
             self.rec.sync_tree(&RelPath::root(), &mut sink)?;
             self.rec.finish(&mut sink)?;
-            mode = Mode::Streaming;
+            streaming = true;
             self.status.set_state("replicating");
         }
         let mut last_checkpoint = Instant::now();
+        let mut last_cool = Instant::now();
         let mut dirty_since_checkpoint = false;
         let mut events = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
             match self.commands.recv_timeout(Duration::ZERO) {
                 Ok(cmd) => {
-                    if self.handle(cmd)? {
-                        mode = Mode::Streaming;
+                    if self.handle(cmd)? && !streaming {
+                        streaming = true;
                         let spool = self.spool.clone();
                         let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
                         for ev in buffered.drain(..) {
@@ -174,54 +238,85 @@ impl Capture {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            events.clear();
             let wait = if queue.is_empty() { Duration::from_millis(100) } else { self.debounce / 2 };
-            self.watch
-                .read(&mut events, wait)
-                .map_err(|e| AgentError::Io { path: self.rec.root().to_path_buf(), source: e })?;
-            match mode {
-                Mode::Waiting => {
-                    if buffered.len() + events.len() > MAX_BUFFERED_EVENTS {
-                        overflowed = true;
-                        buffered.clear();
-                    } else {
-                        buffered.append(&mut events);
-                    }
+            match &mut self.source {
+                Source::Watch(w) => {
+                    events.clear();
+                    w.read(&mut events, wait)
+                        .map_err(|e| AgentError::Io { path: self.rec.root().to_path_buf(), source: e })?;
                 }
-                Mode::Streaming => {
-                    let spool = self.spool.clone();
-                    let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
-                    for ev in events.drain(..) {
-                        queue.push(ev, &mut self.rec, &mut sink)?;
+                Source::Fuse { activity, .. } => {
+                    if last_cool.elapsed() >= Duration::from_secs(2) && !self.recovery.pending() {
+                        activity
+                            .cool(self.spool.stats().acked, COOL_AFTER)
+                            .map_err(|e| AgentError::Io { path: self.index_path.clone(), source: e })?;
+                        last_cool = Instant::now();
                     }
-                    if !queue.is_empty() && (queue.due(self.debounce) || queue.len() > 10_000) {
-                        queue.flush(&mut self.rec, &mut sink)?;
-                        dirty_since_checkpoint = true;
+                    self.status.dirty_regions.store(activity.len() as u64, Ordering::Relaxed);
+                    if let Ok(cmd) = self.commands.recv_timeout(wait) {
+                        self.handle(cmd)?;
                     }
+                    continue;
                 }
             }
-            if mode == Mode::Streaming
-                && dirty_since_checkpoint
-                && last_checkpoint.elapsed() >= self.checkpoint_interval
-            {
+            if !streaming {
+                if buffered.len() + events.len() > MAX_BUFFERED_EVENTS {
+                    overflowed = true;
+                    buffered.clear();
+                } else {
+                    buffered.append(&mut events);
+                }
+                continue;
+            }
+            let spool = self.spool.clone();
+            let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
+            for ev in events.drain(..) {
+                queue.push(ev, &mut self.rec, &mut sink)?;
+            }
+            if !queue.is_empty() && (queue.due(self.debounce) || queue.len() > 10_000) {
+                queue.flush(&mut self.rec, &mut sink)?;
+                dirty_since_checkpoint = true;
+            }
+            if dirty_since_checkpoint && last_checkpoint.elapsed() >= self.checkpoint_interval {
                 self.checkpoint()?;
                 last_checkpoint = Instant::now();
                 dirty_since_checkpoint = false;
             }
         }
-        if mode != Mode::Streaming || self.crash_recovery.is_some() {
+        self.finish(streaming, queue)
+    }
+
+    /// Stopping: take in what is left and save what the next start needs. Returns whether the
+    /// stop is clean.
+    fn finish(mut self, streaming: bool, mut queue: EventQueue) -> Result<bool, AgentError> {
+        if !streaming || self.recovery.pending() {
             return Ok(false);
         }
-        // Stopping: take in what is left, then save spool and index together.
-        let mut events = Vec::new();
-        let _ = self.watch.read(&mut events, Duration::ZERO);
-        let spool = self.spool.clone();
-        let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
-        for ev in events {
-            queue.push(ev, &mut self.rec, &mut sink)?;
+        match &mut self.source {
+            Source::Watch(w) => {
+                let mut events = Vec::new();
+                let _ = w.read(&mut events, Duration::ZERO);
+                let spool = self.spool.clone();
+                let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
+                for ev in events {
+                    queue.push(ev, &mut self.rec, &mut sink)?;
+                }
+                queue.flush(&mut self.rec, &mut sink)?;
+                self.checkpoint()?;
+            }
+            Source::Fuse { mount, activity } => {
+                // Nothing changes through the mount once it is gone; what changes after that,
+                // while the job is stopped, shows as a stat difference from this index.
+                if let Some(m) = mount.take() {
+                    m.unmount()
+                        .map_err(|e| AgentError::Io { path: self.rec.root().to_path_buf(), source: e })?;
+                }
+                let activity = activity.clone();
+                self.rec.index = stat_index(self.rec.root(), self.rec.selection())?;
+                self.checkpoint()?;
+                activity.clear().map_err(|e| AgentError::Io { path: self.index_path.clone(), source: e })?;
+            }
         }
-        queue.flush(&mut self.rec, &mut sink)?;
-        self.checkpoint()?;
         Ok(true)
     }
 
@@ -233,7 +328,7 @@ impl Capture {
         Ok(())
     }
 
-    /// Carries out a command; returns whether streaming may start.
+    /// Carries out a command; returns whether a `watch` job may start streaming.
     fn handle(&mut self, cmd: Command) -> Result<bool, AgentError> {
         match cmd {
             Command::MirrorAll { applied, replica_id, epoch, listing, started } => {
@@ -249,10 +344,10 @@ impl Capture {
                 let _ = started.send(());
                 tracing::info!(entries = listing.len(), "difference mirror: comparing the whole tree");
                 self.rec.seed_all(listing);
+                let t = Instant::now();
                 let spool = self.spool.clone();
                 let mut sink =
                     SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
-                let t = Instant::now();
                 self.rec.sync_tree(&RelPath::root(), &mut sink)?;
                 self.rec.finish(&mut sink)?;
                 let stats = self.rec.stats();
@@ -262,42 +357,88 @@ impl Capture {
                     bytes_queued = stats.bytes_emitted.load(Ordering::Relaxed),
                     "difference mirror: tree compared"
                 );
+                self.recovered();
                 self.complete(replica_id, epoch)?;
                 Ok(true)
             }
             Command::Suspects { reply } => {
-                let saved_at = self.crash_recovery.unwrap_or(0);
-                let s = self.rec.suspects(saved_at)?;
-                tracing::info!(names = s.len(), "after an unclean stop: names to compare with the replica");
+                let s = self.suspects()?;
+                tracing::info!(
+                    names = s.names.len(),
+                    ranges = s.ranges.len(),
+                    "names and ranges to compare with the replica"
+                );
                 let _ = reply.send(s);
                 Ok(false)
+            }
+            Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
+                self.status.set_state("mirroring");
+                self.rec.seed_paths(&suspects.names, names);
+                let spool = self.spool.clone();
+                let mut sink =
+                    SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
+                for p in &suspects.names {
+                    self.rec.sync_entry(p, &mut sink)?;
+                }
+                for (path, offset, len) in &suspects.ranges {
+                    let first = offset / doppel_proto::BLOCK_SIZE;
+                    let remote =
+                        ranges.iter().find(|e| e.path.0 == path.as_bytes() && e.first_block == first);
+                    if let Some(remote) = remote {
+                        self.rec.sync_range(path, *offset, *len, remote, &mut sink)?;
+                    }
+                }
+                self.rec.finish(&mut sink)?;
+                self.recovered();
+                self.complete(replica_id, epoch)?;
+                Ok(true)
             }
             Command::Verify { listing, repair, reply } => {
                 let result = self.verify(listing, repair);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
                 Ok(false)
             }
-            Command::MirrorPaths { paths, listing, replica_id, epoch } => {
-                self.status.set_state("mirroring");
-                self.rec.seed_paths(&paths, listing);
-                let spool = self.spool.clone();
-                let mut sink =
-                    SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
-                for p in &paths {
-                    self.rec.sync_entry(p, &mut sink)?;
-                }
-                self.rec.finish(&mut sink)?;
-                self.crash_recovery = None;
-                self.complete(replica_id, epoch)?;
-                Ok(true)
+        }
+    }
+
+    fn suspects(&self) -> Result<Suspects, AgentError> {
+        let mut s = Suspects::default();
+        let (regions, saved_at) = match &self.recovery {
+            Recovery::None => (Vec::new(), None),
+            Recovery::Index { saved_at_us } => (Vec::new(), Some(*saved_at_us)),
+            Recovery::Regions { regions, saved_at_us } => (regions.clone(), *saved_at_us),
+        };
+        if let Some(t) = saved_at {
+            s.names = self.rec.suspects(t)?;
+        }
+        for r in regions {
+            match (&r, r.path()) {
+                (Region::Name(_), Some(p)) => s.names.push(p),
+                (Region::Extent(_, i), Some(p)) => s.ranges.push((p, i * EXTENT, EXTENT)),
+                _ => {}
             }
+        }
+        s.names.sort();
+        s.names.dedup();
+        Ok(s)
+    }
+
+    /// The previous run's leftovers have been compared.
+    fn recovered(&mut self) {
+        self.recovery = Recovery::None;
+        if let Source::Fuse { activity, .. } = &self.source {
+            activity.recovered();
         }
     }
 
     fn verify(&mut self, listing: Vec<Entry>, repair: bool) -> Result<VerifyReport, AgentError> {
         let t = Instant::now();
-        let (mut report, paths) =
-            doppel_mirror::verify::compare(self.rec.root(), self.rec.selection().clone(), listing.clone())?;
+        let (mut report, paths) = doppel_mirror::verify::compare(
+            self.rec.root(),
+            self.rec.selection().clone(),
+            listing.clone(),
+            self.rec.guard(),
+        )?;
         tracing::info!(
             seconds = t.elapsed().as_secs_f64(),
             compared = report.entries_compared,
@@ -334,4 +475,16 @@ impl Capture {
         self.status.set_state("replicating");
         Ok(())
     }
+}
+
+/// An index of stat fields only (no block hashes): what a stopped `fuse` job compares against
+/// at its next start to find the names changed while nothing captured them.
+fn stat_index(root: &std::path::Path, selection: &doppel_fs::Selection) -> Result<Index, AgentError> {
+    let mut index = Index::new();
+    doppel_fs::walk::walk(root, &RelPath::root(), selection, &mut |w| {
+        index.insert(w.path, IndexEntry::from_meta(&w.meta));
+        Ok(())
+    })
+    .map_err(|e| AgentError::Io { path: root.to_path_buf(), source: e })?;
+    Ok(index)
 }

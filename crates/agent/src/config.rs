@@ -30,6 +30,15 @@ impl std::fmt::Display for Destination {
     }
 }
 
+/// How a job captures changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Watch events and block-hash deltas.
+    Watch(WatchBackend),
+    /// An in-place pass-through mount that sees every write, in order.
+    Fuse,
+}
+
 /// Everything one job needs.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
@@ -43,8 +52,13 @@ pub struct JobConfig {
     pub include: Vec<String>,
     /// Exclude rules (gitignore syntax).
     pub exclude: Vec<String>,
-    /// Watch back-end.
-    pub backend: WatchBackend,
+    /// How changes are captured.
+    pub capture: CaptureMode,
+    /// `fsync` on the source waits until the target acknowledged everything before it
+    /// (`fuse` mode).
+    pub sync: bool,
+    /// How long such a wait may take before the job degrades to async.
+    pub sync_timeout: Duration,
     /// Spool limits.
     pub spool: SpoolLimits,
     /// zstd level for batches; `None` sends raw.
@@ -69,7 +83,9 @@ impl JobConfig {
             dest,
             include: Vec::new(),
             exclude: Vec::new(),
-            backend: WatchBackend::Auto,
+            capture: CaptureMode::Watch(WatchBackend::Auto),
+            sync: false,
+            sync_timeout: Duration::from_secs(10),
             spool: SpoolLimits::default(),
             // Compressing for an in-process pipe only burns CPU.
             compression: if local { None } else { Some(3) },

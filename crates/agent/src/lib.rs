@@ -15,19 +15,23 @@
 //! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
 //!   stream batches in a window, take acks, reconnect after any break.
 //! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
+//! - [`activity`]: the on-disk log of regions that may differ (fuse mode).
 //! - [`agent`]: [`Agent`], which wires these together and shuts them down cleanly.
+//! - [`fuse_sink`]: where a `fuse` mount's changes go (activity log, spool, sync mode).
 //! - [`error`]: what can stop a job.
 
+pub mod activity;
 pub mod agent;
 pub mod capture_loop;
 pub mod config;
 pub mod connect;
 pub mod error;
+pub mod fuse_sink;
 pub mod link_loop;
 pub mod state;
 pub mod status;
 
 pub use agent::{Agent, StatusSource, Verifier};
-pub use config::{Destination, JobConfig};
+pub use config::{CaptureMode, Destination, JobConfig};
 pub use error::AgentError;
 pub use status::{JobStatus, JobStatusSnapshot};

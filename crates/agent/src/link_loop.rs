@@ -52,8 +52,9 @@ pub struct Link {
     pub heartbeat: Duration,
     /// Cancelled to stop.
     pub shutdown: CancellationToken,
-    /// A crash left names to compare with the replica once the spool is drained.
-    pub crash_recovery: bool,
+    /// The previous run left names or ranges to compare with the replica once the spool is
+    /// drained.
+    pub recovery: bool,
     /// Verify requests from the control socket.
     pub verify: mpsc::Receiver<VerifyRequest>,
     /// Last listing request id used.
@@ -141,7 +142,7 @@ impl Link {
     async fn converse(&mut self, conn: Box<dyn Conn>) -> Result<(), End> {
         let (r, w) = tokio::io::split(conn);
         let mut reader =
-            FrameReader::new(BufReader::with_capacity(256 << 10, r), u32::MAX / 2, ByteCounter::default());
+            FrameReader::new(BufReader::with_capacity(256 << 10, r), 64 << 20, ByteCounter::default());
         let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
         let (replica_id, epoch) = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,31 +266,41 @@ impl Link {
                 started: tx,
             })?;
             rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
-            self.crash_recovery = false;
+            self.recovery = false;
         } else {
             self.spool.catch_up(w.applied_seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
-            if !self.crash_recovery && self.status.state() != "scanning" {
+            if !self.recovery && self.status.state() != "scanning" {
                 self.status.set_state("replicating");
             }
         }
         let _ = start_sender.send(w.applied_seq + 1);
-        if known && self.crash_recovery {
+        if known && self.recovery {
             self.status.set_state("mirroring");
             // Drain what survived in the spool first: the replica must hold it before the
-            // changed names are compared.
+            // suspects are compared.
             let target = self.spool.stats().last_seq;
             while self.spool.stats().acked < target {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let (tx, rx) = oneshot::channel();
             self.command(Command::Suspects { reply: tx })?;
-            let paths =
+            let suspects =
                 rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
-            let scope = ListScope::Paths(paths.iter().map(|p| p.to_wire()).collect());
+            let names_scope = ListScope::Paths(suspects.names.iter().map(|p| p.to_wire()).collect());
             self.list_id += 1;
-            let listing = request_list(out, lists, self.list_id, scope).await?;
-            self.command(Command::MirrorPaths { paths, listing, replica_id: w.replica_id, epoch: w.epoch })?;
-            self.crash_recovery = false;
+            let names = request_list(out, lists, self.list_id, names_scope).await?;
+            let ranges_scope =
+                ListScope::Ranges(suspects.ranges.iter().map(|(p, o, l)| (p.to_wire(), *o, *l)).collect());
+            self.list_id += 1;
+            let ranges = request_list(out, lists, self.list_id, ranges_scope).await?;
+            self.command(Command::MirrorSuspects {
+                suspects,
+                names,
+                ranges,
+                replica_id: w.replica_id,
+                epoch: w.epoch,
+            })?;
+            self.recovery = false;
         }
         Ok(())
     }
@@ -354,7 +365,22 @@ async fn request_list(
     let mut all = Vec::new();
     loop {
         match lists.recv().await.ok_or_else(closed)? {
-            Message::ListEntries { id: i, entries } if i == id => all.extend(entries),
+            Message::ListEntries { id: i, entries } if i == id => {
+                for e in entries {
+                    // A big file arrives in pieces: consecutive entries of the same path whose
+                    // blocks continue where the previous piece ended.
+                    match all.last_mut() {
+                        Some(prev)
+                            if prev.path == e.path
+                                && e.first_block > prev.first_block
+                                && e.first_block == prev.first_block + prev.blocks.len() as u64 =>
+                        {
+                            prev.blocks.extend(e.blocks)
+                        }
+                        _ => all.push(e),
+                    }
+                }
+            }
             Message::ListEnd { id: i, error } if i == id => {
                 return match error {
                     None => Ok(all),
@@ -450,6 +476,10 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             Message::Ack { seq } => {
                 spool.ack(seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
                 window.acked(seq);
+                if status.sync_degraded.load(Ordering::Relaxed) && seq >= spool.stats().last_seq {
+                    status.sync_degraded.store(false, Ordering::Relaxed);
+                    tracing::warn!("sync replication restored: the target caught up");
+                }
             }
             Message::OpRefused { seq, reason } => {
                 status.refused.fetch_add(1, Ordering::Relaxed);

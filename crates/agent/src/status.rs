@@ -28,6 +28,12 @@ pub struct JobStatus {
     pub backend: Mutex<String>,
     /// Reconciler totals (mirror progress).
     pub reconcile: Mutex<Option<Arc<ReconcileStats>>>,
+    /// Sync mode is configured.
+    pub sync: AtomicBool,
+    /// Sync mode gave up waiting for the target and runs async until it catches up.
+    pub sync_degraded: AtomicBool,
+    /// Hot regions in the activity log (`fuse` mode).
+    pub dirty_regions: AtomicU64,
 }
 
 /// A status snapshot, as `doppel status --json` prints it.
@@ -65,6 +71,10 @@ pub struct JobStatusSnapshot {
     pub refused_ops: u64,
     /// Connections made since the agent started.
     pub connections: u64,
+    /// `off`, `on`, or `degraded` (sync mode gave up waiting for the target).
+    pub sync: String,
+    /// Regions that may differ from the replica until acknowledged (`fuse` mode).
+    pub dirty_regions: u64,
     /// Files compared (hashed) since the agent started.
     pub files_hashed: u64,
     /// Bytes compared (hashed) since the agent started.
@@ -119,6 +129,12 @@ impl JobStatus {
             bytes_received: self.bytes_received.get(),
             refused_ops: self.refused.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
+            sync: match (self.sync.load(Ordering::Relaxed), self.sync_degraded.load(Ordering::Relaxed)) {
+                (false, _) => "off".into(),
+                (true, false) => "on".into(),
+                (true, true) => "degraded".into(),
+            },
+            dirty_regions: self.dirty_regions.load(Ordering::Relaxed),
             files_hashed: files,
             bytes_hashed: bytes,
         }

@@ -63,6 +63,8 @@ pub enum CaptureMode {
     Fanotify,
     /// inotify only.
     Inotify,
+    /// An in-place pass-through mount: every write captured with its bytes, in order.
+    Fuse,
 }
 
 /// `doppel protect`.
@@ -89,6 +91,12 @@ pub struct ProtectArgs {
     /// How changes are captured.
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// fsync on the source waits until the target has everything before it (fuse capture).
+    #[arg(long)]
+    pub sync: bool,
+    /// Seconds an fsync may wait for the target in sync mode before the job degrades to async.
+    #[arg(long, value_name = "SECS")]
+    pub sync_timeout: Option<u64>,
 }
 
 /// `doppel status`.

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use doppel_agent::{Destination, JobConfig};
+use doppel_agent::{CaptureMode, Destination, JobConfig};
 use doppel_capture::WatchBackend;
 use doppel_link::NodeId;
 use serde::Deserialize;
@@ -89,8 +89,12 @@ pub struct JobSection {
     /// Exclude rules.
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// `watch`, `fanotify` or `inotify`.
+    /// `watch`, `fanotify`, `inotify` or `fuse`.
     pub capture: Option<String>,
+    /// fsync waits for the target (fuse capture).
+    pub sync: Option<bool>,
+    /// Seconds an fsync may wait in sync mode before the job degrades to async.
+    pub sync_timeout_secs: Option<u64>,
     /// zstd level 1-19, or 0 for none.
     pub compression: Option<i32>,
     /// Spool memory in MiB.
@@ -157,12 +161,13 @@ pub fn destination(
 }
 
 /// Maps a capture mode name.
-pub fn backend(name: &str) -> Result<WatchBackend> {
+pub fn capture_mode(name: &str) -> Result<CaptureMode> {
     Ok(match name {
-        "watch" | "auto" => WatchBackend::Auto,
-        "fanotify" => WatchBackend::Fanotify,
-        "inotify" => WatchBackend::Inotify,
-        other => bail!("unknown capture mode {other:?}: use watch, fanotify or inotify"),
+        "watch" | "auto" => CaptureMode::Watch(WatchBackend::Auto),
+        "fanotify" => CaptureMode::Watch(WatchBackend::Fanotify),
+        "inotify" => CaptureMode::Watch(WatchBackend::Inotify),
+        "fuse" => CaptureMode::Fuse,
+        other => bail!("unknown capture mode {other:?}: use watch, fanotify, inotify or fuse"),
     })
 }
 
@@ -173,7 +178,14 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
     job.include = s.include.clone();
     job.exclude = s.exclude.clone();
     if let Some(c) = &s.capture {
-        job.backend = backend(c)?;
+        job.capture = capture_mode(c)?;
+    }
+    job.sync = s.sync.unwrap_or(false);
+    if let Some(t) = s.sync_timeout_secs {
+        job.sync_timeout = std::time::Duration::from_secs(t.max(1));
+    }
+    if job.sync && job.capture != CaptureMode::Fuse {
+        bail!("job {}: sync = true needs capture = \"fuse\"", s.name);
     }
     if let Some(level) = s.compression {
         job.compression = (level > 0).then_some(level.min(19));

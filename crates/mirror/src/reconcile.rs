@@ -18,6 +18,20 @@ use crate::index::{Index, IndexEntry};
 
 mod file;
 
+/// Anything held as a lock guard.
+pub trait Held {}
+impl<T> Held for T {}
+
+/// Locks to take while reading a tree that applications are changing under a `fuse` capture
+/// mount: without them a block could be read half-written while its write op is sequenced
+/// before the mirror's, and the replica would keep the torn copy.
+pub trait Guard: Send + Sync {
+    /// Held while one name is compared and its ops emitted.
+    fn entry(&self) -> Box<dyn Held + '_>;
+    /// Held while one block of the file `(dev, ino)` is read and its op emitted.
+    fn file(&self, dev: u64, ino: u64) -> Box<dyn Held + '_>;
+}
+
 /// Where emitted ops go (the spool, or a report for verify).
 pub trait OpSink {
     /// Takes one op.
@@ -61,6 +75,7 @@ pub struct Reconciler {
     touched_dirs: BTreeSet<RelPath>,
     needs_scan: BTreeSet<RelPath>,
     stats: Arc<ReconcileStats>,
+    guard: Option<Arc<dyn Guard>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MirrorError + '_ {
@@ -82,7 +97,19 @@ impl Reconciler {
             touched_dirs: BTreeSet::new(),
             needs_scan: BTreeSet::new(),
             stats: Arc::default(),
+            guard: None,
         }
+    }
+
+    /// Takes `guard`'s locks while reading (for trees under a capture mount).
+    pub fn with_guard(mut self, guard: Arc<dyn Guard>) -> Reconciler {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// The guard, if any.
+    pub fn guard(&self) -> Option<Arc<dyn Guard>> {
+        self.guard.clone()
     }
 
     /// The running totals.
@@ -131,14 +158,23 @@ impl Reconciler {
     /// Brings the single name `path` in line: creates, updates, replaces or removes it. A
     /// directory that is new to the replica is scanned in full.
     pub fn sync_entry(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
-        let meta = self.lstat(path)?;
-        let is_new_dir = meta.is_some_and(|m| m.kind == EntryKind::Dir)
-            && !self.index.get(path).is_some_and(|e| e.kind == EntryKind::Dir);
-        self.sync_with(path, meta, sink)?;
+        let is_new_dir = self.sync_path(path, sink)?;
         if is_new_dir && self.index.get(path).is_some() {
             self.sync_tree(path, sink)?;
         }
         Ok(())
+    }
+
+    /// Looks at `path` now (under the guard) and syncs it; returns whether it was a directory
+    /// new to the replica.
+    fn sync_path(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<bool, MirrorError> {
+        let guard = self.guard.clone();
+        let _held = guard.as_ref().map(|g| g.entry());
+        let meta = self.lstat(path)?;
+        let is_new_dir = meta.is_some_and(|m| m.kind == EntryKind::Dir)
+            && !self.index.get(path).is_some_and(|e| e.kind == EntryKind::Dir);
+        self.sync_with(path, meta, sink)?;
+        Ok(is_new_dir)
     }
 
     /// Brings the whole subtree at `path` in line: every selected name on the source is
@@ -153,15 +189,15 @@ impl Reconciler {
         // Remove first: frees space on the target and clears names that change type.
         let keep: BTreeSet<&RelPath> = seen.iter().collect();
         let gone: Vec<RelPath> = self.index.subtree(path).into_iter().filter(|p| !keep.contains(p)).collect();
+        // Looked at again (not just removed): under a live mount the name may be back.
         for p in gone.iter().rev() {
             if self.index.get(p).is_some() {
-                self.remove(p, sink)?;
+                self.sync_path(p, sink)?;
             }
         }
         for p in &seen {
             ReconcileStats::add(&self.stats.entries_seen, 1);
-            let meta = self.lstat(p)?;
-            self.sync_with(p, meta, sink)?;
+            self.sync_path(p, sink)?;
         }
         Ok(())
     }
@@ -419,7 +455,9 @@ impl Reconciler {
             self.sync_tree(&dir, sink)?;
         }
         let dirs = std::mem::take(&mut self.touched_dirs);
+        let guard = self.guard.clone();
         for dir in dirs {
+            let _held = guard.as_ref().map(|g| g.entry());
             let Some(e) = self.index.get(&dir) else { continue };
             if e.kind != EntryKind::Dir {
                 continue;

@@ -44,8 +44,12 @@ pub fn compare(
     root: &Path,
     selection: Selection,
     listing: Vec<Entry>,
+    guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
 ) -> Result<(VerifyReport, Vec<RelPath>), MirrorError> {
     let mut rec = Reconciler::new(root, selection, Index::new());
+    if let Some(g) = guard {
+        rec = rec.with_guard(g);
+    }
     rec.seed_all(listing);
     let mut ops: Vec<Op> = Vec::new();
     rec.sync_tree(&RelPath::root(), &mut ops)?;

@@ -78,6 +78,10 @@ pub enum Placement {
     /// Wait for memory to free up (mirror data: it can be read again from the source tree, so
     /// writing it to the spool's disk first would only double the I/O).
     WaitForMemory,
+    /// Write through to a segment file before returning (`fuse` capture): the record then
+    /// survives a kill of the process, because the page cache does. Waits while the disk limit
+    /// is reached.
+    Disk,
 }
 
 /// What [`Spool::open`] found on disk.
@@ -150,6 +154,7 @@ pub struct Spool {
     limits: SpoolLimits,
     inner: Mutex<Inner>,
     space: Condvar,
+    acked: Condvar,
     appended: Notify,
 }
 
@@ -209,6 +214,7 @@ impl Spool {
                 closed: false,
             }),
             space: Condvar::new(),
+            acked: Condvar::new(),
             appended: Notify::new(),
         };
         Ok((spool, recovery))
@@ -243,6 +249,11 @@ impl Spool {
                 || (g.mem_bytes == 0 && placement == Placement::WaitForMemory);
             let disk_ok = g.disk_bytes + len as u64 <= self.limits.disk;
             let to_disk = match (placement, mem_ok) {
+                (Placement::Disk, _) if disk_ok => true,
+                (Placement::Disk, _) => {
+                    g = self.wait(g);
+                    continue;
+                }
                 (_, true) => false,
                 (Placement::WaitForMemory, false) => {
                     g = self.wait(g);
@@ -392,7 +403,22 @@ impl Spool {
         self.write_acked(seq)?;
         drop(g);
         self.space.notify_all();
+        self.acked.notify_all();
         Ok(())
+    }
+
+    /// Waits until `seq` is acknowledged, at most `timeout`; returns whether it was.
+    pub fn wait_acked(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = self.lock();
+        while g.acked < seq && !g.closed {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self.acked.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        g.acked >= seq
     }
 
     fn drop_prefix(&self, g: &mut Inner) -> Result<(), SpoolError> {
@@ -508,6 +534,7 @@ impl Spool {
     pub fn close(&self) {
         self.lock().closed = true;
         self.space.notify_all();
+        self.acked.notify_all();
         self.appended.notify_waiters();
     }
 

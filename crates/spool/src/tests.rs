@@ -162,3 +162,32 @@ async fn wait_for_wakes_on_append() {
     s.append(op(1, 1), 0, Placement::Spill, true).unwrap();
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), t).await.unwrap().unwrap(), 1);
 }
+
+#[test]
+fn disk_placement_writes_through_and_survives_without_persist() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let (s, _) = Spool::open(d.path(), limits(1 << 20, 1 << 20)).unwrap();
+        for i in 1..=5 {
+            s.append(op(i, 10), i, Placement::Disk, true).unwrap();
+        }
+        assert_eq!(s.stats().memory_bytes, 0);
+        // Dropped without persist, as a killed process would be.
+    }
+    let (s, rec) = Spool::open(d.path(), limits(1 << 20, 1 << 20)).unwrap();
+    assert_eq!(rec.last_seq, 5);
+    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap().1), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn wait_acked_times_out_or_wakes() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = Spool::open(d.path(), SpoolLimits::default()).unwrap();
+    let s = std::sync::Arc::new(s);
+    let seq = s.append(op(1, 1), 0, Placement::Disk, true).unwrap();
+    assert!(!s.wait_acked(seq, Duration::from_millis(30)));
+    let s2 = s.clone();
+    let t = std::thread::spawn(move || s2.wait_acked(seq, Duration::from_secs(10)));
+    s.ack(seq).unwrap();
+    assert!(t.join().unwrap());
+}

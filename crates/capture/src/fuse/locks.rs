@@ -44,6 +44,12 @@ impl Locks {
         self.namespace.read()
     }
 
+    /// Held shared by the mirror, which may take it again while holding it (a plain shared
+    /// lock could deadlock behind a waiting writer).
+    pub fn shared_recursive(&self) -> RwLockReadGuard<'_, ()> {
+        self.namespace.read_recursive()
+    }
+
     /// The lock of the file with identity `key` (device, inode).
     pub fn file(&self, key: (u64, u64)) -> FileLock {
         let mut files = self.files.lock();

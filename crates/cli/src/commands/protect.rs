@@ -88,11 +88,19 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
     job.include.extend(a.include);
     job.exclude.extend(a.exclude);
     if let Some(c) = a.capture {
-        job.backend = match c {
-            CaptureMode::Watch => doppel_capture::WatchBackend::Auto,
-            CaptureMode::Fanotify => doppel_capture::WatchBackend::Fanotify,
-            CaptureMode::Inotify => doppel_capture::WatchBackend::Inotify,
+        job.capture = match c {
+            CaptureMode::Watch => doppel_agent::CaptureMode::Watch(doppel_capture::WatchBackend::Auto),
+            CaptureMode::Fanotify => doppel_agent::CaptureMode::Watch(doppel_capture::WatchBackend::Fanotify),
+            CaptureMode::Inotify => doppel_agent::CaptureMode::Watch(doppel_capture::WatchBackend::Inotify),
+            CaptureMode::Fuse => doppel_agent::CaptureMode::Fuse,
         };
+    }
+    job.sync |= a.sync;
+    if let Some(t) = a.sync_timeout {
+        job.sync_timeout = std::time::Duration::from_secs(t.max(1));
+    }
+    if job.sync && job.capture != doppel_agent::CaptureMode::Fuse {
+        bail!("--sync needs --capture fuse: only the fuse capture sees fsync calls");
     }
     Ok(vec![job])
 }

@@ -65,6 +65,21 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
                 j["lag_seconds"].as_f64().map(|l| format!("{l:.1}s")).unwrap_or_else(|| "-".into()),
                 s(&j["dest"]),
             );
+            let mut notes = Vec::new();
+            if let Some(c) = j["capture"].as_str().filter(|c| !c.is_empty()) {
+                notes.push(format!("capture {c}"));
+            }
+            match j["sync"].as_str() {
+                Some("on") => notes.push("sync".into()),
+                Some("degraded") => notes.push("SYNC DEGRADED: fsync no longer waits for the target".into()),
+                _ => {}
+            }
+            if let Some(d) = j["dirty_regions"].as_u64().filter(|d| *d > 0) {
+                notes.push(format!("{d} dirty regions"));
+            }
+            if !notes.is_empty() {
+                println!("{:<16} {}", "", notes.join(", "));
+            }
             let detail = s(&j["detail"]);
             if !detail.is_empty() && detail != "-" {
                 println!("{:<16} {detail}", "");

@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 
 use doppel_fs::Meta;
-use doppel_proto::{BLOCK_SIZE, EntryKind, Op, RelPath, hash_block};
+use doppel_proto::{BLOCK_SIZE, Entry, EntryKind, Op, RelPath, hash_block};
 
 use super::{OpSink, ReconcileStats, Reconciler, io_err, vanished};
 use crate::error::MirrorError;
@@ -68,29 +68,57 @@ impl Reconciler {
         let (old_blocks, old_size) = old.as_ref().map(|o| (o.blocks.clone(), o.size)).unwrap_or_default();
         let mut delta = Delta { path, run_at: 0, run: Vec::new(), changed: false };
         let mut blocks = Vec::with_capacity(meta.size.div_ceil(BLOCK_SIZE) as usize);
-        let size = doppel_fs::hash::for_each_block(&mut file, |i, data, h| {
-            blocks.push(*h);
-            if old_blocks.get(i as usize) == Some(h) {
-                return delta.flush(self, sink);
+        let guard = self.guard.clone();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut size = 0u64;
+        loop {
+            let i = blocks.len() as u64;
+            let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
+            let n = doppel_fs::hash::read_full(&mut file, &mut buf).map_err(io_err(&full))?;
+            if n == 0 {
+                break;
             }
-            let at = i * BLOCK_SIZE;
-            let mut skip = 0usize;
-            // An append into a short last block: when the old bytes are unchanged, only the
-            // new ones go.
-            if i + 1 == old_blocks.len() as u64 && old_size > at && old_size - at < data.len() as u64 {
-                let old_len = (old_size - at) as usize;
-                if hash_block(&data[..old_len]) == old_blocks[i as usize] {
-                    skip = old_len;
+            let data = &buf[..n];
+            let h = hash_block(data);
+            blocks.push(h);
+            size += n as u64;
+            if old_blocks.get(i as usize) == Some(&h) {
+                delta.flush(self, sink).map_err(io_err(&full))?;
+            } else {
+                let at = i * BLOCK_SIZE;
+                let mut skip = 0usize;
+                // An append into a short last block: when the old bytes are unchanged, only
+                // the new ones go.
+                if i + 1 == old_blocks.len() as u64 && old_size > at && old_size - at < n as u64 {
+                    let old_len = (old_size - at) as usize;
+                    if hash_block(&data[..old_len]) == old_blocks[i as usize] {
+                        skip = old_len;
+                    }
+                }
+                delta.add(self, sink, at + skip as u64, &data[skip..]).map_err(io_err(&full))?;
+                // Under a guard, each block's op must be sequenced while its lock is held.
+                if guard.is_some() {
+                    delta.flush(self, sink).map_err(io_err(&full))?;
                 }
             }
-            delta.add(self, sink, at + skip as u64, &data[skip..])
-        })
-        .map_err(io_err(&full))?;
+            if n < buf.len() {
+                break;
+            }
+        }
         delta.flush(self, sink).map_err(io_err(&full))?;
         ReconcileStats::add(&self.stats.files_hashed, 1);
         ReconcileStats::add(&self.stats.bytes_hashed, size);
         let mut changed = delta.changed;
-        if size < old_size {
+        if let Some(g) = &guard {
+            // The size now, under the lock, is the one the replica must end with: writes and
+            // truncates made meanwhile were sequenced around the blocks read above.
+            let _held = g.file(meta.dev, meta.ino);
+            let now = file.metadata().map_err(io_err(&full))?.len();
+            if now != size || size < old_size {
+                self.emit(sink, Op::Truncate { path: path.to_wire(), size: now })?;
+                changed = true;
+            }
+        } else if size < old_size {
             self.emit(sink, Op::Truncate { path: path.to_wire(), size })?;
             changed = true;
         }
@@ -143,6 +171,77 @@ impl Reconciler {
         self.index.insert(path.clone(), shared);
         Ok(true)
     }
+}
+
+impl Reconciler {
+    /// Compares bytes `offset..offset+len` of the file at `path` with `remote` (the replica's
+    /// hashes of the blocks covering that range, as a ranges listing gives them) and sends the
+    /// blocks that differ, then the file's size and time. Names are not created or removed
+    /// here: a file missing on either side is left to the comparison of its name.
+    pub fn sync_range(
+        &mut self,
+        path: &RelPath,
+        offset: u64,
+        len: u64,
+        remote: &Entry,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let guard = self.guard.clone();
+        let _entry = guard.as_ref().map(|g| g.entry());
+        let full = self.root.join(path.as_path());
+        let Some(meta) = self.lstat(path)?.filter(|m| m.kind == EntryKind::File) else { return Ok(()) };
+        let file = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&full) {
+            Ok(f) => f,
+            Err(e) if vanished(&e) => return Ok(()),
+            Err(e) => return Err(io_err(&full)(e)),
+        };
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len.max(1) - 1) / BLOCK_SIZE;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for i in first..=last {
+            let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
+            let at = i * BLOCK_SIZE;
+            let n = read_at_full(&file, &mut buf, at).map_err(io_err(&full))?;
+            if n == 0 {
+                break;
+            }
+            ReconcileStats::add(&self.stats.bytes_hashed, n as u64);
+            let theirs = i.checked_sub(remote.first_block).and_then(|k| remote.blocks.get(k as usize));
+            if theirs != Some(&hash_block(&buf[..n])) {
+                self.emit(sink, Op::Write { path: path.to_wire(), offset: at, data: buf[..n].to_vec() })?;
+            }
+        }
+        let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
+        let now = file.metadata().map_err(io_err(&full))?;
+        if now.len() != remote.size {
+            self.emit(sink, Op::Truncate { path: path.to_wire(), size: now.len() })?;
+        }
+        let mtime = doppel_fs::Meta::from_std(&now).mtime;
+        if mtime != remote.mtime {
+            self.emit(
+                sink,
+                Op::SetAttr {
+                    path: path.to_wire(),
+                    attrs: doppel_proto::Attrs { mtime: Some(mtime), ..Default::default() },
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn read_at_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// A run of contiguous changed bytes, emitted as write ops of at most [`MAX_WRITE`].

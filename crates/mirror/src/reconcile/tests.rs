@@ -287,7 +287,7 @@ fn verify_of_an_equal_replica_finds_nothing() {
     r.rescan();
     r.assert_equal();
     let listing = r.listing(&ListScope::All);
-    let (report, paths) = crate::verify::compare(&r.src, Selection::all(), listing).unwrap();
+    let (report, paths) = crate::verify::compare(&r.src, Selection::all(), listing, None).unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     assert!(paths.is_empty());
     assert!(report.entries_compared >= 15);
