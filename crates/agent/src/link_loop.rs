@@ -362,7 +362,7 @@ async fn request_list(
 ) -> Result<Vec<Entry>, End> {
     let closed = || End::Retry(LinkError::Closed);
     out.send(Message::ListRequest { id, scope }).await.map_err(|_| closed())?;
-    let mut all = Vec::new();
+    let mut all: Vec<Entry> = Vec::new();
     loop {
         match lists.recv().await.ok_or_else(closed)? {
             Message::ListEntries { id: i, entries } if i == id => {
