@@ -381,10 +381,7 @@ impl Capture {
                     self.rec.sync_entry(p, &mut sink)?;
                 }
                 for (path, offset, len) in &suspects.ranges {
-                    let first = offset / doppel_proto::BLOCK_SIZE;
-                    let remote =
-                        ranges.iter().find(|e| e.path.0 == path.as_bytes() && e.first_block == first);
-                    if let Some(remote) = remote {
+                    if let Some(remote) = covering(&ranges, path, offset / doppel_proto::BLOCK_SIZE) {
                         self.rec.sync_range(path, *offset, *len, remote, &mut sink)?;
                     }
                 }
@@ -475,6 +472,16 @@ impl Capture {
         self.status.set_state("replicating");
         Ok(())
     }
+}
+
+/// The listing entry of `path` whose blocks cover block `first` (adjacent ranges of a file
+/// arrive merged into one entry), or else the one just before it (the replica's file ends
+/// there).
+fn covering<'a>(entries: &'a [Entry], path: &RelPath, first: u64) -> Option<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| e.path.0 == path.as_bytes() && e.first_block <= first)
+        .max_by_key(|e| e.first_block)
 }
 
 /// An index of stat fields only (no block hashes): what a stopped `fuse` job compares against

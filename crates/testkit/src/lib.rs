@@ -5,6 +5,11 @@
 //!   targets and hard-link structure.
 //! - [`wait_until`]: waiting on a condition with a deadline, never sleeping and hoping.
 //! - [`Tree`]: building test trees in a few lines.
+//! - [`proxy`]: a TCP proxy whose link can be cut and restored.
+
+pub mod proxy;
+
+pub use proxy::Proxy;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

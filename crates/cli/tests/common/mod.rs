@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use doppel_testkit::{Compare, Tree, compare_trees, noise, snapshot, wait_until};
+pub use doppel_testkit::{Compare, Proxy, Tree, compare_trees, noise, snapshot, wait_until};
 
 /// The binary under test.
 pub fn doppel() -> PathBuf {
@@ -205,4 +205,57 @@ pub fn churn(src: &Path) {
     t.hardlink("new/hard-to-a", "a.txt");
     t.mtime("dir2/e", 1_500_000_000);
     fs::remove_dir_all(src.join("moved-sub/deeper")).unwrap();
+}
+
+/// Whether a live doppel capture mount serves `path` (a FUSE file system answers `statfs`
+/// there; a stale or detached one does not).
+pub fn capture_mount_live(path: &Path) -> bool {
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    match rustix::fs::statfs(path) {
+        Ok(s) => s.f_type as i64 == FUSE_SUPER_MAGIC,
+        Err(_) => false,
+    }
+}
+
+/// Whether the fuse tests can run here.
+pub fn fuse_available() -> bool {
+    if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: the fuse capture tests need root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+/// The target's view of one replica (from `doppel status --json` on the target).
+pub fn replica_status(target_home: &Path) -> Value {
+    let (st, out, err) = run(target_home, &["status", "--json"]);
+    assert!(st.success(), "status failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["replicas"].as_array().and_then(|r| r.first().cloned()).unwrap_or(Value::Null)
+}
+
+/// A small deterministic random number generator (xorshift), seeded per test and printed,
+/// so a failing run can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        println!("random seed {seed}");
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn from_time() -> Rng {
+        Rng::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
 }
