@@ -1,0 +1,213 @@
+//! The doppel agent under test: the real binary, run as a user would run it, observed through
+//! `doppel status --json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustix::process::{Pid, Signal, kill_process};
+use serde_json::Value;
+
+/// The job name every benchmark agent uses.
+pub const JOB: &str = "bench";
+
+/// The `doppel` binary next to this one: built by the same `cargo build`, so both come from
+/// the same sources and profile.
+pub fn doppel_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    let doppel = dir.join("doppel");
+    if !doppel.is_file() {
+        bail!(
+            "the doppel binary is not at {}: build it first with `cargo build --release --workspace` \
+             (or `cargo build --release -p doppel -p doppel-bench`)",
+            doppel.display()
+        );
+    }
+    Ok(doppel)
+}
+
+/// The fields of one job in `doppel status --json` that the benchmark uses.
+#[derive(Debug, Clone, Default)]
+pub struct JobStatus {
+    /// `starting`, `mirroring`, `replicating`...
+    pub state: String,
+    /// Connected to its target (the embedded one, for a local destination).
+    pub connected: bool,
+    /// Watch back-end (`fanotify` or `inotify`).
+    pub capture: String,
+    /// Last sequence number captured.
+    pub captured: u64,
+    /// Last sequence number acknowledged (durable on the target).
+    pub acked: u64,
+    /// Age of the oldest unacknowledged op.
+    pub lag_seconds: f64,
+    /// Bytes of ops waiting for an ack.
+    pub pending_bytes: u64,
+    /// Files and bytes the reconciler hashed.
+    pub files_hashed: u64,
+    /// See `files_hashed`.
+    pub bytes_hashed: u64,
+}
+
+impl JobStatus {
+    fn from_json(j: &Value) -> JobStatus {
+        let n = |k: &str| j[k].as_u64().unwrap_or(0);
+        JobStatus {
+            state: j["state"].as_str().unwrap_or_default().to_string(),
+            connected: j["connected"].as_bool().unwrap_or(false),
+            capture: j["capture"].as_str().unwrap_or_default().to_string(),
+            captured: n("last_captured_seq"),
+            acked: n("last_acked_seq"),
+            lag_seconds: j["lag_seconds"].as_f64().unwrap_or(0.0),
+            pending_bytes: n("pending_bytes"),
+            files_hashed: n("files_hashed"),
+            bytes_hashed: n("bytes_hashed"),
+        }
+    }
+
+    /// Replicating, connected, and everything captured so far acknowledged.
+    pub fn caught_up(&self) -> bool {
+        self.state == "replicating" && self.connected && self.captured > 0 && self.acked == self.captured
+    }
+}
+
+/// A running `doppel protect SRC --to DST`. Stopped (SIGTERM, then SIGKILL) when dropped, so a
+/// failing benchmark leaves no agent behind.
+pub struct Agent {
+    bin: PathBuf,
+    home: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// When the process was spawned.
+    pub started: Instant,
+}
+
+impl Agent {
+    /// Starts protecting `src` into the local directory `dst`, with state in `home`; its log
+    /// (stdout and stderr) goes to `HOME.log`, next to `home` rather than inside it.
+    pub fn start(bin: &Path, home: &Path, src: &Path, dst: &Path) -> Result<Agent> {
+        fs::create_dir_all(home)?;
+        let log = home.with_extension("log");
+        let log_file = fs::File::create(&log)?;
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .arg("--home")
+            .arg(home)
+            .arg("protect")
+            .arg(src)
+            .arg("--to")
+            .arg(dst)
+            .args(["--name", JOB])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Agent { bin: bin.to_path_buf(), home: home.to_path_buf(), log, child: Some(child), started })
+    }
+
+    /// CPU time (user + system) the agent has used since it started.
+    pub fn cpu(&self) -> Result<Duration> {
+        crate::cpu::of_process(self.child.as_ref().context("doppel has exited")?.id())
+    }
+
+    /// The agent's log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The job's status from `doppel --home H status --json`, or `None` while it has none.
+    pub fn status(&self) -> Result<Option<JobStatus>> {
+        let out = Command::new(&self.bin)
+            .arg("--home")
+            .arg(&self.home)
+            .args(["status", "--json"])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running doppel status --json")?;
+        if !out.status.success() {
+            bail!("doppel status --json failed ({})", out.status);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("parsing doppel status --json")?;
+        let job = v["jobs"].as_array().and_then(|jobs| jobs.iter().find(|j| j["job"] == JOB));
+        Ok(job.map(JobStatus::from_json))
+    }
+
+    /// Fails, quoting the end of the log, if the agent has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let child = self.child.as_mut().expect("running");
+        if let Some(st) = child.try_wait()? {
+            self.child = None;
+            bail!("doppel exited ({st}); end of its log {}:\n{}", self.log.display(), self.log_tail(20));
+        }
+        Ok(())
+    }
+
+    /// Polls the status every `every` (on absolute deadlines) until [`JobStatus::caught_up`];
+    /// returns the time since the process started and the last status.
+    pub fn wait_caught_up(&mut self, every: Duration, timeout: Duration) -> Result<(Duration, JobStatus)> {
+        let mut next = Instant::now();
+        loop {
+            self.check_alive()?;
+            if let Some(s) = self.status()?.filter(JobStatus::caught_up) {
+                return Ok((self.started.elapsed(), s));
+            }
+            if self.started.elapsed() > timeout {
+                bail!(
+                    "doppel did not catch up within {timeout:?} (last status: {:?}); end of its log {}:\n{}",
+                    self.status().ok().flatten(),
+                    self.log.display(),
+                    self.log_tail(20)
+                );
+            }
+            next += every;
+            sleep(next.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// Stops the agent as an operator would (SIGTERM) and waits for it to exit cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        let log_tail = self.log_tail(20);
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let st = terminate(&mut child)?;
+        if !st.success() {
+            bail!("doppel exited with {st} when stopped; end of its log:\n{log_tail}");
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the agent's log, to quote in errors.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate(&mut child);
+        }
+    }
+}
+
+/// SIGTERM, up to 30 s to exit, then SIGKILL.
+fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
+    let pid = Pid::from_child(child);
+    kill_process(pid, Signal::TERM).context("sending SIGTERM to doppel")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        sleep(Duration::from_millis(20));
+    }
+    eprintln!("[bench] doppel did not exit within 30 s of SIGTERM; killing it");
+    child.kill()?;
+    Ok(child.wait()?)
+}

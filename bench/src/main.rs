@@ -1,0 +1,135 @@
+//! # doppel-bench: measurements of doppel on this machine
+//!
+//! A program, not a test: it builds a tree, runs the real `doppel` binary (the sibling of this
+//! executable) and `rsync`, and prints what it measured as a markdown table. See
+//! `bench/README.md` for what is measured, how, and the results of a run.
+//!
+//! - `core`: the initial mirror of a mixed tree against `rsync -a` of the same tree, then the
+//!   replication lag of a steady stream of small in-place updates.
+
+mod agent;
+mod cpu;
+mod lag;
+mod machine;
+mod mirror;
+mod report;
+mod scratch;
+mod stats;
+mod tree;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// Benchmarks for doppel.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Initial mirror vs `rsync -a`, then replication lag of a steady stream of small updates.
+    Core(CoreArgs),
+}
+
+/// Options of `core`.
+#[derive(Args, Debug, Clone)]
+pub struct CoreArgs {
+    /// Scratch directory (source tree, destinations, doppel homes). Only what the benchmark
+    /// created in it is removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench")]
+    pub dir: PathBuf,
+    /// Total size of the generated tree (suffixes K, M, G are powers of 1024).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub size: u64,
+    /// Timed runs of each tool (the minimum and the median are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Duration of the steady update stream, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub lag_secs: u64,
+    /// Updates per second during the lag measurement.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Number of small files the updates go round-robin over.
+    #[arg(long, default_value_t = 5000)]
+    pub pool: usize,
+    /// Keep the scratch directory (the generated tree is then reused by the next run).
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl CoreArgs {
+    /// The length of the update stream.
+    pub fn lag_duration(&self) -> Duration {
+        Duration::from_secs(self.lag_secs)
+    }
+}
+
+/// Parses `2G`, `512M`, `64K` or a plain number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&s[..i], 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&s[..i], 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size like 2G, 512M or 4096"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Core(args) => core(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("doppel-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `core`: both measurements, one report.
+fn core(args: &CoreArgs) -> Result<()> {
+    let doppel = agent::doppel_binary()?;
+    machine::require_rsync()?;
+    machine::require_root()?;
+    let scratch = scratch::Scratch::open(&args.dir)?;
+    let machine = machine::Machine::describe(&args.dir, &doppel)?;
+    eprintln!("[bench] {}", machine.one_line());
+    let tree = tree::ensure(&scratch, args.size)?;
+    let (mirror, running) = mirror::run(args, &scratch, &doppel, &tree)?;
+    let lag = lag::run(args, running)?;
+    let report = report::markdown(args, &machine, &tree, &mirror, &lag);
+    println!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report)?;
+        eprintln!("[bench] report written to {}", out.display());
+    }
+    if !args.keep {
+        scratch.remove()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+    }
+}
