@@ -169,6 +169,8 @@ struct SpoolSink<'a> {
     placement: Placement,
     /// Set for long comparisons, so a stop request interrupts them.
     stop: Option<&'a AtomicBool>,
+    /// When the changes being sent were noticed (else: now).
+    noticed_us: Option<u64>,
 }
 
 impl OpSink for SpoolSink<'_> {
@@ -207,7 +209,12 @@ impl Capture {
         if self.local_rescan {
             self.status.set_state("scanning");
             let spool = self.spool.clone();
-            let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: Some(&self.stop) };
+            let mut sink = SpoolSink {
+                spool: &spool,
+                placement: Placement::Spill,
+                stop: Some(&self.stop),
+                noticed_us: None,
+            };
             self.rec.sync_tree(&RelPath::root(), &mut sink)?;
             self.rec.finish(&mut sink)?;
             streaming = true;
@@ -223,7 +230,12 @@ impl Capture {
                     if self.handle(cmd)? && !streaming {
                         streaming = true;
                         let spool = self.spool.clone();
-                        let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
+                        let mut sink = SpoolSink {
+                            spool: &spool,
+                            placement: Placement::Spill,
+                            stop: None,
+                            noticed_us: None,
+                        };
                         for ev in buffered.drain(..) {
                             queue.push(ev, &mut self.rec, &mut sink)?;
                         }
@@ -269,11 +281,13 @@ impl Capture {
                 continue;
             }
             let spool = self.spool.clone();
-            let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
+            let mut sink =
+                SpoolSink { spool: &spool, placement: Placement::Spill, stop: None, noticed_us: None };
             for ev in events.drain(..) {
                 queue.push(ev, &mut self.rec, &mut sink)?;
             }
             if !queue.is_empty() && (queue.due(self.debounce) || queue.len() > 10_000) {
+                sink.noticed_us = queue.oldest_us();
                 queue.flush(&mut self.rec, &mut sink)?;
                 dirty_since_checkpoint = true;
             }
@@ -297,7 +311,8 @@ impl Capture {
                 let mut events = Vec::new();
                 let _ = w.read(&mut events, Duration::ZERO);
                 let spool = self.spool.clone();
-                let mut sink = SpoolSink { spool: &spool, placement: Placement::Spill, stop: None };
+                let mut sink =
+                    SpoolSink { spool: &spool, placement: Placement::Spill, stop: None, noticed_us: None };
                 for ev in events {
                     queue.push(ev, &mut self.rec, &mut sink)?;
                 }
@@ -346,8 +361,12 @@ impl Capture {
                 self.rec.seed_all(listing);
                 let t = Instant::now();
                 let spool = self.spool.clone();
-                let mut sink =
-                    SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
+                let mut sink = SpoolSink {
+                    spool: &spool,
+                    placement: Placement::WaitForMemory,
+                    stop: Some(&self.stop),
+                    noticed_us: None,
+                };
                 self.rec.sync_tree(&RelPath::root(), &mut sink)?;
                 self.rec.finish(&mut sink)?;
                 let stats = self.rec.stats();
@@ -375,8 +394,12 @@ impl Capture {
                 self.status.set_state("mirroring");
                 self.rec.seed_paths(&suspects.names, names);
                 let spool = self.spool.clone();
-                let mut sink =
-                    SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
+                let mut sink = SpoolSink {
+                    spool: &spool,
+                    placement: Placement::WaitForMemory,
+                    stop: Some(&self.stop),
+                    noticed_us: None,
+                };
                 for p in &suspects.names {
                     self.rec.sync_entry(p, &mut sink)?;
                 }
@@ -450,8 +473,12 @@ impl Capture {
                 .collect();
             self.rec.seed_paths(&paths, subset);
             let spool = self.spool.clone();
-            let mut sink =
-                SpoolSink { spool: &spool, placement: Placement::WaitForMemory, stop: Some(&self.stop) };
+            let mut sink = SpoolSink {
+                spool: &spool,
+                placement: Placement::WaitForMemory,
+                stop: Some(&self.stop),
+                noticed_us: None,
+            };
             for p in &paths {
                 self.rec.sync_entry(p, &mut sink)?;
             }

@@ -28,6 +28,8 @@ enum Depth {
 pub struct EventQueue {
     dirty: BTreeMap<RelPath, Depth>,
     since: Option<Instant>,
+    /// Wall-clock time of the oldest pending mark, µs since the epoch.
+    since_us: Option<u64>,
 }
 
 impl EventQueue {
@@ -48,6 +50,12 @@ impl EventQueue {
 
     fn mark(&mut self, path: RelPath, depth: Depth) {
         self.since.get_or_insert_with(Instant::now);
+        self.since_us.get_or_insert_with(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0)
+        });
         let d = self.dirty.entry(path).or_insert(depth);
         *d = (*d).max(depth);
     }
@@ -88,6 +96,12 @@ impl EventQueue {
         Ok(())
     }
 
+    /// When the oldest pending change was noticed (µs since the epoch): the capture time its
+    /// ops carry, so replication lag counts the settle time too.
+    pub fn oldest_us(&self) -> Option<u64> {
+        self.since_us
+    }
+
     /// Whether the oldest dirty mark is older than `debounce`.
     pub fn due(&self, debounce: Duration) -> bool {
         self.since.is_some_and(|s| s.elapsed() >= debounce)
@@ -98,6 +112,7 @@ impl EventQueue {
     pub fn flush(&mut self, rec: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         let dirty = std::mem::take(&mut self.dirty);
         self.since = None;
+        self.since_us = None;
         let mut covered: Option<RelPath> = None;
         for (path, depth) in dirty {
             if covered.as_ref().is_some_and(|c| path.starts_with(c)) {

@@ -145,10 +145,16 @@ fn renames_go_as_renames_through_the_event_queue() {
         doppel_capture::FsEvent::Created { path: p("dir9/new"), is_dir: false },
         doppel_capture::FsEvent::Closed(p("dir9/new")),
     ];
+    let before =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
     for ev in evs {
         q.push(ev, &mut r.rec, &mut ops).unwrap();
     }
+    // Ops will carry the time the first change was noticed, not the time they are made.
+    let noticed = q.oldest_us().expect("changes pending");
+    assert!(noticed >= before);
     q.flush(&mut r.rec, &mut ops).unwrap();
+    assert_eq!(q.oldest_us(), None);
     let renames = ops.iter().filter(|o| matches!(o, Op::Rename { .. })).count();
     assert_eq!(renames, 2, "{ops:?}");
     let sent = r.apply(ops);
