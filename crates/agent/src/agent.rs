@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex};
 use doppel_capture::fuse::{FuseCapture, FuseOptions};
 use doppel_capture::open_watch;
 use doppel_fs::Selection;
-use doppel_link::Identity;
+use doppel_link::{Identity, RateLimiter};
 use doppel_mirror::{Index, Reconciler};
 use doppel_spool::Spool;
 use doppel_target::{Layout, Target, TargetConfig, valid_name};
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::ActivityLog;
+use crate::bandwidth::Schedule;
 use crate::capture_loop::{Capture, Recovery, Source};
 use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
@@ -40,7 +41,47 @@ pub struct Agent {
     crash_recovery: bool,
     verify_tx: tokio::sync::mpsc::Sender<VerifyRequest>,
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
+    limit: Limit,
     _lock: OwnedFd,
+}
+
+/// The job's bandwidth limit: its schedule, and an override set at run time.
+#[derive(Clone)]
+pub struct Limit {
+    limiter: Arc<RateLimiter>,
+    schedule: Schedule,
+    state: Arc<Mutex<JobState>>,
+    state_path: PathBuf,
+    status: Arc<JobStatus>,
+}
+
+impl Limit {
+    /// Applies the override (from job state) or the schedule's rate for now.
+    pub fn refresh(&self) {
+        let rate = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rate_override
+            .unwrap_or_else(|| self.schedule.rate_now());
+        if rate != self.limiter.rate() {
+            tracing::info!(rate = %doppel_link::ratelimit::format_rate(rate), "bandwidth limit");
+        }
+        self.limiter.set_rate(rate);
+        self.status.rate_limit.store(rate, Ordering::Relaxed);
+    }
+
+    /// Overrides the schedule with `rate` (bytes per second, 0: unlimited), or goes back to it
+    /// (`None`). Kept across restarts.
+    pub fn set(&self, rate: Option<u64>) -> Result<(), AgentError> {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.rate_override = rate;
+            st.save(&self.state_path)?;
+        }
+        self.refresh();
+        Ok(())
+    }
 }
 
 /// `HOME/jobs/JOB`.
@@ -176,6 +217,7 @@ impl Agent {
             debounce: job.debounce,
             checkpoint_interval: job.checkpoint_interval,
         };
+        let job_limiter = RateLimiter::new(0);
         let (connector, embedded) = match &job.dest {
             Destination::Local(replica) => {
                 let layout =
@@ -188,7 +230,9 @@ impl Agent {
                 if created {
                     tracing::info!(identity = %me.id, "created this node's identity");
                 }
-                (Connector::remote(addr, &me, *target_id).map_err(AgentError::Config)?, None)
+                let mut limiters = vec![job_limiter.clone()];
+                limiters.extend(job.target_limiter.clone());
+                (Connector::remote(addr, &me, *target_id, limiters).map_err(AgentError::Config)?, None)
             }
         };
         tracing::info!(
@@ -209,7 +253,16 @@ impl Agent {
             "protecting"
         );
         let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(4);
+        let limit = Limit {
+            limiter: job_limiter,
+            schedule: job.bandwidth.clone(),
+            state: state.clone(),
+            state_path: state_path.clone(),
+            status: status.clone(),
+        };
+        limit.refresh();
         Ok(Agent {
+            limit,
             verify_tx,
             verify_rx: Some(verify_rx),
             job,
@@ -240,6 +293,11 @@ impl Agent {
             &self.job.dest.to_string(),
             &self.spool,
         )
+    }
+
+    /// The job's bandwidth limit, to change it at run time.
+    pub fn limit(&self) -> Limit {
+        self.limit.clone()
     }
 
     /// A handle to request verifications while the job runs.
@@ -279,6 +337,7 @@ impl Agent {
             status: self.status.clone(),
             commands: self.commands_tx.clone(),
             compression: self.job.compression,
+            resends: self.status.resends.clone(),
             window: self.job.window,
             heartbeat: self.job.heartbeat,
             shutdown: link_stop.clone(),
@@ -287,6 +346,15 @@ impl Agent {
             list_id: 0,
         };
         let mut link_task = tokio::spawn(link.run());
+        let refresher = {
+            let limit = self.limit.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    limit.refresh();
+                }
+            })
+        };
         let mut link_result = None;
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -305,6 +373,7 @@ impl Agent {
             Some(r) => r,
             None => link_task.await,
         };
+        refresher.abort();
         self.spool.close();
         if let Some(t) = &self.embedded {
             t.shutdown.cancel();

@@ -6,6 +6,12 @@ use std::time::Duration;
 use doppel_capture::WatchBackend;
 use doppel_link::NodeId;
 use doppel_spool::SpoolLimits;
+use std::sync::Arc;
+
+use doppel_link::RateLimiter;
+
+use crate::bandwidth::Schedule;
+use crate::sender::Compression;
 
 /// Where a job's replica is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +67,12 @@ pub struct JobConfig {
     pub sync_timeout: Duration,
     /// Spool limits.
     pub spool: SpoolLimits,
-    /// zstd level for batches; `None` sends raw.
-    pub compression: Option<i32>,
+    /// How batches are compressed.
+    pub compression: Compression,
+    /// The job's bandwidth schedule.
+    pub bandwidth: Schedule,
+    /// A limiter shared by every job going to the same target, if its bandwidth is limited.
+    pub target_limiter: Option<Arc<RateLimiter>>,
     /// Bytes of batches sent but not yet acknowledged.
     pub window: u64,
     /// How long changes settle before they are compared (coalesces the events of one save).
@@ -88,7 +98,9 @@ impl JobConfig {
             sync_timeout: Duration::from_secs(10),
             spool: SpoolLimits::default(),
             // Compressing for an in-process pipe only burns CPU.
-            compression: if local { None } else { Some(3) },
+            compression: if local { Compression::Off } else { Compression::Auto },
+            bandwidth: Schedule::default(),
+            target_limiter: None,
             window: 32 << 20,
             debounce: Duration::from_millis(50),
             heartbeat: Duration::from_secs(5),

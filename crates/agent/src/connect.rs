@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use doppel_link::tls::{client_config, server_name};
-use doppel_link::{ByteCounter, Identity, LinkError, Metered, NodeId};
+use doppel_link::{ByteCounter, Identity, Limited, LinkError, Metered, NodeId, RateLimiter};
 use doppel_target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::ClientConfig;
@@ -21,6 +21,8 @@ pub enum Connector {
         addr: String,
         /// Client TLS configuration (our identity, the target's pinned id).
         tls: Arc<ClientConfig>,
+        /// Bandwidth limits every byte sent must respect (the job's, the target's).
+        limiters: Vec<Arc<RateLimiter>>,
     },
     /// An in-process target behind a pipe.
     Embedded(Arc<Target>),
@@ -28,9 +30,14 @@ pub enum Connector {
 
 impl Connector {
     /// A connector for a remote target.
-    pub fn remote(addr: &str, me: &Identity, target_id: NodeId) -> Result<Connector, String> {
+    pub fn remote(
+        addr: &str,
+        me: &Identity,
+        target_id: NodeId,
+        limiters: Vec<Arc<RateLimiter>>,
+    ) -> Result<Connector, String> {
         let tls = client_config(me, target_id).map_err(|e| e.to_string())?;
-        Ok(Connector::Remote { addr: addr.to_string(), tls })
+        Ok(Connector::Remote { addr: addr.to_string(), tls, limiters })
     }
 
     /// Opens one connection; the counters see every byte on the wire.
@@ -41,12 +48,15 @@ impl Connector {
     ) -> Result<Box<dyn Conn>, LinkError> {
         const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
         match self {
-            Connector::Remote { addr, tls } => {
+            Connector::Remote { addr, tls, limiters } => {
                 let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
                     .await
                     .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))??;
                 let _ = tcp.set_nodelay(true);
-                let metered = Metered::new(tcp, received.clone(), sent.clone());
+                limit_unsent(&tcp);
+                // Beneath TLS: the limits and counters see every byte on the wire.
+                let metered =
+                    Limited::new(Metered::new(tcp, received.clone(), sent.clone()), limiters.clone());
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name(), metered))
                     .await
@@ -63,4 +73,23 @@ impl Connector {
             }
         }
     }
+}
+
+/// Keeps at most 256 KiB of not-yet-sent data in the socket buffer (`TCP_NOTSENT_LOWAT`): the
+/// kernel still keeps the congestion window full, but what a broken connection takes down with
+/// it, and what must then be sent again, stays small.
+fn limit_unsent(tcp: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = 256 * 1024;
+    // SAFETY: a plain setsockopt on a socket we own, with a pointer to a live c_int and its
+    // size; failure only leaves the default in place.
+    let _ = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }

@@ -12,6 +12,8 @@
 //! - [`state`]: what the agent remembers about a job between runs.
 //! - [`status`]: live counters for `doppel status`.
 //! - [`capture_loop`]: the capture thread: watch events to ops through the reconciler.
+//! - [`sender`]: batches in a window sized to the bandwidth-delay product, adaptive compression.
+//! - [`bandwidth`]: bandwidth schedules.
 //! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
 //!   stream batches in a window, take acks, reconnect after any break.
 //! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
@@ -22,16 +24,20 @@
 
 pub mod activity;
 pub mod agent;
+pub mod bandwidth;
 pub mod capture_loop;
 pub mod config;
 pub mod connect;
 pub mod error;
 pub mod fuse_sink;
 pub mod link_loop;
+pub mod sender;
 pub mod state;
 pub mod status;
 
-pub use agent::{Agent, StatusSource, Verifier};
+pub use agent::{Agent, Limit, StatusSource, Verifier};
+pub use bandwidth::{Rule, Schedule};
 pub use config::{CaptureMode, Destination, JobConfig};
 pub use error::AgentError;
+pub use sender::Compression;
 pub use status::{JobStatus, JobStatusSnapshot};

@@ -8,27 +8,24 @@
 //! jitter and resumes from the acknowledged sequence, so nothing acknowledged is sent again
 //! and nothing unacknowledged is lost.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_mirror::VerifyReport;
-use doppel_proto::{Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome, pack_batch};
+use doppel_proto::{Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome};
 use doppel_spool::Spool;
 use tokio::io::{BufReader, BufWriter};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture_loop::Command;
 use crate::connect::{Conn, Connector};
 use crate::error::AgentError;
+use crate::sender::{Compression, Compressor, Resends, Window, send};
 use crate::state::JobState;
 use crate::status::JobStatus;
-
-/// Raw bytes of ops per batch.
-const BATCH_BYTES: usize = 1 << 20;
 
 /// The link of one job.
 pub struct Link {
@@ -44,8 +41,10 @@ pub struct Link {
     pub status: Arc<JobStatus>,
     /// Orders to the capture thread.
     pub commands: std::sync::mpsc::Sender<Command>,
-    /// zstd level, or `None` for raw batches.
-    pub compression: Option<i32>,
+    /// How batches are compressed.
+    pub compression: Compression,
+    /// Resend accounting across sessions.
+    pub resends: Arc<Resends>,
     /// Unacknowledged bytes allowed in flight.
     pub window: u64,
     /// Heartbeat interval.
@@ -171,6 +170,7 @@ impl Link {
         tracing::info!(applied = welcome.applied_seq, epoch = welcome.epoch, "connected to target");
 
         let window = Arc::new(Window::new(self.window));
+        *self.status.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(window.clone());
         let (out_tx, out_rx) = mpsc::channel::<Message>(16);
         let (list_tx, mut list_rx) = mpsc::channel::<Message>(16);
         let stop = self.shutdown.child_token();
@@ -186,11 +186,12 @@ impl Link {
         }
         let (start_tx, start_rx) = oneshot::channel::<u64>();
         {
-            let (spool, out, window, level) =
-                (self.spool.clone(), out_tx.clone(), window.clone(), self.compression);
+            let (spool, out, window, resends) =
+                (self.spool.clone(), out_tx.clone(), window.clone(), self.resends.clone());
+            let compressor = Compressor::new(self.compression, self.status.compression_level.clone());
             tasks.spawn(async move {
                 match start_rx.await {
-                    Ok(from) => send(spool, out, window, level, from).await,
+                    Ok(from) => send(spool, out, window, compressor, resends, from).await.map_err(End::Retry),
                     Err(_) => std::future::pending().await,
                 }
             });
@@ -394,72 +395,6 @@ async fn request_list(
     }
 }
 
-/// Batches sent and not yet acknowledged.
-struct Window {
-    inflight: Mutex<(VecDeque<(u64, u64)>, u64)>,
-    freed: Notify,
-    max: u64,
-}
-
-impl Window {
-    fn new(max: u64) -> Window {
-        Window { inflight: Mutex::new((VecDeque::new(), 0)), freed: Notify::new(), max }
-    }
-
-    async fn wait_room(&self) {
-        loop {
-            let notified = self.freed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).1 < self.max {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn sent(&self, last_seq: u64, bytes: u64) {
-        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.push_back((last_seq, bytes));
-        g.1 += bytes;
-    }
-
-    fn acked(&self, seq: u64) {
-        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        while g.0.front().is_some_and(|(last, _)| *last <= seq) {
-            let (_, b) = g.0.pop_front().expect("front exists");
-            g.1 -= b;
-        }
-        drop(g);
-        self.freed.notify_waiters();
-    }
-}
-
-async fn send(
-    spool: Arc<Spool>,
-    out: mpsc::Sender<Message>,
-    window: Arc<Window>,
-    level: Option<i32>,
-    mut next: u64,
-) -> Result<(), End> {
-    loop {
-        spool.wait_for(next).await;
-        window.wait_room().await;
-        let (first, records) =
-            spool.read(next, BATCH_BYTES).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
-        if records.is_empty() {
-            // Only a closed spool wakes us without a record.
-            return Ok(());
-        }
-        let batch = pack_batch(first, &records, level);
-        let n = records.len() as u64;
-        let size = batch.payload.len() as u64;
-        out.send(Message::Batch(batch)).await.map_err(|_| End::Retry(LinkError::Closed))?;
-        window.sent(first + n - 1, size);
-        next = first + n;
-    }
-}
-
 async fn receive<R: tokio::io::AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     spool: Arc<Spool>,
@@ -489,6 +424,16 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
                 let _ = lists.send(m).await;
             }
             Message::Heartbeat { .. } => {}
+            Message::Stalled { reason } => {
+                tracing::warn!(%reason, "the target paused applying; waiting for it");
+                status.set_state("target paused");
+                status.set_detail(format!("target paused: {reason}"));
+            }
+            Message::Resumed => {
+                tracing::info!("the target resumed applying");
+                status.set_state("replicating");
+                status.set_detail("");
+            }
             Message::Goodbye { reason } => {
                 return Err(End::Retry(LinkError::Protocol(format!("target closed the link: {reason}"))));
             }

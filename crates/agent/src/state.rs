@@ -20,6 +20,10 @@ pub struct JobState {
     /// The previous run ended cleanly: spool and index were saved together and describe
     /// exactly the same ops. Cleared at start.
     pub clean: bool,
+    /// A bandwidth limit set with `doppel limit`, in place of the schedule (bytes per second,
+    /// 0: unlimited).
+    #[serde(default)]
+    pub rate_override: Option<u64>,
 }
 
 impl JobState {

@@ -34,6 +34,14 @@ pub struct JobStatus {
     pub sync_degraded: AtomicBool,
     /// Hot regions in the activity log (`fuse` mode).
     pub dirty_regions: AtomicU64,
+    /// zstd level in use (0: off).
+    pub compression_level: Arc<AtomicU64>,
+    /// The current session's window.
+    pub window: Mutex<Option<Arc<crate::sender::Window>>>,
+    /// Resend accounting.
+    pub resends: Arc<crate::sender::Resends>,
+    /// The job's bandwidth limit in bytes per second (0: unlimited).
+    pub rate_limit: AtomicU64,
 }
 
 /// A status snapshot, as `doppel status --json` prints it.
@@ -75,6 +83,16 @@ pub struct JobStatusSnapshot {
     pub sync: String,
     /// Regions that may differ from the replica until acknowledged (`fuse` mode).
     pub dirty_regions: u64,
+    /// zstd level of batches (0: raw).
+    pub compression_level: u64,
+    /// Bytes allowed in flight (follows the bandwidth-delay product).
+    pub window_bytes: u64,
+    /// Smoothed time from sending a batch to its acknowledgement, in milliseconds.
+    pub ack_latency_ms: f64,
+    /// Bytes sent again after reconnects (data an earlier connection had sent).
+    pub bytes_resent: u64,
+    /// Bandwidth limit in bytes per second (0: unlimited).
+    pub rate_limit: u64,
     /// Files compared (hashed) since the agent started.
     pub files_hashed: u64,
     /// Bytes compared (hashed) since the agent started.
@@ -105,6 +123,7 @@ impl JobStatus {
     pub fn snapshot(&self, job: &str, root: &str, dest: &str, spool: &Spool) -> JobStatusSnapshot {
         let s = spool.stats();
         let now = doppel_target::registry::now_us();
+        let window = self.window.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let (files, bytes) = self
             .reconcile
             .lock()
@@ -135,6 +154,13 @@ impl JobStatus {
                 (true, true) => "degraded".into(),
             },
             dirty_regions: self.dirty_regions.load(Ordering::Relaxed),
+            compression_level: self.compression_level.load(Ordering::Relaxed),
+            window_bytes: window.as_ref().map_or(0, |w| w.limit.load(Ordering::Relaxed)),
+            ack_latency_ms: window
+                .as_ref()
+                .map_or(0.0, |w| w.latency_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            bytes_resent: self.resends.bytes.load(Ordering::Relaxed),
+            rate_limit: self.rate_limit.load(Ordering::Relaxed),
             files_hashed: files,
             bytes_hashed: bytes,
         }

@@ -38,6 +38,19 @@ pub enum Command {
     Status(StatusArgs),
     /// Compare a job's replica with its source block by block and report differences.
     Verify(VerifyArgs),
+    /// Change a running job's bandwidth limit (kept across restarts until set back).
+    Limit(LimitArgs),
+}
+
+/// `doppel limit`.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// The job.
+    #[arg(value_name = "JOB")]
+    pub job: String,
+    /// A rate (`20Mbit`, `5MB`, `unlimited`), or `schedule` to go back to the configured one.
+    #[arg(value_name = "RATE")]
+    pub rate: String,
 }
 
 /// `doppel target`.
@@ -97,6 +110,16 @@ pub struct ProtectArgs {
     /// Seconds an fsync may wait for the target in sync mode before the job degrades to async.
     #[arg(long, value_name = "SECS")]
     pub sync_timeout: Option<u64>,
+    /// Bandwidth limit for this job: every byte it sends counts (`20Mbit`, `5MB`, `unlimited`).
+    #[arg(long, value_name = "RATE")]
+    pub limit: Option<String>,
+    /// Batch compression: off, fast, balanced, max, auto, or a zstd level 1-19.
+    #[arg(long, value_name = "LEVEL")]
+    pub compression: Option<String>,
+    /// Largest spool on disk before the job records dirty names instead of queueing ops
+    /// (`4GiB`, `500MB`).
+    #[arg(long, value_name = "SIZE")]
+    pub spool_limit: Option<String>,
 }
 
 /// `doppel status`.

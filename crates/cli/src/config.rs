@@ -25,9 +25,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use doppel_agent::{CaptureMode, Destination, JobConfig};
+use doppel_agent::{CaptureMode, Compression, Destination, JobConfig, Rule, Schedule};
 use doppel_capture::WatchBackend;
 use doppel_link::NodeId;
+use doppel_link::ratelimit::parse_rate;
 use serde::Deserialize;
 
 /// The whole file.
@@ -41,6 +42,9 @@ pub struct FileConfig {
     /// Target identities by `HOST:PORT`.
     #[serde(default)]
     pub pins: BTreeMap<String, String>,
+    /// Bandwidth shared by all jobs going to a target, by `HOST:PORT`.
+    #[serde(default)]
+    pub bandwidth: BTreeMap<String, BandwidthSection>,
     /// Jobs of this source.
     #[serde(default)]
     pub job: Vec<JobSection>,
@@ -71,6 +75,61 @@ pub struct AllowSection {
     pub id: String,
 }
 
+/// `[bandwidth."HOST:PORT"]`: a rate and rules for everything sent to one target.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthSection {
+    /// Default rate (`100Mbit`, `unlimited`).
+    pub rate: Option<String>,
+    /// Rules, first match wins.
+    #[serde(default)]
+    pub schedule: Vec<RuleSection>,
+}
+
+/// One rule of a bandwidth schedule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    /// `mon-fri`, `sat,sun`, `daily`...
+    pub days: String,
+    /// `HH:MM`.
+    pub from: String,
+    /// `HH:MM` (before `from`: spans midnight).
+    pub to: String,
+    /// The rate while the rule applies.
+    pub rate: String,
+}
+
+/// A compression setting: a name or a level.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CompressionSetting {
+    /// A zstd level (0: off).
+    Level(i64),
+    /// `off`, `fast`, `balanced`, `max`, `auto`.
+    Name(String),
+}
+
+/// Builds a schedule from a default rate and rules.
+pub fn schedule(rate: Option<&str>, rules: &[RuleSection]) -> Result<Schedule> {
+    let default = rate.map(parse_rate).transpose().map_err(|e| anyhow!(e))?.unwrap_or(0);
+    let rules = rules
+        .iter()
+        .map(|r| Rule::parse(&r.days, &r.from, &r.to, &r.rate))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!(e))?;
+    Ok(Schedule { default, rules })
+}
+
+/// Parses a size (`4GiB`, `500MB`, `1048576`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let rate = parse_rate(s).map_err(|_| anyhow!("bad size {s:?}: expected e.g. 4GiB, 500MB"))?;
+    if rate == 0 {
+        bail!("bad size {s:?}: must be more than zero");
+    }
+    Ok(rate)
+}
+
 /// `[[job]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,8 +154,13 @@ pub struct JobSection {
     pub sync: Option<bool>,
     /// Seconds an fsync may wait in sync mode before the job degrades to async.
     pub sync_timeout_secs: Option<u64>,
-    /// zstd level 1-19, or 0 for none.
-    pub compression: Option<i32>,
+    /// `off`, `fast`, `balanced`, `max`, `auto`, or a zstd level 1-19 (0: off).
+    pub compression: Option<CompressionSetting>,
+    /// Bandwidth limit of the job (`20Mbit`, `unlimited`).
+    pub bandwidth: Option<String>,
+    /// Rules overriding `bandwidth` at certain times.
+    #[serde(default)]
+    pub bandwidth_schedule: Vec<RuleSection>,
     /// Spool memory in MiB.
     pub spool_memory_mib: Option<u64>,
     /// Spool disk limit in MiB.
@@ -187,9 +251,18 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
     if job.sync && job.capture != CaptureMode::Fuse {
         bail!("job {}: sync = true needs capture = \"fuse\"", s.name);
     }
-    if let Some(level) = s.compression {
-        job.compression = (level > 0).then_some(level.min(19));
+    match &s.compression {
+        Some(CompressionSetting::Level(l)) => {
+            job.compression =
+                Compression::parse(&l.to_string()).map_err(|e| anyhow!("job {}: {e}", s.name))?
+        }
+        Some(CompressionSetting::Name(n)) => {
+            job.compression = Compression::parse(n).map_err(|e| anyhow!("job {}: {e}", s.name))?
+        }
+        None => {}
     }
+    job.bandwidth =
+        schedule(s.bandwidth.as_deref(), &s.bandwidth_schedule).with_context(|| format!("job {}", s.name))?;
     if let Some(m) = s.spool_memory_mib {
         job.spool.memory = (m << 20) as usize;
     }

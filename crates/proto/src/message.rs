@@ -259,6 +259,14 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Target → source: applying is paused (a full disk, say) and will resume by itself;
+    /// nothing is lost, acks just stop until then.
+    Stalled {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Target → source: applying resumed after a stall.
+    Resumed,
 }
 
 impl Message {

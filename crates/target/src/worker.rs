@@ -166,6 +166,7 @@ fn apply_with_retry(
                     tracing::warn!(source = %slot.source, job = %slot.job, error = %e, "replica paused; retrying every second");
                     paused = true;
                     let _ = commit(replica, acked);
+                    let _ = tx.blocking_send(Message::Stalled { reason: e.to_string() });
                 }
                 slot.status.set_state(format!("paused: {e}"));
                 if cancel.is_cancelled() || tx.is_closed() {
@@ -183,6 +184,7 @@ fn apply_with_retry(
     if paused {
         tracing::info!(source = %slot.source, job = %slot.job, "replica resumed");
         slot.status.set_state("replicating");
+        let _ = tx.blocking_send(Message::Resumed);
     }
     true
 }

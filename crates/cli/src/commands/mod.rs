@@ -33,6 +33,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Protect(a) => runtime()?.block_on(protect::run(a, file, home)),
         Command::Status(a) => status::run(a, &home),
         Command::Verify(a) => status::verify(a, &home),
+        Command::Limit(a) => status::limit(a, &home),
     }
 }
 

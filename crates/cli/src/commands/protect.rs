@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use doppel_agent::{Agent, JobConfig};
+use doppel_agent::{Agent, JobConfig, Schedule};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +13,8 @@ use crate::config::{FileConfig, destination, job_from_section};
 use crate::control;
 
 pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
-    let jobs = jobs(a, &file)?;
+    let mut jobs = jobs(a, &file)?;
+    share_target_limits(&mut jobs, &file)?;
     let mut agents = Vec::new();
     for job in jobs {
         let name = job.name.clone();
@@ -26,10 +27,26 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
         let name = agent.job().name.clone();
         let src = agent.status_source();
         let verifier = agent.verifier();
+        let limit = agent.limit();
         let handler: control::Handler = Arc::new(move |req| {
-            let (src, verifier) = (src.clone(), verifier.clone());
+            let (src, verifier, limit) = (src.clone(), verifier.clone(), limit.clone());
             Box::pin(async move {
                 match req["cmd"].as_str() {
+                    Some("limit") => {
+                        let rate = req["rate"].as_str().unwrap_or_default();
+                        let parsed = if rate == "schedule" {
+                            Ok(None)
+                        } else {
+                            doppel_link::ratelimit::parse_rate(rate).map(Some)
+                        };
+                        match parsed
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| limit.set(r).map_err(|e| e.to_string()))
+                        {
+                            Ok(()) => json!({ "ok": true, "rate_limit": src.snapshot().rate_limit }),
+                            Err(e) => json!({ "error": e }),
+                        }
+                    }
                     Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
                         Ok(report) => serde_json::to_value(report).unwrap_or_default(),
                         Err(e) => json!({ "error": e }),
@@ -95,6 +112,16 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
             CaptureMode::Fuse => doppel_agent::CaptureMode::Fuse,
         };
     }
+    if let Some(r) = &a.limit {
+        job.bandwidth = Schedule::constant(doppel_link::ratelimit::parse_rate(r).map_err(|e| anyhow!(e))?);
+    }
+    if let Some(c) = &a.compression {
+        job.compression = doppel_agent::Compression::parse(c).map_err(|e| anyhow!(e))?;
+    }
+    if let Some(s) = &a.spool_limit {
+        job.spool.disk = crate::config::parse_size(s)?;
+        job.spool.memory = job.spool.memory.min(job.spool.disk as usize);
+    }
     job.sync |= a.sync;
     if let Some(t) = a.sync_timeout {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
@@ -103,4 +130,26 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
         bail!("--sync needs --capture fuse: only the fuse capture sees fsync calls");
     }
     Ok(vec![job])
+}
+
+/// Gives every job going to a target with a `[bandwidth."HOST:PORT"]` section the same limiter,
+/// kept at the section's scheduled rate.
+fn share_target_limits(jobs: &mut [JobConfig], file: &FileConfig) -> Result<()> {
+    for (addr, section) in &file.bandwidth {
+        let schedule = crate::config::schedule(section.rate.as_deref(), &section.schedule)
+            .with_context(|| format!("[bandwidth.\"{addr}\"]"))?;
+        let limiter = doppel_link::RateLimiter::new(schedule.rate_now());
+        for job in jobs.iter_mut() {
+            if matches!(&job.dest, doppel_agent::Destination::Remote { addr: a, .. } if a == addr) {
+                job.target_limiter = Some(limiter.clone());
+            }
+        }
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                limiter.set_rate(schedule.rate_now());
+            }
+        });
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::cli::{StatusArgs, VerifyArgs};
+use crate::cli::{LimitArgs, StatusArgs, VerifyArgs};
 use crate::control;
 
 pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
@@ -76,6 +76,9 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
             }
             if let Some(d) = j["dirty_regions"].as_u64().filter(|d| *d > 0) {
                 notes.push(format!("{d} dirty regions"));
+            }
+            if let Some(r) = j["rate_limit"].as_u64().filter(|r| *r > 0) {
+                notes.push(format!("limit {}", doppel_link::ratelimit::format_rate(r)));
             }
             if !notes.is_empty() {
                 println!("{:<16} {}", "", notes.join(", "));
@@ -165,4 +168,22 @@ fn bytes(v: Option<u64>) -> String {
         u += 1;
     }
     if u == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[u]) }
+}
+
+pub fn limit(a: LimitArgs, home: &Path) -> Result<()> {
+    let sock = control::run_dir(home).join(format!("job-{}.sock", a.job));
+    if !sock.exists() {
+        bail!("job {} is not running here: start it with `doppel protect` first", a.job);
+    }
+    if a.rate != "schedule" {
+        doppel_link::ratelimit::parse_rate(&a.rate).map_err(|e| anyhow!(e))?;
+    }
+    let answer =
+        control::request(&sock, &json!({ "cmd": "limit", "rate": a.rate }), Duration::from_secs(10))?;
+    if let Some(e) = answer.get("error").and_then(Value::as_str) {
+        bail!("{e}");
+    }
+    let rate = answer["rate_limit"].as_u64().unwrap_or(0);
+    println!("{}: bandwidth limit {}", a.job, doppel_link::ratelimit::format_rate(rate));
+    Ok(())
 }
