@@ -34,6 +34,8 @@ pub enum Region {
     Name(Vec<u8>),
     /// Extent number `1` (of [`EXTENT`] bytes) of the file at path `0`.
     Extent(Vec<u8>, u64),
+    /// Everything beneath a directory (events were lost there).
+    Tree(Vec<u8>),
 }
 
 impl Region {
@@ -52,7 +54,7 @@ impl Region {
     /// The path the region is about.
     pub fn path(&self) -> Option<RelPath> {
         match self {
-            Region::Name(p) | Region::Extent(p, _) => RelPath::new(p.clone()).ok(),
+            Region::Name(p) | Region::Extent(p, _) | Region::Tree(p) => RelPath::new(p.clone()).ok(),
         }
     }
 }
@@ -61,15 +63,14 @@ struct Hot {
     last_seq: u64,
     pending: u32,
     touched: Instant,
+    /// Changed while the spool was full (its op was dropped): stays until a comparison.
+    sticky: bool,
 }
 
 struct Inner {
     hot: HashMap<Region, Hot>,
     file: File,
     written: u64,
-    /// Regions found on disk at start, kept hot until the comparison after an unclean stop
-    /// has been made.
-    recovering: bool,
 }
 
 /// The activity log of one job.
@@ -119,12 +120,12 @@ impl ActivityLog {
         let left = read_records(path)?;
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let now = Instant::now();
-        let hot =
-            left.iter().map(|r| (r.clone(), Hot { last_seq: u64::MAX, pending: 0, touched: now })).collect();
-        let log = ActivityLog {
-            path: path.to_path_buf(),
-            inner: Mutex::new(Inner { hot, file, written: 0, recovering: !left.is_empty() }),
-        };
+        let hot = left
+            .iter()
+            .map(|r| (r.clone(), Hot { last_seq: 0, pending: 0, touched: now, sticky: true }))
+            .collect();
+        let log =
+            ActivityLog { path: path.to_path_buf(), inner: Mutex::new(Inner { hot, file, written: 0 }) };
         log.compact()?;
         Ok((log, left))
     }
@@ -156,10 +157,38 @@ impl ActivityLog {
             g.file.sync_data()?;
             g.written += buf.len() as u64;
             for r in new {
-                g.hot.insert(r, Hot { last_seq: 0, pending: 1, touched: now });
+                g.hot.insert(r, Hot { last_seq: 0, pending: 1, touched: now, sticky: false });
             }
         }
         Ok(())
+    }
+
+    /// The change over `regions` was made but its ops were dropped (the spool is full): the
+    /// regions stay hot until [`ActivityLog::recovered`], whatever the acks say.
+    pub fn dropped(&self, regions: &[Region]) {
+        let mut g = self.lock();
+        for r in regions {
+            if let Some(h) = g.hot.get_mut(r) {
+                h.pending = h.pending.saturating_sub(1);
+                h.sticky = true;
+            }
+        }
+    }
+
+    /// Adds regions that must be compared later (names that changed while the spool was
+    /// full), durably.
+    pub fn add_sticky(&self, regions: &[Region]) -> io::Result<()> {
+        self.mark(regions)?;
+        self.dropped(regions);
+        Ok(())
+    }
+
+    /// The regions waiting for a comparison.
+    pub fn sticky(&self) -> Vec<Region> {
+        let mut v: Vec<Region> =
+            self.lock().hot.iter().filter(|(_, h)| h.sticky).map(|(r, _)| r.clone()).collect();
+        v.sort();
+        v
     }
 
     /// The change over `regions` was sequenced up to `seq` (or abandoned: `None`).
@@ -168,9 +197,7 @@ impl ActivityLog {
         for r in regions {
             if let Some(h) = g.hot.get_mut(r) {
                 h.pending = h.pending.saturating_sub(1);
-                if let Some(s) = seq
-                    && h.last_seq != u64::MAX
-                {
+                if let Some(s) = seq {
                     h.last_seq = h.last_seq.max(s);
                 }
             }
@@ -184,7 +211,9 @@ impl ActivityLog {
             let mut g = self.lock();
             let now = Instant::now();
             let before = g.hot.len();
-            g.hot.retain(|_, h| h.pending > 0 || h.last_seq > acked || now.duration_since(h.touched) < idle);
+            g.hot.retain(|_, h| {
+                h.sticky || h.pending > 0 || h.last_seq > acked || now.duration_since(h.touched) < idle
+            });
             // Rewriting costs two syncs and happens at most once per cooling pass; it keeps
             // what a crash would make us compare to what is really hot.
             before > g.hot.len()
@@ -214,14 +243,13 @@ impl ActivityLog {
         Ok(())
     }
 
-    /// The regions left by the previous run have been compared with the replica: they may now
-    /// cool like any other.
-    pub fn recovered(&self) {
+    /// These regions (left by the previous run, or changed while the spool was full) have
+    /// been compared with the replica: they may now cool like any other.
+    pub fn compared(&self, regions: &[Region]) {
         let mut g = self.lock();
-        g.recovering = false;
-        for h in g.hot.values_mut() {
-            if h.last_seq == u64::MAX {
-                h.last_seq = 0;
+        for r in regions {
+            if let Some(h) = g.hot.get_mut(r) {
+                h.sticky = false;
             }
         }
     }
@@ -275,7 +303,8 @@ mod tests {
         // Recovered regions do not cool before the comparison was made.
         log.cool(u64::MAX - 1, Duration::ZERO).unwrap();
         assert_eq!(log.len(), 2);
-        log.recovered();
+        assert_eq!(log.sticky(), vec![name("a"), name("b")]);
+        log.compared(&[name("a"), name("b")]);
         log.mark(&[name("c")]).unwrap();
         log.done(&[name("c")], Some(10));
         log.cool(9, Duration::ZERO).unwrap();

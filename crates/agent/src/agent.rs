@@ -23,6 +23,7 @@ use crate::connect::Connector;
 use crate::error::{AgentError, io_at};
 use crate::fuse_sink::{FuseSink, MountGuard};
 use crate::link_loop::{Link, VerifyRequest};
+use crate::overflow::Overflow;
 use crate::state::JobState;
 use crate::status::{JobStatus, JobStatusSnapshot};
 
@@ -42,6 +43,7 @@ pub struct Agent {
     verify_tx: tokio::sync::mpsc::Sender<VerifyRequest>,
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
     limit: Limit,
+    overflow: Arc<Overflow>,
     _lock: OwnedFd,
 }
 
@@ -157,48 +159,49 @@ impl Agent {
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
         let (commands_tx, commands_rx) = std::sync::mpsc::channel();
+        let overflow = Arc::new(Overflow::default());
+        // The dirty set: in fuse mode the activity log; in watch mode the names recorded while
+        // the spool was full. Whatever it holds at start must be compared with the replica.
+        let dirty_path =
+            dir.join(if job.capture == CaptureMode::Fuse { "activity.log" } else { "dirty.log" });
+        let (dirty, left) = ActivityLog::open(&dirty_path).map_err(io_at(&dirty_path))?;
+        let dirty = Arc::new(dirty);
+        let known = saved.is_some();
         let (source, rec, recovery, local_rescan) = match job.capture {
             CaptureMode::Watch(backend) => {
                 let watch = open_watch(&job.root, backend)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
-                let recovery = match saved {
-                    Some(s) if !was_clean => Recovery::Index { saved_at_us: s.saved_at_us },
-                    _ => Recovery::None,
+                let recovery = Recovery {
+                    saved_at_us: saved.filter(|_| !was_clean).map(|s| s.saved_at_us),
+                    regions: if known { left } else { Vec::new() },
                 };
                 (
                     Source::Watch(watch),
                     Reconciler::new(&job.root, selection, index),
                     recovery,
-                    was_clean && saved.is_some(),
+                    was_clean && known,
                 )
             }
             CaptureMode::Fuse => {
-                let al_path = dir.join("activity.log");
-                let (activity, left) = ActivityLog::open(&al_path).map_err(io_at(&al_path))?;
-                let activity = Arc::new(activity);
-                let recovery = if saved.is_none() {
-                    // No replica known yet: the whole-tree comparison covers everything.
-                    Recovery::None
-                } else if !left.is_empty() || was_clean {
-                    Recovery::Regions {
-                        regions: left,
-                        saved_at_us: saved.filter(|_| was_clean).map(|s| s.saved_at_us),
-                    }
-                } else {
-                    Recovery::None
+                // A clean stop left a stat index: names changed while nothing captured them show
+                // as stat differences. An unclean one left hot regions in the activity log.
+                let recovery = Recovery {
+                    saved_at_us: saved.filter(|_| was_clean).map(|s| s.saved_at_us),
+                    regions: if known { left } else { Vec::new() },
                 };
                 let sink = Arc::new(FuseSink {
                     spool: spool.clone(),
-                    activity: activity.clone(),
+                    activity: dirty.clone(),
                     status: status.clone(),
                     sync: job.sync,
                     sync_timeout: job.sync_timeout,
+                    overflow: overflow.clone(),
                 });
                 let mount = FuseCapture::mount(&job.root, sink, FuseOptions::default())
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 let rec = Reconciler::new(&mount.underlying(), selection, index)
                     .with_guard(Arc::new(MountGuard(mount.locks())));
-                (Source::Fuse { mount: Some(mount), activity }, rec, recovery, false)
+                (Source::Fuse(Some(mount)), rec, recovery, false)
             }
         };
         let crash_recovery = recovery.pending();
@@ -206,6 +209,8 @@ impl Agent {
             rec,
             spool: spool.clone(),
             source,
+            dirty,
+            overflow: overflow.clone(),
             index_path,
             state_path: state_path.clone(),
             state: state.clone(),
@@ -262,6 +267,7 @@ impl Agent {
         };
         limit.refresh();
         Ok(Agent {
+            overflow,
             limit,
             verify_tx,
             verify_rx: Some(verify_rx),
@@ -343,6 +349,7 @@ impl Agent {
             shutdown: link_stop.clone(),
             recovery: self.crash_recovery,
             verify: self.verify_rx.take().expect("run is called once"),
+            overflow: self.overflow.clone(),
             list_id: 0,
         };
         let mut link_task = tokio::spawn(link.run());

@@ -3,12 +3,16 @@
 //! It owns the reconciler (and so the index) alone, so no lock guards the index. In `watch`
 //! mode it turns watch events into ops; in `fuse` mode the mount sequences ops itself and this
 //! thread keeps the activity log cool. In both modes it carries out the comparisons the link
-//! asks for once the target's answer decides how to bring the replica in line: a whole-tree
-//! difference mirror, or a comparison of just the names and ranges that may differ (after a
-//! crash, or changes made while a `fuse` job was stopped). In `watch` mode, until one of those
-//! has happened (or a clean restart let it compare the tree with its saved index locally), it
-//! only buffers events: ops emitted against an index that may not describe the replica would be
+//! asks for: a whole-tree difference mirror when the replica is unknown, or a comparison of
+//! just the names and ranges that may differ (after a crash, after changes made while a `fuse`
+//! job was stopped, or after a spool overflow). In `watch` mode, until one of those has
+//! happened (or a clean restart let it compare the tree with its saved index locally), it only
+//! buffers events: ops emitted against an index that may not describe the replica would be
 //! wrong.
+//!
+//! When the spool is full (overflow), `watch` mode records the names it would have compared in
+//! the persistent dirty set instead of emitting ops; `fuse` mode keeps the activity log's
+//! regions sticky (see `fuse_sink`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,12 +24,13 @@ use doppel_capture::fuse::FuseCapture;
 use doppel_capture::{EventSource, FsEvent};
 use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconciler, VerifyReport};
 use doppel_proto::{Entry, Op, RelPath};
-use doppel_spool::{Placement, Spool};
+use doppel_spool::{Placement, Spool, SpoolError};
 use doppel_target::registry::now_us;
 use tokio::sync::oneshot;
 
 use crate::activity::{ActivityLog, EXTENT, Region};
 use crate::error::AgentError;
+use crate::overflow::Overflow;
 use crate::state::JobState;
 use crate::status::JobStatus;
 
@@ -41,6 +46,10 @@ pub struct Suspects {
     pub names: Vec<RelPath>,
     /// Byte ranges of files to compare block by block: `(path, offset, len)`.
     pub ranges: Vec<(RelPath, u64, u64)>,
+    /// Events were lost: compare the whole tree (listing everything).
+    pub whole_tree: bool,
+    /// The dirty-set regions these came from, released once compared.
+    pub regions: Vec<Region>,
 }
 
 /// Orders from the link.
@@ -60,9 +69,14 @@ pub enum Command {
         /// Answered when numbering was reset.
         started: oneshot::Sender<()>,
     },
-    /// What may differ from the replica (after an unclean stop, or changes made while a
-    /// `fuse` job was stopped)?
+    /// What did the previous run leave to compare?
     Suspects {
+        /// The answer.
+        reply: oneshot::Sender<Suspects>,
+    },
+    /// The spool has drained after an overflow: stop recording dirty names, and say what to
+    /// compare.
+    Resync {
         /// The answer.
         reply: oneshot::Sender<Suspects>,
     },
@@ -70,7 +84,7 @@ pub enum Command {
     MirrorSuspects {
         /// What was asked.
         suspects: Suspects,
-        /// The target's listing of the names.
+        /// The target's listing of the names (or of everything, for a whole-tree comparison).
         names: Vec<Entry>,
         /// The target's listing of the ranges.
         ranges: Vec<Entry>,
@@ -91,31 +105,21 @@ pub enum Command {
     },
 }
 
-/// What the previous run left to compare.
+/// What the previous run left to compare with the replica.
 #[derive(Debug, Clone, Default)]
-pub enum Recovery {
-    /// Nothing: a clean `watch` restart (compared locally) or a first start.
-    #[default]
-    None,
-    /// Names whose stat differs from the saved index (saved at this time).
-    Index {
-        /// When the index was saved (µs since the epoch).
-        saved_at_us: u64,
-    },
-    /// `fuse` mode: the activity log's regions, plus the index suspects if the stop was clean
-    /// (changes made while no mount captured them).
-    Regions {
-        /// Hot regions left by the previous run.
-        regions: Vec<Region>,
-        /// When the stat index of a clean stop was saved, if it was.
-        saved_at_us: Option<u64>,
-    },
+pub struct Recovery {
+    /// Names whose stat differs from the index saved at this time (µs since the epoch):
+    /// after an unclean `watch` stop, or a clean `fuse` stop (changes made while nothing
+    /// captured them).
+    pub saved_at_us: Option<u64>,
+    /// The dirty set's regions (activity log, or names recorded during an overflow).
+    pub regions: Vec<Region>,
 }
 
 impl Recovery {
     /// Whether there is something to compare.
     pub fn pending(&self) -> bool {
-        !matches!(self, Recovery::None)
+        self.saved_at_us.is_some() || !self.regions.is_empty()
     }
 }
 
@@ -123,13 +127,8 @@ impl Recovery {
 pub enum Source {
     /// Watch events.
     Watch(Box<dyn EventSource>),
-    /// A capture mount and its activity log.
-    Fuse {
-        /// The mount (unmounted at stop, before the final checkpoint).
-        mount: Option<FuseCapture>,
-        /// The activity log.
-        activity: Arc<ActivityLog>,
-    },
+    /// A capture mount (unmounted at stop, before the final checkpoint).
+    Fuse(Option<FuseCapture>),
 }
 
 /// Everything the capture thread owns.
@@ -140,6 +139,11 @@ pub struct Capture {
     pub spool: Arc<Spool>,
     /// How changes are captured.
     pub source: Source,
+    /// The persistent dirty set: the activity log in `fuse` mode, the names recorded during an
+    /// overflow in `watch` mode.
+    pub dirty: Arc<ActivityLog>,
+    /// Whether the spool overflowed.
+    pub overflow: Arc<Overflow>,
     /// Index file.
     pub index_path: PathBuf,
     /// Job state file.
@@ -173,16 +177,33 @@ struct SpoolSink<'a> {
     noticed_us: Option<u64>,
 }
 
+impl<'a> SpoolSink<'a> {
+    /// For live changes: spill to disk, report a full spool as an overflow.
+    fn live(spool: &'a Spool) -> Self {
+        SpoolSink { spool, placement: Placement::Spill, stop: None, noticed_us: None }
+    }
+
+    /// For comparisons: wait for memory, stop when asked to.
+    fn comparing(spool: &'a Spool, stop: &'a AtomicBool) -> Self {
+        SpoolSink { spool, placement: Placement::WaitForMemory, stop: Some(stop), noticed_us: None }
+    }
+}
+
 impl OpSink for SpoolSink<'_> {
     fn emit(&mut self, op: Op) -> Result<(), MirrorError> {
         if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             return Err(MirrorError::Sink("stopping".into()));
         }
-        self.spool
-            .append(op, now_us(), self.placement, true)
-            .map(|_| ())
-            .map_err(|e| MirrorError::Sink(e.to_string()))
+        match self.spool.append(op, self.noticed_us.unwrap_or_else(now_us), self.placement, false) {
+            Ok(_) => Ok(()),
+            Err(SpoolError::Full { .. }) => Err(MirrorError::Overflow),
+            Err(e) => Err(MirrorError::Sink(e.to_string())),
+        }
     }
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io { path: path.to_path_buf(), source }
 }
 
 impl Capture {
@@ -196,10 +217,10 @@ impl Capture {
         *self.status.reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.rec.stats());
         let backend = match &self.source {
             Source::Watch(w) => w.backend().to_string(),
-            Source::Fuse { mount, .. } => {
-                let pt = mount.as_ref().is_some_and(|m| m.passthrough());
-                if pt { "fuse (passthrough reads)".into() } else { "fuse".into() }
+            Source::Fuse(m) if m.as_ref().is_some_and(|m| m.passthrough()) => {
+                "fuse (passthrough reads)".into()
             }
+            Source::Fuse(_) => "fuse".into(),
         };
         *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
         let mut streaming = !self.watching();
@@ -209,14 +230,14 @@ impl Capture {
         if self.local_rescan {
             self.status.set_state("scanning");
             let spool = self.spool.clone();
-            let mut sink = SpoolSink {
-                spool: &spool,
-                placement: Placement::Spill,
-                stop: Some(&self.stop),
-                noticed_us: None,
-            };
-            self.rec.sync_tree(&RelPath::root(), &mut sink)?;
-            self.rec.finish(&mut sink)?;
+            let mut sink = SpoolSink::live(&spool);
+            sink.stop = Some(&self.stop);
+            match self.rec.sync_tree(&RelPath::root(), &mut sink).and_then(|_| self.rec.finish(&mut sink)) {
+                Err(MirrorError::Overflow) => {
+                    self.enter_overflow(&mut queue, vec![Region::Tree(Vec::new())])?
+                }
+                r => r?,
+            }
             streaming = true;
             self.status.set_state("replicating");
         }
@@ -225,17 +246,13 @@ impl Capture {
         let mut dirty_since_checkpoint = false;
         let mut events = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
+            self.status.dirty_regions.store(self.dirty.len() as u64, Ordering::Relaxed);
             match self.commands.recv_timeout(Duration::ZERO) {
                 Ok(cmd) => {
                     if self.handle(cmd)? && !streaming {
                         streaming = true;
                         let spool = self.spool.clone();
-                        let mut sink = SpoolSink {
-                            spool: &spool,
-                            placement: Placement::Spill,
-                            stop: None,
-                            noticed_us: None,
-                        };
+                        let mut sink = SpoolSink::live(&spool);
                         for ev in buffered.drain(..) {
                             queue.push(ev, &mut self.rec, &mut sink)?;
                         }
@@ -254,17 +271,15 @@ impl Capture {
             match &mut self.source {
                 Source::Watch(w) => {
                     events.clear();
-                    w.read(&mut events, wait)
-                        .map_err(|e| AgentError::Io { path: self.rec.root().to_path_buf(), source: e })?;
+                    w.read(&mut events, wait).map_err(io(self.rec.root()))?;
                 }
-                Source::Fuse { activity, .. } => {
-                    if last_cool.elapsed() >= Duration::from_secs(2) && !self.recovery.pending() {
-                        activity
+                Source::Fuse(_) => {
+                    if last_cool.elapsed() >= Duration::from_secs(2) {
+                        self.dirty
                             .cool(self.spool.stats().acked, COOL_AFTER)
-                            .map_err(|e| AgentError::Io { path: self.index_path.clone(), source: e })?;
+                            .map_err(io(&self.index_path))?;
                         last_cool = Instant::now();
                     }
-                    self.status.dirty_regions.store(activity.len() as u64, Ordering::Relaxed);
                     if let Ok(cmd) = self.commands.recv_timeout(wait) {
                         self.handle(cmd)?;
                     }
@@ -280,16 +295,27 @@ impl Capture {
                 }
                 continue;
             }
-            let spool = self.spool.clone();
-            let mut sink =
-                SpoolSink { spool: &spool, placement: Placement::Spill, stop: None, noticed_us: None };
-            for ev in events.drain(..) {
-                queue.push(ev, &mut self.rec, &mut sink)?;
+            if self.overflow.active() {
+                // The spool is full: remember what changed, to compare it later.
+                let regions: Vec<Region> = events.drain(..).flat_map(event_regions).collect();
+                self.dirty.add_sticky(&regions).map_err(io(&self.index_path))?;
+                continue;
             }
-            if !queue.is_empty() && (queue.due(self.debounce) || queue.len() > 10_000) {
+            let spool = self.spool.clone();
+            let mut sink = SpoolSink::live(&spool);
+            let mut pushed = Ok(());
+            for ev in events.drain(..) {
+                pushed = pushed.and_then(|_| queue.push(ev, &mut self.rec, &mut sink));
+            }
+            let mut flushed = Ok(());
+            if pushed.is_ok() && !queue.is_empty() && (queue.due(self.debounce) || queue.len() > 10_000) {
                 sink.noticed_us = queue.oldest_us();
-                queue.flush(&mut self.rec, &mut sink)?;
+                flushed = queue.flush(&mut self.rec, &mut sink);
                 dirty_since_checkpoint = true;
+            }
+            match pushed.and(flushed) {
+                Err(MirrorError::Overflow) => self.enter_overflow(&mut queue, Vec::new())?,
+                r => r?,
             }
             if dirty_since_checkpoint && last_checkpoint.elapsed() >= self.checkpoint_interval {
                 self.checkpoint()?;
@@ -300,10 +326,19 @@ impl Capture {
         self.finish(streaming, queue)
     }
 
+    /// The spool is full: every name still waiting (and `extra`) goes to the dirty set.
+    fn enter_overflow(&mut self, queue: &mut EventQueue, extra: Vec<Region>) -> Result<(), AgentError> {
+        self.overflow.enter();
+        self.status.set_state("overflow");
+        let mut regions = extra;
+        regions.extend(queue.take_paths().into_iter().map(|p| Region::Name(p.as_bytes().to_vec())));
+        self.dirty.add_sticky(&regions).map_err(io(&self.index_path))
+    }
+
     /// Stopping: take in what is left and save what the next start needs. Returns whether the
     /// stop is clean.
     fn finish(mut self, streaming: bool, mut queue: EventQueue) -> Result<bool, AgentError> {
-        if !streaming || self.recovery.pending() {
+        if !streaming || self.recovery.pending() || self.overflow.active() {
             return Ok(false);
         }
         match &mut self.source {
@@ -311,25 +346,27 @@ impl Capture {
                 let mut events = Vec::new();
                 let _ = w.read(&mut events, Duration::ZERO);
                 let spool = self.spool.clone();
-                let mut sink =
-                    SpoolSink { spool: &spool, placement: Placement::Spill, stop: None, noticed_us: None };
+                let mut sink = SpoolSink::live(&spool);
                 for ev in events {
                     queue.push(ev, &mut self.rec, &mut sink)?;
                 }
-                queue.flush(&mut self.rec, &mut sink)?;
+                if queue.flush(&mut self.rec, &mut sink).is_err() {
+                    return Ok(false);
+                }
                 self.checkpoint()?;
             }
-            Source::Fuse { mount, activity } => {
+            Source::Fuse(mount) => {
                 // Nothing changes through the mount once it is gone; what changes after that,
                 // while the job is stopped, shows as a stat difference from this index.
                 if let Some(m) = mount.take() {
-                    m.unmount()
-                        .map_err(|e| AgentError::Io { path: self.rec.root().to_path_buf(), source: e })?;
+                    m.unmount().map_err(io(self.rec.root()))?;
                 }
-                let activity = activity.clone();
+                if !self.dirty.sticky().is_empty() {
+                    return Ok(false);
+                }
                 self.rec.index = stat_index(self.rec.root(), self.rec.selection())?;
                 self.checkpoint()?;
-                activity.clear().map_err(|e| AgentError::Io { path: self.index_path.clone(), source: e })?;
+                self.dirty.clear().map_err(io(&self.index_path))?;
             }
         }
         Ok(true)
@@ -356,17 +393,14 @@ impl Capture {
                     st.save(&self.state_path)?;
                 }
                 self.spool.reset(applied)?;
+                self.overflow.leave();
                 let _ = started.send(());
                 tracing::info!(entries = listing.len(), "difference mirror: comparing the whole tree");
+                let regions = self.dirty.sticky();
                 self.rec.seed_all(listing);
                 let t = Instant::now();
                 let spool = self.spool.clone();
-                let mut sink = SpoolSink {
-                    spool: &spool,
-                    placement: Placement::WaitForMemory,
-                    stop: Some(&self.stop),
-                    noticed_us: None,
-                };
+                let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 self.rec.sync_tree(&RelPath::root(), &mut sink)?;
                 self.rec.finish(&mut sink)?;
                 let stats = self.rec.stats();
@@ -376,7 +410,7 @@ impl Capture {
                     bytes_queued = stats.bytes_emitted.load(Ordering::Relaxed),
                     "difference mirror: tree compared"
                 );
-                self.recovered();
+                self.compared(&regions);
                 self.complete(replica_id, epoch)?;
                 Ok(true)
             }
@@ -385,23 +419,36 @@ impl Capture {
                 tracing::info!(
                     names = s.names.len(),
                     ranges = s.ranges.len(),
-                    "names and ranges to compare with the replica"
+                    whole_tree = s.whole_tree,
+                    "to compare with the replica"
+                );
+                let _ = reply.send(s);
+                Ok(false)
+            }
+            Command::Resync { reply } => {
+                self.overflow.leave();
+                let s = suspects_of(self.dirty.sticky());
+                tracing::info!(
+                    names = s.names.len(),
+                    ranges = s.ranges.len(),
+                    whole_tree = s.whole_tree,
+                    "after the overflow: to compare with the replica"
                 );
                 let _ = reply.send(s);
                 Ok(false)
             }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
                 self.status.set_state("mirroring");
-                self.rec.seed_paths(&suspects.names, names);
                 let spool = self.spool.clone();
-                let mut sink = SpoolSink {
-                    spool: &spool,
-                    placement: Placement::WaitForMemory,
-                    stop: Some(&self.stop),
-                    noticed_us: None,
-                };
-                for p in &suspects.names {
-                    self.rec.sync_entry(p, &mut sink)?;
+                let mut sink = SpoolSink::comparing(&spool, &self.stop);
+                if suspects.whole_tree {
+                    self.rec.seed_all(names);
+                    self.rec.sync_tree(&RelPath::root(), &mut sink)?;
+                } else {
+                    self.rec.seed_paths(&suspects.names, names);
+                    for p in &suspects.names {
+                        self.rec.sync_entry(p, &mut sink)?;
+                    }
                 }
                 for (path, offset, len) in &suspects.ranges {
                     if let Some(remote) = covering(&ranges, path, offset / doppel_proto::BLOCK_SIZE) {
@@ -409,7 +456,7 @@ impl Capture {
                     }
                 }
                 self.rec.finish(&mut sink)?;
-                self.recovered();
+                self.compared(&suspects.regions);
                 self.complete(replica_id, epoch)?;
                 Ok(true)
             }
@@ -421,34 +468,21 @@ impl Capture {
         }
     }
 
+    /// What the previous run left to compare.
     fn suspects(&self) -> Result<Suspects, AgentError> {
-        let mut s = Suspects::default();
-        let (regions, saved_at) = match &self.recovery {
-            Recovery::None => (Vec::new(), None),
-            Recovery::Index { saved_at_us } => (Vec::new(), Some(*saved_at_us)),
-            Recovery::Regions { regions, saved_at_us } => (regions.clone(), *saved_at_us),
-        };
-        if let Some(t) = saved_at {
-            s.names = self.rec.suspects(t)?;
+        let mut s = suspects_of(self.recovery.regions.clone());
+        if let Some(t) = self.recovery.saved_at_us {
+            s.names.extend(self.rec.suspects(t)?);
+            s.names.sort();
+            s.names.dedup();
         }
-        for r in regions {
-            match (&r, r.path()) {
-                (Region::Name(_), Some(p)) => s.names.push(p),
-                (Region::Extent(_, i), Some(p)) => s.ranges.push((p, i * EXTENT, EXTENT)),
-                _ => {}
-            }
-        }
-        s.names.sort();
-        s.names.dedup();
         Ok(s)
     }
 
-    /// The previous run's leftovers have been compared.
-    fn recovered(&mut self) {
-        self.recovery = Recovery::None;
-        if let Source::Fuse { activity, .. } = &self.source {
-            activity.recovered();
-        }
+    /// `regions` have been compared with the replica.
+    fn compared(&mut self, regions: &[Region]) {
+        self.recovery = Recovery::default();
+        self.dirty.compared(regions);
     }
 
     fn verify(&mut self, listing: Vec<Entry>, repair: bool) -> Result<VerifyReport, AgentError> {
@@ -473,12 +507,7 @@ impl Capture {
                 .collect();
             self.rec.seed_paths(&paths, subset);
             let spool = self.spool.clone();
-            let mut sink = SpoolSink {
-                spool: &spool,
-                placement: Placement::WaitForMemory,
-                stop: Some(&self.stop),
-                noticed_us: None,
-            };
+            let mut sink = SpoolSink::comparing(&spool, &self.stop);
             for p in &paths {
                 self.rec.sync_entry(p, &mut sink)?;
             }
@@ -496,9 +525,46 @@ impl Capture {
         st.epoch = epoch;
         st.save(&self.state_path)?;
         drop(st);
-        self.status.set_state("replicating");
+        self.status.set_state(if self.overflow.active() { "overflow" } else { "replicating" });
         Ok(())
     }
+}
+
+/// The dirty-set regions an event touches.
+fn event_regions(ev: FsEvent) -> Vec<Region> {
+    let name = |p: RelPath| Region::Name(p.as_bytes().to_vec());
+    match ev {
+        FsEvent::Modified(p) | FsEvent::Closed(p) | FsEvent::Attrib(p) => vec![name(p)],
+        FsEvent::Created { path, is_dir: true } => vec![Region::Tree(path.as_bytes().to_vec())],
+        FsEvent::Created { path, .. } | FsEvent::Removed { path, .. } => vec![name(path)],
+        FsEvent::Renamed { from, to, is_dir } => {
+            if is_dir {
+                vec![name(from), Region::Tree(to.as_bytes().to_vec())]
+            } else {
+                vec![name(from), name(to)]
+            }
+        }
+        FsEvent::Rescan(p) => vec![Region::Tree(p.as_bytes().to_vec())],
+    }
+}
+
+/// The comparison `regions` call for: names and ranges as recorded; a tree region is a
+/// whole-tree comparison for the root, and the directory's name otherwise (a directory new to
+/// the replica is compared with everything beneath it).
+fn suspects_of(regions: Vec<Region>) -> Suspects {
+    let mut s = Suspects::default();
+    for r in &regions {
+        match (r, r.path()) {
+            (Region::Tree(p), _) if p.is_empty() => s.whole_tree = true,
+            (Region::Name(_) | Region::Tree(_), Some(p)) => s.names.push(p),
+            (Region::Extent(_, i), Some(p)) => s.ranges.push((p, i * EXTENT, EXTENT)),
+            _ => {}
+        }
+    }
+    s.names.sort();
+    s.names.dedup();
+    s.regions = regions;
+    s
 }
 
 /// The listing entry of `path` whose blocks cover block `first` (adjacent ranges of a file
@@ -519,6 +585,6 @@ fn stat_index(root: &std::path::Path, selection: &doppel_fs::Selection) -> Resul
         index.insert(w.path, IndexEntry::from_meta(&w.meta));
         Ok(())
     })
-    .map_err(|e| AgentError::Io { path: root.to_path_buf(), source: e })?;
+    .map_err(io(root))?;
     Ok(index)
 }

@@ -25,6 +25,8 @@ pub struct FuseSink {
     pub sync: bool,
     /// How long `fsync` waits in sync mode before the job degrades to async.
     pub sync_timeout: Duration,
+    /// Whether the spool overflowed (ops are then dropped, their regions kept sticky).
+    pub overflow: Arc<crate::overflow::Overflow>,
 }
 
 /// Regions marked for one change, released if the change is abandoned.
@@ -52,18 +54,38 @@ impl CaptureSink for FuseSink {
     }
 
     fn commit(&self, mut prepared: Marked, ops: Vec<Op>) -> std::io::Result<u64> {
-        let mut last = 0;
-        let time = now_us();
-        for op in ops {
-            last = self.spool.append(op, time, Placement::Disk, true).map_err(std::io::Error::other)?;
-        }
         prepared.done = true;
-        self.activity.done(&prepared.regions, Some(last));
-        Ok(last)
+        // Once one op is dropped every later one must be too, or the replica would hold a
+        // change without one made before it: the overflow lasts until the dirty regions are
+        // compared.
+        if !self.overflow.active() {
+            let mut last = 0;
+            let time = now_us();
+            let mut full = false;
+            for op in ops {
+                match self.spool.append(op, time, Placement::Disk, false) {
+                    Ok(seq) => last = seq,
+                    Err(doppel_spool::SpoolError::Full { .. }) => {
+                        full = true;
+                        break;
+                    }
+                    Err(e) => return Err(std::io::Error::other(e)),
+                }
+            }
+            if !full {
+                self.activity.done(&prepared.regions, Some(last));
+                return Ok(last);
+            }
+            if self.overflow.enter() {
+                self.status.set_state("overflow");
+            }
+        }
+        self.activity.dropped(&prepared.regions);
+        Ok(0)
     }
 
     fn barrier(&self, seq: u64) {
-        if !self.sync || self.status.sync_degraded.load(Ordering::Relaxed) {
+        if !self.sync || seq == 0 || self.status.sync_degraded.load(Ordering::Relaxed) {
             return;
         }
         if !self.spool.wait_acked(seq, self.sync_timeout) {

@@ -14,6 +14,7 @@
 //! - [`capture_loop`]: the capture thread: watch events to ops through the reconciler.
 //! - [`sender`]: batches in a window sized to the bandwidth-delay product, adaptive compression.
 //! - [`bandwidth`]: bandwidth schedules.
+//! - [`overflow`]: what a job does when its spool is full.
 //! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
 //!   stream batches in a window, take acks, reconnect after any break.
 //! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
@@ -31,6 +32,7 @@ pub mod connect;
 pub mod error;
 pub mod fuse_sink;
 pub mod link_loop;
+pub mod overflow;
 pub mod sender;
 pub mod state;
 pub mod status;

@@ -56,6 +56,8 @@ pub struct Link {
     pub recovery: bool,
     /// Verify requests from the control socket.
     pub verify: mpsc::Receiver<VerifyRequest>,
+    /// Whether the spool overflowed.
+    pub overflow: Arc<crate::overflow::Overflow>,
     /// Last listing request id used.
     pub list_id: u64,
 }
@@ -220,6 +222,15 @@ impl Link {
                         let answer = self.verify_once(req.repair, &out_tx, &mut list_rx).await;
                         let _ = req.reply.send(answer);
                     }
+                    _ = tokio::time::sleep(Duration::from_millis(250)), if self.overflow.active() => {
+                        // The overflow ends once everything queued before it is acknowledged.
+                        let s = self.spool.stats();
+                        if s.acked == s.last_seq
+                            && let Err(e) = self.compare_suspects(true, &welcome, &out_tx, &mut list_rx).await
+                        {
+                            break Err(e);
+                        }
+                    }
                 }
             },
             other => other,
@@ -276,34 +287,49 @@ impl Link {
         }
         let _ = start_sender.send(w.applied_seq + 1);
         if known && self.recovery {
-            self.status.set_state("mirroring");
-            // Drain what survived in the spool first: the replica must hold it before the
-            // suspects are compared.
-            let target = self.spool.stats().last_seq;
-            while self.spool.stats().acked < target {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let (tx, rx) = oneshot::channel();
-            self.command(Command::Suspects { reply: tx })?;
-            let suspects =
-                rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
-            let names_scope = ListScope::Paths(suspects.names.iter().map(|p| p.to_wire()).collect());
-            self.list_id += 1;
-            let names = request_list(out, lists, self.list_id, names_scope).await?;
-            let ranges_scope =
-                ListScope::Ranges(suspects.ranges.iter().map(|(p, o, l)| (p.to_wire(), *o, *l)).collect());
-            self.list_id += 1;
-            let ranges = request_list(out, lists, self.list_id, ranges_scope).await?;
-            self.command(Command::MirrorSuspects {
-                suspects,
-                names,
-                ranges,
-                replica_id: w.replica_id,
-                epoch: w.epoch,
-            })?;
+            self.compare_suspects(false, w, out, lists).await?;
             self.recovery = false;
         }
         Ok(())
+    }
+
+    /// Drains the spool, asks the capture thread what may differ (left by the previous run, or
+    /// recorded during an overflow when `resync`), lists it on the target, and has it compared.
+    async fn compare_suspects(
+        &mut self,
+        resync: bool,
+        w: &Welcome,
+        out: &mpsc::Sender<Message>,
+        lists: &mut mpsc::Receiver<Message>,
+    ) -> Result<(), End> {
+        self.status.set_state("mirroring");
+        // The replica must hold what survived in the spool before the suspects are compared.
+        let target = self.spool.stats().last_seq;
+        while self.spool.stats().acked < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.command(if resync { Command::Resync { reply: tx } } else { Command::Suspects { reply: tx } })?;
+        let suspects =
+            rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+        let names_scope = if suspects.whole_tree {
+            ListScope::All
+        } else {
+            ListScope::Paths(suspects.names.iter().map(|p| p.to_wire()).collect())
+        };
+        self.list_id += 1;
+        let names = request_list(out, lists, self.list_id, names_scope).await?;
+        let ranges_scope =
+            ListScope::Ranges(suspects.ranges.iter().map(|(p, o, l)| (p.to_wire(), *o, *l)).collect());
+        self.list_id += 1;
+        let ranges = request_list(out, lists, self.list_id, ranges_scope).await?;
+        self.command(Command::MirrorSuspects {
+            suspects,
+            names,
+            ranges,
+            replica_id: w.replica_id,
+            epoch: w.epoch,
+        })
     }
 
     /// Waits for the spool to drain (so the listing reflects everything captured so far),

@@ -17,6 +17,9 @@ pub enum MirrorError {
     /// The op sink refused (the spool is closed: shutting down).
     #[error("cannot queue ops: {0}")]
     Sink(String),
+    /// The spool is full: the caller records what is left as dirty instead.
+    #[error("the spool is full")]
+    Overflow,
     /// The index file is unreadable.
     #[error("index {path} is unreadable: {reason}")]
     Index {

@@ -111,21 +111,36 @@ impl EventQueue {
     /// beneath it), then lets the reconciler settle directory times.
     pub fn flush(&mut self, rec: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         let dirty = std::mem::take(&mut self.dirty);
-        self.since = None;
-        self.since_us = None;
+        let (since, since_us) = (self.since.take(), self.since_us.take());
         let mut covered: Option<RelPath> = None;
-        for (path, depth) in dirty {
+        let mut pending = dirty.into_iter();
+        while let Some((path, depth)) = pending.next() {
             if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
                 continue;
             }
-            match depth {
-                Depth::Tree => {
-                    rec.sync_tree(&path, sink)?;
-                    covered = Some(path);
-                }
-                Depth::Entry => rec.sync_entry(&path, sink)?,
+            let r = match depth {
+                Depth::Tree => rec.sync_tree(&path, sink),
+                Depth::Entry => rec.sync_entry(&path, sink),
+            };
+            if let Err(e) = r {
+                // Nothing is dropped: the name that failed and those not reached stay dirty.
+                self.dirty.insert(path, depth);
+                self.dirty.extend(pending);
+                self.since = since;
+                self.since_us = since_us;
+                return Err(e);
+            }
+            if depth == Depth::Tree {
+                covered = Some(path);
             }
         }
         rec.finish(sink)
+    }
+
+    /// Takes every dirty name out of the queue (to be recorded elsewhere).
+    pub fn take_paths(&mut self) -> Vec<RelPath> {
+        self.since = None;
+        self.since_us = None;
+        std::mem::take(&mut self.dirty).into_keys().collect()
     }
 }

@@ -250,9 +250,12 @@ impl Spool {
             let disk_ok = g.disk_bytes + len as u64 <= self.limits.disk;
             let to_disk = match (placement, mem_ok) {
                 (Placement::Disk, _) if disk_ok => true,
-                (Placement::Disk, _) => {
+                (Placement::Disk, _) if wait_for_disk => {
                     g = self.wait(g);
                     continue;
+                }
+                (Placement::Disk, _) => {
+                    return Err(SpoolError::Full { used: g.disk_bytes, limit: self.limits.disk });
                 }
                 (_, true) => false,
                 (Placement::WaitForMemory, false) => {
