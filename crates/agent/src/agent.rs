@@ -159,7 +159,7 @@ impl Agent {
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
         let (commands_tx, commands_rx) = std::sync::mpsc::channel();
-        let overflow = Arc::new(Overflow::default());
+        let overflow = status.overflow.clone();
         // The dirty set: in fuse mode the activity log; in watch mode the names recorded while
         // the spool was full. Whatever it holds at start must be compared with the replica.
         let dirty_path =

@@ -197,6 +197,7 @@ impl OpSink for SpoolSink<'_> {
         match self.spool.append(op, self.noticed_us.unwrap_or_else(now_us), self.placement, false) {
             Ok(_) => Ok(()),
             Err(SpoolError::Full { .. }) => Err(MirrorError::Overflow),
+            Err(SpoolError::Interrupted) => Err(MirrorError::Interrupted),
             Err(e) => Err(MirrorError::Sink(e.to_string())),
         }
     }
@@ -329,7 +330,6 @@ impl Capture {
     /// The spool is full: every name still waiting (and `extra`) goes to the dirty set.
     fn enter_overflow(&mut self, queue: &mut EventQueue, extra: Vec<Region>) -> Result<(), AgentError> {
         self.overflow.enter();
-        self.status.set_state("overflow");
         let mut regions = extra;
         regions.extend(queue.take_paths().into_iter().map(|p| Region::Name(p.as_bytes().to_vec())));
         self.dirty.add_sticky(&regions).map_err(io(&self.index_path))
@@ -390,6 +390,7 @@ impl Capture {
                 {
                     let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.replica_id = None;
+                    st.mirroring = Some(replica_id);
                     st.save(&self.state_path)?;
                 }
                 self.spool.reset(applied)?;
@@ -401,8 +402,15 @@ impl Capture {
                 let t = Instant::now();
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
-                self.rec.sync_tree(&RelPath::root(), &mut sink)?;
-                self.rec.finish(&mut sink)?;
+                match self.rec.sync_tree(&RelPath::root(), &mut sink).and_then(|_| self.rec.finish(&mut sink))
+                {
+                    Err(MirrorError::Interrupted) => {
+                        tracing::warn!("difference mirror interrupted: the replica changed; starting over");
+                        self.state.lock().unwrap_or_else(|p| p.into_inner()).mirroring = None;
+                        return Ok(false);
+                    }
+                    r => r?,
+                }
                 let stats = self.rec.stats();
                 tracing::info!(
                     seconds = t.elapsed().as_secs_f64(),
@@ -522,10 +530,11 @@ impl Capture {
         self.checkpoint()?;
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.replica_id = Some(replica_id);
+        st.mirroring = None;
         st.epoch = epoch;
         st.save(&self.state_path)?;
         drop(st);
-        self.status.set_state(if self.overflow.active() { "overflow" } else { "replicating" });
+        self.status.set_state("replicating");
         Ok(())
     }
 }

@@ -76,9 +76,7 @@ impl CaptureSink for FuseSink {
                 self.activity.done(&prepared.regions, Some(last));
                 return Ok(last);
             }
-            if self.overflow.enter() {
-                self.status.set_state("overflow");
-            }
+            self.overflow.enter();
         }
         self.activity.dropped(&prepared.regions);
         Ok(0)

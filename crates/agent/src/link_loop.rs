@@ -173,7 +173,9 @@ impl Link {
 
         let window = Arc::new(Window::new(self.window));
         *self.status.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(window.clone());
-        let (out_tx, out_rx) = mpsc::channel::<Message>(16);
+        // Two batches in hand: enough to keep the socket busy while the next one is packed, few
+        // enough that a broken connection takes little unsent data down with it.
+        let (out_tx, out_rx) = mpsc::channel::<Message>(2);
         let (list_tx, mut list_rx) = mpsc::channel::<Message>(16);
         let stop = self.shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
@@ -260,11 +262,19 @@ impl Link {
         lists: &mut mpsc::Receiver<Message>,
         start_sender: oneshot::Sender<u64>,
     ) -> Result<(), End> {
-        let known = {
+        let (known, mirroring_other) = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.replica_id == Some(w.replica_id) && !w.needs_resync
+            // A whole-tree comparison interrupted by the link goes on where it was: what it
+            // queued is in the spool, sent from the target's acknowledged point.
+            let known = (st.replica_id == Some(w.replica_id) || st.mirroring == Some(w.replica_id))
+                && !w.needs_resync;
+            (known, st.mirroring.is_some_and(|m| m != w.replica_id))
         };
         if !known {
+            if mirroring_other {
+                // The comparison running against another replica must give way.
+                self.spool.interrupt();
+            }
             self.status.set_state("mirroring");
             tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
             self.list_id += 1;
@@ -452,13 +462,11 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             Message::Heartbeat { .. } => {}
             Message::Stalled { reason } => {
                 tracing::warn!(%reason, "the target paused applying; waiting for it");
-                status.set_state("target paused");
-                status.set_detail(format!("target paused: {reason}"));
+                *status.stalled.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
             }
             Message::Resumed => {
                 tracing::info!("the target resumed applying");
-                status.set_state("replicating");
-                status.set_detail("");
+                *status.stalled.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             Message::Goodbye { reason } => {
                 return Err(End::Retry(LinkError::Protocol(format!("target closed the link: {reason}"))));

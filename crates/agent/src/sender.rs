@@ -49,8 +49,8 @@ impl Compression {
     }
 }
 
-/// Levels `auto` moves between.
-const LADDER: [i32; 7] = [1, 3, 6, 9, 12, 15, 19];
+/// Levels `auto` moves between (higher ones cost far more CPU than a link usually saves).
+const LADDER: [i32; 4] = [1, 3, 6, 9];
 
 /// Chooses the level of each batch.
 pub struct Compressor {
@@ -87,12 +87,17 @@ impl Compressor {
         }
     }
 
-    /// Records time spent compressing and time spent waiting for the link; in `auto` mode,
-    /// adjusts the level once a second: down when compressing takes most of the time (the CPU
-    /// is the bottleneck), up when waiting for the link does and compression is cheap.
-    pub fn observe(&mut self, busy: Duration, waited: Duration) {
+    /// Records time spent compressing and time spent waiting for the link, and whether the
+    /// batch compressed at all; in `auto` mode, adjusts the level: to the cheapest when data
+    /// does not compress, and once a second down when compressing takes most of the time (the
+    /// CPU is the bottleneck), up when waiting for the link does and compression is cheap.
+    pub fn observe(&mut self, busy: Duration, waited: Duration, compressed: bool) {
         self.busy += busy;
         self.waited += waited;
+        if self.mode == Compression::Auto && !compressed && self.step > 0 {
+            self.step = 0;
+            self.current.store(self.level().unwrap_or(0) as u64, Ordering::Relaxed);
+        }
         let elapsed = self.since.elapsed();
         if elapsed < Duration::from_secs(1) {
             return;
@@ -244,15 +249,17 @@ pub async fn send(
             return Ok(());
         }
         let t = Instant::now();
-        let batch = pack_batch(first, &records, compressor.level());
+        let level = compressor.level();
+        let batch = pack_batch(first, &records, level);
         let busy = t.elapsed();
+        let compressed = level.is_none() || batch.codec == doppel_proto::Codec::Zstd;
         let n = records.len() as u64;
         let last = first + n - 1;
         let size = batch.payload.len() as u64;
         let sending = Instant::now();
         out.send(Message::Batch(batch)).await.map_err(|_| LinkError::Closed)?;
         waited += sending.elapsed();
-        compressor.observe(busy, waited);
+        compressor.observe(busy, waited, compressed);
         if first <= resends.max_sent.load(Ordering::Relaxed) {
             resends.bytes.fetch_add(size, Ordering::Relaxed);
         }

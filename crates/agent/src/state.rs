@@ -24,6 +24,10 @@ pub struct JobState {
     /// 0: unlimited).
     #[serde(default)]
     pub rate_override: Option<u64>,
+    /// The replica a whole-tree comparison is running against (not saved: after a restart the
+    /// comparison starts over).
+    #[serde(skip)]
+    pub mirroring: Option<[u8; 16]>,
 }
 
 impl JobState {

@@ -42,6 +42,10 @@ pub struct JobStatus {
     pub resends: Arc<crate::sender::Resends>,
     /// The job's bandwidth limit in bytes per second (0: unlimited).
     pub rate_limit: AtomicU64,
+    /// Whether the spool overflowed (shown as the state while it lasts).
+    pub overflow: Arc<crate::overflow::Overflow>,
+    /// Why the target paused applying, while it does (shown as the state).
+    pub stalled: Mutex<Option<String>>,
 }
 
 /// A status snapshot, as `doppel status --json` prints it.
@@ -131,12 +135,24 @@ impl JobStatus {
             .as_ref()
             .map(|r| (r.files_hashed.load(Ordering::Relaxed), r.bytes_hashed.load(Ordering::Relaxed)))
             .unwrap_or_default();
+        // Conditions that last take precedence over the step the job is at.
+        let stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (state, detail) = if self.overflow.active() {
+            (
+                "overflow".to_string(),
+                "spool full: recording changed names, to compare once the link catches up".to_string(),
+            )
+        } else if let Some(reason) = stalled.filter(|_| self.connected.load(Ordering::Relaxed)) {
+            ("target paused".to_string(), format!("target paused: {reason}"))
+        } else {
+            (self.state(), self.detail.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        };
         JobStatusSnapshot {
             job: job.to_string(),
             root: root.to_string(),
             dest: dest.to_string(),
-            state: self.state(),
-            detail: self.detail.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            state,
+            detail,
             connected: self.connected.load(Ordering::Relaxed),
             capture: self.backend.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             last_captured_seq: s.last_seq,

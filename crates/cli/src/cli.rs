@@ -65,6 +65,9 @@ pub struct TargetArgs {
     /// Allow a source: NAME=ID (repeatable; adds to the config's list).
     #[arg(long = "allow", value_name = "NAME=ID")]
     pub allow: Vec<String>,
+    /// Heartbeat interval in seconds; a source silent for three intervals is presumed dead.
+    #[arg(long, value_name = "SECS")]
+    pub heartbeat: Option<u64>,
 }
 
 /// Capture modes.
@@ -120,6 +123,9 @@ pub struct ProtectArgs {
     /// (`4GiB`, `500MB`).
     #[arg(long, value_name = "SIZE")]
     pub spool_limit: Option<String>,
+    /// Heartbeat interval in seconds; a target silent for three intervals is presumed dead.
+    #[arg(long, value_name = "SECS")]
+    pub heartbeat: Option<u64>,
 }
 
 /// `doppel status`.

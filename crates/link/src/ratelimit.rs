@@ -49,10 +49,10 @@ impl RateLimiter {
         self.rate.load(Ordering::Relaxed)
     }
 
-    /// The largest burst: 20 ms worth, at least 4 KiB, so the average over any second stays
-    /// within a few percent of the rate.
+    /// The largest burst: 100 ms worth, at least 16 KiB. Tokens saved while the sender was
+    /// briefly busy elsewhere are not lost, and no second carries more than a tenth extra.
     fn burst(rate: u64) -> f64 {
-        ((rate / 50) as f64).max(4096.0)
+        ((rate / 10) as f64).max(16384.0)
     }
 
     /// How many of `want` bytes may go now, or how long to wait before trying again.

@@ -20,6 +20,9 @@ pub enum MirrorError {
     /// The spool is full: the caller records what is left as dirty instead.
     #[error("the spool is full")]
     Overflow,
+    /// The comparison was abandoned (the replica it compared with is gone).
+    #[error("comparison interrupted")]
+    Interrupted,
     /// The index file is unreadable.
     #[error("index {path} is unreadable: {reason}")]
     Index {

@@ -47,6 +47,9 @@ pub enum SpoolError {
     /// The spool was closed while waiting.
     #[error("spool closed")]
     Closed,
+    /// [`Spool::interrupt`] woke a wait for memory.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -156,6 +159,7 @@ pub struct Spool {
     space: Condvar,
     acked: Condvar,
     appended: Notify,
+    interrupts: std::sync::atomic::AtomicU64,
 }
 
 const ACKED_FILE: &str = "acked";
@@ -216,6 +220,7 @@ impl Spool {
             space: Condvar::new(),
             acked: Condvar::new(),
             appended: Notify::new(),
+            interrupts: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((spool, recovery))
     }
@@ -237,9 +242,15 @@ impl Spool {
     ) -> Result<u64, SpoolError> {
         let mut g = self.lock();
         let mut record = OpRecord { seq: 0, time_us, op };
+        let generation = self.interrupts.load(std::sync::atomic::Ordering::SeqCst);
         loop {
             if g.closed {
                 return Err(SpoolError::Closed);
+            }
+            if placement == Placement::WaitForMemory
+                && self.interrupts.load(std::sync::atomic::Ordering::SeqCst) != generation
+            {
+                return Err(SpoolError::Interrupted);
             }
             record.seq = g.next_seq;
             let len = record_len(&record);
@@ -531,6 +542,14 @@ impl Spool {
         let dir = fs::File::open(&self.dir).map_err(io_err(&self.dir))?;
         dir.sync_all().map_err(io_err(&self.dir))?;
         Ok(())
+    }
+
+    /// Makes appends waiting for memory give up with [`SpoolError::Interrupted`] (a comparison
+    /// that must be abandoned because the replica it compares with is gone).
+    pub fn interrupt(&self) {
+        self.interrupts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _g = self.lock();
+        self.space.notify_all();
     }
 
     /// Wakes every waiter and makes further appends fail: used at shutdown.

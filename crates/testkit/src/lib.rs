@@ -6,7 +6,9 @@
 //! - [`wait_until`]: waiting on a condition with a deadline, never sleeping and hoping.
 //! - [`Tree`]: building test trees in a few lines.
 //! - [`proxy`]: a TCP proxy whose link can be cut and restored.
+//! - [`netns`]: two hosts in network namespaces, with bandwidth, loss and link control.
 
+pub mod netns;
 pub mod proxy;
 
 pub use proxy::Proxy;

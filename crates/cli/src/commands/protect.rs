@@ -122,6 +122,9 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
         job.spool.disk = crate::config::parse_size(s)?;
         job.spool.memory = job.spool.memory.min(job.spool.disk as usize);
     }
+    if let Some(h) = a.heartbeat {
+        job.heartbeat = std::time::Duration::from_secs(h.max(1));
+    }
     job.sync |= a.sync;
     if let Some(t) = a.sync_timeout {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));

@@ -35,7 +35,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     }
     let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
     cfg.allowed = allowed;
-    if let Some(h) = section.heartbeat_secs {
+    if let Some(h) = a.heartbeat.or(section.heartbeat_secs) {
         cfg.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
     let listener =

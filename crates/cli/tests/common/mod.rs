@@ -52,10 +52,19 @@ pub struct Proc {
 impl Proc {
     /// Starts `doppel --home HOME ARGS` with its log in `HOME/<name>.log`.
     pub fn start(home: &Path, name: &str, args: &[&str]) -> Proc {
+        Proc::start_with(Command::new(doppel()), home, name, args)
+    }
+
+    /// Like [`Proc::start`], inside network namespace `ns`.
+    pub fn start_in(ns: &str, home: &Path, name: &str, args: &[&str]) -> Proc {
+        Proc::start_with(doppel_testkit::netns::NetBench::command(ns, &doppel()), home, name, args)
+    }
+
+    fn start_with(mut cmd: Command, home: &Path, name: &str, args: &[&str]) -> Proc {
         fs::create_dir_all(home).unwrap();
         let log = home.join(format!("{name}.log"));
         let f = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(doppel())
+        let child = cmd
             .arg("--home")
             .arg(home)
             .args(args)
@@ -121,11 +130,23 @@ pub struct TargetProc {
 /// Starts a target with its home in `dir/target-home`, data in `dir/target-data`, allowing
 /// `allow` (NAME, ID), listening on `port` (0: any).
 pub fn start_target(dir: &Path, allow: &[(&str, &str)], port: u16) -> TargetProc {
+    start_target_with(dir, allow, &format!("127.0.0.1:{port}"), &dir.join("target-data"), None)
+}
+
+/// A target listening on `listen`, keeping replicas in `data`, optionally inside network
+/// namespace `ns`.
+pub fn start_target_with(
+    dir: &Path,
+    allow: &[(&str, &str)],
+    listen: &str,
+    data: &Path,
+    ns: Option<&str>,
+) -> TargetProc {
     let home = dir.join("target-home");
-    let data = dir.join("target-data");
+    let data = data.to_path_buf();
     let id = init(&home);
     let _ = fs::remove_file(home.join("run/target.addr"));
-    let listen = format!("127.0.0.1:{port}");
+    let listen = listen.to_string();
     let mut args: Vec<String> =
         vec!["target".into(), "--listen".into(), listen, "--data".into(), data.to_string_lossy().into()];
     for (name, id) in allow {
@@ -133,7 +154,10 @@ pub fn start_target(dir: &Path, allow: &[(&str, &str)], port: u16) -> TargetProc
         args.push(format!("{name}={id}"));
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut proc = Proc::start(&home, "target", &argv);
+    let mut proc = match ns {
+        Some(ns) => Proc::start_in(ns, &home, "target", &argv),
+        None => Proc::start(&home, "target", &argv),
+    };
     let addr = wait_until(Duration::from_secs(30), "the target to listen", || {
         if !proc.running() {
             panic!("target exited: {}", proc.log());

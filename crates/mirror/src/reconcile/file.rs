@@ -83,7 +83,7 @@ impl Reconciler {
             blocks.push(h);
             size += n as u64;
             if old_blocks.get(i as usize) == Some(&h) {
-                delta.flush(self, sink).map_err(io_err(&full))?;
+                delta.flush(self, sink)?;
             } else {
                 let at = i * BLOCK_SIZE;
                 let mut skip = 0usize;
@@ -95,17 +95,17 @@ impl Reconciler {
                         skip = old_len;
                     }
                 }
-                delta.add(self, sink, at + skip as u64, &data[skip..]).map_err(io_err(&full))?;
+                delta.add(self, sink, at + skip as u64, &data[skip..])?;
                 // Under a guard, each block's op must be sequenced while its lock is held.
                 if guard.is_some() {
-                    delta.flush(self, sink).map_err(io_err(&full))?;
+                    delta.flush(self, sink)?;
                 }
             }
             if n < buf.len() {
                 break;
             }
         }
-        delta.flush(self, sink).map_err(io_err(&full))?;
+        delta.flush(self, sink)?;
         ReconcileStats::add(&self.stats.files_hashed, 1);
         ReconcileStats::add(&self.stats.bytes_hashed, size);
         let mut changed = delta.changed;
@@ -253,7 +253,13 @@ struct Delta<'p> {
 }
 
 impl Delta<'_> {
-    fn add(&mut self, r: &mut Reconciler, sink: &mut dyn OpSink, at: u64, data: &[u8]) -> io::Result<()> {
+    fn add(
+        &mut self,
+        r: &mut Reconciler,
+        sink: &mut dyn OpSink,
+        at: u64,
+        data: &[u8],
+    ) -> Result<(), MirrorError> {
         if !self.run.is_empty() && self.run_at + self.run.len() as u64 != at {
             self.flush(r, sink)?;
         }
@@ -267,7 +273,7 @@ impl Delta<'_> {
         Ok(())
     }
 
-    fn flush(&mut self, r: &mut Reconciler, sink: &mut dyn OpSink) -> io::Result<()> {
+    fn flush(&mut self, r: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         if self.run.is_empty() {
             return Ok(());
         }
@@ -275,9 +281,6 @@ impl Delta<'_> {
         let offset = self.run_at;
         self.run_at += data.len() as u64;
         self.changed = true;
-        r.emit(sink, Op::Write { path: self.path.to_wire(), offset, data }).map_err(|e| match e {
-            MirrorError::Io { source, .. } => source,
-            other => io::Error::other(other.to_string()),
-        })
+        r.emit(sink, Op::Write { path: self.path.to_wire(), offset, data })
     }
 }
