@@ -121,7 +121,7 @@ impl RecordWriter {
                 rec.push(b'\n');
                 match f.write_all(&rec) {
                     Ok(()) => {
-                        if n % 37 == 0 {
+                        if n.is_multiple_of(37) {
                             let _ = f.sync_data();
                         }
                         n += 1;

@@ -267,7 +267,8 @@ mod tests {
 
     #[test]
     fn refuses_every_escape() {
-        let cases: &[(&[u8], fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let cases: &[(&[u8], Check)] = &[
             (b"/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
             (b"..", |e| matches!(e, PathError::ParentComponent(_))),
             (b"a/../../b", |e| matches!(e, PathError::ParentComponent(_))),

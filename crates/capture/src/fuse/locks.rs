@@ -26,11 +26,14 @@ pub type FileLock = Arc<Mutex<()>>;
 /// A held file lock.
 pub type FileGuard = ArcMutexGuard<RawMutex, ()>;
 
+/// A file's identity: device and inode.
+type FileKey = (u64, u64);
+
 /// All the locks of one mount.
 #[derive(Default)]
 pub struct Locks {
     namespace: RwLock<()>,
-    files: Mutex<HashMap<(u64, u64), Weak<Mutex<()>>>>,
+    files: Mutex<HashMap<FileKey, Weak<Mutex<()>>>>,
 }
 
 impl Locks {

@@ -236,6 +236,7 @@ pub fn churn(src: &Path) {
 pub fn capture_mount_live(path: &Path) -> bool {
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     match rustix::fs::statfs(path) {
+        #[allow(clippy::unnecessary_cast)]
         Ok(s) => s.f_type as i64 == FUSE_SUPER_MAGIC,
         Err(_) => false,
     }

@@ -207,8 +207,8 @@ fn difference_mirror_against_a_divergent_replica_sends_only_differences() {
     r.rescan();
     // The replica drifts: a block changed, an extra file, a missing file, a changed mode.
     let dst = r.dst.clone();
-    let mut f = std::fs::OpenOptions::new().write(true).open(dst.join("big")).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, b"corrupt", 1_000_000).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(dst.join("big")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"corrupt", 1_000_000).unwrap();
     std::fs::write(dst.join("extra"), b"only here").unwrap();
     std::fs::create_dir_all(dst.join("extradir/deep")).unwrap();
     std::fs::remove_file(dst.join("dir2/e")).unwrap();

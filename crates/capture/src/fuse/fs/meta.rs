@@ -221,7 +221,7 @@ fn doppel_fs_xattrs(proc: &str) -> Vec<Xattr> {
 }
 
 /// Every entry of a directory: inode number, type, name.
-fn read_dir(node: &crate::fuse::nodes::Node) -> Result<Vec<(u64, FileType, Vec<u8>)>, Errno> {
+fn read_dir(node: &crate::fuse::nodes::Node) -> Result<Vec<super::DirEntry>, Errno> {
     let fd = rustix::fs::openat(
         &node.fd,
         ".",

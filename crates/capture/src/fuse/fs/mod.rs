@@ -38,10 +38,13 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 
+/// A directory entry as readdir returns it: inode number, type, name.
+pub(super) type DirEntry = (u64, FileType, Vec<u8>);
+
 /// An open file or directory.
 pub(super) enum Handle {
     File(OpenFile),
-    Dir { node: Arc<Node>, entries: Mutex<Option<Vec<(u64, FileType, Vec<u8>)>>> },
+    Dir { node: Arc<Node>, entries: Mutex<Option<Vec<DirEntry>>> },
 }
 
 /// An open file.
