@@ -279,6 +279,49 @@ fn users_of(root: &Path) -> Vec<String> {
     out
 }
 
+/// Processes in whose mount namespace `dev` is still mounted (a namespace made while it was
+/// mounted here keeps its own copy of the mount, and so the device, busy).
+fn mounted_elsewhere(dev: &str) -> String {
+    let mut seen = BTreeMap::<String, Vec<String>>::new();
+    for p in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let info = fs::read_to_string(p.path().join("mountinfo")).unwrap_or_default();
+        for l in info.lines().filter(|l| l.split(' ').any(|f| f == dev)) {
+            let comm = fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            let ns =
+                fs::read_link(p.path().join("ns/mnt")).map(|l| l.display().to_string()).unwrap_or_default();
+            seen.entry(format!("{ns}: {l}")).or_default().push(format!(
+                "{} ({})",
+                p.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    let mut out = String::from("\nmounted in these namespaces:");
+    for (m, pids) in seen {
+        out.push_str(&format!(
+            "\n  {m}\n    pids {}",
+            pids.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    out
+}
+
+/// Every task in uninterruptible sleep, with its kernel stack (for a device that will not let go).
+fn blocked_tasks() -> String {
+    let mut out = String::new();
+    for p in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        for t in fs::read_dir(p.path().join("task")).into_iter().flatten().flatten() {
+            let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            if stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()) == Some('D') {
+                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let stack = fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                out.push_str(&format!("{} {}{}\n", t.path().display(), comm, stack));
+            }
+        }
+    }
+    out
+}
+
 /// Prints the agent's warnings and errors, counted by message, so surprises show in the output.
 fn report_log_trouble(agent: &Proc) {
     let log = agent.log();
@@ -590,14 +633,15 @@ impl LoopDev {
             match fs::read_to_string(&backing) {
                 Err(_) => Ok(()),
                 Ok(f) => Err(format!(
-                    "still backed by {} (autoclear {}); openers of {}: {:?}",
+                    "still backed by {} (autoclear {}); openers of {}: {:?}; blocked tasks:\n{}",
                     f.trim(),
                     fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
                         .unwrap_or_default()
                         .trim(),
                     self.dev,
-                    users_of(Path::new(&self.dev))
-                )),
+                    users_of(Path::new(&self.dev)),
+                    blocked_tasks()
+                ) + &mounted_elsewhere(&self.dev)),
             }
         });
     }
@@ -851,17 +895,25 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
 
     // A writer fills the file system: nested directories, 600 files, ~60 MiB, one 8 MiB file
     // whose content is checked at the end; every tenth file is fsync'ed, and the sequence the
-    // agent had captured when that fsync returned is recorded.
+    // agent had captured when that fsync returned is recorded. After the 600 it goes on with
+    // small files until told to stop, so the file system is being written at every copy below
+    // however fast or slow this machine is. It starts once the replica holds the mounted file
+    // system (a loaded machine may lag behind mkfs).
+    wait_until(Duration::from_secs(60), "the replica to be past mkfs and the mount", || {
+        let a = num(&job_status(&s.home, "src"), "last_acked_seq");
+        if a >= mounted_seq { Ok(()) } else { Err(format!("acknowledged {a} < {mounted_seq}")) }
+    });
     let seed = time_seed();
     let plan = disk_files(seed);
     let hashed = ("hashed/big.bin".to_string(), seed ^ 0xabcdef, 8usize << 20);
     let progress = Arc::new(AtomicUsize::new(0));
     let synced = Arc::new(Mutex::new(Vec::<(String, u64, usize, u64)>::new()));
     let writer_failed = Arc::new(AtomicBool::new(false));
+    let stop_writing = Arc::new(AtomicBool::new(false));
     let writer = {
         let (root, plan, hashed) = (mnt_dir.clone(), plan.clone(), hashed.clone());
-        let (progress, synced, failed, home) =
-            (progress.clone(), synced.clone(), writer_failed.clone(), s.home.clone());
+        let (progress, synced, failed, stop, home) =
+            (progress.clone(), synced.clone(), writer_failed.clone(), stop_writing.clone(), s.home.clone());
         std::thread::spawn(move || {
             let guard = FailFlag(failed);
             let write = |rel: &str, seed: u64, len: usize, sync: bool| {
@@ -873,16 +925,25 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
                 }
                 if sync {
                     f.sync_all().unwrap();
+                    if let Some(seq) = try_status(&home).and_then(|v| v["last_captured_seq"].as_u64()) {
+                        synced.lock().unwrap().push((rel.to_string(), seed, len, seq));
+                    }
                 }
             };
             write(&hashed.0, hashed.1, hashed.2, false);
             for (i, (rel, seed, len)) in plan.iter().enumerate() {
-                let sync = i % 10 == 9;
-                write(rel, *seed, *len, sync);
-                if sync && let Some(seq) = try_status(&home).and_then(|v| v["last_captured_seq"].as_u64()) {
-                    synced.lock().unwrap().push((rel.clone(), *seed, *len, seq));
-                }
+                write(rel, *seed, *len, i % 10 == 9);
                 progress.store(i + 1, Ordering::Relaxed);
+            }
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                write(
+                    &format!("more/{:02}/m{n:05}", n % 50),
+                    seed ^ n,
+                    4096 + (n as usize % 7) * 1000,
+                    n % 10 == 9,
+                );
+                n += 1;
             }
             std::mem::forget(guard);
         })
@@ -913,12 +974,8 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        // The replica may lag (a loaded machine): wait until it is past the mount, so that
-        // the copy is an image of the mounted file system being written, not of mkfs.
-        let acked = wait_until(Duration::from_secs(60), "the replica to be past the mount", || {
-            let a = num(&job_status(&s.home, "src"), "last_acked_seq");
-            if a >= mounted_seq { Ok(a) } else { Err(format!("acknowledged {a} < {mounted_seq}")) }
-        });
+        // At least this much (>= mounted_seq: the writer started after it) is in the copy.
+        let acked = num(&job_status(&s.home, "src"), "last_acked_seq");
         let copy = s.scratch("crash").join(format!("crash-{k}.img"));
         let t = Instant::now();
         let written = {
@@ -953,12 +1010,13 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
         );
         copies.push(CrashCopy { image: copy, pristine, written, acked });
     }
+    stop_writing.store(true, Ordering::Relaxed);
     writer.join().expect("the writer failed");
     assert!(!writer_failed.load(Ordering::Relaxed));
     let written_seq = num(&job_status(&s.home, "src"), "last_captured_seq");
     assert!(
-        copies[0].written < plan.len() && copies[0].acked < written_seq,
-        "the first copy was taken after the writer finished: not a mid-write image"
+        copies.iter().all(|c| c.acked < written_seq),
+        "a copy was taken after the writes reached the replica: not a mid-write image"
     );
 
     // The finished source file system, as the kernel sees it, then a clean unmount and detach.
