@@ -358,6 +358,10 @@ impl Capture {
             Source::Fuse(mount) => {
                 // Nothing changes through the mount once it is gone; what changes after that,
                 // while the job is stopped, shows as a stat difference from this index.
+                // Files still open are served (and captured) for a while after the detach, and
+                // new opens already reach the tree uncaptured: the index is saved as of the
+                // detach, so anything touched since then is a "racy" suspect at the next start.
+                let detached_at = now_us();
                 if let Some(m) = mount.take() {
                     m.unmount().map_err(io(self.rec.root()))?;
                 }
@@ -365,7 +369,7 @@ impl Capture {
                     return Ok(false);
                 }
                 self.rec.index = stat_index(self.rec.root(), self.rec.selection())?;
-                self.checkpoint()?;
+                self.checkpoint_as_of(detached_at)?;
                 self.dirty.clear().map_err(io(&self.index_path))?;
             }
         }
@@ -374,9 +378,14 @@ impl Capture {
 
     /// Saves the spool durably, then the index that describes it.
     fn checkpoint(&mut self) -> Result<(), AgentError> {
+        self.checkpoint_as_of(now_us())
+    }
+
+    /// A checkpoint whose index describes the tree as of `at` (microseconds since the epoch).
+    fn checkpoint_as_of(&mut self, at: u64) -> Result<(), AgentError> {
         self.spool.persist()?;
         let seq = self.spool.stats().last_seq;
-        self.rec.index.save(&self.index_path, now_us(), seq)?;
+        self.rec.index.save(&self.index_path, at, seq)?;
         Ok(())
     }
 

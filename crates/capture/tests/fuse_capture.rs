@@ -120,3 +120,101 @@ fn every_operation_through_the_mount_replays_exactly() {
 fn xattr_set(p: &Path, name: &str, value: &[u8]) {
     rustix::fs::setxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap();
 }
+
+/// Waits (with a deadline) until `cond` holds.
+fn wait_for(what: &str, within: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Kills the child at the end of a test, whatever happens.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn stopping_with_a_file_held_open_detaches_and_keeps_capturing_until_the_drain_ends() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let drain = std::time::Duration::from_secs(2);
+    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
+    std::fs::write(src.join("held"), b"through the mount\n").unwrap();
+    // Another process keeps a file open on the mount, and writes to it after the stop began.
+    let holder = std::process::Command::new("sh")
+        .arg("-c")
+        .args(["exec 3>>\"$1\"; read _; echo after-detach >&3; read _", "sh"])
+        .arg(src.join("held"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = Child(holder);
+    wait_for("the holder to open the file", std::time::Duration::from_secs(10), || {
+        doppel_capture::fuse::open_files_under(&src).iter().any(|(pid, _)| *pid == holder.0.id())
+    });
+    let started = std::time::Instant::now();
+    let stop = std::thread::spawn(move || mount.unmount());
+    wait_for("the mount to be detached", std::time::Duration::from_secs(5), || {
+        !doppel_capture::fuse::mounts::doppel_mounts().contains(&src)
+    });
+    // Detached: the path reaches the underlying tree again at once, while the held file is
+    // still served by the daemon, so its write is captured.
+    assert_eq!(std::fs::read(src.join("held")).unwrap(), b"through the mount\n");
+    let stdin = holder.0.stdin.as_mut().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    wait_for("the held file's write to be captured", std::time::Duration::from_secs(5), || {
+        sink.ops.lock().iter().any(|o| matches!(o, Op::Write { data, .. } if data == b"after-detach\n"))
+    });
+    stop.join().unwrap().expect("the stop succeeds although a file is still open");
+    let took = started.elapsed();
+    assert!(took >= drain, "open files were served for the drain period (stopped after {took:?})");
+    assert!(took < drain + std::time::Duration::from_secs(5), "the stop did not hang: {took:?}");
+    assert_eq!(std::fs::read(src.join("held")).unwrap(), b"through the mount\nafter-detach\n");
+    // After the abort, the holder's descriptor is dead rather than silently bypassing capture.
+    let _ = holder.0.stdin.as_mut().unwrap().write_all(b"done\n");
+    let status = holder.0.wait().unwrap();
+    assert!(status.success(), "the holder exits normally: {status:?}");
+}
+
+#[test]
+fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let drain = std::time::Duration::from_secs(1);
+    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let ready = dir.path().join("ready");
+    let copy = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "unchanged", "sh", "-c", "touch \"$1\"; exec sleep 600", "sh"])
+        .arg(&ready)
+        .spawn();
+    let Ok(copy) = copy else {
+        eprintln!("skipping: unshare(1) is not available");
+        return;
+    };
+    let _copy = Child(copy);
+    wait_for("the namespace to exist", std::time::Duration::from_secs(10), || ready.exists());
+    let started = std::time::Instant::now();
+    mount.unmount().expect("the stop succeeds");
+    let took = started.elapsed();
+    assert!(took < drain + std::time::Duration::from_secs(5), "a namespace's copy held the stop for {took:?}");
+    assert!(!doppel_capture::fuse::mounts::doppel_mounts().contains(&src));
+    assert_eq!(std::fs::read(src.join("f")).unwrap(), b"x", "the underlying tree is reachable");
+}

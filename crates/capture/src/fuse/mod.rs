@@ -17,11 +17,12 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use doppel_proto::{Op, RelPath};
 
 pub use locks::Locks;
-pub use mounts::{Existing, open_files_under, recover_stale};
+pub use mounts::{Existing, abort_connection, open_files_under, recover_stale};
 
 /// A region about to change, recorded durably before the change is made.
 #[derive(Debug, Clone, Copy)]
@@ -63,17 +64,26 @@ pub struct FuseOptions {
     pub threads: usize,
     /// Use kernel passthrough for read-only opens when the kernel offers it.
     pub passthrough: bool,
+    /// At stop, how long files still open on the detached mount keep being served (and
+    /// captured) before the connection is aborted.
+    pub drain: Duration,
 }
 
 impl Default for FuseOptions {
     fn default() -> Self {
-        FuseOptions { threads: 8, passthrough: true }
+        FuseOptions { threads: 8, passthrough: true, drain: Duration::from_secs(5) }
     }
 }
 
-/// A live mount. Dropping it unmounts (lazily, so open files do not block the stop).
+/// A live mount. Dropping it unmounts: the mount is detached at once (new opens reach the
+/// underlying tree), files still open on it are served for [`FuseOptions::drain`], then the
+/// connection is aborted so that neither open files nor copies of the mount in other mount
+/// namespaces can hold the stop.
 pub struct FuseCapture {
     root: PathBuf,
+    /// The mount's device, naming its connection in `fusectl`.
+    dev: u64,
+    drain: Duration,
     root_fd: Arc<OwnedFd>,
     locks: Arc<Locks>,
     session: Option<fuser::BackgroundSession>,
@@ -126,8 +136,9 @@ impl FuseCapture {
             )
         })?;
         let session = session.spawn()?;
+        let dev = rustix::fs::stat(root).map(|st| st.st_dev).unwrap_or(0);
         tracing::info!(root = %root.display(), passthrough = passthrough.load(std::sync::atomic::Ordering::Relaxed), "capture mount active");
-        Ok(FuseCapture { root: root.to_path_buf(), root_fd, locks, session: Some(session), passthrough })
+        Ok(FuseCapture { root: root.to_path_buf(), dev, drain: opts.drain, root_fd, locks, session: Some(session), passthrough })
     }
 
     /// The locks the mirror must take while it reads the tree under a live mount.
@@ -152,9 +163,51 @@ impl FuseCapture {
     }
 
     fn stop(&mut self) -> io::Result<()> {
-        if let Some(s) = self.session.take() {
-            tracing::info!(root = %self.root.display(), "unmounting the capture mount");
-            s.umount_and_join()?;
+        let Some(session) = self.session.take() else { return Ok(()) };
+        tracing::info!(root = %self.root.display(), "unmounting the capture mount");
+        let holders = open_files_under(&self.root);
+        // A plain unmount fails with EBUSY while any file is open on the mount; detaching never
+        // does, and the session ends by itself once the last file is closed.
+        match rustix::mount::unmount(&self.root, rustix::mount::UnmountFlags::DETACH) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot detach the capture mount at {}: {e}", self.root.display()),
+                ));
+            }
+        }
+        let ended = |within: Duration| {
+            let deadline = Instant::now() + within;
+            while !session.guard.is_finished() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            true
+        };
+        if !ended(self.drain) {
+            let held: Vec<String> =
+                holders.iter().map(|(pid, path)| format!("{pid}:{}", path.display())).collect();
+            tracing::warn!(
+                root = %self.root.display(),
+                open = ?held,
+                "the capture mount is still in use (open files, or a copy in another mount namespace); aborting its connection: further I/O on those files fails with ENOTCONN"
+            );
+            abort_connection(self.dev)?;
+            if !ended(Duration::from_secs(10)) {
+                return Err(io::Error::other(format!(
+                    "the capture mount at {} did not end after its connection was aborted",
+                    self.root.display()
+                )));
+            }
+        }
+        // The request threads are done; what is left is fuser's own unmount, which finds the
+        // mount point already detached (the directory underneath is held open by `root_fd`, so
+        // it can never be unmounted by mistake).
+        if let Err(e) = session.umount_and_join() {
+            tracing::debug!(error = %e, "unmount after detach");
         }
         Ok(())
     }

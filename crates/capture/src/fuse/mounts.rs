@@ -75,6 +75,28 @@ pub fn recover_stale(root: &Path) -> io::Result<Existing> {
     }
 }
 
+/// Where the kernel lists FUSE connections (the `fusectl` file system).
+const CONNECTIONS: &str = "/sys/fs/fuse/connections";
+
+/// Ends a FUSE connection at once: requests in flight and any later I/O on its files fail with
+/// `ENOTCONN`. The only way to end a connection that a detached mount or another mount
+/// namespace still holds. `dev` is the `st_dev` of the mount's root; `fusectl` is mounted
+/// first when the system has not.
+pub fn abort_connection(dev: u64) -> io::Result<()> {
+    // The connection directory is named by the kernel's device number (major << 20 | minor);
+    // FUSE mounts have anonymous devices, major 0.
+    let id = (u64::from(rustix::fs::major(dev)) << 20) | u64::from(rustix::fs::minor(dev));
+    let abort = Path::new(CONNECTIONS).join(id.to_string()).join("abort");
+    if !abort.exists() && std::fs::read_dir(CONNECTIONS)?.next().is_none() {
+        rustix::mount::mount("fusectl", CONNECTIONS, "fusectl", rustix::mount::MountFlags::empty(), None)
+            .map_err(|e| {
+                io::Error::new(io::Error::from(e).kind(), format!("cannot mount fusectl on {CONNECTIONS}: {e}"))
+            })?;
+    }
+    std::fs::write(&abort, b"1")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot abort the FUSE connection ({}): {e}", abort.display())))
+}
+
 /// Files under `root` that some process holds open right now, as `(pid, path)`.
 pub fn open_files_under(root: &Path) -> Vec<(u32, PathBuf)> {
     let me = std::process::id();

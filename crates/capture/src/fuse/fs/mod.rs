@@ -493,6 +493,24 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         reply_empty(self.do_fallocate(fh, offset, length, mode), reply);
     }
 
+    /// No ioctl reaches the underlying file: an ioctl may change data in ways no op can
+    /// describe (`FICLONE`, `FS_IOC_SETFLAGS`), so they are refused the way a file system
+    /// without them refuses (`ENOTTY`), which tools such as `mkfs` treat as "not a device".
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn lseek(
         &self,
         _req: &Request,
