@@ -47,6 +47,10 @@ pub struct JobStatus {
     pub lag_seconds: f64,
     /// Bytes of ops waiting for an ack.
     pub pending_bytes: u64,
+    /// Bytes of pending ops spilled to (or, in `fuse` mode, written through to) spool segments.
+    pub spooled_bytes: u64,
+    /// Hot regions of the activity log (`fuse` mode).
+    pub dirty_regions: u64,
     /// Files and bytes the reconciler hashed.
     pub files_hashed: u64,
     /// See `files_hashed`.
@@ -64,6 +68,8 @@ impl JobStatus {
             acked: n("last_acked_seq"),
             lag_seconds: j["lag_seconds"].as_f64().unwrap_or(0.0),
             pending_bytes: n("pending_bytes"),
+            spooled_bytes: n("spooled_bytes"),
+            dirty_regions: n("dirty_regions"),
             files_hashed: n("files_hashed"),
             bytes_hashed: n("bytes_hashed"),
         }
@@ -71,7 +77,13 @@ impl JobStatus {
 
     /// Replicating, connected, and everything captured so far acknowledged.
     pub fn caught_up(&self) -> bool {
-        self.state == "replicating" && self.connected && self.captured > 0 && self.acked == self.captured
+        self.drained() && self.captured > 0
+    }
+
+    /// Replicating, connected, and nothing waiting for an acknowledgement (possibly nothing
+    /// captured yet, as for an empty tree).
+    pub fn drained(&self) -> bool {
+        self.state == "replicating" && self.connected && self.acked == self.captured
     }
 }
 
@@ -90,6 +102,11 @@ impl Agent {
     /// Starts protecting `src` into the local directory `dst`, with state in `home`; its log
     /// (stdout and stderr) goes to `HOME.log`, next to `home` rather than inside it.
     pub fn start(bin: &Path, home: &Path, src: &Path, dst: &Path) -> Result<Agent> {
+        Agent::start_with(bin, home, src, dst, &[])
+    }
+
+    /// [`Agent::start`] with more arguments for `doppel protect` (`--capture fuse`, say).
+    pub fn start_with(bin: &Path, home: &Path, src: &Path, dst: &Path, extra: &[&str]) -> Result<Agent> {
         fs::create_dir_all(home)?;
         let log = home.with_extension("log");
         let log_file = fs::File::create(&log)?;
@@ -102,6 +119,7 @@ impl Agent {
             .arg("--to")
             .arg(dst)
             .args(["--name", JOB])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -113,6 +131,31 @@ impl Agent {
     /// CPU time (user + system) the agent has used since it started.
     pub fn cpu(&self) -> Result<Duration> {
         crate::cpu::of_process(self.child.as_ref().context("doppel has exited")?.id())
+    }
+
+    /// Sets the agent's limit of open files (soft and hard) to `n`, as an operator would with
+    /// `ulimit -n` or systemd's `LimitNOFILE=`; where raising the hard limit is not permitted
+    /// (no `CAP_SYS_RESOURCE`, as in some containers), raises the soft limit to the hard one.
+    /// Returns the limit the agent got.
+    pub fn set_nofile(&self, n: u64) -> Result<u64> {
+        use rustix::process::{Resource, Rlimit, getrlimit, prlimit};
+        let pid = Pid::from_raw(self.pid()? as i32).context("no pid")?;
+        let set = |n| prlimit(Some(pid), Resource::Nofile, Rlimit { current: Some(n), maximum: Some(n) });
+        match set(n) {
+            Ok(_) => Ok(n),
+            Err(rustix::io::Errno::PERM) => {
+                // The agent inherited this process's limits.
+                let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX).min(n);
+                set(hard).with_context(|| format!("setting doppel's limit of open files to {hard}"))?;
+                Ok(hard)
+            }
+            Err(e) => Err(e).with_context(|| format!("setting doppel's limit of open files to {n}")),
+        }
+    }
+
+    /// The agent's process id (to profile it).
+    pub fn pid(&self) -> Result<u32> {
+        Ok(self.child.as_ref().context("doppel has exited")?.id())
     }
 
     /// The agent's log file.

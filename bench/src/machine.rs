@@ -20,8 +20,10 @@ pub struct Machine {
     /// File system of `--dir`, as `stat -f -c %T` names it, with the mount's type if that is
     /// more precise (`stat` calls ext4 `ext2/ext3`).
     pub filesystem: String,
-    /// `rsync --version`, first line.
+    /// `rsync --version`, first line (`not installed` when it is not).
     pub rsync: String,
+    /// `fio --version` (`not installed` when it is not).
+    pub fio: String,
     /// `doppel --version`.
     pub doppel: String,
     /// The commit the workspace was at, and whether `crates/` had uncommitted changes (the
@@ -56,7 +58,8 @@ impl Machine {
             memory: mem_kib * 1024,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string(),
             filesystem,
-            rsync: output("rsync", &["--version"])?.lines().next().unwrap_or_default().to_string(),
+            rsync: version("rsync"),
+            fio: version("fio"),
             doppel: output(&doppel.to_string_lossy(), &["--version"])?,
             source: source_revision(),
         })
@@ -91,6 +94,14 @@ fn source_revision() -> String {
     }
 }
 
+/// The first line of `cmd --version`, or `not installed`.
+fn version(cmd: &str) -> String {
+    match output(cmd, &["--version"]) {
+        Ok(v) => v.lines().next().unwrap_or_default().to_string(),
+        Err(_) => "not installed".into(),
+    }
+}
+
 /// The first line of a command's standard output, trimmed.
 fn output(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
@@ -105,6 +116,14 @@ pub fn require_rsync() -> Result<()> {
     match Command::new("rsync").arg("--version").output() {
         Ok(o) if o.status.success() => Ok(()),
         _ => bail!("rsync is not installed (or does not run); install it, e.g. `apt-get install -y rsync`"),
+    }
+}
+
+/// Fails with the fix when fio is not installed: the `fuse` mode drives its workloads.
+pub fn require_fio() -> Result<()> {
+    match Command::new("fio").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("fio is not installed (or does not run); install it, e.g. `apt-get install -y fio`"),
     }
 }
 

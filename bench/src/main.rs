@@ -6,12 +6,20 @@
 //!
 //! - `core`: the initial mirror of a mixed tree against `rsync -a` of the same tree, then the
 //!   replication lag of a steady stream of small in-place updates.
+//! - `fuse`: fio workloads and a metadata-heavy run on a plain directory against the same
+//!   through a `--capture fuse` mount while it replicates, and the replication lag under
+//!   random writes.
 
 mod agent;
 mod cpu;
+mod fio;
+mod fuse;
+mod fuse_report;
 mod lag;
 mod machine;
+mod meta;
 mod mirror;
+mod probe;
 mod report;
 mod scratch;
 mod stats;
@@ -35,6 +43,56 @@ struct Cli {
 enum Command {
     /// Initial mirror vs `rsync -a`, then replication lag of a steady stream of small updates.
     Core(CoreArgs),
+    /// fio and metadata workloads natively and through a `--capture fuse` mount, side by side.
+    Fuse(FuseArgs),
+}
+
+/// Options of `fuse`.
+#[derive(Args, Debug, Clone)]
+pub struct FuseArgs {
+    /// Scratch directory (native directory, protected tree, replica, doppel home): the
+    /// native side and the mount are on its file system. Only what the benchmark created in
+    /// it is removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench")]
+    pub dir: PathBuf,
+    /// Timed runs of every workload on each side (medians reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Size of the file of each fio job (suffixes K, M, G are powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Seconds of each time-based fio job (random writes and reads).
+    #[arg(long, default_value_t = 20)]
+    pub runtime: u64,
+    /// fio processes of the parallel random-write job (sharing one file); 0 or 1 skips it.
+    #[arg(long, default_value_t = 4)]
+    pub rand_jobs: u32,
+    /// Files of the metadata workload (all live at once: the agent needs more open files than
+    /// this, see `--agent-nofile`).
+    #[arg(long, default_value_t = 15_000)]
+    pub files: usize,
+    /// Directories the metadata workload spreads its files over.
+    #[arg(long, default_value_t = 20)]
+    pub dirs: usize,
+    /// Limit of open files (soft and hard) given to the agent right after it starts (0: keep
+    /// the inherited one; where the hard limit cannot be raised, it is the most the agent
+    /// gets). The fuse daemon holds one descriptor per inode the kernel knows, so the
+    /// metadata workload needs more than `--files`.
+    #[arg(long, default_value_t = 65536)]
+    pub agent_nofile: u64,
+    /// Milliseconds between two lag probes during the random writes.
+    #[arg(long, default_value_t = 100)]
+    pub probe_ms: u64,
+    /// After the timed runs, profile the agent (`perf record`) during one more fuse run of the
+    /// sequential and of the random writes; the profiles go to this directory.
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Options of `core`.
@@ -91,6 +149,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Core(args) => core(&args),
+        Command::Fuse(args) => fuse::main(&args),
     };
     if let Err(e) = result {
         eprintln!("doppel-bench: error: {e:#}");

@@ -30,6 +30,11 @@ impl Sample {
         self.sorted[rank.clamp(1, self.sorted.len()) - 1]
     }
 
+    /// Every value, sorted.
+    pub fn values(&self) -> &[Duration] {
+        &self.sorted
+    }
+
     /// The smallest value.
     pub fn min(&self) -> Duration {
         self.sorted.first().copied().unwrap_or_default()
