@@ -44,6 +44,7 @@ pub struct Agent {
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
     limit: Limit,
     overflow: Arc<Overflow>,
+    final_message: Arc<std::sync::Mutex<Option<doppel_proto::Message>>>,
     _lock: OwnedFd,
 }
 
@@ -97,7 +98,17 @@ fn canonical(p: &Path, what: &str) -> Result<PathBuf, AgentError> {
 
 impl Agent {
     /// Checks the job, takes its lock, recovers its spool and index, and starts watching.
-    pub fn new(mut job: JobConfig, home: &Path) -> Result<Agent, AgentError> {
+    pub fn new(job: JobConfig, home: &Path) -> Result<Agent, AgentError> {
+        Agent::new_with(job, home, None)
+    }
+
+    /// [`Agent::new`] with connections from `connector` (for destinations that are not dialled,
+    /// such as a failback's source).
+    pub fn new_with(
+        mut job: JobConfig,
+        home: &Path,
+        connector: Option<Connector>,
+    ) -> Result<Agent, AgentError> {
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
         if job.capture == CaptureMode::Fuse {
             recover_stale_mount(&job.root)?;
@@ -223,14 +234,18 @@ impl Agent {
             checkpoint_interval: job.checkpoint_interval,
         };
         let job_limiter = RateLimiter::new(0);
-        let (connector, embedded) = match &job.dest {
-            Destination::Local(replica) => {
+        let (connector, embedded) = match (&job.dest, connector) {
+            (_, Some(c)) => (c, None),
+            (Destination::Failback { source }, None) => {
+                return Err(AgentError::Config(format!("the failback of {source} needs its connections")));
+            }
+            (Destination::Local(replica), None) => {
                 let layout =
                     Layout::Embedded { replica: replica.clone(), state: dir.join("embedded-target") };
                 let target = Target::new(TargetConfig::new(layout));
                 (Connector::Embedded(target.clone()), Some(target))
             }
-            Destination::Remote { addr, target_id } => {
+            (Destination::Remote { addr, target_id }, None) => {
                 let (me, created) = Identity::load_or_create(&home)?;
                 if created {
                     tracing::info!(identity = %me.id, "created this node's identity");
@@ -267,6 +282,7 @@ impl Agent {
         };
         limit.refresh();
         Ok(Agent {
+            final_message: Arc::default(),
             overflow,
             limit,
             verify_tx,
@@ -299,6 +315,16 @@ impl Agent {
             &self.job.dest.to_string(),
             &self.spool,
         )
+    }
+
+    /// Where to put the message sent last when the job stops (a failback's handover).
+    pub fn final_message(&self) -> Arc<std::sync::Mutex<Option<doppel_proto::Message>>> {
+        self.final_message.clone()
+    }
+
+    /// A handle to make the job take in every change made so far.
+    pub fn settler(&self) -> Settler {
+        Settler(std::sync::Mutex::new(self.commands_tx.clone()))
     }
 
     /// The job's bandwidth limit, to change it at run time.
@@ -351,6 +377,7 @@ impl Agent {
             verify: self.verify_rx.take().expect("run is called once"),
             overflow: self.overflow.clone(),
             list_id: 0,
+            final_message: self.final_message.clone(),
         };
         let mut link_task = tokio::spawn(link.run());
         let refresher = {
@@ -389,6 +416,9 @@ impl Agent {
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             st.clean = clean;
+            if let Ok(Err(AgentError::Refused(doppel_proto::Refusal::Fenced { epoch }))) = &link_result {
+                st.fenced = Some(*epoch);
+            }
             st.save(&self.state_path)?;
         }
         self.status.set_state("stopped");
@@ -422,7 +452,7 @@ impl StatusSource {
     }
 }
 
-fn take_lock(dir: &Path, job: &str) -> Result<OwnedFd, AgentError> {
+pub(crate) fn take_lock(dir: &Path, job: &str) -> Result<OwnedFd, AgentError> {
     let path = dir.join("lock");
     let fd = rustix::fs::open(
         &path,
@@ -467,5 +497,21 @@ fn recover_stale_mount(root: &Path) -> Result<(), AgentError> {
         }
         Ok(_) => Ok(()),
         Err(e) => Err(AgentError::Io { path: candidate, source: e }),
+    }
+}
+
+/// Makes a running job queue every change made so far.
+pub struct Settler(std::sync::Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>);
+
+impl Settler {
+    /// Returns once the ops of every change made before the call are queued.
+    pub async fn settle(&self) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(crate::capture_loop::Command::Settle { reply: tx })
+            .map_err(|_| "the job is stopping".to_string())?;
+        rx.await.map_err(|_| "the job is stopping".to_string())?
     }
 }

@@ -93,6 +93,12 @@ pub enum Command {
         /// The replica's epoch.
         epoch: u64,
     },
+    /// Take in every change made so far (pending events, and anything a stat comparison with
+    /// the index finds), queue its ops, and answer: the last step before a handover.
+    Settle {
+        /// Answered once the ops are queued.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Compare the whole tree with `listing` and report; with `repair`, also bring the names
     /// that differ in line.
     Verify {
@@ -249,6 +255,10 @@ impl Capture {
         while !self.stop.load(Ordering::Relaxed) {
             self.status.dirty_regions.store(self.dirty.len() as u64, Ordering::Relaxed);
             match self.commands.recv_timeout(Duration::ZERO) {
+                Ok(Command::Settle { reply }) => {
+                    let r = self.settle(&mut queue).map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                }
                 Ok(cmd) => {
                     if self.handle(cmd)? && !streaming {
                         streaming = true;
@@ -281,8 +291,15 @@ impl Capture {
                             .map_err(io(&self.index_path))?;
                         last_cool = Instant::now();
                     }
-                    if let Ok(cmd) = self.commands.recv_timeout(wait) {
-                        self.handle(cmd)?;
+                    match self.commands.recv_timeout(wait) {
+                        // Every write is queued as it happens: nothing is left to take in.
+                        Ok(Command::Settle { reply }) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Ok(cmd) => {
+                            self.handle(cmd)?;
+                        }
+                        Err(_) => {}
                     }
                     continue;
                 }
@@ -325,6 +342,24 @@ impl Capture {
             }
         }
         self.finish(streaming, queue)
+    }
+
+    /// Queues the ops of every change made so far (`watch` mode).
+    fn settle(&mut self, queue: &mut EventQueue) -> Result<(), AgentError> {
+        if let Source::Watch(w) = &mut self.source {
+            let mut events = Vec::new();
+            w.read(&mut events, Duration::ZERO).map_err(io(self.rec.root()))?;
+            let spool = self.spool.clone();
+            let mut sink = SpoolSink::live(&spool);
+            for ev in events {
+                queue.push(ev, &mut self.rec, &mut sink)?;
+            }
+            queue.flush(&mut self.rec, &mut sink)?;
+            // Anything an event may have missed shows as a stat difference from the index.
+            self.rec.sync_tree(&RelPath::root(), &mut sink)?;
+            self.rec.finish(&mut sink)?;
+        }
+        Ok(())
     }
 
     /// The spool is full: every name still waiting (and `extra`) goes to the dirty set.
@@ -477,6 +512,10 @@ impl Capture {
                 self.complete(replica_id, epoch)?;
                 Ok(true)
             }
+            Command::Settle { reply } => {
+                let _ = reply.send(Err("not streaming yet".into()));
+                Ok(false)
+            }
             Command::Verify { listing, repair, reply } => {
                 let result = self.verify(listing, repair);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
@@ -597,7 +636,10 @@ fn covering<'a>(entries: &'a [Entry], path: &RelPath, first: u64) -> Option<&'a 
 
 /// An index of stat fields only (no block hashes): what a stopped `fuse` job compares against
 /// at its next start to find the names changed while nothing captured them.
-fn stat_index(root: &std::path::Path, selection: &doppel_fs::Selection) -> Result<Index, AgentError> {
+pub(crate) fn stat_index(
+    root: &std::path::Path,
+    selection: &doppel_fs::Selection,
+) -> Result<Index, AgentError> {
     let mut index = Index::new();
     doppel_fs::walk::walk(root, &RelPath::root(), selection, &mut |w| {
         index.insert(w.path, IndexEntry::from_meta(&w.meta));

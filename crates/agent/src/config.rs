@@ -25,6 +25,12 @@ pub enum Destination {
     },
     /// A directory on this machine, served by a target embedded in the agent.
     Local(PathBuf),
+    /// The job's own source, during a failback (the DR side sends the replica back over
+    /// connections the source opens).
+    Failback {
+        /// The source's name.
+        source: String,
+    },
 }
 
 impl std::fmt::Display for Destination {
@@ -32,6 +38,7 @@ impl std::fmt::Display for Destination {
         match self {
             Destination::Remote { addr, target_id } => write!(f, "{addr} (target {target_id})"),
             Destination::Local(p) => write!(f, "{}", p.display()),
+            Destination::Failback { source } => write!(f, "source {source} (failback)"),
         }
     }
 }

@@ -26,6 +26,9 @@ pub enum Connector {
     },
     /// An in-process target behind a pipe.
     Embedded(Arc<Target>),
+    /// Connections opened by the peer (a source asking for its job back during a failback):
+    /// each connect waits for the next one.
+    Incoming(tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Box<dyn doppel_target::Stream>>>),
 }
 
 impl Connector {
@@ -62,6 +65,10 @@ impl Connector {
                     .await
                     .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))??;
                 Ok(Box::new(tls))
+            }
+            Connector::Incoming(rx) => {
+                let stream = rx.lock().await.recv().await.ok_or(LinkError::Closed)?;
+                Ok(Box::new(Metered::new(stream, received.clone(), sent.clone())))
             }
             Connector::Embedded(target) => {
                 let (ours, theirs) = tokio::io::duplex(4 << 20);

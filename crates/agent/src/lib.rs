@@ -21,6 +21,7 @@
 //! - [`activity`]: the on-disk log of regions that may differ (fuse mode).
 //! - [`agent`]: [`Agent`], which wires these together and shuts them down cleanly.
 //! - [`fuse_sink`]: where a `fuse` mount's changes go (activity log, spool, sync mode).
+//! - [`handover`]: taking a job back after a failback (its tree now equals the replica).
 //! - [`error`]: what can stop a job.
 
 pub mod activity;
@@ -31,15 +32,17 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod fuse_sink;
+pub mod handover;
 pub mod link_loop;
 pub mod overflow;
 pub mod sender;
 pub mod state;
 pub mod status;
 
-pub use agent::{Agent, Limit, StatusSource, Verifier};
+pub use agent::{Agent, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};
 pub use config::{CaptureMode, Destination, JobConfig};
+pub use connect::Connector;
 pub use error::AgentError;
 pub use sender::Compression;
 pub use status::{JobStatus, JobStatusSnapshot};

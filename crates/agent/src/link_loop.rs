@@ -58,6 +58,8 @@ pub struct Link {
     pub verify: mpsc::Receiver<VerifyRequest>,
     /// Whether the spool overflowed.
     pub overflow: Arc<crate::overflow::Overflow>,
+    /// Sent as the last message when stopping, in place of a goodbye (a failback's handover).
+    pub final_message: Arc<std::sync::Mutex<Option<Message>>>,
     /// Last listing request id used.
     pub list_id: u64,
 }
@@ -168,6 +170,7 @@ impl Link {
         };
         self.status.connected.store(true, Ordering::Relaxed);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).fenced = None;
         self.status.set_detail("");
         tracing::info!(applied = welcome.applied_seq, epoch = welcome.epoch, "connected to target");
 
@@ -238,7 +241,9 @@ impl Link {
             other => other,
         };
         if outcome.is_ok() {
-            let _ = out_tx.try_send(Message::Goodbye { reason: "source agent stopping".into() });
+            let last = self.final_message.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let last = last.unwrap_or(Message::Goodbye { reason: "source agent stopping".into() });
+            let _ = tokio::time::timeout(Duration::from_secs(5), out_tx.send(last)).await;
         }
         drop(out_tx);
         // Give the writer a moment to say goodbye, then stop everything.

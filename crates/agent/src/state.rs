@@ -24,6 +24,10 @@ pub struct JobState {
     /// 0: unlimited).
     #[serde(default)]
     pub rate_override: Option<u64>,
+    /// The target refused this job as fenced (its workload failed over to the replica, whose
+    /// epoch this is): kept so that `doppel status` says so after the agent stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<u64>,
     /// The replica a whole-tree comparison is running against (not saved: after a restart the
     /// comparison starts over).
     #[serde(skip)]

@@ -21,6 +21,8 @@ pub struct ReplicaInfo {
     /// The id was just changed because the replica may hold a partial mix of un-synced ops
     /// (the machine went down uncleanly): the source must compare, not resume.
     pub needs_resync: bool,
+    /// The workload failed over to the replica (its source is fenced).
+    pub failed_over: bool,
 }
 
 /// What happened to an op.
@@ -59,7 +61,13 @@ impl Replica {
         let mut needs_resync = false;
         let (durable, applied) = match read_checkpoint(state_dir)? {
             None => {
-                let c = Checkpoint { replica_id: new_replica_id(), epoch: 1, applied: 0, dirty: false };
+                let c = Checkpoint {
+                    replica_id: new_replica_id(),
+                    epoch: 1,
+                    applied: 0,
+                    dirty: false,
+                    failed_over: false,
+                };
                 write_checkpoint(state_dir, &c)?;
                 (c, 0)
             }
@@ -104,6 +112,7 @@ impl Replica {
             epoch: self.durable.epoch,
             applied: self.applied,
             needs_resync: self.needs_resync,
+            failed_over: self.durable.failed_over,
         }
     }
 
@@ -165,14 +174,33 @@ impl Replica {
         Ok(self.applied)
     }
 
-    /// Starts a new epoch (failover): the stream of the previous epoch's source is refused from
-    /// now on. Returns the new epoch.
-    pub fn bump_epoch(&mut self) -> Result<u64, ApplyError> {
+    /// Fences the replica for a failover: makes what was applied durable, starts a new epoch
+    /// and marks it failed over, so the source's stream is refused from now on. Idempotent:
+    /// fencing a fenced replica changes nothing. Returns the epoch.
+    pub fn fence(&mut self) -> Result<u64, ApplyError> {
         self.commit()?;
-        let c = Checkpoint { epoch: self.durable.epoch + 1, ..self.durable };
+        if self.durable.failed_over {
+            return Ok(self.durable.epoch);
+        }
+        let c = Checkpoint { epoch: self.durable.epoch + 1, failed_over: true, ..self.durable };
         write_checkpoint(&self.state_dir, &c)?;
         self.durable = c;
         Ok(c.epoch)
+    }
+
+    /// Ends a failover (the job went back to its source): starts a new epoch in which the
+    /// source's stream is accepted again. Returns the new epoch.
+    pub fn unfence(&mut self) -> Result<u64, ApplyError> {
+        self.commit()?;
+        let c = Checkpoint { epoch: self.durable.epoch + 1, failed_over: false, ..self.durable };
+        write_checkpoint(&self.state_dir, &c)?;
+        self.durable = c;
+        Ok(c.epoch)
+    }
+
+    /// The replica tree's path.
+    pub fn path(&self) -> &Path {
+        self.root.path()
     }
 }
 

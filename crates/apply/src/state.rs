@@ -31,6 +31,10 @@ pub struct Checkpoint {
     pub applied: u64,
     /// Ops may have been applied after `applied` (not yet durable).
     pub dirty: bool,
+    /// The workload failed over to this replica: its source may not write to it until a
+    /// failback hands the job back.
+    #[serde(default)]
+    pub failed_over: bool,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {

@@ -150,7 +150,8 @@ fn stopping_with_a_file_held_open_detaches_and_keeps_capturing_until_the_drain_e
     std::fs::create_dir_all(&src).unwrap();
     let sink = Arc::new(Recorder::default());
     let drain = std::time::Duration::from_secs(2);
-    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
+    let mount =
+        FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
     std::fs::write(src.join("held"), b"through the mount\n").unwrap();
     // Another process keeps a file open on the mount, and writes to it after the stop began.
     let holder = std::process::Command::new("sh")
@@ -198,7 +199,8 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
     std::fs::create_dir_all(&src).unwrap();
     let sink = Arc::new(Recorder::default());
     let drain = std::time::Duration::from_secs(1);
-    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
+    let mount =
+        FuseCapture::mount(&src, sink.clone(), FuseOptions { drain, ..FuseOptions::default() }).unwrap();
     std::fs::write(src.join("f"), b"x").unwrap();
     let ready = dir.path().join("ready");
     let copy = std::process::Command::new("unshare")
@@ -214,7 +216,10 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
     let started = std::time::Instant::now();
     mount.unmount().expect("the stop succeeds");
     let took = started.elapsed();
-    assert!(took < drain + std::time::Duration::from_secs(5), "a namespace's copy held the stop for {took:?}");
+    assert!(
+        took < drain + std::time::Duration::from_secs(5),
+        "a namespace's copy held the stop for {took:?}"
+    );
     assert!(!doppel_capture::fuse::mounts::doppel_mounts().contains(&src));
     assert_eq!(std::fs::read(src.join("f")).unwrap(), b"x", "the underlying tree is reachable");
 }

@@ -40,6 +40,42 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Change a running job's bandwidth limit (kept across restarts until set back).
     Limit(LimitArgs),
+    /// On the target: fail a source over to its replicas (fence it, take over its addresses,
+    /// start its workload); continues a failover that stopped half way.
+    Failover(FailoverArgs),
+    /// On the target: hand a failed-over source its workload back (the source must run
+    /// `doppel protect --failback` and hold the replica first).
+    Failback(FailoverArgs),
+    /// On the target: show the failover event log.
+    Events(EventsArgs),
+}
+
+/// `doppel failover` and `doppel failback`.
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// The source.
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// Only this job (repeatable) [default: every job of the source].
+    #[arg(long = "job", value_name = "JOB")]
+    pub jobs: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `doppel events`.
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Only events of this source.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// Only the last N events.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Print JSON lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `doppel limit`.
@@ -126,6 +162,10 @@ pub struct ProtectArgs {
     /// Heartbeat interval in seconds; a target silent for three intervals is presumed dead.
     #[arg(long, value_name = "SECS")]
     pub heartbeat: Option<u64>,
+    /// After a failover: take the job back from the target (its replica is streamed back,
+    /// only what differs), wait for `doppel failback` there, then protect as usual.
+    #[arg(long)]
+    pub failback: bool,
 }
 
 /// `doppel status`.

@@ -63,9 +63,13 @@ pub struct TargetSection {
     pub allow: Vec<AllowSection>,
     /// Heartbeat interval in seconds.
     pub heartbeat_secs: Option<u64>,
+    /// Longest time a failover or failback script may run, in seconds.
+    pub script_timeout_secs: Option<u64>,
+    /// Longest time the final sync of a failback cutover may take, in seconds.
+    pub cutover_timeout_secs: Option<u64>,
 }
 
-/// `[[target.allow]]`.
+/// `[[target.allow]]`: a source, and what to do when it fails.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowSection {
@@ -73,6 +77,81 @@ pub struct AllowSection {
     pub name: String,
     /// Its identity.
     pub id: String,
+    /// `auto` (fail over once the source counts as failed) or `manual` (alert only).
+    pub policy: Option<String>,
+    /// Seconds between checks.
+    pub interval_secs: Option<u64>,
+    /// Checks in a row the link and every probe must miss before the source counts as failed.
+    pub missed: Option<u32>,
+    /// Probes besides the link: `tcp:HOST:PORT`, `http://HOST[:PORT]/PATH`, `cmd:COMMAND`.
+    #[serde(default)]
+    pub probes: Vec<String>,
+    /// Command run when the source fails, and on failover and failback (`$DOPPEL_EVENT`).
+    pub notify: Option<String>,
+    /// Addresses taken over on failover (`10.0.0.5/24`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The interface they go on.
+    pub interface: Option<String>,
+    /// Scripts run once before taking over.
+    #[serde(default)]
+    pub pre_failover: Vec<String>,
+    /// Scripts run per job to start the workload on the replica.
+    #[serde(default)]
+    pub failover: Vec<String>,
+    /// Scripts run per job at failback cutover, to stop the workload on the replica.
+    #[serde(default)]
+    pub stop_workload: Vec<String>,
+}
+
+impl AllowSection {
+    /// The failover policy this section describes.
+    pub fn policy(&self) -> Result<doppel_failover::SourcePolicy> {
+        let mut p = doppel_failover::SourcePolicy::manual(&self.name);
+        p.policy = match self.policy.as_deref() {
+            None | Some("manual") => doppel_failover::Policy::Manual,
+            Some("auto") => doppel_failover::Policy::Auto,
+            Some(other) => bail!("source {}: policy {other:?}: use auto or manual", self.name),
+        };
+        if let Some(i) = self.interval_secs {
+            p.interval = std::time::Duration::from_secs(i.max(1));
+        }
+        if let Some(m) = self.missed {
+            p.missed = m.max(1);
+        }
+        p.probes = self
+            .probes
+            .iter()
+            .map(|s| parse_probe(s).with_context(|| format!("source {}", self.name)))
+            .collect::<Result<_>>()?;
+        p.notify = self.notify.clone();
+        p.addresses = self.addresses.clone();
+        p.interface = self.interface.clone();
+        if !p.addresses.is_empty() && p.interface.is_none() {
+            bail!("source {}: addresses need an interface to go on (interface = \"eth0\")", self.name);
+        }
+        p.pre_failover = self.pre_failover.clone();
+        p.failover = self.failover.clone();
+        p.stop_workload = self.stop_workload.clone();
+        Ok(p)
+    }
+}
+
+/// Parses a probe: `tcp:HOST:PORT`, `http://...`, `cmd:COMMAND`.
+pub fn parse_probe(s: &str) -> Result<doppel_failover::Probe> {
+    if let Some(addr) = s.strip_prefix("tcp:") {
+        if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            bail!("probe {s:?}: expected tcp:HOST:PORT");
+        }
+        return Ok(doppel_failover::Probe::Tcp(addr.to_string()));
+    }
+    if s.starts_with("http://") {
+        return Ok(doppel_failover::Probe::Http(s.to_string()));
+    }
+    if let Some(cmd) = s.strip_prefix("cmd:").filter(|c| !c.trim().is_empty()) {
+        return Ok(doppel_failover::Probe::Command(cmd.to_string()));
+    }
+    bail!("probe {s:?}: expected tcp:HOST:PORT, http://HOST/PATH or cmd:COMMAND")
 }
 
 /// `[bandwidth."HOST:PORT"]`: a rate and rules for everything sent to one target.

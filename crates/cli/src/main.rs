@@ -11,14 +11,13 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DOPPEL_LOG")
-        .unwrap_or_else(|_| {
-            // fuser answers the kernel's FUSE_INTERRUPT with ENOSYS on whichever cloned device
-            // the interrupt arrived, where the kernel no longer knows the request, and logs the
-            // refused reply as an error: noise, not a fault (the request itself completes).
-            let level = if args.quiet { "warn" } else { "info" };
-            tracing_subscriber::EnvFilter::new(format!("{level},fuser::reply=off"))
-        });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOPPEL_LOG").unwrap_or_else(|_| {
+        // fuser answers the kernel's FUSE_INTERRUPT with ENOSYS on whichever cloned device
+        // the interrupt arrived, where the kernel no longer knows the request, and logs the
+        // refused reply as an error: noise, not a fault (the request itself completes).
+        let level = if args.quiet { "warn" } else { "info" };
+        tracing_subscriber::EnvFilter::new(format!("{level},fuser::reply=off"))
+    });
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

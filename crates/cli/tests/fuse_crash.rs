@@ -5,14 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::sqlite::{Sqlite, check_replica_db};
 use common::*;
 
 /// Source, target, proxy in between, and the agent's arguments.
@@ -217,100 +218,11 @@ fn write_order_survives_link_cuts_and_agent_kills() {
     drop(rig.dir);
 }
 
-/// A `sqlite3` shell running one numbered transaction at a time.
-struct Sqlite {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    confirmed: Arc<Mutex<Vec<u64>>>,
-}
-
-impl Sqlite {
-    fn start(db: &Path) -> Sqlite {
-        let mut child = Command::new("sqlite3")
-            .arg(db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sqlite3");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let confirmed = Arc::new(Mutex::new(Vec::new()));
-        let c = confirmed.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.strip_prefix("C|").and_then(|n| n.parse().ok()) {
-                    c.lock().unwrap().push(n);
-                }
-            }
-        });
-        Sqlite { child, stdin, confirmed }
-    }
-
-    fn send(&mut self, sql: &str) -> bool {
-        self.stdin.write_all(sql.as_bytes()).and_then(|_| self.stdin.flush()).is_ok()
-    }
-
-    /// Runs transaction `i`; waits (up to `timeout`) for its commit to be confirmed.
-    fn transaction(&mut self, i: u64, timeout: Duration) -> bool {
-        let sql = format!(
-            "BEGIN; INSERT INTO t(id, v, pad) VALUES({i}, 'v{i}', randomblob(700)); \
-             UPDATE t SET v = 'u{i}' WHERE id = {}; COMMIT; SELECT 'C', {i};\n",
-            i / 2
-        );
-        if !self.send(&sql) {
-            return false;
-        }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.confirmed.lock().unwrap().last() == Some(&i) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
-    }
-
-    fn last(&self) -> u64 {
-        self.confirmed.lock().unwrap().last().copied().unwrap_or(0)
-    }
-}
-
-impl Drop for Sqlite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Copies the replica's database files and checks them with SQLite itself.
-fn check_replica_db(replica: &Path, scratch: &Path) -> (String, u64) {
-    let _ = std::fs::remove_dir_all(scratch);
-    std::fs::create_dir_all(scratch).unwrap();
-    for suffix in ["", "-journal", "-wal"] {
-        let from = replica.join(format!("app.db{suffix}"));
-        if from.exists() {
-            std::fs::copy(&from, scratch.join(format!("app.db{suffix}"))).unwrap();
-        }
-    }
-    let out = Command::new("sqlite3")
-        .arg(scratch.join("app.db"))
-        .arg("PRAGMA integrity_check; SELECT coalesce(max(id), 0) FROM t;")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
-    let integrity = lines.next().unwrap_or_default().to_string();
-    let max = lines.next().and_then(|l| l.parse().ok()).unwrap_or(0);
-    (format!("{integrity}{}", String::from_utf8_lossy(&out.stderr)), max)
-}
-
 fn sqlite_under_cuts(journal: &str) {
     if !fuse_available() {
         return;
     }
-    if Command::new("sqlite3").arg("--version").output().is_err() {
-        eprintln!("skipping: sqlite3 is not installed");
+    if !common::sqlite::available() {
         return;
     }
     let rig = Rig::new(&["--sync", "--sync-timeout", "2"]);

@@ -90,6 +90,12 @@ pub enum Refusal {
         /// Why.
         reason: String,
     },
+    /// A failback was asked for a job that is not failed over (never was, or was handed back
+    /// already): the source resumes protecting it the ordinary way.
+    NotFailedOver {
+        /// The job.
+        job: String,
+    },
 }
 
 impl std::fmt::Display for Refusal {
@@ -107,6 +113,9 @@ impl std::fmt::Display for Refusal {
             }
             Refusal::Busy => write!(f, "another connection is already replicating this job"),
             Refusal::Other { reason } => f.write_str(reason),
+            Refusal::NotFailedOver { job } => {
+                write!(f, "job {job} is not failed over: there is nothing to fail back")
+            }
         }
     }
 }
@@ -267,6 +276,21 @@ pub enum Message {
     },
     /// Target → source: applying resumed after a stall.
     Resumed,
+    /// Source → target, first message of a failback connection: the source is repaired and
+    /// wants its job back. Roles then swap on this connection: the target sends (as a source
+    /// would, starting with a `Hello`) and the source applies.
+    FailbackHello(Hello),
+    /// The sending side of a failback stream, last message: everything is applied and the job
+    /// goes back to its source, to be protected again from `epoch` on, resuming after
+    /// `applied_seq` on replica `replica_id`.
+    FailbackDone {
+        /// The new epoch.
+        epoch: u64,
+        /// The replica the source protects again.
+        replica_id: [u8; 16],
+        /// The replica's applied sequence, which the source continues after.
+        applied_seq: u64,
+    },
 }
 
 impl Message {

@@ -22,3 +22,4 @@ pub mod worker;
 pub use config::{AllowedSource, Layout, TargetConfig, valid_name};
 pub use registry::{ReplicaStatus, Target};
 pub use server::serve;
+pub use session::{FailbackHandler, Handover, Stream, handle_after, refuse_stream};

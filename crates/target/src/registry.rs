@@ -45,6 +45,12 @@ pub struct ReplicaStatus {
     pub refused: u64,
     /// Seconds since the source was last heard from.
     pub last_seen_secs: Option<u64>,
+    /// The replica's epoch.
+    pub epoch: u64,
+    /// The workload failed over to this replica.
+    pub failed_over: bool,
+    /// Connections of the fenced source refused since the target started.
+    pub fenced_refusals: u64,
 }
 
 /// Shared, lock-free-ish counters of one replica.
@@ -64,6 +70,12 @@ pub struct SlotStatus {
     pub last_seen_us: AtomicU64,
     /// See [`ReplicaStatus::state`].
     pub state: Mutex<String>,
+    /// See [`ReplicaStatus::epoch`].
+    pub epoch: AtomicU64,
+    /// See [`ReplicaStatus::failed_over`].
+    pub failed_over: AtomicBool,
+    /// See [`ReplicaStatus::fenced_refusals`].
+    pub fenced_refusals: AtomicU64,
 }
 
 impl SlotStatus {
@@ -177,6 +189,9 @@ impl Slot {
             bytes_received: s.bytes_received.get(),
             refused: s.refused.load(Ordering::Relaxed),
             last_seen_secs: (seen > 0).then(|| now_us().saturating_sub(seen) / 1_000_000),
+            epoch: s.epoch.load(Ordering::Relaxed),
+            failed_over: s.failed_over.load(Ordering::Relaxed),
+            fenced_refusals: s.fenced_refusals.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,12 +207,18 @@ pub struct Target {
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
     /// Cancelled to stop every session.
     pub shutdown: CancellationToken,
+    failback: Mutex<Option<Arc<dyn crate::session::FailbackHandler>>>,
 }
 
 impl Target {
     /// A target with no replicas open yet.
     pub fn new(config: TargetConfig) -> Arc<Target> {
-        Arc::new(Target { config, slots: Mutex::default(), shutdown: CancellationToken::new() })
+        Arc::new(Target {
+            config,
+            slots: Mutex::default(),
+            shutdown: CancellationToken::new(),
+            failback: Mutex::new(None),
+        })
     }
 
     /// The slot of `job` from `source`.
@@ -218,6 +239,69 @@ impl Target {
             .clone()
     }
 
+    /// Installs the handler of failback connections.
+    pub fn set_failback_handler(&self, h: Arc<dyn crate::session::FailbackHandler>) {
+        *self.failback.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    }
+
+    /// The handler of failback connections, if any.
+    pub fn failback_handler(&self) -> Option<Arc<dyn crate::session::FailbackHandler>> {
+        self.failback.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// When `source` was last heard from on any of its jobs, in microseconds since the epoch
+    /// (0: not since this target started). What the failover monitor watches.
+    pub fn last_seen_us(&self, source: &str) -> u64 {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .filter(|((s, _), _)| s == source)
+            .map(|(_, slot)| slot.status.last_seen_us.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Records that a fenced source tried to replicate.
+    pub fn note_fenced(&self, source: &str, job: &str) {
+        self.slot(source, job).status.fenced_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The jobs this target holds for `source` (found on disk).
+    pub fn jobs_of(&self, source: &str) -> Vec<String> {
+        let mut jobs: Vec<String> = match &self.config.layout {
+            crate::config::Layout::DataDir(d) => std::fs::read_dir(d.join("state").join(source))
+                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default(),
+            crate::config::Layout::Embedded { .. } => Vec::new(),
+        };
+        jobs.sort();
+        jobs
+    }
+
+    /// Runs `f` on the replica of `job` from `source` with no session using it (a running one
+    /// is ended first and its worker finishes applying what it received).
+    pub async fn with_replica<R: Send + 'static>(
+        &self,
+        source: &str,
+        job: &str,
+        f: impl FnOnce(&mut Replica) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let slot = self.slot(source, job);
+        let lease = slot.lease(&self.config, &self.shutdown, Duration::from_secs(60)).await?;
+        let mut replica = lease.replica;
+        let (replica, r) = tokio::task::spawn_blocking(move || {
+            let r = f(&mut replica);
+            (replica, r)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let info = replica.info();
+        slot.status.epoch.store(info.epoch, Ordering::Relaxed);
+        slot.status.failed_over.store(info.failed_over, Ordering::Relaxed);
+        slot.give_back(replica);
+        Ok(r)
+    }
+
     /// Status of every replica seen since start, plus replicas found on disk.
     pub fn status(&self) -> Vec<ReplicaStatus> {
         if let crate::config::Layout::DataDir(d) = &self.config.layout {
@@ -231,11 +315,13 @@ impl Target {
                                 j.file_name().to_string_lossy().into_owned(),
                             );
                             let slot = self.slot(&src, &job);
-                            if slot.status.durable.load(Ordering::Relaxed) == 0
+                            if slot.status.epoch.load(Ordering::Relaxed) == 0
                                 && let Ok(Some(c)) = doppel_apply::state::read_checkpoint(&j.path())
                             {
-                                slot.status.durable.store(c.applied, Ordering::Relaxed);
+                                slot.status.durable.fetch_max(c.applied, Ordering::Relaxed);
                                 slot.status.applied.fetch_max(c.applied, Ordering::Relaxed);
+                                slot.status.epoch.store(c.epoch, Ordering::Relaxed);
+                                slot.status.failed_over.store(c.failed_over, Ordering::Relaxed);
                             }
                         }
                     }

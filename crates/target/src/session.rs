@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
-use doppel_proto::{Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::mpsc;
 
@@ -23,22 +23,49 @@ const MAX_BATCH_RAW: u32 = 64 << 20;
 
 /// Serves one authenticated connection from the source known as `source`. Returns when the
 /// connection ends; the error says why it ended abnormally.
-pub async fn handle_stream<S>(target: Arc<Target>, stream: S, source: String) -> Result<(), LinkError>
+pub async fn handle_stream<S>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+) -> Result<Option<Handover>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &target.config;
+    // The first frame decides what this connection is: replication, or a failback.
+    let mut stream = BufReader::with_capacity(256 << 10, stream);
+    let received = ByteCounter::default();
+    let first = {
+        let mut r = FrameReader::new(&mut stream, cfg.max_frame, received.clone());
+        match tokio::time::timeout(cfg.handshake_timeout, r.read()).await {
+            Ok(m) => m?,
+            Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
+        }
+    };
+    if let Message::FailbackHello(hello) = first {
+        return failback(&target, source, hello, stream).await.map(|()| None);
+    }
+    handle_after(target, stream, source, first, received).await
+}
+
+/// [`handle_stream`] for a connection whose first message the caller already read (the
+/// source side of a failback reads it to tell a refusal from the DR side's `Hello`).
+/// `received` counts the bytes read so far.
+pub async fn handle_after<S>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+    first: Message,
+    received: ByteCounter,
+) -> Result<Option<Handover>, LinkError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &target.config;
     let (r, w) = tokio::io::split(stream);
-    let received = ByteCounter::default();
-    let mut reader =
-        FrameReader::new(BufReader::with_capacity(256 << 10, r), cfg.max_frame, received.clone());
+    let mut reader = FrameReader::new(r, cfg.max_frame, received.clone());
     let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
-
-    let hello = match tokio::time::timeout(cfg.handshake_timeout, reader.read()).await {
-        Ok(m) => m?,
-        Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
-    };
-    let Message::Hello(hello) = hello else {
+    let Message::Hello(hello) = first else {
         return refuse(&mut writer, Refusal::Other { reason: "expected Hello".into() }).await;
     };
     if hello.protocol != PROTOCOL_VERSION {
@@ -69,8 +96,10 @@ where
         return refuse(&mut writer, Refusal::Other { reason: format!("replica not available: {e}") }).await;
     }
     let info = lease.replica.info();
-    if hello.epoch != 0 && hello.epoch < info.epoch {
+    if info.failed_over || (hello.epoch != 0 && hello.epoch < info.epoch) {
         slot.give_back(lease.replica);
+        tracing::warn!(%source, job = %hello.job, epoch = info.epoch, "refusing a fenced source");
+        target.note_fenced(&source, &hello.job);
         return refuse(&mut writer, Refusal::Fenced { epoch: info.epoch }).await;
     }
     writer
@@ -105,6 +134,7 @@ where
     drop(out_tx);
 
     let result = read_loop(&mut reader, &work_tx, &slot, cfg.heartbeat * 3, &cancel, &received).await;
+    status.epoch.store(info.epoch, Ordering::Relaxed);
     drop(work_tx);
     match worker.await {
         Ok(replica) => slot.give_back(replica),
@@ -117,13 +147,77 @@ where
     status.connected.store(false, Ordering::Relaxed);
     status.set_state("disconnected");
     match &result {
-        Ok(()) => tracing::info!(%source, job = %hello.job, "source disconnected"),
+        Ok(Some(h)) => {
+            tracing::info!(%source, job = %hello.job, epoch = h.epoch, "the sender handed the job over")
+        }
+        Ok(None) => tracing::info!(%source, job = %hello.job, "source disconnected"),
         Err(e) => tracing::warn!(%source, job = %hello.job, error = %e, "session ended"),
     }
     result
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, r: Refusal) -> Result<(), LinkError> {
+/// How a failback stream ended: the job goes back to its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// The epoch the source protects the job in from now on.
+    pub epoch: u64,
+    /// The replica it protects it to.
+    pub replica_id: [u8; 16],
+    /// The replica's applied sequence, to continue after.
+    pub applied_seq: u64,
+}
+
+/// A byte stream handed to a failback handler.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Takes failback connections (implemented by the failover manager).
+pub trait FailbackHandler: Send + Sync {
+    /// Takes the connection of `source`, which asked for `job` back; on refusal, returns the
+    /// reason and the stream, so the refusal can be sent on it.
+    fn accept(
+        &self,
+        source: &str,
+        job: &str,
+        stream: Box<dyn Stream>,
+    ) -> Result<(), (Refusal, Box<dyn Stream>)>;
+}
+
+async fn failback<S>(
+    target: &Arc<Target>,
+    source: String,
+    hello: Hello,
+    stream: BufReader<S>,
+) -> Result<(), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let refusal = match target.failback_handler() {
+        None => (
+            Refusal::Other { reason: "this target does not run failbacks".into() },
+            Box::new(stream) as Box<dyn Stream>,
+        ),
+        Some(h) => match h.accept(&source, &hello.job, Box::new(stream)) {
+            Ok(()) => {
+                tracing::info!(%source, job = %hello.job, "failback connection accepted");
+                return Ok(());
+            }
+            Err(r) => r,
+        },
+    };
+    let (refusal, stream) = refusal;
+    let mut w = FrameWriter::new(stream, ByteCounter::default());
+    refuse(&mut w, refusal).await
+}
+
+/// Sends `r` on a stream handed to a failback handler, and closes it (for refusals decided
+/// after [`FailbackHandler::accept`] returned).
+pub async fn refuse_stream(stream: Box<dyn Stream>, r: Refusal) {
+    let mut w = FrameWriter::new(stream, ByteCounter::default());
+    let _: Result<(), LinkError> = refuse(&mut w, r).await;
+}
+
+async fn refuse<W: AsyncWrite + Unpin, T>(writer: &mut FrameWriter<W>, r: Refusal) -> Result<T, LinkError> {
     tracing::warn!(reason = %r, "refusing connection");
     writer.send_now(&Message::Refused(r.clone())).await?;
     let _ = writer.shutdown().await;
@@ -137,11 +231,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     dead_after: Duration,
     cancel: &tokio_util::sync::CancellationToken,
     received: &ByteCounter,
-) -> Result<(), LinkError> {
+) -> Result<Option<Handover>, LinkError> {
     let mut counted = received.get();
     loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(None),
             m = tokio::time::timeout(dead_after, reader.read()) => match m {
                 Ok(m) => m,
                 Err(_) => return Err(LinkError::Timeout(dead_after)),
@@ -161,16 +255,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Message::Heartbeat { .. }) => continue,
             Ok(Message::Goodbye { reason }) => {
                 tracing::info!(%reason, "source said goodbye");
-                return Ok(());
+                return Ok(None);
+            }
+            Ok(Message::FailbackDone { epoch, replica_id, applied_seq }) => {
+                return Ok(Some(Handover { epoch, replica_id, applied_seq }));
             }
             Ok(other) => {
                 return Err(LinkError::Protocol(format!("unexpected message from source: {other:?}")));
             }
-            Err(LinkError::Closed) => return Ok(()),
+            Err(LinkError::Closed) => return Ok(None),
             Err(e) => return Err(e),
         };
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(None),
             sent = work.send(item) => if sent.is_err() {
                 return Err(LinkError::Protocol("the apply worker stopped".into()));
             },

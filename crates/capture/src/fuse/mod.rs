@@ -138,7 +138,15 @@ impl FuseCapture {
         let session = session.spawn()?;
         let dev = rustix::fs::stat(root).map(|st| st.st_dev).unwrap_or(0);
         tracing::info!(root = %root.display(), passthrough = passthrough.load(std::sync::atomic::Ordering::Relaxed), "capture mount active");
-        Ok(FuseCapture { root: root.to_path_buf(), dev, drain: opts.drain, root_fd, locks, session: Some(session), passthrough })
+        Ok(FuseCapture {
+            root: root.to_path_buf(),
+            dev,
+            drain: opts.drain,
+            root_fd,
+            locks,
+            session: Some(session),
+            passthrough,
+        })
     }
 
     /// The locks the mirror must take while it reads the tree under a live mount.

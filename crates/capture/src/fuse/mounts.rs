@@ -90,11 +90,15 @@ pub fn abort_connection(dev: u64) -> io::Result<()> {
     if !abort.exists() && std::fs::read_dir(CONNECTIONS)?.next().is_none() {
         rustix::mount::mount("fusectl", CONNECTIONS, "fusectl", rustix::mount::MountFlags::empty(), None)
             .map_err(|e| {
-                io::Error::new(io::Error::from(e).kind(), format!("cannot mount fusectl on {CONNECTIONS}: {e}"))
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("cannot mount fusectl on {CONNECTIONS}: {e}"),
+                )
             })?;
     }
-    std::fs::write(&abort, b"1")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot abort the FUSE connection ({}): {e}", abort.display())))
+    std::fs::write(&abort, b"1").map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot abort the FUSE connection ({}): {e}", abort.display()))
+    })
 }
 
 /// Files under `root` that some process holds open right now, as `(pid, path)`.

@@ -1,5 +1,6 @@
 //! The subcommands.
 
+mod failover;
 mod protect;
 mod status;
 mod target;
@@ -34,6 +35,9 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Status(a) => status::run(a, &home),
         Command::Verify(a) => status::verify(a, &home),
         Command::Limit(a) => status::limit(a, &home),
+        Command::Failover(a) => failover::run(a, false, &home),
+        Command::Failback(a) => failover::run(a, true, &home),
+        Command::Events(a) => failover::events(a, &home),
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use doppel_agent::{Agent, JobConfig, Schedule};
+use doppel_failover::source::Outcome;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -13,8 +14,12 @@ use crate::config::{FileConfig, destination, job_from_section};
 use crate::control;
 
 pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
+    let failback = a.failback;
     let mut jobs = jobs(a, &file)?;
     share_target_limits(&mut jobs, &file)?;
+    if failback {
+        return run_failback(jobs, home).await;
+    }
     let mut agents = Vec::new();
     for job in jobs {
         let name = job.name.clone();
@@ -25,54 +30,118 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
     let mut runs = tokio::task::JoinSet::new();
     for agent in agents {
         let name = agent.job().name.clone();
-        let src = agent.status_source();
-        let verifier = agent.verifier();
-        let limit = agent.limit();
-        let handler: control::Handler = Arc::new(move |req| {
-            let (src, verifier, limit) = (src.clone(), verifier.clone(), limit.clone());
-            Box::pin(async move {
-                match req["cmd"].as_str() {
-                    Some("limit") => {
-                        let rate = req["rate"].as_str().unwrap_or_default();
-                        let parsed = if rate == "schedule" {
-                            Ok(None)
-                        } else {
-                            doppel_link::ratelimit::parse_rate(rate).map(Some)
-                        };
-                        match parsed
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| limit.set(r).map_err(|e| e.to_string()))
-                        {
-                            Ok(()) => json!({ "ok": true, "rate_limit": src.snapshot().rate_limit }),
-                            Err(e) => json!({ "error": e }),
-                        }
-                    }
-                    Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
-                        Ok(report) => serde_json::to_value(report).unwrap_or_default(),
-                        Err(e) => json!({ "error": e }),
-                    },
-                    _ => json!({ "jobs": [src.snapshot()] }),
-                }
-            })
-        });
         let sock = control::run_dir(&home).join(format!("job-{name}.sock"));
-        tokio::spawn(control::serve(sock, handler, stop_control.clone()));
+        tokio::spawn(control::serve(sock, handler(&agent), stop_control.clone()));
         let token = shutdown.clone();
-        runs.spawn(async move { (name, agent.run(token).await) });
+        runs.spawn(async move { (name, agent.run(token).await.map_err(anyhow::Error::from)) });
     }
+    let r = join(runs, &shutdown).await;
+    stop_control.cancel();
+    r
+}
+
+/// `protect --failback`: each job first receives its tree back from the target (until the
+/// operator's cutover there hands it over), then is protected as usual.
+async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
+    let shutdown = super::on_signals()?;
+    let stop_control = CancellationToken::new();
+    let mut runs = tokio::task::JoinSet::new();
+    for job in jobs {
+        let (home, shutdown, stop_control) = (home.clone(), shutdown.clone(), stop_control.clone());
+        runs.spawn(async move {
+            let name = job.name.clone();
+            let r = async {
+                let sock = control::run_dir(&home).join(format!("job-{name}.sock"));
+                let phase = CancellationToken::new();
+                let (n, d) = (name.clone(), job.dest.to_string());
+                let waiting: control::Handler = Arc::new(move |_req| {
+                    let (n, d) = (n.clone(), d.clone());
+                    Box::pin(async move {
+                        json!({ "jobs": [{
+                            "job": n,
+                            "state": "failback",
+                            "connected": true,
+                            "dest": d,
+                            "detail": "receiving the replica; the job is handed back when `doppel failback` runs on the target",
+                        }] })
+                    })
+                });
+                let serving = tokio::spawn(control::serve(sock.clone(), waiting, phase.clone()));
+                tracing::info!(job = %name, "failback: asking the target for the job's replica");
+                let outcome = doppel_failover::source::receive(&job, &home, shutdown.clone()).await;
+                phase.cancel();
+                let _ = serving.await;
+                match outcome? {
+                    Outcome::Stopped => return Ok(()),
+                    Outcome::HandedBack(a) => {
+                        tracing::info!(job = %name, epoch = a.epoch, "failback complete: protecting again")
+                    }
+                    Outcome::NotFailedOver => {}
+                }
+                let agent = Agent::new(job, &home)?;
+                tokio::spawn(control::serve(sock, handler(&agent), stop_control.clone()));
+                agent.run(shutdown).await.map_err(anyhow::Error::from)
+            }
+            .await;
+            (name, r)
+        });
+    }
+    let r = join(runs, &shutdown).await;
+    stop_control.cancel();
+    r
+}
+
+/// Waits for every job; the first error stops the others and is returned.
+async fn join(
+    mut runs: tokio::task::JoinSet<(String, Result<()>)>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let mut first_error = None;
     while let Some(r) = runs.join_next().await {
         let (name, r) = r?;
         if let Err(e) = r {
             shutdown.cancel();
-            first_error.get_or_insert_with(|| anyhow!(e).context(format!("job {name}")));
+            first_error.get_or_insert_with(|| e.context(format!("job {name}")));
         }
     }
-    stop_control.cancel();
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The control socket's handler for a running job.
+fn handler(agent: &Agent) -> control::Handler {
+    let src = agent.status_source();
+    let verifier = agent.verifier();
+    let limit = agent.limit();
+    Arc::new(move |req| {
+        let (src, verifier, limit) = (src.clone(), verifier.clone(), limit.clone());
+        Box::pin(async move {
+            match req["cmd"].as_str() {
+                Some("limit") => {
+                    let rate = req["rate"].as_str().unwrap_or_default();
+                    let parsed = if rate == "schedule" {
+                        Ok(None)
+                    } else {
+                        doppel_link::ratelimit::parse_rate(rate).map(Some)
+                    };
+                    match parsed
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| limit.set(r).map_err(|e| e.to_string()))
+                    {
+                        Ok(()) => json!({ "ok": true, "rate_limit": src.snapshot().rate_limit }),
+                        Err(e) => json!({ "error": e }),
+                    }
+                }
+                Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
+                    Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+                    Err(e) => json!({ "error": e }),
+                },
+                _ => json!({ "jobs": [src.snapshot()] }),
+            }
+        })
+    })
 }
 
 fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {

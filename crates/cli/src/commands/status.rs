@@ -12,6 +12,7 @@ use crate::control;
 pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
     let mut jobs: Vec<Value> = Vec::new();
     let mut replicas: Vec<Value> = Vec::new();
+    let mut sources: Vec<Value> = Vec::new();
     for sock in control::sockets(home) {
         let Ok(answer) = control::request(&sock, &json!({ "cmd": "status" }), Duration::from_secs(5)) else {
             continue;
@@ -21,6 +22,9 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
         }
         if let Some(r) = answer.get("replicas").and_then(Value::as_array) {
             replicas.extend(r.iter().cloned());
+        }
+        if let Some(r) = answer.get("sources").and_then(Value::as_array) {
+            sources.extend(r.iter().cloned());
         }
     }
     // Jobs with state on disk but no running agent.
@@ -36,16 +40,29 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0);
-            jobs.push(
-                json!({ "job": name, "state": "stopped", "last_acked_seq": acked, "connected": false }),
-            );
+            let state: Value = std::fs::read(home.join("jobs").join(&name).join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null);
+            let mut row =
+                json!({ "job": name, "state": "stopped", "last_acked_seq": acked, "connected": false });
+            if let Some(epoch) = state["fenced"].as_u64() {
+                row["state"] = json!("fenced");
+                row["detail"] = json!(format!(
+                    "the target failed this job over (epoch {epoch}) and refuses it: run `doppel protect --failback` to take the workload back"
+                ));
+            }
+            jobs.push(row);
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "jobs": jobs, "replicas": replicas }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "jobs": jobs, "replicas": replicas, "sources": sources }))?
+        );
         return Ok(());
     }
-    if jobs.is_empty() && replicas.is_empty() {
+    if jobs.is_empty() && replicas.is_empty() && sources.is_empty() {
         println!("no jobs or replicas under {}", home.display());
         return Ok(());
     }
@@ -94,20 +111,68 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
             println!();
         }
         println!(
-            "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10}  SEEN",
-            "SOURCE", "JOB", "STATE", "APPLIED", "DURABLE", "RECEIVED"
+            "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  SEEN",
+            "SOURCE", "JOB", "STATE", "APPLIED", "DURABLE", "RECEIVED", "EPOCH"
         );
         for r in &replicas {
+            let state =
+                if r["failed_over"].as_bool() == Some(true) { "failed-over".into() } else { s(&r["state"]) };
             println!(
-                "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10}  {}",
+                "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  {}",
                 s(&r["source"]),
                 s(&r["job"]),
-                s(&r["state"]),
+                state,
                 n(&r["applied"]),
                 n(&r["durable"]),
                 bytes(r["bytes_received"].as_u64()),
+                n(&r["epoch"]),
                 r["last_seen_secs"].as_u64().map(|t| format!("{t}s ago")).unwrap_or_else(|| "never".into()),
             );
+            if let Some(f) = r["fenced_refusals"].as_u64().filter(|f| *f > 0) {
+                println!("{:<16} FENCED: refused {f} connections of the old source", "");
+            }
+        }
+    }
+    if !sources.is_empty() {
+        println!();
+        println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
+        for src in &sources {
+            let state = s(&src["state"]);
+            let next = match (src["failover_in_secs"].as_f64(), src["policy"].as_str()) {
+                (Some(t), Some("auto")) => format!("fails over in {t:.0}s"),
+                (Some(t), _) => format!("counts as failed in {t:.0}s"),
+                (None, _) if state == "failed" && src["policy"] == "manual" => {
+                    format!("manual policy: run `doppel failover {}`", s(&src["source"]))
+                }
+                (None, _) if state == "failed-over" => {
+                    format!("`doppel failback {}` once it is back", s(&src["source"]))
+                }
+                _ => String::new(),
+            };
+            println!(
+                "{:<16} {:<7} {:<13} {:>7.0}s {:>3}/{:<3}  {next}",
+                s(&src["source"]),
+                s(&src["policy"]),
+                state,
+                src["silent_secs"].as_f64().unwrap_or(0.0),
+                n(&src["missed"]),
+                n(&src["threshold"]),
+            );
+            if let Some(e) = src["error"].as_str() {
+                println!("{:<16} ERROR: {}", "", e.replace('\n', " "));
+            }
+            for j in src["jobs"].as_array().into_iter().flatten() {
+                if let Some(fb) = j.get("failback").filter(|f| !f.is_null()) {
+                    println!(
+                        "{:<16} job {}: failback {} ({} sent, {} pending)",
+                        "",
+                        s(&j["job"]),
+                        s(&fb["state"]),
+                        bytes(fb["bytes_sent"].as_u64()),
+                        bytes(fb["pending_bytes"].as_u64())
+                    );
+                }
+            }
         }
     }
     Ok(())

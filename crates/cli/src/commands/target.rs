@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
+use std::time::Duration;
+
+use doppel_failover::{Manager, ManagerConfig};
 use doppel_link::{Identity, NodeId};
 use doppel_target::{AllowedSource, Layout, Target, TargetConfig, valid_name};
 use serde_json::json;
@@ -20,8 +23,10 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
         .ok_or_else(|| anyhow!("--listen ADDR is required (or [target] listen)"))?;
     let data = a.data.or(section.data).ok_or_else(|| anyhow!("--data DIR is required (or [target] data)"))?;
     let mut allowed = Vec::new();
-    for s in section.allow {
+    let mut policies = Vec::new();
+    for s in &section.allow {
         allowed.push(allow(&s.name, &s.id)?);
+        policies.push(s.policy()?);
     }
     for s in &a.allow {
         let (name, id) = s.split_once('=').ok_or_else(|| anyhow!("--allow {s:?}: expected NAME=ID"))?;
@@ -53,16 +58,46 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let run = control::run_dir(&home);
     std::fs::create_dir_all(&run)?;
     std::fs::write(run.join("target.addr"), addr.to_string())?;
-    let t = target.clone();
-    let handler: control::Handler = Arc::new(move |_req| {
-        let t = t.clone();
-        Box::pin(async move { json!({ "replicas": t.status() }) })
+    let mut mc = ManagerConfig::new(&data);
+    if let Some(t) = section.script_timeout_secs {
+        mc.script_timeout = Duration::from_secs(t.max(1));
+    }
+    if let Some(t) = section.cutover_timeout_secs {
+        mc.cutover_timeout = Duration::from_secs(t.max(1));
+    }
+    let manager = Manager::new(target.clone(), mc, policies);
+    tokio::spawn(manager.clone().run());
+    let handler: control::Handler = Arc::new(move |req| {
+        let m = manager.clone();
+        Box::pin(async move { answer(&m, req).await })
     });
     tokio::spawn(control::serve(run.join("target.sock"), handler, target.shutdown.clone()));
     tracing::info!(%addr, identity = %me.id, data = %data.display(), sources = target.config.allowed.len(), "target listening");
     doppel_target::serve(target.clone(), &me, listener).await?;
     let _ = std::fs::remove_file(run.join("target.addr"));
     Ok(())
+}
+
+/// Answers a control request.
+async fn answer(m: &Manager, req: serde_json::Value) -> serde_json::Value {
+    let source = req["source"].as_str().unwrap_or_default();
+    let jobs: Option<Vec<String>> = req["jobs"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .map(|a| a.iter().filter_map(|j| j.as_str().map(str::to_string)).collect());
+    let report = |r: Result<doppel_failover::Report, doppel_failover::FailoverError>| match r {
+        Ok(r) => json!({ "report": r }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    match req["cmd"].as_str() {
+        Some("failover") => report(m.failover(source, jobs, "manual: doppel failover").await),
+        Some("failback") => report(m.failback(source, jobs).await),
+        Some("events") => match m.events().read() {
+            Ok(ev) => json!({ "events": ev }),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        _ => json!({ "replicas": m.target().status(), "sources": m.status() }),
+    }
 }
 
 fn allow(name: &str, id: &str) -> Result<AllowedSource> {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod sqlite;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,115 @@
+//! `doppel failover`, `doppel failback` and `doppel events`: clients of the target's control
+//! socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::cli::{EventsArgs, FailoverArgs};
+use crate::control;
+
+/// Scripts may start virtual machines or databases: the command waits as long as they may run.
+const LONG: Duration = Duration::from_secs(6 * 3600);
+
+fn target_socket(home: &Path) -> Result<PathBuf> {
+    let sock = control::run_dir(home).join("target.sock");
+    if !sock.exists() {
+        bail!("no target is running with home {}: start `doppel target` first", home.display());
+    }
+    Ok(sock)
+}
+
+/// `doppel failover` (`back` false) and `doppel failback` (`back` true).
+pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
+    let sock = target_socket(home)?;
+    let cmd = if back { "failback" } else { "failover" };
+    eprintln!("{cmd} of {} started; the steps are logged by the target (`doppel events`)", a.source);
+    let answer = control::request(&sock, &json!({ "cmd": cmd, "source": a.source, "jobs": a.jobs }), LONG)?;
+    if let Some(e) = answer.get("error").and_then(Value::as_str) {
+        bail!("{cmd} of {}: {e}", a.source);
+    }
+    let report = answer.get("report").ok_or_else(|| anyhow!("the target gave no report: {answer}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let report: doppel_failover::Report = serde_json::from_value(report.clone())?;
+    println!("{}", doppel_failover::render(&report));
+    Ok(())
+}
+
+/// `doppel events`.
+pub fn events(a: EventsArgs, home: &Path) -> Result<()> {
+    let sock = target_socket(home)?;
+    let answer = control::request(&sock, &json!({ "cmd": "events" }), Duration::from_secs(30))?;
+    if let Some(e) = answer.get("error").and_then(Value::as_str) {
+        bail!("events: {e}");
+    }
+    let mut events: Vec<doppel_failover::Event> =
+        serde_json::from_value(answer.get("events").cloned().unwrap_or(Value::Array(Vec::new())))?;
+    if let Some(s) = &a.source {
+        events.retain(|e| &e.source == s);
+    }
+    if let Some(n) = a.last {
+        let skip = events.len().saturating_sub(n);
+        events.drain(..skip);
+    }
+    for e in &events {
+        if a.json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!("{}", render_event(e));
+        }
+    }
+    Ok(())
+}
+
+fn render_event(e: &doppel_failover::Event) -> String {
+    let secs = (e.time_us / 1_000_000) as i64;
+    let time = time_of_day(secs, e.time_us % 1_000_000 / 1000);
+    let mut line = format!("{time}  {:<10} {:<18}", e.source, e.kind);
+    if let Some(step) = &e.step {
+        line.push_str(&format!(" {step}"));
+        if let Some(st) = &e.status {
+            line.push_str(&format!(" {st}"));
+        }
+    }
+    if let Some(j) = &e.job {
+        line.push_str(&format!(" [{j}]"));
+    }
+    if let Some(ms) = e.millis {
+        line.push_str(&format!(" {ms} ms"));
+    }
+    if !e.detail.is_empty() {
+        line.push_str(&format!("  {}", e.detail));
+    }
+    line
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
+fn time_of_day(secs: i64, millis: u64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{millis:03}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_times_read_as_utc() {
+        assert_eq!(super::time_of_day(0, 0), "1970-01-01 00:00:00.000");
+        assert_eq!(super::time_of_day(1_795_000_000, 7), "2026-11-18 11:06:40.007");
+    }
+}

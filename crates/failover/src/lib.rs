@@ -1,0 +1,31 @@
+//! # doppel-failover: from a dead source to a running workload, and back
+//!
+//! - [`policy`]: what the target does for each source: how it watches it, when it fails it
+//!   over, which addresses it takes over and which scripts it runs.
+//! - [`monitor`]: is each source alive? (its link, and probes).
+//! - [`probe`]: checks of a source besides its link (TCP connect, HTTP, a command).
+//! - [`steps`]: failover and failback cutover, step by step, resumable.
+//! - [`progress`]: the record of the steps done, so a rerun goes on where a run stopped.
+//! - [`hooks`]: running the operator's scripts, and taking over and releasing addresses.
+//! - [`events`]: the event log `doppel events` shows: every step, with times.
+//! - [`manager`]: the [`Manager`], which ties these together for one target.
+//! - [`reverse`]: the DR side of a failback: the replica sent back to its source with the
+//!   ordinary pipeline, over connections the source opens.
+//! - [`source`]: the source side of a failback: its tree brought in line with the replica,
+//!   then protection resumed.
+
+pub mod events;
+pub mod hooks;
+pub mod manager;
+pub mod monitor;
+pub mod policy;
+pub mod probe;
+pub mod progress;
+pub mod reverse;
+pub mod source;
+pub mod steps;
+
+pub use events::{Event, EventLog};
+pub use manager::{FailoverError, Manager, ManagerConfig, SourceStatus};
+pub use policy::{Policy, Probe, SourcePolicy};
+pub use steps::{Report, render};

@@ -1,0 +1,344 @@
+//! The [`Manager`]: failover and failback for every source of one target.
+//!
+//! It owns the monitor (see [`crate::monitor`]), runs failovers and failback cutovers step by
+//! step (see [`crate::steps`]), one at a time per source, and takes the connections of
+//! sources that ask for their jobs back (it is the target's
+//! [`FailbackHandler`](doppel_target::FailbackHandler)).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use doppel_proto::Refusal;
+use doppel_target::{FailbackHandler, Stream, Target};
+use serde::Serialize;
+
+use crate::events::{Event, EventLog};
+use crate::monitor::Watch;
+use crate::policy::{Policy, SourcePolicy};
+use crate::reverse::ReverseJob;
+
+/// Why a failover or failback could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// Not a source this target knows.
+    #[error("unknown source {0:?}")]
+    UnknownSource(String),
+    /// The source has no replicas here (or not the job asked for).
+    #[error("{0}")]
+    NoReplica(String),
+    /// A step failed; running the command again continues from this step.
+    #[error(
+        "step {step} failed: {error}\n(fix the cause and run the command again: completed steps are not repeated)"
+    )]
+    Step {
+        /// The step.
+        step: String,
+        /// Why.
+        error: String,
+    },
+    /// A failback cutover cannot start yet.
+    #[error("{0}")]
+    NotReady(String),
+    /// Saving progress.
+    #[error("cannot record progress in {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Settings shared by every source.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The target's data directory.
+    pub data: PathBuf,
+    /// Longest time one script may run.
+    pub script_timeout: Duration,
+    /// Longest time the final sync of a failback cutover may take.
+    pub cutover_timeout: Duration,
+}
+
+impl ManagerConfig {
+    /// Defaults for `data`.
+    pub fn new(data: &Path) -> ManagerConfig {
+        ManagerConfig {
+            data: data.to_path_buf(),
+            script_timeout: Duration::from_secs(600),
+            cutover_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What `doppel status` shows about a source on the target.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    /// The source.
+    pub source: String,
+    /// `auto` or `manual`.
+    pub policy: String,
+    /// `never-seen`, `alive`, `silent`, `failed`, `failing-over`, `failed-over`,
+    /// `failing-back`.
+    pub state: String,
+    /// Seconds since the source was last heard from.
+    pub silent_secs: f64,
+    /// Seconds until the source counts as failed (and, with the `auto` policy, fails over),
+    /// while it is silent.
+    pub failover_in_secs: Option<f64>,
+    /// Checks missed in a row, and the threshold.
+    pub missed: u32,
+    /// See [`SourcePolicy::missed`].
+    pub threshold: u32,
+    /// The last error of a failover or failback, until one succeeds.
+    pub error: Option<String>,
+    /// Jobs.
+    pub jobs: Vec<JobFailoverStatus>,
+}
+
+/// One job's part of [`SourceStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct JobFailoverStatus {
+    /// The job.
+    pub job: String,
+    /// The workload runs on the replica.
+    pub failed_over: bool,
+    /// The replica's epoch.
+    pub epoch: u64,
+    /// The failback stream, while one runs.
+    pub failback: Option<FailbackStatus>,
+}
+
+/// A running failback stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailbackStatus {
+    /// The sending job's state (`mirroring`, `replicating`...).
+    pub state: String,
+    /// The source is connected.
+    pub connected: bool,
+    /// Bytes sent to the source.
+    pub bytes_sent: u64,
+    /// Bytes not yet applied by the source.
+    pub pending_bytes: u64,
+}
+
+/// Failover and failback for every source of one target.
+pub struct Manager {
+    pub(crate) target: Arc<Target>,
+    pub(crate) config: ManagerConfig,
+    pub(crate) policies: HashMap<String, SourcePolicy>,
+    pub(crate) events: EventLog,
+    /// When the manager started: a source not heard from since is given the full threshold.
+    pub(crate) started_us: u64,
+    pub(crate) watches: Mutex<HashMap<String, Watch>>,
+    /// One failover or failback at a time per source.
+    pub(crate) ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) reverse: Mutex<HashMap<(String, String), Arc<ReverseJob>>>,
+    pub(crate) me: Weak<Manager>,
+}
+
+impl Manager {
+    /// A manager for `target`'s sources; those without a policy get [`SourcePolicy::manual`].
+    /// Installs itself as the target's failback handler.
+    pub fn new(target: Arc<Target>, config: ManagerConfig, policies: Vec<SourcePolicy>) -> Arc<Manager> {
+        let mut by_name: HashMap<String, SourcePolicy> =
+            policies.into_iter().map(|p| (p.name.clone(), p)).collect();
+        for a in &target.config.allowed {
+            by_name.entry(a.name.clone()).or_insert_with(|| SourcePolicy::manual(&a.name));
+        }
+        let events = EventLog::new(&config.data.join("events.jsonl"));
+        let m = Arc::new_cyclic(|me| Manager {
+            target: target.clone(),
+            config,
+            policies: by_name,
+            events,
+            started_us: doppel_link::framed::now_us(),
+            watches: Mutex::default(),
+            ops: Mutex::default(),
+            reverse: Mutex::default(),
+            me: me.clone(),
+        });
+        target.set_failback_handler(m.clone());
+        m
+    }
+
+    /// The target the manager works for.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// The policy of `source`.
+    pub fn policy(&self, source: &str) -> Result<&SourcePolicy, FailoverError> {
+        self.policies.get(source).ok_or_else(|| FailoverError::UnknownSource(source.to_string()))
+    }
+
+    pub(crate) fn op_lock(&self, source: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).entry(source.to_string()).or_default().clone()
+    }
+
+    /// The replica's checkpoint: (epoch, failed over).
+    pub(crate) fn replica_state(&self, source: &str, job: &str) -> (u64, bool) {
+        let (_, state) = self.target.config.layout.paths(source, job);
+        match doppel_apply::state::read_checkpoint(&state) {
+            Ok(Some(c)) => (c.epoch, c.failed_over),
+            _ => (0, false),
+        }
+    }
+
+    /// The replica tree of `job`.
+    pub(crate) fn replica_path(&self, source: &str, job: &str) -> PathBuf {
+        self.target.config.layout.paths(source, job).0
+    }
+
+    pub(crate) fn reverse_job(&self, source: &str, job: &str) -> Option<Arc<ReverseJob>> {
+        self.reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(source.to_string(), job.to_string()))
+            .cloned()
+    }
+
+    /// Runs the notify command of `source` (if any) for `event`, without waiting for it.
+    pub(crate) fn notify(&self, source: &str, event: &str, detail: &str) {
+        let Some(cmd) = self.policies.get(source).and_then(|p| p.notify.clone()) else { return };
+        let env = vec![
+            ("DOPPEL_SOURCE".to_string(), source.to_string()),
+            ("DOPPEL_EVENT".to_string(), event.to_string()),
+            ("DOPPEL_DETAIL".to_string(), detail.to_string()),
+        ];
+        let limit = self.config.script_timeout;
+        let source = source.to_string();
+        let event = event.to_string();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let r = crate::hooks::run_script(&cmd, &env, limit).await;
+            if let Some(m) = me.upgrade() {
+                let e = Event::new(&source, "notify").detail(match &r {
+                    Ok(()) => format!("{event}: notified"),
+                    Err(e) => format!("{event}: notify command failed: {e}"),
+                });
+                m.events.record(e);
+            }
+        });
+    }
+
+    /// Status of every source.
+    pub fn status(&self) -> Vec<SourceStatus> {
+        let mut names: Vec<&String> = self.policies.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| self.source_status(n)).collect()
+    }
+
+    fn source_status(&self, source: &str) -> SourceStatus {
+        let pol = &self.policies[source];
+        let now = doppel_link::framed::now_us();
+        let jobs: Vec<JobFailoverStatus> = self
+            .target
+            .jobs_of(source)
+            .into_iter()
+            .map(|job| {
+                let (epoch, failed_over) = self.replica_state(source, &job);
+                let failback = self.reverse_job(source, &job).map(|r| {
+                    let s = r.snapshot();
+                    FailbackStatus {
+                        state: s.state,
+                        connected: s.connected,
+                        bytes_sent: s.bytes_sent,
+                        pending_bytes: s.pending_bytes,
+                    }
+                });
+                JobFailoverStatus { job, failed_over, epoch, failback }
+            })
+            .collect();
+        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = watches.get(source).cloned().unwrap_or_default();
+        drop(watches);
+        let seen = self.last_heard_us(source).max(w.baseline_us);
+        let silent_secs = now.saturating_sub(seen) as f64 / 1e6;
+        let any_failed_over = jobs.iter().any(|j| j.failed_over);
+        let state = if let Some(op) = &w.running {
+            op.clone()
+        } else if jobs.is_empty() {
+            "never-seen".into()
+        } else if any_failed_over {
+            "failed-over".into()
+        } else if w.failed {
+            "failed".into()
+        } else if w.missed > 0 {
+            "silent".into()
+        } else {
+            "alive".into()
+        };
+        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, silent_secs));
+        SourceStatus {
+            source: source.to_string(),
+            policy: match pol.policy {
+                Policy::Auto => "auto".into(),
+                Policy::Manual => "manual".into(),
+            },
+            state,
+            silent_secs,
+            failover_in_secs,
+            missed: w.missed,
+            threshold: pol.missed,
+            error: w.error.clone(),
+            jobs,
+        }
+    }
+}
+
+impl FailbackHandler for Manager {
+    fn accept(
+        &self,
+        source: &str,
+        job: &str,
+        stream: Box<dyn Stream>,
+    ) -> Result<(), (Refusal, Box<dyn Stream>)> {
+        if !self.target.jobs_of(source).iter().any(|j| j == job) || !self.replica_state(source, job).1 {
+            return Err((Refusal::NotFailedOver { job: job.to_string() }, stream));
+        }
+        if let Some(r) = self.reverse_job(source, job).filter(|r| !r.finished()) {
+            return r.offer(stream).map_err(|s| (Refusal::Busy, s));
+        }
+        // Starting the sending job opens its watch and spool: off the session's task.
+        let me = self.me.upgrade().expect("the manager outlives its target's sessions");
+        let (source, job) = (source.to_string(), job.to_string());
+        tokio::spawn(async move {
+            let replica = me.replica_path(&source, &job);
+            let home = me.config.data.join("failback").join(&source);
+            let (s, j) = (source.clone(), job.clone());
+            let started =
+                tokio::task::spawn_blocking(move || ReverseJob::start(&s, &j, &replica, &home)).await;
+            let r = match started {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    let reason = format!("cannot start the failback of {job}: {e}");
+                    me.events.record(Event::new(&source, "failback-error").job(&job).detail(reason.clone()));
+                    doppel_target::refuse_stream(stream, Refusal::Other { reason }).await;
+                    return;
+                }
+                Err(e) => {
+                    doppel_target::refuse_stream(stream, Refusal::Other { reason: e.to_string() }).await;
+                    return;
+                }
+            };
+            me.events.record(
+                Event::new(&source, "failback-connected")
+                    .job(&job)
+                    .detail("streaming the replica back to its source"),
+            );
+            me.reverse.lock().unwrap_or_else(|p| p.into_inner()).insert((source, job), r.clone());
+            if let Err(s) = r.offer(stream) {
+                doppel_target::refuse_stream(s, Refusal::Busy).await;
+            }
+        });
+        Ok(())
+    }
+}

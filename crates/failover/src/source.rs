@@ -1,0 +1,162 @@
+//! The source side of a failback (`doppel protect --failback`).
+//!
+//! The repaired source asks the target for its job back ([`Message::FailbackHello`]); the
+//! target answers as a source would (a `Hello`), and from then on this side is a target: an
+//! embedded one whose replica is the job's own tree. The DR side compares the tree with the
+//! replica block by block and sends only what differs (the tree may hold an old copy, or
+//! nothing), then streams the workload's changes until the operator's cutover ends the stream
+//! with the handover. The tree then equals the replica; [`adopt_replica`] records that, and
+//! ordinary protection resumes at the new epoch without comparing anything.
+//!
+//! Links break; every break is followed by a new connection that resumes where the last one
+//! stopped (the embedded target keeps its replica state, the DR side its spool).
+
+use std::time::Duration;
+
+use doppel_agent::handover::{Adopted, adopt_replica, lock_job};
+use doppel_agent::{AgentError, Connector, Destination, JobConfig};
+use doppel_link::{ByteCounter, FrameReader, FrameWriter, Identity, LinkError};
+use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal};
+use doppel_target::{Layout, Target, TargetConfig};
+use tokio::io::BufReader;
+use tokio_util::sync::CancellationToken;
+
+/// How a failback of one job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job was handed back: its tree equals the replica, protection resumes from here.
+    HandedBack(Adopted),
+    /// The target says the job is not failed over (it never was, or the handover happened
+    /// and its last message was lost): ordinary protection resumes with a comparison.
+    NotFailedOver,
+    /// Stopped by a signal before the handover.
+    Stopped,
+}
+
+/// Why a failback could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum FailbackError {
+    /// The job's configuration does not allow a failback.
+    #[error("{0}")]
+    Config(String),
+    /// The target refused, for a reason retrying cannot fix.
+    #[error("the target refused the failback: {0}")]
+    Refused(Refusal),
+    /// The job's state.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// Receives `job`'s tree back from its target, then records the handover.
+pub async fn receive(
+    job: &JobConfig,
+    home: &std::path::Path,
+    shutdown: CancellationToken,
+) -> Result<Outcome, FailbackError> {
+    let Destination::Remote { addr, target_id } = &job.dest else {
+        return Err(FailbackError::Config(format!(
+            "job {}: a failback comes from a remote target, not from {}",
+            job.name, job.dest
+        )));
+    };
+    // Held throughout: no agent may protect the tree while it is being replaced.
+    let lock = lock_job(home, &job.name)?;
+    std::fs::create_dir_all(&job.root).map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
+    let root =
+        std::fs::canonicalize(&job.root).map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
+    let (me, _) = Identity::load_or_create(home).map_err(|e| FailbackError::Config(e.to_string()))?;
+    let connector = Connector::remote(addr, &me, *target_id, Vec::new()).map_err(FailbackError::Config)?;
+    let state = lock.dir.join("failback-target");
+    let target = Target::new(TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() }));
+    let mut backoff = Duration::from_millis(200);
+    let handover = loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => {
+                target.shutdown.cancel();
+                return Ok(Outcome::Stopped);
+            }
+            a = session(&connector, &target, &job.name) => a,
+        };
+        match attempt {
+            Ok(Some(h)) => break h,
+            Ok(None) => tracing::info!(job = %job.name, "the failback stream ended; reconnecting"),
+            Err(End::Refused(Refusal::NotFailedOver { .. })) => {
+                tracing::warn!(job = %job.name, "the target says the job is not failed over: resuming protection with a comparison");
+                target.shutdown.cancel();
+                return Ok(Outcome::NotFailedOver);
+            }
+            Err(End::Refused(r @ (Refusal::Busy | Refusal::Other { .. }))) => {
+                tracing::warn!(job = %job.name, reason = %r, retry_in = ?backoff, "failback refused for now");
+            }
+            Err(End::Refused(r)) => {
+                target.shutdown.cancel();
+                return Err(FailbackError::Refused(r));
+            }
+            Err(End::Link(e)) => {
+                tracing::warn!(job = %job.name, error = %e, retry_in = ?backoff, "failback link down")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                target.shutdown.cancel();
+                return Ok(Outcome::Stopped);
+            }
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    };
+    target.shutdown.cancel();
+    let adopted =
+        Adopted { replica_id: handover.replica_id, epoch: handover.epoch, applied_seq: handover.applied_seq };
+    adopt_replica(job, &lock, adopted)?;
+    // The embedded replica state described this one failback only.
+    let _ = std::fs::remove_dir_all(&state);
+    tracing::info!(job = %job.name, epoch = adopted.epoch, "job handed back: protection resumes");
+    Ok(Outcome::HandedBack(adopted))
+}
+
+enum End {
+    Link(LinkError),
+    Refused(Refusal),
+}
+
+/// One connection: asks for the job, then serves the DR side's stream into the tree.
+async fn session(
+    connector: &Connector,
+    target: &std::sync::Arc<Target>,
+    job: &str,
+) -> Result<Option<doppel_target::Handover>, End> {
+    let (sent, received) = (ByteCounter::default(), ByteCounter::default());
+    let conn = connector.connect(&sent, &received).await.map_err(End::Link)?;
+    let mut stream = BufReader::with_capacity(256 << 10, conn);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        job: job.to_string(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        replica_id: None,
+        epoch: 0,
+    };
+    FrameWriter::new(&mut stream, ByteCounter::default())
+        .send_now(&Message::FailbackHello(hello))
+        .await
+        .map_err(End::Link)?;
+    let counted = ByteCounter::default();
+    // The DR side answers once its job is up; the first connection of a failback may wait
+    // for the replica's index to load.
+    let first = tokio::time::timeout(
+        Duration::from_secs(120),
+        FrameReader::new(&mut stream, target.config.max_frame, counted.clone()).read(),
+    )
+    .await
+    .map_err(|_| End::Link(LinkError::Timeout(Duration::from_secs(120))))?
+    .map_err(End::Link)?;
+    match first {
+        Message::Refused(r) => Err(End::Refused(r)),
+        first @ Message::Hello(_) => {
+            doppel_target::handle_after(target.clone(), stream, "failback".into(), first, counted)
+                .await
+                .map_err(End::Link)
+        }
+        other => Err(End::Link(LinkError::Protocol(format!("expected Hello, got {other:?}")))),
+    }
+}
