@@ -90,6 +90,11 @@ impl NetBench {
         run(&["ip", "-n", &self.a, "link", "set", &self.veth_a, if up { "up" } else { "down" }])
     }
 
+    /// Host b's end of the link (an interface name inside namespace `b`).
+    pub fn iface_b(&self) -> &str {
+        &self.veth_b
+    }
+
     /// Bytes host a has sent on the link so far (kernel counters of its veth end).
     pub fn bytes_sent_by_a(&self) -> u64 {
         let out = Command::new("ip")

@@ -144,6 +144,41 @@ pub fn start_target_with(
     data: &Path,
     ns: Option<&str>,
 ) -> TargetProc {
+    let mut args = Vec::new();
+    for (name, id) in allow {
+        args.push("--allow".into());
+        args.push(format!("{name}={id}"));
+    }
+    start_target_args(dir, listen, data, ns, args)
+}
+
+/// A target whose config file (`dir/target.toml`) holds `config` (e.g. `[[target.allow]]`
+/// sections with failover settings).
+pub fn start_target_config(
+    dir: &Path,
+    config: &str,
+    listen: &str,
+    data: &Path,
+    ns: Option<&str>,
+) -> TargetProc {
+    let path = dir.join("target.toml");
+    fs::write(&path, config).unwrap();
+    start_target_args(dir, listen, data, ns, vec!["--config".into(), path.to_string_lossy().into_owned()])
+}
+
+/// The identity of the target whose home is `dir/target-home` (created if needed), for
+/// configs that must name it before the target starts.
+pub fn target_identity(dir: &Path) -> String {
+    init(&dir.join("target-home"))
+}
+
+fn start_target_args(
+    dir: &Path,
+    listen: &str,
+    data: &Path,
+    ns: Option<&str>,
+    extra: Vec<String>,
+) -> TargetProc {
     let home = dir.join("target-home");
     let data = data.to_path_buf();
     let id = init(&home);
@@ -151,10 +186,7 @@ pub fn start_target_with(
     let listen = listen.to_string();
     let mut args: Vec<String> =
         vec!["target".into(), "--listen".into(), listen, "--data".into(), data.to_string_lossy().into()];
-    for (name, id) in allow {
-        args.push("--allow".into());
-        args.push(format!("{name}={id}"));
-    }
+    args.extend(extra);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut proc = match ns {
         Some(ns) => Proc::start_in(ns, &home, "target", &argv),
