@@ -373,7 +373,47 @@ mod tests {
     fn full_config_parses() {
         let c = parse(include_str!("../../../examples/doppel.toml")).unwrap();
         assert_eq!(c.job.len(), 2);
-        assert_eq!(c.target.unwrap().allow.len(), 1);
+        let t = c.target.unwrap();
+        assert_eq!(t.allow.len(), 1);
+        let p = t.allow[0].policy().unwrap();
+        assert_eq!(p.policy, doppel_failover::Policy::Auto);
+        assert_eq!(p.interval, std::time::Duration::from_secs(5));
+        assert_eq!(p.missed, 6);
+        assert_eq!(p.probes.len(), 2);
+        assert_eq!(p.failover, ["/etc/doppel/failover/start-vm.sh"]);
+        // The scripts it names are the ones shipped, and they parse.
+        for script in p.failover.iter().chain(&p.stop_workload).chain(p.notify.iter()) {
+            let shipped = format!("../../examples/failover/{}", script.rsplit('/').next().unwrap());
+            let st = std::process::Command::new("sh").arg("-n").arg(&shipped).status().unwrap();
+            assert!(st.success(), "{shipped} does not parse");
+        }
+    }
+
+    #[test]
+    fn failover_settings_are_checked() {
+        let allow = |extra: &str| {
+            let text = format!("[target]\n[[target.allow]]\nname = \"s\"\nid = \"x\"\n{extra}\n");
+            parse(&text).unwrap().target.unwrap().allow.remove(0).policy()
+        };
+        assert_eq!(allow("").unwrap().policy, doppel_failover::Policy::Manual);
+        let e = format!("{:#}", allow("policy = \"sometimes\"").unwrap_err());
+        assert!(e.contains("use auto or manual"), "{e}");
+        let e = format!("{:#}", allow("addresses = [\"10.0.0.5/24\"]").unwrap_err());
+        assert!(e.contains("need an interface"), "{e}");
+        let e = format!("{:#}", allow("probes = [\"ping 10.0.0.5\"]").unwrap_err());
+        assert!(format!("{e:#}").contains("expected tcp:HOST:PORT"), "{e:#}");
+        let e = allow("probes = [\"tcp:10.0.0.5\"]").unwrap_err();
+        assert!(format!("{e:#}").contains("expected tcp:HOST:PORT"), "{e:#}");
+        let p =
+            allow("probes = [\"tcp:10.0.0.5:22\", \"cmd:ping -c1 10.0.0.5\", \"http://10.0.0.5/\"]").unwrap();
+        assert_eq!(
+            p.probes,
+            [
+                doppel_failover::Probe::Tcp("10.0.0.5:22".into()),
+                doppel_failover::Probe::Command("ping -c1 10.0.0.5".into()),
+                doppel_failover::Probe::Http("http://10.0.0.5/".into()),
+            ]
+        );
     }
 
     #[test]

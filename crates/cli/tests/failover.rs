@@ -119,6 +119,15 @@ fn manual_policy_alerts_and_waits_for_the_operator() {
     assert_eq!(source_status(&th, "s")["state"], "alive");
     l.agent.as_mut().unwrap().kill();
     let killed = Instant::now();
+    // While the source is silent, status counts down to the threshold.
+    let countdown = wait_until(Duration::from_secs(30), "a countdown in status", || {
+        let st = source_status(&th, "s");
+        match (st["state"].as_str(), st["failover_in_secs"].as_f64()) {
+            (Some("silent"), Some(t)) => Ok(t),
+            _ => Err(st.to_string()),
+        }
+    });
+    assert!(countdown > 0.0 && countdown <= 2.0, "countdown {countdown}");
     wait_until(Duration::from_secs(30), "the notify command", || {
         let text = std::fs::read_to_string(&notes).unwrap_or_default();
         text.contains("source-failed s").then_some(()).ok_or(text)

@@ -132,11 +132,15 @@ pub async fn take_address(addr: &str, iface: &str, limit: Duration) -> Result<bo
     run_script(&format!("ip addr add {} dev {}", shell_quote(addr), shell_quote(iface)), &[], limit).await?;
     let ip = addr.split('/').next().unwrap_or(addr);
     if !ip.contains(':') && which("arping") {
-        // Best effort: neighbours that miss it learn the new place within their ARP timeout.
+        // Best effort, in the background: the announcements go out over a few seconds while the
+        // workload starts; neighbours that miss them learn the new place within their ARP
+        // timeout.
         let cmd = format!("arping -U -c 3 -w 3 -I {} {}", shell_quote(iface), shell_quote(ip));
-        if let Err(e) = run_script(&cmd, &[], Duration::from_secs(5)).await {
-            tracing::warn!(error = %e, "gratuitous ARP failed");
-        }
+        tokio::spawn(async move {
+            if let Err(e) = run_script(&cmd, &[], Duration::from_secs(10)).await {
+                tracing::warn!(error = %e, "gratuitous ARP failed");
+            }
+        });
     }
     Ok(true)
 }

@@ -260,8 +260,9 @@ impl Manager {
         let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let w = watches.get(source).cloned().unwrap_or_default();
         drop(watches);
-        let seen = self.last_heard_us(source).max(w.baseline_us);
-        let silent_secs = now.saturating_sub(seen) as f64 / 1e6;
+        let silent_secs = now.saturating_sub(self.last_heard_us(source)) as f64 / 1e6;
+        // The countdown starts no earlier than the end of the last failover or failback.
+        let counted_secs = now.saturating_sub(self.last_heard_us(source).max(w.baseline_us)) as f64 / 1e6;
         let any_failed_over = jobs.iter().any(|j| j.failed_over);
         let state = if let Some(op) = &w.running {
             op.clone()
@@ -276,7 +277,7 @@ impl Manager {
         } else {
             "alive".into()
         };
-        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, silent_secs));
+        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, counted_secs));
         SourceStatus {
             source: source.to_string(),
             policy: match pol.policy {
