@@ -25,6 +25,9 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    // The fuse capture daemon needs a descriptor per file open through its mount.
+    let nofile = doppel_capture::fuse::raise_open_file_limit();
+    tracing::debug!(nofile, "open-file limit");
     if let Err(e) = commands::run(args) {
         // One line naming the cause, as scripts expect.
         let msg = format!("{e:#}").replace('\n', " ");

@@ -24,6 +24,32 @@ use doppel_proto::{Op, RelPath};
 pub use locks::Locks;
 pub use mounts::{Existing, abort_connection, open_files_under, recover_stale};
 
+/// Raises this process's open-file limit as far as it may go, quietly: the soft limit to the
+/// hard one, and, where permitted (root with `CAP_SYS_RESOURCE`), both to the kernel's
+/// ceiling (`/proc/sys/fs/nr_open`). The capture daemon needs a descriptor for every file an
+/// application holds open through the mount, on top of its own; the usual soft default (1,024)
+/// would make applications fail with "Too many open files" long before the machine is out of
+/// descriptors. Returns the soft limit in force afterwards.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let now = getrlimit(Resource::Nofile);
+    let hard = now.maximum.unwrap_or(ceiling);
+    if hard < ceiling
+        && setrlimit(Resource::Nofile, Rlimit { current: Some(ceiling), maximum: Some(ceiling) }).is_ok()
+    {
+        return ceiling;
+    }
+    let soft = hard.min(ceiling);
+    if now.current.is_some_and(|c| c < soft) {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(soft), maximum: now.maximum });
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// A region about to change, recorded durably before the change is made.
 #[derive(Debug, Clone, Copy)]
 pub enum Dirty<'a> {

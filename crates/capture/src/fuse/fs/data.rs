@@ -26,9 +26,15 @@ impl<S: CaptureSink> DoppelFs<S> {
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
         let oflags = OFlags::from_bits_retain((access | keep) as u32) | OFlags::CLOEXEC;
-        let file = match rustix::fs::open(node.proc_path(), oflags, Mode::empty()) {
+        let opened = node.fd().map_err(errno).and_then(|nfd| {
+            self.nodes
+                .cache()
+                .retry(|| rustix::fs::open(nfd.proc_path(), oflags, Mode::empty()))
+                .map_err(errno)
+        });
+        let file = match opened {
             Ok(fd) => std::fs::File::from(fd),
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => return reply.error(e),
         };
         let writable = access != libc::O_RDONLY;
         let sync = keep & (libc::O_SYNC | libc::O_DSYNC) != 0;
@@ -213,15 +219,19 @@ impl<S: CaptureSink> DoppelFs<S> {
 
     pub(super) fn do_fsyncdir(&self, ino: INodeNo) -> Result<(), Errno> {
         let node = self.node(ino)?;
-        rustix::fs::fsync(
-            rustix::fs::open(
-                node.proc_path(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(errno)?,
-        )
-        .map_err(errno)?;
+        let nfd = node.fd().map_err(errno)?;
+        let dir = self
+            .nodes
+            .cache()
+            .retry(|| {
+                rustix::fs::open(
+                    nfd.proc_path(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            })
+            .map_err(errno)?;
+        rustix::fs::fsync(dir).map_err(errno)?;
         let path = {
             let _ns = self.locks.shared();
             self.nodes.path(&node)

@@ -59,9 +59,14 @@ impl<S: CaptureSink> DoppelFs<S> {
             match via_handle.as_deref() {
                 Some(Handle::File(f)) if f.writable => f.file.set_len(size).map_err(errno)?,
                 _ => {
-                    let fd =
-                        rustix::fs::open(node.proc_path(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
-                            .map_err(errno)?;
+                    let nfd = node.fd().map_err(errno)?;
+                    let fd = self
+                        .nodes
+                        .cache()
+                        .retry(|| {
+                            rustix::fs::open(nfd.proc_path(), OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+                        })
+                        .map_err(errno)?;
                     rustix::fs::ftruncate(&fd, size).map_err(errno)?;
                 }
             }
@@ -71,21 +76,22 @@ impl<S: CaptureSink> DoppelFs<S> {
             }
         }
         let mut attrs = Attrs::default();
+        let nfd = node.fd().map_err(errno)?;
         if c.uid.is_some() || c.gid.is_some() {
             let uid = c.uid.map(rustix::fs::Uid::from_raw);
             let gid = c.gid.map(rustix::fs::Gid::from_raw);
-            rustix::fs::chownat(&node.fd, "", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+            rustix::fs::chownat(&nfd, "", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
         if let Some(mode) = c.mode {
-            rustix::fs::chmod(node.proc_path(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+            rustix::fs::chmod(nfd.proc_path(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
         }
         if c.atime.is_some() || c.mtime.is_some() {
             let t = Timestamps { last_access: timespec(c.atime), last_modification: timespec(c.mtime) };
-            rustix::fs::utimensat(&node.fd, "", &t, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+            rustix::fs::utimensat(&nfd, "", &t, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
-        let st = node.stat().map_err(errno)?;
+        let st = rustix::fs::fstat(&nfd).map_err(errno)?;
         // Send what the object has now: the kernel may have adjusted what was asked (a
         // chown clearing set-id bits, "now" becoming a time).
         if c.uid.is_some() || c.gid.is_some() {
@@ -122,7 +128,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let Handle::Dir { node, entries } = &*h else { return reply.error(Errno::ENOTDIR) };
         let mut entries = entries.lock();
         if offset == 0 || entries.is_none() {
-            match read_dir(node) {
+            match read_dir(node, self.nodes.cache()) {
                 Ok(e) => *entries = Some(e),
                 Err(e) => return reply.error(e),
             }
@@ -159,7 +165,8 @@ impl<S: CaptureSink> DoppelFs<S> {
             Some(p) => Some(self.prepare(&[Dirty::Name(p)])?),
             None => None,
         };
-        let proc = node.proc_path();
+        let nfd = node.fd().map_err(errno)?;
+        let proc = nfd.proc_path();
         match value {
             Some((v, flags)) => {
                 rustix::fs::setxattr(&proc, name, v, rustix::fs::XattrFlags::from_bits_retain(flags as u32))
@@ -189,7 +196,11 @@ impl<S: CaptureSink> DoppelFs<S> {
         if node.kind == libc::S_IFLNK {
             return if name.is_some() { reply.error(Errno::from_i32(libc::ENODATA)) } else { reply.size(0) };
         }
-        let proc = node.proc_path();
+        let nfd = match node.fd() {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let proc = nfd.proc_path();
         let mut buf = vec![0u8; 64 * 1024];
         let r = match name {
             Some(n) => rustix::fs::getxattr(&proc, n, &mut buf[..]),
@@ -221,14 +232,16 @@ fn doppel_fs_xattrs(proc: &str) -> Vec<Xattr> {
 }
 
 /// Every entry of a directory: inode number, type, name.
-fn read_dir(node: &crate::fuse::nodes::Node) -> Result<Vec<super::DirEntry>, Errno> {
-    let fd = rustix::fs::openat(
-        &node.fd,
-        ".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(errno)?;
+fn read_dir(
+    node: &crate::fuse::nodes::Node,
+    cache: &crate::fuse::nodes::FdCache,
+) -> Result<Vec<super::DirEntry>, Errno> {
+    let nfd = node.fd().map_err(errno)?;
+    let fd = cache
+        .retry(|| {
+            rustix::fs::openat(&nfd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        })
+        .map_err(errno)?;
     let mut dir = rustix::fs::Dir::read_from(&fd).map_err(errno)?;
     let mut out = Vec::new();
     while let Some(e) = dir.read() {

@@ -229,8 +229,14 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         self.nodes.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| n.stat().map_err(errno)) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open file answers through its own descriptor (it may have no name any more).
+        let open = fh.and_then(|fh| self.handle(fh).ok());
+        let st = match open.as_deref() {
+            Some(Handle::File(f)) => rustix::fs::fstat(&f.file).map_err(errno),
+            _ => self.node(ino).and_then(|n| n.stat().map_err(errno)),
+        };
+        match st {
             Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
@@ -262,7 +268,11 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.node(ino).and_then(|n| rustix::fs::readlinkat(&n.fd, "", Vec::new()).map_err(errno)) {
+        let target = self.node(ino).and_then(|n| {
+            let fd = n.fd().map_err(errno)?;
+            rustix::fs::readlinkat(&fd, "", Vec::new()).map_err(errno)
+        });
+        match target {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(e),
         }

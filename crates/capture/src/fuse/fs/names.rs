@@ -6,8 +6,6 @@
 //! caller's groups, which a per-thread credential switch could not reproduce. Every name op also
 //! sends the new modification time of the directories it changed.
 
-use std::os::fd::AsFd;
-
 use doppel_proto::{Attrs, Op, RelPath, RenameFlags as WireRenameFlags};
 use fuser::{Errno, INodeNo, RenameFlags, Request};
 use rustix::fs::{AtFlags, Mode, OFlags, Stat};
@@ -27,7 +25,7 @@ impl<S: CaptureSink> DoppelFs<S> {
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &[u8]) -> Result<(u64, Stat), Errno> {
         let _ns = self.locks.shared();
         let p = self.node(parent)?;
-        let st = stat_at(&p.fd, name).map_err(errno)?;
+        let st = stat_at(&p.fd().map_err(errno)?, name).map_err(errno)?;
         let node = self.nodes.found(&p, name, &st).map_err(errno)?;
         Ok((node.id, st))
     }
@@ -73,29 +71,30 @@ impl<S: CaptureSink> DoppelFs<S> {
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
         let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
         let owner = Self::owner(req, &p)?;
+        let pfd = p.fd().map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
         let first = match &what {
             Make::Dir { mode } => {
-                rustix::fs::mkdirat(&p.fd, name, Mode::from_raw_mode(*mode & 0o7777)).map_err(errno)?;
+                rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(*mode & 0o7777)).map_err(errno)?;
                 Op::Mkdir { path: path.to_wire(), mode: mode & 0o7777 }
             }
             Make::Node { mode, rdev } => {
                 let ft = rustix::fs::FileType::from_raw_mode(*mode);
-                rustix::fs::mknodat(&p.fd, name, ft, Mode::from_raw_mode(*mode & 0o7777), *rdev as u64)
+                rustix::fs::mknodat(&pfd, name, ft, Mode::from_raw_mode(*mode & 0o7777), *rdev as u64)
                     .map_err(errno)?;
                 Op::Mknod { path: path.to_wire(), mode: *mode, rdev: *rdev as u64 }
             }
             Make::Symlink { target } => {
-                rustix::fs::symlinkat(target.as_slice(), &p.fd, name).map_err(errno)?;
+                rustix::fs::symlinkat(target.as_slice(), &pfd, name).map_err(errno)?;
                 Op::Symlink { path: path.to_wire(), target: target.clone() }
             }
         };
         if owner != (0, 0) {
             let (uid, gid) = (rustix::fs::Uid::from_raw(owner.0), rustix::fs::Gid::from_raw(owner.1));
-            rustix::fs::chownat(&p.fd, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+            rustix::fs::chownat(&pfd, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
-        let st = stat_at(&p.fd, name).map_err(errno)?;
+        let st = stat_at(&pfd, name).map_err(errno)?;
         let node = self.nodes.found(&p, name, &st).map_err(errno)?;
         let mut ops = vec![first];
         ops.extend(self.created_ops(&path, &st, owner, &p, &ppath));
@@ -116,17 +115,20 @@ impl<S: CaptureSink> DoppelFs<S> {
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
         let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
         let owner = Self::owner(req, &p)?;
+        let pfd = p.fd().map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
         let base = OFlags::from_bits_retain((access | keep) as u32) | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let perm = Mode::from_raw_mode(mode & 0o7777);
-        let (fd, created) = match rustix::fs::openat(&p.fd, name, base | OFlags::CREATE | OFlags::EXCL, perm)
+        let cache = self.nodes.cache();
+        let (fd, created) = match cache
+            .retry(|| rustix::fs::openat(&pfd, name, base | OFlags::CREATE | OFlags::EXCL, perm))
         {
             Ok(fd) => (fd, true),
             Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
                 let trunc = if flags & libc::O_TRUNC != 0 { OFlags::TRUNC } else { OFlags::empty() };
-                (rustix::fs::openat(&p.fd, name, base | trunc, perm).map_err(errno)?, false)
+                (cache.retry(|| rustix::fs::openat(&pfd, name, base | trunc, perm)).map_err(errno)?, false)
             }
             Err(e) => return Err(errno(e)),
         };
@@ -170,10 +172,11 @@ impl<S: CaptureSink> DoppelFs<S> {
         let p = self.node(parent)?;
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
         let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
-        let st = stat_at(&p.fd, name).map_err(errno)?;
+        let pfd = p.fd().map_err(errno)?;
+        let st = stat_at(&pfd, name).map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
         let flags = if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
-        rustix::fs::unlinkat(&p.fd, name, flags).map_err(errno)?;
+        rustix::fs::unlinkat(&pfd, name, flags).map_err(errno)?;
         self.nodes.unnamed(p.id, name, Some((st.st_dev, st.st_ino)));
         let op = if dir { Op::Rmdir { path: path.to_wire() } } else { Op::Unlink { path: path.to_wire() } };
         let mut ops = vec![op];
@@ -196,8 +199,9 @@ impl<S: CaptureSink> DoppelFs<S> {
             (self.nodes.path(&p).ok_or(Errno::ENOENT)?, self.nodes.path(&np).ok_or(Errno::ENOENT)?);
         let from = ppath.join(name).map_err(|_| Errno::EINVAL)?;
         let to = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
-        let moved = stat_at(&p.fd, name).map_err(errno)?;
-        let replaced = stat_at(&np.fd, newname).ok().map(|s| (s.st_dev, s.st_ino));
+        let (pfd, npfd) = (p.fd().map_err(errno)?, np.fd().map_err(errno)?);
+        let moved = stat_at(&pfd, name).map_err(errno)?;
+        let replaced = stat_at(&npfd, newname).ok().map(|s| (s.st_dev, s.st_ino));
         let prep =
             self.prepare(&[Dirty::Name(&from), Dirty::Name(&to), Dirty::Name(&ppath), Dirty::Name(&nppath)])?;
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
@@ -209,7 +213,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         if noreplace {
             rf |= rustix::fs::RenameFlags::NOREPLACE;
         }
-        rustix::fs::renameat_with(&p.fd, name, &np.fd, newname, rf).map_err(errno)?;
+        rustix::fs::renameat_with(&pfd, name, &npfd, newname, rf).map_err(errno)?;
         let (pf, pt) =
             (Place { parent: p.id, name: name.to_vec() }, Place { parent: np.id, name: newname.to_vec() });
         let key = Some((moved.st_dev, moved.st_ino));
@@ -243,9 +247,10 @@ impl<S: CaptureSink> DoppelFs<S> {
         let nppath = self.nodes.path(&np).ok_or(Errno::ENOENT)?;
         let path = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
         let existing = self.nodes.path(&node);
+        let (fd, npfd) = (node.fd().map_err(errno)?, np.fd().map_err(errno)?);
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&nppath)])?;
-        rustix::fs::linkat(&node.fd, "", &np.fd, newname, AtFlags::EMPTY_PATH).map_err(errno)?;
-        let st = stat_at(&np.fd, newname).map_err(errno)?;
+        rustix::fs::linkat(&fd, "", &npfd, newname, AtFlags::EMPTY_PATH).map_err(errno)?;
+        let st = stat_at(&npfd, newname).map_err(errno)?;
         let linked = self.nodes.found(&np, newname, &st).map_err(errno)?;
         let mut ops = match existing {
             Some(existing) => vec![Op::Link { path: path.to_wire(), existing: existing.to_wire() }],
@@ -260,12 +265,11 @@ impl<S: CaptureSink> DoppelFs<S> {
 
     /// Ops recreating a file from scratch (create, contents, attributes).
     fn copy_ops(&self, node: &Node, path: &RelPath) -> std::io::Result<Vec<Op>> {
-        let f = std::fs::File::from(
-            rustix::fs::openat(node.fd.as_fd(), "", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-                .or_else(|_| {
-                    rustix::fs::open(node.proc_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-                })?,
-        );
+        let fd = node.fd()?;
+        let f =
+            std::fs::File::from(self.nodes.cache().retry(|| {
+                rustix::fs::open(fd.proc_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            })?);
         let st = rustix::fs::fstat(&f)?;
         let mut ops = vec![Op::Create { path: path.to_wire(), mode: st.st_mode & 0o7777 }];
         let mut off = 0u64;
