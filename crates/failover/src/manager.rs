@@ -80,13 +80,13 @@ pub struct SourceStatus {
     pub source: String,
     /// `auto` or `manual`.
     pub policy: String,
-    /// `never-seen`, `alive`, `silent`, `failed`, `failing-over`, `failed-over`,
-    /// `failing-back`.
+    /// `never-seen`, `alive`, `silent` (the link missed a check; probes may still answer),
+    /// `failed`, `failing-over`, `failed-over`, `failing-back`.
     pub state: String,
     /// Seconds since the source was last heard from.
     pub silent_secs: f64,
     /// Seconds until the source counts as failed (and, with the `auto` policy, fails over),
-    /// while it is silent.
+    /// while it is silent and no probe answers.
     pub failover_in_secs: Option<f64>,
     /// Checks missed in a row, and the threshold.
     pub missed: u32,
@@ -272,12 +272,12 @@ impl Manager {
             "failed-over".into()
         } else if w.failed {
             "failed".into()
-        } else if w.missed > 0 {
+        } else if w.link_missed > 0 {
             "silent".into()
         } else {
             "alive".into()
         };
-        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, counted_secs));
+        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, counted_secs)).flatten();
         SourceStatus {
             source: source.to_string(),
             policy: match pol.policy {

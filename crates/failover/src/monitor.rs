@@ -25,8 +25,12 @@ use crate::policy::{Policy, SourcePolicy};
 pub struct Watch {
     /// Checks missed in a row (the smaller of the link's and the probes' counts).
     pub missed: u32,
+    /// Checks the link alone missed (the source is silent, whatever the probes say).
+    pub link_missed: u32,
     /// Failures in a row of each probe.
     pub probe_fails: Vec<u32>,
+    /// Some probe answered at the last check: the source lives, whatever its link says.
+    pub probe_answered: bool,
     /// When the probes run next (microseconds since the epoch).
     pub next_probe_us: u64,
     /// The source counts as failed (until it is heard from again).
@@ -41,8 +45,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Seconds until the threshold is reached, given `silent_secs` of link silence.
-    pub fn remaining_secs(&self, p: &SourcePolicy, silent_secs: f64) -> f64 {
+    /// Seconds until the threshold is reached, given `silent_secs` of link silence; none while
+    /// a probe answers (the countdown would not move).
+    pub fn remaining_secs(&self, p: &SourcePolicy, silent_secs: f64) -> Option<f64> {
+        if self.probe_answered {
+            return None;
+        }
         let interval = p.interval.as_secs_f64();
         let link = interval * p.missed as f64 - silent_secs;
         let probes = self
@@ -50,7 +58,7 @@ impl Watch {
             .iter()
             .map(|f| p.missed.saturating_sub(*f) as f64 * interval)
             .fold(0.0, f64::max);
-        link.max(probes).max(0.0)
+        Some(link.max(probes).max(0.0))
     }
 }
 
@@ -100,6 +108,7 @@ impl Manager {
             let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
             let w = watches.entry(source.to_string()).or_default();
             w.missed = 0;
+            w.link_missed = 0;
             w.probe_fails.clear();
             w.failed = false;
             w.baseline_us = now;
@@ -117,8 +126,10 @@ impl Manager {
             if w.probe_fails.len() != pol.probes.len() {
                 w.probe_fails = vec![0; pol.probes.len()];
             }
+            w.link_missed = link_missed;
             if link_missed == 0 {
                 w.probe_fails.iter_mut().for_each(|f| *f = 0);
+                w.probe_answered = false;
                 w.next_probe_us = 0;
                 if w.failed {
                     w.failed = false;
@@ -144,6 +155,7 @@ impl Manager {
             let results = set.join_all().await;
             let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
             let w = watches.entry(source.to_string()).or_default();
+            w.probe_answered = results.iter().any(|(_, alive)| *alive);
             for (i, alive) in results {
                 if let Some(f) = w.probe_fails.get_mut(i) {
                     *f = if alive { 0 } else { f.saturating_add(1) };

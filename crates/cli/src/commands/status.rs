@@ -144,6 +144,7 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
                 (None, _) if state == "failed" && src["policy"] == "manual" => {
                     format!("manual policy: run `doppel failover {}`", s(&src["source"]))
                 }
+                (None, _) if state == "silent" => "the link is silent but a probe answers: not failed".into(),
                 (None, _) if state == "failed-over" => {
                     format!("`doppel failback {}` once it is back", s(&src["source"]))
                 }
