@@ -208,7 +208,8 @@ impl Agent {
                     sync_timeout: job.sync_timeout,
                     overflow: overflow.clone(),
                 });
-                let mount = FuseCapture::mount(&job.root, sink, FuseOptions::default())
+                let opts = FuseOptions { writeback: job.fuse_writeback, ..FuseOptions::default() };
+                let mount = FuseCapture::mount(&job.root, sink, opts)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 let rec = Reconciler::new(&mount.underlying(), selection, index)
                     .with_guard(Arc::new(MountGuard(mount.locks())));

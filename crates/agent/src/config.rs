@@ -72,6 +72,10 @@ pub struct JobConfig {
     pub sync: bool,
     /// How long such a wait may take before the job degrades to async.
     pub sync_timeout: Duration,
+    /// `fuse` mode with the kernel's write-back cache: much faster small writes, but the
+    /// replica keeps only the order a local disk keeps (everything an `fsync` covered before
+    /// anything written after it returned), not the order of every write.
+    pub fuse_writeback: bool,
     /// Spool limits.
     pub spool: SpoolLimits,
     /// How batches are compressed.
@@ -103,6 +107,7 @@ impl JobConfig {
             capture: CaptureMode::Watch(WatchBackend::Auto),
             sync: false,
             sync_timeout: Duration::from_secs(10),
+            fuse_writeback: false,
             spool: SpoolLimits::default(),
             // Compressing for an in-process pipe only burns CPU.
             compression: if local { Compression::Off } else { Compression::Auto },

@@ -51,6 +51,17 @@ fn replay(ops: &[Op], replica: &Path, state: &Path) {
 
 #[test]
 fn every_operation_through_the_mount_replays_exactly() {
+    every_operation(FuseOptions::default());
+}
+
+/// With the kernel's write-back cache, the ops still reproduce the tree exactly once the
+/// mount is gone (everything written back), including data written through a shared mapping.
+#[test]
+fn every_operation_replays_exactly_with_the_writeback_cache() {
+    every_operation(FuseOptions { writeback: true, ..FuseOptions::default() });
+}
+
+fn every_operation(opts: FuseOptions) {
     if !fuse_available() {
         return;
     }
@@ -58,7 +69,12 @@ fn every_operation_through_the_mount_replays_exactly() {
     let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let sink = Arc::new(Recorder::default());
-    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions::default()).unwrap();
+    let writeback = opts.writeback;
+    let mount = FuseCapture::mount(&src, sink.clone(), opts).unwrap();
+    if writeback && !mount.writeback() {
+        eprintln!("skipping: this kernel offers no FUSE write-back cache");
+        return;
+    }
     assert!(doppel_capture::fuse::mounts::doppel_mounts().contains(&src), "mounted over the source");
     let t = Tree::at(&src);
     // Through the mount: all of these go through the daemon.
@@ -101,12 +117,36 @@ fn every_operation_through_the_mount_replays_exactly() {
         &std::fs::read(src.join("moved/big-renamed")).unwrap()[1_000_000..1_000_018],
         b"overwrite in place"
     );
+    // A shared writable mapping: its pages reach the daemon when written back.
+    let mapped = src.join("mapped");
+    let f =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&mapped).unwrap();
+    f.set_len(3 * 4096).unwrap();
+    map_and_write(&f, 4096 + 10, b"through a mapping");
+    drop(f);
+    // Writes racing the kernel's page cache: a write, a shrinking truncate that cuts cached
+    // pages, and a write past the new end.
+    let mut g =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(src.join("cut")).unwrap();
+    g.write_all(&noise(9, 64 << 10)).unwrap();
+    g.set_len(5000).unwrap();
+    g.write_all_at(b"after the cut", 9000).unwrap();
+    drop(g);
     drop(mount);
     assert!(!doppel_capture::fuse::mounts::doppel_mounts().contains(&src), "unmounted on drop");
     let ops = sink.ops.lock().clone();
+    // Written through, a write is captured exactly; from the write-back cache, as part of the
+    // pages it changed.
+    let covers = |offset: u64, data: &[u8]| {
+        let at = 1_000_000u64.wrapping_sub(offset) as usize;
+        if writeback {
+            data.get(at..at + 18) == Some(b"overwrite in place")
+        } else {
+            offset == 1_000_000 && data == b"overwrite in place"
+        }
+    };
     assert!(
-        ops.iter()
-            .any(|o| matches!(o, Op::Write { data, offset: 1_000_000, .. } if data == b"overwrite in place")),
+        ops.iter().any(|o| matches!(o, Op::Write { data, offset, .. } if covers(*offset, data))),
         "the in-place write was captured with its offset and bytes"
     );
     println!("{} ops captured", ops.len());
@@ -115,6 +155,28 @@ fn every_operation_through_the_mount_replays_exactly() {
     let replica = dir.path().join("replica");
     replay(&ops, &replica, &dir.path().join("state"));
     compare_trees(&src, &replica, Compare::default()).unwrap();
+}
+
+/// Writes `data` at `offset` of `f` through a shared mapping, then `msync`s it.
+fn map_and_write(f: &std::fs::File, offset: usize, data: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh shared mapping of a file of `len` bytes, written within bounds and
+    // unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>().add(offset), data.len());
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0, "msync: {}", std::io::Error::last_os_error());
+        libc::munmap(p, len);
+    }
 }
 
 fn xattr_set(p: &Path, name: &str, value: &[u8]) {
@@ -222,4 +284,100 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
     );
     assert!(!doppel_capture::fuse::mounts::doppel_mounts().contains(&src));
     assert_eq!(std::fs::read(src.join("f")).unwrap(), b"x", "the underlying tree is reachable");
+}
+
+/// The write-back cache reorders writes between sync points, but never across one: when
+/// `fsync` returns, every byte written to the file before it was sequenced before its `Fsync`
+/// op (the kernel writes the file's pages back before sending the call), and every later
+/// write is sequenced after it.
+#[test]
+fn writeback_cache_sequences_everything_an_fsync_covers_before_it() {
+    if !fuse_available() {
+        return;
+    }
+    const FILES: u64 = 4;
+    const RECORD: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let mount =
+        FuseCapture::mount(&src, sink.clone(), FuseOptions { writeback: true, ..FuseOptions::default() })
+            .unwrap();
+    if !mount.writeback() {
+        eprintln!("skipping: this kernel offers no FUSE write-back cache");
+        return;
+    }
+    let mut files: Vec<std::fs::File> = (0..FILES)
+        .map(|i| {
+            std::fs::OpenOptions::new().create(true).append(true).open(src.join(format!("log{i}"))).unwrap()
+        })
+        .collect();
+    let record = |n: u64| {
+        let mut r = format!("R{n:012}").into_bytes();
+        r.resize(RECORD - 1, b'.');
+        r.push(b'\n');
+        r
+    };
+    // (file, last record written before the fsync, ops sequenced when it returned)
+    let mut syncs = Vec::new();
+    for n in 0..3000u64 {
+        let k = n % FILES;
+        files[k as usize].write_all(&record(n)).unwrap();
+        if n % 53 == 0 {
+            files[k as usize].sync_data().unwrap();
+            syncs.push((k, n, sink.ops.lock().len()));
+        }
+        if n % 211 == 0 {
+            std::fs::write(src.join("tmp"), b"x").unwrap();
+            std::fs::rename(src.join("tmp"), src.join(format!("renamed{n}"))).unwrap();
+        }
+    }
+    drop(files);
+    drop(mount);
+    let ops = sink.ops.lock().clone();
+    let writes = ops.iter().filter(|o| matches!(o, Op::Write { .. })).count();
+    assert!(writes < 3000 / 4, "{writes} write ops for 3000 writes: the page cache did not gather them");
+    // Replays the file contents op by op, keeping each file's content at each of its Fsyncs.
+    let mut content: std::collections::HashMap<Vec<u8>, Vec<u8>> = Default::default();
+    let mut at_sync: Vec<(Vec<u8>, usize, Vec<u8>)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::Write { path, offset, data } => {
+                let c = content.entry(path.0.clone()).or_default();
+                let end = *offset as usize + data.len();
+                if c.len() < end {
+                    c.resize(end, 0);
+                }
+                c[*offset as usize..end].copy_from_slice(data);
+            }
+            Op::Truncate { path, size } => {
+                content.entry(path.0.clone()).or_default().resize(*size as usize, 0)
+            }
+            Op::Fsync { path: Some(p) } => {
+                at_sync.push((p.0.clone(), i, content.get(&p.0).cloned().unwrap_or_default()))
+            }
+            _ => {}
+        }
+    }
+    for (k, n, returned_at) in syncs {
+        let name = format!("log{k}").into_bytes();
+        let (_, i, seen) = at_sync
+            .iter()
+            .rev()
+            .find(|(p, i, _)| *p == name && *i < returned_at)
+            .unwrap_or_else(|| panic!("no Fsync op of log{k} before its fsync returned (record {n})"));
+        let expected: Vec<u8> = (0..=n).filter(|r| r % FILES == k).flat_map(record).collect();
+        assert!(
+            seen == &expected,
+            "at the Fsync op {i} of log{k} (after record {n}) the ops held {} bytes of it, {} expected",
+            seen.len(),
+            expected.len()
+        );
+    }
+    // And the whole stream reproduces the files.
+    for k in 0..FILES {
+        let name = format!("log{k}");
+        assert_eq!(content[name.as_bytes()], std::fs::read(src.join(&name)).unwrap(), "{name}");
+    }
 }

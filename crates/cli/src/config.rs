@@ -233,6 +233,9 @@ pub struct JobSection {
     pub sync: Option<bool>,
     /// Seconds an fsync may wait in sync mode before the job degrades to async.
     pub sync_timeout_secs: Option<u64>,
+    /// The kernel's write-back cache under the fuse capture (faster; keeps the order at each
+    /// fsync only, as a local disk does).
+    pub fuse_writeback: Option<bool>,
     /// `off`, `fast`, `balanced`, `max`, `auto`, or a zstd level 1-19 (0: off).
     pub compression: Option<CompressionSetting>,
     /// Bandwidth limit of the job (`20Mbit`, `unlimited`).
@@ -329,6 +332,10 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
     }
     if job.sync && job.capture != CaptureMode::Fuse {
         bail!("job {}: sync = true needs capture = \"fuse\"", s.name);
+    }
+    job.fuse_writeback = s.fuse_writeback.unwrap_or(false);
+    if job.fuse_writeback && job.capture != CaptureMode::Fuse {
+        bail!("job {}: fuse_writeback = true needs capture = \"fuse\"", s.name);
     }
     match &s.compression {
         Some(CompressionSetting::Level(l)) => {

@@ -93,11 +93,22 @@ pub struct FuseOptions {
     /// At stop, how long files still open on the detached mount keep being served (and
     /// captured) before the connection is aborted.
     pub drain: Duration,
+    /// Kernel write-back caching (`FUSE_WRITEBACK_CACHE`): buffered writes complete in the
+    /// page cache and reach the daemon later, in larger requests and in whatever order the
+    /// kernel writes pages back. Much faster for small writes, but the op stream then keeps
+    /// only what a local disk keeps: `fsync`, `fdatasync`, `msync` and `close` make the
+    /// kernel write the file's dirty pages back before the daemon sees the call, so every
+    /// write an `fsync` covered is sequenced before it, and nothing written after it returned
+    /// can precede it. Between two such points, writes may be reordered (within and across
+    /// files), and a killed agent loses what the kernel had not yet written back, on the
+    /// source as well. Off by default: without it every write is sequenced in the order it
+    /// happened.
+    pub writeback: bool,
 }
 
 impl Default for FuseOptions {
     fn default() -> Self {
-        FuseOptions { threads: 8, passthrough: true, drain: Duration::from_secs(5) }
+        FuseOptions { threads: 8, passthrough: true, drain: Duration::from_secs(5), writeback: false }
     }
 }
 
@@ -114,6 +125,7 @@ pub struct FuseCapture {
     locks: Arc<Locks>,
     session: Option<fuser::BackgroundSession>,
     passthrough: Arc<std::sync::atomic::AtomicBool>,
+    writeback: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FuseCapture {
@@ -141,8 +153,15 @@ impl FuseCapture {
         );
         let locks = Arc::new(Locks::default());
         let passthrough = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let filesystem =
-            fs::DoppelFs::new(&root_fd, locks.clone(), sink, opts.passthrough, passthrough.clone())?;
+        let writeback = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filesystem = fs::DoppelFs::new(
+            &root_fd,
+            locks.clone(),
+            sink,
+            fs::Wanted { passthrough: opts.passthrough, writeback: opts.writeback },
+            passthrough.clone(),
+            writeback.clone(),
+        )?;
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName("doppel".into()),
@@ -163,7 +182,14 @@ impl FuseCapture {
         })?;
         let session = session.spawn()?;
         let dev = rustix::fs::stat(root).map(|st| st.st_dev).unwrap_or(0);
-        tracing::info!(root = %root.display(), passthrough = passthrough.load(std::sync::atomic::Ordering::Relaxed), "capture mount active");
+        let (pt, wb) = (
+            passthrough.load(std::sync::atomic::Ordering::Relaxed),
+            writeback.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if opts.writeback && !wb {
+            tracing::warn!(root = %root.display(), "the kernel offers no FUSE write-back cache: every write goes through the daemon as it happens");
+        }
+        tracing::info!(root = %root.display(), passthrough = pt, writeback = wb, "capture mount active");
         Ok(FuseCapture {
             root: root.to_path_buf(),
             dev,
@@ -172,6 +198,7 @@ impl FuseCapture {
             locks,
             session: Some(session),
             passthrough,
+            writeback,
         })
     }
 
@@ -189,6 +216,11 @@ impl FuseCapture {
     /// Whether reads of read-only opens bypass the daemon (kernel passthrough).
     pub fn passthrough(&self) -> bool {
         self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the kernel write-back cache is on (see [`FuseOptions::writeback`]).
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Unmounts and waits for the request threads to finish.

@@ -56,6 +56,9 @@ pub struct IoState {
     pub passthrough: u32,
     /// The backing file registered for passthrough while any passthrough open exists.
     pub backing: Option<Arc<fuser::BackingId>>,
+    /// Written around the kernel's page cache (direct writes in passthrough mode): the next
+    /// cached open must not keep the cache.
+    pub stale_cache: bool,
 }
 
 /// A node's `O_PATH` descriptor, kept open for as long as this value lives (even if the cache

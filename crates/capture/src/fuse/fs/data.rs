@@ -25,7 +25,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         };
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
-        let oflags = OFlags::from_bits_retain((access | keep) as u32) | OFlags::CLOEXEC;
+        let oflags = OFlags::from_bits_retain((self.daemon_access(access) | keep) as u32) | OFlags::CLOEXEC;
         let opened = node.fd().map_err(errno).and_then(|nfd| {
             self.nodes
                 .cache()
@@ -64,6 +64,16 @@ impl<S: CaptureSink> DoppelFs<S> {
         if backing.is_some() {
             io.passthrough += 1;
         }
+        let cached = if backing.is_none() {
+            let stale = std::mem::take(&mut io.stale_cache);
+            if self.writeback.load(Ordering::Relaxed) && !stale {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            }
+        } else {
+            FopenFlags::empty()
+        };
         drop(io);
         let passthrough = backing.is_some();
         let fh = self.add_handle(Handle::File(OpenFile {
@@ -77,7 +87,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         match backing {
             Some(b) if writable => reply.opened_passthrough(fh, FopenFlags::FOPEN_DIRECT_IO, &b),
             Some(b) => reply.opened_passthrough(fh, FopenFlags::empty(), &b),
-            None => reply.opened(fh, FopenFlags::empty()),
+            None => reply.opened(fh, cached),
         }
     }
 
@@ -98,7 +108,14 @@ impl<S: CaptureSink> DoppelFs<S> {
         Ok(buf)
     }
 
-    pub(super) fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    /// A write; `from_cache`: pages the kernel writes back from its write-back cache.
+    pub(super) fn do_write(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        from_cache: bool,
+    ) -> Result<u32, Errno> {
         let (h, writable) = self.file(fh)?;
         let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
         if !writable {
@@ -114,7 +131,28 @@ impl<S: CaptureSink> DoppelFs<S> {
                 }
                 None => None,
             };
-            f.file.write_all_at(data, offset).map_err(errno)?;
+            if from_cache {
+                // With the write-back cache the kernel owns the file's times: it changed them
+                // when the application wrote, and sends them (setattr) when it writes the
+                // inode back. The daemon's own write, later, must not move the mtime.
+                let before = rustix::fs::fstat(&f.file).map_err(errno)?;
+                f.file.write_all_at(data, offset).map_err(errno)?;
+                let keep = rustix::fs::Timestamps {
+                    last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                    last_modification: rustix::fs::Timespec {
+                        tv_sec: before.st_mtime,
+                        tv_nsec: before.st_mtime_nsec as _,
+                    },
+                };
+                rustix::fs::futimens(&f.file, &keep).map_err(errno)?;
+            } else {
+                f.file.write_all_at(data, offset).map_err(errno)?;
+            }
+            if f.passthrough {
+                // Around the kernel's page cache of the inode: not to be trusted at the next
+                // cached open.
+                f.node.io.lock().stale_cache = true;
+            }
             f.wrote.store(true, Ordering::Relaxed);
             f.node.mtime_dirty.store(true, Ordering::Relaxed);
             match (path, prep) {
@@ -153,6 +191,9 @@ impl<S: CaptureSink> DoppelFs<S> {
             len,
         )
         .map_err(errno)?;
+        if f.passthrough {
+            f.node.io.lock().stale_cache = true;
+        }
         f.wrote.store(true, Ordering::Relaxed);
         if let (Some(p), Some(prep)) = (path, prep) {
             self.commit(prep, vec![Op::Fallocate { path: p.to_wire(), mode: mode as u32, offset, len }]);

@@ -59,6 +59,14 @@ pub(super) struct OpenFile {
     wrote: AtomicBool,
 }
 
+/// Kernel features asked for.
+pub(super) struct Wanted {
+    /// Kernel passthrough for read-only opens.
+    pub passthrough: bool,
+    /// The kernel write-back cache.
+    pub writeback: bool,
+}
+
 /// The file system.
 pub(super) struct DoppelFs<S: CaptureSink> {
     nodes: Nodes,
@@ -67,8 +75,11 @@ pub(super) struct DoppelFs<S: CaptureSink> {
     root_fd: Arc<OwnedFd>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    want_passthrough: bool,
+    want: Wanted,
     passthrough: Arc<AtomicBool>,
+    /// The kernel write-back cache is on: buffered writes reach the daemon when the kernel
+    /// writes pages back (see `FuseOptions::writeback`).
+    writeback: Arc<AtomicBool>,
 }
 
 impl<S: CaptureSink> DoppelFs<S> {
@@ -76,8 +87,9 @@ impl<S: CaptureSink> DoppelFs<S> {
         root_fd: &Arc<OwnedFd>,
         locks: Arc<Locks>,
         sink: Arc<S>,
-        want_passthrough: bool,
+        want: Wanted,
         passthrough: Arc<AtomicBool>,
+        writeback: Arc<AtomicBool>,
     ) -> io::Result<Self> {
         Ok(DoppelFs {
             nodes: Nodes::new(root_fd, locks.clone())?,
@@ -86,8 +98,9 @@ impl<S: CaptureSink> DoppelFs<S> {
             root_fd: root_fd.clone(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            want_passthrough,
+            want,
             passthrough,
+            writeback,
         })
     }
 
@@ -130,6 +143,26 @@ impl<S: CaptureSink> DoppelFs<S> {
                 tracing::error!(error = %e, "a captured change could not be queued; it will be found again by comparison");
                 None
             }
+        }
+    }
+
+    /// The access mode the daemon opens the underlying file with for an application's
+    /// `access`: with the write-back cache the kernel reads pages of files opened write-only
+    /// (to fill partly written pages), so those are opened read-write.
+    fn daemon_access(&self, access: i32) -> i32 {
+        if access == libc::O_WRONLY && self.writeback.load(Ordering::Relaxed) { libc::O_RDWR } else { access }
+    }
+
+    /// Flags of an open of `node` served through the page cache: with the write-back cache the
+    /// kernel's pages are the file's newest content (every change goes through the mount), so
+    /// they are kept across opens instead of being dropped (and written back) at each one;
+    /// unless writes went around them since (direct writes of an inode in passthrough mode).
+    fn cached_open_flags(&self, node: &Node) -> fuser::FopenFlags {
+        let stale = std::mem::take(&mut node.io.lock().stale_cache);
+        if self.writeback.load(Ordering::Relaxed) && !stale {
+            fuser::FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            fuser::FopenFlags::empty()
         }
     }
 
@@ -209,7 +242,10 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
-        if self.want_passthrough
+        if self.want.writeback && config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE).is_ok() {
+            self.writeback.store(true, Ordering::Relaxed);
+        }
+        if self.want.passthrough
             && config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
@@ -362,12 +398,12 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        match self.do_write(fh, offset, data, write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -483,8 +519,9 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         reply: ReplyCreate,
     ) {
         match self.do_create(req, parent, bytes(name), mode & !umask, flags) {
-            Ok((id, st, fh)) => {
-                reply.created(&TTL, &attr(id, &st), fuser::Generation(0), fh, fuser::FopenFlags::empty())
+            Ok((node, st, fh)) => {
+                let open = self.cached_open_flags(&node);
+                reply.created(&TTL, &attr(node.id, &st), fuser::Generation(0), fh, open)
             }
             Err(e) => reply.error(e),
         }

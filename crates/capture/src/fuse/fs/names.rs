@@ -109,7 +109,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         name: &[u8],
         mode: u32,
         flags: i32,
-    ) -> Result<(u64, Stat, fuser::FileHandle), Errno> {
+    ) -> Result<(std::sync::Arc<Node>, Stat, fuser::FileHandle), Errno> {
         let _ns = self.locks.names();
         let p = self.node(parent)?;
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
@@ -119,7 +119,9 @@ impl<S: CaptureSink> DoppelFs<S> {
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
-        let base = OFlags::from_bits_retain((access | keep) as u32) | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let base = OFlags::from_bits_retain((self.daemon_access(access) | keep) as u32)
+            | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW;
         let perm = Mode::from_raw_mode(mode & 0o7777);
         let cache = self.nodes.cache();
         let (fd, created) = match cache
@@ -164,7 +166,7 @@ impl<S: CaptureSink> DoppelFs<S> {
             passthrough: false,
             wrote: false.into(),
         }));
-        Ok((node.id, st, fh))
+        Ok((node, st, fh))
     }
 
     pub(super) fn do_remove(&self, parent: INodeNo, name: &[u8], dir: bool) -> Result<(), Errno> {
