@@ -236,7 +236,7 @@ impl Agent {
         };
         let job_limiter = RateLimiter::new(0);
         let (connector, embedded) = match (&job.dest, connector) {
-            (_, Some(c)) => (c, None),
+            (_, Some(c)) => (c.limited_by(job_limiter.clone()), None),
             (Destination::Failback { source }, None) => {
                 return Err(AgentError::Config(format!("the failback of {source} needs its connections")));
             }

@@ -28,10 +28,32 @@ pub enum Connector {
     Embedded(Arc<Target>),
     /// Connections opened by the peer (a source asking for its job back during a failback):
     /// each connect waits for the next one.
-    Incoming(tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Box<dyn doppel_target::Stream>>>),
+    Incoming {
+        /// The connections, as the peer opens them.
+        streams: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Box<dyn doppel_target::Stream>>>,
+        /// Bandwidth limits (on the bytes inside the connection's TLS, which the target
+        /// terminated).
+        limiters: Vec<Arc<RateLimiter>>,
+    },
 }
 
 impl Connector {
+    /// Connections from the peer's `streams`, as the peer opens them.
+    pub fn incoming(streams: tokio::sync::mpsc::Receiver<Box<dyn doppel_target::Stream>>) -> Connector {
+        Connector::Incoming { streams: tokio::sync::Mutex::new(streams), limiters: Vec::new() }
+    }
+
+    /// Also subject to `limiter` (connectors the agent did not build itself).
+    pub fn limited_by(self, limiter: Arc<RateLimiter>) -> Connector {
+        match self {
+            Connector::Incoming { streams, mut limiters } => {
+                limiters.push(limiter);
+                Connector::Incoming { streams, limiters }
+            }
+            other => other,
+        }
+    }
+
     /// A connector for a remote target.
     pub fn remote(
         addr: &str,
@@ -66,9 +88,12 @@ impl Connector {
                     .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))??;
                 Ok(Box::new(tls))
             }
-            Connector::Incoming(rx) => {
-                let stream = rx.lock().await.recv().await.ok_or(LinkError::Closed)?;
-                Ok(Box::new(Metered::new(stream, received.clone(), sent.clone())))
+            Connector::Incoming { streams, limiters } => {
+                let stream = streams.lock().await.recv().await.ok_or(LinkError::Closed)?;
+                Ok(Box::new(Limited::new(
+                    Metered::new(stream, received.clone(), sent.clone()),
+                    limiters.clone(),
+                )))
             }
             Connector::Embedded(target) => {
                 let (ours, theirs) = tokio::io::duplex(4 << 20);

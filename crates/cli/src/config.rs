@@ -102,6 +102,8 @@ pub struct AllowSection {
     /// Scripts run per job at failback cutover, to stop the workload on the replica.
     #[serde(default)]
     pub stop_workload: Vec<String>,
+    /// Bandwidth of each job's failback stream (`50Mbit`, `unlimited`).
+    pub failback_limit: Option<String>,
 }
 
 impl AllowSection {
@@ -133,6 +135,10 @@ impl AllowSection {
         p.pre_failover = self.pre_failover.clone();
         p.failover = self.failover.clone();
         p.stop_workload = self.stop_workload.clone();
+        if let Some(r) = &self.failback_limit {
+            p.failback_limit =
+                parse_rate(r).map_err(|e| anyhow!("source {}: failback_limit: {e}", self.name))?;
+        }
         Ok(p)
     }
 }
@@ -388,6 +394,7 @@ mod tests {
         assert_eq!(p.missed, 6);
         assert_eq!(p.probes.len(), 2);
         assert_eq!(p.failover, ["/etc/doppel/failover/start-vm.sh"]);
+        assert_eq!(p.failback_limit, 25_000_000);
         // The scripts it names are the ones shipped, and they parse.
         for script in p.failover.iter().chain(&p.stop_workload).chain(p.notify.iter()) {
             let shipped = format!("../../examples/failover/{}", script.rsplit('/').next().unwrap());

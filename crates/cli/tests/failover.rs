@@ -303,6 +303,61 @@ fn failback_sends_back_only_what_changed_and_protection_resumes() {
     assert_eq!(back.stop().code(), Some(0), "{}", back.log());
 }
 
+#[test]
+fn a_failback_survives_a_killed_source_and_a_killed_target_and_resends_little() {
+    const BIG: u64 = 160 << 20;
+    // 25 MB/s: the failback takes long enough to be interrupted twice.
+    let mut l = Local::new("failback_limit = \"200Mbit\"", |src| {
+        Tree::at(src).standard();
+        big_file(&src.join("big.img"), BIG, 21);
+    });
+    let th = l.target_home();
+    let (st, out, err) = run(&th, &["failover", "s"]);
+    assert!(st.success(), "{out}{err}");
+    l.agent.take().unwrap().wait(Duration::from_secs(60));
+    // The source comes back with an empty disk.
+    std::fs::remove_dir_all(&l.src).unwrap();
+    std::fs::create_dir(&l.src).unwrap();
+    let sent = |th: &Path| source_status(th, "s")["jobs"][0]["failback"]["bytes_sent"].as_u64().unwrap_or(0);
+    let mut back = l.start_agent(&["--failback"]);
+    wait_until(Duration::from_secs(60), "40 MiB sent back", || {
+        let n = sent(&th);
+        (n > 40 << 20).then_some(()).ok_or(n.to_string())
+    });
+    back.kill();
+    let first = sent(&th);
+    let mut back = l.start_agent(&["--failback"]);
+    wait_until(Duration::from_secs(60), "40 MiB more", || {
+        let n = sent(&th);
+        (n > first + (40 << 20)).then_some(()).ok_or(n.to_string())
+    });
+    // What the killed target sent is read just before the kill (a few milliseconds' worth,
+    // at most 1 MiB at this rate, go uncounted).
+    let before_restart = sent(&th);
+    l.target.proc.kill();
+    // The target comes back on the same address; the source reconnects by itself.
+    let config = std::fs::read_to_string(l.dir.path().join("target.toml")).unwrap();
+    l.target = start_target_config(l.dir.path(), &config, &l.target.addr, &l.target.data, None);
+    wait_until(Duration::from_secs(120), "the source to hold the replica", || {
+        assert!(back.running(), "{}", back.log());
+        let s = source_status(&th, "s");
+        (s["jobs"][0]["failback"]["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    let after_restart = sent(&th);
+    let total = before_restart + after_restart;
+    println!(
+        "failback of {BIG} bytes sent {total} bytes across a source kill and a target kill (first {first}, before restart {before_restart}, after {after_restart})"
+    );
+    assert!(total < BIG + (24 << 20), "the failback started over: {total} bytes sent");
+    let (st, out, err) = run(&th, &["failback", "s"]);
+    assert!(st.success(), "{out}{err}\n{}", back.log());
+    wait_until(Duration::from_secs(60), "protection to resume", || {
+        let s = job_status(&l.home, "job");
+        (s["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    compare_trees(&l.src, &l.replica(), Compare::default()).unwrap();
+}
+
 /// Host a runs the source agent (fuse capture, sync mode) under a SQLite workload, host b the
 /// target with the `auto` policy. The cable is pulled and the agent killed: the target must
 /// fail over within `interval × missed + 5 s`, take over an address and start the database on

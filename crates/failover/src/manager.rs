@@ -315,8 +315,9 @@ impl FailbackHandler for Manager {
             let replica = me.replica_path(&source, &job);
             let home = me.config.data.join("failback").join(&source);
             let (s, j) = (source.clone(), job.clone());
+            let limit = me.policies.get(&source).map_or(0, |p| p.failback_limit);
             let started =
-                tokio::task::spawn_blocking(move || ReverseJob::start(&s, &j, &replica, &home)).await;
+                tokio::task::spawn_blocking(move || ReverseJob::start(&s, &j, &replica, &home, limit)).await;
             let r = match started {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {

@@ -49,6 +49,9 @@ pub struct SourcePolicy {
     pub failover: Vec<String>,
     /// Run per job at failback cutover, to stop the workload on the replica.
     pub stop_workload: Vec<String>,
+    /// Bandwidth of each job's failback stream, in bytes per second (0: unlimited): the
+    /// stream shares the production link with whatever else runs there.
+    pub failback_limit: u64,
 }
 
 impl SourcePolicy {
@@ -67,6 +70,7 @@ impl SourcePolicy {
             pre_failover: Vec::new(),
             failover: Vec::new(),
             stop_workload: Vec::new(),
+            failback_limit: 0,
         }
     }
 }

@@ -35,21 +35,26 @@ pub struct ReverseJob {
     run: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), AgentError>>>>,
     /// The agent's state directory (`DATA/failback/SOURCE`).
     home: PathBuf,
+    /// The last op of the comparison that started the failback, once it is known.
+    mirrored: Mutex<Option<u64>>,
 }
 
 impl ReverseJob {
     /// Starts protecting `replica` (the tree of `job` from `source`) back to the source, with
-    /// state under `home`. Blocking: it opens the watch and the spool.
+    /// state under `home`, at most `limit` bytes per second (0: unlimited). Blocking: it opens
+    /// the watch and the spool.
     pub fn start(
         source: &str,
         job: &str,
         replica: &Path,
         home: &Path,
+        limit: u64,
     ) -> Result<Arc<ReverseJob>, AgentError> {
-        let cfg =
+        let mut cfg =
             JobConfig::new(job, replica.to_path_buf(), Destination::Failback { source: source.to_string() });
+        cfg.bandwidth = doppel_agent::Schedule::constant(limit);
         let (tx, rx) = mpsc::channel(4);
-        let agent = Agent::new_with(cfg, home, Some(Connector::Incoming(tokio::sync::Mutex::new(rx))))?;
+        let agent = Agent::new_with(cfg, home, Some(Connector::incoming(rx)))?;
         let shutdown = CancellationToken::new();
         let r = Arc::new(ReverseJob {
             source: source.to_string(),
@@ -61,6 +66,7 @@ impl ReverseJob {
             shutdown: shutdown.clone(),
             run: tokio::sync::Mutex::new(None),
             home: home.to_path_buf(),
+            mirrored: Mutex::new(None),
         });
         let handle = tokio::spawn(agent.run(shutdown));
         *r.run.try_lock().expect("fresh") = Some(handle);
@@ -74,9 +80,23 @@ impl ReverseJob {
         })
     }
 
-    /// The job's status.
+    /// The job's status, with its state as the failback sees it: the sending job says
+    /// `replicating` as soon as its comparison has queued every difference, but the source
+    /// holds the replica only once those are acknowledged; until then this says `mirroring`.
     pub fn snapshot(&self) -> JobStatusSnapshot {
-        self.status.snapshot()
+        let mut s = self.status.snapshot();
+        let mut mirrored = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+        if s.state != "replicating" {
+            *mirrored = None;
+        } else {
+            // Every op of the comparison was captured by the time the state changed; the first
+            // look after that is a conservative bound.
+            let end = *mirrored.get_or_insert(s.last_captured_seq);
+            if s.last_acked_seq < end {
+                s.state = "mirroring".into();
+            }
+        }
+        s
     }
 
     /// Whether the source holds the whole replica and receives changes as they happen.
@@ -86,7 +106,10 @@ impl ReverseJob {
             return Err(format!("the source is not connected for failback ({}: {})", s.state, s.detail));
         }
         if s.state != "replicating" {
-            return Err(format!("still {} (sent {} bytes so far)", s.state, s.bytes_sent));
+            return Err(format!(
+                "still {} ({} bytes sent so far, {} pending): wait until status shows the failback replicating",
+                s.state, s.bytes_sent, s.pending_bytes
+            ));
         }
         Ok(())
     }
