@@ -164,6 +164,42 @@ fn manual_policy_alerts_and_waits_for_the_operator() {
 }
 
 #[test]
+fn a_cleanly_stopped_source_is_not_failed_over_even_across_a_target_restart() {
+    let mut l = Local::new("policy = \"auto\"\ninterval_secs = 1\nmissed = 2", |src| {
+        Tree::at(src).standard();
+    });
+    let th = l.target_home();
+    // Maintenance: the agent is stopped on purpose.
+    assert_eq!(l.agent.as_mut().unwrap().stop().code(), Some(0));
+    let waited = |th: &Path, what: &str| {
+        wait_until(Duration::from_secs(30), what, || {
+            let st = source_status(th, "s");
+            (st["silent_secs"].as_f64().unwrap_or(0.0) > 4.0).then_some(st.clone()).ok_or(st.to_string())
+        })
+    };
+    let st = waited(&th, "twice the threshold");
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert!(st["failover_in_secs"].is_null(), "{st}");
+    // The target restarts meanwhile: the clean stop is remembered.
+    l.target.proc.kill();
+    let config = std::fs::read_to_string(l.dir.path().join("target.toml")).unwrap();
+    l.target = start_target_config(l.dir.path(), &config, &l.target.addr, &l.target.data, None);
+    let st = waited(&th, "twice the threshold after the restart");
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert!(event(&th, "failover-started").is_none());
+    // Back, then a crash: that one fails over.
+    let mut agent = l.start_agent(&[]);
+    wait_until(Duration::from_secs(30), "the source to be back", || {
+        let st = source_status(&th, "s");
+        (st["state"] == "alive").then_some(()).ok_or(st.to_string())
+    });
+    agent.kill();
+    wait_until(Duration::from_secs(30), "the automatic failover", || {
+        event(&th, "failover-done").ok_or_else(|| source_status(&th, "s").to_string())
+    });
+}
+
+#[test]
 fn a_failing_failover_script_stops_the_run_and_a_rerun_completes_without_redoing_steps() {
     let dir = tempfile::tempdir().unwrap();
     let count = dir.path().join("count");

@@ -80,7 +80,8 @@ pub struct SourceStatus {
     pub source: String,
     /// `auto` or `manual`.
     pub policy: String,
-    /// `never-seen`, `alive`, `silent` (the link missed a check; probes may still answer),
+    /// `never-seen`, `alive`, `stopped` (its agents stopped cleanly: no failover by itself),
+    /// `silent` (the link missed a check; probes may still answer),
     /// `failed`, `failing-over`, `failed-over`, `failing-back`.
     pub state: String,
     /// Seconds since the source was last heard from.
@@ -270,6 +271,8 @@ impl Manager {
             "never-seen".into()
         } else if any_failed_over {
             "failed-over".into()
+        } else if self.target.source_stopped(source) {
+            "stopped".into()
         } else if w.failed {
             "failed".into()
         } else if w.link_missed > 0 {

@@ -10,6 +10,9 @@
 //! `doppel status` shows is accurate to about a second.
 //!
 //! Only sources that have replicas here are watched: one never seen has nothing to fail over.
+//! Nor is a source whose agents all stopped cleanly (they said goodbye; the target keeps that
+//! on disk): maintenance is not a disaster. Probes do not change that; an operator who must
+//! fail over a stopped source runs `doppel failover`.
 //! A target that starts while a source is down gives it the whole threshold from its own
 //! start.
 
@@ -104,7 +107,10 @@ impl Manager {
             .is_some_and(|w| w.running.is_some());
         let failed_over = jobs.iter().any(|j| self.replica_state(source, j).1);
         let now = doppel_link::framed::now_us();
-        if jobs.is_empty() || busy || failed_over {
+        // A source whose agent said goodbye was stopped on purpose: no countdown until it is
+        // back (a crash, a pulled cable or a dead machine says nothing).
+        let stopped = self.target.source_stopped(source);
+        if jobs.is_empty() || busy || failed_over || stopped {
             let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
             let w = watches.entry(source.to_string()).or_default();
             w.missed = 0;

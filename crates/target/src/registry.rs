@@ -76,6 +76,8 @@ pub struct SlotStatus {
     pub failed_over: AtomicBool,
     /// See [`ReplicaStatus::fenced_refusals`].
     pub fenced_refusals: AtomicU64,
+    /// The source said goodbye (a clean stop) on the last session.
+    pub goodbye: AtomicBool,
 }
 
 impl SlotStatus {
@@ -91,6 +93,9 @@ impl SlotStatus {
 }
 
 pub use doppel_link::framed::now_us;
+
+/// In a replica's state directory: its source's agent stopped cleanly.
+const STOPPED_MARKER: &str = "source-stopped";
 
 /// One replica's slot.
 pub struct Slot {
@@ -259,6 +264,32 @@ impl Target {
             .map(|(_, slot)| slot.status.last_seen_us.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    }
+
+    /// Records whether `job` of `source` was stopped cleanly by its agent (it said goodbye),
+    /// durably, so that a monitor does not take a planned stop for a failure, even after this
+    /// target restarts.
+    pub fn mark_stopped(&self, source: &str, job: &str, stopped: bool) {
+        let (_, state) = self.config.layout.paths(source, job);
+        let marker = state.join(STOPPED_MARKER);
+        let r = if stopped {
+            std::fs::write(&marker, b"the source's agent stopped cleanly\n")
+        } else {
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(%source, %job, error = %e, path = %marker.display(), "cannot record the clean stop");
+        }
+    }
+
+    /// Whether every job of `source` was stopped cleanly by its agent and has not reconnected.
+    pub fn source_stopped(&self, source: &str) -> bool {
+        let jobs = self.jobs_of(source);
+        !jobs.is_empty()
+            && jobs.iter().all(|j| self.config.layout.paths(source, j).1.join(STOPPED_MARKER).exists())
     }
 
     /// Records that a fenced source tried to replicate.

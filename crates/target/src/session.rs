@@ -114,7 +114,9 @@ where
         }))
         .await?;
     tracing::info!(%source, job = %hello.job, applied = info.applied, "source connected");
+    target.mark_stopped(&source, &hello.job, false);
     let status = &slot.status;
+    status.goodbye.store(false, Ordering::Relaxed);
     status.connected.store(true, Ordering::Relaxed);
     status.applied.store(info.applied, Ordering::Relaxed);
     status.durable.store(info.applied, Ordering::Relaxed);
@@ -145,7 +147,12 @@ where
     }
     let _ = writer_task.await;
     status.connected.store(false, Ordering::Relaxed);
-    status.set_state("disconnected");
+    if status.goodbye.load(Ordering::Relaxed) {
+        target.mark_stopped(&source, &hello.job, true);
+        status.set_state("stopped");
+    } else {
+        status.set_state("disconnected");
+    }
     match &result {
         Ok(Some(h)) => {
             tracing::info!(%source, job = %hello.job, epoch = h.epoch, "the sender handed the job over")
@@ -255,6 +262,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Message::Heartbeat { .. }) => continue,
             Ok(Message::Goodbye { reason }) => {
                 tracing::info!(%reason, "source said goodbye");
+                slot.status.goodbye.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
             Ok(Message::FailbackDone { epoch, replica_id, applied_seq }) => {
