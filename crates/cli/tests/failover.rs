@@ -540,4 +540,29 @@ fn automatic_failover_in_namespaces_recovers_every_commit_and_fences_the_old_sou
         "the fenced source wrote to the replica"
     );
     assert_eq!(source_status(&th, "s")["state"], "failed-over");
+
+    // Home again: the source takes the database back, the address is released.
+    let mut back_args = args.to_vec();
+    back_args.push("--failback");
+    let mut back = Proc::start_in(&net.a, &home, "agent-back", &back_args);
+    wait_until(Duration::from_secs(60), "the source to hold the replica", || {
+        assert!(back.running(), "{}", back.log());
+        let s = source_status(&th, "s");
+        (s["jobs"][0]["failback"]["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    let (st, out, err) = run(&th, &["failback", "s"]);
+    assert!(st.success(), "{out}{err}");
+    assert!(out.contains("release-address"), "{out}");
+    let addrs =
+        Command::new("ip").args(["-n", &net.b, "-o", "addr", "show", "dev", net.iface_b()]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&addrs.stdout).contains(&vip), "address {vip} not released");
+    wait_until(Duration::from_secs(60), "protection to resume", || {
+        assert!(back.running(), "{}", back.log());
+        let s = job_status(&home, "db");
+        (s["state"] == "replicating" && s["capture"].as_str().is_some_and(|c| c.starts_with("fuse")))
+            .then_some(())
+            .ok_or(s.to_string())
+    });
+    compare_trees(&src, &target.data.join("replicas/s/db"), Compare::default()).unwrap();
+    assert_eq!(back.stop().code(), Some(0), "{}", back.log());
 }

@@ -173,3 +173,62 @@ fn clean_restart_sends_only_what_changed_while_down() {
     assert!(log.contains("clean restart"), "{log}");
     assert!(!log.contains("comparing the whole tree"), "{log}");
 }
+
+#[test]
+fn a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).standard();
+    let home = dir.path().join("home");
+    let id = init(&home);
+    // The target sends heartbeats every 10 s; the agent expects a sign of life every 3 s.
+    let th = dir.path().join("target-home");
+    let tid = init(&th);
+    let data = dir.path().join("data");
+    let allow = format!("s={id}");
+    let mut tp = Proc::start(
+        &th,
+        "target",
+        &[
+            "target",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+            "--allow",
+            &allow,
+            "--heartbeat",
+            "10",
+        ],
+    );
+    let addr = wait_until(Duration::from_secs(30), "the target to listen", || {
+        assert!(tp.running(), "{}", tp.log());
+        std::fs::read_to_string(th.join("run/target.addr")).map_err(|e| e.to_string())
+    });
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &[
+            "protect",
+            src.to_str().unwrap(),
+            "--to",
+            &addr,
+            "--target-id",
+            &tid,
+            "--name",
+            "j",
+            "--heartbeat",
+            "1",
+        ],
+    );
+    wait_converged(&src, &dir.path().join("data/replicas/s/j"), Duration::from_secs(60), &mut agent);
+    // Idle for five of the agent's dead-peer intervals: the link must stay up all along.
+    let idle = std::time::Instant::now();
+    while idle.elapsed() < Duration::from_secs(15) {
+        let s = job_status(&home, "j");
+        assert_eq!(s["connected"], true, "the idle link dropped: {s}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(job_status(&home, "j")["connections"], 1, "{}", agent.log());
+    assert!(!agent.log().contains("presumed dead"), "{}", agent.log());
+}

@@ -187,6 +187,30 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Takes over (`take`) or releases `addrs` on `iface`, one step each.
+    async fn addresses(&mut self, take: bool, addrs: &[String], iface: &str) -> Result<(), FailoverError> {
+        let limit = self.m.config.script_timeout;
+        let (step, key) = if take { ("address", "address") } else { ("release-address", "release") };
+        for addr in addrs {
+            let (a, i) = (addr.clone(), iface.to_string());
+            self.step(Some(format!("{key}:{addr}")), step, None, || async move {
+                let changed = if take {
+                    take_address(&a, &i, limit).await
+                } else {
+                    release_address(&a, &i, limit).await
+                };
+                Ok(match (take, changed.map_err(|e| e.to_string())?) {
+                    (true, true) => format!("{a} added to {i}"),
+                    (true, false) => format!("{a} was already on {i}"),
+                    (false, true) => format!("{a} removed from {i}"),
+                    (false, false) => format!("{a} was not on {i}"),
+                })
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     fn report(&self, started: Instant, since_last_seen_ms: Option<u64>) -> Report {
         Report {
             source: self.source.to_string(),
@@ -312,16 +336,7 @@ impl Manager {
         run.save()?;
         run.scripts("pre-failover", None, &pol.pre_failover).await.map_err(fail)?;
         if let Some(iface) = &pol.interface {
-            let limit = self.config.script_timeout;
-            for addr in &pol.addresses {
-                let (a, i) = (addr.clone(), iface.clone());
-                run.step(Some(format!("address:{addr}")), "address", None, || async move {
-                    let added = take_address(&a, &i, limit).await.map_err(|e| e.to_string())?;
-                    Ok(if added { format!("{a} added to {i}") } else { format!("{a} was already on {i}") })
-                })
-                .await
-                .map_err(fail)?;
-            }
+            run.addresses(true, &pol.addresses, iface).await.map_err(fail)?;
         }
         for job in &jobs {
             run.scripts("failover", Some(job), &pol.failover).await.map_err(fail)?;
@@ -441,16 +456,7 @@ impl Manager {
         // The addresses go when no job of the source stays on this side.
         let staying = all_failed_over.iter().any(|j| !jobs.contains(j));
         if let (Some(iface), false) = (&pol.interface, staying) {
-            let limit = self.config.script_timeout;
-            for addr in &pol.addresses {
-                let (a, i) = (addr.clone(), iface.clone());
-                run.step(Some(format!("release:{addr}")), "release-address", None, || async move {
-                    let removed = release_address(&a, &i, limit).await.map_err(|e| e.to_string())?;
-                    Ok(if removed { format!("{a} removed from {i}") } else { format!("{a} was not on {i}") })
-                })
-                .await
-                .map_err(fail)?;
-            }
+            run.addresses(false, &pol.addresses, iface).await.map_err(fail)?;
         }
         for (job, r) in &reverse {
             let target = self.target.clone();

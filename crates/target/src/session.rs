@@ -133,9 +133,11 @@ where
         tokio::task::spawn_blocking(move || worker::run(replica, work_rx, out_tx, slot, interval, cancel))
     };
     let writer_task = tokio::spawn(doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat));
+    let echo = out_tx.clone();
     drop(out_tx);
 
-    let result = read_loop(&mut reader, &work_tx, &slot, cfg.heartbeat * 3, &cancel, &received).await;
+    let result = read_loop(&mut reader, &work_tx, &echo, &slot, cfg.heartbeat * 3, &cancel, &received).await;
+    drop(echo);
     status.epoch.store(info.epoch, Ordering::Relaxed);
     drop(work_tx);
     match worker.await {
@@ -234,6 +236,7 @@ async fn refuse<W: AsyncWrite + Unpin, T>(writer: &mut FrameWriter<W>, r: Refusa
 async fn read_loop<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     work: &mpsc::Sender<Work>,
+    echo: &mpsc::Sender<Message>,
     slot: &Slot,
     dead_after: Duration,
     cancel: &tokio_util::sync::CancellationToken,
@@ -259,7 +262,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Work::Records(records)
             }
             Ok(Message::ListRequest { id, scope }) => Work::List { id, scope },
-            Ok(Message::Heartbeat { .. }) => continue,
+            Ok(Message::Heartbeat { time_us }) => {
+                // Answered at once: a source whose heartbeat is shorter than this target's
+                // must not take a quiet target for a dead one.
+                let _ = echo.try_send(Message::Heartbeat { time_us });
+                continue;
+            }
             Ok(Message::Goodbye { reason }) => {
                 tracing::info!(%reason, "source said goodbye");
                 slot.status.goodbye.store(true, Ordering::Relaxed);
