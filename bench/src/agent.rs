@@ -1,6 +1,7 @@
 //! The doppel agent under test: the real binary, run as a user would run it, observed through
 //! `doppel status --json`.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +52,8 @@ pub struct JobStatus {
     pub spooled_bytes: u64,
     /// Hot regions of the activity log (`fuse` mode).
     pub dirty_regions: u64,
+    /// Bytes the agent has sent on its link since it started.
+    pub bytes_sent: u64,
     /// Files and bytes the reconciler hashed.
     pub files_hashed: u64,
     /// See `files_hashed`.
@@ -70,6 +73,7 @@ impl JobStatus {
             pending_bytes: n("pending_bytes"),
             spooled_bytes: n("spooled_bytes"),
             dirty_regions: n("dirty_regions"),
+            bytes_sent: n("bytes_sent"),
             files_hashed: n("files_hashed"),
             bytes_hashed: n("bytes_hashed"),
         }
@@ -107,25 +111,68 @@ impl Agent {
 
     /// [`Agent::start`] with more arguments for `doppel protect` (`--capture fuse`, say).
     pub fn start_with(bin: &Path, home: &Path, src: &Path, dst: &Path, extra: &[&str]) -> Result<Agent> {
+        let mut args = vec![OsString::from("--to"), dst.as_os_str().to_owned()];
+        args.extend(extra.iter().map(OsString::from));
+        Agent::spawn(Command::new(bin), bin, home, src, &args)
+    }
+
+    /// Protects `src` to the remote target at `addr` (identity `target_id`), the agent
+    /// running inside network namespace `ns` (see [`crate::ns::command`]).
+    pub fn start_remote(
+        bin: &Path,
+        ns: &str,
+        home: &Path,
+        src: &Path,
+        (addr, target_id): (&str, &str),
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut args: Vec<OsString> = ["--to", addr, "--target-id", target_id].map(OsString::from).into();
+        args.extend(extra.iter().map(OsString::from));
+        Agent::spawn(crate::ns::command(ns, bin), bin, home, src, &args)
+    }
+
+    /// Runs `CMD --home H protect SRC --name bench ARGS`, its log in `HOME.log`.
+    fn spawn(mut cmd: Command, bin: &Path, home: &Path, src: &Path, args: &[OsString]) -> Result<Agent> {
         fs::create_dir_all(home)?;
         let log = home.with_extension("log");
-        let log_file = fs::File::create(&log)?;
+        let log_file = fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let started = Instant::now();
-        let child = Command::new(bin)
+        let child = cmd
             .arg("--home")
             .arg(home)
             .arg("protect")
             .arg(src)
-            .arg("--to")
-            .arg(dst)
             .args(["--name", JOB])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         Ok(Agent { bin: bin.to_path_buf(), home: home.to_path_buf(), log, child: Some(child), started })
+    }
+
+    /// Kills the agent with SIGKILL (a crash: no chance to clean up) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing doppel")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (a fenced agent does).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let t = Instant::now();
+        let child = self.child.as_mut().context("doppel has exited already")?;
+        while t.elapsed() < timeout {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            sleep(Duration::from_millis(20));
+        }
+        bail!("doppel did not exit within {timeout:?}; end of its log:\n{}", self.log_tail(20))
     }
 
     /// CPU time (user + system) the agent has used since it started.
@@ -193,15 +240,25 @@ impl Agent {
     /// Polls the status every `every` (on absolute deadlines) until [`JobStatus::caught_up`];
     /// returns the time since the process started and the last status.
     pub fn wait_caught_up(&mut self, every: Duration, timeout: Duration) -> Result<(Duration, JobStatus)> {
+        self.wait_status(every, timeout, JobStatus::caught_up)
+    }
+
+    /// Like [`Agent::wait_caught_up`], until `done` holds for the status.
+    pub fn wait_status(
+        &mut self,
+        every: Duration,
+        timeout: Duration,
+        done: impl Fn(&JobStatus) -> bool,
+    ) -> Result<(Duration, JobStatus)> {
         let mut next = Instant::now();
         loop {
             self.check_alive()?;
-            if let Some(s) = self.status()?.filter(JobStatus::caught_up) {
+            if let Some(s) = self.status()?.filter(&done) {
                 return Ok((self.started.elapsed(), s));
             }
             if self.started.elapsed() > timeout {
                 bail!(
-                    "doppel did not catch up within {timeout:?} (last status: {:?}); end of its log {}:\n{}",
+                    "doppel did not get there within {timeout:?} (last status: {:?}); end of its log {}:\n{}",
                     self.status().ok().flatten(),
                     self.log.display(),
                     self.log_tail(20)

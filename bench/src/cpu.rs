@@ -11,6 +11,12 @@ pub fn of_process(pid: u32) -> Result<Duration> {
     ticks(stat_fields(&format!("/proc/{pid}/stat"), &[14, 15])?)
 }
 
+/// User plus system time `pid` and its waited-for children have used so far (a daemon that
+/// reaps the processes it forks per connection, as rsync's does).
+pub fn of_process_tree(pid: u32) -> Result<Duration> {
+    ticks(stat_fields(&format!("/proc/{pid}/stat"), &[14, 15, 16, 17])?)
+}
+
 /// User plus system time of this process's children that have exited and been waited for
 /// (and of their own waited-for descendants, such as rsync's receiver and generator).
 pub fn of_waited_children() -> Result<Duration> {

@@ -169,7 +169,7 @@ fn epoch_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64
 }
 
-fn make_pool(dir: &Path, pool: usize) -> Result<()> {
+pub(crate) fn make_pool(dir: &Path, pool: usize) -> Result<()> {
     fs::create_dir_all(dir)?;
     for i in 0..pool as u64 {
         fs::write(dir.join(pool_name(i)), record(0, 0))?;
@@ -205,7 +205,7 @@ fn wait_replicated(agent: &Agent, src: &Path, dst: &Path) -> Result<Duration> {
 /// Overwrites pool files in place, round-robin, on absolute deadlines (`k / rate` seconds
 /// after the start), so a slow write delays the next one but never the whole schedule.
 /// Returns the time it took and how late each write started.
-fn write_stream(dir: &Path, pool: usize, rate: u64, updates: u64) -> Result<(Duration, Sample)> {
+pub(crate) fn write_stream(dir: &Path, pool: usize, rate: u64, updates: u64) -> Result<(Duration, Sample)> {
     let names: Vec<PathBuf> = (0..pool as u64).map(|i| dir.join(pool_name(i))).collect();
     let mut late = Vec::with_capacity(updates as usize);
     let start = Instant::now();
@@ -241,14 +241,15 @@ fn poll_status(agent: &Agent, stop: &AtomicBool) -> (f64, u64, u64) {
 }
 
 /// What the watcher saw.
-struct Seen {
+pub(crate) struct Seen {
     /// Per sequence number (index 0 unused): the lag when first seen.
-    first_seen: Vec<Option<Duration>>,
-    overflows: u64,
+    pub(crate) first_seen: Vec<Option<Duration>>,
+    /// inotify queue overflows.
+    pub(crate) overflows: u64,
 }
 
 /// Watches the replica's pool directory and reads every file inotify reports changed.
-struct Watcher {
+pub(crate) struct Watcher {
     inotify: Inotify,
     dir: PathBuf,
     pool: u64,
@@ -257,7 +258,7 @@ struct Watcher {
 
 impl Watcher {
     /// Watches `dir` from now on.
-    fn new(dir: &Path, pool: usize, updates: u64) -> Result<Watcher> {
+    pub(crate) fn new(dir: &Path, pool: usize, updates: u64) -> Result<Watcher> {
         let inotify = Inotify::init().context("inotify_init")?;
         let mask = WatchMask::CLOSE_WRITE | WatchMask::MODIFY | WatchMask::MOVED_TO | WatchMask::CREATE;
         inotify.watches().add(dir, mask).with_context(|| format!("watching {}", dir.display()))?;
@@ -270,7 +271,7 @@ impl Watcher {
     }
 
     /// Reads events until `stop`.
-    fn run(mut self, stop: &AtomicBool) -> Result<Seen> {
+    pub(crate) fn run(mut self, stop: &AtomicBool) -> Result<Seen> {
         let mut buf = vec![0u8; 256 << 10];
         let tick = Timespec { tv_sec: 0, tv_nsec: 50_000_000 };
         while !stop.load(Ordering::Relaxed) {
@@ -339,7 +340,7 @@ impl Watcher {
 
 /// Splits the updates never seen into those a later update of the same file replaced
 /// (coalesced) and last updates of their file (missed).
-fn classify(first_seen: &[Option<Duration>], pool: u64) -> (u64, u64) {
+pub(crate) fn classify(first_seen: &[Option<Duration>], pool: u64) -> (u64, u64) {
     let updates = first_seen.len() as u64 - 1;
     let (mut coalesced, mut missed) = (0, 0);
     for seq in 1..=updates {

@@ -12,18 +12,31 @@
 
 mod agent;
 mod cpu;
+mod delay;
 mod fio;
 mod fuse;
 mod fuse_report;
 mod lag;
+mod linkcheck;
+mod lsyncd;
 mod machine;
 mod meta;
 mod mirror;
+mod ns;
 mod probe;
+mod remote;
 mod report;
+mod rsyncd;
 mod scratch;
 mod stats;
+mod target;
 mod tree;
+mod wan;
+mod wan_lag;
+mod wan_mirror;
+mod wan_overwrite;
+mod wan_report;
+mod wirelog;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +58,8 @@ enum Command {
     Core(CoreArgs),
     /// fio and metadata workloads natively and through a `--capture fuse` mount, side by side.
     Fuse(FuseArgs),
+    /// doppel against `rsync -az` and lsyncd over an emulated 100 Mbit/s, 50 ms link.
+    Wan(WanArgs),
 }
 
 /// Options of `fuse`.
@@ -88,6 +103,48 @@ pub struct FuseArgs {
     #[arg(long)]
     pub perf: Option<PathBuf>,
     /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Options of `wan`.
+#[derive(Args, Debug, Clone)]
+pub struct WanArgs {
+    /// Scratch directory (trees, destinations, homes). Only what the benchmark created in it
+    /// is removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench-wan")]
+    pub dir: PathBuf,
+    /// Total size of the tree of the initial mirror (suffixes K, M, G are powers of 1024).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Size of the file the random overwrites go to.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub big_size: u64,
+    /// Timed runs of each tool's initial mirror (min and median reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Rate limit of each direction of the link, in Mbit/s.
+    #[arg(long, default_value_t = 100)]
+    pub mbit: u32,
+    /// Round-trip time of the link, in milliseconds (half of it each way).
+    #[arg(long, default_value_t = 50)]
+    pub rtt_ms: u64,
+    /// Duration of the small-update stream, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub lag_secs: u64,
+    /// Small updates per second.
+    #[arg(long, default_value_t = 50)]
+    pub rate: u64,
+    /// Small files the updates go round-robin over.
+    #[arg(long, default_value_t = 2000)]
+    pub pool: usize,
+    /// 4 KiB random overwrites made in the large file.
+    #[arg(long, default_value_t = 1000)]
+    pub overwrites: u64,
+    /// Keep the scratch directory (the generated tree and file are then reused).
     #[arg(long)]
     pub keep: bool,
     /// Also write the markdown report to this file.
@@ -150,6 +207,7 @@ fn main() {
     let result = match cli.command {
         Command::Core(args) => core(&args),
         Command::Fuse(args) => fuse::main(&args),
+        Command::Wan(args) => wan::main(&args),
     };
     if let Err(e) = result {
         eprintln!("doppel-bench: error: {e:#}");

@@ -140,7 +140,7 @@ fn time_doppel(
 
 /// Puts the machine in the same state before every timed run: nothing dirty, nobody else
 /// busy (as far as waiting helps), and an empty page cache.
-fn prepare_cold() -> Result<()> {
+pub(crate) fn prepare_cold() -> Result<()> {
     machine::sync();
     if !cpu::wait_quiet(QUIET_WAIT)? {
         eprintln!(
@@ -166,7 +166,7 @@ fn stop_and_verify(r: Running) -> Result<()> {
 }
 
 /// The copy must equal the source exactly (names, types, modes, owners, times, content).
-fn verify(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn verify(src: &Path, dst: &Path) -> Result<()> {
     if let Err(diffs) = compare_trees(src, dst, Compare::default()) {
         bail!("the copy {} differs from the source:\n{diffs}", dst.display());
     }
