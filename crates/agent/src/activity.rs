@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use doppel_capture::fuse::Dirty;
@@ -65,18 +65,46 @@ struct Hot {
     touched: Instant,
     /// Changed while the spool was full (its op was dropped): stays until a comparison.
     sticky: bool,
+    /// The group of records whose write makes this region's record durable (see
+    /// [`Inner::durable`]).
+    batch: u64,
+    /// When the file of this name was created (or emptied), if since the region became hot:
+    /// its comparison covers all of the file's content, so for a while (see
+    /// [`COVER_WINDOW`]) writes to the file need no extent of their own.
+    created: Option<Instant>,
 }
+
+/// How long after a file's creation its name stands for writes to it. Bounded so that a file
+/// written without pause for days is not compared whole after a crash because it was new
+/// once: after the window its writes mark extents again, and the name can cool.
+pub const COVER_WINDOW: Duration = Duration::from_secs(10);
 
 struct Inner {
     hot: HashMap<Region, Hot>,
-    file: File,
+    file: Arc<File>,
     written: u64,
+    /// Frames of new regions not yet written, to go out as group `open`.
+    queued: Vec<u8>,
+    /// The group the queued frames belong to.
+    open: u64,
+    /// Every group up to this one is on disk.
+    durable: u64,
+    /// A group is being written and synced (outside the lock).
+    syncing: bool,
+    /// Groups whose write or sync failed: their marks are refused.
+    failed: Vec<u64>,
 }
 
 /// The activity log of one job.
+///
+/// Marking is a group commit: the records of regions that became hot while a write and
+/// `fdatasync` of the log was under way go out together in the next one, so concurrent
+/// changes share a sync instead of queueing for one each; a mark returns once the records of
+/// its regions (whoever wrote them) are on disk.
 pub struct ActivityLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    synced: Condvar,
 }
 
 fn read_records(path: &Path) -> io::Result<Vec<Region>> {
@@ -122,45 +150,140 @@ impl ActivityLog {
         let now = Instant::now();
         let hot = left
             .iter()
-            .map(|r| (r.clone(), Hot { last_seq: 0, pending: 0, touched: now, sticky: true }))
+            .map(|r| {
+                let h = Hot { last_seq: 0, pending: 0, touched: now, sticky: true, batch: 0, created: None };
+                (r.clone(), h)
+            })
             .collect();
-        let log =
-            ActivityLog { path: path.to_path_buf(), inner: Mutex::new(Inner { hot, file, written: 0 }) };
+        let inner = Inner {
+            hot,
+            file: Arc::new(file),
+            written: 0,
+            queued: Vec::new(),
+            open: 1,
+            durable: 0,
+            syncing: false,
+            failed: Vec::new(),
+        };
+        let log = ActivityLog { path: path.to_path_buf(), inner: Mutex::new(inner), synced: Condvar::new() };
         log.compact()?;
         Ok((log, left))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks `regions` as about to change; returns once any that were not hot are on disk.
     pub fn mark(&self, regions: &[Region]) -> io::Result<()> {
         let mut g = self.lock();
+        let need = Self::add(&mut g, regions);
+        self.wait_durable(g, need)
+    }
+
+    /// Marks the regions covering `dirty` as about to change, as [`ActivityLog::mark`] does,
+    /// and returns them. A write to a file whose name is hot because the file was created (or
+    /// emptied) lately is covered by that name, whose comparison takes in all of the file: no
+    /// extent (and no sync) of its own.
+    pub fn mark_dirty(&self, dirty: &[Dirty<'_>]) -> io::Result<Vec<Region>> {
+        let mut g = self.lock();
+        let mut regions = Vec::new();
+        for d in dirty {
+            if let Dirty::Extent { path, .. } = d {
+                let name = Region::Name(path.as_bytes().to_vec());
+                if g.hot.get(&name).and_then(|h| h.created).is_some_and(|t| t.elapsed() < COVER_WINDOW) {
+                    regions.push(name);
+                    continue;
+                }
+            }
+            regions.extend(Region::of(d));
+        }
+        let need = Self::add(&mut g, &regions);
+        self.wait_durable(g, need)?;
+        Ok(regions)
+    }
+
+    /// The file at `path` was just created (or emptied): while its name stays hot, the name
+    /// covers its content for a while (see [`ActivityLog::mark_dirty`]).
+    pub fn created(&self, path: &[u8]) {
+        if let Some(h) = self.lock().hot.get_mut(&Region::Name(path.to_vec())) {
+            h.created = Some(Instant::now());
+        }
+    }
+
+    /// Counts a change over `regions`, queueing records for those not hot; returns the groups
+    /// (not yet on disk) that must be before the change may be made.
+    fn add(g: &mut Inner, regions: &[Region]) -> Vec<u64> {
         let now = Instant::now();
-        let mut new = Vec::new();
+        let mut need = Vec::new();
+        let durable = g.durable;
+        let mut needs = |b: u64| {
+            if b > durable && !need.contains(&b) {
+                need.push(b);
+            }
+        };
         for r in regions {
             match g.hot.get_mut(r) {
                 Some(h) => {
                     h.pending += 1;
                     h.touched = now;
+                    needs(h.batch);
                 }
-                None => new.push(r.clone()),
+                None => {
+                    let f = frame(r);
+                    g.queued.extend_from_slice(&f);
+                    let batch = g.open;
+                    g.hot.insert(
+                        r.clone(),
+                        Hot { last_seq: 0, pending: 1, touched: now, sticky: false, batch, created: None },
+                    );
+                    needs(batch);
+                }
             }
         }
-        if !new.is_empty() {
-            let mut buf = Vec::new();
-            for r in &new {
-                buf.extend(frame(r));
+        need
+    }
+
+    /// Returns once the groups `need` are on disk: writes and syncs the queued records itself
+    /// if nobody else is, else waits for whoever is (and goes next if that was not enough).
+    fn wait_durable<'a>(&'a self, mut g: MutexGuard<'a, Inner>, need: Vec<u64>) -> io::Result<()> {
+        loop {
+            if need.iter().any(|b| g.failed.contains(b)) {
+                return Err(io::Error::other("writing the activity log failed"));
             }
-            g.file.write_all(&buf)?;
-            g.file.sync_data()?;
-            g.written += buf.len() as u64;
-            for r in new {
-                g.hot.insert(r, Hot { last_seq: 0, pending: 1, touched: now, sticky: false });
+            if need.iter().all(|&b| g.durable >= b) {
+                return Ok(());
             }
+            if g.syncing {
+                g = self.synced.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let batch = g.open;
+            g.open += 1;
+            g.syncing = true;
+            let buf = std::mem::take(&mut g.queued);
+            let file = g.file.clone();
+            drop(g);
+            let result = (&*file).write_all(&buf).and_then(|()| file.sync_data());
+            g = self.lock();
+            g.syncing = false;
+            match &result {
+                Ok(()) => {
+                    g.durable = batch;
+                    g.written += buf.len() as u64;
+                }
+                Err(_) => {
+                    // Those regions are not recorded: forget them (their changes are refused).
+                    g.hot.retain(|_, h| h.batch != batch);
+                    g.failed.push(batch);
+                    if g.failed.len() > 64 {
+                        g.failed.remove(0);
+                    }
+                }
+            }
+            self.synced.notify_all();
+            result?;
         }
-        Ok(())
     }
 
     /// The change over `regions` was made but its ops were dropped (the spool is full): the
@@ -221,9 +344,13 @@ impl ActivityLog {
         if compact { self.compact() } else { Ok(()) }
     }
 
-    /// Rewrites the file with just the hot regions.
+    /// Rewrites the file with just the hot regions (which makes every queued record durable
+    /// too). Waits for a group being written, which must not land in the replaced file.
     fn compact(&self) -> io::Result<()> {
         let mut g = self.lock();
+        while g.syncing {
+            g = self.synced.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;
         let mut regions: Vec<&Region> = g.hot.keys().collect();
@@ -238,8 +365,14 @@ impl ActivityLog {
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
-        g.file = OpenOptions::new().append(true).open(&self.path)?;
+        g.file = Arc::new(OpenOptions::new().append(true).open(&self.path)?);
         g.written = buf.len() as u64;
+        // Everything hot, queued records included, is in the new file.
+        g.queued.clear();
+        g.durable = g.open;
+        g.open += 1;
+        drop(g);
+        self.synced.notify_all();
         Ok(())
     }
 
@@ -314,6 +447,67 @@ mod tests {
         drop(log);
         let (_, left) = ActivityLog::open(&path).unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn writes_to_a_new_file_are_covered_by_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a");
+        let (log, _) = ActivityLog::open(&path).unwrap();
+        let p = RelPath::new("dir/new").unwrap();
+        let parent = RelPath::new("dir").unwrap();
+        let marked = log.mark_dirty(&[Dirty::Name(&p), Dirty::Name(&parent)]).unwrap();
+        log.created(p.as_bytes());
+        log.done(&marked, Some(1));
+        let size = std::fs::metadata(&path).unwrap().len();
+        // The first write and one far into the file: no extent, nothing written to the log.
+        let w = log.mark_dirty(&[Dirty::Extent { path: &p, offset: 0, len: 4096 }]).unwrap();
+        assert_eq!(w, vec![name("dir/new")]);
+        let w2 = log.mark_dirty(&[Dirty::Extent { path: &p, offset: 9 * EXTENT, len: 10 }]).unwrap();
+        assert_eq!(w2, vec![name("dir/new")]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "no record written for covered writes");
+        // The name cannot cool while the write it stands for is unacknowledged.
+        log.done(&w, Some(2));
+        log.cool(1, Duration::ZERO).unwrap();
+        assert!(log.sticky().is_empty() && !log.is_empty());
+        log.done(&w2, Some(3));
+        log.cool(3, Duration::ZERO).unwrap();
+        assert!(log.is_empty());
+        // An existing file's writes still mark their extents.
+        let old = RelPath::new("old").unwrap();
+        let m = log.mark_dirty(&[Dirty::Name(&old)]).unwrap();
+        let e = log.mark_dirty(&[Dirty::Extent { path: &old, offset: 0, len: 1 }]).unwrap();
+        assert_eq!(e, vec![Region::Extent(b"old".to_vec(), 0)]);
+        log.done(&m, None);
+        log.done(&e, None);
+    }
+
+    #[test]
+    fn concurrent_marks_share_syncs_and_all_reach_the_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a");
+        let (log, _) = ActivityLog::open(&path).unwrap();
+        let log = std::sync::Arc::new(log);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let r = [name(&format!("t{t}/f{i}")), name(&format!("t{t}"))];
+                        log.mark(&r).unwrap();
+                        // Returned: its record is on disk (read back as a crash would).
+                        let on_disk = read_records(&log.path).unwrap();
+                        assert!(on_disk.contains(&r[0]) && on_disk.contains(&r[1]));
+                        log.done(&r, Some(1));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (_, left) = ActivityLog::open(&path).unwrap();
+        assert_eq!(left.len(), 8 * 50 + 8);
     }
 
     #[test]

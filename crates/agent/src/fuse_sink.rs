@@ -48,13 +48,19 @@ impl CaptureSink for FuseSink {
     type Prepared = Marked;
 
     fn prepare(&self, dirty: &[Dirty<'_>]) -> std::io::Result<Marked> {
-        let regions: Vec<Region> = dirty.iter().flat_map(Region::of).collect();
-        self.activity.mark(&regions)?;
+        let regions = self.activity.mark_dirty(dirty)?;
         Ok(Marked { regions, log: self.activity.clone(), done: false })
     }
 
     fn commit(&self, mut prepared: Marked, ops: Vec<Op>) -> std::io::Result<u64> {
         prepared.done = true;
+        // A file new to the replica (or emptied): its name, hot now, stands for its content.
+        for op in &ops {
+            match op {
+                Op::Create { path, .. } | Op::Truncate { path, size: 0 } => self.activity.created(&path.0),
+                _ => {}
+            }
+        }
         // Once one op is dropped every later one must be too, or the replica would hold a
         // change without one made before it: the overflow lasts until the dirty regions are
         // compared.

@@ -161,16 +161,27 @@ impl Replica {
     /// Makes every applied op durable (one `syncfs` of the replica's file system, then the
     /// checkpoint) and returns the durable sequence, which may now be acknowledged.
     pub fn commit(&mut self) -> Result<u64, ApplyError> {
-        if self.durable.applied == self.applied && !self.dirty_on_disk {
+        self.commit_with(false)
+    }
+
+    /// [`Replica::commit`] when more ops are about to be applied: the checkpoint is written
+    /// already marked dirty, which the first of them would otherwise do with a second
+    /// checkpoint write (two `fsync`s and a rename) right after this one.
+    pub fn commit_continuing(&mut self) -> Result<u64, ApplyError> {
+        self.commit_with(true)
+    }
+
+    fn commit_with(&mut self, more: bool) -> Result<u64, ApplyError> {
+        if self.durable.applied == self.applied && (!self.dirty_on_disk || more) {
             return Ok(self.applied);
         }
         self.open.clear();
         rustix::fs::syncfs(self.root.root_fd())
             .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e.into() })?;
-        let c = Checkpoint { applied: self.applied, dirty: false, ..self.durable };
+        let c = Checkpoint { applied: self.applied, dirty: more, ..self.durable };
         write_checkpoint(&self.state_dir, &c)?;
-        self.durable = c;
-        self.dirty_on_disk = false;
+        self.durable = Checkpoint { dirty: false, ..c };
+        self.dirty_on_disk = more;
         Ok(self.applied)
     }
 

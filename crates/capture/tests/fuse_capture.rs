@@ -381,3 +381,85 @@ fn writeback_cache_sequences_everything_an_fsync_covers_before_it() {
         assert_eq!(content[name.as_bytes()], std::fs::read(src.join(&name)).unwrap(), "{name}");
     }
 }
+
+/// Writing to a set-user-id file, or one with file capabilities, drops those privileges, as
+/// the kernel does for any file system: on the source, and, through the ops, on the replica.
+#[test]
+fn writes_drop_set_id_bits_and_capabilities_on_both_sides() {
+    privileges_dropped(FuseOptions::default());
+}
+
+#[test]
+fn writes_drop_set_id_bits_and_capabilities_with_the_writeback_cache() {
+    privileges_dropped(FuseOptions { writeback: true, ..FuseOptions::default() });
+}
+
+fn privileges_dropped(opts: FuseOptions) {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let mount = FuseCapture::mount(&src, sink.clone(), opts).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let t = Tree::at(&src);
+    t.file("suid", b"#!/bin/sh\n")
+        .file("sgid", b"#!/bin/sh\n")
+        .file("capped", b"\x7fELF")
+        .file("root-suid", b"x");
+    t.file("trunc-suid", b"long content").file("sgid-noexec", b"x");
+    let modes = [
+        ("suid", 0o4777),
+        ("sgid", 0o2777),
+        ("capped", 0o777),
+        ("root-suid", 0o4755),
+        ("trunc-suid", 0o4777),
+        ("sgid-noexec", 0o2766),
+    ];
+    for (name, mode) in modes {
+        std::fs::set_permissions(src.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    // A version 2 capability set (CAP_NET_BIND_SERVICE permitted), as setcap writes it.
+    let mut cap = vec![0u8; 20];
+    cap[..4].copy_from_slice(&0x0200_0000u32.to_le_bytes());
+    cap[4..8].copy_from_slice(&(1u32 << 10).to_le_bytes());
+    xattr_set(&src.join("capped"), "security.capability", &cap);
+    // An unprivileged writer (no CAP_FSETID): the kernel drops the bits.
+    for (name, script) in [
+        ("suid", "printf more >> \"$1\""),
+        ("sgid", "printf more >> \"$1\""),
+        ("capped", "printf more >> \"$1\""),
+        ("sgid-noexec", "printf more >> \"$1\""),
+        ("trunc-suid", ": > \"$1\""),
+    ] {
+        let st = std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "sh", "-c", script, "sh"])
+            .arg(src.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success(), "writing {name} as nobody");
+    }
+    // Root keeps them (CAP_FSETID), but not file capabilities.
+    std::fs::OpenOptions::new().append(true).open(src.join("root-suid")).unwrap().write_all(b"y").unwrap();
+    let mode = |p: &str| std::fs::symlink_metadata(src.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("suid"), 0o777, "set-user-id dropped");
+    assert_eq!(mode("sgid"), 0o777, "set-group-id (with group execute) dropped");
+    assert_eq!(mode("root-suid"), 0o4755, "root's write keeps set-user-id");
+    assert_eq!(mode("trunc-suid"), 0o777, "a truncate drops set-user-id");
+    assert_eq!(mode("sgid-noexec"), 0o766, "set-group-id of a writer outside the group is dropped");
+    let mut buf = [0u8; 64];
+    assert!(rustix::fs::getxattr(src.join("capped").as_path(), "security.capability", &mut buf[..]).is_err());
+    assert_eq!(std::fs::read(src.join("suid")).unwrap(), b"#!/bin/sh\nmore");
+    assert_eq!(std::fs::read(src.join("trunc-suid")).unwrap(), b"");
+    drop(mount);
+    let replica = dir.path().join("replica");
+    replay(&sink.ops.lock(), &replica, &dir.path().join("state"));
+    compare_trees(&src, &replica, Compare::default()).unwrap();
+    assert!(
+        rustix::fs::getxattr(replica.join("capped").as_path(), "security.capability", &mut buf[..]).is_err(),
+        "the capability is gone on the replica too"
+    );
+}

@@ -1,10 +1,13 @@
 //! The apply loop of a session, on a blocking thread.
 //!
-//! Ops are applied as they arrive and committed in groups: when no more work is queued, when
-//! the commit interval has passed, after an `Fsync` op (a source waiting in sync mode should
-//! not wait for a timer) or after a large amount of data. Each commit is one `syncfs` and one
-//! checkpoint, then an ack: this is what lets thousands of small ops per second be durable
-//! without a flush per op.
+//! Ops are applied as they arrive and committed in groups: at most once per commit interval
+//! (100 ms by default; a quiet queue commits when the interval since the last commit has
+//! passed), at once after an `Fsync` op (a source waiting in sync mode, or an application that
+//! asked for durability, should not wait for a timer), or after a large amount of data. Each
+//! commit is one `syncfs` and one checkpoint, then an ack: this is what lets thousands of small
+//! ops per second be durable without a flush per op. Committing whenever the queue was
+//! momentarily empty instead made a stream of small ops commit (and `syncfs` the whole file
+//! system) hundreds of times a second.
 //!
 //! An op that fails for lack of space (or another error that may pass) is retried, not
 //! skipped: the worker commits what it has, reports the pause, and tries again every second
@@ -64,8 +67,11 @@ pub fn run(
     let mut last_commit = Instant::now();
     let mut bytes_since = 0u64;
     let mut acked = replica.durable();
-    let commit = |replica: &mut Replica, acked: &mut u64| -> Result<(), ApplyError> {
-        let seq = replica.commit()?;
+    let runtime = tokio::runtime::Handle::current();
+    // `more`: ops are already queued behind this commit, so the checkpoint may say "dirty"
+    // at once (it would be rewritten so before the next op anyway).
+    let commit_then = |replica: &mut Replica, acked: &mut u64, more: bool| -> Result<(), ApplyError> {
+        let seq = if more { replica.commit_continuing()? } else { replica.commit()? };
         status.durable.store(seq, Ordering::Relaxed);
         if seq > *acked {
             *acked = seq;
@@ -73,20 +79,37 @@ pub fn run(
         }
         Ok(())
     };
+    let commit = |replica: &mut Replica, acked: &mut u64| commit_then(replica, acked, false);
     loop {
         let work = match rx.try_recv() {
             Ok(w) => w,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if let Err(e) = commit(&mut replica, &mut acked) {
-                    tracing::error!(error = %e, "commit failed");
-                }
-                last_commit = Instant::now();
-                bytes_since = 0;
-                match rx.blocking_recv() {
-                    Some(w) => w,
-                    None => break,
+            Err(mpsc::error::TryRecvError::Empty) if replica.applied() > acked => {
+                // Applied ops wait for the commit that is due at the end of the interval, or
+                // for more work to join them.
+                let due = last_commit + commit_interval;
+                let now = Instant::now();
+                let next = if now < due {
+                    runtime.block_on(async { tokio::time::timeout(due - now, rx.recv()).await }).ok()
+                } else {
+                    None
+                };
+                match next {
+                    Some(Some(w)) => w,
+                    Some(None) => break,
+                    None => {
+                        if let Err(e) = commit(&mut replica, &mut acked) {
+                            tracing::error!(error = %e, "commit failed");
+                        }
+                        last_commit = Instant::now();
+                        bytes_since = 0;
+                        continue;
+                    }
                 }
             }
+            Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                Some(w) => w,
+                None => break,
+            },
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
         match work {
@@ -107,7 +130,7 @@ pub fn run(
                 }
                 status.applied.store(replica.applied(), Ordering::Relaxed);
                 if barrier || bytes_since >= COMMIT_BYTES || last_commit.elapsed() >= commit_interval {
-                    if let Err(e) = commit(&mut replica, &mut acked) {
+                    if let Err(e) = commit_then(&mut replica, &mut acked, !rx.is_empty()) {
                         tracing::error!(error = %e, "commit failed");
                     }
                     last_commit = Instant::now();

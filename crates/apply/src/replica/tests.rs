@@ -251,6 +251,33 @@ fn unclean_reboot_with_unsynced_ops_demands_a_resync() {
     assert_eq!((info.needs_resync, info.replica_id, info.applied), (false, id, 1));
 }
 
+/// A commit that more ops follow at once leaves the checkpoint marked dirty (saving the
+/// second checkpoint write the next op would make): durable up to the commit, and a reboot
+/// right after it demands a resync, as one after the next op would.
+#[test]
+fn a_continuing_commit_is_durable_and_stays_marked_dirty() {
+    let mut f = Fixture::new();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    assert_eq!(f.replica.commit_continuing().unwrap(), 1);
+    let c = crate::state::read_checkpoint(&f.state).unwrap().unwrap();
+    assert_eq!((c.applied, c.dirty), (1, true));
+    assert_eq!(f.replica.durable(), 1);
+    // The next op needs no checkpoint write of its own; a plain commit cleans the mark.
+    f.apply(Op::Write { path: w("a"), offset: 0, data: b"x".to_vec() });
+    assert_eq!(f.replica.commit().unwrap(), 2);
+    let c = crate::state::read_checkpoint(&f.state).unwrap().unwrap();
+    assert_eq!((c.applied, c.dirty), (2, false));
+    // Continuing again, then a reboot before anything else was applied.
+    f.apply(Op::Write { path: w("a"), offset: 1, data: b"y".to_vec() });
+    f.replica.commit_continuing().unwrap();
+    let id = f.replica.info().replica_id;
+    std::fs::write(f.state.join("progress"), [b'x'; 44]).unwrap();
+    let info = Replica::open(&f.root, &f.state).unwrap().info();
+    assert!(info.needs_resync);
+    assert_ne!(info.replica_id, id);
+    assert_eq!(info.applied, 3);
+}
+
 #[test]
 fn listing_describes_the_tree_with_block_hashes() {
     let mut f = Fixture::new();

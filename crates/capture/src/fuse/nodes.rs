@@ -98,6 +98,9 @@ pub struct Node {
     pub io: Mutex<IoState>,
     /// Content or attributes changed since the mtime was last sent.
     pub mtime_dirty: AtomicBool,
+    /// Whether the object carries privileges a write must drop (see `fs::privs`):
+    /// [`PRIVS_UNKNOWN`], [`PRIVS_NONE`] or [`PRIVS_SOME`].
+    pub privs: std::sync::atomic::AtomicU8,
     /// The kernel's file handle of the object; `None`: the descriptor is never evicted.
     handle: Option<Box<[u8]>>,
     /// The `O_PATH | O_NOFOLLOW` descriptor, while cached.
@@ -153,6 +156,13 @@ impl Node {
         }
     }
 }
+
+/// Not looked at since the node was created or its attributes changed.
+pub const PRIVS_UNKNOWN: u8 = 0;
+/// No set-id bits, no file capabilities.
+pub const PRIVS_NONE: u8 = 1;
+/// Set-id bits or file capabilities.
+pub const PRIVS_SOME: u8 = 2;
 
 /// What [`Node::evict`] did.
 enum Evicted {
@@ -411,6 +421,7 @@ impl Nodes {
             data: locks.file(key),
             io: Mutex::new(IoState::default()),
             mtime_dirty: AtomicBool::new(false),
+            privs: std::sync::atomic::AtomicU8::new(PRIVS_UNKNOWN),
             handle: None,
             fd: Mutex::new(Some(NodeFd(Arc::new(fd)))),
             referenced: AtomicBool::new(false),
@@ -498,6 +509,7 @@ impl Nodes {
             data: self.locks.file(key),
             io: Mutex::new(IoState::default()),
             mtime_dirty: AtomicBool::new(false),
+            privs: std::sync::atomic::AtomicU8::new(PRIVS_UNKNOWN),
             handle,
             fd: Mutex::new(Some(NodeFd(Arc::new(fd)))),
             referenced: AtomicBool::new(true),

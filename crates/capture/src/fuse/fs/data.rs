@@ -6,6 +6,7 @@
 //! never sees them); once an inode is in passthrough mode, later writers open it with direct
 //! I/O on the same backing file, so their writes still come through the daemon.
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -108,13 +109,15 @@ impl<S: CaptureSink> DoppelFs<S> {
         Ok(buf)
     }
 
-    /// A write; `from_cache`: pages the kernel writes back from its write-back cache.
+    /// A write; `from_cache`: pages the kernel writes back from its write-back cache; `kill`:
+    /// the writer lacks `CAP_FSETID` (see [`super::privs`]).
     pub(super) fn do_write(
         &self,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
         from_cache: bool,
+        kill: Option<super::privs::Caller>,
     ) -> Result<u32, Errno> {
         let (h, writable) = self.file(fh)?;
         let Handle::File(f) = &*h else { return Err(Errno::EISDIR) };
@@ -125,9 +128,16 @@ impl<S: CaptureSink> DoppelFs<S> {
             let _ns = self.locks.shared();
             let _file = f.node.data.lock();
             let path = self.nodes.path(&f.node);
+            // Set-id bits or capabilities: the write drops them (an attribute change too).
+            let had_privs = self.has_privs(&f.node, f.file.as_fd());
             let prep = match &path {
                 Some(p) => {
-                    Some(self.prepare(&[Dirty::Extent { path: p, offset, len: data.len() as u64 }])?)
+                    let extent = Dirty::Extent { path: p, offset, len: data.len() as u64 };
+                    Some(if had_privs {
+                        self.prepare(&[extent, Dirty::Name(p)])?
+                    } else {
+                        self.prepare(&[extent])?
+                    })
                 }
                 None => None,
             };
@@ -155,9 +165,19 @@ impl<S: CaptureSink> DoppelFs<S> {
             }
             f.wrote.store(true, Ordering::Relaxed);
             f.node.mtime_dirty.store(true, Ordering::Relaxed);
+            let privs = had_privs.then(|| self.dropped_privs(&f.node, f.file.as_fd(), kill));
             match (path, prep) {
                 (Some(p), Some(prep)) => {
-                    self.commit(prep, vec![Op::Write { path: p.to_wire(), offset, data: data.to_vec() }])
+                    let mut ops = vec![Op::Write { path: p.to_wire(), offset, data: data.to_vec() }];
+                    if let Some(attrs) = privs {
+                        ops.push(Op::SetAttr { path: p.to_wire(), attrs });
+                    }
+                    if f.sync {
+                        // The application asked for durability with this write: the target
+                        // commits at once after an Fsync op instead of at its next interval.
+                        ops.push(Op::Fsync { path: Some(p.to_wire()) });
+                    }
+                    self.commit(prep, ops)
                 }
                 _ => None,
             }

@@ -1,5 +1,6 @@
 //! Attributes, directories and extended attributes.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
 use doppel_proto::{Attrs, Op, Xattr};
@@ -44,11 +45,27 @@ impl<S: CaptureSink> DoppelFs<S> {
         ino: INodeNo,
         c: AttrChange,
         fh: Option<FileHandle>,
+        caller: Option<super::privs::Caller>,
     ) -> Result<Stat, Errno> {
         let node = self.node(ino)?;
         let _ns = self.locks.shared();
         let _file = node.data.lock();
         let path = self.nodes.path(&node);
+        // A truncate or chown drops privileges (see `privs`): an open descriptor to look.
+        let privfd = if self.killpriv.load(Ordering::Relaxed)
+            && node.kind == libc::S_IFREG
+            && (c.size.is_some() || c.uid.is_some() || c.gid.is_some())
+        {
+            let nfd = node.fd().map_err(errno)?;
+            let fd = self
+                .nodes
+                .cache()
+                .retry(|| rustix::fs::open(nfd.proc_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()))
+                .map_err(errno)?;
+            self.has_privs(&node, fd.as_fd()).then_some(fd)
+        } else {
+            None
+        };
         let prep = match &path {
             Some(p) => Some(self.prepare(&[Dirty::Name(p)])?),
             None => None,
@@ -91,6 +108,14 @@ impl<S: CaptureSink> DoppelFs<S> {
             rustix::fs::utimensat(&nfd, "", &t, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
+        if c.mode.is_some() || c.uid.is_some() || c.gid.is_some() {
+            node.privs.store(crate::fuse::nodes::PRIVS_UNKNOWN, Ordering::Relaxed);
+        }
+        if let Some(fd) = &privfd {
+            let kill = if c.size.is_some() { caller } else { None };
+            let dropped = self.dropped_privs(&node, fd.as_fd(), kill);
+            attrs.xattrs = dropped.xattrs;
+        }
         let st = rustix::fs::fstat(&nfd).map_err(errno)?;
         // Send what the object has now: the kernel may have adjusted what was asked (a
         // chown clearing set-id bits, "now" becoming a time).
@@ -98,7 +123,7 @@ impl<S: CaptureSink> DoppelFs<S> {
             attrs.uid = Some(st.st_uid);
             attrs.gid = Some(st.st_gid);
         }
-        if (c.mode.is_some() || c.uid.is_some() || c.gid.is_some())
+        if (c.mode.is_some() || c.uid.is_some() || c.gid.is_some() || privfd.is_some())
             && st.st_mode & libc::S_IFMT != libc::S_IFLNK
         {
             attrs.mode = Some(st.st_mode & 0o7777);
@@ -167,6 +192,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         };
         let nfd = node.fd().map_err(errno)?;
         let proc = nfd.proc_path();
+        node.privs.store(crate::fuse::nodes::PRIVS_UNKNOWN, Ordering::Relaxed);
         match value {
             Some((v, flags)) => {
                 rustix::fs::setxattr(&proc, name, v, rustix::fs::XattrFlags::from_bits_retain(flags as u32))

@@ -8,6 +8,7 @@
 mod data;
 mod meta;
 mod names;
+mod privs;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -80,6 +81,8 @@ pub(super) struct DoppelFs<S: CaptureSink> {
     /// The kernel write-back cache is on: buffered writes reach the daemon when the kernel
     /// writes pages back (see `FuseOptions::writeback`).
     writeback: Arc<AtomicBool>,
+    /// The daemon drops set-id bits and file capabilities on writes (see [`privs`]).
+    killpriv: AtomicBool,
 }
 
 impl<S: CaptureSink> DoppelFs<S> {
@@ -101,6 +104,7 @@ impl<S: CaptureSink> DoppelFs<S> {
             want,
             passthrough,
             writeback,
+            killpriv: AtomicBool::new(false),
         })
     }
 
@@ -242,6 +246,9 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        if config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
+            self.killpriv.store(true, Ordering::Relaxed);
+        }
         if self.want.writeback && config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE).is_ok() {
             self.writeback.store(true, Ordering::Relaxed);
         }
@@ -280,7 +287,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -297,7 +304,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         reply: ReplyAttr,
     ) {
         let change = meta::AttrChange { mode, uid, gid, size, atime, mtime };
-        match self.do_setattr(ino, change, fh) {
+        match self.do_setattr(ino, change, fh, privs::Caller::unprivileged(req)) {
             Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
@@ -393,7 +400,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -403,7 +410,8 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data, write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID).then(|| privs::Caller::of(req));
+        match self.do_write(fh, offset, data, write_flags.contains(WriteFlags::FUSE_WRITE_CACHE), kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }

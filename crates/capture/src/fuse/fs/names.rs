@@ -147,6 +147,12 @@ impl<S: CaptureSink> DoppelFs<S> {
         } else if flags & libc::O_TRUNC != 0 {
             let mut v = vec![Op::Truncate { path: path.to_wire(), size: 0 }];
             v.extend(Self::mtime_op(&node, &path));
+            if self.killpriv.load(std::sync::atomic::Ordering::Relaxed) && node.kind == libc::S_IFREG {
+                // Truncated before its privileges could be looked at: drop and send them.
+                use std::os::fd::AsFd;
+                let attrs = self.dropped_privs(&node, fd.as_fd(), super::privs::Caller::unprivileged(req));
+                v.push(Op::SetAttr { path: path.to_wire(), attrs });
+            }
             v
         } else {
             Vec::new()
