@@ -412,7 +412,11 @@ fn run(args: &FuseArgs, scratch: &Scratch, doppel: &Path) -> Result<FuseResults>
     };
     fs::create_dir_all(&p.native)?;
     fs::create_dir_all(&p.src)?;
-    let mut agent = Agent::start_with(doppel, &p.home, &p.src, &p.dst, &["--capture", "fuse"])?;
+    let mut flags = vec!["--capture", "fuse"];
+    if args.writeback {
+        flags.push("--fuse-writeback");
+    }
+    let mut agent = Agent::start_with(doppel, &p.home, &p.src, &p.dst, &flags)?;
     let nofile = match args.agent_nofile {
         0 => rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX),
         n => agent.set_nofile(n)?,

@@ -98,6 +98,10 @@ pub struct FuseArgs {
     /// Milliseconds between two lag probes during the random writes.
     #[arg(long, default_value_t = 100)]
     pub probe_ms: u64,
+    /// Run the agent with the kernel's write-back cache (`--fuse-writeback`): the faster mode,
+    /// which keeps the order only at fsync boundaries.
+    #[arg(long)]
+    pub writeback: bool,
     /// After the timed runs, profile the agent (`perf record`) during one more fuse run of the
     /// sequential and of the random writes; the profiles go to this directory.
     #[arg(long)]

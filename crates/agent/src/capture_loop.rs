@@ -224,10 +224,16 @@ impl Capture {
         *self.status.reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.rec.stats());
         let backend = match &self.source {
             Source::Watch(w) => w.backend().to_string(),
-            Source::Fuse(m) if m.as_ref().is_some_and(|m| m.passthrough()) => {
-                "fuse (passthrough reads)".into()
+            Source::Fuse(m) => {
+                let mut features = Vec::new();
+                if m.as_ref().is_some_and(|m| m.passthrough()) {
+                    features.push("passthrough reads");
+                }
+                if m.as_ref().is_some_and(|m| m.writeback()) {
+                    features.push("write-back cache");
+                }
+                if features.is_empty() { "fuse".into() } else { format!("fuse ({})", features.join(", ")) }
             }
-            Source::Fuse(_) => "fuse".into(),
         };
         *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
         let mut streaming = !self.watching();

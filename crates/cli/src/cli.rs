@@ -149,6 +149,11 @@ pub struct ProtectArgs {
     /// Seconds an fsync may wait for the target in sync mode before the job degrades to async.
     #[arg(long, value_name = "SECS")]
     pub sync_timeout: Option<u64>,
+    /// Fuse capture with the kernel's write-back cache: much faster writes, but ops keep only
+    /// the order a local disk keeps (everything an fsync covered comes before it), not the
+    /// order of every write (`fuse_writeback` in the config).
+    #[arg(long)]
+    pub fuse_writeback: bool,
     /// Bandwidth limit for this job: every byte it sends counts (`20Mbit`, `5MB`, `unlimited`).
     #[arg(long, value_name = "RATE")]
     pub limit: Option<String>,

@@ -62,6 +62,10 @@ fn protect_usage_errors_are_one_clear_line() {
     let (st, _, err) = run(dir.path(), &["protect", src.to_str().unwrap(), "--to", inside.to_str().unwrap()]);
     assert!(!st.success());
     assert!(one_line_error(&err).contains("must not contain one another"), "{err}");
+    let (st, _, err) =
+        run(dir.path(), &["protect", src.to_str().unwrap(), "--to", "/tmp/r", "--fuse-writeback"]);
+    assert!(!st.success());
+    assert!(one_line_error(&err).contains("--fuse-writeback needs --capture fuse"), "{err}");
 }
 
 #[test]

@@ -195,11 +195,15 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
         job.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
     job.sync |= a.sync;
+    job.fuse_writeback |= a.fuse_writeback;
     if let Some(t) = a.sync_timeout {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
     }
     if job.sync && job.capture != doppel_agent::CaptureMode::Fuse {
         bail!("--sync needs --capture fuse: only the fuse capture sees fsync calls");
+    }
+    if a.fuse_writeback && job.capture != doppel_agent::CaptureMode::Fuse {
+        bail!("--fuse-writeback needs --capture fuse: it is a mode of the fuse mount");
     }
     Ok(vec![job])
 }
