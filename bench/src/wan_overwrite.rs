@@ -61,17 +61,25 @@ pub fn ensure_big(scratch: &Scratch, size: u64) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The overwrites: `count` page-aligned offsets and contents, the same for every tool.
+/// The overwrites: `count` distinct page-aligned offsets and contents, the same for every
+/// tool. Distinct, because a page written twice holds only its second content, and the wait
+/// for the destination to hold every overwrite would never end.
 fn overwrites(size: u64, count: u64) -> Vec<(u64, Vec<u8>)> {
+    let pages = size / PAGE;
+    let count = count.min(pages);
     let mut x = 0x5eed_u64;
-    (0..count)
-        .map(|k| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x % (size / PAGE)) * PAGE, noise(0x0e_0000 + k, PAGE as usize))
-        })
-        .collect()
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while (out.len() as u64) < count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = x % pages;
+        if seen.insert(page) {
+            out.push((page * PAGE, noise(0x0e_0000 + out.len() as u64, PAGE as usize)));
+        }
+    }
+    out
 }
 
 /// Makes the overwrites in `file`, then `fsync`s it (as a database would).
@@ -201,5 +209,9 @@ mod tests {
         assert_eq!(ws.len(), 500);
         assert!(ws.iter().all(|(o, d)| o % PAGE == 0 && o + PAGE <= 1 << 30 && d.len() == PAGE as usize));
         assert_eq!(ws, overwrites(1 << 30, 500));
+        // Distinct pages, even where collisions are certain (more overwrites than half the pages).
+        let small = overwrites(64 * PAGE, 64);
+        let pages: std::collections::HashSet<u64> = small.iter().map(|(o, _)| *o).collect();
+        assert_eq!(pages.len(), 64);
     }
 }
