@@ -14,25 +14,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// The whole report.
 pub fn markdown(args: &FuseArgs, m: &Machine, r: &FuseResults) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "### Machine\n");
-    let _ = writeln!(
-        s,
-        "| nproc | CPU | memory | kernel | file system of --dir | fio | doppel | source | capture |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-    let _ = writeln!(
-        s,
-        "| {} | {} | {:.1} GiB | {} | {} | {} | {} | {} | {} |\n",
-        m.cpus,
-        m.cpu_model,
-        m.memory as f64 / GIB,
-        m.kernel,
-        m.filesystem,
-        m.fio,
-        m.doppel,
-        m.source,
-        r.capture
-    );
+    s.push_str(&m.table("###", &[("fio", &m.fio), ("capture", &r.capture)]));
     summary(&mut s, args, r);
     per_run(&mut s, args, r);
     cpu(&mut s, r);

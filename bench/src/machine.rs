@@ -76,6 +76,28 @@ impl Machine {
             self.filesystem
         )
     }
+
+    /// The report's machine table under `heading` (`###` or `####`, as the report nests it):
+    /// the columns every mode shares, then `tools` (a tool's name and version, or any other
+    /// column the mode needs, such as the capture back-end), then doppel and the source.
+    pub fn table(&self, heading: &str, tools: &[(&str, &str)]) -> String {
+        let mut head = vec!["nproc", "CPU", "memory", "kernel", "file system of --dir"];
+        let memory = format!("{:.1} GiB", self.memory as f64 / (1u64 << 30) as f64);
+        let cpus = self.cpus.to_string();
+        let mut row = vec![cpus.as_str(), self.cpu_model.as_str(), &memory, &self.kernel, &self.filesystem];
+        for (name, value) in tools {
+            head.push(name);
+            row.push(value);
+        }
+        head.extend(["doppel", "source"]);
+        row.extend([self.doppel.as_str(), self.source.as_str()]);
+        format!(
+            "{heading} Machine\n\n| {} |\n|{}\n| {} |\n\n",
+            head.join(" | "),
+            "---|".repeat(head.len()),
+            row.join(" | ")
+        )
+    }
 }
 
 /// `COMMIT` or `COMMIT + uncommitted changes in crates/`, from the workspace this program was
@@ -144,4 +166,36 @@ pub fn sync() {
 pub fn drop_caches() -> Result<()> {
     sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").context("dropping the page cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_as_many_cells_as_columns() {
+        let m = Machine {
+            cpus: 2,
+            cpu_model: "AMD EPYC".into(),
+            memory: 24 << 30,
+            kernel: "6.18".into(),
+            filesystem: "ext4".into(),
+            rsync: "rsync 3".into(),
+            fio: "fio-3".into(),
+            doppel: "doppel 0.1.0".into(),
+            source: "abc1234".into(),
+        };
+        let t = m.table("####", &[("fio", &m.fio), ("capture", "fuse")]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "#### Machine");
+        assert_eq!(
+            lines[2],
+            "| nproc | CPU | memory | kernel | file system of --dir | fio | capture | doppel | source |"
+        );
+        assert_eq!(lines[3], "|---|---|---|---|---|---|---|---|---|");
+        assert_eq!(
+            lines[4],
+            "| 2 | AMD EPYC | 24.0 GiB | 6.18 | ext4 | fio-3 | fuse | doppel 0.1.0 | abc1234 |"
+        );
+    }
 }

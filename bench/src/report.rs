@@ -29,21 +29,7 @@ pub fn markdown(
 }
 
 fn machine_table(s: &mut String, m: &Machine) {
-    let _ = writeln!(s, "### Machine\n");
-    let _ = writeln!(s, "| nproc | CPU | memory | kernel | file system of --dir | rsync | doppel | source |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
-    let _ = writeln!(
-        s,
-        "| {} | {} | {:.1} GiB | {} | {} | {} | {} | {} |\n",
-        m.cpus,
-        m.cpu_model,
-        m.memory as f64 / GIB,
-        m.kernel,
-        m.filesystem,
-        m.rsync,
-        m.doppel,
-        m.source
-    );
+    s.push_str(&m.table("###", &[("rsync", &m.rsync)]));
 }
 
 fn mirror_table(s: &mut String, args: &CoreArgs, tree: &TreeInfo, r: &MirrorResults) {

@@ -38,25 +38,7 @@ pub fn markdown(
 }
 
 fn machine(s: &mut String, m: &Machine) {
-    let _ = writeln!(s, "#### Machine\n");
-    let _ = writeln!(
-        s,
-        "| nproc | CPU | memory | kernel | file system of --dir | rsync | lsyncd | doppel | source |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-    let _ = writeln!(
-        s,
-        "| {} | {} | {:.1} GiB | {} | {} | {} | {} | {} | {} |\n",
-        m.cpus,
-        m.cpu_model,
-        m.memory as f64 / GIB,
-        m.kernel,
-        m.filesystem,
-        m.rsync,
-        lsyncd::version(),
-        m.doppel,
-        m.source
-    );
+    s.push_str(&m.table("####", &[("rsync", &m.rsync), ("lsyncd", &lsyncd::version())]));
 }
 
 fn link_table(s: &mut String, env: &Env, l: &LinkCheck, ((ka, kb), (fa, fb)): ((u64, u64), (u64, u64))) {
