@@ -9,10 +9,20 @@
 //! - `fuse`: fio workloads and a metadata-heavy run on a plain directory against the same
 //!   through a `--capture fuse` mount while it replicates, and the replication lag under
 //!   random writes.
+//! - `wan`: doppel against `rsync -az` and lsyncd over an emulated 100 Mbit/s, 50 ms link.
+//! - `failover`: the recovery time of an automatic failover, step by step from doppel's event
+//!   log until the workload answers on the DR side; then a failback of a 2 GiB tree of which
+//!   the workload changed 1 % on the DR side, against rsync (a full copy, and its delta
+//!   transfer over the stale tree).
 
 mod agent;
+mod changes;
+mod client;
 mod cpu;
 mod delay;
+mod failback;
+mod failover;
+mod failover_report;
 mod fio;
 mod fuse;
 mod fuse_report;
@@ -27,7 +37,9 @@ mod probe;
 mod remote;
 mod report;
 mod rsyncd;
+mod rto;
 mod scratch;
+mod serve;
 mod stats;
 mod target;
 mod tree;
@@ -60,6 +72,62 @@ enum Command {
     Fuse(FuseArgs),
     /// doppel against `rsync -az` and lsyncd over an emulated 100 Mbit/s, 50 ms link.
     Wan(WanArgs),
+    /// Recovery time of an automatic failover, step by step; failback of a changed tree vs rsync.
+    Failover(FailoverArgs),
+    /// Serve a file over HTTP/1.0 (the workload the `failover` mode starts on the replica).
+    #[command(hide = true)]
+    ServeFile(ServeArgs),
+}
+
+/// Options of `serve-file`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: String,
+    /// The file every request is answered with (read again for each request).
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Write the process id here once listening.
+    #[arg(long)]
+    pub pidfile: Option<PathBuf>,
+}
+
+/// Options of `failover`.
+#[derive(Args, Debug, Clone)]
+pub struct FailoverArgs {
+    /// Scratch directory (trees, homes, replicas). Only what the benchmark created in it is
+    /// removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench-failover")]
+    pub dir: PathBuf,
+    /// Runs of each measurement (min and median reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Only one measurement: `rto` or `failback`.
+    #[arg(long, value_parser = ["rto", "failback"])]
+    pub only: Option<String>,
+    /// The target's check interval for the source, in seconds (`interval_secs`).
+    #[arg(long, default_value_t = 1)]
+    pub interval: u64,
+    /// Checks in a row the source must miss to count as failed (`missed`).
+    #[arg(long, default_value_t = 3)]
+    pub missed: u32,
+    /// Rows of the database the RTO workload serves (about 1 KiB each).
+    #[arg(long, default_value_t = 5000)]
+    pub rows: u64,
+    /// Size of the tree of the failback (suffixes K, M, G are powers of 1024).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub size: u64,
+    /// Share of the tree's bytes the workload changes on the DR side, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    pub change_percent: f64,
+    /// Keep the scratch directory: the generated tree (reused by the next run) and every run's
+    /// trees, homes and logs (until the next run starts).
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Options of `fuse`.
@@ -212,6 +280,8 @@ fn main() {
         Command::Core(args) => core(&args),
         Command::Fuse(args) => fuse::main(&args),
         Command::Wan(args) => wan::main(&args),
+        Command::Failover(args) => failover::main(&args),
+        Command::ServeFile(args) => serve::main(&args),
     };
     if let Err(e) = result {
         eprintln!("doppel-bench: error: {e:#}");

@@ -3,7 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use doppel_testkit::{Compare, compare_trees};
 
 use crate::agent::{Agent, JOB};
 use crate::target::{TargetProc, identity};
@@ -64,4 +68,27 @@ pub fn start_agent(
     extra: &[&str],
 ) -> Result<Agent> {
     Agent::start_remote(bin, ns, &homes.source(), src, (&t.addr, &t.id), extra)
+}
+
+/// Waits until the agent has acknowledged everything it captured and `replica` equals `src`
+/// (compared with `opts`).
+pub fn wait_converged(
+    agent: &mut Agent,
+    src: &Path,
+    replica: &Path,
+    opts: Compare,
+    timeout: Duration,
+) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        agent.check_alive()?;
+        if agent.status()?.is_some_and(|s| s.drained()) && compare_trees(src, replica, opts).is_ok() {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            let diffs = compare_trees(src, replica, opts).err().unwrap_or_default();
+            bail!("the replica did not converge within {timeout:?}:\n{diffs}\n{}", agent.log_tail(20));
+        }
+        sleep(Duration::from_millis(50));
+    }
 }

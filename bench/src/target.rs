@@ -28,8 +28,6 @@ pub struct TargetProc {
     bin: PathBuf,
     /// Its home (identity, control socket).
     pub home: PathBuf,
-    /// Its data directory (`DATA/replicas/SOURCE/JOB`).
-    pub data: PathBuf,
     /// `HOST:PORT` it listens on.
     pub addr: String,
     /// Its identity.
@@ -75,7 +73,6 @@ impl TargetProc {
         let mut t = TargetProc {
             bin: bin.to_path_buf(),
             home: home.to_path_buf(),
-            data: data.to_path_buf(),
             addr: String::new(),
             id,
             log,
@@ -95,11 +92,6 @@ impl TargetProc {
             }
             sleep(Duration::from_millis(20));
         }
-    }
-
-    /// The replica of `job` from `source`.
-    pub fn replica(&self, source: &str, job: &str) -> PathBuf {
-        self.data.join("replicas").join(source).join(job)
     }
 
     /// Runs `doppel --home HOME ARGS` here; returns (success, stdout, stderr).
