@@ -73,6 +73,10 @@ pub struct Reconciler {
     /// The job's index.
     pub index: Index,
     touched_dirs: BTreeSet<RelPath>,
+    /// Parents of names looked at: their times are compared with the index when a round
+    /// finishes. A name created and removed between two looks leaves no op behind, yet it
+    /// moved its directory's mtime.
+    recheck_dirs: BTreeSet<RelPath>,
     needs_scan: BTreeSet<RelPath>,
     stats: Arc<ReconcileStats>,
     guard: Option<Arc<dyn Guard>>,
@@ -95,6 +99,7 @@ impl Reconciler {
             selection,
             index,
             touched_dirs: BTreeSet::new(),
+            recheck_dirs: BTreeSet::new(),
             needs_scan: BTreeSet::new(),
             stats: Arc::default(),
             guard: None,
@@ -158,11 +163,19 @@ impl Reconciler {
     /// Brings the single name `path` in line: creates, updates, replaces or removes it. A
     /// directory that is new to the replica is scanned in full.
     pub fn sync_entry(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        self.recheck_parent(path);
         let is_new_dir = self.sync_path(path, sink)?;
         if is_new_dir && self.index.get(path).is_some() {
             self.sync_tree(path, sink)?;
         }
         Ok(())
+    }
+
+    /// Has the parent directory of `path` compared with the index when the round finishes.
+    fn recheck_parent(&mut self, path: &RelPath) {
+        if let Some((parent, _)) = path.split_last() {
+            self.recheck_dirs.insert(parent);
+        }
     }
 
     /// Looks at `path` now (under the guard) and syncs it; returns whether it was a directory
@@ -180,6 +193,7 @@ impl Reconciler {
     /// Brings the whole subtree at `path` in line: every selected name on the source is
     /// synced, every indexed name no longer on the source (or no longer selected) is removed.
     pub fn sync_tree(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        self.recheck_parent(path);
         let mut seen: Vec<RelPath> = Vec::new();
         let walked = doppel_fs::walk::walk(&self.root, path, &self.selection, &mut |e| {
             seen.push(e.path);
@@ -449,12 +463,15 @@ impl Reconciler {
     }
 
     /// Finishes a round of changes: scans directories created on the way, then sets the
-    /// modification times of directories whose contents changed.
+    /// modification times of directories whose contents changed (on the replica, by the ops
+    /// emitted, or on the source, as the parents of names looked at may show).
     pub fn finish(&mut self, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         while let Some(dir) = self.needs_scan.pop_first() {
             self.sync_tree(&dir, sink)?;
         }
-        let dirs = std::mem::take(&mut self.touched_dirs);
+        let touched = std::mem::take(&mut self.touched_dirs);
+        let mut dirs = std::mem::take(&mut self.recheck_dirs);
+        dirs.extend(touched.iter().cloned());
         let guard = self.guard.clone();
         for dir in dirs {
             let _held = guard.as_ref().map(|g| g.entry());
@@ -462,7 +479,13 @@ impl Reconciler {
             if e.kind != EntryKind::Dir {
                 continue;
             }
+            let indexed = e.mtime;
             let Some(meta) = self.lstat(&dir)?.filter(|m| m.kind == EntryKind::Dir) else { continue };
+            // Untouched by any op, the replica's directory still has the time the index
+            // records: only a different time on the source needs sending.
+            if !touched.contains(&dir) && meta.mtime == indexed {
+                continue;
+            }
             let op = Op::SetAttr {
                 path: dir.to_wire(),
                 attrs: Attrs { mtime: Some(meta.mtime), ..Attrs::default() },

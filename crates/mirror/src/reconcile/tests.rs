@@ -298,3 +298,36 @@ fn verify_of_an_equal_replica_finds_nothing() {
     assert!(paths.is_empty());
     assert!(report.entries_compared >= 15);
 }
+
+#[test]
+fn a_name_created_and_removed_between_flushes_still_moves_its_directory_time() {
+    let mut r = Rig::new();
+    r.tree().file("d/keep", b"k");
+    // An old time, so the create and remove below are sure to change it.
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    std::fs::File::open(r.src.join("d")).unwrap().set_modified(old).unwrap();
+    r.rescan();
+    r.assert_equal();
+    // A journal file lives and dies within one debounce window: no op for it, and `d` itself
+    // gets no event.
+    std::fs::write(r.src.join("d/x"), b"journal").unwrap();
+    std::fs::remove_file(r.src.join("d/x")).unwrap();
+    let mut q = EventQueue::new();
+    let mut ops = Vec::new();
+    for ev in [
+        doppel_capture::FsEvent::Created { path: p("d/x"), is_dir: false },
+        doppel_capture::FsEvent::Closed(p("d/x")),
+        doppel_capture::FsEvent::Removed { path: p("d/x"), is_dir: false },
+    ] {
+        q.push(ev, &mut r.rec, &mut ops).unwrap();
+    }
+    q.flush(&mut r.rec, &mut ops).unwrap();
+    assert!(matches!(&ops[..], [Op::SetAttr { attrs, .. }] if attrs.mtime.is_some()), "{ops:?}");
+    r.apply(ops);
+    r.assert_equal();
+    // The time is now in the index: looking again sends nothing.
+    let mut ops = Vec::new();
+    q.push(doppel_capture::FsEvent::Modified(p("d/keep")), &mut r.rec, &mut ops).unwrap();
+    q.flush(&mut r.rec, &mut ops).unwrap();
+    assert!(ops.is_empty(), "{ops:?}");
+}
