@@ -183,8 +183,12 @@ impl Link {
         let stop = self.shutdown.child_token();
         let mut tasks = tokio::task::JoinSet::new();
         let heartbeat = self.heartbeat;
+        // Says when the writer has flushed everything and closed its half: all the end waits for.
+        let (written_tx, written_rx) = oneshot::channel::<()>();
         tasks.spawn(async move {
-            doppel_link::framed::write_pump(writer, out_rx, heartbeat).await.map_err(End::Retry)
+            let r = doppel_link::framed::write_pump(writer, out_rx, heartbeat).await;
+            let _ = written_tx.send(());
+            r.map_err(End::Retry)
         });
         {
             let (spool, window, status, dead) =
@@ -192,11 +196,12 @@ impl Link {
             tasks.spawn(async move { receive(reader, spool, window, status, list_tx, dead).await });
         }
         let (start_tx, start_rx) = oneshot::channel::<u64>();
+        let sender;
         {
             let (spool, out, window, resends) =
                 (self.spool.clone(), out_tx.clone(), window.clone(), self.resends.clone());
             let compressor = Compressor::new(self.compression, self.status.compression_level.clone());
-            tasks.spawn(async move {
+            sender = tasks.spawn(async move {
                 match start_rx.await {
                     Ok(from) => send(spool, out, window, compressor, resends, from).await.map_err(End::Retry),
                     Err(_) => std::future::pending().await,
@@ -245,16 +250,13 @@ impl Link {
             let last = last.unwrap_or(Message::Goodbye { reason: "source agent stopping".into() });
             let _ = tokio::time::timeout(Duration::from_secs(5), out_tx.send(last)).await;
         }
+        // The sender holds a handle on the writer's queue: stopping it lets the queue close, so
+        // the writer ends as soon as the last message is flushed. Waiting for every task
+        // instead (the reader ends only when the peer closes) made each clean stop and each
+        // failback handover wait out the whole timeout.
+        sender.abort();
         drop(out_tx);
-        // Give the writer a moment to say goodbye, then stop everything.
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Some(r) = tasks.join_next().await {
-                if r.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), written_rx).await;
         tasks.abort_all();
         outcome
     }
