@@ -60,6 +60,24 @@ fn parse_dev(text: &str, dev: &str) -> Option<(u64, u64)> {
     Some((*v.first()?, *v.get(8)?))
 }
 
+/// Stops a process started with [`command`] as an operator would: SIGTERM, then SIGKILL if it
+/// has not exited within `grace` (a daemon that ignores the signal must not hang the run).
+pub fn terminate(mut child: std::process::Child, grace: std::time::Duration) {
+    use rustix::process::{Pid, Signal, kill_process};
+    if let Some(pid) = Pid::from_raw(child.id() as i32) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+    let t = std::time::Instant::now();
+    while t.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -8,7 +8,6 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 
 use crate::ns;
@@ -165,19 +164,9 @@ impl TargetProc {
 
     /// SIGTERM, then SIGKILL after 20 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Some(pid) = Pid::from_raw(child.id() as i32) {
-            let _ = kill_process(pid, Signal::TERM);
+        if let Some(child) = self.child.take() {
+            crate::ns::terminate(child, Duration::from_secs(20));
         }
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
