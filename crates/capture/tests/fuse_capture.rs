@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -65,9 +65,7 @@ fn every_operation(opts: FuseOptions) {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = source_dir();
     let sink = Arc::new(Recorder::default());
     let writeback = opts.writeback;
     let mount = FuseCapture::mount(&src, sink.clone(), opts).unwrap();
@@ -207,9 +205,7 @@ fn stopping_with_a_file_held_open_detaches_and_keeps_capturing_until_the_drain_e
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (_dir, src) = source_dir();
     let sink = Arc::new(Recorder::default());
     let drain = std::time::Duration::from_secs(2);
     let mount =
@@ -256,9 +252,7 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = source_dir();
     let sink = Arc::new(Recorder::default());
     let drain = std::time::Duration::from_secs(1);
     let mount =
@@ -297,9 +291,7 @@ fn writeback_cache_sequences_everything_an_fsync_covers_before_it() {
     }
     const FILES: u64 = 4;
     const RECORD: usize = 64;
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (_dir, src) = source_dir();
     let sink = Arc::new(Recorder::default());
     let mount =
         FuseCapture::mount(&src, sink.clone(), FuseOptions { writeback: true, ..FuseOptions::default() })
@@ -398,9 +390,7 @@ fn privileges_dropped(opts: FuseOptions) {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    std::fs::create_dir_all(&src).unwrap();
+    let (dir, src) = source_dir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sink = Arc::new(Recorder::default());
     let mount = FuseCapture::mount(&src, sink.clone(), opts).unwrap();
@@ -462,4 +452,13 @@ fn privileges_dropped(opts: FuseOptions) {
         rustix::fs::getxattr(replica.join("capped").as_path(), "security.capability", &mut buf[..]).is_err(),
         "the capability is gone on the replica too"
     );
+}
+
+/// A scratch directory and the tree to mount in it (`DIR/src`, canonical: the mount table
+/// names it so).
+fn source_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    (dir, src)
 }
