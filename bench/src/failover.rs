@@ -37,11 +37,7 @@ pub fn main(args: &FailoverArgs) -> Result<()> {
         _ => (None, Vec::new()),
     };
     let report = failover_report::markdown(args, &machine, &rto, tree.as_ref(), &fb);
-    println!("{report}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &report)?;
-        eprintln!("[bench] report written to {}", out.display());
-    }
+    crate::report::publish(&report, args.out.as_deref())?;
     if !args.keep {
         scratch.remove()?;
     }

@@ -241,11 +241,7 @@ pub fn main(args: &FuseArgs) -> Result<()> {
     eprintln!("[bench] {}", m.one_line());
     let results = run(args, &scratch, &doppel)?;
     let report = crate::fuse_report::markdown(args, &m, &results);
-    println!("{report}");
-    if let Some(out) = &args.out {
-        fs::write(out, &report)?;
-        eprintln!("[bench] report written to {}", out.display());
-    }
+    crate::report::publish(&report, args.out.as_deref())?;
     if !args.keep {
         scratch.remove_outputs()?;
     }

@@ -301,11 +301,7 @@ fn core(args: &CoreArgs) -> Result<()> {
     let (mirror, running) = mirror::run(args, &scratch, &doppel, &tree)?;
     let lag = lag::run(args, running)?;
     let report = report::markdown(args, &machine, &tree, &mirror, &lag);
-    println!("{report}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &report)?;
-        eprintln!("[bench] report written to {}", out.display());
-    }
+    crate::report::publish(&report, args.out.as_deref())?;
     if !args.keep {
         scratch.remove()?;
     }

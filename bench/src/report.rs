@@ -13,6 +13,17 @@ use crate::tree::{Class, TreeInfo};
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 
+/// Prints a mode's finished report, and writes it to `out` too when asked: every mode ends
+/// this way, so the terminal and the file always hold the same text.
+pub fn publish(report: &str, out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    println!("{report}");
+    if let Some(out) = out {
+        std::fs::write(out, report)?;
+        eprintln!("[bench] report written to {}", out.display());
+    }
+    Ok(())
+}
+
 /// The whole report.
 pub fn markdown(
     args: &CoreArgs,

@@ -112,11 +112,7 @@ pub fn main(args: &WanArgs) -> Result<()> {
     let forwarded = (env.wire.bytes_a_to_b(), env.wire.bytes_b_to_a());
     let report =
         wan_report::markdown(&env, &machine, &tree, &check, &mirror, &lag, &overwrite, (kernel, forwarded));
-    println!("{report}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &report)?;
-        eprintln!("[bench] report written to {}", out.display());
-    }
+    crate::report::publish(&report, args.out.as_deref())?;
     let Env { scratch, net, wire, .. } = env;
     drop(wire);
     drop(net);
