@@ -266,34 +266,21 @@ fn detach_stale(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether something is mounted on `path` (`/proc/self/mountinfo`, octal escapes decoded).
+/// Whether a doppel capture mount (an agent's, live or left by a killed one) is on `path`:
+/// the agent's own reading of the mount table.
 fn mounted(path: &Path) -> Result<bool> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    let want = path.to_string_lossy();
-    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).any(|mp| unescape(mp) == want))
+    Ok(doppel_capture::fuse::mounts::doppel_mounts().iter().any(|m| m == path))
 }
 
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The workloads, in the order every run uses.
-fn workloads(args: &FuseArgs) -> Vec<Metric> {
-    let seq = seq_write(args);
-    let rand = |jobs| rand_write(args, jobs);
-    let read = |name, rw, bs, runtime| FioJob {
+/// A read job over the laid-out read file (the same file for every read workload).
+fn read_job(
+    args: &FuseArgs,
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    runtime: Option<u64>,
+) -> FioJob {
+    FioJob {
         name,
         rw,
         bs,
@@ -303,7 +290,14 @@ fn workloads(args: &FuseArgs) -> Vec<Metric> {
         end_fsync: false,
         new_file: false,
         file: READ_FILE,
-    };
+    }
+}
+
+/// The workloads, in the order every run uses.
+fn workloads(args: &FuseArgs) -> Vec<Metric> {
+    let seq = seq_write(args);
+    let rand = |jobs| rand_write(args, jobs);
+    let read = |name, rw, bs, runtime| read_job(args, name, rw, bs, runtime);
     let size = format!("{} MiB", args.size >> 20);
     let mut v = vec![
         Metric::new(
@@ -482,17 +476,7 @@ fn run(args: &FuseArgs, scratch: &Scratch, doppel: &Path) -> Result<FuseResults>
             }
             i += 1;
         }
-        let read = |name, rw, bs, runtime| FioJob {
-            name,
-            rw,
-            bs,
-            size: args.size,
-            runtime,
-            numjobs: 1,
-            end_fsync: false,
-            new_file: false,
-            file: READ_FILE,
-        };
+        let read = |name, rw, bs, runtime| read_job(args, name, rw, bs, runtime);
         let randread = read("randread", "randread", "4k", Some(args.runtime));
         for (job, cache) in [
             (&randread, Cache::Cold),
@@ -833,11 +817,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn medians_and_escapes() {
+    fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.0);
         assert!(median(vec![]).is_nan());
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
     }
 }
