@@ -274,17 +274,37 @@ impl Manager {
         cause: &str,
         last_seen_us: Option<u64>,
     ) -> Result<Report, FailoverError> {
+        self.exclusive(
+            source,
+            "failover",
+            "failing-over",
+            self.run_failover(source, jobs, cause, last_seen_us),
+        )
+        .await
+    }
+
+    /// Runs `work`, a failover or failback (`what`) of `source`, as the only one of the
+    /// source's: shown as `state` while it runs, its error kept for status and its outcome
+    /// (`WHAT-done` or `WHAT-failed`) sent to the notify command.
+    async fn exclusive(
+        &self,
+        source: &str,
+        what: &str,
+        state: &str,
+        work: impl Future<Output = Result<Report, FailoverError>>,
+    ) -> Result<Report, FailoverError> {
         let lock = self.op_lock(source);
         let _g = lock.lock().await;
-        self.set_running(source, Some("failing-over"), None);
-        let r = self.run_failover(source, jobs, cause, last_seen_us).await;
+        self.set_running(source, Some(state), None);
+        let r = work.await;
         let error = r.as_ref().err().map(|e| e.to_string());
-        self.set_running(source, None, Some(error.clone()));
+        self.set_running(source, None, Some(error));
         let detail = match &r {
             Ok(rep) => format!("completed in {} ms", rep.millis),
             Err(e) => e.to_string(),
         };
-        self.notify(source, if r.is_ok() { "failover-done" } else { "failover-failed" }, &detail);
+        let outcome = if r.is_ok() { "done" } else { "failed" };
+        self.notify(source, &format!("{what}-{outcome}"), &detail);
         r
     }
 
@@ -360,18 +380,7 @@ impl Manager {
     /// The failback cutover of `source` (all its failed-over jobs, or `jobs`): the source must
     /// be connected in failback mode and hold the whole replica.
     pub async fn failback(&self, source: &str, jobs: Option<Vec<String>>) -> Result<Report, FailoverError> {
-        let lock = self.op_lock(source);
-        let _g = lock.lock().await;
-        self.set_running(source, Some("failing-back"), None);
-        let r = self.run_failback(source, jobs).await;
-        let error = r.as_ref().err().map(|e| e.to_string());
-        self.set_running(source, None, Some(error));
-        let detail = match &r {
-            Ok(rep) => format!("completed in {} ms", rep.millis),
-            Err(e) => e.to_string(),
-        };
-        self.notify(source, if r.is_ok() { "failback-done" } else { "failback-failed" }, &detail);
-        r
+        self.exclusive(source, "failback", "failing-back", self.run_failback(source, jobs)).await
     }
 
     async fn run_failback(&self, source: &str, jobs: Option<Vec<String>>) -> Result<Report, FailoverError> {
