@@ -70,6 +70,25 @@ impl Rig {
         p
     }
 
+    /// A random cut under `writer`'s load: lets it write a while, cuts the link, lets it write
+    /// on into the spool, SIGKILLs `agent` and waits until the replica holds still.
+    fn cut_and_kill(&self, writer: &RecordWriter, rng: &mut Rng, agent: &mut Proc) {
+        let before = writer.written();
+        wait_until(Duration::from_secs(30), "records to be written", || {
+            (writer.written() > before + 50 + rng.below(400))
+                .then_some(())
+                .ok_or(writer.written().to_string())
+        });
+        self.proxy.cut();
+        // Records keep going into the spool while the link is down.
+        let during = writer.written();
+        wait_until(Duration::from_secs(30), "records while the link is cut", || {
+            (writer.written() > during + rng.below(100)).then_some(()).ok_or(writer.written().to_string())
+        });
+        agent.kill();
+        self.target_quiet();
+    }
+
     /// Waits until the target finished with the (cut) session, so the replica holds still.
     fn target_quiet(&self) {
         wait_until(Duration::from_secs(30), "the target to end the session", || {
@@ -201,20 +220,7 @@ fn write_order_survives_link_cuts_and_agent_kills() {
     let mut writer = RecordWriter::start(&rig.src, 4);
     let mut seen = Vec::new();
     for round in 1..=6 {
-        let before = writer.written();
-        wait_until(Duration::from_secs(30), "records to be written", || {
-            (writer.written() > before + 50 + rng.below(400))
-                .then_some(())
-                .ok_or(writer.written().to_string())
-        });
-        rig.proxy.cut();
-        // Records keep going into the spool while the link is down.
-        let during = writer.written();
-        wait_until(Duration::from_secs(30), "records while the link is cut", || {
-            (writer.written() > during + rng.below(100)).then_some(()).ok_or(writer.written().to_string())
-        });
-        agent.kill();
-        rig.target_quiet();
+        rig.cut_and_kill(&writer, &mut rng, &mut agent);
         let n = assert_prefix(&rig.replica(), 4, &format!("cut {round}"));
         seen.push(n);
         rig.proxy.restore();
@@ -253,19 +259,7 @@ fn writeback_cache_keeps_every_fsync_boundary_at_link_cuts_and_agent_kills() {
     // At each cut: the records on the replica, and the fsyncs that had returned.
     let mut cuts = Vec::new();
     for round in 1..=6 {
-        let before = writer.written();
-        wait_until(Duration::from_secs(30), "records to be written", || {
-            (writer.written() > before + 50 + rng.below(400))
-                .then_some(())
-                .ok_or(writer.written().to_string())
-        });
-        rig.proxy.cut();
-        let during = writer.written();
-        wait_until(Duration::from_secs(30), "records while the link is cut", || {
-            (writer.written() > during + rng.below(100)).then_some(()).ok_or(writer.written().to_string())
-        });
-        agent.kill();
-        rig.target_quiet();
+        rig.cut_and_kill(&writer, &mut rng, &mut agent);
         let synced = writer.synced.lock().unwrap().clone();
         cuts.push((round, records_with(&rig.replica(), FILES, true), synced));
         rig.proxy.restore();
