@@ -149,23 +149,35 @@ fn file_of(seq: u64, pool: u64) -> u64 {
 }
 
 /// One update: `seq=N t=NS\n`, padded with spaces to [`RECORD`] bytes (the last one a newline).
-fn record(seq: u64, t_ns: u64) -> [u8; RECORD] {
-    let mut buf = [b' '; RECORD];
-    let head = format!("seq={seq} t={t_ns}\n");
+fn record(seq: u64, t_ns: u64) -> Vec<u8> {
+    stamped("seq", seq, t_ns, RECORD)
+}
+
+/// A `size`-byte record whose first line is `TAG=N t=T_NS`, padded with spaces: what the lag
+/// writers put in a file, so the watcher on the other side can tell which write it sees and
+/// when it was made.
+pub fn stamped(tag: &str, n: u64, t_ns: u64, size: usize) -> Vec<u8> {
+    let mut buf = vec![b' '; size];
+    let head = format!("{tag}={n} t={t_ns}\n");
     buf[..head.len()].copy_from_slice(head.as_bytes());
-    buf[RECORD - 1] = b'\n';
+    buf[size - 1] = b'\n';
     buf
+}
+
+/// The `(N, T_NS)` of a [`stamped`] record with `tag`.
+pub fn read_stamp(tag: &str, buf: &[u8]) -> Option<(u64, u64)> {
+    let line = std::str::from_utf8(&buf[..buf.iter().position(|&b| b == b'\n')?]).ok()?;
+    let (n, t) = line.strip_prefix(tag)?.strip_prefix('=')?.split_once(" t=")?;
+    Some((n.parse().ok()?, t.parse().ok()?))
 }
 
 /// Parses the first line of a record: `(seq, t_ns)`.
 fn parse(buf: &[u8]) -> Option<(u64, u64)> {
-    let line = std::str::from_utf8(&buf[..buf.iter().position(|&b| b == b'\n')?]).ok()?;
-    let (seq, t) = line.strip_prefix("seq=")?.split_once(" t=")?;
-    Some((seq.parse().ok()?, t.parse().ok()?))
+    read_stamp("seq", buf)
 }
 
 /// Nanoseconds since the epoch: the clock both the writer and the watcher read.
-fn epoch_ns() -> u64 {
+pub fn epoch_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64
 }
 

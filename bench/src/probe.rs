@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use inotify::{EventMask, Inotify, WatchMask};
@@ -59,11 +59,6 @@ pub fn poll_status(agent: &Agent, every: Duration, stop: &AtomicBool) -> Vec<Sta
     points
 }
 
-/// Nanoseconds since the epoch: the clock both the writer and the watcher read.
-fn epoch_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64
-}
-
 /// The name of probe `k` of a run.
 fn probe_name(prefix: &str, k: u64) -> String {
     format!("{prefix}{k:05}")
@@ -71,20 +66,15 @@ fn probe_name(prefix: &str, k: u64) -> String {
 
 /// A probe's content: `probe=K t=NS\n`, padded with spaces to [`PROBE_SIZE`].
 fn record(k: u64, t_ns: u64) -> Vec<u8> {
-    let mut buf = vec![b' '; PROBE_SIZE];
-    let head = format!("probe={k} t={t_ns}\n");
-    buf[..head.len()].copy_from_slice(head.as_bytes());
-    buf[PROBE_SIZE - 1] = b'\n';
-    buf
+    crate::lag::stamped("probe", k, t_ns, PROBE_SIZE)
 }
 
+/// A whole probe only: a shorter file is one still being written.
 fn parse(buf: &[u8]) -> Option<(u64, u64)> {
     if buf.len() != PROBE_SIZE {
         return None;
     }
-    let line = std::str::from_utf8(&buf[..buf.iter().position(|&b| b == b'\n')?]).ok()?;
-    let (k, t) = line.strip_prefix("probe=")?.split_once(" t=")?;
-    Some((k.parse().ok()?, t.parse().ok()?))
+    crate::lag::read_stamp("probe", buf)
 }
 
 /// What the probe writer did.
@@ -111,7 +101,8 @@ pub fn write_probes(dir: &Path, prefix: &str, every: Duration, stop: &AtomicBool
         let path = dir.join(probe_name(prefix, k));
         let t = Instant::now();
         let mut f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(&record(k, epoch_ns())).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(&record(k, crate::lag::epoch_ns()))
+            .with_context(|| format!("writing {}", path.display()))?;
         drop(f);
         times.push(t.elapsed());
         k += 1;
@@ -191,7 +182,7 @@ impl Watcher {
             return false;
         }
         let Ok(content) = fs::read(self.dir.join(name)) else { return false };
-        let now = epoch_ns();
+        let now = crate::lag::epoch_ns();
         // Not complete yet (created, not yet written): the write's event follows.
         let Some((k, t)) = parse(&content) else { return false };
         if OsStr::new(&probe_name(&self.prefix, k)) != name {
