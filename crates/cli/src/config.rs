@@ -206,13 +206,39 @@ pub fn schedule(rate: Option<&str>, rules: &[RuleSection]) -> Result<Schedule> {
     Ok(Schedule { default, rules })
 }
 
-/// Parses a size (`4GiB`, `500MB`, `1048576`).
+/// Parses a size: a whole number of bytes with an optional unit, decimal (`KB`, `MB`, `GB`,
+/// `TB`, also `K`, `M`, `G`, `T`) or binary (`KiB`, `MiB`, `GiB`, `TiB`), e.g. `4GiB`,
+/// `500MB`, `1048576`. Rates (`8Mbit`, `5MB/s`) are refused: a size is not a bandwidth, and
+/// reading `8Mbit/s` as one megabyte would silently shrink a limit eightfold.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let rate = parse_rate(s).map_err(|_| anyhow!("bad size {s:?}: expected e.g. 4GiB, 500MB"))?;
-    if rate == 0 {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KB" | "kB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        u if u.ends_with("/s") || u.ends_with("ps") || u.to_ascii_lowercase().contains("bit") => {
+            bail!("bad size {s:?}: {u:?} is a rate; a size is in bytes, e.g. 4GiB, 500MB")
+        }
+        u => bail!("bad size {s:?}: unknown unit {u:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
+    };
+    let n: f64 = num.parse().map_err(|_| anyhow!("bad size {s:?}: expected e.g. 4GiB, 500MB, 1048576"))?;
+    let bytes = n * scale as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        bail!("bad size {s:?}: too large");
+    }
+    if bytes < 1.0 {
         bail!("bad size {s:?}: must be more than zero");
     }
-    Ok(rate)
+    Ok(bytes as u64)
 }
 
 /// `[[job]]`.
@@ -370,6 +396,23 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_rates_are_refused() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size(" 1.5 KiB ").unwrap(), 1536);
+        assert_eq!(parse_size("2T").unwrap(), 2_000_000_000_000);
+        for rate in ["8Mbit/s", "8Mbit", "5MB/s", "100kbps", "10Gbit"] {
+            let e = parse_size(rate).unwrap_err().to_string();
+            assert!(e.contains("is a rate"), "{rate}: {e}");
+        }
+        for bad in ["", "0", "0.1", "MB", "12 parsecs", "-5MB", "99999999999TiB"] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(e.starts_with("bad size"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn unknown_keys_name_the_key_and_line() {
