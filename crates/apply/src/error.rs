@@ -43,6 +43,9 @@ pub enum ApplyError {
         /// Received.
         got: u64,
     },
+    /// The replica's state directory is in a format this build does not read.
+    #[error(transparent)]
+    Format(#[from] doppel_fs::format::FormatError),
     /// The replica's own state files could not be read or written.
     #[error("replica state {path}: {source}")]
     State {

@@ -9,6 +9,11 @@ use crate::error::ApplyError;
 use crate::ops::{OpenFile, apply_op};
 use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
 
+/// The formats of a replica's state directory (`checkpoint.json`, `progress`, the stopped
+/// marker). Version 1: the first release's.
+pub const STATE_FORMAT: doppel_fs::format::Format =
+    doppel_fs::format::Format { kind: "doppel-replica", current: 1, oldest: 1 };
+
 /// What a source needs to know to resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaInfo {
@@ -52,6 +57,7 @@ impl Replica {
     /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
+        STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         for d in [root, state_dir] {
             std::fs::create_dir_all(d).map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
         }

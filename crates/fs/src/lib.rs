@@ -9,8 +9,10 @@
 //! - [`hash`]: per-block BLAKE3 hashes of files.
 //! - [`walk`]: deterministic, selection-aware tree walks.
 //! - [`select`]: include/exclude rules with gitignore syntax.
+//! - [`format`]: version stamps of the directories doppel keeps state in.
 
 pub mod beneath;
+pub mod format;
 pub mod hash;
 pub mod meta;
 pub mod select;
