@@ -33,12 +33,10 @@ impl CaptureSink for Recorder {
     fn barrier(&self, _seq: u64) {}
 }
 
+/// Whether FUSE mounts can be made here; if not, the test is skipped, or fails under
+/// `DOPPEL_TEST_STRICT=1`.
 fn fuse_available() -> bool {
-    if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: the fuse capture tests need root and /dev/fuse");
-        return false;
-    }
-    true
+    doppel_testkit::require_fuse()
 }
 
 fn replay(ops: &[Op], replica: &Path, state: &Path) {
@@ -70,7 +68,9 @@ fn every_operation(opts: FuseOptions) {
     let writeback = opts.writeback;
     let mount = FuseCapture::mount(&src, sink.clone(), opts).unwrap();
     if writeback && !mount.writeback() {
-        eprintln!("skipping: this kernel offers no FUSE write-back cache");
+        // FUSE_WRITEBACK_CACHE is in every kernel since 3.15: its absence is a failure under
+        // DOPPEL_TEST_STRICT=1 like any other missing prerequisite.
+        doppel_testkit::skip_or_fail("this kernel offers no FUSE write-back cache");
         return;
     }
     assert!(doppel_capture::fuse::mounts::doppel_mounts().contains(&src), "mounted over the source");
@@ -264,7 +264,7 @@ fn a_copy_of_the_mount_in_another_namespace_does_not_hold_the_stop() {
         .arg(&ready)
         .spawn();
     let Ok(copy) = copy else {
-        eprintln!("skipping: unshare(1) is not available");
+        doppel_testkit::skip_or_fail("unshare(1) is not available");
         return;
     };
     let _copy = Child(copy);
@@ -297,7 +297,9 @@ fn writeback_cache_sequences_everything_an_fsync_covers_before_it() {
         FuseCapture::mount(&src, sink.clone(), FuseOptions { writeback: true, ..FuseOptions::default() })
             .unwrap();
     if !mount.writeback() {
-        eprintln!("skipping: this kernel offers no FUSE write-back cache");
+        // FUSE_WRITEBACK_CACHE is in every kernel since 3.15: its absence is a failure under
+        // DOPPEL_TEST_STRICT=1 like any other missing prerequisite.
+        doppel_testkit::skip_or_fail("this kernel offers no FUSE write-back cache");
         return;
     }
     let mut files: Vec<std::fs::File> = (0..FILES)

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use doppel_testkit::{Compare, Proxy, Tree, compare_trees, noise, snapshot, wait_until};
+pub use doppel_testkit::{
+    Compare, Proxy, Tree, compare_trees, noise, require, require_fuse, skip_or_fail, snapshot, wait_until,
+};
 
 /// The binary under test.
 pub fn doppel() -> PathBuf {
@@ -276,13 +278,10 @@ pub fn capture_mount_live(path: &Path) -> bool {
     }
 }
 
-/// Whether the fuse tests can run here.
+/// Whether the fuse tests can run here (root and the FUSE device); if not, the test is
+/// skipped, or fails under `DOPPEL_TEST_STRICT=1`.
 pub fn fuse_available() -> bool {
-    if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: the fuse capture tests need root and /dev/fuse");
-        return false;
-    }
-    true
+    require_fuse()
 }
 
 /// The target's view of one replica (from `doppel status --json` on the target).
