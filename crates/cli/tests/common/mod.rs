@@ -317,3 +317,53 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// The `watch` capture back-ends an end-to-end scenario runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// `--capture fanotify` (root only).
+    Fanotify,
+    /// `--capture inotify`.
+    Inotify,
+}
+
+impl Watch {
+    /// The agent's arguments that choose this back-end.
+    pub fn args(self) -> [&'static str; 2] {
+        match self {
+            Watch::Fanotify => ["--capture", "fanotify"],
+            Watch::Inotify => ["--capture", "inotify"],
+        }
+    }
+
+    /// Whether the back-end can run here; fanotify needs root (skipped without it, or failed
+    /// under `DOPPEL_TEST_STRICT=1`).
+    pub fn available(self) -> bool {
+        self == Watch::Inotify || require(rustix::process::geteuid().is_root(), "fanotify capture needs root")
+    }
+}
+
+/// One `#[test]` per watch back-end for each scenario `fn NAME(watch: Watch)`: a module
+/// `NAME` with the tests `fanotify` and `inotify`, so both back-ends are tested end to end.
+#[macro_export]
+macro_rules! with_each_watch_backend {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::common::Watch;
+
+                #[test]
+                fn fanotify() {
+                    if Watch::Fanotify.available() {
+                        super::$scenario(Watch::Fanotify);
+                    }
+                }
+
+                #[test]
+                fn inotify() {
+                    super::$scenario(Watch::Inotify);
+                }
+            }
+        )*
+    };
+}
