@@ -292,8 +292,22 @@ impl Tree {
         self
     }
 
+    /// Sets an extended attribute on `rel` itself (never through a symlink).
+    pub fn xattr(&self, rel: &str, name: &str, value: &[u8]) -> &Self {
+        rustix::fs::lsetxattr(self.path(rel), name, value, rustix::fs::XattrFlags::empty())
+            .expect("set xattr");
+        self
+    }
+
+    /// Removes an extended attribute from `rel` itself.
+    pub fn remove_xattr(&self, rel: &str, name: &str) -> &Self {
+        rustix::fs::lremovexattr(self.path(rel), name).expect("remove xattr");
+        self
+    }
+
     /// A varied tree: nested directories, small and empty files, symlinks (relative,
-    /// absolute, dangling), a hard link, unusual modes and an old mtime.
+    /// absolute, dangling), a hard link, unusual modes, an old mtime and extended attributes
+    /// on a file and a directory.
     pub fn standard(&self) -> &Self {
         self.file("a.txt", b"alpha\n")
             .file("empty", b"")
@@ -308,6 +322,9 @@ impl Tree {
             .hardlink("dir2/hard", "dir1/sub/c.txt")
             .chmod("dir2/e", 0o600)
             .chmod("a.txt", 0o751)
+            .xattr("a.txt", "user.comment", b"alpha's note")
+            .xattr("dir1/b.bin", "user.empty", b"")
+            .xattr("dir1", "user.dir", b"a directory's attribute")
             .mtime("dir1/b.bin", 1_000_000_000)
     }
 }

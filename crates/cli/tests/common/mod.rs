@@ -240,7 +240,8 @@ pub fn big_file(path: &Path, size: u64, seed: u64) {
 
 /// Makes every kind of change a live system makes: in-place overwrites, appends, truncates
 /// (both ways), renames of files and directories, deletes, chmods, new nested directories,
-/// a retargeted symlink, a new hard link and an explicit mtime.
+/// a retargeted symlink, a new hard link, an explicit mtime, and extended attributes changed,
+/// added and removed.
 pub fn churn(src: &Path) {
     let t = Tree::at(src);
     let big = src.join("big.img");
@@ -263,6 +264,8 @@ pub fn churn(src: &Path) {
     fs::remove_file(src.join("link-rel")).unwrap();
     t.symlink("link-rel", "a.txt");
     t.hardlink("new/hard-to-a", "a.txt");
+    t.xattr("a.txt", "user.comment", b"a longer note, changed").xattr("new/deep/file2", "user.new", b"2");
+    t.remove_xattr("dir1", "user.dir").xattr("dir2", "user.dir", b"on dir2 now");
     t.mtime("dir2/e", 1_500_000_000);
     fs::remove_dir_all(src.join("moved-sub/deeper")).unwrap();
 }
