@@ -636,8 +636,8 @@ mod tests {
             std::fs::write(d.path().join(format!("f{i}")), format!("{i}")).unwrap();
         }
         let nodes = table(d.path(), 32);
-        // Handles depend on the file system under TMPDIR (ext4, xfs, btrfs and tmpfs since
-        // Linux 6.6 have them); CI puts TMPDIR on disk, so their absence fails there.
+        // Handles depend on the file system under TMPDIR (ext4, xfs and btrfs have them);
+        // CI puts TMPDIR on disk, so their absence fails there.
         if !doppel_testkit::require(nodes.cache().handles(), "file handles are not available here") {
             return;
         }
