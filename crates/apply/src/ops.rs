@@ -5,7 +5,10 @@
 //! component is acted on through its parent directory handle and never followed. Ops are
 //! written so that applying one a second time, right after it was applied, changes nothing:
 //! that is what makes the replay of the single op that may have been in flight when a target
-//! was killed exact.
+//! was killed exact. Most ops get there by looking at the tree (a `Create` finds its file, a
+//! `Rename` finds its source gone and its destination present); a rename-exchange cannot,
+//! because both names exist before and after the swap, so it leaves an [`ExchangeNote`]
+//! first (see [`ExchangeNotes`]).
 //!
 //! Errors are classified for the caller: a condition that may go away (no space, I/O error,
 //! read-only file system) is [`ApplyError::Io`] and the op will be retried; anything else
@@ -22,6 +25,7 @@ use doppel_proto::{Attrs, Op, RelPath, RenameFlags, Timestamp, WirePath};
 use rustix::fs::{AtFlags, Dev, FallocateFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
 use crate::error::ApplyError;
+use crate::state::{ExchangeNote, Progress};
 
 /// Modes a source may create with `Mknod`: FIFOs and sockets only. Device nodes would give
 /// whoever can read the replica access to the target's own devices.
@@ -55,6 +59,42 @@ impl OpenFile {
             self.held = Some((path.clone(), fd));
         }
         Ok(&self.held.as_ref().expect("just set").1)
+    }
+}
+
+/// Where a rename-exchange notes, before it swaps, which object was at its `from` name.
+///
+/// An exchange applied twice swaps the names back, and the tree alone cannot tell a replay
+/// (after a kill between the swap and the progress marker) from a first attempt: both names
+/// exist either way. With the note, a replay that finds the noted object already at `to`
+/// knows the swap happened and does nothing. The note must outlive a killed process exactly
+/// as the progress marker does, so [`Progress`] keeps it next to the sequence.
+pub trait ExchangeNotes {
+    /// The note left for the exchange `seq` by an earlier attempt, if any.
+    fn noted(&self, seq: u64) -> Option<ExchangeNote>;
+    /// Leaves `note` (before the swap).
+    fn note(&mut self, note: ExchangeNote) -> Result<(), ApplyError>;
+}
+
+impl ExchangeNotes for Progress {
+    fn noted(&self, seq: u64) -> Option<ExchangeNote> {
+        self.exchange_note(seq)
+    }
+
+    fn note(&mut self, note: ExchangeNote) -> Result<(), ApplyError> {
+        self.note_exchange(note)
+    }
+}
+
+/// Notes kept in memory: for callers with no progress file (nothing survives the process).
+impl ExchangeNotes for Option<ExchangeNote> {
+    fn noted(&self, seq: u64) -> Option<ExchangeNote> {
+        self.filter(|n| n.seq == seq)
+    }
+
+    fn note(&mut self, note: ExchangeNote) -> Result<(), ApplyError> {
+        *self = Some(note);
+        Ok(())
     }
 }
 
@@ -117,8 +157,15 @@ fn file_type(mode: u32) -> u32 {
     mode & libc::S_IFMT
 }
 
-/// Applies `op` (sequence `seq`) to the tree beneath `root`.
-pub fn apply_op(root: &Beneath, open: &mut OpenFile, seq: u64, op: &Op) -> Result<(), ApplyError> {
+/// Applies `op` (sequence `seq`) to the tree beneath `root`; a rename-exchange leaves its note
+/// in `notes` first.
+pub fn apply_op(
+    root: &Beneath,
+    open: &mut OpenFile,
+    notes: &mut dyn ExchangeNotes,
+    seq: u64,
+    op: &Op,
+) -> Result<(), ApplyError> {
     let c = Ctx { seq, kind: op.kind(), root };
     if op.changes_names() {
         open.clear();
@@ -128,6 +175,9 @@ pub fn apply_op(root: &Beneath, open: &mut OpenFile, seq: u64, op: &Op) -> Resul
         Op::Mkdir { path, mode } => mkdir(&c, &c.named(path)?, *mode),
         Op::Symlink { path, target } => symlink(&c, &c.named(path)?, target),
         Op::Link { path, existing } => link(&c, &c.named(path)?, &c.named(existing)?),
+        Op::Rename { from, to, flags } if flags.exchange => {
+            exchange(&c, notes, &c.named(from)?, &c.named(to)?)
+        }
         Op::Rename { from, to, flags } => rename(&c, &c.named(from)?, &c.named(to)?, *flags),
         Op::Unlink { path } => remove(&c, &c.named(path)?, false),
         Op::Rmdir { path } => remove(&c, &c.named(path)?, true),
@@ -261,23 +311,44 @@ fn rename(c: &Ctx<'_>, from: &RelPath, to: &RelPath, flags: RenameFlags) -> Resu
     }
     let (fdir, fname) = c.parent(from)?;
     let (tdir, tname) = c.parent(to)?;
-    let mut f = rustix::fs::RenameFlags::empty();
-    if flags.noreplace {
-        f |= rustix::fs::RenameFlags::NOREPLACE;
-    }
-    if flags.exchange {
-        f |= rustix::fs::RenameFlags::EXCHANGE;
-    }
+    let f =
+        if flags.noreplace { rustix::fs::RenameFlags::NOREPLACE } else { rustix::fs::RenameFlags::empty() };
     match rustix::fs::renameat_with(&fdir, fname, &tdir, tname, f) {
         Ok(()) => Ok(()),
         // Replayed after it took effect: the old name is gone and the new one exists.
         Err(rustix::io::Errno::NOENT)
-            if !flags.exchange && c.lstat_at(&fdir, fname).is_err() && c.lstat_at(&tdir, tname).is_ok() =>
+            if c.lstat_at(&fdir, fname).is_err() && c.lstat_at(&tdir, tname).is_ok() =>
         {
             Ok(())
         }
         Err(e) => Err(c.fail(from, e.into())),
     }
+}
+
+/// `renameat2(RENAME_EXCHANGE)`, made harmless to replay: the object found at `from` is noted
+/// before the swap, and a replay that finds that very object (device and inode) at `to`
+/// already swapped, so it does nothing instead of swapping the names back. Two names of one
+/// file are also left alone (swapping them changes nothing).
+fn exchange(
+    c: &Ctx<'_>,
+    notes: &mut dyn ExchangeNotes,
+    from: &RelPath,
+    to: &RelPath,
+) -> Result<(), ApplyError> {
+    if (to.starts_with(from) || from.starts_with(to)) && to != from {
+        return Err(c.refuse(format!("cannot exchange {from} with a name inside it ({to})")));
+    }
+    let (fdir, fname) = c.parent(from)?;
+    let (tdir, tname) = c.parent(to)?;
+    let a = c.lstat_at(&fdir, fname).map_err(|e| c.fail(from, e))?;
+    let b = c.lstat_at(&tdir, tname).map_err(|e| c.fail(to, e))?;
+    let swapped = notes.noted(c.seq).is_some_and(|n| (n.dev, n.ino) == (b.st_dev, b.st_ino));
+    if swapped || (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
+        return Ok(());
+    }
+    notes.note(ExchangeNote { seq: c.seq, dev: a.st_dev, ino: a.st_ino })?;
+    rustix::fs::renameat_with(&fdir, fname, &tdir, tname, rustix::fs::RenameFlags::EXCHANGE)
+        .map_err(|e| c.fail(from, e.into()))
 }
 
 fn remove(c: &Ctx<'_>, path: &RelPath, dir_wanted: bool) -> Result<(), ApplyError> {

@@ -151,7 +151,7 @@ impl Replica {
             write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
             self.dirty_on_disk = true;
         }
-        let outcome = match apply_op(&self.root, &mut self.open, rec.seq, &rec.op) {
+        let outcome = match apply_op(&self.root, &mut self.open, &mut self.progress, rec.seq, &rec.op) {
             Ok(()) => Outcome::Applied,
             Err(ApplyError::Refused { reason, .. }) => {
                 tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused");

@@ -9,7 +9,10 @@
 //!   its replica may hold a partial, unordered mix of un-synced changes.
 //! - `progress`: the boot id and the last applied sequence, overwritten in place after every op
 //!   without fsync. A killed process leaves it exact in the page cache, which is what lets a
-//!   restarted target resume at the exact op; after a reboot it is ignored.
+//!   restarted target resume at the exact op; after a reboot it is ignored. Behind them, the
+//!   last [`ExchangeNote`] (written before each rename-exchange, see
+//!   [`crate::ops::ExchangeNotes`]); a file without one (written by an older version) has no
+//!   note, which is all it means.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -74,9 +77,41 @@ pub struct Progress {
     file: File,
     path: PathBuf,
     boot: [u8; 36],
+    note: Option<ExchangeNote>,
 }
 
+/// Boot id and sequence.
 const PROGRESS_LEN: usize = 36 + 8;
+/// An exchange note after them: sequence, device, inode.
+const NOTE_LEN: usize = 3 * 8;
+
+/// Which object a rename-exchange found at its `from` name just before it swapped the two
+/// names. A swap leaves both names in place, so only this tells a replay of the exchange (the
+/// object is now at `to`: done) from a first attempt (it is still at `from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeNote {
+    /// The exchange op's sequence.
+    pub seq: u64,
+    /// Device of the object that was at `from`.
+    pub dev: u64,
+    /// Inode of the object that was at `from`.
+    pub ino: u64,
+}
+
+impl ExchangeNote {
+    fn encode(&self) -> [u8; NOTE_LEN] {
+        let mut b = [0u8; NOTE_LEN];
+        for (chunk, v) in b.chunks_exact_mut(8).zip([self.seq, self.dev, self.ino]) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8; NOTE_LEN]) -> ExchangeNote {
+        let v = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        ExchangeNote { seq: v(0), dev: v(1), ino: v(2) }
+    }
+}
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): tells a process restart from a reboot.
 pub fn boot_id() -> [u8; 36] {
@@ -107,7 +142,27 @@ impl Progress {
             Ok(()) if buf[..36] == boot => Some(u64::from_le_bytes(buf[36..].try_into().expect("8 bytes"))),
             _ => None,
         };
-        Ok((Progress { file, path, boot }, seen))
+        if seen.is_none() {
+            // A note from another boot is meaningless: drop it with the old sequence.
+            file.set_len(PROGRESS_LEN as u64).map_err(state_err(&path))?;
+        }
+        let mut note = [0u8; NOTE_LEN];
+        let note = (seen.is_some() && file.read_exact_at(&mut note, PROGRESS_LEN as u64).is_ok())
+            .then(|| ExchangeNote::decode(&note));
+        Ok((Progress { file, path, boot, note }, seen))
+    }
+
+    /// The exchange note left for `seq` during this boot, if any.
+    pub fn exchange_note(&self, seq: u64) -> Option<ExchangeNote> {
+        self.note.filter(|n| n.seq == seq)
+    }
+
+    /// Records `note` before its exchange is carried out (in the page cache, like the
+    /// sequence: it has to survive a killed process, not a reboot).
+    pub fn note_exchange(&mut self, note: ExchangeNote) -> Result<(), ApplyError> {
+        self.file.write_all_at(&note.encode(), PROGRESS_LEN as u64).map_err(state_err(&self.path))?;
+        self.note = Some(note);
+        Ok(())
     }
 
     /// Records that every op up to `seq` has been applied.

@@ -401,8 +401,7 @@ fn a_failback_survives_a_killed_source_and_a_killed_target_and_resends_little() 
 /// fenced.
 #[test]
 fn automatic_failover_in_namespaces_recovers_every_commit_and_fences_the_old_source() {
-    if !netns::available() {
-        eprintln!("skipping: network namespaces need root and iproute2");
+    if !require(netns::available(), "network namespaces need root and iproute2") {
         return;
     }
     if !fuse_available() || !common::sqlite::available() {
@@ -474,7 +473,7 @@ fn automatic_failover_in_namespaces_recovers_every_commit_and_fences_the_old_sou
         "PRAGMA journal_mode=wal; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB); SELECT 'C', 0;\n"
     ));
     wait_until(Duration::from_secs(30), "the table", || {
-        sql.confirmed.lock().unwrap().first().copied().ok_or("none".to_string())
+        sql.confirmed.lock().first().copied().ok_or("none".to_string())
     });
     let mut next = 1;
     let writing = Instant::now();

@@ -105,7 +105,7 @@ struct RecordWriter {
     stop: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
     /// Every `fdatasync` that returned success: (log, last record written before it).
-    synced: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    synced: Arc<parking_lot::Mutex<Vec<(u64, u64)>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -114,7 +114,7 @@ const RECORD: usize = 32;
 impl RecordWriter {
     fn start(src: &Path, files: u64) -> RecordWriter {
         let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let synced = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let synced = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (s, w, src, log) = (stop.clone(), written.clone(), src.to_path_buf(), synced.clone());
         let handle = std::thread::spawn(move || {
             let mut n = 0u64;
@@ -145,7 +145,7 @@ impl RecordWriter {
                 match f.write_all(&rec) {
                     Ok(()) => {
                         if n.is_multiple_of(37) && f.sync_data().is_ok() {
-                            log.lock().unwrap().push((n % files, n));
+                            log.lock().push((n % files, n));
                         }
                         n += 1;
                         w.store(n, Ordering::Relaxed);
@@ -260,7 +260,7 @@ fn writeback_cache_keeps_every_fsync_boundary_at_link_cuts_and_agent_kills() {
     let mut cuts = Vec::new();
     for round in 1..=6 {
         rig.cut_and_kill(&writer, &mut rng, &mut agent);
-        let synced = writer.synced.lock().unwrap().clone();
+        let synced = writer.synced.lock().clone();
         cuts.push((round, records_with(&rig.replica(), FILES, true), synced));
         rig.proxy.restore();
         agent = rig.start_agent(round);
@@ -342,7 +342,7 @@ fn sqlite_under_cuts_with(journal: &str, extra: &[&str]) {
         "PRAGMA journal_mode={journal}; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB); SELECT 'C', 0;\n"
     )));
     wait_until(Duration::from_secs(30), "the table", || {
-        sql.confirmed.lock().unwrap().first().copied().ok_or("none".to_string())
+        sql.confirmed.lock().first().copied().ok_or("none".to_string())
     });
     let mut next = 1;
     let scratch = rig.dir.path().join("check");

@@ -17,53 +17,24 @@ use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use parking_lot::Mutex;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Environment
 
-/// Whether FUSE mounts can be made here (root and /dev/fuse).
-fn fuse_ok() -> bool {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: /dev/fuse is missing (no FUSE in this kernel or container)");
-        return false;
+/// The tools a test needs, once FUSE mounts can be made here; `None` (the test returns) after
+/// a skip, or a failure under `DOPPEL_TEST_STRICT=1`, naming what is missing.
+fn fuse_and_tools<const N: usize>(names: [&str; N]) -> Option<[PathBuf; N]> {
+    if !fuse_available() {
+        return None;
     }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: the fuse capture mounts over the protected tree and needs root");
-        return false;
-    }
-    true
-}
-
-/// The full path of a tool, searched in `PATH` and the sbin directories (root's tools live
-/// there and a test runner's `PATH` may lack them).
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tools a test needs, or `None` (with the reason printed) when one is not installed.
-fn tools<const N: usize>(names: [&str; N]) -> Option<[PathBuf; N]> {
-    let mut out = Vec::new();
-    for n in names {
-        match which(n) {
-            Some(p) => out.push(p),
-            None => {
-                eprintln!("skipping: `{n}` is not installed");
-                return None;
-            }
-        }
-    }
-    Some(out.try_into().expect("one path per name"))
+    doppel_testkit::require_tools(names)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +344,7 @@ fn time_seed() -> u64 {
 
 #[test]
 fn stress_ng_posix_run_through_the_mount_replicates_exactly() {
-    let Some([stress]) = (fuse_ok().then(|| tools(["stress-ng"]))).flatten() else { return };
+    let Some([stress]) = fuse_and_tools(["stress-ng"]) else { return };
     let t0 = Instant::now();
     let s = Setup::new();
     let _mount = CaptureMountGuard(s.src.clone());
@@ -460,7 +431,7 @@ fn stress_ng_posix_run_through_the_mount_replicates_exactly() {
 
 #[test]
 fn concurrent_overlapping_writers_leave_identical_bytes() {
-    let Some([bash, dd, fio]) = (fuse_ok().then(|| tools(["bash", "dd", "fio"]))).flatten() else { return };
+    let Some([bash, dd, fio]) = fuse_and_tools(["bash", "dd", "fio"]) else { return };
     let t0 = Instant::now();
     let s = Setup::new();
     // Files that exist before the agent starts: the initial mirror copies them.
@@ -546,7 +517,7 @@ fn concurrent_overlapping_writers_leave_identical_bytes() {
                             .or_default() += 1;
                     }
                 }
-                let mut c = counts.lock().unwrap();
+                let mut c = counts.lock();
                 for (k, v) in local {
                     *c.entry(k).or_default() += v;
                 }
@@ -560,7 +531,7 @@ fn concurrent_overlapping_writers_leave_identical_bytes() {
     assert!(dd_st.success(), "the dd loop failed ({dd_st}):\n{dd_out}");
     let (fio_st, fio_out) = fio_proc.finish(Duration::from_secs(30));
     assert!(fio_st.success(), "fio failed ({fio_st}):\n{fio_out}");
-    println!("writers ran {:?}: threads {:?}", t1.elapsed(), counts.lock().unwrap());
+    println!("writers ran {:?}: threads {:?}", t1.elapsed(), counts.lock());
     println!("{}", dd_out.lines().find(|l| l.starts_with("dd runs")).unwrap_or(""));
     println!(
         "{}",
@@ -849,14 +820,14 @@ fn check_crash_copy(
 #[test]
 fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
     let Some([truncate, mkfs, e2fsck_bin, losetup, cp]) =
-        (fuse_ok().then(|| tools(["truncate", "mkfs.ext4", "e2fsck", "losetup", "cp"]))).flatten()
+        fuse_and_tools(["truncate", "mkfs.ext4", "e2fsck", "losetup", "cp"])
     else {
         return;
     };
     match Command::new(&losetup).arg("-f").output() {
         Ok(o) if o.status.success() => {}
         other => {
-            eprintln!("skipping: no free loop device (`losetup -f`: {other:?})");
+            skip_or_fail(&format!("no free loop device (`losetup -f`: {other:?})"));
             return;
         }
     }
@@ -926,7 +897,7 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
                 if sync {
                     f.sync_all().unwrap();
                     if let Some(seq) = try_status(&home).and_then(|v| v["last_captured_seq"].as_u64()) {
-                        synced.lock().unwrap().push((rel.to_string(), seed, len, seq));
+                        synced.lock().push((rel.to_string(), seed, len, seq));
                     }
                 }
             };
@@ -1064,7 +1035,7 @@ fn ext4_disk_image_written_through_a_loop_device_replicates_consistently() {
     }
 
     // The mid-write copies recover like ext4 after a power cut.
-    let synced = synced.lock().unwrap().clone();
+    let synced = synced.lock().clone();
     for c in &copies {
         if let Err(e) = check_crash_copy(c, &synced, &e2fsck_bin, &losetup, &s.scratch("crash-mnt")) {
             let kept = std::env::temp_dir().join(format!(

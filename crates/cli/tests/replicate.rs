@@ -16,13 +16,26 @@ fn standard_tree(src: &Path) {
     big_file(&src.join("big.img"), BIG, 1);
 }
 
-#[test]
-fn embedded_destination_converges_through_every_kind_of_change() {
+with_each_watch_backend!(
+    embedded_destination_converges_through_every_kind_of_change,
+    remote_destination_converges_through_every_kind_of_change,
+    four_kib_changed_in_a_256_mib_file_sends_less_than_1_mib,
+    two_sources_on_one_target_stay_isolated,
+);
+
+/// `doppel protect SRC ARGS… --capture BACKEND`.
+fn protect<'a>(src: &'a Path, args: &[&'a str], watch: Watch) -> Vec<&'a str> {
+    let mut v = vec!["protect", src.to_str().unwrap()];
+    v.extend_from_slice(args);
+    v.extend(watch.args());
+    v
+}
+
+fn embedded_destination_converges_through_every_kind_of_change(watch: Watch) {
     let dir = tempfile::tempdir().unwrap();
     let (src, replica, home) = (dir.path().join("src"), dir.path().join("replica"), dir.path().join("home"));
     standard_tree(&src);
-    let mut agent =
-        Proc::start(&home, "agent", &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    let mut agent = Proc::start(&home, "agent", &protect(&src, &["--to", replica.to_str().unwrap()], watch));
     wait_converged(&src, &replica, Duration::from_secs(180), &mut agent);
     let st = job_status(&home, "src");
     assert_eq!(st["state"], "replicating", "{st}");
@@ -33,8 +46,7 @@ fn embedded_destination_converges_through_every_kind_of_change() {
     assert!(snapshot(&replica, Compare::default()).keys().all(|k| !k.contains("doppel")));
 }
 
-#[test]
-fn remote_destination_converges_through_every_kind_of_change() {
+fn remote_destination_converges_through_every_kind_of_change(watch: Watch) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let home = dir.path().join("source-home");
@@ -44,7 +56,7 @@ fn remote_destination_converges_through_every_kind_of_change() {
     let mut agent = Proc::start(
         &home,
         "agent",
-        &["protect", src.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id, "--name", "www"],
+        &protect(&src, &["--to", &target.addr, "--target-id", &target.id, "--name", "www"], watch),
     );
     let replica = target.data.join("replicas/web1/www");
     wait_converged(&src, &replica, Duration::from_secs(180), &mut agent);
@@ -69,8 +81,7 @@ fn remote_destination_converges_through_every_kind_of_change() {
     assert!(agent.stop().success(), "{}", agent.log());
 }
 
-#[test]
-fn four_kib_changed_in_a_256_mib_file_sends_less_than_1_mib() {
+fn four_kib_changed_in_a_256_mib_file_sends_less_than_1_mib(watch: Watch) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let home = dir.path().join("source-home");
@@ -81,7 +92,7 @@ fn four_kib_changed_in_a_256_mib_file_sends_less_than_1_mib() {
     let mut agent = Proc::start(
         &home,
         "agent",
-        &["protect", src.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id],
+        &protect(&src, &["--to", &target.addr, "--target-id", &target.id], watch),
     );
     let replica = target.data.join("replicas/s/src");
     wait_converged(&src, &replica, Duration::from_secs(180), &mut agent);
@@ -101,8 +112,7 @@ fn four_kib_changed_in_a_256_mib_file_sends_less_than_1_mib() {
     assert!(sent < 1 << 20, "sent {sent} bytes for a 4 KiB change");
 }
 
-#[test]
-fn two_sources_on_one_target_stay_isolated() {
+fn two_sources_on_one_target_stay_isolated(watch: Watch) {
     let dir = tempfile::tempdir().unwrap();
     let (src1, src2) = (dir.path().join("one/data"), dir.path().join("two/data"));
     let (home1, home2) = (dir.path().join("home1"), dir.path().join("home2"));
@@ -117,12 +127,12 @@ fn two_sources_on_one_target_stay_isolated() {
     let mut a1 = Proc::start(
         &home1,
         "agent",
-        &["protect", src1.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id],
+        &protect(&src1, &["--to", &target.addr, "--target-id", &target.id], watch),
     );
     let mut a2 = Proc::start(
         &home2,
         "agent",
-        &["protect", src2.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id],
+        &protect(&src2, &["--to", &target.addr, "--target-id", &target.id], watch),
     );
     let (r1, r2) = (target.data.join("replicas/one/data"), target.data.join("replicas/two/data"));
     wait_converged(&src1, &r1, Duration::from_secs(60), &mut a1);

@@ -67,9 +67,10 @@ struct Rig {
     replica: PathBuf,
     target: TargetProc,
     root: PathBuf,
+    watch: Watch,
 }
 
-fn rig() -> Rig {
+fn rig(watch: Watch) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let home = dir.path().join("source-home");
@@ -79,7 +80,7 @@ fn rig() -> Rig {
     let target = start_target(dir.path(), &[("s1", &id)], 0);
     let replica = target.data.join("replicas/s1/job");
     let root = dir.path().to_path_buf();
-    Rig { _dir: dir, src, home, replica, target, root }
+    Rig { _dir: dir, src, home, replica, target, root, watch }
 }
 
 fn agent(r: &Rig, log: &str) -> Proc {
@@ -95,6 +96,8 @@ fn agent(r: &Rig, log: &str) -> Proc {
             &r.target.id,
             "--name",
             "job",
+            r.watch.args()[0],
+            r.watch.args()[1],
         ],
     )
 }
@@ -108,9 +111,14 @@ fn wait_captured(home: &Path, from: u64, n: u64) -> u64 {
     })
 }
 
-#[test]
-fn agent_and_target_killed_mid_stream_resume_without_a_full_remirror() {
-    let r = rig();
+with_each_watch_backend!(
+    agent_and_target_killed_mid_stream_resume_without_a_full_remirror,
+    clean_restart_sends_only_what_changed_while_down,
+    a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up,
+);
+
+fn agent_and_target_killed_mid_stream_resume_without_a_full_remirror(watch: Watch) {
+    let r = rig(watch);
     let mut a = agent(&r, "agent1");
     wait_converged(&r.src, &r.replica, Duration::from_secs(180), &mut a);
     let mut work = Workload::start(&r.src);
@@ -153,9 +161,8 @@ fn agent_and_target_killed_mid_stream_resume_without_a_full_remirror() {
     assert!(!target.proc.log().contains("un-synced changes"), "{}", target.proc.log());
 }
 
-#[test]
-fn clean_restart_sends_only_what_changed_while_down() {
-    let r = rig();
+fn clean_restart_sends_only_what_changed_while_down(watch: Watch) {
+    let r = rig(watch);
     let mut a = agent(&r, "agent1");
     wait_converged(&r.src, &r.replica, Duration::from_secs(180), &mut a);
     assert!(a.stop().success(), "{}", a.log());
@@ -174,8 +181,7 @@ fn clean_restart_sends_only_what_changed_while_down() {
     assert!(!log.contains("comparing the whole tree"), "{log}");
 }
 
-#[test]
-fn a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up() {
+fn a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up(watch: Watch) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     Tree::at(&src).standard();
@@ -219,6 +225,8 @@ fn a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up() {
             "j",
             "--heartbeat",
             "1",
+            watch.args()[0],
+            watch.args()[1],
         ],
     );
     wait_converged(&src, &dir.path().join("data/replicas/s/j"), Duration::from_secs(60), &mut agent);

@@ -65,8 +65,7 @@ impl Drop for SmallWrites {
 
 #[test]
 fn a_minute_without_link_resumes_by_itself_and_resends_little() {
-    if !netns::available() {
-        eprintln!("skipping: network namespaces need root and iproute2");
+    if !require(netns::available(), "network namespaces need root and iproute2") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -300,7 +299,7 @@ impl Drop for SmallDisk {
 fn a_full_target_disk_pauses_the_source_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let Some(disk) = SmallDisk::new(dir.path(), 64) else {
-        eprintln!("skipping: no loop devices or mkfs.ext4 here");
+        skip_or_fail("no loop devices or mkfs.ext4 here");
         return;
     };
     // Ballast fills most of the target's disk.

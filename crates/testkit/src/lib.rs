@@ -2,16 +2,19 @@
 //!
 //! - [`compare_trees`]: the one definition of "the replica equals the source" used by every
 //!   test: same names, types, modes, owners, modification times, content hashes, symlink
-//!   targets and hard-link structure.
+//!   targets, extended attributes and hard-link structure.
 //! - [`wait_until`]: waiting on a condition with a deadline, never sleeping and hoping.
 //! - [`Tree`]: building test trees in a few lines.
 //! - [`proxy`]: a TCP proxy whose link can be cut and restored.
 //! - [`netns`]: two hosts in network namespaces, with bandwidth, loss and link control.
+//! - [`skip`]: missing prerequisites skip a test, or fail it under `DOPPEL_TEST_STRICT=1`.
 
 pub mod netns;
 pub mod proxy;
+pub mod skip;
 
 pub use proxy::Proxy;
+pub use skip::{require, require_fuse, require_ok, require_tools, skip_or_fail};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,6 +41,9 @@ pub struct Node {
     pub size: u64,
     /// For files with several names: the sorted list of their other names in the tree.
     pub links: Vec<String>,
+    /// Extended attributes (`user.*`, `security.*`, `trusted.*`, whatever `llistxattr`
+    /// lists on the name itself, never through a symlink), sorted by name, with their values.
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// Options for [`snapshot`].
@@ -100,6 +106,7 @@ fn walk(
             content,
             size: if kind == "file" { m.len() } else { 0 },
             links: Vec::new(),
+            xattrs: xattrs(p),
         },
     );
     if ft.is_dir() {
@@ -110,6 +117,43 @@ fn walk(
         names.sort();
         for n in names {
             walk(root, &n, out, inodes, opts);
+        }
+    }
+}
+
+/// The extended attributes of `p` itself (a symlink's own, not its target's), sorted by name.
+/// A file system without xattr support has none; any other failure is recorded as an
+/// attribute of its own, so it shows up as a difference instead of being ignored.
+fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let names = match read_sized(|buf| rustix::fs::llistxattr(p, buf)) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Vec::new(),
+        Err(e) => return vec![("<llistxattr failed>".into(), e.to_string().into_bytes())],
+    };
+    let mut out: Vec<(String, Vec<u8>)> = names
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            let value = read_sized(|buf| rustix::fs::lgetxattr(p, name, buf))
+                .unwrap_or_else(|e| format!("<lgetxattr failed: {e}>").into_bytes());
+            (String::from_utf8_lossy(name).into_owned(), value)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Calls an xattr read with a growing buffer until the answer fits.
+fn read_sized(mut call: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 24 => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -248,8 +292,22 @@ impl Tree {
         self
     }
 
+    /// Sets an extended attribute on `rel` itself (never through a symlink).
+    pub fn xattr(&self, rel: &str, name: &str, value: &[u8]) -> &Self {
+        rustix::fs::lsetxattr(self.path(rel), name, value, rustix::fs::XattrFlags::empty())
+            .expect("set xattr");
+        self
+    }
+
+    /// Removes an extended attribute from `rel` itself.
+    pub fn remove_xattr(&self, rel: &str, name: &str) -> &Self {
+        rustix::fs::lremovexattr(self.path(rel), name).expect("remove xattr");
+        self
+    }
+
     /// A varied tree: nested directories, small and empty files, symlinks (relative,
-    /// absolute, dangling), a hard link, unusual modes and an old mtime.
+    /// absolute, dangling), a hard link, unusual modes, an old mtime and extended attributes
+    /// on a file and a directory.
     pub fn standard(&self) -> &Self {
         self.file("a.txt", b"alpha\n")
             .file("empty", b"")
@@ -264,6 +322,12 @@ impl Tree {
             .hardlink("dir2/hard", "dir1/sub/c.txt")
             .chmod("dir2/e", 0o600)
             .chmod("a.txt", 0o751)
+            .xattr("a.txt", "user.comment", b"alpha's note")
+            .xattr("dir1/b.bin", "user.empty", b"")
+            .xattr("dir1", "user.dir", b"a directory's attribute")
             .mtime("dir1/b.bin", 1_000_000_000)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,9 +5,11 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
 
 struct Inner {
     upstream: String,
@@ -55,7 +57,7 @@ impl Proxy {
                 let _ = down.set_nodelay(true);
                 let _ = up.set_nodelay(true);
                 {
-                    let mut live = i.live.lock().expect("proxy lock");
+                    let mut live = i.live.lock();
                     live.push(down.try_clone().expect("clone"));
                     live.push(up.try_clone().expect("clone"));
                 }
@@ -76,7 +78,7 @@ impl Proxy {
     /// Breaks every connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
         self.inner.cut.store(true, Ordering::SeqCst);
-        for s in self.inner.live.lock().expect("proxy lock").drain(..) {
+        for s in self.inner.live.lock().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }

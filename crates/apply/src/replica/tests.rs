@@ -220,10 +220,10 @@ fn a_killed_target_resumes_at_the_exact_op_and_replay_is_harmless() {
     }
     assert_eq!(std::fs::read(f.root.join("b")).unwrap(), b"first");
     // Replaying an op right after it took effect changes nothing either.
-    let mut open = OpenFile::default();
+    let (mut open, mut notes) = (OpenFile::default(), None);
     let ren = Op::Rename { from: w("b"), to: w("c"), flags: RenameFlags::default() };
-    apply_op(r.root(), &mut open, 5, &ren).unwrap();
-    apply_op(r.root(), &mut open, 5, &ren).unwrap();
+    apply_op(r.root(), &mut open, &mut notes, 5, &ren).unwrap();
+    apply_op(r.root(), &mut open, &mut notes, 5, &ren).unwrap();
     assert_eq!(std::fs::read(f.root.join("c")).unwrap(), b"first");
 }
 

@@ -411,12 +411,14 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
-    /// The source, or `None` (with a "skipping" note) where fanotify cannot run at all.
+    /// The source, or `None` where fanotify cannot run at all (not root, or a kernel without
+    /// `FAN_REPORT_DFID_NAME`): the test is then skipped, or fails under
+    /// `DOPPEL_TEST_STRICT=1`.
     fn source(root: &Path) -> Option<FanotifySource> {
         match FanotifySource::new(root) {
             Ok(s) => Some(s),
             Err(e) if matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput) => {
-                eprintln!("skipping: {e}");
+                doppel_testkit::skip_or_fail(&format!("fanotify cannot watch {}: {e}", root.display()));
                 None
             }
             Err(e) => panic!("{e}"),

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use doppel_testkit::{Compare, Proxy, Tree, compare_trees, noise, snapshot, wait_until};
+pub use doppel_testkit::{
+    Compare, Proxy, Tree, compare_trees, noise, require, require_fuse, skip_or_fail, snapshot, wait_until,
+};
 
 /// The binary under test.
 pub fn doppel() -> PathBuf {
@@ -238,7 +240,8 @@ pub fn big_file(path: &Path, size: u64, seed: u64) {
 
 /// Makes every kind of change a live system makes: in-place overwrites, appends, truncates
 /// (both ways), renames of files and directories, deletes, chmods, new nested directories,
-/// a retargeted symlink, a new hard link and an explicit mtime.
+/// a retargeted symlink, a new hard link, an explicit mtime, and extended attributes changed,
+/// added and removed.
 pub fn churn(src: &Path) {
     let t = Tree::at(src);
     let big = src.join("big.img");
@@ -261,6 +264,8 @@ pub fn churn(src: &Path) {
     fs::remove_file(src.join("link-rel")).unwrap();
     t.symlink("link-rel", "a.txt");
     t.hardlink("new/hard-to-a", "a.txt");
+    t.xattr("a.txt", "user.comment", b"a longer note, changed").xattr("new/deep/file2", "user.new", b"2");
+    t.remove_xattr("dir1", "user.dir").xattr("dir2", "user.dir", b"on dir2 now");
     t.mtime("dir2/e", 1_500_000_000);
     fs::remove_dir_all(src.join("moved-sub/deeper")).unwrap();
 }
@@ -276,13 +281,10 @@ pub fn capture_mount_live(path: &Path) -> bool {
     }
 }
 
-/// Whether the fuse tests can run here.
+/// Whether the fuse tests can run here (root and the FUSE device); if not, the test is
+/// skipped, or fails under `DOPPEL_TEST_STRICT=1`.
 pub fn fuse_available() -> bool {
-    if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: the fuse capture tests need root and /dev/fuse");
-        return false;
-    }
-    true
+    require_fuse()
 }
 
 /// The target's view of one replica (from `doppel status --json` on the target).
@@ -317,4 +319,54 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+}
+
+/// The `watch` capture back-ends an end-to-end scenario runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// `--capture fanotify` (root only).
+    Fanotify,
+    /// `--capture inotify`.
+    Inotify,
+}
+
+impl Watch {
+    /// The agent's arguments that choose this back-end.
+    pub fn args(self) -> [&'static str; 2] {
+        match self {
+            Watch::Fanotify => ["--capture", "fanotify"],
+            Watch::Inotify => ["--capture", "inotify"],
+        }
+    }
+
+    /// Whether the back-end can run here; fanotify needs root (skipped without it, or failed
+    /// under `DOPPEL_TEST_STRICT=1`).
+    pub fn available(self) -> bool {
+        self == Watch::Inotify || require(rustix::process::geteuid().is_root(), "fanotify capture needs root")
+    }
+}
+
+/// One `#[test]` per watch back-end for each scenario `fn NAME(watch: Watch)`: a module
+/// `NAME` with the tests `fanotify` and `inotify`, so both back-ends are tested end to end.
+#[macro_export]
+macro_rules! with_each_watch_backend {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::common::Watch;
+
+                #[test]
+                fn fanotify() {
+                    if Watch::Fanotify.available() {
+                        super::$scenario(Watch::Fanotify);
+                    }
+                }
+
+                #[test]
+                fn inotify() {
+                    super::$scenario(Watch::Inotify);
+                }
+            }
+        )*
+    };
 }

@@ -4,16 +4,18 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Whether `sqlite3` is installed (prints why not).
+use parking_lot::Mutex;
+
+/// Whether `sqlite3` is installed; if not, the test is skipped, or fails under
+/// `DOPPEL_TEST_STRICT=1`.
 pub fn available() -> bool {
-    if Command::new("sqlite3").arg("--version").output().is_err() {
-        eprintln!("skipping: sqlite3 is not installed");
-        return false;
-    }
-    true
+    doppel_testkit::require(
+        Command::new("sqlite3").arg("--version").output().is_ok(),
+        "sqlite3 is not installed",
+    )
 }
 
 /// A `sqlite3` shell running one numbered transaction at a time.
@@ -46,7 +48,7 @@ impl Sqlite {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(n) = line.strip_prefix("C|").and_then(|n| n.parse().ok()) {
-                    c.lock().unwrap().push(n);
+                    c.lock().push(n);
                 }
             }
         });
@@ -70,7 +72,7 @@ impl Sqlite {
         }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.confirmed.lock().unwrap().last() == Some(&i) {
+            if self.confirmed.lock().last() == Some(&i) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -80,7 +82,7 @@ impl Sqlite {
 
     /// The last confirmed transaction.
     pub fn last(&self) -> u64 {
-        self.confirmed.lock().unwrap().last().copied().unwrap_or(0)
+        self.confirmed.lock().last().copied().unwrap_or(0)
     }
 }
 

@@ -220,7 +220,13 @@ impl<S: CaptureSink> DoppelFs<S> {
             Err(e) => return reply.error(e),
         };
         if node.kind == libc::S_IFLNK {
-            return if name.is_some() { reply.error(Errno::from_i32(libc::ENODATA)) } else { reply.size(0) };
+            // No attributes on symlinks: an empty list. With a buffer (`size > 0`) the kernel
+            // expects the list itself; a size reply there reads as a malformed list (EIO).
+            return match name {
+                Some(_) => reply.error(Errno::from_i32(libc::ENODATA)),
+                None if size == 0 => reply.size(0),
+                None => reply.data(&[]),
+            };
         }
         let nfd = match node.fd() {
             Ok(fd) => fd,
