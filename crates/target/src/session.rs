@@ -6,20 +6,25 @@
 //! the replica keeps everything applied so far and the next connection resumes from it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::valid_name;
-use crate::registry::{Slot, Target};
+use crate::registry::{ReplicaState, Slot, Target};
 use crate::worker::{self, Work};
 
 /// Largest decoded batch accepted.
 const MAX_BATCH_RAW: u32 = 64 << 20;
+
+/// Sessions started since this process started: numbers them in the logs, so that the lines
+/// of two sessions of one replica (a reconnect racing the old connection) can be told apart.
+static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Serves one authenticated connection from the source known as `source`. Returns when the
 /// connection ends; the error says why it ended abnormally.
@@ -51,7 +56,25 @@ where
 /// [`handle_stream`] for a connection whose first message the caller already read (the
 /// source side of a failback reads it to tell a refusal from the DR side's `Hello`).
 /// `received` counts the bytes read so far.
+///
+/// Everything the session logs, on its own tasks and its worker thread too, is inside a
+/// `session` span naming the session number, the source and (once the Hello named it) the job.
 pub async fn handle_after<S>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+    first: Message,
+    received: ByteCounter,
+) -> Result<Option<Handover>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let n = SESSIONS.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("session", n, source = %source, job = tracing::field::Empty);
+    session(target, stream, source, first, received).instrument(span).await
+}
+
+async fn session<S>(
     target: Arc<Target>,
     stream: S,
     source: String,
@@ -72,13 +95,14 @@ where
         return refuse(&mut writer, Refusal::Version { target: PROTOCOL_VERSION, source: hello.protocol })
             .await;
     }
-    if let Err(reason) = valid_name(&hello.job) {
-        return refuse(&mut writer, Refusal::BadJob { reason }).await;
+    if let Err(e) = valid_name(&hello.job) {
+        return refuse(&mut writer, Refusal::BadJob { reason: e.to_string() }).await;
     }
+    tracing::Span::current().record("job", tracing::field::display(&hello.job));
     let slot = target.slot(&source, &hello.job);
     let lease = match slot.lease(cfg, &target.shutdown, Duration::from_secs(30)).await {
         Ok(l) => l,
-        Err(reason) => return refuse(&mut writer, Refusal::Other { reason }).await,
+        Err(e) => return refuse(&mut writer, Refusal::Other { reason: e.to_string() }).await,
     };
     // Welcome promises durability up to `applied_seq`: make whatever the previous session
     // applied durable before saying so.
@@ -98,7 +122,7 @@ where
     let info = lease.replica.info();
     if info.failed_over || (hello.epoch != 0 && hello.epoch < info.epoch) {
         slot.give_back(lease.replica);
-        tracing::warn!(%source, job = %hello.job, epoch = info.epoch, "refusing a fenced source");
+        tracing::warn!(epoch = info.epoch, "refusing a fenced source");
         target.note_fenced(&source, &hello.job);
         return refuse(&mut writer, Refusal::Fenced { epoch: info.epoch }).await;
     }
@@ -113,14 +137,14 @@ where
             source_name: source.clone(),
         }))
         .await?;
-    tracing::info!(%source, job = %hello.job, applied = info.applied, "source connected");
+    tracing::info!(applied = info.applied, "source connected");
     target.mark_stopped(&source, &hello.job, false);
     let status = &slot.status;
     status.goodbye.store(false, Ordering::Relaxed);
     status.connected.store(true, Ordering::Relaxed);
     status.applied.store(info.applied, Ordering::Relaxed);
     status.durable.store(info.applied, Ordering::Relaxed);
-    status.set_state("replicating");
+    status.set_state(ReplicaState::Replicating);
     status.seen();
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(16);
@@ -130,9 +154,14 @@ where
         let (slot, out_tx, cancel, interval) =
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
         let replica = lease.replica;
-        tokio::task::spawn_blocking(move || worker::run(replica, work_rx, out_tx, slot, interval, cancel))
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel))
+        })
     };
-    let writer_task = tokio::spawn(doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat));
+    let writer_task = tokio::spawn(
+        doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat).instrument(tracing::Span::current()),
+    );
     let echo = out_tx.clone();
     drop(out_tx);
 
@@ -151,16 +180,14 @@ where
     status.connected.store(false, Ordering::Relaxed);
     if status.goodbye.load(Ordering::Relaxed) {
         target.mark_stopped(&source, &hello.job, true);
-        status.set_state("stopped");
+        status.set_state(ReplicaState::Stopped);
     } else {
-        status.set_state("disconnected");
+        status.set_state(ReplicaState::Disconnected);
     }
     match &result {
-        Ok(Some(h)) => {
-            tracing::info!(%source, job = %hello.job, epoch = h.epoch, "the sender handed the job over")
-        }
-        Ok(None) => tracing::info!(%source, job = %hello.job, "source disconnected"),
-        Err(e) => tracing::warn!(%source, job = %hello.job, error = %e, "session ended"),
+        Ok(Some(h)) => tracing::info!(epoch = h.epoch, "the sender handed the job over"),
+        Ok(None) => tracing::info!("source disconnected"),
+        Err(e) => tracing::warn!(error = %e, "session ended"),
     }
     result
 }
