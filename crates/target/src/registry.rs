@@ -175,6 +175,16 @@ impl SlotStatus {
         *self.state.lock() = s;
     }
 
+    /// A session started on a replica that applied (and made durable) up to `applied`.
+    pub fn connected_at(&self, applied: u64) {
+        self.goodbye.store(false, Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+        self.applied.store(applied, Ordering::Relaxed);
+        self.durable.store(applied, Ordering::Relaxed);
+        self.set_state(ReplicaState::Replicating);
+        self.seen();
+    }
+
     /// Records that the source was heard from now.
     pub fn seen(&self) {
         self.last_seen_us.store(now_us(), Ordering::Relaxed);

@@ -303,3 +303,27 @@ async fn every_line_of_a_session_names_it() {
         assert!(line.contains("session{n=") && line.contains("source=spanned job=the-job"), "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_gone_before_its_welcome_does_not_keep_the_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(&tmp);
+    let mut gone = Source::connect(&t, "src");
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        job: "job".into(),
+        agent_version: "test".into(),
+        replica_id: None,
+        epoch: 0,
+    };
+    gone.send(&Message::Hello(hello)).await;
+    let Source { r, w, session } = gone;
+    drop((r, w));
+    let ended = within("the session of the vanished source ends", session).await.expect("join");
+    assert!(ended.is_err(), "the Welcome could not be sent: {ended:?}");
+    // The replica was handed back: the next connection gets it at once, not after the
+    // 30 s a lease waits for a session to let go.
+    let mut next = Source::connect(&t, "src");
+    let answer = tokio::time::timeout(Duration::from_secs(10), next.hello("job", 0)).await;
+    assert!(matches!(answer, Ok(Message::Welcome(_))), "{answer:?}");
+}
