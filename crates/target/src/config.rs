@@ -79,18 +79,72 @@ impl TargetConfig {
     }
 }
 
+/// Why a string cannot name a source or a job (see [`valid_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Empty or longer than 64 characters.
+    #[error("{0:?} must be 1 to 64 characters long")]
+    Length(String),
+    /// Starts with a dot (hidden, or `.`/`..`).
+    #[error("{0:?} must not start with a dot")]
+    LeadingDot(String),
+    /// Contains a character that is not allowed.
+    #[error("{name:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")]
+    Character {
+        /// The name.
+        name: String,
+        /// The first character not allowed.
+        bad: char,
+    },
+}
+
 /// Whether `s` can name a source or a job: it becomes a directory name on the target, so it is
 /// restricted to letters, digits, `.`, `_` and `-`, does not start with `.`, and is at most 64
 /// characters long.
-pub fn valid_name(s: &str) -> Result<(), String> {
+pub fn valid_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() || s.len() > 64 {
-        return Err(format!("{s:?} must be 1 to 64 characters long"));
+        return Err(NameError::Length(s.to_string()));
     }
     if s.starts_with('.') {
-        return Err(format!("{s:?} must not start with a dot"));
+        return Err(NameError::LeadingDot(s.to_string()));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("{s:?} contains {c:?}; use letters, digits, '.', '_' or '-'"));
+    if let Some(bad) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(NameError::Character { name: s.to_string(), bad });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "web-1", "db_2.prod", &"x".repeat(64)] {
+            assert_eq!(valid_name(ok), Ok(()), "{ok:?}");
+        }
+        let table = [
+            ("", "\"\" must be 1 to 64 characters long"),
+            (&*"x".repeat(65), "must be 1 to 64 characters long"),
+            (".hidden", "\".hidden\" must not start with a dot"),
+            ("..", "must not start with a dot"),
+            ("a/b", "\"a/b\" contains '/'; use letters, digits, '.', '_' or '-'"),
+            ("caf\u{e9}", "contains '\u{e9}'"),
+        ];
+        for (name, want) in table {
+            let e = valid_name(name).expect_err(name).to_string();
+            assert!(e.contains(want), "{name:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn layout_paths() {
+        let d = Layout::DataDir(PathBuf::from("/data"));
+        assert_eq!(
+            d.paths("s", "j"),
+            (PathBuf::from("/data/replicas/s/j"), PathBuf::from("/data/state/s/j"))
+        );
+        let e = Layout::Embedded { replica: PathBuf::from("/r"), state: PathBuf::from("/st") };
+        assert_eq!(e.paths("any", "thing"), (PathBuf::from("/r"), PathBuf::from("/st")));
+    }
 }

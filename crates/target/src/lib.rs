@@ -5,21 +5,25 @@
 //! - [`server`]: the TLS accept loop: authenticates each connection and hands it to a session.
 //! - [`session`]: one source connection for one job: handshake, reading batches and listing
 //!   requests, writing acks and heartbeats.
-//! - [`worker`]: the blocking apply loop of a session: applies ops in order, commits in
-//!   groups, acknowledges durable progress, waits out a full disk without losing anything.
+//! - [`commit`]: the group-commit policy (when a group of applied ops is made durable, how a
+//!   full disk is waited out), a pure state machine over explicit times.
+//! - [`worker`]: the blocking apply loop of a session: applies ops in order, commits when the
+//!   policy says so, acknowledges durable progress, waits out a full disk without losing
+//!   anything.
 //! - [`registry`]: the replicas this target holds, at most one session per replica, and their
 //!   status.
 //!
 //! The same [`session::handle_stream`] serves TLS connections from remote sources and the
 //! in-process pipe of an embedded target (`doppel protect DIR --to LOCAL_DIR`).
 
+pub mod commit;
 pub mod config;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod worker;
 
-pub use config::{AllowedSource, Layout, TargetConfig, valid_name};
-pub use registry::{ReplicaStatus, Target};
+pub use config::{AllowedSource, Layout, NameError, TargetConfig, valid_name};
+pub use registry::{LeaseError, ReplicaState, ReplicaStatus, Target};
 pub use server::serve;
 pub use session::{FailbackHandler, Handover, Stream, handle_after, refuse_stream};

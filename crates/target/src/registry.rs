@@ -6,13 +6,16 @@
 //! so two sessions can never write to one replica.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use doppel_apply::{ApplyError, Replica};
 use doppel_link::ByteCounter;
-use serde::Serialize;
+use parking_lot::Mutex;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +27,94 @@ enum Held {
     Leased,
 }
 
+/// What a replica is doing. Shown in words by `doppel status` (and serialized as those
+/// words, so `status --json` reads as it always did).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// No session since this target started (shown empty).
+    #[default]
+    Unseen,
+    /// A session is connected and applying.
+    Replicating,
+    /// Applying waits for an error that may pass (a full disk): the op is retried every
+    /// second. The text is the error.
+    Paused(String),
+    /// The source's agent stopped cleanly (it said goodbye).
+    Stopped,
+    /// The session ended without a goodbye.
+    Disconnected,
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicaState::Unseen => Ok(()),
+            ReplicaState::Replicating => f.write_str("replicating"),
+            ReplicaState::Paused(reason) => write!(f, "paused: {reason}"),
+            ReplicaState::Stopped => f.write_str("stopped"),
+            ReplicaState::Disconnected => f.write_str("disconnected"),
+        }
+    }
+}
+
+/// A replica state word that is none of [`ReplicaState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown replica state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for ReplicaState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<ReplicaState, UnknownState> {
+        Ok(match s {
+            "" => ReplicaState::Unseen,
+            "replicating" => ReplicaState::Replicating,
+            "stopped" => ReplicaState::Stopped,
+            "disconnected" => ReplicaState::Disconnected,
+            _ => match s.strip_prefix("paused: ") {
+                Some(reason) => ReplicaState::Paused(reason.to_string()),
+                None => return Err(UnknownState(s.to_string())),
+            },
+        })
+    }
+}
+
+impl Serialize for ReplicaState {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplicaState {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ReplicaState, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a replica could not be leased.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Opening the replica failed (its tree or state is unusable).
+    #[error("cannot open replica: {0}")]
+    Open(#[source] ApplyError),
+    /// The session holding it did not hand it back before the deadline.
+    #[error("the previous session did not release the replica in time")]
+    NotReleased,
+    /// The blocking task that opened or used the replica failed (panicked).
+    #[error("replica task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// For callers whose errors are plain text (the failover steps report them in events and
+/// progress files): a lease error becomes its message.
+impl From<LeaseError> for String {
+    fn from(e: LeaseError) -> String {
+        e.to_string()
+    }
+}
+
 /// A status snapshot of one replica, for `doppel status` and the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     /// Source name.
     pub source: String,
@@ -33,8 +122,8 @@ pub struct ReplicaStatus {
     pub job: String,
     /// Whether a session is connected.
     pub connected: bool,
-    /// What the replica is doing, in words (`replicating`, `idle`, `paused: no space ...`).
-    pub state: String,
+    /// What the replica is doing.
+    pub state: ReplicaState,
     /// Last applied sequence.
     pub applied: u64,
     /// Last durable (acknowledged) sequence.
@@ -69,7 +158,7 @@ pub struct SlotStatus {
     /// Last time the source was heard from, µs since the epoch.
     pub last_seen_us: AtomicU64,
     /// See [`ReplicaStatus::state`].
-    pub state: Mutex<String>,
+    pub state: Mutex<ReplicaState>,
     /// See [`ReplicaStatus::epoch`].
     pub epoch: AtomicU64,
     /// See [`ReplicaStatus::failed_over`].
@@ -81,9 +170,19 @@ pub struct SlotStatus {
 }
 
 impl SlotStatus {
-    /// Sets the state text.
-    pub fn set_state(&self, s: impl Into<String>) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s.into();
+    /// Sets the state.
+    pub fn set_state(&self, s: ReplicaState) {
+        *self.state.lock() = s;
+    }
+
+    /// A session started on a replica that applied (and made durable) up to `applied`.
+    pub fn connected_at(&self, applied: u64) {
+        self.goodbye.store(false, Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+        self.applied.store(applied, Ordering::Relaxed);
+        self.durable.store(applied, Ordering::Relaxed);
+        self.set_state(ReplicaState::Replicating);
+        self.seen();
     }
 
     /// Records that the source was heard from now.
@@ -126,9 +225,9 @@ impl Slot {
         cfg: &TargetConfig,
         shutdown: &CancellationToken,
         wait: Duration,
-    ) -> Result<Lease, String> {
+    ) -> Result<Lease, LeaseError> {
         let cancel = shutdown.child_token();
-        if let Some(old) = self.session.lock().unwrap_or_else(|p| p.into_inner()).replace(cancel.clone()) {
+        if let Some(old) = self.session.lock().replace(cancel.clone()) {
             old.cancel();
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -137,7 +236,7 @@ impl Slot {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let taken = {
-                let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                let mut h = self.held.lock();
                 match std::mem::replace(&mut *h, Held::Leased) {
                     Held::Open(r) => Some(Ok(*r)),
                     Held::Closed => Some(Err(())),
@@ -148,20 +247,18 @@ impl Slot {
                 Some(Ok(replica)) => return Ok(Lease { replica, cancel }),
                 Some(Err(())) => {
                     let (tree, state) = cfg.layout.paths(&self.source, &self.job);
-                    let opened = tokio::task::spawn_blocking(move || Replica::open(&tree, &state))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let opened = tokio::task::spawn_blocking(move || Replica::open(&tree, &state)).await?;
                     match opened {
                         Ok(replica) => return Ok(Lease { replica, cancel }),
                         Err(e) => {
-                            *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Closed;
-                            return Err(open_error(e));
+                            *self.held.lock() = Held::Closed;
+                            return Err(LeaseError::Open(e));
                         }
                     }
                 }
                 None => {
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        return Err("the previous session did not release the replica in time".into());
+                        return Err(LeaseError::NotReleased);
                     }
                 }
             }
@@ -170,13 +267,13 @@ impl Slot {
 
     /// Hands a replica back after its session ended.
     pub fn give_back(&self, replica: Replica) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Open(Box::new(replica));
+        *self.held.lock() = Held::Open(Box::new(replica));
         self.returned.notify_waiters();
     }
 
     /// Drops a failed lease (the replica is reopened on next use).
     pub fn abandon(&self) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Held::Closed;
+        *self.held.lock() = Held::Closed;
         self.returned.notify_waiters();
     }
 
@@ -188,7 +285,7 @@ impl Slot {
             source: self.source.clone(),
             job: self.job.clone(),
             connected: s.connected.load(Ordering::Relaxed),
-            state: s.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            state: s.state.lock().clone(),
             applied: s.applied.load(Ordering::Relaxed),
             durable: s.durable.load(Ordering::Relaxed),
             bytes_received: s.bytes_received.get(),
@@ -199,10 +296,6 @@ impl Slot {
             fenced_refusals: s.fenced_refusals.load(Ordering::Relaxed),
         }
     }
-}
-
-fn open_error(e: ApplyError) -> String {
-    format!("cannot open replica: {e}")
 }
 
 /// A target: its configuration and replicas.
@@ -228,7 +321,7 @@ impl Target {
 
     /// The slot of `job` from `source`.
     pub fn slot(&self, source: &str, job: &str) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.lock();
         slots
             .entry((source.to_string(), job.to_string()))
             .or_insert_with(|| {
@@ -246,18 +339,18 @@ impl Target {
 
     /// Installs the handler of failback connections.
     pub fn set_failback_handler(&self, h: Arc<dyn crate::session::FailbackHandler>) {
-        *self.failback.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        *self.failback.lock() = Some(h);
     }
 
     /// The handler of failback connections, if any.
     pub fn failback_handler(&self) -> Option<Arc<dyn crate::session::FailbackHandler>> {
-        self.failback.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.failback.lock().clone()
     }
 
     /// When `source` was last heard from on any of its jobs, in microseconds since the epoch
     /// (0: not since this target started). What the failover monitor watches.
     pub fn last_seen_us(&self, source: &str) -> u64 {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock();
         slots
             .iter()
             .filter(|((s, _), _)| s == source)
@@ -316,7 +409,7 @@ impl Target {
         source: &str,
         job: &str,
         f: impl FnOnce(&mut Replica) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, LeaseError> {
         let slot = self.slot(source, job);
         let lease = slot.lease(&self.config, &self.shutdown, Duration::from_secs(60)).await?;
         let mut replica = lease.replica;
@@ -324,8 +417,7 @@ impl Target {
             let r = f(&mut replica);
             (replica, r)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         let info = replica.info();
         slot.status.epoch.store(info.epoch, Ordering::Relaxed);
         slot.status.failed_over.store(info.failed_over, Ordering::Relaxed);
@@ -359,9 +451,12 @@ impl Target {
                 }
             }
         }
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock();
         let mut v: Vec<ReplicaStatus> = slots.values().map(|s| s.snapshot()).collect();
         v.sort_by(|a, b| (&a.source, &a.job).cmp(&(&b.source, &b.job)));
         v
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,6 +13,7 @@ use doppel_proto::{Message, Refusal};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::registry::Target;
 use crate::session::handle_stream;
@@ -35,30 +36,34 @@ pub async fn serve(target: Arc<Target>, identity: &Identity, listener: TcpListen
         };
         let _ = tcp.set_nodelay(true);
         let (target, acceptor) = (target.clone(), acceptor.clone());
-        tracker.spawn(async move {
+        // Every line logged about this connection, its session's included, names the peer.
+        let span = tracing::info_span!("connection", peer = %addr);
+        let conn = async move {
             let timeout = target.config.handshake_timeout;
             let metered = Metered::new(tcp, ByteCounter::default(), ByteCounter::default());
             let tls = match tokio::time::timeout(timeout, acceptor.accept(metered)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    tracing::warn!(peer = %addr, error = %e, "TLS handshake failed");
+                    tracing::warn!(error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(peer = %addr, "TLS handshake timed out");
+                    tracing::warn!("TLS handshake timed out");
                     return;
                 }
             };
             let Some(id) = peer_id(tls.get_ref().1.peer_certificates()) else { return };
             let Some(name) = target.config.name_of(&id).map(str::to_string) else {
-                tracing::warn!(peer = %addr, identity = %id, "refusing a source that is not on the allow list");
+                tracing::warn!(identity = %id, "refusing a source that is not on the allow list");
                 let mut w = FrameWriter::new(tls, ByteCounter::default());
-                let _ = w.send_now(&Message::Refused(Refusal::UnknownSource { identity: id.to_string() })).await;
+                let _ =
+                    w.send_now(&Message::Refused(Refusal::UnknownSource { identity: id.to_string() })).await;
                 let _ = w.shutdown().await;
                 return;
             };
             let _ = handle_stream(target, tls, name).await;
-        });
+        };
+        tracker.spawn(conn.instrument(span));
     }
     tracker.close();
     tracker.wait().await;

@@ -6,20 +6,25 @@
 //! the replica keeps everything applied so far and the next connection resumes from it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::config::valid_name;
-use crate::registry::{Slot, Target};
+use crate::registry::{ReplicaState, Slot, Target};
 use crate::worker::{self, Work};
 
 /// Largest decoded batch accepted.
 const MAX_BATCH_RAW: u32 = 64 << 20;
+
+/// Sessions started since this process started: numbers them in the logs, so that the lines
+/// of two sessions of one replica (a reconnect racing the old connection) can be told apart.
+static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Serves one authenticated connection from the source known as `source`. Returns when the
 /// connection ends; the error says why it ended abnormally.
@@ -51,7 +56,25 @@ where
 /// [`handle_stream`] for a connection whose first message the caller already read (the
 /// source side of a failback reads it to tell a refusal from the DR side's `Hello`).
 /// `received` counts the bytes read so far.
+///
+/// Everything the session logs, on its own tasks and its worker thread too, is inside a
+/// `session` span naming the session number, the source and (once the Hello named it) the job.
 pub async fn handle_after<S>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+    first: Message,
+    received: ByteCounter,
+) -> Result<Option<Handover>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let n = SESSIONS.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("session", n, source = %source, job = tracing::field::Empty);
+    session(target, stream, source, first, received).instrument(span).await
+}
+
+async fn session<S>(
     target: Arc<Target>,
     stream: S,
     source: String,
@@ -65,63 +88,27 @@ where
     let (r, w) = tokio::io::split(stream);
     let mut reader = FrameReader::new(r, cfg.max_frame, received.clone());
     let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
-    let Message::Hello(hello) = first else {
-        return refuse(&mut writer, Refusal::Other { reason: "expected Hello".into() }).await;
+    let Admitted { job, slot, lease, info } = match admit(&target, &source, first).await {
+        Ok(a) => a,
+        Err(refusal) => return refuse(&mut writer, refusal).await,
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        return refuse(&mut writer, Refusal::Version { target: PROTOCOL_VERSION, source: hello.protocol })
-            .await;
-    }
-    if let Err(reason) = valid_name(&hello.job) {
-        return refuse(&mut writer, Refusal::BadJob { reason }).await;
-    }
-    let slot = target.slot(&source, &hello.job);
-    let lease = match slot.lease(cfg, &target.shutdown, Duration::from_secs(30)).await {
-        Ok(l) => l,
-        Err(reason) => return refuse(&mut writer, Refusal::Other { reason }).await,
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        replica_id: info.replica_id,
+        applied_seq: info.applied,
+        epoch: info.epoch,
+        needs_resync: info.needs_resync,
+        max_frame: cfg.max_frame,
+        source_name: source.clone(),
     };
-    // Welcome promises durability up to `applied_seq`: make whatever the previous session
-    // applied durable before saying so.
-    let mut lease = lease;
-    let (replica, committed) = tokio::task::spawn_blocking(move || {
-        let mut r = lease.replica;
-        let c = r.commit();
-        (r, c)
-    })
-    .await
-    .map_err(|e| LinkError::Protocol(format!("commit task failed: {e}")))?;
-    lease.replica = replica;
-    if let Err(e) = committed {
+    if let Err(e) = writer.send_now(&Message::Welcome(welcome)).await {
+        // The replica goes back, or the next connection would wait for it in vain.
         slot.give_back(lease.replica);
-        return refuse(&mut writer, Refusal::Other { reason: format!("replica not available: {e}") }).await;
+        return Err(e);
     }
-    let info = lease.replica.info();
-    if info.failed_over || (hello.epoch != 0 && hello.epoch < info.epoch) {
-        slot.give_back(lease.replica);
-        tracing::warn!(%source, job = %hello.job, epoch = info.epoch, "refusing a fenced source");
-        target.note_fenced(&source, &hello.job);
-        return refuse(&mut writer, Refusal::Fenced { epoch: info.epoch }).await;
-    }
-    writer
-        .send_now(&Message::Welcome(Welcome {
-            protocol: PROTOCOL_VERSION,
-            replica_id: info.replica_id,
-            applied_seq: info.applied,
-            epoch: info.epoch,
-            needs_resync: info.needs_resync,
-            max_frame: cfg.max_frame,
-            source_name: source.clone(),
-        }))
-        .await?;
-    tracing::info!(%source, job = %hello.job, applied = info.applied, "source connected");
-    target.mark_stopped(&source, &hello.job, false);
-    let status = &slot.status;
-    status.goodbye.store(false, Ordering::Relaxed);
-    status.connected.store(true, Ordering::Relaxed);
-    status.applied.store(info.applied, Ordering::Relaxed);
-    status.durable.store(info.applied, Ordering::Relaxed);
-    status.set_state("replicating");
-    status.seen();
+    tracing::info!(applied = info.applied, "source connected");
+    target.mark_stopped(&source, &job, false);
+    slot.status.connected_at(info.applied);
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(16);
     let (out_tx, out_rx) = mpsc::channel::<Message>(64);
@@ -130,15 +117,20 @@ where
         let (slot, out_tx, cancel, interval) =
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
         let replica = lease.replica;
-        tokio::task::spawn_blocking(move || worker::run(replica, work_rx, out_tx, slot, interval, cancel))
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel))
+        })
     };
-    let writer_task = tokio::spawn(doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat));
+    let writer_task = tokio::spawn(
+        doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat).instrument(tracing::Span::current()),
+    );
     let echo = out_tx.clone();
     drop(out_tx);
 
     let result = read_loop(&mut reader, &work_tx, &echo, &slot, cfg.heartbeat * 3, &cancel, &received).await;
     drop(echo);
-    status.epoch.store(info.epoch, Ordering::Relaxed);
+    slot.status.epoch.store(info.epoch, Ordering::Relaxed);
     drop(work_tx);
     match worker.await {
         Ok(replica) => slot.give_back(replica),
@@ -148,21 +140,88 @@ where
         }
     }
     let _ = writer_task.await;
+    ended(&target, &slot, &source, &job, &result);
+    result
+}
+
+/// A connection that may replicate: its job, the replica leased for it, and where the
+/// replica stands (made durable, so the Welcome can promise it).
+struct Admitted {
+    job: String,
+    slot: Arc<Slot>,
+    lease: crate::registry::Lease,
+    info: doppel_apply::ReplicaInfo,
+}
+
+/// Checks the Hello (version, job name), leases the replica (ending any session holding it),
+/// makes what the previous session applied durable, and refuses a fenced source. On refusal
+/// the replica is handed back.
+async fn admit(target: &Target, source: &str, first: Message) -> Result<Admitted, Refusal> {
+    let Message::Hello(hello) = first else {
+        return Err(Refusal::Other { reason: "expected Hello".into() });
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(Refusal::Version { target: PROTOCOL_VERSION, source: hello.protocol });
+    }
+    if let Err(e) = valid_name(&hello.job) {
+        return Err(Refusal::BadJob { reason: e.to_string() });
+    }
+    tracing::Span::current().record("job", tracing::field::display(&hello.job));
+    let slot = target.slot(source, &hello.job);
+    let mut lease = slot
+        .lease(&target.config, &target.shutdown, Duration::from_secs(30))
+        .await
+        .map_err(|e| Refusal::Other { reason: e.to_string() })?;
+    // Welcome promises durability up to `applied_seq`: make whatever the previous session
+    // applied durable before saying so.
+    let committed = tokio::task::spawn_blocking(move || {
+        let c = lease.replica.commit();
+        (lease, c)
+    })
+    .await;
+    let (lease, committed) = match committed {
+        Ok(done) => done,
+        Err(e) => {
+            slot.abandon();
+            return Err(Refusal::Other { reason: format!("replica not available: commit task failed: {e}") });
+        }
+    };
+    if let Err(e) = committed {
+        slot.give_back(lease.replica);
+        return Err(Refusal::Other { reason: format!("replica not available: {e}") });
+    }
+    let info = lease.replica.info();
+    if info.failed_over || (hello.epoch != 0 && hello.epoch < info.epoch) {
+        slot.give_back(lease.replica);
+        tracing::warn!(epoch = info.epoch, "refusing a fenced source");
+        target.note_fenced(source, &hello.job);
+        return Err(Refusal::Fenced { epoch: info.epoch });
+    }
+    Ok(Admitted { job: hello.job, slot, lease, info })
+}
+
+/// Records how a session ended: a goodbye is a clean stop (kept on disk for the failover
+/// monitor), anything else a disconnection.
+fn ended(
+    target: &Target,
+    slot: &Slot,
+    source: &str,
+    job: &str,
+    result: &Result<Option<Handover>, LinkError>,
+) {
+    let status = &slot.status;
     status.connected.store(false, Ordering::Relaxed);
     if status.goodbye.load(Ordering::Relaxed) {
-        target.mark_stopped(&source, &hello.job, true);
-        status.set_state("stopped");
+        target.mark_stopped(source, job, true);
+        status.set_state(ReplicaState::Stopped);
     } else {
-        status.set_state("disconnected");
+        status.set_state(ReplicaState::Disconnected);
     }
-    match &result {
-        Ok(Some(h)) => {
-            tracing::info!(%source, job = %hello.job, epoch = h.epoch, "the sender handed the job over")
-        }
-        Ok(None) => tracing::info!(%source, job = %hello.job, "source disconnected"),
-        Err(e) => tracing::warn!(%source, job = %hello.job, error = %e, "session ended"),
+    match result {
+        Ok(Some(h)) => tracing::info!(epoch = h.epoch, "the sender handed the job over"),
+        Ok(None) => tracing::info!("source disconnected"),
+        Err(e) => tracing::warn!(error = %e, "session ended"),
     }
-    result
 }
 
 /// How a failback stream ended: the job goes back to its source.

@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
-use serde_json::{Value, json};
+use anyhow::{Result, bail};
 
 use crate::cli::{EventsArgs, FailoverArgs};
-use crate::control;
+use crate::control::{self, ControlRequest, ControlResponse};
 
 /// Scripts may start virtual machines or databases: the command waits as long as they may run.
 const LONG: Duration = Duration::from_secs(6 * 3600);
@@ -24,18 +23,23 @@ fn target_socket(home: &Path) -> Result<PathBuf> {
 /// `doppel failover` (`back` false) and `doppel failback` (`back` true).
 pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
     let sock = target_socket(home)?;
-    let cmd = if back { "failback" } else { "failover" };
+    let (source, jobs) = (a.source.clone(), a.jobs.clone());
+    let req = if back {
+        ControlRequest::Failback { source, jobs }
+    } else {
+        ControlRequest::Failover { source, jobs }
+    };
+    let cmd = req.op();
     eprintln!("{cmd} of {} started; the steps are logged by the target (`doppel events`)", a.source);
-    let answer = control::request(&sock, &json!({ "cmd": cmd, "source": a.source, "jobs": a.jobs }), LONG)?;
-    if let Some(e) = answer.get("error").and_then(Value::as_str) {
-        bail!("{cmd} of {}: {e}", a.source);
-    }
-    let report = answer.get("report").ok_or_else(|| anyhow!("the target gave no report: {answer}"))?;
+    let report = match control::call(&sock, &req, LONG)? {
+        ControlResponse::Report(r) => r,
+        ControlResponse::Error { message } => bail!("{cmd} of {}: {message}", a.source),
+        other => bail!("the target gave no report: {other:?}"),
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?);
         return Ok(());
     }
-    let report: doppel_failover::Report = serde_json::from_value(report.clone())?;
     println!("{}", doppel_failover::render(&report));
     Ok(())
 }
@@ -43,12 +47,11 @@ pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
 /// `doppel events`.
 pub fn events(a: EventsArgs, home: &Path) -> Result<()> {
     let sock = target_socket(home)?;
-    let answer = control::request(&sock, &json!({ "cmd": "events" }), Duration::from_secs(30))?;
-    if let Some(e) = answer.get("error").and_then(Value::as_str) {
-        bail!("events: {e}");
-    }
-    let mut events: Vec<doppel_failover::Event> =
-        serde_json::from_value(answer.get("events").cloned().unwrap_or(Value::Array(Vec::new())))?;
+    let mut events = match control::call(&sock, &ControlRequest::Events, Duration::from_secs(30))? {
+        ControlResponse::Events { events } => events,
+        ControlResponse::Error { message } => bail!("events: {message}"),
+        other => bail!("events: the target gave no events: {other:?}"),
+    };
     if let Some(s) = &a.source {
         events.retain(|e| &e.source == s);
     }

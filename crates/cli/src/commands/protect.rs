@@ -6,12 +6,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use doppel_agent::{Agent, JobConfig, Schedule};
 use doppel_failover::source::Outcome;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{CaptureMode, ProtectArgs};
 use crate::config::{FileConfig, destination, job_from_section};
-use crate::control;
+use crate::control::{self, ControlRequest, ControlResponse, ReceivingJob, StatusReport};
 
 pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let failback = a.failback;
@@ -30,7 +29,7 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
     let mut runs = tokio::task::JoinSet::new();
     for agent in agents {
         let name = agent.job().name.clone();
-        let sock = control::run_dir(&home).join(format!("job-{name}.sock"));
+        let sock = control::job_socket(&home, &name);
         tokio::spawn(control::serve(sock, handler(&agent), stop_control.clone()));
         let token = shutdown.clone();
         runs.spawn(async move { (name, agent.run(token).await.map_err(anyhow::Error::from)) });
@@ -51,22 +50,13 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
         runs.spawn(async move {
             let name = job.name.clone();
             let r = async {
-                let sock = control::run_dir(&home).join(format!("job-{name}.sock"));
+                let sock = control::job_socket(&home, &name);
                 let phase = CancellationToken::new();
-                let (n, d) = (name.clone(), job.dest.to_string());
-                let waiting: control::Handler = Arc::new(move |_req| {
-                    let (n, d) = (n.clone(), d.clone());
-                    Box::pin(async move {
-                        json!({ "jobs": [{
-                            "job": n,
-                            "state": "failback",
-                            "connected": true,
-                            "dest": d,
-                            "detail": "receiving the replica; the job is handed back when `doppel failback` runs on the target",
-                        }] })
-                    })
-                });
-                let serving = tokio::spawn(control::serve(sock.clone(), waiting, phase.clone()));
+                let serving = tokio::spawn(control::serve(
+                    sock.clone(),
+                    receiving(&name, &job.dest.to_string()),
+                    phase.clone(),
+                ));
                 tracing::info!(job = %name, "failback: asking the target for the job's replica");
                 let outcome = doppel_failover::source::receive(&job, &home, shutdown.clone()).await;
                 phase.cancel();
@@ -118,27 +108,50 @@ fn handler(agent: &Agent) -> control::Handler {
     Arc::new(move |req| {
         let (src, verifier, limit) = (src.clone(), verifier.clone(), limit.clone());
         Box::pin(async move {
-            match req["cmd"].as_str() {
-                Some("limit") => {
-                    let rate = req["rate"].as_str().unwrap_or_default();
-                    let parsed = if rate == "schedule" {
-                        Ok(None)
-                    } else {
-                        doppel_link::ratelimit::parse_rate(rate).map(Some)
-                    };
-                    match parsed
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| limit.set(r).map_err(|e| e.to_string()))
-                    {
-                        Ok(()) => json!({ "ok": true, "rate_limit": src.snapshot().rate_limit }),
-                        Err(e) => json!({ "error": e }),
-                    }
-                }
-                Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
-                    Ok(report) => serde_json::to_value(report).unwrap_or_default(),
-                    Err(e) => json!({ "error": e }),
+            match req {
+                ControlRequest::Status => ControlResponse::Status(StatusReport {
+                    jobs: vec![src.snapshot()],
+                    ..StatusReport::default()
+                }),
+                ControlRequest::Limit { rate } => match set_limit(&limit, &rate) {
+                    Ok(()) => ControlResponse::Limit { rate_limit: src.snapshot().rate_limit },
+                    Err(e) => ControlResponse::error(e),
                 },
-                _ => json!({ "jobs": [src.snapshot()] }),
+                ControlRequest::Verify { repair } => match verifier.verify(repair).await {
+                    Ok(report) => ControlResponse::Verify(report),
+                    Err(e) => ControlResponse::error(e),
+                },
+                other => ControlResponse::error(format!(
+                    "{} is served by the target's control socket, not by a job's",
+                    other.op()
+                )),
+            }
+        })
+    })
+}
+
+/// `doppel limit JOB RATE`: a rate, or `schedule` to go back to the configured schedule.
+fn set_limit(limit: &doppel_agent::Limit, rate: &str) -> Result<(), String> {
+    let parsed = if rate == "schedule" { None } else { Some(doppel_link::ratelimit::parse_rate(rate)?) };
+    limit.set(parsed).map_err(|e| e.to_string())
+}
+
+/// The control socket's handler for a job of `protect --failback` while it receives its
+/// replica back: it reports that, and refuses what needs a running job.
+fn receiving(job: &str, dest: &str) -> control::Handler {
+    let row = ReceivingJob::new(job, dest);
+    Arc::new(move |req| {
+        let row = row.clone();
+        Box::pin(async move {
+            match req {
+                ControlRequest::Status => {
+                    ControlResponse::Status(StatusReport { receiving: vec![row], ..StatusReport::default() })
+                }
+                other => ControlResponse::error(format!(
+                    "job {} is receiving its replica back (failback): {} works once the target ran `doppel failback` and the job is protected again",
+                    row.job,
+                    other.op()
+                )),
             }
         })
     })

@@ -1,206 +1,346 @@
-//! `doppel status` and `doppel verify`: clients of the control sockets.
+//! `doppel status`, `doppel verify` and `doppel limit`: clients of the control sockets.
+//!
+//! Running processes are asked; only jobs with no running process are read from their state
+//! on disk (`stopped`, or `fenced` when the target refused them after a failover).
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
-use serde_json::{Value, json};
+use doppel_agent::JobStatusSnapshot;
+use doppel_target::ReplicaStatus;
+use serde::Serialize;
 
 use crate::cli::{LimitArgs, StatusArgs, VerifyArgs};
-use crate::control;
+use crate::control::{self, CallError, ControlRequest, ControlResponse, ReceivingJob, SourceRow};
+
+/// One line of the jobs table (and one element of `jobs` in `status --json`).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum JobRow {
+    /// A running job, as its agent reports it.
+    Running(Box<JobStatusSnapshot>),
+    /// A job of `protect --failback` receiving its replica back.
+    Receiving(ReceivingJob),
+    /// A job whose process is there but did not answer.
+    NotAnswering(NotAnswering),
+    /// A job with state on disk and no running process.
+    Stopped(StoppedJob),
+}
+
+/// See [`JobRow::NotAnswering`].
+#[derive(Debug, Serialize)]
+struct NotAnswering {
+    job: String,
+    state: &'static str,
+    connected: bool,
+    detail: String,
+}
+
+/// See [`JobRow::Stopped`].
+#[derive(Debug, Serialize)]
+struct StoppedJob {
+    job: String,
+    /// `stopped`, or `fenced`.
+    state: &'static str,
+    last_acked_seq: u64,
+    connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+/// What `status --json` prints.
+#[derive(Debug, Default, Serialize)]
+struct Everything {
+    jobs: Vec<JobRow>,
+    replicas: Vec<ReplicaStatus>,
+    sources: Vec<SourceRow>,
+}
+
+/// The columns of the jobs table; `None` prints as `-`.
+struct JobLine<'a> {
+    job: &'a str,
+    state: &'a str,
+    captured: Option<u64>,
+    acked: Option<u64>,
+    pending: Option<u64>,
+    lag: Option<f64>,
+    dest: Option<&'a str>,
+    notes: Vec<String>,
+    detail: Option<&'a str>,
+}
+
+impl JobRow {
+    fn job(&self) -> &str {
+        match self {
+            JobRow::Running(j) => &j.job,
+            JobRow::Receiving(j) => &j.job,
+            JobRow::NotAnswering(j) => &j.job,
+            JobRow::Stopped(j) => &j.job,
+        }
+    }
+
+    fn line(&self) -> JobLine<'_> {
+        let blank = |job, state, acked, dest, detail| JobLine {
+            job,
+            state,
+            captured: None,
+            acked,
+            pending: None,
+            lag: None,
+            dest,
+            notes: Vec::new(),
+            detail,
+        };
+        match self {
+            JobRow::Running(j) => JobLine {
+                job: &j.job,
+                state: &j.state,
+                captured: Some(j.last_captured_seq),
+                acked: Some(j.last_acked_seq),
+                pending: Some(j.pending_bytes),
+                lag: Some(j.lag_seconds),
+                dest: Some(&j.dest),
+                notes: notes(j),
+                detail: Some(&j.detail),
+            },
+            JobRow::Receiving(j) => blank(&j.job, &j.state, None, Some(&j.dest), Some(&j.detail)),
+            JobRow::NotAnswering(j) => blank(&j.job, j.state, None, None, Some(&j.detail)),
+            JobRow::Stopped(j) => blank(&j.job, j.state, Some(j.last_acked_seq), None, j.detail.as_deref()),
+        }
+    }
+}
+
+/// The notes line under a running job.
+fn notes(j: &JobStatusSnapshot) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !j.capture.is_empty() {
+        notes.push(format!("capture {}", j.capture));
+    }
+    match j.sync.as_str() {
+        "on" => notes.push("sync".into()),
+        "degraded" => notes.push("SYNC DEGRADED: fsync no longer waits for the target".into()),
+        _ => {}
+    }
+    if j.dirty_regions > 0 {
+        notes.push(format!("{} dirty regions", j.dirty_regions));
+    }
+    if j.rate_limit > 0 {
+        notes.push(format!("limit {}", doppel_link::ratelimit::format_rate(j.rate_limit)));
+    }
+    notes
+}
 
 pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
-    let mut jobs: Vec<Value> = Vec::new();
-    let mut replicas: Vec<Value> = Vec::new();
-    let mut sources: Vec<Value> = Vec::new();
-    for sock in control::sockets(home) {
-        let Ok(answer) = control::request(&sock, &json!({ "cmd": "status" }), Duration::from_secs(5)) else {
-            continue;
-        };
-        if let Some(j) = answer.get("jobs").and_then(Value::as_array) {
-            jobs.extend(j.iter().cloned());
-        }
-        if let Some(r) = answer.get("replicas").and_then(Value::as_array) {
-            replicas.extend(r.iter().cloned());
-        }
-        if let Some(r) = answer.get("sources").and_then(Value::as_array) {
-            sources.extend(r.iter().cloned());
-        }
-    }
-    // Jobs with state on disk but no running agent.
-    if let Ok(rd) = std::fs::read_dir(home.join("jobs")) {
-        let mut names: Vec<String> =
-            rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        for name in names {
-            if jobs.iter().any(|j| j["job"] == name.as_str()) {
-                continue;
-            }
-            let acked: u64 = std::fs::read_to_string(home.join("jobs").join(&name).join("spool/acked"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
-            let state: Value = std::fs::read(home.join("jobs").join(&name).join("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or(Value::Null);
-            let mut row =
-                json!({ "job": name, "state": "stopped", "last_acked_seq": acked, "connected": false });
-            if let Some(epoch) = state["fenced"].as_u64() {
-                row["state"] = json!("fenced");
-                row["detail"] = json!(format!(
-                    "the target failed this job over (epoch {epoch}) and refuses it: run `doppel protect --failback` to take the workload back"
-                ));
-            }
-            jobs.push(row);
-        }
-    }
+    let mut all = ask_running(home);
+    add_stopped_jobs(home, &mut all.jobs);
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "jobs": jobs, "replicas": replicas, "sources": sources }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&all)?)?);
         return Ok(());
     }
-    if jobs.is_empty() && replicas.is_empty() && sources.is_empty() {
+    if all.jobs.is_empty() && all.replicas.is_empty() && all.sources.is_empty() {
         println!("no jobs or replicas under {}", home.display());
         return Ok(());
     }
-    if !jobs.is_empty() {
-        println!(
-            "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  DESTINATION",
-            "JOB", "STATE", "CAPTURED", "ACKED", "PENDING", "LAG"
-        );
-        for j in &jobs {
-            println!(
-                "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  {}",
-                s(&j["job"]),
-                s(&j["state"]),
-                n(&j["last_captured_seq"]),
-                n(&j["last_acked_seq"]),
-                bytes(j["pending_bytes"].as_u64()),
-                j["lag_seconds"].as_f64().map(|l| format!("{l:.1}s")).unwrap_or_else(|| "-".into()),
-                s(&j["dest"]),
-            );
-            let mut notes = Vec::new();
-            if let Some(c) = j["capture"].as_str().filter(|c| !c.is_empty()) {
-                notes.push(format!("capture {c}"));
-            }
-            match j["sync"].as_str() {
-                Some("on") => notes.push("sync".into()),
-                Some("degraded") => notes.push("SYNC DEGRADED: fsync no longer waits for the target".into()),
-                _ => {}
-            }
-            if let Some(d) = j["dirty_regions"].as_u64().filter(|d| *d > 0) {
-                notes.push(format!("{d} dirty regions"));
-            }
-            if let Some(r) = j["rate_limit"].as_u64().filter(|r| *r > 0) {
-                notes.push(format!("limit {}", doppel_link::ratelimit::format_rate(r)));
-            }
-            if !notes.is_empty() {
-                println!("{:<16} {}", "", notes.join(", "));
-            }
-            let detail = s(&j["detail"]);
-            if !detail.is_empty() && detail != "-" {
-                println!("{:<16} {detail}", "");
-            }
-        }
-    }
-    if !replicas.is_empty() {
-        if !jobs.is_empty() {
+    print_jobs(&all.jobs);
+    if !all.replicas.is_empty() {
+        if !all.jobs.is_empty() {
             println!();
         }
-        println!(
-            "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  SEEN",
-            "SOURCE", "JOB", "STATE", "APPLIED", "DURABLE", "RECEIVED", "EPOCH"
-        );
-        for r in &replicas {
-            let state =
-                if r["failed_over"].as_bool() == Some(true) { "failed-over".into() } else { s(&r["state"]) };
-            println!(
-                "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  {}",
-                s(&r["source"]),
-                s(&r["job"]),
-                state,
-                n(&r["applied"]),
-                n(&r["durable"]),
-                bytes(r["bytes_received"].as_u64()),
-                n(&r["epoch"]),
-                r["last_seen_secs"].as_u64().map(|t| format!("{t}s ago")).unwrap_or_else(|| "never".into()),
-            );
-            if let Some(f) = r["fenced_refusals"].as_u64().filter(|f| *f > 0) {
-                println!("{:<16} FENCED: refused {f} connections of the old source", "");
-            }
-        }
+        print_replicas(&all.replicas);
     }
-    if !sources.is_empty() {
+    if !all.sources.is_empty() {
         println!();
-        println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
-        for src in &sources {
-            let state = s(&src["state"]);
-            let next = match (src["failover_in_secs"].as_f64(), src["policy"].as_str()) {
-                (Some(t), Some("auto")) => format!("fails over in {t:.0}s"),
-                (Some(t), _) => format!("counts as failed in {t:.0}s"),
-                (None, _) if state == "failed" && src["policy"] == "manual" => {
-                    format!("manual policy: run `doppel failover {}`", s(&src["source"]))
-                }
-                (None, _) if state == "silent" => "the link is silent but a probe answers: not failed".into(),
-                (None, _) if state == "failed-over" => {
-                    format!("`doppel failback {}` once it is back", s(&src["source"]))
-                }
-                _ => String::new(),
-            };
-            println!(
-                "{:<16} {:<7} {:<13} {:>7.0}s {:>3}/{:<3}  {next}",
-                s(&src["source"]),
-                s(&src["policy"]),
-                state,
-                src["silent_secs"].as_f64().unwrap_or(0.0),
-                n(&src["missed"]),
-                n(&src["threshold"]),
-            );
-            if let Some(e) = src["error"].as_str() {
-                println!("{:<16} ERROR: {}", "", e.replace('\n', " "));
-            }
-            for j in src["jobs"].as_array().into_iter().flatten() {
-                if let Some(fb) = j.get("failback").filter(|f| !f.is_null()) {
-                    println!(
-                        "{:<16} job {}: failback {} ({} sent, {} pending)",
-                        "",
-                        s(&j["job"]),
-                        s(&fb["state"]),
-                        bytes(fb["bytes_sent"].as_u64()),
-                        bytes(fb["pending_bytes"].as_u64())
-                    );
-                }
-            }
-        }
+        print_sources(&all.sources);
     }
     Ok(())
 }
 
-pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
-    let sock = control::run_dir(home).join(format!("job-{}.sock", a.job));
-    if !sock.exists() {
-        bail!("job {} is not running here: start it with `doppel protect` first", a.job);
-    }
-    let answer = control::request(
-        &sock,
-        &json!({ "cmd": "verify", "repair": a.repair }),
-        Duration::from_secs(24 * 3600),
-    )?;
-    if let Some(e) = answer.get("error").and_then(Value::as_str) {
-        bail!("verify failed: {e}");
-    }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
-    } else {
-        let diffs = answer["differences"].as_array().cloned().unwrap_or_default();
-        for d in &diffs {
-            println!("{}: {}", s(&d["path"]), s(&d["what"]));
+/// Asks every process with a socket under `home`. A socket nobody listens on was left by a
+/// process that is gone: its jobs are read from disk. A process that is there but does not
+/// answer (or speaks another protocol version) is reported as such, not read from disk
+/// behind its back.
+fn ask_running(home: &Path) -> Everything {
+    let mut all = Everything::default();
+    for sock in control::sockets(home) {
+        match control::call(&sock, &ControlRequest::Status, Duration::from_secs(5)) {
+            Ok(ControlResponse::Status(r)) => {
+                all.jobs.extend(r.jobs.into_iter().map(|j| JobRow::Running(Box::new(j))));
+                all.jobs.extend(r.receiving.into_iter().map(JobRow::Receiving));
+                all.replicas.extend(r.replicas);
+                all.sources.extend(r.sources);
+            }
+            Ok(ControlResponse::Error { message }) => not_answering(&mut all, &sock, message),
+            Ok(other) => not_answering(&mut all, &sock, format!("unexpected answer to status: {other:?}")),
+            Err(CallError::Unreachable { .. }) => {}
+            Err(e) => not_answering(&mut all, &sock, e.to_string()),
         }
-        let compared = answer["entries_compared"].as_u64().unwrap_or(0);
-        match (diffs.len(), a.repair) {
+    }
+    all
+}
+
+fn not_answering(all: &mut Everything, sock: &Path, why: String) {
+    eprintln!("warning: {why}");
+    if let Some(job) = control::job_of_socket(sock) {
+        all.jobs.push(JobRow::NotAnswering(NotAnswering {
+            job,
+            state: "not answering",
+            connected: false,
+            detail: why,
+        }));
+    }
+}
+
+/// Jobs with state on disk but no running agent.
+fn add_stopped_jobs(home: &Path, jobs: &mut Vec<JobRow>) {
+    let Ok(rd) = std::fs::read_dir(home.join("jobs")) else { return };
+    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        if jobs.iter().any(|j| j.job() == name) {
+            continue;
+        }
+        let dir = home.join("jobs").join(&name);
+        let acked: u64 = std::fs::read_to_string(dir.join("spool/acked"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let fenced = doppel_agent::state::JobState::load(&dir.join("state.json")).ok().and_then(|s| s.fenced);
+        let (state, detail) = match fenced {
+            Some(epoch) => (
+                "fenced",
+                Some(format!(
+                    "the target failed this job over (epoch {epoch}) and refuses it: run `doppel protect --failback` to take the workload back"
+                )),
+            ),
+            None => ("stopped", None),
+        };
+        jobs.push(JobRow::Stopped(StoppedJob {
+            job: name,
+            state,
+            last_acked_seq: acked,
+            connected: false,
+            detail,
+        }));
+    }
+}
+
+fn print_jobs(jobs: &[JobRow]) {
+    if jobs.is_empty() {
+        return;
+    }
+    println!(
+        "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  DESTINATION",
+        "JOB", "STATE", "CAPTURED", "ACKED", "PENDING", "LAG"
+    );
+    for row in jobs {
+        let j = row.line();
+        println!(
+            "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  {}",
+            j.job,
+            j.state,
+            n(j.captured),
+            n(j.acked),
+            bytes(j.pending),
+            j.lag.map(|l| format!("{l:.1}s")).unwrap_or_else(|| "-".into()),
+            j.dest.unwrap_or("-"),
+        );
+        if !j.notes.is_empty() {
+            println!("{:<16} {}", "", j.notes.join(", "));
+        }
+        if let Some(detail) = j.detail.filter(|d| !d.is_empty() && *d != "-") {
+            println!("{:<16} {detail}", "");
+        }
+    }
+}
+
+fn print_replicas(replicas: &[ReplicaStatus]) {
+    println!(
+        "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  SEEN",
+        "SOURCE", "JOB", "STATE", "APPLIED", "DURABLE", "RECEIVED", "EPOCH"
+    );
+    for r in replicas {
+        let state = if r.failed_over { "failed-over".into() } else { r.state.to_string() };
+        println!(
+            "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  {}",
+            r.source,
+            r.job,
+            state,
+            r.applied,
+            r.durable,
+            bytes(Some(r.bytes_received)),
+            r.epoch,
+            r.last_seen_secs.map(|t| format!("{t}s ago")).unwrap_or_else(|| "never".into()),
+        );
+        if r.fenced_refusals > 0 {
+            println!("{:<16} FENCED: refused {} connections of the old source", "", r.fenced_refusals);
+        }
+    }
+}
+
+fn print_sources(sources: &[SourceRow]) {
+    println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
+    for src in sources {
+        let state = src.state.as_str();
+        let next = match (src.failover_in_secs, src.policy.as_str()) {
+            (Some(t), "auto") => format!("fails over in {t:.0}s"),
+            (Some(t), _) => format!("counts as failed in {t:.0}s"),
+            (None, "manual") if state == "failed" => {
+                format!("manual policy: run `doppel failover {}`", src.source)
+            }
+            (None, _) if state == "silent" => "the link is silent but a probe answers: not failed".into(),
+            (None, _) if state == "failed-over" => {
+                format!("`doppel failback {}` once it is back", src.source)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<16} {:<7} {:<13} {:>7.0}s {:>3}/{:<3}  {next}",
+            src.source, src.policy, state, src.silent_secs, src.missed, src.threshold,
+        );
+        if let Some(e) = &src.error {
+            println!("{:<16} ERROR: {}", "", e.replace('\n', " "));
+        }
+        for j in &src.jobs {
+            if let Some(fb) = &j.failback {
+                println!(
+                    "{:<16} job {}: failback {} ({} sent, {} pending)",
+                    "",
+                    j.job,
+                    fb.state,
+                    bytes(Some(fb.bytes_sent)),
+                    bytes(Some(fb.pending_bytes))
+                );
+            }
+        }
+    }
+}
+
+/// The socket of `job`, which must be running.
+fn running_job(home: &Path, job: &str) -> Result<std::path::PathBuf> {
+    let sock = control::job_socket(home, job);
+    if !sock.exists() {
+        bail!("job {job} is not running here: start it with `doppel protect` first");
+    }
+    Ok(sock)
+}
+
+pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
+    let sock = running_job(home, &a.job)?;
+    let req = ControlRequest::Verify { repair: a.repair };
+    let report = match control::call(&sock, &req, Duration::from_secs(24 * 3600))? {
+        ControlResponse::Verify(r) => r,
+        ControlResponse::Error { message } => bail!("verify failed: {message}"),
+        other => bail!("verify failed: unexpected answer {other:?}"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?);
+    } else {
+        for d in &report.differences {
+            println!("{}: {}", d.path, d.what);
+        }
+        let compared = report.entries_compared;
+        match (report.differences.len(), a.repair) {
             (0, _) => println!("replica matches the source ({compared} entries compared)"),
             (n, true) => {
                 println!("{n} differences found and queued for repair ({compared} entries compared)")
@@ -210,18 +350,14 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
             }
         }
     }
-    if !a.repair && answer["differences"].as_array().is_some_and(|d| !d.is_empty()) {
+    if !a.repair && !report.differences.is_empty() {
         return Err(anyhow!("replica differs from the source"));
     }
     Ok(())
 }
 
-fn s(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| "-".into())
-}
-
-fn n(v: &Value) -> String {
-    v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+fn n(v: Option<u64>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
 }
 
 fn bytes(v: Option<u64>) -> String {
@@ -237,19 +373,79 @@ fn bytes(v: Option<u64>) -> String {
 }
 
 pub fn limit(a: LimitArgs, home: &Path) -> Result<()> {
-    let sock = control::run_dir(home).join(format!("job-{}.sock", a.job));
-    if !sock.exists() {
-        bail!("job {} is not running here: start it with `doppel protect` first", a.job);
-    }
+    let sock = running_job(home, &a.job)?;
     if a.rate != "schedule" {
         doppel_link::ratelimit::parse_rate(&a.rate).map_err(|e| anyhow!(e))?;
     }
-    let answer =
-        control::request(&sock, &json!({ "cmd": "limit", "rate": a.rate }), Duration::from_secs(10))?;
-    if let Some(e) = answer.get("error").and_then(Value::as_str) {
-        bail!("{e}");
-    }
-    let rate = answer["rate_limit"].as_u64().unwrap_or(0);
+    let req = ControlRequest::Limit { rate: a.rate.clone() };
+    let rate = match control::call(&sock, &req, Duration::from_secs(10))? {
+        ControlResponse::Limit { rate_limit } => rate_limit,
+        ControlResponse::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer to limit: {other:?}"),
+    };
     println!("{}: bandwidth limit {}", a.job, doppel_link::ratelimit::format_rate(rate));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// `status --json` prints the rows as it did when they were built as untyped JSON.
+    #[test]
+    fn rows_print_as_before() {
+        let stopped = JobRow::Stopped(StoppedJob {
+            job: "a".into(),
+            state: "stopped",
+            last_acked_seq: 7,
+            connected: false,
+            detail: None,
+        });
+        assert_eq!(
+            serde_json::to_value(&stopped).unwrap(),
+            json!({ "job": "a", "state": "stopped", "last_acked_seq": 7, "connected": false })
+        );
+        let receiving = JobRow::Receiving(ReceivingJob::new("b", "dr:1"));
+        assert_eq!(
+            serde_json::to_value(&receiving).unwrap(),
+            json!({
+                "job": "b",
+                "state": "failback",
+                "connected": true,
+                "dest": "dr:1",
+                "detail": "receiving the replica; the job is handed back when `doppel failback` runs on the target",
+            })
+        );
+        let all = Everything { jobs: vec![stopped], ..Everything::default() };
+        let text = serde_json::to_string_pretty(&serde_json::to_value(&all).unwrap()).unwrap();
+        let keys: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("  \"")).collect();
+        assert_eq!(keys.len(), 3, "{text}");
+        assert!(
+            keys[0].starts_with("jobs") && keys[1].starts_with("replicas") && keys[2].starts_with("sources")
+        );
+    }
+
+    #[test]
+    fn fenced_jobs_are_read_from_disk() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("jobs/data");
+        std::fs::create_dir_all(dir.join("spool")).unwrap();
+        std::fs::write(dir.join("spool/acked"), "12\n").unwrap();
+        let state = doppel_agent::state::JobState { fenced: Some(4), ..Default::default() };
+        state.save(&dir.join("state.json")).unwrap();
+        std::fs::create_dir_all(home.path().join("jobs/other")).unwrap();
+        let mut jobs = Vec::new();
+        add_stopped_jobs(home.path(), &mut jobs);
+        let v = serde_json::to_value(&jobs).unwrap();
+        assert_eq!(v[0]["job"], "data");
+        assert_eq!(v[0]["state"], "fenced");
+        assert_eq!(v[0]["last_acked_seq"], 12);
+        assert!(v[0]["detail"].as_str().unwrap().contains("epoch 4"), "{v}");
+        assert_eq!(
+            v[1],
+            json!({ "job": "other", "state": "stopped", "last_acked_seq": 0, "connected": false })
+        );
+    }
 }

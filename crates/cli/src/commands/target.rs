@@ -9,11 +9,10 @@ use std::time::Duration;
 use doppel_failover::{Manager, ManagerConfig};
 use doppel_link::{Identity, NodeId};
 use doppel_target::{AllowedSource, Layout, Target, TargetConfig, valid_name};
-use serde_json::json;
 
 use crate::cli::TargetArgs;
 use crate::config::FileConfig;
-use crate::control;
+use crate::control::{self, ControlRequest, ControlResponse, SourceRow, StatusReport};
 
 pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let section = file.target.unwrap_or_default();
@@ -79,24 +78,30 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
 }
 
 /// Answers a control request.
-async fn answer(m: &Manager, req: serde_json::Value) -> serde_json::Value {
-    let source = req["source"].as_str().unwrap_or_default();
-    let jobs: Option<Vec<String>> = req["jobs"]
-        .as_array()
-        .filter(|a| !a.is_empty())
-        .map(|a| a.iter().filter_map(|j| j.as_str().map(str::to_string)).collect());
+async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
     let report = |r: Result<doppel_failover::Report, doppel_failover::FailoverError>| match r {
-        Ok(r) => json!({ "report": r }),
-        Err(e) => json!({ "error": e.to_string() }),
+        Ok(r) => ControlResponse::Report(r),
+        Err(e) => ControlResponse::error(e.to_string()),
     };
-    match req["cmd"].as_str() {
-        Some("failover") => report(m.failover(source, jobs, "manual: doppel failover").await),
-        Some("failback") => report(m.failback(source, jobs).await),
-        Some("events") => match m.events().read() {
-            Ok(ev) => json!({ "events": ev }),
-            Err(e) => json!({ "error": e.to_string() }),
+    // No job named means every job of the source.
+    let some = |jobs: Vec<String>| (!jobs.is_empty()).then_some(jobs);
+    match req {
+        ControlRequest::Status => ControlResponse::Status(StatusReport {
+            replicas: m.target().status(),
+            sources: m.status().into_iter().map(SourceRow::from).collect(),
+            ..StatusReport::default()
+        }),
+        ControlRequest::Failover { source, jobs } => {
+            report(m.failover(&source, some(jobs), "manual: doppel failover").await)
+        }
+        ControlRequest::Failback { source, jobs } => report(m.failback(&source, some(jobs)).await),
+        ControlRequest::Events => match m.events().read() {
+            Ok(events) => ControlResponse::Events { events },
+            Err(e) => ControlResponse::error(e.to_string()),
         },
-        _ => json!({ "replicas": m.target().status(), "sources": m.status() }),
+        other @ (ControlRequest::Verify { .. } | ControlRequest::Limit { .. }) => ControlResponse::error(
+            format!("{} is served by the job's control socket on the source, not by the target", other.op()),
+        ),
     }
 }
 
