@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::ActivityLog;
 use crate::bandwidth::Schedule;
-use crate::capture_loop::{Capture, Recovery, Source};
+use crate::capture_loop::{Capture, Source};
 use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
 use crate::error::{AgentError, io_at};
 use crate::fuse_sink::{FuseSink, MountGuard};
 use crate::link_loop::{Link, VerifyRequest};
 use crate::overflow::Overflow;
+use crate::resume::{Left, LinkPlanner, Mode, StartPlan};
 use crate::state::JobState;
 use crate::status::{JobStatus, JobStatusSnapshot};
 
@@ -39,7 +40,7 @@ pub struct Agent {
     connector: Option<Connector>,
     embedded: Option<Arc<Target>>,
     stop: Arc<AtomicBool>,
-    crash_recovery: bool,
+    planner: LinkPlanner,
     verify_tx: tokio::sync::mpsc::Sender<VerifyRequest>,
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
     limit: Limit,
@@ -156,8 +157,8 @@ impl Agent {
         if loaded.is_none() {
             state.replica_id = None;
         }
-        let was_clean = state.clean;
         let (index, saved) = loaded.map(|(i, s)| (i, Some(s))).unwrap_or((Index::new(), None));
+        let previous = state.clone();
         state.clean = false;
         state.save(&state_path)?;
 
@@ -177,29 +178,19 @@ impl Agent {
             dir.join(if job.capture == CaptureMode::Fuse { "activity.log" } else { "dirty.log" });
         let (dirty, left) = ActivityLog::open(&dirty_path).map_err(io_at(&dirty_path))?;
         let dirty = Arc::new(dirty);
-        let known = saved.is_some();
-        let (source, rec, recovery, local_rescan) = match job.capture {
+        let plan = StartPlan::decide(Left::found(
+            Mode::from(&job.capture),
+            &previous,
+            saved.map(|s| s.saved_at_us),
+            left,
+        ));
+        let (source, rec) = match job.capture {
             CaptureMode::Watch(backend) => {
                 let watch = open_watch(&job.root, backend)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
-                let recovery = Recovery {
-                    saved_at_us: saved.filter(|_| !was_clean).map(|s| s.saved_at_us),
-                    regions: if known { left } else { Vec::new() },
-                };
-                (
-                    Source::Watch(watch),
-                    Reconciler::new(&job.root, selection, index),
-                    recovery,
-                    was_clean && known,
-                )
+                (Source::Watch(watch), Reconciler::new(&job.root, selection, index))
             }
             CaptureMode::Fuse => {
-                // A clean stop left a stat index: names changed while nothing captured them show
-                // as stat differences. An unclean one left hot regions in the activity log.
-                let recovery = Recovery {
-                    saved_at_us: saved.filter(|_| was_clean).map(|s| s.saved_at_us),
-                    regions: if known { left } else { Vec::new() },
-                };
                 let sink = Arc::new(FuseSink {
                     spool: spool.clone(),
                     activity: dirty.clone(),
@@ -213,10 +204,10 @@ impl Agent {
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 let rec = Reconciler::new(&mount.underlying(), selection, index)
                     .with_guard(Arc::new(MountGuard(mount.locks())));
-                (Source::Fuse(Some(mount)), rec, recovery, false)
+                (Source::Fuse(Some(mount)), rec)
             }
         };
-        let crash_recovery = recovery.pending();
+        let planner = LinkPlanner::new(&plan);
         let capture = Capture {
             rec,
             spool: spool.clone(),
@@ -229,8 +220,7 @@ impl Agent {
             status: status.clone(),
             stop: stop.clone(),
             commands: commands_rx,
-            recovery,
-            local_rescan,
+            plan: plan.clone(),
             debounce: job.debounce,
             checkpoint_interval: job.checkpoint_interval,
         };
@@ -262,15 +252,7 @@ impl Agent {
             dest = %job.dest,
             capture = ?job.capture,
             sync = job.sync,
-            resume = if local_rescan {
-                "clean restart"
-            } else if crash_recovery && !was_clean {
-                "after an unclean stop"
-            } else if crash_recovery {
-                "clean restart, comparing what changed while stopped"
-            } else {
-                "first contact"
-            },
+            resume = plan.describe(),
             "protecting"
         );
         let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(4);
@@ -298,7 +280,7 @@ impl Agent {
             connector: Some(connector),
             embedded,
             stop,
-            crash_recovery,
+            planner,
             _lock: lock,
         })
     }
@@ -374,7 +356,7 @@ impl Agent {
             window: self.job.window,
             heartbeat: self.job.heartbeat,
             shutdown: link_stop.clone(),
-            recovery: self.crash_recovery,
+            planner: self.planner,
             verify: self.verify_rx.take().expect("run is called once"),
             overflow: self.overflow.clone(),
             list_id: 0,

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 use crate::activity::{ActivityLog, EXTENT, Region};
 use crate::error::AgentError;
 use crate::overflow::Overflow;
+use crate::resume::StartPlan;
 use crate::state::JobState;
 use crate::status::JobStatus;
 
@@ -111,24 +112,6 @@ pub enum Command {
     },
 }
 
-/// What the previous run left to compare with the replica.
-#[derive(Debug, Clone, Default)]
-pub struct Recovery {
-    /// Names whose stat differs from the index saved at this time (µs since the epoch):
-    /// after an unclean `watch` stop, or a clean `fuse` stop (changes made while nothing
-    /// captured them).
-    pub saved_at_us: Option<u64>,
-    /// The dirty set's regions (activity log, or names recorded during an overflow).
-    pub regions: Vec<Region>,
-}
-
-impl Recovery {
-    /// Whether there is something to compare.
-    pub fn pending(&self) -> bool {
-        self.saved_at_us.is_some() || !self.regions.is_empty()
-    }
-}
-
 /// How changes are captured.
 pub enum Source {
     /// Watch events.
@@ -162,11 +145,10 @@ pub struct Capture {
     pub stop: Arc<AtomicBool>,
     /// Commands from the link.
     pub commands: Receiver<Command>,
-    /// What the previous run left to compare.
-    pub recovery: Recovery,
-    /// The previous `watch` run ended cleanly and the index describes the replica: compare
-    /// the tree with it locally.
-    pub local_rescan: bool,
+    /// What the start plan still asks of this thread: a local rescan first, and what the
+    /// previous run left to compare with the replica (until compared, or covered by a
+    /// whole-tree comparison).
+    pub plan: StartPlan,
     /// Settle time for events.
     pub debounce: Duration,
     /// How often to checkpoint the index.
@@ -240,7 +222,7 @@ impl Capture {
         let mut queue = EventQueue::new();
         let mut buffered: Vec<FsEvent> = Vec::new();
         let mut overflowed = false;
-        if self.local_rescan {
+        if self.plan.local_rescan() {
             self.status.set_state("scanning");
             let spool = self.spool.clone();
             let mut sink = SpoolSink::live(&spool);
@@ -379,7 +361,7 @@ impl Capture {
     /// Stopping: take in what is left and save what the next start needs. Returns whether the
     /// stop is clean.
     fn finish(mut self, streaming: bool, mut queue: EventQueue) -> Result<bool, AgentError> {
-        if !streaming || self.recovery.pending() || self.overflow.active() {
+        if !streaming || self.plan.to_compare().pending() || self.overflow.active() {
             return Ok(false);
         }
         match &mut self.source {
@@ -532,8 +514,9 @@ impl Capture {
 
     /// What the previous run left to compare.
     fn suspects(&self) -> Result<Suspects, AgentError> {
-        let mut s = suspects_of(self.recovery.regions.clone());
-        if let Some(t) = self.recovery.saved_at_us {
+        let left = self.plan.to_compare();
+        let mut s = suspects_of(left.regions);
+        if let Some(t) = left.saved_at_us {
             s.names.extend(self.rec.suspects(t)?);
             s.names.sort();
             s.names.dedup();
@@ -543,7 +526,7 @@ impl Capture {
 
     /// `regions` have been compared with the replica.
     fn compared(&mut self, regions: &[Region]) {
-        self.recovery = Recovery::default();
+        self.plan = StartPlan::Resume;
         self.dirty.compared(regions);
     }
 

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capture_loop::Command;
 use crate::connect::{Conn, Connector};
 use crate::error::AgentError;
+use crate::resume::{Known, LinkPlanner, Then, WelcomePlan, resync_due};
 use crate::sender::{Compression, Compressor, Resends, Window, send};
 use crate::state::JobState;
 use crate::status::JobStatus;
@@ -51,9 +52,9 @@ pub struct Link {
     pub heartbeat: Duration,
     /// Cancelled to stop.
     pub shutdown: CancellationToken,
-    /// The previous run left names or ranges to compare with the replica once the spool is
-    /// drained.
-    pub recovery: bool,
+    /// Whether what the previous run left is still to be compared with the replica, and what
+    /// each Welcome calls for.
+    pub planner: LinkPlanner,
     /// Verify requests from the control socket.
     pub verify: mpsc::Receiver<VerifyRequest>,
     /// Whether the spool overflowed.
@@ -235,7 +236,7 @@ impl Link {
                     _ = tokio::time::sleep(Duration::from_millis(250)), if self.overflow.active() => {
                         // The overflow ends once everything queued before it is acknowledged.
                         let s = self.spool.stats();
-                        if s.acked == s.last_seq
+                        if resync_due(self.overflow.active(), s.acked, s.last_seq)
                             && let Err(e) = self.compare_suspects(true, &welcome, &out_tx, &mut list_rx).await
                         {
                             break Err(e);
@@ -269,44 +270,56 @@ impl Link {
         lists: &mut mpsc::Receiver<Message>,
         start_sender: oneshot::Sender<u64>,
     ) -> Result<(), End> {
-        let (known, mirroring_other) = {
-            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            // A whole-tree comparison interrupted by the link goes on where it was: what it
-            // queued is in the spool, sent from the target's acknowledged point.
-            let known = (st.replica_id == Some(w.replica_id) || st.mirroring == Some(w.replica_id))
-                && !w.needs_resync;
-            (known, st.mirroring.is_some_and(|m| m != w.replica_id))
-        };
-        if !known {
-            if mirroring_other {
-                // The comparison running against another replica must give way.
-                self.spool.interrupt();
+        let knows = Known::from(&*self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        let scanning = self.status.state() == "scanning";
+        match self.planner.on_welcome(knows, w, scanning) {
+            WelcomePlan::MirrorAll { interrupt_other } => {
+                if interrupt_other {
+                    // The comparison running against another replica must give way.
+                    self.spool.interrupt();
+                }
+                self.mirror_all(w, out, lists).await?;
+                let _ = start_sender.send(w.applied_seq + 1);
             }
-            self.status.set_state("mirroring");
-            tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
-            self.list_id += 1;
-            let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
-            let (tx, rx) = oneshot::channel();
-            self.command(Command::MirrorAll {
-                applied: w.applied_seq,
-                replica_id: w.replica_id,
-                epoch: w.epoch,
-                listing,
-                started: tx,
-            })?;
-            rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
-            self.recovery = false;
-        } else {
-            self.spool.catch_up(w.applied_seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
-            if !self.recovery && self.status.state() != "scanning" {
-                self.status.set_state("replicating");
+            WelcomePlan::Resume { catch_up_to, then } => {
+                self.spool
+                    .catch_up(catch_up_to)
+                    .map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
+                if then == Then::Replicate {
+                    self.status.set_state("replicating");
+                }
+                let _ = start_sender.send(w.applied_seq + 1);
+                if then == Then::CompareSuspects {
+                    self.compare_suspects(false, w, out, lists).await?;
+                    self.planner.suspects_compared();
+                }
             }
         }
-        let _ = start_sender.send(w.applied_seq + 1);
-        if known && self.recovery {
-            self.compare_suspects(false, w, out, lists).await?;
-            self.recovery = false;
-        }
+        Ok(())
+    }
+
+    /// Lists the whole replica and has the capture thread compare the whole tree with it;
+    /// returns once numbering restarted after the target's applied sequence.
+    async fn mirror_all(
+        &mut self,
+        w: &Welcome,
+        out: &mpsc::Sender<Message>,
+        lists: &mut mpsc::Receiver<Message>,
+    ) -> Result<(), End> {
+        self.status.set_state("mirroring");
+        tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
+        self.list_id += 1;
+        let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::MirrorAll {
+            applied: w.applied_seq,
+            replica_id: w.replica_id,
+            epoch: w.epoch,
+            listing,
+            started: tx,
+        })?;
+        rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+        self.planner.mirroring_all();
         Ok(())
     }
 
