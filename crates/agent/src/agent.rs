@@ -3,8 +3,8 @@
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use doppel_capture::fuse::{FuseCapture, FuseOptions};
 use doppel_capture::open_watch;
@@ -13,7 +13,9 @@ use doppel_link::{Identity, RateLimiter};
 use doppel_mirror::{Index, Reconciler};
 use doppel_spool::Spool;
 use doppel_target::{Layout, Target, TargetConfig, valid_name};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::activity::ActivityLog;
 use crate::bandwidth::Schedule;
@@ -26,7 +28,10 @@ use crate::link_loop::{Link, VerifyRequest};
 use crate::overflow::Overflow;
 use crate::resume::{Left, LinkPlanner, Mode, StartPlan};
 use crate::state::JobState;
-use crate::status::{JobStatus, JobStatusSnapshot};
+use crate::status::{JobStatus, JobStatusSnapshot, Phase};
+
+/// Where the message sent last when the job stops goes (a failback's handover).
+pub type FinalMessage = Arc<Mutex<Option<doppel_proto::Message>>>;
 
 /// A prepared job, ready to run.
 pub struct Agent {
@@ -45,7 +50,7 @@ pub struct Agent {
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
     limit: Limit,
     overflow: Arc<Overflow>,
-    final_message: Arc<std::sync::Mutex<Option<doppel_proto::Message>>>,
+    final_message: FinalMessage,
     _lock: OwnedFd,
 }
 
@@ -62,12 +67,7 @@ pub struct Limit {
 impl Limit {
     /// Applies the override (from job state) or the schedule's rate for now.
     pub fn refresh(&self) {
-        let rate = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rate_override
-            .unwrap_or_else(|| self.schedule.rate_now());
+        let rate = self.state.lock().rate_override.unwrap_or_else(|| self.schedule.rate_now());
         if rate != self.limiter.rate() {
             tracing::info!(rate = %doppel_link::ratelimit::format_rate(rate), "bandwidth limit");
         }
@@ -79,13 +79,18 @@ impl Limit {
     /// (`None`). Kept across restarts.
     pub fn set(&self, rate: Option<u64>) -> Result<(), AgentError> {
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.rate_override = rate;
             st.save(&self.state_path)?;
         }
         self.refresh();
         Ok(())
     }
+}
+
+/// The span every line about job `name` is logged in (a process may run several jobs).
+fn job_span(name: &str) -> tracing::Span {
+    tracing::info_span!("job", job = %name)
 }
 
 /// `HOME/jobs/JOB`.
@@ -110,6 +115,7 @@ impl Agent {
         home: &Path,
         connector: Option<Connector>,
     ) -> Result<Agent, AgentError> {
+        let _span = job_span(&job.name).entered();
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
         if job.capture == CaptureMode::Fuse {
             recover_stale_mount(&job.root)?;
@@ -165,7 +171,7 @@ impl Agent {
         let selection =
             Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
         let status = Arc::new(JobStatus::default());
-        status.set_state("starting");
+        status.set_state(Phase::Starting);
         status.sync.store(job.sync, Ordering::Relaxed);
         let spool = Arc::new(spool);
         let state = Arc::new(Mutex::new(state));
@@ -301,13 +307,13 @@ impl Agent {
     }
 
     /// Where to put the message sent last when the job stops (a failback's handover).
-    pub fn final_message(&self) -> Arc<std::sync::Mutex<Option<doppel_proto::Message>>> {
+    pub fn final_message(&self) -> FinalMessage {
         self.final_message.clone()
     }
 
     /// A handle to make the job take in every change made so far.
     pub fn settler(&self) -> Settler {
-        Settler(std::sync::Mutex::new(self.commands_tx.clone()))
+        Settler(Mutex::new(self.commands_tx.clone()))
     }
 
     /// The job's bandwidth limit, to change it at run time.
@@ -334,10 +340,13 @@ impl Agent {
     /// Runs until `shutdown` is cancelled (Ok) or the job cannot go on (Err).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let capture = self.capture.take().expect("run is called once");
+        let span = job_span(&self.job.name);
+        let capture_span = span.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("capture-{}", self.job.name))
             .spawn(move || {
+                let _span = capture_span.entered();
                 let r = capture.run();
                 let _ = done_tx.send(());
                 r
@@ -362,15 +371,18 @@ impl Agent {
             list_id: 0,
             final_message: self.final_message.clone(),
         };
-        let mut link_task = tokio::spawn(link.run());
+        let mut link_task = tokio::spawn(link.run().instrument(span.clone()));
         let refresher = {
             let limit = self.limit.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                    limit.refresh();
+            tokio::spawn(
+                async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                        limit.refresh();
+                    }
                 }
-            })
+                .instrument(span.clone()),
+            )
         };
         let mut link_result = None;
         tokio::select! {
@@ -397,14 +409,14 @@ impl Agent {
         }
         let clean = matches!(capture_result, Ok(true));
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.clean = clean;
             if let Ok(Err(AgentError::Refused(doppel_proto::Refusal::Fenced { epoch }))) = &link_result {
                 st.fenced = Some(*epoch);
             }
             st.save(&self.state_path)?;
         }
-        self.status.set_state("stopped");
+        self.status.set_state(Phase::Stopped);
         tracing::info!(job = %self.job.name, clean, "stopped");
         match (capture_result, link_result) {
             (Err(e), _) if !is_stopping(&e) => Err(e),
@@ -484,7 +496,7 @@ fn recover_stale_mount(root: &Path) -> Result<(), AgentError> {
 }
 
 /// Makes a running job queue every change made so far.
-pub struct Settler(std::sync::Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>);
+pub struct Settler(Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>);
 
 impl Settler {
     /// Returns once the ops of every change made before the call are queued.
@@ -492,7 +504,6 @@ impl Settler {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .send(crate::capture_loop::Command::Settle { reply: tx })
             .map_err(|_| "the job is stopping".to_string())?;
         rx.await.map_err(|_| "the job is stopping".to_string())?

@@ -15,9 +15,9 @@
 //! regions sticky (see `fuse_sink`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doppel_capture::fuse::FuseCapture;
@@ -26,6 +26,7 @@ use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconcil
 use doppel_proto::{Entry, Op, RelPath};
 use doppel_spool::{Placement, Spool, SpoolError};
 use doppel_target::registry::now_us;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::activity::{ActivityLog, EXTENT, Region};
@@ -33,7 +34,7 @@ use crate::error::AgentError;
 use crate::overflow::Overflow;
 use crate::resume::StartPlan;
 use crate::state::JobState;
-use crate::status::JobStatus;
+use crate::status::{JobStatus, Phase};
 
 /// Events kept while waiting for the link's decision; beyond this a full rescan follows.
 const MAX_BUFFERED_EVENTS: usize = 200_000;
@@ -203,7 +204,7 @@ impl Capture {
     /// Runs until stopped. Returns whether the job ended cleanly (index and spool saved
     /// together, so the next start knows exactly what it has to compare).
     pub fn run(mut self) -> Result<bool, AgentError> {
-        *self.status.reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.rec.stats());
+        *self.status.reconcile.lock() = Some(self.rec.stats());
         let backend = match &self.source {
             Source::Watch(w) => w.backend().to_string(),
             Source::Fuse(m) => {
@@ -217,13 +218,13 @@ impl Capture {
                 if features.is_empty() { "fuse".into() } else { format!("fuse ({})", features.join(", ")) }
             }
         };
-        *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+        *self.status.backend.lock() = backend;
         let mut streaming = !self.watching();
         let mut queue = EventQueue::new();
         let mut buffered: Vec<FsEvent> = Vec::new();
         let mut overflowed = false;
         if self.plan.local_rescan() {
-            self.status.set_state("scanning");
+            self.status.set_state(Phase::Scanning);
             let spool = self.spool.clone();
             let mut sink = SpoolSink::live(&spool);
             sink.stop = Some(&self.stop);
@@ -234,7 +235,7 @@ impl Capture {
                 r => r?,
             }
             streaming = true;
-            self.status.set_state("replicating");
+            self.status.set_state(Phase::Replicating);
         }
         let mut last_checkpoint = Instant::now();
         let mut last_cool = Instant::now();
@@ -416,11 +417,11 @@ impl Capture {
     fn handle(&mut self, cmd: Command) -> Result<bool, AgentError> {
         match cmd {
             Command::MirrorAll { applied, replica_id, epoch, listing, started } => {
-                self.status.set_state("mirroring");
+                self.status.set_state(Phase::Mirroring);
                 // The index is about to describe another replica: forget the old one first,
                 // so a crash mid-mirror leads to a fresh mirror.
                 {
-                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut st = self.state.lock();
                     st.replica_id = None;
                     st.mirroring = Some(replica_id);
                     st.save(&self.state_path)?;
@@ -438,7 +439,7 @@ impl Capture {
                 {
                     Err(MirrorError::Interrupted) => {
                         tracing::warn!("difference mirror interrupted: the replica changed; starting over");
-                        self.state.lock().unwrap_or_else(|p| p.into_inner()).mirroring = None;
+                        self.state.lock().mirroring = None;
                         return Ok(false);
                     }
                     r => r?,
@@ -478,7 +479,7 @@ impl Capture {
                 Ok(false)
             }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
-                self.status.set_state("mirroring");
+                self.status.set_state(Phase::Mirroring);
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 if suspects.whole_tree {
@@ -565,13 +566,13 @@ impl Capture {
     /// The index now describes `replica_id`: checkpoint, and remember it.
     fn complete(&mut self, replica_id: [u8; 16], epoch: u64) -> Result<(), AgentError> {
         self.checkpoint()?;
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         st.replica_id = Some(replica_id);
         st.mirroring = None;
         st.epoch = epoch;
         st.save(&self.state_path)?;
         drop(st);
-        self.status.set_state("replicating");
+        self.status.set_state(Phase::Replicating);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use doppel_link::{ByteCounter, Identity, Limited, LinkError, Metered, NodeId, Ra
 use doppel_target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::ClientConfig;
+use tracing::Instrument;
 
 /// A connection to a target, whatever carries it.
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -98,9 +99,13 @@ impl Connector {
             Connector::Embedded(target) => {
                 let (ours, theirs) = tokio::io::duplex(4 << 20);
                 let target = target.clone();
-                tokio::spawn(async move {
-                    let _ = doppel_target::session::handle_stream(target, theirs, "local".to_string()).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let _ =
+                            doppel_target::session::handle_stream(target, theirs, "local".to_string()).await;
+                    }
+                    .in_current_span(),
+                );
                 Ok(Box::new(Metered::new(ours, received.clone(), sent.clone())))
             }
         }

@@ -47,4 +47,4 @@ pub use config::{CaptureMode, Destination, JobConfig};
 pub use connect::Connector;
 pub use error::AgentError;
 pub use sender::Compression;
-pub use status::{JobStatus, JobStatusSnapshot};
+pub use status::{JobStatus, JobStatusSnapshot, Phase};

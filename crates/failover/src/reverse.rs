@@ -30,7 +30,7 @@ pub struct ReverseJob {
     streams: mpsc::Sender<Box<dyn Stream>>,
     status: StatusSource,
     settler: Settler,
-    final_message: Arc<Mutex<Option<Message>>>,
+    final_message: doppel_agent::agent::FinalMessage,
     shutdown: CancellationToken,
     run: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), AgentError>>>>,
     /// The agent's state directory (`DATA/failback/SOURCE`).
@@ -137,7 +137,7 @@ impl ReverseJob {
 
     /// Ends the stream with `last` (the handover) and stops the job.
     pub async fn hand_over(&self, last: Message) -> Result<(), String> {
-        *self.final_message.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
+        *self.final_message.lock() = Some(last);
         self.stop().await
     }
 
