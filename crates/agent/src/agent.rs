@@ -22,7 +22,7 @@ use crate::bandwidth::Schedule;
 use crate::capture_loop::{Capture, Source};
 use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
-use crate::error::{AgentError, io_at};
+use crate::error::{AgentError, RequestError, io_at};
 use crate::fuse_sink::{FuseSink, MountGuard};
 use crate::link_loop::{Link, VerifyRequest};
 use crate::overflow::Overflow;
@@ -249,7 +249,7 @@ impl Agent {
                 }
                 let mut limiters = vec![job_limiter.clone()];
                 limiters.extend(job.target_limiter.clone());
-                (Connector::remote(addr, &me, *target_id, limiters).map_err(AgentError::Config)?, None)
+                (Connector::remote(addr, &me, *target_id, limiters)?, None)
             }
         };
         tracing::info!(
@@ -469,13 +469,10 @@ pub struct Verifier(tokio::sync::mpsc::Sender<VerifyRequest>);
 impl Verifier {
     /// Compares the replica with the source (after the replica caught up with everything
     /// captured so far) and, with `repair`, queues the fixes.
-    pub async fn verify(&self, repair: bool) -> Result<doppel_mirror::VerifyReport, String> {
+    pub async fn verify(&self, repair: bool) -> Result<doppel_mirror::VerifyReport, RequestError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0
-            .send(VerifyRequest { repair, reply: tx })
-            .await
-            .map_err(|_| "the job is stopping".to_string())?;
-        rx.await.map_err(|_| "the job is stopping".to_string())?
+        self.0.send(VerifyRequest { repair, reply: tx }).await.map_err(|_| RequestError::Stopping)?;
+        rx.await.map_err(|_| RequestError::Stopping)?
     }
 }
 
@@ -500,12 +497,12 @@ pub struct Settler(Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>)
 
 impl Settler {
     /// Returns once the ops of every change made before the call are queued.
-    pub async fn settle(&self) -> Result<(), String> {
+    pub async fn settle(&self) -> Result<(), RequestError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0
             .lock()
             .send(crate::capture_loop::Command::Settle { reply: tx })
-            .map_err(|_| "the job is stopping".to_string())?;
-        rx.await.map_err(|_| "the job is stopping".to_string())?
+            .map_err(|_| RequestError::Stopping)?;
+        rx.await.map_err(|_| RequestError::Stopping)?
     }
 }

@@ -30,7 +30,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::activity::{ActivityLog, EXTENT, Region};
-use crate::error::AgentError;
+use crate::error::{AgentError, RequestError};
 use crate::overflow::Overflow;
 use crate::resume::StartPlan;
 use crate::state::JobState;
@@ -99,7 +99,7 @@ pub enum Command {
     /// the index finds), queue its ops, and answer: the last step before a handover.
     Settle {
         /// Answered once the ops are queued.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), RequestError>>,
     },
     /// Compare the whole tree with `listing` and report; with `repair`, also bring the names
     /// that differ in line.
@@ -109,7 +109,7 @@ pub enum Command {
         /// Queue repairs.
         repair: bool,
         /// The report, or why there is none.
-        reply: oneshot::Sender<Result<VerifyReport, String>>,
+        reply: oneshot::Sender<Result<VerifyReport, RequestError>>,
     },
 }
 
@@ -245,7 +245,7 @@ impl Capture {
             self.status.dirty_regions.store(self.dirty.len() as u64, Ordering::Relaxed);
             match self.commands.recv_timeout(Duration::ZERO) {
                 Ok(Command::Settle { reply }) => {
-                    let r = self.settle(&mut queue).map_err(|e| e.to_string());
+                    let r = self.settle(&mut queue).map_err(RequestError::Failed);
                     let _ = reply.send(r);
                 }
                 Ok(cmd) => {
@@ -502,12 +502,12 @@ impl Capture {
                 Ok(true)
             }
             Command::Settle { reply } => {
-                let _ = reply.send(Err("not streaming yet".into()));
+                let _ = reply.send(Err(RequestError::NotStreaming));
                 Ok(false)
             }
             Command::Verify { listing, repair, reply } => {
                 let result = self.verify(listing, repair);
-                let _ = reply.send(result.map_err(|e| e.to_string()));
+                let _ = reply.send(result.map_err(RequestError::Failed));
                 Ok(false)
             }
         }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use doppel_link::tls::{client_config, server_name};
+use doppel_link::tls::{TlsSetupError, client_config, server_name};
 use doppel_link::{ByteCounter, Identity, Limited, LinkError, Metered, NodeId, RateLimiter};
 use doppel_target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -61,8 +61,8 @@ impl Connector {
         me: &Identity,
         target_id: NodeId,
         limiters: Vec<Arc<RateLimiter>>,
-    ) -> Result<Connector, String> {
-        let tls = client_config(me, target_id).map_err(|e| e.to_string())?;
+    ) -> Result<Connector, TlsSetupError> {
+        let tls = client_config(me, target_id)?;
         Ok(Connector::Remote { addr: addr.to_string(), tls, limiters })
     }
 

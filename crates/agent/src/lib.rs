@@ -45,6 +45,6 @@ pub use agent::{Agent, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};
 pub use config::{CaptureMode, Destination, JobConfig};
 pub use connect::Connector;
-pub use error::AgentError;
+pub use error::{AgentError, RequestError};
 pub use sender::Compression;
 pub use status::{JobStatus, JobStatusSnapshot, Phase};

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::capture_loop::Command;
 use crate::connect::{Conn, Connector};
-use crate::error::AgentError;
+use crate::error::{AgentError, RequestError};
 use crate::resume::{Known, LinkPlanner, Then, WelcomePlan, resync_due};
 use crate::sender::{Compression, Compressor, Resends, Window, send};
 use crate::state::JobState;
@@ -72,7 +72,7 @@ pub struct VerifyRequest {
     /// Queue repairs for the differences.
     pub repair: bool,
     /// The answer.
-    pub reply: oneshot::Sender<Result<VerifyReport, String>>,
+    pub reply: oneshot::Sender<Result<VerifyReport, RequestError>>,
 }
 
 /// How a session ended.
@@ -125,7 +125,7 @@ impl Link {
                             _ = self.shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep_until(jittered) => break,
                             Some(req) = self.verify.recv() => {
-                                let _ = req.reply.send(Err("not connected to the target; try again when status shows it connected".into()));
+                                let _ = req.reply.send(Err(RequestError::NotConnected));
                             }
                         }
                     }
@@ -385,26 +385,26 @@ impl Link {
         repair: bool,
         out: &mpsc::Sender<Message>,
         lists: &mut mpsc::Receiver<Message>,
-    ) -> Result<VerifyReport, String> {
+    ) -> Result<VerifyReport, RequestError> {
         let target = self.spool.stats().last_seq;
         let deadline = Instant::now() + Duration::from_secs(600);
         while self.spool.stats().acked < target {
             if Instant::now() > deadline {
-                return Err("the replica did not catch up within 10 minutes".into());
+                return Err(RequestError::CatchUpTimeout);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.list_id += 1;
         let listing = request_list(out, lists, self.list_id, ListScope::All).await.map_err(|e| match e {
-            End::Retry(e) => e.to_string(),
-            End::Fatal(r) => r.to_string(),
-            End::Stopped => "stopping".into(),
+            End::Retry(e) => RequestError::Link(e),
+            End::Fatal(r) => RequestError::Refused(r),
+            End::Stopped => RequestError::SessionStopped,
         })?;
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Verify { listing, repair, reply: tx })
-            .map_err(|_| "the capture thread stopped".to_string())?;
-        rx.await.map_err(|_| "the capture thread stopped".to_string())?
+            .map_err(|_| RequestError::CaptureStopped)?;
+        rx.await.map_err(|_| RequestError::CaptureStopped)?
     }
 
     fn command(&self, c: Command) -> Result<(), End> {

@@ -18,6 +18,11 @@ const BATCH_BYTES: usize = 1 << 20;
 const MIN_WINDOW: u64 = 8 << 20;
 const MAX_WINDOW: u64 = 256 << 20;
 
+/// A compression setting that is none of the known words or levels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad compression {0:?}: use off, fast, balanced, max, auto or a level 1-19")]
+pub struct BadCompression(pub String);
+
 /// How batches are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -31,7 +36,7 @@ pub enum Compression {
 
 impl Compression {
     /// Parses `off`, `fast`, `balanced`, `max`, `auto`, or a zstd level 1-19.
-    pub fn parse(s: &str) -> Result<Compression, String> {
+    pub fn parse(s: &str) -> Result<Compression, BadCompression> {
         Ok(match s.trim() {
             "off" | "none" | "0" => Compression::Off,
             "fast" => Compression::Level(1),
@@ -40,11 +45,7 @@ impl Compression {
             "auto" => Compression::Auto,
             n => match n.parse::<i32>() {
                 Ok(l @ 1..=19) => Compression::Level(l),
-                _ => {
-                    return Err(format!(
-                        "bad compression {s:?}: use off, fast, balanced, max, auto or a level 1-19"
-                    ));
-                }
+                _ => return Err(BadCompression(s.to_string())),
             },
         })
     }

@@ -117,7 +117,7 @@ impl ReverseJob {
     /// The final sync of a cutover: takes in every change made so far and waits until the
     /// source has applied it. The workload must be stopped first.
     pub async fn drain(&self, within: Duration) -> Result<(), String> {
-        self.settler.settle().await?;
+        self.settler.settle().await.map_err(|e| e.to_string())?;
         let captured = self.snapshot().last_captured_seq;
         let deadline = Instant::now() + within;
         loop {

@@ -136,7 +136,7 @@ fn handler(agent: &Agent) -> control::Handler {
                 }
                 Some("verify") => match verifier.verify(req["repair"].as_bool().unwrap_or(false)).await {
                     Ok(report) => serde_json::to_value(report).unwrap_or_default(),
-                    Err(e) => json!({ "error": e }),
+                    Err(e) => json!({ "error": e.to_string() }),
                 },
                 _ => json!({ "jobs": [src.snapshot()] }),
             }
