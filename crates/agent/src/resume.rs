@@ -379,7 +379,8 @@ mod tests {
     #[test]
     fn welcome_plan_for_every_combination() {
         // (index describes, mirroring, needs_resync) -> None: resume, Some(interrupt): mirror.
-        let table: [(Option<[u8; 16]>, Option<[u8; 16]>, bool, Option<bool>); 18] = [
+        type Id = Option<[u8; 16]>;
+        let table: [(Id, Id, bool, Option<bool>); 18] = [
             (None, None, false, Some(false)),
             (None, None, true, Some(false)),
             (None, Some(A), false, None),
