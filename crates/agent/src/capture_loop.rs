@@ -525,7 +525,8 @@ impl Capture {
         Ok(s)
     }
 
-    /// `regions` have been compared with the replica.
+    /// `regions` have been compared with the replica: nothing the start plan asked for is
+    /// left (a whole-tree comparison covers it too).
     fn compared(&mut self, regions: &[Region]) {
         self.plan = StartPlan::Resume;
         self.dirty.compared(regions);
