@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doppel_capture::fuse::Dirty;
 use doppel_proto::RelPath;
 use doppel_proto::frame::{HEADER_LEN, check_payload, header_for, parse_header};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 /// Size of one extent.
@@ -171,7 +172,7 @@ impl ActivityLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Marks `regions` as about to change; returns once any that were not hot are on disk.
@@ -255,7 +256,7 @@ impl ActivityLog {
                 return Ok(());
             }
             if g.syncing {
-                g = self.synced.wait(g).unwrap_or_else(|p| p.into_inner());
+                self.synced.wait(&mut g);
                 continue;
             }
             let batch = g.open;
@@ -349,7 +350,7 @@ impl ActivityLog {
     fn compact(&self) -> io::Result<()> {
         let mut g = self.lock();
         while g.syncing {
-            g = self.synced.wait(g).unwrap_or_else(|p| p.into_inner());
+            self.synced.wait(&mut g);
         }
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp)?;

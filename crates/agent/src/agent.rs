@@ -3,8 +3,8 @@
 use std::fs;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use doppel_capture::fuse::{FuseCapture, FuseOptions};
 use doppel_capture::open_watch;
@@ -13,19 +13,25 @@ use doppel_link::{Identity, RateLimiter};
 use doppel_mirror::{Index, Reconciler};
 use doppel_spool::Spool;
 use doppel_target::{Layout, Target, TargetConfig, valid_name};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::activity::ActivityLog;
 use crate::bandwidth::Schedule;
-use crate::capture_loop::{Capture, Recovery, Source};
+use crate::capture_loop::{Capture, Source};
 use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
-use crate::error::{AgentError, io_at};
+use crate::error::{AgentError, RequestError, io_at};
 use crate::fuse_sink::{FuseSink, MountGuard};
 use crate::link_loop::{Link, VerifyRequest};
 use crate::overflow::Overflow;
+use crate::resume::{Left, LinkPlanner, Mode, StartPlan};
 use crate::state::JobState;
-use crate::status::{JobStatus, JobStatusSnapshot};
+use crate::status::{JobStatus, JobStatusSnapshot, Phase};
+
+/// Where the message sent last when the job stops goes (a failback's handover).
+pub type FinalMessage = Arc<Mutex<Option<doppel_proto::Message>>>;
 
 /// A prepared job, ready to run.
 pub struct Agent {
@@ -39,12 +45,12 @@ pub struct Agent {
     connector: Option<Connector>,
     embedded: Option<Arc<Target>>,
     stop: Arc<AtomicBool>,
-    crash_recovery: bool,
+    planner: LinkPlanner,
     verify_tx: tokio::sync::mpsc::Sender<VerifyRequest>,
     verify_rx: Option<tokio::sync::mpsc::Receiver<VerifyRequest>>,
     limit: Limit,
     overflow: Arc<Overflow>,
-    final_message: Arc<std::sync::Mutex<Option<doppel_proto::Message>>>,
+    final_message: FinalMessage,
     _lock: OwnedFd,
 }
 
@@ -61,12 +67,7 @@ pub struct Limit {
 impl Limit {
     /// Applies the override (from job state) or the schedule's rate for now.
     pub fn refresh(&self) {
-        let rate = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .rate_override
-            .unwrap_or_else(|| self.schedule.rate_now());
+        let rate = self.state.lock().rate_override.unwrap_or_else(|| self.schedule.rate_now());
         if rate != self.limiter.rate() {
             tracing::info!(rate = %doppel_link::ratelimit::format_rate(rate), "bandwidth limit");
         }
@@ -78,13 +79,18 @@ impl Limit {
     /// (`None`). Kept across restarts.
     pub fn set(&self, rate: Option<u64>) -> Result<(), AgentError> {
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.rate_override = rate;
             st.save(&self.state_path)?;
         }
         self.refresh();
         Ok(())
     }
+}
+
+/// The span every line about job `name` is logged in (a process may run several jobs).
+fn job_span(name: &str) -> tracing::Span {
+    tracing::info_span!("job", job = %name)
 }
 
 /// `HOME/jobs/JOB`.
@@ -109,6 +115,7 @@ impl Agent {
         home: &Path,
         connector: Option<Connector>,
     ) -> Result<Agent, AgentError> {
+        let _span = job_span(&job.name).entered();
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
         if job.capture == CaptureMode::Fuse {
             recover_stale_mount(&job.root)?;
@@ -156,15 +163,15 @@ impl Agent {
         if loaded.is_none() {
             state.replica_id = None;
         }
-        let was_clean = state.clean;
         let (index, saved) = loaded.map(|(i, s)| (i, Some(s))).unwrap_or((Index::new(), None));
+        let previous = state.clone();
         state.clean = false;
         state.save(&state_path)?;
 
         let selection =
             Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
         let status = Arc::new(JobStatus::default());
-        status.set_state("starting");
+        status.set_state(Phase::Starting);
         status.sync.store(job.sync, Ordering::Relaxed);
         let spool = Arc::new(spool);
         let state = Arc::new(Mutex::new(state));
@@ -177,29 +184,19 @@ impl Agent {
             dir.join(if job.capture == CaptureMode::Fuse { "activity.log" } else { "dirty.log" });
         let (dirty, left) = ActivityLog::open(&dirty_path).map_err(io_at(&dirty_path))?;
         let dirty = Arc::new(dirty);
-        let known = saved.is_some();
-        let (source, rec, recovery, local_rescan) = match job.capture {
+        let plan = StartPlan::decide(Left::found(
+            Mode::from(&job.capture),
+            &previous,
+            saved.map(|s| s.saved_at_us),
+            left,
+        ));
+        let (source, rec) = match job.capture {
             CaptureMode::Watch(backend) => {
                 let watch = open_watch(&job.root, backend)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
-                let recovery = Recovery {
-                    saved_at_us: saved.filter(|_| !was_clean).map(|s| s.saved_at_us),
-                    regions: if known { left } else { Vec::new() },
-                };
-                (
-                    Source::Watch(watch),
-                    Reconciler::new(&job.root, selection, index),
-                    recovery,
-                    was_clean && known,
-                )
+                (Source::Watch(watch), Reconciler::new(&job.root, selection, index))
             }
             CaptureMode::Fuse => {
-                // A clean stop left a stat index: names changed while nothing captured them show
-                // as stat differences. An unclean one left hot regions in the activity log.
-                let recovery = Recovery {
-                    saved_at_us: saved.filter(|_| was_clean).map(|s| s.saved_at_us),
-                    regions: if known { left } else { Vec::new() },
-                };
                 let sink = Arc::new(FuseSink {
                     spool: spool.clone(),
                     activity: dirty.clone(),
@@ -213,10 +210,10 @@ impl Agent {
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 let rec = Reconciler::new(&mount.underlying(), selection, index)
                     .with_guard(Arc::new(MountGuard(mount.locks())));
-                (Source::Fuse(Some(mount)), rec, recovery, false)
+                (Source::Fuse(Some(mount)), rec)
             }
         };
-        let crash_recovery = recovery.pending();
+        let planner = LinkPlanner::new(&plan);
         let capture = Capture {
             rec,
             spool: spool.clone(),
@@ -229,8 +226,7 @@ impl Agent {
             status: status.clone(),
             stop: stop.clone(),
             commands: commands_rx,
-            recovery,
-            local_rescan,
+            plan: plan.clone(),
             debounce: job.debounce,
             checkpoint_interval: job.checkpoint_interval,
         };
@@ -253,7 +249,7 @@ impl Agent {
                 }
                 let mut limiters = vec![job_limiter.clone()];
                 limiters.extend(job.target_limiter.clone());
-                (Connector::remote(addr, &me, *target_id, limiters).map_err(AgentError::Config)?, None)
+                (Connector::remote(addr, &me, *target_id, limiters)?, None)
             }
         };
         tracing::info!(
@@ -262,15 +258,7 @@ impl Agent {
             dest = %job.dest,
             capture = ?job.capture,
             sync = job.sync,
-            resume = if local_rescan {
-                "clean restart"
-            } else if crash_recovery && !was_clean {
-                "after an unclean stop"
-            } else if crash_recovery {
-                "clean restart, comparing what changed while stopped"
-            } else {
-                "first contact"
-            },
+            resume = plan.describe(),
             "protecting"
         );
         let (verify_tx, verify_rx) = tokio::sync::mpsc::channel(4);
@@ -298,7 +286,7 @@ impl Agent {
             connector: Some(connector),
             embedded,
             stop,
-            crash_recovery,
+            planner,
             _lock: lock,
         })
     }
@@ -319,13 +307,13 @@ impl Agent {
     }
 
     /// Where to put the message sent last when the job stops (a failback's handover).
-    pub fn final_message(&self) -> Arc<std::sync::Mutex<Option<doppel_proto::Message>>> {
+    pub fn final_message(&self) -> FinalMessage {
         self.final_message.clone()
     }
 
     /// A handle to make the job take in every change made so far.
     pub fn settler(&self) -> Settler {
-        Settler(std::sync::Mutex::new(self.commands_tx.clone()))
+        Settler(Mutex::new(self.commands_tx.clone()))
     }
 
     /// The job's bandwidth limit, to change it at run time.
@@ -352,10 +340,13 @@ impl Agent {
     /// Runs until `shutdown` is cancelled (Ok) or the job cannot go on (Err).
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let capture = self.capture.take().expect("run is called once");
+        let span = job_span(&self.job.name);
+        let capture_span = span.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("capture-{}", self.job.name))
             .spawn(move || {
+                let _span = capture_span.entered();
                 let r = capture.run();
                 let _ = done_tx.send(());
                 r
@@ -374,21 +365,24 @@ impl Agent {
             window: self.job.window,
             heartbeat: self.job.heartbeat,
             shutdown: link_stop.clone(),
-            recovery: self.crash_recovery,
+            planner: self.planner,
             verify: self.verify_rx.take().expect("run is called once"),
             overflow: self.overflow.clone(),
             list_id: 0,
             final_message: self.final_message.clone(),
         };
-        let mut link_task = tokio::spawn(link.run());
+        let mut link_task = tokio::spawn(link.run().instrument(span.clone()));
         let refresher = {
             let limit = self.limit.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                    limit.refresh();
+            tokio::spawn(
+                async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                        limit.refresh();
+                    }
                 }
-            })
+                .instrument(span.clone()),
+            )
         };
         let mut link_result = None;
         tokio::select! {
@@ -415,14 +409,14 @@ impl Agent {
         }
         let clean = matches!(capture_result, Ok(true));
         {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.clean = clean;
             if let Ok(Err(AgentError::Refused(doppel_proto::Refusal::Fenced { epoch }))) = &link_result {
                 st.fenced = Some(*epoch);
             }
             st.save(&self.state_path)?;
         }
-        self.status.set_state("stopped");
+        self.status.set_state(Phase::Stopped);
         tracing::info!(job = %self.job.name, clean, "stopped");
         match (capture_result, link_result) {
             (Err(e), _) if !is_stopping(&e) => Err(e),
@@ -475,13 +469,10 @@ pub struct Verifier(tokio::sync::mpsc::Sender<VerifyRequest>);
 impl Verifier {
     /// Compares the replica with the source (after the replica caught up with everything
     /// captured so far) and, with `repair`, queues the fixes.
-    pub async fn verify(&self, repair: bool) -> Result<doppel_mirror::VerifyReport, String> {
+    pub async fn verify(&self, repair: bool) -> Result<doppel_mirror::VerifyReport, RequestError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.0
-            .send(VerifyRequest { repair, reply: tx })
-            .await
-            .map_err(|_| "the job is stopping".to_string())?;
-        rx.await.map_err(|_| "the job is stopping".to_string())?
+        self.0.send(VerifyRequest { repair, reply: tx }).await.map_err(|_| RequestError::Stopping)?;
+        rx.await.map_err(|_| RequestError::Stopping)?
     }
 }
 
@@ -502,17 +493,16 @@ fn recover_stale_mount(root: &Path) -> Result<(), AgentError> {
 }
 
 /// Makes a running job queue every change made so far.
-pub struct Settler(std::sync::Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>);
+pub struct Settler(Mutex<std::sync::mpsc::Sender<crate::capture_loop::Command>>);
 
 impl Settler {
     /// Returns once the ops of every change made before the call are queued.
-    pub async fn settle(&self) -> Result<(), String> {
+    pub async fn settle(&self) -> Result<(), RequestError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .send(crate::capture_loop::Command::Settle { reply: tx })
-            .map_err(|_| "the job is stopping".to_string())?;
-        rx.await.map_err(|_| "the job is stopping".to_string())?
+            .map_err(|_| RequestError::Stopping)?;
+        rx.await.map_err(|_| RequestError::Stopping)?
     }
 }

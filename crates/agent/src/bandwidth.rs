@@ -29,15 +29,32 @@ pub struct Schedule {
     pub rules: Vec<Rule>,
 }
 
+/// A schedule rule that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// Not a day name.
+    #[error("unknown day {0:?} (use mon..sun)")]
+    UnknownDay(String),
+    /// Not `HH:MM`.
+    #[error("bad time {0:?}: expected HH:MM")]
+    TimeFormat(String),
+    /// `HH:MM` out of range.
+    #[error("bad time {0:?}")]
+    BadTime(String),
+    /// The rate cannot be read.
+    #[error("{0}")]
+    Rate(String),
+}
+
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-fn day(s: &str) -> Result<usize, String> {
+fn day(s: &str) -> Result<usize, ScheduleError> {
     let s = s.trim().to_ascii_lowercase();
-    DAYS.iter().position(|d| s.starts_with(d)).ok_or_else(|| format!("unknown day {s:?} (use mon..sun)"))
+    DAYS.iter().position(|d| s.starts_with(d)).ok_or(ScheduleError::UnknownDay(s))
 }
 
 /// Parses `mon-fri`, `sat,sun`, `daily`, `weekdays`, `weekends`, or combinations with commas.
-pub fn parse_days(s: &str) -> Result<[bool; 7], String> {
+pub fn parse_days(s: &str) -> Result<[bool; 7], ScheduleError> {
     let mut out = [false; 7];
     for part in s.split(',') {
         let part = part.trim().to_ascii_lowercase();
@@ -64,26 +81,24 @@ pub fn parse_days(s: &str) -> Result<[bool; 7], String> {
 }
 
 /// Parses `HH:MM` into minutes after midnight (`24:00` allowed as an end).
-pub fn parse_time(s: &str) -> Result<u32, String> {
-    let (h, m) = s.trim().split_once(':').ok_or_else(|| format!("bad time {s:?}: expected HH:MM"))?;
-    let (h, m): (u32, u32) = (
-        h.parse().map_err(|_| format!("bad time {s:?}"))?,
-        m.parse().map_err(|_| format!("bad time {s:?}"))?,
-    );
+pub fn parse_time(s: &str) -> Result<u32, ScheduleError> {
+    let bad = || ScheduleError::BadTime(s.to_string());
+    let (h, m) = s.trim().split_once(':').ok_or_else(|| ScheduleError::TimeFormat(s.to_string()))?;
+    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
     if m >= 60 || h > 24 || (h == 24 && m > 0) {
-        return Err(format!("bad time {s:?}"));
+        return Err(bad());
     }
     Ok(h * 60 + m)
 }
 
 impl Rule {
     /// Builds a rule from its text fields.
-    pub fn parse(days: &str, from: &str, to: &str, rate: &str) -> Result<Rule, String> {
+    pub fn parse(days: &str, from: &str, to: &str, rate: &str) -> Result<Rule, ScheduleError> {
         Ok(Rule {
             days: parse_days(days)?,
             from: parse_time(from)?,
             to: parse_time(to)?,
-            rate: parse_rate(rate)?,
+            rate: parse_rate(rate).map_err(ScheduleError::Rate)?,
         })
     }
 
@@ -155,5 +170,23 @@ mod tests {
         assert_eq!(parse_days("weekends,wed").unwrap(), [false, false, true, false, false, true, true]);
         assert!(parse_days("someday").is_err());
         assert!(parse_time("25:00").is_err());
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    /// The messages `doppel protect` prints for a bad rule.
+    #[test]
+    fn bad_rules_say_what_is_wrong() {
+        assert_eq!(parse_days("mon-fry").unwrap_err().to_string(), r#"unknown day "fry" (use mon..sun)"#);
+        assert_eq!(parse_time("8h").unwrap_err().to_string(), r#"bad time "8h": expected HH:MM"#);
+        assert_eq!(parse_time("24:30").unwrap_err(), ScheduleError::BadTime("24:30".into()));
+        assert!(matches!(Rule::parse("daily", "08:00", "18:00", "fast"), Err(ScheduleError::Rate(_))));
+        assert_eq!(
+            crate::sender::Compression::parse("zip").unwrap_err().to_string(),
+            r#"bad compression "zip": use off, fast, balanced, max, auto or a level 1-19"#
+        );
     }
 }

@@ -15,9 +15,9 @@
 //! regions sticky (see `fuse_sink`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doppel_capture::fuse::FuseCapture;
@@ -26,13 +26,15 @@ use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconcil
 use doppel_proto::{Entry, Op, RelPath};
 use doppel_spool::{Placement, Spool, SpoolError};
 use doppel_target::registry::now_us;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::activity::{ActivityLog, EXTENT, Region};
-use crate::error::AgentError;
+use crate::error::{AgentError, RequestError};
 use crate::overflow::Overflow;
+use crate::resume::StartPlan;
 use crate::state::JobState;
-use crate::status::JobStatus;
+use crate::status::{JobStatus, Phase};
 
 /// Events kept while waiting for the link's decision; beyond this a full rescan follows.
 const MAX_BUFFERED_EVENTS: usize = 200_000;
@@ -97,7 +99,7 @@ pub enum Command {
     /// the index finds), queue its ops, and answer: the last step before a handover.
     Settle {
         /// Answered once the ops are queued.
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), RequestError>>,
     },
     /// Compare the whole tree with `listing` and report; with `repair`, also bring the names
     /// that differ in line.
@@ -107,26 +109,8 @@ pub enum Command {
         /// Queue repairs.
         repair: bool,
         /// The report, or why there is none.
-        reply: oneshot::Sender<Result<VerifyReport, String>>,
+        reply: oneshot::Sender<Result<VerifyReport, RequestError>>,
     },
-}
-
-/// What the previous run left to compare with the replica.
-#[derive(Debug, Clone, Default)]
-pub struct Recovery {
-    /// Names whose stat differs from the index saved at this time (µs since the epoch):
-    /// after an unclean `watch` stop, or a clean `fuse` stop (changes made while nothing
-    /// captured them).
-    pub saved_at_us: Option<u64>,
-    /// The dirty set's regions (activity log, or names recorded during an overflow).
-    pub regions: Vec<Region>,
-}
-
-impl Recovery {
-    /// Whether there is something to compare.
-    pub fn pending(&self) -> bool {
-        self.saved_at_us.is_some() || !self.regions.is_empty()
-    }
 }
 
 /// How changes are captured.
@@ -162,11 +146,10 @@ pub struct Capture {
     pub stop: Arc<AtomicBool>,
     /// Commands from the link.
     pub commands: Receiver<Command>,
-    /// What the previous run left to compare.
-    pub recovery: Recovery,
-    /// The previous `watch` run ended cleanly and the index describes the replica: compare
-    /// the tree with it locally.
-    pub local_rescan: bool,
+    /// What the start plan still asks of this thread: a local rescan first, and what the
+    /// previous run left to compare with the replica (until compared, or covered by a
+    /// whole-tree comparison).
+    pub plan: StartPlan,
     /// Settle time for events.
     pub debounce: Duration,
     /// How often to checkpoint the index.
@@ -221,7 +204,7 @@ impl Capture {
     /// Runs until stopped. Returns whether the job ended cleanly (index and spool saved
     /// together, so the next start knows exactly what it has to compare).
     pub fn run(mut self) -> Result<bool, AgentError> {
-        *self.status.reconcile.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.rec.stats());
+        *self.status.reconcile.lock() = Some(self.rec.stats());
         let backend = match &self.source {
             Source::Watch(w) => w.backend().to_string(),
             Source::Fuse(m) => {
@@ -235,13 +218,13 @@ impl Capture {
                 if features.is_empty() { "fuse".into() } else { format!("fuse ({})", features.join(", ")) }
             }
         };
-        *self.status.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+        *self.status.backend.lock() = backend;
         let mut streaming = !self.watching();
         let mut queue = EventQueue::new();
         let mut buffered: Vec<FsEvent> = Vec::new();
         let mut overflowed = false;
-        if self.local_rescan {
-            self.status.set_state("scanning");
+        if self.plan.local_rescan() {
+            self.status.set_state(Phase::Scanning);
             let spool = self.spool.clone();
             let mut sink = SpoolSink::live(&spool);
             sink.stop = Some(&self.stop);
@@ -252,7 +235,7 @@ impl Capture {
                 r => r?,
             }
             streaming = true;
-            self.status.set_state("replicating");
+            self.status.set_state(Phase::Replicating);
         }
         let mut last_checkpoint = Instant::now();
         let mut last_cool = Instant::now();
@@ -262,7 +245,7 @@ impl Capture {
             self.status.dirty_regions.store(self.dirty.len() as u64, Ordering::Relaxed);
             match self.commands.recv_timeout(Duration::ZERO) {
                 Ok(Command::Settle { reply }) => {
-                    let r = self.settle(&mut queue).map_err(|e| e.to_string());
+                    let r = self.settle(&mut queue).map_err(RequestError::Failed);
                     let _ = reply.send(r);
                 }
                 Ok(cmd) => {
@@ -379,7 +362,7 @@ impl Capture {
     /// Stopping: take in what is left and save what the next start needs. Returns whether the
     /// stop is clean.
     fn finish(mut self, streaming: bool, mut queue: EventQueue) -> Result<bool, AgentError> {
-        if !streaming || self.recovery.pending() || self.overflow.active() {
+        if !streaming || self.plan.to_compare().pending() || self.overflow.active() {
             return Ok(false);
         }
         match &mut self.source {
@@ -434,11 +417,11 @@ impl Capture {
     fn handle(&mut self, cmd: Command) -> Result<bool, AgentError> {
         match cmd {
             Command::MirrorAll { applied, replica_id, epoch, listing, started } => {
-                self.status.set_state("mirroring");
+                self.status.set_state(Phase::Mirroring);
                 // The index is about to describe another replica: forget the old one first,
                 // so a crash mid-mirror leads to a fresh mirror.
                 {
-                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut st = self.state.lock();
                     st.replica_id = None;
                     st.mirroring = Some(replica_id);
                     st.save(&self.state_path)?;
@@ -456,7 +439,7 @@ impl Capture {
                 {
                     Err(MirrorError::Interrupted) => {
                         tracing::warn!("difference mirror interrupted: the replica changed; starting over");
-                        self.state.lock().unwrap_or_else(|p| p.into_inner()).mirroring = None;
+                        self.state.lock().mirroring = None;
                         return Ok(false);
                     }
                     r => r?,
@@ -496,7 +479,7 @@ impl Capture {
                 Ok(false)
             }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
-                self.status.set_state("mirroring");
+                self.status.set_state(Phase::Mirroring);
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 if suspects.whole_tree {
@@ -519,12 +502,12 @@ impl Capture {
                 Ok(true)
             }
             Command::Settle { reply } => {
-                let _ = reply.send(Err("not streaming yet".into()));
+                let _ = reply.send(Err(RequestError::NotStreaming));
                 Ok(false)
             }
             Command::Verify { listing, repair, reply } => {
                 let result = self.verify(listing, repair);
-                let _ = reply.send(result.map_err(|e| e.to_string()));
+                let _ = reply.send(result.map_err(RequestError::Failed));
                 Ok(false)
             }
         }
@@ -532,8 +515,9 @@ impl Capture {
 
     /// What the previous run left to compare.
     fn suspects(&self) -> Result<Suspects, AgentError> {
-        let mut s = suspects_of(self.recovery.regions.clone());
-        if let Some(t) = self.recovery.saved_at_us {
+        let left = self.plan.to_compare();
+        let mut s = suspects_of(left.regions);
+        if let Some(t) = left.saved_at_us {
             s.names.extend(self.rec.suspects(t)?);
             s.names.sort();
             s.names.dedup();
@@ -541,9 +525,10 @@ impl Capture {
         Ok(s)
     }
 
-    /// `regions` have been compared with the replica.
+    /// `regions` have been compared with the replica: nothing the start plan asked for is
+    /// left (a whole-tree comparison covers it too).
     fn compared(&mut self, regions: &[Region]) {
-        self.recovery = Recovery::default();
+        self.plan = StartPlan::Resume;
         self.dirty.compared(regions);
     }
 
@@ -582,13 +567,13 @@ impl Capture {
     /// The index now describes `replica_id`: checkpoint, and remember it.
     fn complete(&mut self, replica_id: [u8; 16], epoch: u64) -> Result<(), AgentError> {
         self.checkpoint()?;
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         st.replica_id = Some(replica_id);
         st.mirroring = None;
         st.epoch = epoch;
         st.save(&self.state_path)?;
         drop(st);
-        self.status.set_state("replicating");
+        self.status.set_state(Phase::Replicating);
         Ok(())
     }
 }

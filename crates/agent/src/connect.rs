@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use doppel_link::tls::{client_config, server_name};
+use doppel_link::tls::{TlsSetupError, client_config, server_name};
 use doppel_link::{ByteCounter, Identity, Limited, LinkError, Metered, NodeId, RateLimiter};
 use doppel_target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::ClientConfig;
+use tracing::Instrument;
 
 /// A connection to a target, whatever carries it.
 pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -60,8 +61,8 @@ impl Connector {
         me: &Identity,
         target_id: NodeId,
         limiters: Vec<Arc<RateLimiter>>,
-    ) -> Result<Connector, String> {
-        let tls = client_config(me, target_id).map_err(|e| e.to_string())?;
+    ) -> Result<Connector, TlsSetupError> {
+        let tls = client_config(me, target_id)?;
         Ok(Connector::Remote { addr: addr.to_string(), tls, limiters })
     }
 
@@ -98,9 +99,13 @@ impl Connector {
             Connector::Embedded(target) => {
                 let (ours, theirs) = tokio::io::duplex(4 << 20);
                 let target = target.clone();
-                tokio::spawn(async move {
-                    let _ = doppel_target::session::handle_stream(target, theirs, "local".to_string()).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let _ =
+                            doppel_target::session::handle_stream(target, theirs, "local".to_string()).await;
+                    }
+                    .in_current_span(),
+                );
                 Ok(Box::new(Metered::new(ours, received.clone(), sent.clone())))
             }
         }

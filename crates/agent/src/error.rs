@@ -38,6 +38,41 @@ pub enum AgentError {
     /// The target refused this source for a reason retrying cannot fix.
     #[error("target refused: {0}")]
     Refused(doppel_proto::Refusal),
+    /// The TLS client configuration for a remote target could not be built.
+    #[error(transparent)]
+    Tls(#[from] doppel_link::tls::TlsSetupError),
+}
+
+/// Why a request to a running job (settle, verify) got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The job is stopping (or stopped).
+    #[error("the job is stopping")]
+    Stopping,
+    /// A `watch` job has not started streaming yet (it waits for the link's decision).
+    #[error("not streaming yet")]
+    NotStreaming,
+    /// The link is down.
+    #[error("not connected to the target; try again when status shows it connected")]
+    NotConnected,
+    /// The replica did not acknowledge everything captured before the request in time.
+    #[error("the replica did not catch up within 10 minutes")]
+    CatchUpTimeout,
+    /// The capture thread is gone.
+    #[error("the capture thread stopped")]
+    CaptureStopped,
+    /// The link session ended while listing the replica.
+    #[error("stopping")]
+    SessionStopped,
+    /// The link broke while listing the replica.
+    #[error(transparent)]
+    Link(#[from] doppel_link::LinkError),
+    /// The target refused the job while listing the replica.
+    #[error("{0}")]
+    Refused(doppel_proto::Refusal),
+    /// Carrying out the request failed.
+    #[error(transparent)]
+    Failed(#[from] AgentError),
 }
 
 /// Maps an io error on `path`.

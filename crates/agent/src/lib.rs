@@ -15,6 +15,7 @@
 //! - [`sender`]: batches in a window sized to the bandwidth-delay product, adaptive compression.
 //! - [`bandwidth`]: bandwidth schedules.
 //! - [`overflow`]: what a job does when its spool is full.
+//! - [`resume`]: the resume plan: what the job does after any break, decided from facts alone.
 //! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
 //!   stream batches in a window, take acks, reconnect after any break.
 //! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
@@ -35,6 +36,7 @@ pub mod fuse_sink;
 pub mod handover;
 pub mod link_loop;
 pub mod overflow;
+pub mod resume;
 pub mod sender;
 pub mod state;
 pub mod status;
@@ -43,6 +45,6 @@ pub use agent::{Agent, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};
 pub use config::{CaptureMode, Destination, JobConfig};
 pub use connect::Connector;
-pub use error::AgentError;
+pub use error::{AgentError, RequestError};
 pub use sender::Compression;
-pub use status::{JobStatus, JobStatusSnapshot};
+pub use status::{JobStatus, JobStatusSnapshot, Phase};

@@ -8,24 +8,27 @@
 //! jitter and resumes from the acknowledged sequence, so nothing acknowledged is sent again
 //! and nothing unacknowledged is lost.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_mirror::VerifyReport;
 use doppel_proto::{Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome};
 use doppel_spool::Spool;
+use parking_lot::Mutex;
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::capture_loop::Command;
 use crate::connect::{Conn, Connector};
-use crate::error::AgentError;
+use crate::error::{AgentError, RequestError};
+use crate::resume::{Known, LinkPlanner, Then, WelcomePlan, resync_due};
 use crate::sender::{Compression, Compressor, Resends, Window, send};
 use crate::state::JobState;
-use crate::status::JobStatus;
+use crate::status::{JobStatus, Phase};
 
 /// The link of one job.
 pub struct Link {
@@ -51,15 +54,15 @@ pub struct Link {
     pub heartbeat: Duration,
     /// Cancelled to stop.
     pub shutdown: CancellationToken,
-    /// The previous run left names or ranges to compare with the replica once the spool is
-    /// drained.
-    pub recovery: bool,
+    /// Whether what the previous run left is still to be compared with the replica, and what
+    /// each Welcome calls for.
+    pub planner: LinkPlanner,
     /// Verify requests from the control socket.
     pub verify: mpsc::Receiver<VerifyRequest>,
     /// Whether the spool overflowed.
     pub overflow: Arc<crate::overflow::Overflow>,
     /// Sent as the last message when stopping, in place of a goodbye (a failback's handover).
-    pub final_message: Arc<std::sync::Mutex<Option<Message>>>,
+    pub final_message: Arc<Mutex<Option<Message>>>,
     /// Last listing request id used.
     pub list_id: u64,
 }
@@ -69,7 +72,7 @@ pub struct VerifyRequest {
     /// Queue repairs for the differences.
     pub repair: bool,
     /// The answer.
-    pub reply: oneshot::Sender<Result<VerifyReport, String>>,
+    pub reply: oneshot::Sender<Result<VerifyReport, RequestError>>,
 }
 
 /// How a session ended.
@@ -92,15 +95,19 @@ impl Link {
     /// Runs until shutdown (Ok) or a fatal refusal.
     pub async fn run(mut self) -> Result<(), AgentError> {
         let mut backoff = Duration::from_millis(200);
+        let mut sessions = 0u64;
         loop {
             let started = Instant::now();
-            let end = self.session().await;
+            sessions += 1;
+            let span = tracing::info_span!("session", n = sessions, replica = tracing::field::Empty);
+            let end = self.session().instrument(span).await;
             self.status.connected.store(false, Ordering::Relaxed);
             match end {
                 End::Stopped => return Ok(()),
                 End::Fatal(r) => {
-                    let word = if matches!(r, Refusal::Fenced { .. }) { "fenced" } else { "refused" };
-                    self.status.set_state(word);
+                    let phase =
+                        if matches!(r, Refusal::Fenced { .. }) { Phase::Fenced } else { Phase::Refused };
+                    self.status.set_state(phase);
                     self.status.set_detail(r.to_string());
                     tracing::error!(reason = %r, "the target refused this job");
                     return Err(AgentError::Refused(r));
@@ -110,7 +117,7 @@ impl Link {
                         backoff = Duration::from_millis(200);
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "link down");
-                    self.status.set_state("disconnected");
+                    self.status.set_state(Phase::Disconnected);
                     self.status.set_detail(e.to_string());
                     let jittered = tokio::time::Instant::now() + backoff.mul_f64(0.8 + 0.4 * jitter());
                     loop {
@@ -118,7 +125,7 @@ impl Link {
                             _ = self.shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep_until(jittered) => break,
                             Some(req) = self.verify.recv() => {
-                                let _ = req.reply.send(Err("not connected to the target; try again when status shows it connected".into()));
+                                let _ = req.reply.send(Err(RequestError::NotConnected));
                             }
                         }
                     }
@@ -148,7 +155,7 @@ impl Link {
             FrameReader::new(BufReader::with_capacity(256 << 10, r), 64 << 20, ByteCounter::default());
         let mut writer = FrameWriter::new(BufWriter::with_capacity(256 << 10, w), ByteCounter::default());
         let (replica_id, epoch) = {
-            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let st = self.state.lock();
             (st.replica_id, st.epoch)
         };
         writer
@@ -170,12 +177,14 @@ impl Link {
         };
         self.status.connected.store(true, Ordering::Relaxed);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).fenced = None;
+        self.state.lock().fenced = None;
         self.status.set_detail("");
+        let replica: String = welcome.replica_id.iter().map(|b| format!("{b:02x}")).collect();
+        tracing::Span::current().record("replica", replica.as_str());
         tracing::info!(applied = welcome.applied_seq, epoch = welcome.epoch, "connected to target");
 
         let window = Arc::new(Window::new(self.window));
-        *self.status.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(window.clone());
+        *self.status.window.lock() = Some(window.clone());
         // Two batches in hand: enough to keep the socket busy while the next one is packed, few
         // enough that a broken connection takes little unsent data down with it.
         let (out_tx, out_rx) = mpsc::channel::<Message>(2);
@@ -185,15 +194,18 @@ impl Link {
         let heartbeat = self.heartbeat;
         // Says when the writer has flushed everything and closed its half: all the end waits for.
         let (written_tx, written_rx) = oneshot::channel::<()>();
-        tasks.spawn(async move {
-            let r = doppel_link::framed::write_pump(writer, out_rx, heartbeat).await;
-            let _ = written_tx.send(());
-            r.map_err(End::Retry)
-        });
+        tasks.spawn(
+            async move {
+                let r = doppel_link::framed::write_pump(writer, out_rx, heartbeat).await;
+                let _ = written_tx.send(());
+                r.map_err(End::Retry)
+            }
+            .in_current_span(),
+        );
         {
             let (spool, window, status, dead) =
                 (self.spool.clone(), window.clone(), self.status.clone(), heartbeat * 3);
-            tasks.spawn(async move { receive(reader, spool, window, status, list_tx, dead).await });
+            tasks.spawn(receive(reader, spool, window, status, list_tx, dead).in_current_span());
         }
         let (start_tx, start_rx) = oneshot::channel::<u64>();
         let sender;
@@ -201,12 +213,17 @@ impl Link {
             let (spool, out, window, resends) =
                 (self.spool.clone(), out_tx.clone(), window.clone(), self.resends.clone());
             let compressor = Compressor::new(self.compression, self.status.compression_level.clone());
-            sender = tasks.spawn(async move {
-                match start_rx.await {
-                    Ok(from) => send(spool, out, window, compressor, resends, from).await.map_err(End::Retry),
-                    Err(_) => std::future::pending().await,
+            sender = tasks.spawn(
+                async move {
+                    match start_rx.await {
+                        Ok(from) => {
+                            send(spool, out, window, compressor, resends, from).await.map_err(End::Retry)
+                        }
+                        Err(_) => std::future::pending().await,
+                    }
                 }
-            });
+                .in_current_span(),
+            );
         }
         let control = self.after_welcome(&welcome, &out_tx, &mut list_rx, start_tx);
         let outcome = tokio::select! {
@@ -235,7 +252,7 @@ impl Link {
                     _ = tokio::time::sleep(Duration::from_millis(250)), if self.overflow.active() => {
                         // The overflow ends once everything queued before it is acknowledged.
                         let s = self.spool.stats();
-                        if s.acked == s.last_seq
+                        if resync_due(self.overflow.active(), s.acked, s.last_seq)
                             && let Err(e) = self.compare_suspects(true, &welcome, &out_tx, &mut list_rx).await
                         {
                             break Err(e);
@@ -246,7 +263,7 @@ impl Link {
             other => other,
         };
         if outcome.is_ok() {
-            let last = self.final_message.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let last = self.final_message.lock().take();
             let last = last.unwrap_or(Message::Goodbye { reason: "source agent stopping".into() });
             let _ = tokio::time::timeout(Duration::from_secs(5), out_tx.send(last)).await;
         }
@@ -269,44 +286,56 @@ impl Link {
         lists: &mut mpsc::Receiver<Message>,
         start_sender: oneshot::Sender<u64>,
     ) -> Result<(), End> {
-        let (known, mirroring_other) = {
-            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            // A whole-tree comparison interrupted by the link goes on where it was: what it
-            // queued is in the spool, sent from the target's acknowledged point.
-            let known = (st.replica_id == Some(w.replica_id) || st.mirroring == Some(w.replica_id))
-                && !w.needs_resync;
-            (known, st.mirroring.is_some_and(|m| m != w.replica_id))
-        };
-        if !known {
-            if mirroring_other {
-                // The comparison running against another replica must give way.
-                self.spool.interrupt();
+        let knows = Known::from(&*self.state.lock());
+        let scanning = self.status.state() == Phase::Scanning;
+        match self.planner.on_welcome(knows, w, scanning) {
+            WelcomePlan::MirrorAll { interrupt_other } => {
+                if interrupt_other {
+                    // The comparison running against another replica must give way.
+                    self.spool.interrupt();
+                }
+                self.mirror_all(w, out, lists).await?;
+                let _ = start_sender.send(w.applied_seq + 1);
             }
-            self.status.set_state("mirroring");
-            tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
-            self.list_id += 1;
-            let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
-            let (tx, rx) = oneshot::channel();
-            self.command(Command::MirrorAll {
-                applied: w.applied_seq,
-                replica_id: w.replica_id,
-                epoch: w.epoch,
-                listing,
-                started: tx,
-            })?;
-            rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
-            self.recovery = false;
-        } else {
-            self.spool.catch_up(w.applied_seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
-            if !self.recovery && self.status.state() != "scanning" {
-                self.status.set_state("replicating");
+            WelcomePlan::Resume { catch_up_to, then } => {
+                self.spool
+                    .catch_up(catch_up_to)
+                    .map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
+                if then == Then::Replicate {
+                    self.status.set_state(Phase::Replicating);
+                }
+                let _ = start_sender.send(w.applied_seq + 1);
+                if then == Then::CompareSuspects {
+                    self.compare_suspects(false, w, out, lists).await?;
+                    self.planner.suspects_compared();
+                }
             }
         }
-        let _ = start_sender.send(w.applied_seq + 1);
-        if known && self.recovery {
-            self.compare_suspects(false, w, out, lists).await?;
-            self.recovery = false;
-        }
+        Ok(())
+    }
+
+    /// Lists the whole replica and has the capture thread compare the whole tree with it;
+    /// returns once numbering restarted after the target's applied sequence.
+    async fn mirror_all(
+        &mut self,
+        w: &Welcome,
+        out: &mpsc::Sender<Message>,
+        lists: &mut mpsc::Receiver<Message>,
+    ) -> Result<(), End> {
+        self.status.set_state(Phase::Mirroring);
+        tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
+        self.list_id += 1;
+        let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::MirrorAll {
+            applied: w.applied_seq,
+            replica_id: w.replica_id,
+            epoch: w.epoch,
+            listing,
+            started: tx,
+        })?;
+        rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+        self.planner.mirroring_all();
         Ok(())
     }
 
@@ -319,7 +348,7 @@ impl Link {
         out: &mpsc::Sender<Message>,
         lists: &mut mpsc::Receiver<Message>,
     ) -> Result<(), End> {
-        self.status.set_state("mirroring");
+        self.status.set_state(Phase::Mirroring);
         // The replica must hold what survived in the spool before the suspects are compared.
         let target = self.spool.stats().last_seq;
         while self.spool.stats().acked < target {
@@ -356,26 +385,26 @@ impl Link {
         repair: bool,
         out: &mpsc::Sender<Message>,
         lists: &mut mpsc::Receiver<Message>,
-    ) -> Result<VerifyReport, String> {
+    ) -> Result<VerifyReport, RequestError> {
         let target = self.spool.stats().last_seq;
         let deadline = Instant::now() + Duration::from_secs(600);
         while self.spool.stats().acked < target {
             if Instant::now() > deadline {
-                return Err("the replica did not catch up within 10 minutes".into());
+                return Err(RequestError::CatchUpTimeout);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.list_id += 1;
         let listing = request_list(out, lists, self.list_id, ListScope::All).await.map_err(|e| match e {
-            End::Retry(e) => e.to_string(),
-            End::Fatal(r) => r.to_string(),
-            End::Stopped => "stopping".into(),
+            End::Retry(e) => RequestError::Link(e),
+            End::Fatal(r) => RequestError::Refused(r),
+            End::Stopped => RequestError::SessionStopped,
         })?;
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Verify { listing, repair, reply: tx })
-            .map_err(|_| "the capture thread stopped".to_string())?;
-        rx.await.map_err(|_| "the capture thread stopped".to_string())?
+            .map_err(|_| RequestError::CaptureStopped)?;
+        rx.await.map_err(|_| RequestError::CaptureStopped)?
     }
 
     fn command(&self, c: Command) -> Result<(), End> {
@@ -469,11 +498,11 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             Message::Heartbeat { .. } => {}
             Message::Stalled { reason } => {
                 tracing::warn!(%reason, "the target paused applying; waiting for it");
-                *status.stalled.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                *status.stalled.lock() = Some(reason);
             }
             Message::Resumed => {
                 tracing::info!("the target resumed applying");
-                *status.stalled.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *status.stalled.lock() = None;
             }
             Message::Goodbye { reason } => {
                 return Err(End::Retry(LinkError::Protocol(format!("target closed the link: {reason}"))));

@@ -2,13 +2,14 @@
 //! bytes sized to the bandwidth-delay product, with compression that adapts to the link.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doppel_link::LinkError;
 use doppel_proto::{Message, pack_batch};
 use doppel_spool::Spool;
+use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 
 /// Raw bytes of ops per batch.
@@ -16,6 +17,11 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Smallest and largest window.
 const MIN_WINDOW: u64 = 8 << 20;
 const MAX_WINDOW: u64 = 256 << 20;
+
+/// A compression setting that is none of the known words or levels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad compression {0:?}: use off, fast, balanced, max, auto or a level 1-19")]
+pub struct BadCompression(pub String);
 
 /// How batches are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +36,7 @@ pub enum Compression {
 
 impl Compression {
     /// Parses `off`, `fast`, `balanced`, `max`, `auto`, or a zstd level 1-19.
-    pub fn parse(s: &str) -> Result<Compression, String> {
+    pub fn parse(s: &str) -> Result<Compression, BadCompression> {
         Ok(match s.trim() {
             "off" | "none" | "0" => Compression::Off,
             "fast" => Compression::Level(1),
@@ -39,11 +45,7 @@ impl Compression {
             "auto" => Compression::Auto,
             n => match n.parse::<i32>() {
                 Ok(l @ 1..=19) => Compression::Level(l),
-                _ => {
-                    return Err(format!(
-                        "bad compression {s:?}: use off, fast, balanced, max, auto or a level 1-19"
-                    ));
-                }
+                _ => return Err(BadCompression(s.to_string())),
             },
         })
     }
@@ -52,33 +54,29 @@ impl Compression {
 /// Levels `auto` moves between (higher ones cost far more CPU than a link usually saves).
 const LADDER: [i32; 4] = [1, 3, 6, 9];
 
-/// Chooses the level of each batch.
-pub struct Compressor {
+/// The `auto` level decision, fed with explicit times: the pure core of [`Compressor`].
+///
+/// Over each period of at least a second it adds up time spent compressing (`busy`) and time
+/// spent waiting for the link (`waited`): compressing more than half the time means the CPU is
+/// the bottleneck (a step down); waiting more than half the time while compressing less than a
+/// quarter means the link is (a step up: more compression for little CPU). Data that does not
+/// compress drops to the cheapest level at once.
+#[derive(Debug, Clone)]
+pub struct Levels {
     mode: Compression,
     step: usize,
     busy: Duration,
     waited: Duration,
     since: Instant,
-    /// The level in use, for status (0: off).
-    pub current: Arc<AtomicU64>,
 }
 
-impl Compressor {
-    /// A compressor in `mode`, reporting its level to `current`.
-    pub fn new(mode: Compression, current: Arc<AtomicU64>) -> Compressor {
-        let c = Compressor {
-            mode,
-            step: 1,
-            busy: Duration::ZERO,
-            waited: Duration::ZERO,
-            since: Instant::now(),
-            current,
-        };
-        c.current.store(c.level().unwrap_or(0) as u64, Ordering::Relaxed);
-        c
+impl Levels {
+    /// Levels in `mode`, the first period starting at `now` (`auto` starts at level 3).
+    pub fn new(mode: Compression, now: Instant) -> Levels {
+        Levels { mode, step: 1, busy: Duration::ZERO, waited: Duration::ZERO, since: now }
     }
 
-    /// The level for the next batch.
+    /// The level for the next batch (`None`: raw).
     pub fn level(&self) -> Option<i32> {
         match self.mode {
             Compression::Off => None,
@@ -87,18 +85,15 @@ impl Compressor {
         }
     }
 
-    /// Records time spent compressing and time spent waiting for the link, and whether the
-    /// batch compressed at all; in `auto` mode, adjusts the level: to the cheapest when data
-    /// does not compress, and once a second down when compressing takes most of the time (the
-    /// CPU is the bottleneck), up when waiting for the link does and compression is cheap.
-    pub fn observe(&mut self, busy: Duration, waited: Duration, compressed: bool) {
+    /// A batch took `busy` to compress and `waited` for the link, and `compressed` says whether
+    /// it compressed at all; `now` is when this is observed.
+    pub fn observe(&mut self, busy: Duration, waited: Duration, compressed: bool, now: Instant) {
         self.busy += busy;
         self.waited += waited;
-        if self.mode == Compression::Auto && !compressed && self.step > 0 {
+        if self.mode == Compression::Auto && !compressed {
             self.step = 0;
-            self.current.store(self.level().unwrap_or(0) as u64, Ordering::Relaxed);
         }
-        let elapsed = self.since.elapsed();
+        let elapsed = now.saturating_duration_since(self.since);
         if elapsed < Duration::from_secs(1) {
             return;
         }
@@ -110,15 +105,55 @@ impl Compressor {
             } else if link > 0.5 && cpu < 0.25 && self.step + 1 < LADDER.len() {
                 self.step += 1;
             }
-            self.current.store(self.level().unwrap_or(0) as u64, Ordering::Relaxed);
         }
         self.busy = Duration::ZERO;
         self.waited = Duration::ZERO;
-        self.since = Instant::now();
+        self.since = now;
     }
 }
 
-struct InFlight {
+/// Chooses the level of each batch ([`Levels`] on the real clock) and reports it for status.
+pub struct Compressor {
+    levels: Levels,
+    /// The level in use, for status (0: off).
+    pub current: Arc<AtomicU64>,
+}
+
+impl Compressor {
+    /// A compressor in `mode`, reporting its level to `current`.
+    pub fn new(mode: Compression, current: Arc<AtomicU64>) -> Compressor {
+        let c = Compressor { levels: Levels::new(mode, Instant::now()), current };
+        c.report();
+        c
+    }
+
+    /// The level for the next batch.
+    pub fn level(&self) -> Option<i32> {
+        self.levels.level()
+    }
+
+    /// Records time spent compressing and waiting for the link, and whether the batch
+    /// compressed at all; in `auto` mode, adjusts the level (see [`Levels`]).
+    pub fn observe(&mut self, busy: Duration, waited: Duration, compressed: bool) {
+        self.levels.observe(busy, waited, compressed, Instant::now());
+        self.report();
+    }
+
+    fn report(&self) {
+        self.current.store(self.level().unwrap_or(0) as u64, Ordering::Relaxed);
+    }
+}
+
+/// The window's arithmetic, fed with explicit times: the pure core of [`Window`].
+///
+/// The limit follows the bandwidth-delay product: twice the smoothed acknowledged byte rate
+/// times the smoothed time from sending a batch to its ack (which includes the target's commit
+/// interval), between 8 MiB and 256 MiB. Both are smoothed over about eight samples so that
+/// one slow commit does not halve the window; the rate needs two acks, so the first one only
+/// measures the latency and the limit stays where it started.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// Sent batches not yet acknowledged: last sequence, bytes, when sent.
     batches: VecDeque<(u64, u64, Instant)>,
     bytes: u64,
     /// Smoothed time from sending a batch to its ack.
@@ -129,9 +164,75 @@ struct InFlight {
     max: u64,
 }
 
-/// Batches sent and not yet acknowledged. The limit follows the bandwidth-delay product:
-/// twice the acknowledged byte rate times the time an ack takes (which includes the target's
-/// commit interval), between 8 MiB and 256 MiB.
+impl InFlight {
+    /// Nothing in flight, the limit at `initial` (clamped).
+    pub fn new(initial: u64) -> InFlight {
+        InFlight {
+            batches: VecDeque::new(),
+            bytes: 0,
+            latency: None,
+            rate: None,
+            last_ack: None,
+            max: initial.clamp(MIN_WINDOW, MAX_WINDOW),
+        }
+    }
+
+    /// Whether another batch may be sent.
+    pub fn has_room(&self) -> bool {
+        self.bytes < self.max
+    }
+
+    /// Bytes sent and not acknowledged.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u64 {
+        self.max
+    }
+
+    /// The smoothed ack latency.
+    pub fn latency(&self) -> Option<Duration> {
+        self.latency
+    }
+
+    /// A batch ending at `last_seq` of `bytes` was sent at `now`.
+    pub fn sent(&mut self, last_seq: u64, bytes: u64, now: Instant) {
+        self.batches.push_back((last_seq, bytes, now));
+        self.bytes += bytes;
+    }
+
+    /// Everything up to `seq` was acknowledged at `now`; returns the bytes freed.
+    pub fn acked(&mut self, seq: u64, now: Instant) -> u64 {
+        let mut freed = 0;
+        let mut sent_at = None;
+        while let Some(&(last, b, t)) = self.batches.front()
+            && last <= seq
+        {
+            self.batches.pop_front();
+            self.bytes -= b;
+            freed += b;
+            sent_at = Some(t);
+        }
+        let Some(t) = sent_at else { return 0 };
+        let sample = now.saturating_duration_since(t);
+        self.latency = Some(self.latency.map_or(sample, |l| (l * 7 + sample) / 8));
+        if let Some(prev) = self.last_ack {
+            let dt = now.saturating_duration_since(prev).as_secs_f64().max(1e-3);
+            let r = freed as f64 / dt;
+            self.rate = Some(self.rate.map_or(r, |old| old * 0.875 + r * 0.125));
+        }
+        self.last_ack = Some(now);
+        if let (Some(l), Some(r)) = (self.latency, self.rate) {
+            self.max = ((2.0 * r * l.as_secs_f64()) as u64).clamp(MIN_WINDOW, MAX_WINDOW);
+        }
+        freed
+    }
+}
+
+/// Batches sent and not yet acknowledged, limited as [`InFlight`] says, on the real clock;
+/// the sender waits here for room.
 pub struct Window {
     inner: Mutex<InFlight>,
     freed: Notify,
@@ -144,24 +245,13 @@ pub struct Window {
 impl Window {
     /// A window starting at `initial` bytes.
     pub fn new(initial: u64) -> Window {
-        let max = initial.clamp(MIN_WINDOW, MAX_WINDOW);
+        let core = InFlight::new(initial);
         Window {
-            inner: Mutex::new(InFlight {
-                batches: VecDeque::new(),
-                bytes: 0,
-                latency: None,
-                rate: None,
-                last_ack: None,
-                max,
-            }),
+            limit: AtomicU64::new(core.limit()),
+            inner: Mutex::new(core),
             freed: Notify::new(),
-            limit: AtomicU64::new(max),
             latency_us: AtomicU64::new(0),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until the window has room.
@@ -170,11 +260,8 @@ impl Window {
             let notified = self.freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let g = self.lock();
-                if g.bytes < g.max {
-                    return;
-                }
+            if self.inner.lock().has_room() {
+                return;
             }
             notified.await;
         }
@@ -182,37 +269,15 @@ impl Window {
 
     /// A batch ending at `last_seq` of `bytes` was sent.
     pub fn sent(&self, last_seq: u64, bytes: u64) {
-        let mut g = self.lock();
-        g.batches.push_back((last_seq, bytes, Instant::now()));
-        g.bytes += bytes;
+        self.inner.lock().sent(last_seq, bytes, Instant::now());
     }
 
     /// Everything up to `seq` is acknowledged.
     pub fn acked(&self, seq: u64) {
-        let mut g = self.lock();
-        let now = Instant::now();
-        let mut freed = 0;
-        let mut sent_at = None;
-        while g.batches.front().is_some_and(|(last, _, _)| *last <= seq) {
-            let (_, b, t) = g.batches.pop_front().expect("front exists");
-            g.bytes -= b;
-            freed += b;
-            sent_at = Some(t);
-        }
-        if let Some(t) = sent_at {
-            let sample = now.duration_since(t);
-            g.latency = Some(g.latency.map_or(sample, |l| (l * 7 + sample) / 8));
-            if let Some(prev) = g.last_ack {
-                let dt = now.duration_since(prev).as_secs_f64().max(1e-3);
-                let r = freed as f64 / dt;
-                g.rate = Some(g.rate.map_or(r, |old| old * 0.875 + r * 0.125));
-            }
-            g.last_ack = Some(now);
-            if let (Some(l), Some(r)) = (g.latency, g.rate) {
-                g.max = ((2.0 * r * l.as_secs_f64()) as u64).clamp(MIN_WINDOW, MAX_WINDOW);
-                self.limit.store(g.max, Ordering::Relaxed);
-            }
-            self.latency_us.store(g.latency.map_or(0, |l| l.as_micros() as u64), Ordering::Relaxed);
+        let mut g = self.inner.lock();
+        if g.acked(seq, Instant::now()) > 0 {
+            self.limit.store(g.limit(), Ordering::Relaxed);
+            self.latency_us.store(g.latency().map_or(0, |l| l.as_micros() as u64), Ordering::Relaxed);
         }
         drop(g);
         self.freed.notify_waiters();
@@ -266,5 +331,211 @@ pub async fn send(
         resends.max_sent.fetch_max(last, Ordering::Relaxed);
         window.sent(last, size);
         next = last + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_window_starts_clamped() {
+        assert_eq!(InFlight::new(0).limit(), MIN_WINDOW);
+        assert_eq!(InFlight::new(1 << 40).limit(), MAX_WINDOW);
+        assert_eq!(InFlight::new(32 * MIB).limit(), 32 * MIB);
+    }
+
+    #[test]
+    fn room_until_the_limit_and_acks_free_it() {
+        let t0 = Instant::now();
+        let mut w = InFlight::new(MIN_WINDOW);
+        assert!(w.has_room());
+        w.sent(10, 4 * MIB, t0);
+        assert!(w.has_room());
+        w.sent(20, 4 * MIB, t0);
+        assert!(!w.has_room(), "8 MiB in flight fills an 8 MiB window");
+        // An ack inside the first batch frees nothing.
+        assert_eq!(w.acked(9, t0 + ms(5)), 0);
+        assert_eq!(w.latency(), None);
+        assert!(!w.has_room());
+        assert_eq!(w.acked(15, t0 + ms(10)), 4 * MIB);
+        assert!(w.has_room());
+        assert_eq!(w.bytes(), 4 * MIB);
+        // An ack covering everything, and one repeated, free what is left once.
+        assert_eq!(w.acked(25, t0 + ms(20)), 4 * MIB);
+        assert_eq!(w.acked(25, t0 + ms(30)), 0);
+        assert_eq!(w.bytes(), 0);
+    }
+
+    #[test]
+    fn the_first_ack_measures_latency_only() {
+        let t0 = Instant::now();
+        let mut w = InFlight::new(16 * MIB);
+        w.sent(1, MIB, t0);
+        w.acked(1, t0 + ms(200));
+        assert_eq!(w.latency(), Some(ms(200)));
+        assert_eq!(w.limit(), 16 * MIB, "no rate yet: the limit stays");
+    }
+
+    /// 10 MiB acknowledged every 100 ms (100 MiB/s) with acks 500 ms after sending: twice the
+    /// bandwidth-delay product is 100 MiB.
+    #[test]
+    fn the_window_grows_to_twice_the_bandwidth_delay_product() {
+        let t0 = Instant::now();
+        let mut w = InFlight::new(MIN_WINDOW);
+        for i in 0..4u64 {
+            let at = t0 + ms(100 * i);
+            w.sent(i, 10 * MIB, at);
+            w.acked(i, at + ms(500));
+        }
+        // Acks are 100 ms apart from the second one on: every rate sample is 100 MiB/s.
+        let want = 100 * MIB;
+        let got = w.limit();
+        assert!(got.abs_diff(want) < MIB / 100, "limit {got}, want about {want}");
+        assert_eq!(w.latency(), Some(ms(500)));
+    }
+
+    #[test]
+    fn the_window_is_clamped_on_slow_and_fast_links() {
+        let t0 = Instant::now();
+        // 1 MiB per second with 100 ms acks: 200 KiB, below the floor.
+        let mut slow = InFlight::new(64 * MIB);
+        for i in 0..3u64 {
+            let at = t0 + ms(1000 * i);
+            slow.sent(i, MIB, at);
+            slow.acked(i, at + ms(100));
+        }
+        assert_eq!(slow.limit(), MIN_WINDOW);
+        // 1 GiB per second with 1 s acks: 2 GiB, above the ceiling.
+        let mut fast = InFlight::new(MIN_WINDOW);
+        for i in 0..3u64 {
+            let at = t0 + ms(100 * i);
+            fast.sent(i, 100 * MIB, at);
+            fast.acked(i, at + ms(1000));
+        }
+        assert_eq!(fast.limit(), MAX_WINDOW);
+    }
+
+    /// Latency moves an eighth of the way to each sample, the rate likewise.
+    #[test]
+    fn samples_are_smoothed() {
+        let t0 = Instant::now();
+        let mut w = InFlight::new(MIN_WINDOW);
+        w.sent(1, 10 * MIB, t0);
+        w.acked(1, t0 + ms(800));
+        w.sent(2, 10 * MIB, t0 + ms(800));
+        // 100 ms ack: latency (7 * 800 + 100) / 8 = 712.5 ms; rate 10 MiB / 100 ms.
+        w.acked(2, t0 + ms(900));
+        assert_eq!(w.latency(), Some(Duration::from_micros(712_500)));
+        let bdp = |rate: f64, lat: Duration| (2.0 * rate * lat.as_secs_f64()) as u64;
+        assert_eq!(w.limit(), bdp(100.0 * MIB as f64, ms(712) + Duration::from_micros(500)));
+        // A sample of 200 MiB/s moves the rate to 0.875 * 100 + 0.125 * 200 = 112.5 MiB/s.
+        w.sent(3, 10 * MIB, t0 + ms(900));
+        w.acked(3, t0 + ms(950));
+        let lat = w.latency().unwrap();
+        assert_eq!(lat, (Duration::from_micros(712_500) * 7 + ms(50)) / 8);
+        assert_eq!(w.limit(), bdp(112.5 * MIB as f64, lat));
+    }
+
+    /// Two acks at the same instant count as a millisecond apart, not as an infinite rate.
+    #[test]
+    fn simultaneous_acks_have_a_floor() {
+        let t0 = Instant::now();
+        let mut w = InFlight::new(MIN_WINDOW);
+        w.sent(1, MIB, t0);
+        w.sent(2, MIB, t0);
+        w.acked(1, t0 + ms(100));
+        w.acked(2, t0 + ms(100));
+        // 1 MiB per ms with 100 ms acks: twice that is 200 MiB (an infinite rate would be
+        // clamped to 256 MiB).
+        assert_eq!(w.limit(), 200 * MIB);
+    }
+
+    #[test]
+    fn fixed_modes_never_change_level() {
+        let t0 = Instant::now();
+        for (mode, level) in [(Compression::Off, None), (Compression::Level(7), Some(7))] {
+            let mut l = Levels::new(mode, t0);
+            l.observe(ms(900), ms(0), false, t0 + ms(1000));
+            l.observe(ms(0), ms(900), true, t0 + ms(2000));
+            assert_eq!(l.level(), level);
+        }
+    }
+
+    /// One period of `busy` compressing and `waited` for the link, a second long.
+    fn period(l: &mut Levels, start: Instant, busy: u64, waited: u64) -> Instant {
+        l.observe(ms(busy), ms(waited), true, start + ms(1000));
+        start + ms(1000)
+    }
+
+    #[test]
+    fn auto_goes_up_while_the_link_is_the_bottleneck() {
+        let mut t = Instant::now();
+        let mut l = Levels::new(Compression::Auto, t);
+        assert_eq!(l.level(), Some(3));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            t = period(&mut l, t, 100, 800);
+            seen.push(l.level().unwrap());
+        }
+        assert_eq!(seen, [6, 9, 9, 9], "up one step a period, to the top of the ladder");
+    }
+
+    #[test]
+    fn auto_goes_down_while_the_cpu_is_the_bottleneck() {
+        let mut t = Instant::now();
+        let mut l = Levels::new(Compression::Auto, t);
+        t = period(&mut l, t, 100, 800);
+        t = period(&mut l, t, 100, 800);
+        assert_eq!(l.level(), Some(9));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            t = period(&mut l, t, 600, 300);
+            seen.push(l.level().unwrap());
+        }
+        assert_eq!(seen, [6, 3, 1, 1], "down one step a period, to the bottom");
+    }
+
+    #[test]
+    fn auto_holds_in_between() {
+        let mut t = Instant::now();
+        let mut l = Levels::new(Compression::Auto, t);
+        // Waiting most of the time but compressing a third of it: neither rule applies.
+        t = period(&mut l, t, 300, 600);
+        assert_eq!(l.level(), Some(3));
+        // Neither busy nor waiting.
+        period(&mut l, t, 100, 100);
+        assert_eq!(l.level(), Some(3));
+    }
+
+    #[test]
+    fn auto_decides_once_a_second_on_what_that_second_saw() {
+        let t0 = Instant::now();
+        let mut l = Levels::new(Compression::Auto, t0);
+        // Half a second of waiting: too early to decide.
+        l.observe(ms(0), ms(500), true, t0 + ms(500));
+        assert_eq!(l.level(), Some(3));
+        // The period ends at 1 s: 0.9 s waiting in 1 s, up.
+        l.observe(ms(0), ms(400), true, t0 + ms(1000));
+        assert_eq!(l.level(), Some(6));
+        // The next period starts empty: a CPU-bound second goes down, whatever came before.
+        l.observe(ms(700), ms(0), true, t0 + ms(2000));
+        assert_eq!(l.level(), Some(3));
+    }
+
+    #[test]
+    fn incompressible_data_drops_to_the_cheapest_level_at_once() {
+        let t0 = Instant::now();
+        let mut l = Levels::new(Compression::Auto, t0);
+        period(&mut l, t0, 0, 900);
+        assert_eq!(l.level(), Some(6));
+        l.observe(ms(1), ms(0), false, t0 + ms(1001));
+        assert_eq!(l.level(), Some(1));
     }
 }

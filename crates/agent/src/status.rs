@@ -1,18 +1,71 @@
 //! Live job status.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use doppel_link::ByteCounter;
 use doppel_mirror::ReconcileStats;
 use doppel_spool::Spool;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+/// The step a job is at, as `doppel status` shows it (serialised in lowercase: exactly the
+/// words the status has always shown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Checking and opening (before the capture thread runs).
+    #[default]
+    Starting,
+    /// Comparing the tree with the saved index locally (clean `watch` restart).
+    Scanning,
+    /// Comparing the tree (or suspects) with the replica.
+    Mirroring,
+    /// Streaming changes as they happen.
+    Replicating,
+    /// The link is down; reconnecting.
+    Disconnected,
+    /// The target refused the job: its workload failed over.
+    Fenced,
+    /// The target refused the job for another reason retrying cannot fix.
+    Refused,
+    /// The job has stopped.
+    Stopped,
+    /// The spool is full (a condition shown over the step).
+    Overflow,
+    /// The target paused applying (a condition shown over the step).
+    #[serde(rename = "target paused")]
+    TargetPaused,
+}
+
+impl Phase {
+    /// The word status shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Scanning => "scanning",
+            Phase::Mirroring => "mirroring",
+            Phase::Replicating => "replicating",
+            Phase::Disconnected => "disconnected",
+            Phase::Fenced => "fenced",
+            Phase::Refused => "refused",
+            Phase::Stopped => "stopped",
+            Phase::Overflow => "overflow",
+            Phase::TargetPaused => "target paused",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Counters shared by the job's threads and tasks.
 #[derive(Default)]
 pub struct JobStatus {
-    state: Mutex<String>,
+    state: Mutex<Phase>,
     detail: Mutex<String>,
     /// Connected to the target.
     pub connected: AtomicBool,
@@ -104,48 +157,47 @@ pub struct JobStatusSnapshot {
 }
 
 impl JobStatus {
-    /// Sets the state word (and clears the detail).
-    pub fn set_state(&self, s: &str) {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if *g != s {
-            tracing::info!(state = s, "job state");
-            *g = s.to_string();
+    /// Sets the step the job is at.
+    pub fn set_state(&self, phase: Phase) {
+        let mut g = self.state.lock();
+        if *g != phase {
+            tracing::info!(state = %phase, "job state");
+            *g = phase;
         }
     }
 
-    /// The state word.
-    pub fn state(&self) -> String {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The step the job is at.
+    pub fn state(&self) -> Phase {
+        *self.state.lock()
     }
 
     /// Sets the detail line.
     pub fn set_detail(&self, s: impl Into<String>) {
-        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = s.into();
+        *self.detail.lock() = s.into();
     }
 
     /// A snapshot, combined with the spool's counters.
     pub fn snapshot(&self, job: &str, root: &str, dest: &str, spool: &Spool) -> JobStatusSnapshot {
         let s = spool.stats();
         let now = doppel_target::registry::now_us();
-        let window = self.window.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let window = self.window.lock().clone();
         let (files, bytes) = self
             .reconcile
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|r| (r.files_hashed.load(Ordering::Relaxed), r.bytes_hashed.load(Ordering::Relaxed)))
             .unwrap_or_default();
         // Conditions that last take precedence over the step the job is at.
-        let stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stalled = self.stalled.lock().clone();
         let (state, detail) = if self.overflow.active() {
             (
-                "overflow".to_string(),
+                Phase::Overflow.to_string(),
                 "spool full: recording changed names, to compare once the link catches up".to_string(),
             )
         } else if let Some(reason) = stalled.filter(|_| self.connected.load(Ordering::Relaxed)) {
-            ("target paused".to_string(), format!("target paused: {reason}"))
+            (Phase::TargetPaused.to_string(), format!("target paused: {reason}"))
         } else {
-            (self.state(), self.detail.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            (self.state().to_string(), self.detail.lock().clone())
         };
         JobStatusSnapshot {
             job: job.to_string(),
@@ -154,7 +206,7 @@ impl JobStatus {
             state,
             detail,
             connected: self.connected.load(Ordering::Relaxed),
-            capture: self.backend.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            capture: self.backend.lock().clone(),
             last_captured_seq: s.last_seq,
             last_acked_seq: s.acked,
             pending_bytes: s.memory_bytes + s.disk_bytes,
@@ -179,6 +231,33 @@ impl JobStatus {
             rate_limit: self.rate_limit.load(Ordering::Relaxed),
             files_hashed: files,
             bytes_hashed: bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase;
+
+    /// The status JSON and `doppel status` show exactly these words.
+    #[test]
+    fn phases_serialise_as_the_words_status_shows() {
+        let all = [
+            (Phase::Starting, "starting"),
+            (Phase::Scanning, "scanning"),
+            (Phase::Mirroring, "mirroring"),
+            (Phase::Replicating, "replicating"),
+            (Phase::Disconnected, "disconnected"),
+            (Phase::Fenced, "fenced"),
+            (Phase::Refused, "refused"),
+            (Phase::Stopped, "stopped"),
+            (Phase::Overflow, "overflow"),
+            (Phase::TargetPaused, "target paused"),
+        ];
+        for (phase, word) in all {
+            assert_eq!(serde_json::to_value(phase).unwrap(), word);
+            assert_eq!(phase.to_string(), word);
+            assert_eq!(serde_json::from_value::<Phase>(word.into()).unwrap(), phase);
         }
     }
 }

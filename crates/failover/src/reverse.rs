@@ -30,7 +30,7 @@ pub struct ReverseJob {
     streams: mpsc::Sender<Box<dyn Stream>>,
     status: StatusSource,
     settler: Settler,
-    final_message: Arc<Mutex<Option<Message>>>,
+    final_message: doppel_agent::agent::FinalMessage,
     shutdown: CancellationToken,
     run: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), AgentError>>>>,
     /// The agent's state directory (`DATA/failback/SOURCE`).
@@ -117,7 +117,7 @@ impl ReverseJob {
     /// The final sync of a cutover: takes in every change made so far and waits until the
     /// source has applied it. The workload must be stopped first.
     pub async fn drain(&self, within: Duration) -> Result<(), String> {
-        self.settler.settle().await?;
+        self.settler.settle().await.map_err(|e| e.to_string())?;
         let captured = self.snapshot().last_captured_seq;
         let deadline = Instant::now() + within;
         loop {
@@ -137,7 +137,7 @@ impl ReverseJob {
 
     /// Ends the stream with `last` (the handover) and stops the job.
     pub async fn hand_over(&self, last: Message) -> Result<(), String> {
-        *self.final_message.lock().unwrap_or_else(|p| p.into_inner()) = Some(last);
+        *self.final_message.lock() = Some(last);
         self.stop().await
     }
 

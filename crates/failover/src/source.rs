@@ -65,7 +65,8 @@ pub async fn receive(
     let root =
         std::fs::canonicalize(&job.root).map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
     let (me, _) = Identity::load_or_create(home).map_err(|e| FailbackError::Config(e.to_string()))?;
-    let connector = Connector::remote(addr, &me, *target_id, Vec::new()).map_err(FailbackError::Config)?;
+    let connector = Connector::remote(addr, &me, *target_id, Vec::new())
+        .map_err(|e| FailbackError::Config(e.to_string()))?;
     let state = lock.dir.join("failback-target");
     let target = Target::new(TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() }));
     let mut backoff = Duration::from_millis(200);

@@ -17,11 +17,11 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use doppel_proto::{Op, OpRecord};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use segment::{SegmentFile, parse_name};
 use tokio::sync::Notify;
 
@@ -226,7 +226,7 @@ impl Spool {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Appends an op, assigning the next sequence number, which it returns. With
@@ -291,8 +291,9 @@ impl Spool {
         }
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
-        self.space.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0
+    fn wait<'a>(&self, mut g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        self.space.wait_for(&mut g, Duration::from_millis(200));
+        g
     }
 
     fn push(
@@ -430,7 +431,7 @@ impl Spool {
             if now >= deadline {
                 return false;
             }
-            g = self.acked.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            self.acked.wait_for(&mut g, deadline - now);
         }
         g.acked >= seq
     }

@@ -133,6 +133,19 @@ fn full_disk_refuses_or_waits_for_acks() {
     assert_eq!(waiter.join().unwrap(), n + 1);
 }
 
+/// A target behind the spool: what it has not applied is kept, numbering goes on.
+#[test]
+fn catch_up_behind_the_spool_keeps_the_rest() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = Spool::open(d.path(), limits(1 << 20, 1 << 20)).unwrap();
+    for i in 1..=5 {
+        s.append(op(i, 1), 0, Placement::Spill, true).unwrap();
+    }
+    s.catch_up(3).unwrap();
+    assert_eq!(seqs(&s.read(0, usize::MAX).unwrap().1), [4, 5]);
+    assert_eq!(s.append(op(0, 1), 0, Placement::Spill, true).unwrap(), 6);
+}
+
 #[test]
 fn reset_and_catch_up_renumber() {
     let d = tempfile::tempdir().unwrap();
