@@ -2,7 +2,9 @@
 //!
 //! - [`policy`]: what the target does for each source: how it watches it, when it fails it
 //!   over, which addresses it takes over and which scripts it runs.
-//! - [`monitor`]: is each source alive? (its link, and probes).
+//! - [`monitor`]: is each source alive? (its link, and probes): the I/O around [`verdict`].
+//! - [`verdict`]: the monitor's rules as a state machine without I/O.
+//! - [`clock`]: the time the decisions are made on, real or virtual.
 //! - [`probe`]: checks of a source besides its link (TCP connect, HTTP, a command).
 //! - [`steps`]: failover and failback cutover, step by step, resumable.
 //! - [`progress`]: the record of the steps done, so a rerun goes on where a run stopped.
@@ -14,6 +16,7 @@
 //! - [`source`]: the source side of a failback: its tree brought in line with the replica,
 //!   then protection resumed.
 
+pub mod clock;
 pub mod events;
 pub mod hooks;
 pub mod manager;
@@ -24,6 +27,7 @@ pub mod progress;
 pub mod reverse;
 pub mod source;
 pub mod steps;
+pub mod verdict;
 
 pub use events::{Event, EventLog};
 pub use manager::{FailoverError, Manager, ManagerConfig, SourceStatus};

@@ -451,7 +451,7 @@ impl Manager {
             }
             run.step(None, "final-sync", Some(job), || async move {
                 let t = Instant::now();
-                r.drain(cutover).await?;
+                r.drain(cutover).await.map_err(|e| e.to_string())?;
                 let s = r.snapshot();
                 Ok(format!(
                     "the source applied everything ({} bytes sent in all, last {} ms)",
@@ -491,7 +491,8 @@ impl Manager {
                     replica_id: info.replica_id,
                     applied_seq: info.applied,
                 })
-                .await?;
+                .await
+                .map_err(|e| e.to_string())?;
                 Ok(format!("the source resumes protection at epoch {} after op {}", info.epoch, info.applied))
             })
             .await
