@@ -3,10 +3,10 @@
 //! One JSON object per line in `DATA/events.jsonl`, appended and synced, so the history of
 //! what happened survives the target's own restarts; `doppel events` shows it.
 
+use parking_lot::Mutex;
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -100,7 +100,7 @@ impl EventLog {
             detail = %e.detail,
             "event"
         );
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock.lock();
         let line = serde_json::to_string(&e).expect("events serialize") + "\n";
         let r = OpenOptions::new()
             .create(true)

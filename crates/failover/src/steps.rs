@@ -20,10 +20,11 @@ use std::time::Instant;
 use doppel_link::framed::now_us;
 use doppel_proto::Message;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::events::Event;
 use crate::hooks::{release_address, run_script, take_address};
-use crate::manager::{FailoverError, Manager};
+use crate::manager::{FailoverError, Manager, RunKind};
 use crate::progress::{Progress, paths};
 
 /// What a failover or failback did.
@@ -225,11 +226,12 @@ impl Run<'_> {
 }
 
 impl Manager {
-    fn set_running(&self, source: &str, running: Option<&str>, error: Option<Option<String>>) {
-        let mut w = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        let w = w.entry(source.to_string()).or_default();
-        w.running = running.map(str::to_string);
-        w.baseline_us = doppel_link::framed::now_us();
+    fn set_running(&self, source: &str, running: Option<RunKind>, error: Option<Option<String>>) {
+        let now = self.clock.now_us();
+        let mut watches = self.watches.lock();
+        let w = watches.entry(source.to_string()).or_insert_with(|| self.new_watch(source));
+        w.running = running;
+        w.verdict.rebase(now);
         if let Some(e) = error {
             w.error = e;
         }
@@ -274,29 +276,24 @@ impl Manager {
         cause: &str,
         last_seen_us: Option<u64>,
     ) -> Result<Report, FailoverError> {
-        self.exclusive(
-            source,
-            "failover",
-            "failing-over",
-            self.run_failover(source, jobs, cause, last_seen_us),
-        )
-        .await
+        self.exclusive(source, RunKind::Failover, self.run_failover(source, jobs, cause, last_seen_us)).await
     }
 
     /// Runs `work`, a failover or failback (`what`) of `source`, as the only one of the
-    /// source's: shown as `state` while it runs, its error kept for status and its outcome
-    /// (`WHAT-done` or `WHAT-failed`) sent to the notify command.
+    /// source's: shown as running while it runs, its error kept for status and its outcome
+    /// (`WHAT-done` or `WHAT-failed`) sent to the notify command. Everything it logs is in a
+    /// span that names the source and the kind of run.
     async fn exclusive(
         &self,
         source: &str,
-        what: &str,
-        state: &str,
+        what: RunKind,
         work: impl Future<Output = Result<Report, FailoverError>>,
     ) -> Result<Report, FailoverError> {
+        let span = tracing::info_span!("run", %source, kind = %what);
         let lock = self.op_lock(source);
-        let _g = lock.lock().await;
-        self.set_running(source, Some(state), None);
-        let r = work.await;
+        let _g = lock.lock().instrument(span.clone()).await;
+        self.set_running(source, Some(what), None);
+        let r = work.instrument(span).await;
         let error = r.as_ref().err().map(|e| e.to_string());
         self.set_running(source, None, Some(error));
         let detail = match &r {
@@ -380,7 +377,7 @@ impl Manager {
     /// The failback cutover of `source` (all its failed-over jobs, or `jobs`): the source must
     /// be connected in failback mode and hold the whole replica.
     pub async fn failback(&self, source: &str, jobs: Option<Vec<String>>) -> Result<Report, FailoverError> {
-        self.exclusive(source, "failback", "failing-back", self.run_failback(source, jobs)).await
+        self.exclusive(source, RunKind::Failback, self.run_failback(source, jobs)).await
     }
 
     async fn run_failback(&self, source: &str, jobs: Option<Vec<String>>) -> Result<Report, FailoverError> {
@@ -503,7 +500,7 @@ impl Manager {
             if let Some(Err(e)) = r.as_ref().map(|r| r.forget()) {
                 tracing::warn!(%source, %job, error = %e, "cannot remove the failback state");
             }
-            self.reverse.lock().unwrap_or_else(|p| p.into_inner()).remove(&(source.to_string(), job.clone()));
+            self.reverse.lock().remove(&(source.to_string(), job.clone()));
         }
         let report = run.report(started, None);
         let remaining: Vec<String> =
