@@ -51,6 +51,12 @@ impl Event {
         }
     }
 
+    /// At `time_us` rather than now.
+    pub fn at(mut self, time_us: u64) -> Event {
+        self.time_us = time_us;
+        self
+    }
+
     /// About `job`.
     pub fn job(mut self, job: &str) -> Event {
         self.job = Some(job.to_string());
@@ -123,5 +129,11 @@ impl EventLog {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl crate::runner::EventSink for EventLog {
+    fn record(&self, e: Event) {
+        EventLog::record(self, e)
     }
 }

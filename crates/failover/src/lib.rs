@@ -7,6 +7,7 @@
 //! - [`clock`]: the time the decisions are made on, real or virtual.
 //! - [`probe`]: checks of a source besides its link (TCP connect, HTTP, a command).
 //! - [`steps`]: failover and failback cutover, step by step, resumable.
+//! - [`runner`]: the step sequencing, without I/O, over small traits.
 //! - [`progress`]: the record of the steps done, so a rerun goes on where a run stopped.
 //! - [`hooks`]: running the operator's scripts, and taking over and releasing addresses.
 //! - [`events`]: the event log `doppel events` shows: every step, with times.
@@ -25,6 +26,7 @@ pub mod policy;
 pub mod probe;
 pub mod progress;
 pub mod reverse;
+pub mod runner;
 pub mod source;
 pub mod steps;
 pub mod verdict;

@@ -39,7 +39,7 @@ pub enum FailoverError {
         /// The step.
         step: String,
         /// Why.
-        error: String,
+        error: crate::runner::StepError,
     },
     /// A failback cutover cannot start yet.
     #[error("{0}")]
