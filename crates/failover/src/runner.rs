@@ -529,3 +529,260 @@ impl<'a, X: Executor, S: ProgressStore, E: EventSink, C: Clock + ?Sized> Runner<
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::clock::VirtualClock;
+    use crate::policy::SourcePolicy;
+
+    /// Progress kept in memory, as a file would keep it (saved copies only).
+    #[derive(Default)]
+    struct MemStore(Mutex<Option<Progress>>);
+
+    impl ProgressStore for MemStore {
+        fn load(&self) -> Result<Option<Progress>, FailoverError> {
+            Ok(self.0.lock().clone())
+        }
+        fn save(&self, p: &Progress) -> Result<(), FailoverError> {
+            *self.0.lock() = Some(p.clone());
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<Event>>);
+
+    impl EventSink for Sink {
+        fn record(&self, e: Event) {
+            self.0.lock().push(e);
+        }
+    }
+
+    /// Does nothing but note each step, take 5 ms of virtual time, and fail at `fail_at`.
+    struct Fake<'a> {
+        clock: &'a VirtualClock,
+        calls: Mutex<Vec<Work>>,
+        fail_at: Option<usize>,
+        epoch: Mutex<u64>,
+    }
+
+    impl<'a> Fake<'a> {
+        fn new(clock: &'a VirtualClock, fail_at: Option<usize>) -> Fake<'a> {
+            Fake { clock, calls: Mutex::default(), fail_at, epoch: Mutex::new(1) }
+        }
+        fn calls(&self) -> Vec<Work> {
+            self.calls.lock().clone()
+        }
+    }
+
+    impl Executor for Fake<'_> {
+        fn run(&self, work: &Work) -> impl Future<Output = Result<Done, StepError>> + Send {
+            let n = {
+                let mut calls = self.calls.lock();
+                calls.push(work.clone());
+                calls.len() - 1
+            };
+            self.clock.advance_us(5_000);
+            let r = if Some(n) == self.fail_at {
+                Err(StepError::Hook(HookError::Failed {
+                    script: "start-vm".into(),
+                    status: "exit status: 3".into(),
+                    tail: vec!["no such VM".into()],
+                }))
+            } else {
+                let epoch = match work {
+                    Work::Fence { .. } | Work::Unfence { .. } => {
+                        let mut e = self.epoch.lock();
+                        *e += 1;
+                        Some(*e)
+                    }
+                    _ => None,
+                };
+                Ok(Done { detail: format!("did {}", work.name()), epoch })
+            };
+            async move { r }
+        }
+
+        fn epoch(&self, _job: &str) -> u64 {
+            *self.epoch.lock()
+        }
+    }
+
+    fn policy() -> SourcePolicy {
+        let mut p = SourcePolicy::manual("s");
+        p.pre_failover = vec!["check-quorum".into()];
+        p.failover = vec!["start-vm".into(), "announce".into()];
+        p.stop_workload = vec!["stop-vm".into()];
+        p.interface = Some("eth0".into());
+        p.addresses = vec!["10.0.0.5/24".into(), "fd00::5/64".into()];
+        p
+    }
+
+    fn jobs() -> Vec<String> {
+        vec!["db".into(), "www".into()]
+    }
+
+    async fn run_once(
+        kind: RunKind,
+        plan: &[Work],
+        exec: &Fake<'_>,
+        store: &MemStore,
+        sink: &Sink,
+        clock: &VirtualClock,
+    ) -> (Result<(), FailoverError>, Vec<StepReport>) {
+        let p = store.load().unwrap().unwrap_or_default();
+        let mut run = Runner::new("s", kind, (exec, store, sink, clock), p);
+        let r = run.run(plan).await;
+        (r, run.steps)
+    }
+
+    #[test]
+    fn the_failover_plan_fences_first_and_starts_workloads_last() {
+        let names: Vec<String> = failover_plan(&policy(), &jobs())
+            .iter()
+            .map(|w| w.key().map(|k| k.to_string()).unwrap_or_else(|| w.name().into()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "fence:db",
+                "fence:www",
+                "pre-failover:0",
+                "address:10.0.0.5/24",
+                "address:fd00::5/64",
+                "failover:db:0",
+                "failover:db:1",
+                "failover:www:0",
+                "failover:www:1"
+            ]
+        );
+        // No interface: no address steps.
+        let mut p = policy();
+        p.interface = None;
+        assert!(!failover_plan(&p, &jobs()).iter().any(|w| matches!(w, Work::Address { .. })));
+    }
+
+    #[test]
+    fn the_failback_plan_syncs_only_fenced_jobs_and_releases_only_when_told() {
+        let fb = |job: &str, streaming| FailbackJob { job: job.into(), streaming };
+        let mut done = Progress::default();
+        done.done.insert(StepKey::Unfence("db".into()));
+        let plan = failback_plan(&policy(), &[fb("db", true), fb("www", true), fb("x", false)], &done, true);
+        let names: Vec<String> = plan.iter().map(|w| format!("{}{:?}", w.name(), w.job())).collect();
+        assert_eq!(
+            names,
+            [
+                "stop-workload Some(\"db\")",
+                "stop-workload Some(\"www\")",
+                "stop-workload Some(\"x\")",
+                "final-syncSome(\"www\")",
+                "release-addressNone",
+                "release-addressNone",
+                "unfenceSome(\"db\")",
+                "handoverSome(\"db\")",
+                "unfenceSome(\"www\")",
+                "handoverSome(\"www\")",
+                "unfenceSome(\"x\")",
+                "handoverSome(\"x\")",
+            ]
+            .map(|s| s.replace(' ', ""))
+        );
+        let kept = failback_plan(&policy(), &[fb("www", true)], &Progress::default(), false);
+        assert!(!kept.iter().any(|w| matches!(w, Work::Release { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_run_records_every_step_with_its_virtual_duration() {
+        let clock = VirtualClock::at(1_000_000);
+        let (store, sink) = (MemStore::default(), Sink::default());
+        let exec = Fake::new(&clock, None);
+        let plan = failover_plan(&policy(), &jobs());
+        let (r, steps) = run_once(RunKind::Failover, &plan, &exec, &store, &sink, &clock).await;
+        r.unwrap();
+        assert_eq!(exec.calls(), plan);
+        assert!(steps.iter().all(|s| s.status == StepStatus::Done && s.millis == 5), "{steps:?}");
+        let p = store.load().unwrap().unwrap();
+        assert_eq!(p.done.len(), plan.len());
+        assert_eq!(p.epochs, std::collections::BTreeMap::from([("db".into(), 2), ("www".into(), 3)]));
+        let events = sink.0.lock().clone();
+        assert_eq!(events.len(), 2 * plan.len());
+        assert!(events.iter().all(|e| e.kind == "failover-step"));
+        assert_eq!(events[1].millis, Some(5));
+        assert_eq!(events[1].time_us, 1_005_000);
+        assert_eq!((events[0].step.as_deref(), events[0].job.as_deref()), (Some("fence"), Some("db")));
+        // Run again: everything is skipped, nothing is done twice.
+        let again = Fake::new(&clock, None);
+        let (r, steps) = run_once(RunKind::Failover, &plan, &again, &store, &sink, &clock).await;
+        r.unwrap();
+        assert!(again.calls().is_empty());
+        assert!(steps.iter().all(|s| s.status == StepStatus::Skipped));
+    }
+
+    /// A run that stops at step k, then a rerun: the rerun does exactly the steps from k on.
+    async fn stop_and_rerun_at_every_step(kind: RunKind, plan: Vec<Work>) {
+        for k in 0..plan.len() {
+            let clock = VirtualClock::at(0);
+            let (store, sink) = (MemStore::default(), Sink::default());
+            let first = Fake::new(&clock, Some(k));
+            let (r, _) = run_once(kind, &plan, &first, &store, &sink, &clock).await;
+            let Err(FailoverError::Step { step, error }) = r else { panic!("step {k}: {r:?}") };
+            assert_eq!(step, plan[k].label());
+            assert!(error.to_string().contains("exit status: 3") && error.to_string().contains("no such VM"));
+            assert_eq!(first.calls(), plan[..=k], "step {k}: the run stops at the failing step");
+            let saved = store.load().unwrap().unwrap();
+            assert!(saved.failed.as_deref().is_some_and(|f| f.contains("no such VM")), "{saved:?}");
+            let kinds: Vec<String> = sink.0.lock().iter().map(|e| e.kind.clone()).collect();
+            assert_eq!(kinds.last().map(String::as_str), Some(format!("{kind}-failed").as_str()));
+
+            let second = Fake::new(&clock, None);
+            let (r, steps) = run_once(kind, &plan, &second, &store, &sink, &clock).await;
+            r.unwrap();
+            // Keyless steps (the final sync) are repeated; recorded ones never.
+            let redone: Vec<Work> = plan[..k]
+                .iter()
+                .filter(|w| w.key().is_none())
+                .cloned()
+                .chain(plan[k..].iter().cloned())
+                .collect();
+            assert_eq!(second.calls(), redone, "step {k}");
+            let skipped = steps.iter().filter(|s| s.status == StepStatus::Skipped).count();
+            assert_eq!(skipped, plan[..k].iter().filter(|w| w.key().is_some()).count(), "step {k}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failover_stopped_between_any_two_steps_goes_on_where_it_stopped() {
+        stop_and_rerun_at_every_step(RunKind::Failover, failover_plan(&policy(), &jobs())).await;
+    }
+
+    #[tokio::test]
+    async fn a_failback_stopped_between_any_two_steps_goes_on_where_it_stopped() {
+        let fb: Vec<FailbackJob> =
+            jobs().into_iter().map(|job| FailbackJob { job, streaming: true }).collect();
+        stop_and_rerun_at_every_step(
+            RunKind::Failback,
+            failback_plan(&policy(), &fb, &Progress::default(), true),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_skipped_fence_records_the_replicas_epoch_without_bumping_it() {
+        let clock = VirtualClock::at(0);
+        let (store, sink) = (MemStore::default(), Sink::default());
+        let mut p = Progress::default();
+        p.done.insert(StepKey::Fence("www".into()));
+        store.save(&p).unwrap();
+        let exec = Fake::new(&clock, None);
+        *exec.epoch.lock() = 7;
+        let plan = vec![Work::Fence { job: "www".into() }];
+        let (r, steps) = run_once(RunKind::Failover, &plan, &exec, &store, &sink, &clock).await;
+        r.unwrap();
+        assert!(exec.calls().is_empty(), "the epoch is not bumped twice");
+        assert_eq!(steps[0].status, StepStatus::Skipped);
+        assert_eq!(store.load().unwrap().unwrap().epochs["www"], 7);
+    }
+}
