@@ -148,17 +148,15 @@ impl Live<'_> {
 }
 
 impl Executor for Live<'_> {
-    fn run(&self, work: &Work) -> impl Future<Output = Result<Done, StepError>> + Send {
-        async move {
-            match work {
-                Work::Fence { job } => self.fence(job).await,
-                Work::Script { stage, job, script, .. } => self.script(*stage, job.as_deref(), script).await,
-                Work::Address { addr, iface } => self.address(true, addr, iface).await,
-                Work::Release { addr, iface } => self.address(false, addr, iface).await,
-                Work::FinalSync { job } => self.final_sync(job).await,
-                Work::Unfence { job } => self.unfence(job).await,
-                Work::Handover { job } => self.handover(job).await,
-            }
+    async fn run(&self, work: &Work) -> Result<Done, StepError> {
+        match work {
+            Work::Fence { job } => self.fence(job).await,
+            Work::Script { stage, job, script, .. } => self.script(*stage, job.as_deref(), script).await,
+            Work::Address { addr, iface } => self.address(true, addr, iface).await,
+            Work::Release { addr, iface } => self.address(false, addr, iface).await,
+            Work::FinalSync { job } => self.final_sync(job).await,
+            Work::Unfence { job } => self.unfence(job).await,
+            Work::Handover { job } => self.handover(job).await,
         }
     }
 
