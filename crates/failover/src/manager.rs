@@ -419,3 +419,30 @@ impl FailbackHandler for Manager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `doppel status --json` shows these words; scripts read them.
+    #[test]
+    fn states_and_policies_serialise_to_the_words_status_always_showed() {
+        let words = [
+            (SourceState::NeverSeen, "never-seen"),
+            (SourceState::Alive, "alive"),
+            (SourceState::Stopped, "stopped"),
+            (SourceState::Silent, "silent"),
+            (SourceState::Failed, "failed"),
+            (SourceState::FailingOver, "failing-over"),
+            (SourceState::FailedOver, "failed-over"),
+            (SourceState::FailingBack, "failing-back"),
+        ];
+        for (state, word) in words {
+            assert_eq!(serde_json::to_value(state).unwrap(), word);
+        }
+        assert_eq!(serde_json::to_value(Policy::Auto).unwrap(), "auto");
+        assert_eq!(serde_json::to_value(Policy::Manual).unwrap(), "manual");
+        assert_eq!(serde_json::to_value(RunKind::Failback).unwrap(), "failback");
+        assert_eq!(RunKind::Failover.state(), SourceState::FailingOver);
+    }
+}
