@@ -3,10 +3,10 @@
 //! One JSON object per line in `DATA/events.jsonl`, appended and synced, so the history of
 //! what happened survives the target's own restarts; `doppel events` shows it.
 
+use parking_lot::Mutex;
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,12 @@ impl Event {
             detail: String::new(),
             millis: None,
         }
+    }
+
+    /// At `time_us` rather than now.
+    pub fn at(mut self, time_us: u64) -> Event {
+        self.time_us = time_us;
+        self
     }
 
     /// About `job`.
@@ -100,7 +106,7 @@ impl EventLog {
             detail = %e.detail,
             "event"
         );
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.lock.lock();
         let line = serde_json::to_string(&e).expect("events serialize") + "\n";
         let r = OpenOptions::new()
             .create(true)
@@ -123,5 +129,11 @@ impl EventLog {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl crate::runner::EventSink for EventLog {
+    fn record(&self, e: Event) {
+        EventLog::record(self, e)
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! - [`policy`]: what the target does for each source: how it watches it, when it fails it
 //!   over, which addresses it takes over and which scripts it runs.
-//! - [`monitor`]: is each source alive? (its link, and probes).
+//! - [`monitor`]: is each source alive? (its link, and probes): the I/O around [`verdict`].
+//! - [`verdict`]: the monitor's rules as a state machine without I/O.
+//! - [`clock`]: the time the decisions are made on, real or virtual.
 //! - [`probe`]: checks of a source besides its link (TCP connect, HTTP, a command).
 //! - [`steps`]: failover and failback cutover, step by step, resumable.
+//! - [`runner`]: the step sequencing, without I/O, over small traits.
 //! - [`progress`]: the record of the steps done, so a rerun goes on where a run stopped.
 //! - [`hooks`]: running the operator's scripts, and taking over and releasing addresses.
 //! - [`events`]: the event log `doppel events` shows: every step, with times.
@@ -14,6 +17,7 @@
 //! - [`source`]: the source side of a failback: its tree brought in line with the replica,
 //!   then protection resumed.
 
+pub mod clock;
 pub mod events;
 pub mod hooks;
 pub mod manager;
@@ -22,8 +26,10 @@ pub mod policy;
 pub mod probe;
 pub mod progress;
 pub mod reverse;
+pub mod runner;
 pub mod source;
 pub mod steps;
+pub mod verdict;
 
 pub use events::{Event, EventLog};
 pub use manager::{FailoverError, Manager, ManagerConfig, SourceStatus};

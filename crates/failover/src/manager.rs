@@ -7,17 +7,20 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use doppel_proto::Refusal;
 use doppel_target::{FailbackHandler, Stream, Target};
-use serde::Serialize;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SystemClock};
 use crate::events::{Event, EventLog};
 use crate::monitor::Watch;
 use crate::policy::{Policy, SourcePolicy};
 use crate::reverse::ReverseJob;
+use crate::verdict::{self, Verdict};
 
 /// Why a failover or failback could not complete.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +39,7 @@ pub enum FailoverError {
         /// The step.
         step: String,
         /// Why.
-        error: String,
+        error: crate::runner::StepError,
     },
     /// A failback cutover cannot start yet.
     #[error("{0}")]
@@ -73,17 +76,73 @@ impl ManagerConfig {
     }
 }
 
+/// A failover or a failback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// Taking the workload over on the replica.
+    Failover,
+    /// Handing it back to its source.
+    Failback,
+}
+
+impl RunKind {
+    /// `failover` or `failback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Failover => "failover",
+            RunKind::Failback => "failback",
+        }
+    }
+
+    /// The state a source shows while a run of this kind goes on.
+    pub fn state(self) -> SourceState {
+        match self {
+            RunKind::Failover => SourceState::FailingOver,
+            RunKind::Failback => SourceState::FailingBack,
+        }
+    }
+}
+
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A source's state as `doppel status` shows it (in these kebab-case words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceState {
+    /// No replica of it here.
+    NeverSeen,
+    /// Heard from within the last interval.
+    Alive,
+    /// Its agents stopped cleanly: no failover by itself.
+    Stopped,
+    /// The link missed a check (probes may still answer).
+    Silent,
+    /// The link and every probe missed the threshold.
+    Failed,
+    /// A failover runs.
+    FailingOver,
+    /// The workload runs on the replica.
+    FailedOver,
+    /// A failback cutover runs.
+    FailingBack,
+}
+
 /// What `doppel status` shows about a source on the target.
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceStatus {
     /// The source.
     pub source: String,
     /// `auto` or `manual`.
-    pub policy: String,
+    pub policy: Policy,
     /// `never-seen`, `alive`, `stopped` (its agents stopped cleanly: no failover by itself),
     /// `silent` (the link missed a check; probes may still answer),
     /// `failed`, `failing-over`, `failed-over`, `failing-back`.
-    pub state: String,
+    pub state: SourceState,
     /// Seconds since the source was last heard from.
     pub silent_secs: f64,
     /// Seconds until the source counts as failed (and, with the `auto` policy, fails over),
@@ -133,6 +192,8 @@ pub struct Manager {
     pub(crate) events: EventLog,
     /// When the manager started: a source not heard from since is given the full threshold.
     pub(crate) started_us: u64,
+    /// The time decisions are made on.
+    pub(crate) clock: Arc<dyn Clock>,
     pub(crate) watches: Mutex<HashMap<String, Watch>>,
     /// One failover or failback at a time per source.
     pub(crate) ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -144,6 +205,16 @@ impl Manager {
     /// A manager for `target`'s sources; those without a policy get [`SourcePolicy::manual`].
     /// Installs itself as the target's failback handler.
     pub fn new(target: Arc<Target>, config: ManagerConfig, policies: Vec<SourcePolicy>) -> Arc<Manager> {
+        Manager::with_clock(target, config, policies, Arc::new(SystemClock))
+    }
+
+    /// [`Manager::new`], on `clock`.
+    pub fn with_clock(
+        target: Arc<Target>,
+        config: ManagerConfig,
+        policies: Vec<SourcePolicy>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Manager> {
         let mut by_name: HashMap<String, SourcePolicy> =
             policies.into_iter().map(|p| (p.name.clone(), p)).collect();
         for a in &target.config.allowed {
@@ -155,7 +226,8 @@ impl Manager {
             config,
             policies: by_name,
             events,
-            started_us: doppel_link::framed::now_us(),
+            started_us: clock.now_us(),
+            clock,
             watches: Mutex::default(),
             ops: Mutex::default(),
             reverse: Mutex::default(),
@@ -181,7 +253,13 @@ impl Manager {
     }
 
     pub(crate) fn op_lock(&self, source: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.ops.lock().unwrap_or_else(|p| p.into_inner()).entry(source.to_string()).or_default().clone()
+        self.ops.lock().entry(source.to_string()).or_default().clone()
+    }
+
+    /// A fresh watch of `source`, counting from the manager's start.
+    pub(crate) fn new_watch(&self, source: &str) -> Watch {
+        let rules = verdict::Rules::of(&self.policies[source]);
+        Watch { verdict: verdict::Watch::new(rules, self.started_us), running: None, error: None }
     }
 
     /// The replica's checkpoint: (epoch, failed over).
@@ -199,11 +277,7 @@ impl Manager {
     }
 
     pub(crate) fn reverse_job(&self, source: &str, job: &str) -> Option<Arc<ReverseJob>> {
-        self.reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(source.to_string(), job.to_string()))
-            .cloned()
+        self.reverse.lock().get(&(source.to_string(), job.to_string())).cloned()
     }
 
     /// Runs the notify command of `source` (if any) for `event`, without waiting for it.
@@ -239,7 +313,7 @@ impl Manager {
 
     fn source_status(&self, source: &str) -> SourceStatus {
         let pol = &self.policies[source];
-        let now = doppel_link::framed::now_us();
+        let now = self.clock.now_us();
         let jobs: Vec<JobFailoverStatus> = self
             .target
             .jobs_of(source)
@@ -258,41 +332,39 @@ impl Manager {
                 JobFailoverStatus { job, failed_over, epoch, failback }
             })
             .collect();
-        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        let w = watches.get(source).cloned().unwrap_or_default();
-        drop(watches);
-        let silent_secs = now.saturating_sub(self.last_heard_us(source)) as f64 / 1e6;
-        // The countdown starts no earlier than the end of the last failover or failback.
-        let counted_secs = now.saturating_sub(self.last_heard_us(source).max(w.baseline_us)) as f64 / 1e6;
-        let any_failed_over = jobs.iter().any(|j| j.failed_over);
-        let state = if let Some(op) = &w.running {
-            op.clone()
-        } else if jobs.is_empty() {
-            "never-seen".into()
-        } else if any_failed_over {
-            "failed-over".into()
-        } else if self.target.source_stopped(source) {
-            "stopped".into()
-        } else if w.failed {
-            "failed".into()
-        } else if w.link_missed > 0 {
-            "silent".into()
-        } else {
-            "alive".into()
+        let seen = self.target.last_seen_us(source);
+        let (running, error, view) = {
+            let mut watches = self.watches.lock();
+            let w = watches.entry(source.to_string()).or_insert_with(|| self.new_watch(source));
+            w.verdict.heard(seen);
+            (w.running, w.error.clone(), w.verdict.view(now))
         };
-        let failover_in_secs = (state == "silent").then(|| w.remaining_secs(pol, counted_secs)).flatten();
+        let state = if let Some(run) = running {
+            run.state()
+        } else if jobs.is_empty() {
+            SourceState::NeverSeen
+        } else if jobs.iter().any(|j| j.failed_over) {
+            SourceState::FailedOver
+        } else if self.target.source_stopped(source) {
+            SourceState::Stopped
+        } else {
+            match view.verdict {
+                Verdict::Alive => SourceState::Alive,
+                Verdict::Silent | Verdict::Suspect => SourceState::Silent,
+                Verdict::Failed => SourceState::Failed,
+                Verdict::Stopped => SourceState::Stopped,
+            }
+        };
+        let countdown = view.countdown_us.filter(|_| state == SourceState::Silent);
         SourceStatus {
             source: source.to_string(),
-            policy: match pol.policy {
-                Policy::Auto => "auto".into(),
-                Policy::Manual => "manual".into(),
-            },
+            policy: pol.policy,
             state,
-            silent_secs,
-            failover_in_secs,
-            missed: w.missed,
+            silent_secs: now.saturating_sub(self.last_heard_us(source)) as f64 / 1e6,
+            failover_in_secs: countdown.map(|us| us as f64 / 1e6),
+            missed: view.missed,
             threshold: pol.missed,
-            error: w.error.clone(),
+            error,
             jobs,
         }
     }
@@ -339,11 +411,38 @@ impl FailbackHandler for Manager {
                     .job(&job)
                     .detail("streaming the replica back to its source"),
             );
-            me.reverse.lock().unwrap_or_else(|p| p.into_inner()).insert((source, job), r.clone());
+            me.reverse.lock().insert((source, job), r.clone());
             if let Err(s) = r.offer(stream) {
                 doppel_target::refuse_stream(s, Refusal::Busy).await;
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `doppel status --json` shows these words; scripts read them.
+    #[test]
+    fn states_and_policies_serialise_to_the_words_status_always_showed() {
+        let words = [
+            (SourceState::NeverSeen, "never-seen"),
+            (SourceState::Alive, "alive"),
+            (SourceState::Stopped, "stopped"),
+            (SourceState::Silent, "silent"),
+            (SourceState::Failed, "failed"),
+            (SourceState::FailingOver, "failing-over"),
+            (SourceState::FailedOver, "failed-over"),
+            (SourceState::FailingBack, "failing-back"),
+        ];
+        for (state, word) in words {
+            assert_eq!(serde_json::to_value(state).unwrap(), word);
+        }
+        assert_eq!(serde_json::to_value(Policy::Auto).unwrap(), "auto");
+        assert_eq!(serde_json::to_value(Policy::Manual).unwrap(), "manual");
+        assert_eq!(serde_json::to_value(RunKind::Failback).unwrap(), "failback");
+        assert_eq!(RunKind::Failover.state(), SourceState::FailingOver);
     }
 }

@@ -15,54 +15,26 @@
 //! fail over a stopped source runs `doppel failover`.
 //! A target that starts while a source is down gives it the whole threshold from its own
 //! start.
+//!
+//! The rules live in [`crate::verdict`], a state machine without I/O; this is the shell that
+//! feeds it what the target observes, runs the probes it asks for, and acts on its verdicts.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::events::Event;
-use crate::manager::Manager;
-use crate::policy::{Policy, SourcePolicy};
+use crate::manager::{Manager, RunKind};
+use crate::verdict::{self, Action, Decision, Failure};
 
 /// What the monitor knows about one source.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Watch {
-    /// Checks missed in a row (the smaller of the link's and the probes' counts).
-    pub missed: u32,
-    /// Checks the link alone missed (the source is silent, whatever the probes say).
-    pub link_missed: u32,
-    /// Failures in a row of each probe.
-    pub probe_fails: Vec<u32>,
-    /// Some probe answered at the last check: the source lives, whatever its link says.
-    pub probe_answered: bool,
-    /// When the probes run next (microseconds since the epoch).
-    pub next_probe_us: u64,
-    /// The source counts as failed (until it is heard from again).
-    pub failed: bool,
-    /// A failover or failback running (`failing-over`, `failing-back`).
-    pub running: Option<String>,
+    /// The verdict's state.
+    pub verdict: verdict::Watch,
+    /// A failover or failback running.
+    pub running: Option<RunKind>,
     /// The last failover or failback error.
     pub error: Option<String>,
-    /// Silence counts from here at the earliest (microseconds since the epoch): the end of a
-    /// failover or failback, whose connections do not count as the source being heard from.
-    pub baseline_us: u64,
-}
-
-impl Watch {
-    /// Seconds until the threshold is reached, given `silent_secs` of link silence; none while
-    /// a probe answers (the countdown would not move).
-    pub fn remaining_secs(&self, p: &SourcePolicy, silent_secs: f64) -> Option<f64> {
-        if self.probe_answered {
-            return None;
-        }
-        let interval = p.interval.as_secs_f64();
-        let link = interval * p.missed as f64 - silent_secs;
-        let probes = self
-            .probe_fails
-            .iter()
-            .map(|f| p.missed.saturating_sub(*f) as f64 * interval)
-            .fold(0.0, f64::max);
-        Some(link.max(probes).max(0.0))
-    }
 }
 
 impl Manager {
@@ -89,106 +61,78 @@ impl Manager {
                 self.check(&name).await;
             }
         }
-        let reverse: Vec<_> =
-            self.reverse.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, r)| r).collect();
+        let reverse: Vec<_> = self.reverse.lock().drain().map(|(_, r)| r).collect();
         for r in reverse {
             let _ = r.stop().await;
         }
     }
 
-    async fn check(self: &Arc<Self>, source: &str) {
-        let pol = self.policies[source].clone();
+    /// Whether `source` is watched now: it has replicas here, none failed over.
+    fn watched(&self, source: &str) -> bool {
         let jobs = self.target.jobs_of(source);
-        let busy = self
-            .watches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(source)
-            .is_some_and(|w| w.running.is_some());
-        let failed_over = jobs.iter().any(|j| self.replica_state(source, j).1);
-        let now = doppel_link::framed::now_us();
-        // A source whose agent said goodbye was stopped on purpose: no countdown until it is
-        // back (a crash, a pulled cable or a dead machine says nothing).
+        !jobs.is_empty() && !jobs.iter().any(|j| self.replica_state(source, j).1)
+    }
+
+    /// One check of `source`: feeds the verdict what the target saw, runs the probes it asks
+    /// for, and acts on what it says.
+    async fn check(self: &Arc<Self>, source: &str) {
+        let watched = self.watched(source);
         let stopped = self.target.source_stopped(source);
-        if jobs.is_empty() || busy || failed_over || stopped {
-            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-            let w = watches.entry(source.to_string()).or_default();
-            w.missed = 0;
-            w.link_missed = 0;
-            w.probe_fails.clear();
-            w.failed = false;
-            w.baseline_us = now;
-            return;
-        }
-        let baseline =
-            self.watches.lock().unwrap_or_else(|p| p.into_inner()).get(source).map_or(0, |w| w.baseline_us);
-        let seen = self.last_heard_us(source).max(baseline);
-        let silent_us = now.saturating_sub(seen);
-        let interval_us = pol.interval.as_micros().max(1) as u64;
-        let link_missed = (silent_us / interval_us).min(u32::MAX as u64) as u32;
-        let run_probes = {
-            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-            let w = watches.entry(source.to_string()).or_default();
-            if w.probe_fails.len() != pol.probes.len() {
-                w.probe_fails = vec![0; pol.probes.len()];
+        let seen = self.target.last_seen_us(source);
+        let now = self.clock.now_us();
+        let action = self.with_watch(source, |w| {
+            if w.running.is_some() || !watched {
+                w.verdict.hold(now);
+                return Action::None;
             }
-            w.link_missed = link_missed;
-            if link_missed == 0 {
-                w.probe_fails.iter_mut().for_each(|f| *f = 0);
-                w.probe_answered = false;
-                w.next_probe_us = 0;
-                if w.failed {
-                    w.failed = false;
-                    drop(watches);
-                    self.events.record(Event::new(source, "source-back").detail("heard from again"));
-                    return;
-                }
-                w.missed = 0;
-                return;
+            w.verdict.set_stopped(stopped);
+            w.verdict.heard(seen);
+            w.verdict.tick(now)
+        });
+        let action = match action {
+            Action::RunProbes => {
+                let alive = self.run_probes(source).await;
+                let now = self.clock.now_us();
+                self.with_watch(source, |w| w.verdict.probed(now, &alive))
             }
-            let due = !pol.probes.is_empty() && now >= w.next_probe_us;
-            if due {
-                w.next_probe_us = now + interval_us;
-            }
-            due
+            a => a,
         };
-        if run_probes {
-            let mut set = tokio::task::JoinSet::new();
-            for (i, p) in pol.probes.iter().enumerate() {
-                let p = p.clone();
-                set.spawn(async move { (i, crate::probe::alive(&p).await) });
+        match action {
+            Action::None | Action::RunProbes => {}
+            Action::Back => {
+                self.events.record(Event::new(source, "source-back").detail("heard from again"));
             }
-            let results = set.join_all().await;
-            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-            let w = watches.entry(source.to_string()).or_default();
-            w.probe_answered = results.iter().any(|(_, alive)| *alive);
-            for (i, alive) in results {
-                if let Some(f) = w.probe_fails.get_mut(i) {
-                    *f = if alive { 0 } else { f.saturating_add(1) };
-                }
-            }
+            Action::Failed(f) => self.failed(source, f),
         }
-        let newly_failed = {
-            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-            let w = watches.entry(source.to_string()).or_default();
-            w.missed = w.probe_fails.iter().copied().fold(link_missed, u32::min);
-            let reached = w.missed >= pol.missed;
-            let newly = reached && !w.failed;
-            if newly {
-                w.failed = true;
-                if pol.policy == Policy::Auto {
-                    w.running = Some("failing-over".into());
-                }
-            }
-            newly
-        };
-        if !newly_failed {
-            return;
+    }
+
+    fn with_watch<R>(&self, source: &str, f: impl FnOnce(&mut Watch) -> R) -> R {
+        let mut watches = self.watches.lock();
+        let w = watches.entry(source.to_string()).or_insert_with(|| self.new_watch(source));
+        f(w)
+    }
+
+    /// Every probe of `source`, at once: whether each says the source is alive.
+    async fn run_probes(&self, source: &str) -> Vec<bool> {
+        let probes = self.policies[source].probes.clone();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, p) in probes.into_iter().enumerate() {
+            set.spawn(async move { (i, crate::probe::alive(&p).await) });
         }
+        let mut alive = vec![false; self.policies[source].probes.len()];
+        for (i, a) in set.join_all().await {
+            alive[i] = a;
+        }
+        alive
+    }
+
+    /// `source` has just become failed: alert, and fail it over under the `auto` policy.
+    fn failed(self: &Arc<Self>, source: &str, f: Failure) {
+        let pol = &self.policies[source];
         let detail = format!(
             "silent for {:.1} s ({} checks of {:?} missed){}",
-            silent_us as f64 / 1e6,
-            link_missed,
+            f.silent_us as f64 / 1e6,
+            f.link_missed,
             pol.interval,
             if pol.probes.is_empty() {
                 String::new()
@@ -198,17 +142,19 @@ impl Manager {
         );
         self.events.record(Event::new(source, "source-failed").detail(detail.clone()));
         self.notify(source, "source-failed", &detail);
-        match pol.policy {
-            Policy::Manual => self.events.record(
+        match f.decision {
+            Decision::Alert => self.events.record(
                 Event::new(source, "failover-needed")
                     .detail(format!("manual policy: run `doppel failover {source}` to fail over")),
             ),
-            Policy::Auto => {
+            Decision::FailOver => {
+                // Shown at once, and no second check starts another.
+                self.with_watch(source, |w| w.running = Some(RunKind::Failover));
                 let me = self.clone();
                 let source = source.to_string();
                 tokio::spawn(async move {
                     let cause = format!("auto: {detail}");
-                    let r = me.failover_locked(&source, None, &cause, Some(seen)).await;
+                    let r = me.failover_locked(&source, None, &cause, Some(f.since_us)).await;
                     if let Err(e) = r {
                         tracing::error!(%source, error = %e, "automatic failover failed");
                     }

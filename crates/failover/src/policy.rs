@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 /// Whether a failed source fails over by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Fail over once the source has been failed for the threshold.
     Auto,

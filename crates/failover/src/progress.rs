@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::manager::FailoverError;
+use crate::runner::{ProgressStore, StepKey};
+
 /// One run's progress.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -21,7 +24,7 @@ pub struct Progress {
     /// The jobs it covers.
     pub jobs: BTreeSet<String>,
     /// Keys of the steps done (`fence:www`, `address:10.0.0.5/24`, `failover:www:0`).
-    pub done: BTreeSet<String>,
+    pub done: BTreeSet<StepKey>,
     /// Epochs the run set, per job.
     pub epochs: BTreeMap<String, u64>,
     /// When the run completed, if it did.
@@ -63,6 +66,20 @@ impl Progress {
     }
 }
 
+/// The progress file of one run.
+#[derive(Debug, Clone)]
+pub struct FileStore(pub PathBuf);
+
+impl ProgressStore for FileStore {
+    fn load(&self) -> Result<Option<Progress>, FailoverError> {
+        Progress::load(&self.0).map_err(|source| FailoverError::Io { path: self.0.clone(), source })
+    }
+
+    fn save(&self, p: &Progress) -> Result<(), FailoverError> {
+        p.save(&self.0).map_err(|source| FailoverError::Io { path: self.0.clone(), source })
+    }
+}
+
 /// Where the records of `source` live: `DATA/failover/SOURCE.json` for failovers and
 /// `SOURCE.failback.json` for failbacks.
 pub fn paths(data: &Path, source: &str) -> (PathBuf, PathBuf) {
@@ -80,12 +97,67 @@ mod tests {
         let (path, _) = paths(dir.path(), "web1");
         assert_eq!(Progress::load(&path).unwrap(), None);
         let mut p = Progress { started_us: 5, cause: "manual".into(), ..Progress::default() };
-        p.done.insert("fence:www".into());
+        p.done.insert(StepKey::Fence("www".into()));
         p.epochs.insert("www".into(), 3);
         p.save(&path).unwrap();
         assert_eq!(Progress::load(&path).unwrap(), Some(p));
         Progress::remove(&path).unwrap();
         Progress::remove(&path).unwrap();
         assert_eq!(Progress::load(&path).unwrap(), None);
+    }
+
+    /// A progress file as earlier versions wrote it reads, and writes back the same.
+    #[test]
+    fn progress_files_in_the_string_key_format_read_and_write_back_the_same() {
+        let today = r#"{
+  "started_us": 1764870000000000,
+  "cause": "auto: silent for 31.0 s",
+  "jobs": [
+    "db",
+    "www"
+  ],
+  "done": [
+    "address:10.0.0.5/24",
+    "address:fd00::5/64",
+    "failover:db:0",
+    "failover:www:1",
+    "fence:db",
+    "fence:www",
+    "handover:www",
+    "pre-failover:0",
+    "release:10.0.0.5/24",
+    "stop-workload:www:2",
+    "unfence:www"
+  ],
+  "epochs": {
+    "db": 4,
+    "www": 2
+  },
+  "finished_us": null,
+  "failed": "failover (www): `start-vm` failed (exit status: 1)"
+}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, today).unwrap();
+        let p = Progress::load(&path).unwrap().unwrap();
+        use crate::runner::Stage;
+        for k in [
+            StepKey::Fence("www".into()),
+            StepKey::Address("fd00::5/64".into()),
+            StepKey::Script { stage: Stage::PreFailover, job: None, index: 0 },
+            StepKey::Script { stage: Stage::Failover, job: Some("www".into()), index: 1 },
+            StepKey::Script { stage: Stage::StopWorkload, job: Some("www".into()), index: 2 },
+            StepKey::Release("10.0.0.5/24".into()),
+            StepKey::Unfence("www".into()),
+            StepKey::Handover("www".into()),
+        ] {
+            assert!(p.done.contains(&k), "{k}");
+        }
+        assert_eq!(p.done.len(), 11);
+        p.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), today);
+        for bad in ["fence", "fence:", "failover:www:x", "reboot:now", "failover::1"] {
+            assert!(bad.parse::<StepKey>().is_err(), "{bad}");
+        }
     }
 }

@@ -11,15 +11,64 @@
 //! applied them, and ends the stream with the handover message.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doppel_agent::status::JobStatusSnapshot;
 use doppel_agent::{Agent, AgentError, Connector, Destination, JobConfig, Settler, StatusSource};
 use doppel_proto::Message;
 use doppel_target::Stream;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Why a failback stream cannot be cut over (yet), or its cutover failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReverseError {
+    /// The source is not connected.
+    #[error("the source is not connected for failback ({state}: {detail})")]
+    NotConnected {
+        /// The sending job's state.
+        state: String,
+        /// More, in words.
+        detail: String,
+    },
+    /// The source does not hold the whole replica yet.
+    #[error(
+        "still {state} ({bytes_sent} bytes sent so far, {pending_bytes} pending): wait until status shows the failback replicating"
+    )]
+    NotReplicating {
+        /// The sending job's state.
+        state: String,
+        /// Bytes sent so far.
+        bytes_sent: u64,
+        /// Bytes not yet applied by the source.
+        pending_bytes: u64,
+    },
+    /// The sending job could not take in the last changes.
+    #[error("cannot take in the last changes: {0}")]
+    Settle(#[source] doppel_agent::RequestError),
+    /// The source did not apply everything within the cutover time.
+    #[error("the source applied up to {acked} of {captured} within {within:?} ({state}: {detail})")]
+    NotApplied {
+        /// The last op the source applied.
+        acked: u64,
+        /// The last op to apply.
+        captured: u64,
+        /// The time allowed.
+        within: Duration,
+        /// The sending job's state.
+        state: String,
+        /// More, in words.
+        detail: String,
+    },
+    /// The sending job ended with an error.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The sending job's task panicked or was cancelled.
+    #[error("the failback job's task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// A running failback of one job.
 pub struct ReverseJob {
@@ -85,7 +134,7 @@ impl ReverseJob {
     /// holds the replica only once those are acknowledged; until then this says `mirroring`.
     pub fn snapshot(&self) -> JobStatusSnapshot {
         let mut s = self.status.snapshot();
-        let mut mirrored = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mirrored = self.mirrored.lock();
         if s.state != "replicating" {
             *mirrored = None;
         } else {
@@ -100,24 +149,25 @@ impl ReverseJob {
     }
 
     /// Whether the source holds the whole replica and receives changes as they happen.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), ReverseError> {
         let s = self.snapshot();
         if !s.connected {
-            return Err(format!("the source is not connected for failback ({}: {})", s.state, s.detail));
+            return Err(ReverseError::NotConnected { state: s.state, detail: s.detail });
         }
         if s.state != "replicating" {
-            return Err(format!(
-                "still {} ({} bytes sent so far, {} pending): wait until status shows the failback replicating",
-                s.state, s.bytes_sent, s.pending_bytes
-            ));
+            return Err(ReverseError::NotReplicating {
+                state: s.state,
+                bytes_sent: s.bytes_sent,
+                pending_bytes: s.pending_bytes,
+            });
         }
         Ok(())
     }
 
     /// The final sync of a cutover: takes in every change made so far and waits until the
     /// source has applied it. The workload must be stopped first.
-    pub async fn drain(&self, within: Duration) -> Result<(), String> {
-        self.settler.settle().await.map_err(|e| e.to_string())?;
+    pub async fn drain(&self, within: Duration) -> Result<(), ReverseError> {
+        self.settler.settle().await.map_err(ReverseError::Settle)?;
         let captured = self.snapshot().last_captured_seq;
         let deadline = Instant::now() + within;
         loop {
@@ -126,31 +176,30 @@ impl ReverseJob {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the source applied up to {} of {captured} within {within:?} ({}: {})",
-                    s.last_acked_seq, s.state, s.detail
-                ));
+                return Err(ReverseError::NotApplied {
+                    acked: s.last_acked_seq,
+                    captured,
+                    within,
+                    state: s.state,
+                    detail: s.detail,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Ends the stream with `last` (the handover) and stops the job.
-    pub async fn hand_over(&self, last: Message) -> Result<(), String> {
+    pub async fn hand_over(&self, last: Message) -> Result<(), ReverseError> {
         *self.final_message.lock() = Some(last);
         self.stop().await
     }
 
     /// Stops the job (without a handover, unless one was set).
-    pub async fn stop(&self) -> Result<(), String> {
+    pub async fn stop(&self) -> Result<(), ReverseError> {
         self.shutdown.cancel();
         let handle = self.run.lock().await.take();
         match handle {
-            Some(h) => match h.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
+            Some(h) => Ok(h.await??),
             None => Ok(()),
         }
     }

@@ -75,7 +75,7 @@ async fn a_silent_link_with_a_live_probe_does_not_fail_over_until_the_probe_dies
     tokio::task::spawn_blocking(move || {
         wait_until(Duration::from_secs(20), "a long silence", || {
             let s = state_of(&m2);
-            (s["silent_secs"].as_f64().unwrap() > 2.0).then_some(()).ok_or(s.to_string())
+            (s["silent_secs"].as_f64().unwrap() > 1.2).then_some(()).ok_or(s.to_string())
         })
     })
     .await
