@@ -168,10 +168,10 @@ pub struct SourceRow {
     /// The source.
     pub source: String,
     /// `auto` or `manual`.
-    pub policy: String,
+    pub policy: doppel_failover::Policy,
     /// `never-seen`, `alive`, `stopped`, `silent`, `failed`, `failing-over`, `failed-over`,
     /// `failing-back`.
-    pub state: String,
+    pub state: doppel_failover::SourceState,
     /// Seconds since the source was last heard from.
     pub silent_secs: f64,
     /// Seconds until the source counts as failed, while it is silent and no probe answers.

@@ -32,6 +32,6 @@ pub mod steps;
 pub mod verdict;
 
 pub use events::{Event, EventLog};
-pub use manager::{FailoverError, Manager, ManagerConfig, SourceStatus};
+pub use manager::{FailoverError, Manager, ManagerConfig, RunKind, SourceState, SourceStatus};
 pub use policy::{Policy, Probe, SourcePolicy};
 pub use steps::{Report, render};

@@ -327,9 +327,9 @@ pub enum StepError {
     /// A script or an address change.
     #[error(transparent)]
     Hook(#[from] HookError),
-    /// The replica could not be reached (the target's words).
-    #[error("{0}")]
-    Replica(String),
+    /// The replica could not be reached.
+    #[error(transparent)]
+    Replica(#[from] doppel_target::LeaseError),
     /// The replica refused.
     #[error(transparent)]
     Apply(#[from] doppel_apply::ApplyError),

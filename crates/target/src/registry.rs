@@ -107,11 +107,6 @@ pub enum LeaseError {
 
 /// For callers whose errors are plain text (the failover steps report them in events and
 /// progress files): a lease error becomes its message.
-impl From<LeaseError> for String {
-    fn from(e: LeaseError) -> String {
-        e.to_string()
-    }
-}
 
 /// A status snapshot of one replica, for `doppel status` and the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

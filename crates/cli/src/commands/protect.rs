@@ -119,7 +119,7 @@ fn handler(agent: &Agent) -> control::Handler {
                 },
                 ControlRequest::Verify { repair } => match verifier.verify(repair).await {
                     Ok(report) => ControlResponse::Verify(report),
-                    Err(e) => ControlResponse::error(e),
+                    Err(e) => ControlResponse::error(e.to_string()),
                 },
                 other => ControlResponse::error(format!(
                     "{} is served by the target's control socket, not by a job's",

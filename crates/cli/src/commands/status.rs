@@ -281,22 +281,24 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
 fn print_sources(sources: &[SourceRow]) {
     println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
     for src in sources {
-        let state = src.state.as_str();
-        let next = match (src.failover_in_secs, src.policy.as_str()) {
-            (Some(t), "auto") => format!("fails over in {t:.0}s"),
-            (Some(t), _) => format!("counts as failed in {t:.0}s"),
-            (None, "manual") if state == "failed" => {
+        use doppel_failover::{Policy, SourceState};
+        let state = serde_json::to_value(src.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let policy = serde_json::to_value(src.policy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let next = match (src.failover_in_secs, src.policy, src.state) {
+            (Some(t), Policy::Auto, _) => format!("fails over in {t:.0}s"),
+            (Some(t), _, _) => format!("counts as failed in {t:.0}s"),
+            (None, Policy::Manual, SourceState::Failed) => {
                 format!("manual policy: run `doppel failover {}`", src.source)
             }
-            (None, _) if state == "silent" => "the link is silent but a probe answers: not failed".into(),
-            (None, _) if state == "failed-over" => {
+            (None, _, SourceState::Silent) => "the link is silent but a probe answers: not failed".into(),
+            (None, _, SourceState::FailedOver) => {
                 format!("`doppel failback {}` once it is back", src.source)
             }
             _ => String::new(),
         };
         println!(
             "{:<16} {:<7} {:<13} {:>7.0}s {:>3}/{:<3}  {next}",
-            src.source, src.policy, state, src.silent_secs, src.missed, src.threshold,
+            src.source, policy, state, src.silent_secs, src.missed, src.threshold,
         );
         if let Some(e) = &src.error {
             println!("{:<16} ERROR: {}", "", e.replace('\n', " "));

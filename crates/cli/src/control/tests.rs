@@ -69,8 +69,8 @@ fn responses() -> Vec<ControlResponse> {
     };
     let source = SourceRow {
         source: "web".into(),
-        policy: "manual".into(),
-        state: "silent".into(),
+        policy: doppel_failover::Policy::Manual,
+        state: doppel_failover::SourceState::Silent,
         silent_secs: 12.5,
         failover_in_secs: Some(17.5),
         missed: 2,
@@ -90,7 +90,7 @@ fn responses() -> Vec<ControlResponse> {
     };
     let report = doppel_failover::Report {
         source: "web".into(),
-        kind: "failover".into(),
+        kind: doppel_failover::RunKind::Failover,
         jobs: vec!["data".into()],
         epochs: BTreeMap::from([("data".to_string(), 3)]),
         steps: Vec::new(),
