@@ -93,6 +93,12 @@ fn job_span(name: &str) -> tracing::Span {
     tracing::info_span!("job", job = %name)
 }
 
+/// The formats of a job's directory (`state.json`, `index.bin`, the spool's segments and
+/// `acked`, `activity.log`/`dirty.log`; the embedded target's state directory inside it has
+/// its own stamp). Version 1: the first release's.
+pub const JOB_FORMAT: doppel_fs::format::Format =
+    doppel_fs::format::Format { kind: "doppel-job", current: 1, oldest: 1 };
+
 /// `HOME/jobs/JOB`.
 pub fn job_dir(home: &Path, job: &str) -> PathBuf {
     home.join("jobs").join(job)
@@ -145,7 +151,8 @@ impl Agent {
             }
         }
         let dir = job_dir(&home, &job.name);
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        // Before the lock file: a directory holding nothing yet is new, not of format 1.
+        JOB_FORMAT.take_over(&dir, |_| Ok(()))?;
         let lock = take_lock(&dir, &job.name)?;
 
         let state_path = dir.join("state.json");

@@ -26,6 +26,9 @@ pub enum AgentError {
         /// The lock file.
         lock: PathBuf,
     },
+    /// The job's state directory is in a format this build does not read.
+    #[error(transparent)]
+    Format(#[from] doppel_fs::format::FormatError),
     /// The spool failed.
     #[error(transparent)]
     Spool(#[from] doppel_spool::SpoolError),

@@ -49,7 +49,8 @@ fn unused(dir: &Path) -> Vec<String> {
         all.extend(sources(&dir.join(d)));
     }
     let mut out = Vec::new();
-    for (section, texts) in [("dependencies", &lib), ("build-dependencies", &lib), ("dev-dependencies", &all)] {
+    for (section, texts) in [("dependencies", &lib), ("build-dependencies", &lib), ("dev-dependencies", &all)]
+    {
         let Some(deps) = manifest.get(section).and_then(|d| d.as_table()) else { continue };
         for (name, spec) in deps {
             let package = spec.get("package").and_then(|p| p.as_str());
@@ -86,11 +87,21 @@ fn the_check_sees_an_unused_dependency() {
     )
     .unwrap();
     // `serde_json_extra` and `my_serde` must not count as uses of `serde` or `serde_json`.
-    fs::write(dir.path().join("src/lib.rs"), "use serde::Serialize;\nfn my_serde() {}\nstruct serde_json_extra;\n")
-        .unwrap();
-    assert_eq!(unused(dir.path()), ["dependencies serde-json", "dependencies renamed", "dev-dependencies tempfile"]);
+    fs::write(
+        dir.path().join("src/lib.rs"),
+        "use serde::Serialize;\nfn my_serde() {}\nstruct serde_json_extra;\n",
+    )
+    .unwrap();
+    assert_eq!(
+        unused(dir.path()),
+        ["dependencies serde-json", "dependencies renamed", "dev-dependencies tempfile"]
+    );
     fs::create_dir(dir.path().join("tests")).unwrap();
-    fs::write(dir.path().join("tests/t.rs"), "fn t() { let _ = tempfile::tempdir(); renamed::hash(b\"\"); }\n").unwrap();
+    fs::write(
+        dir.path().join("tests/t.rs"),
+        "fn t() { let _ = tempfile::tempdir(); renamed::hash(b\"\"); }\n",
+    )
+    .unwrap();
     // A dev-dependency counts in tests; a normal dependency does not.
     assert_eq!(unused(dir.path()), ["dependencies serde-json", "dependencies renamed"]);
 }

@@ -147,7 +147,8 @@ impl Format {
             }
             _ => {}
         }
-        if found != Some(self.current) {
+        // An unstamped directory of version 1 is stamped even when this build writes 1.
+        if found != Some(self.current) || !dir.join(STAMP).exists() {
             fs::create_dir_all(dir).map_err(|source| FormatError::Io { path: dir.to_path_buf(), source })?;
             stamp(dir, self.kind, self.current)?;
         }
@@ -200,6 +201,12 @@ mod tests {
         );
         assert_eq!(converted, Some(1));
         assert_eq!(fs::read_to_string(d.path().join(STAMP)).unwrap(), "doppel-test 2\n");
+        // Version 1 taken over by a build that still writes 1: stamped, nothing converted.
+        let same = tempfile::tempdir().unwrap();
+        fs::write(same.path().join("state.json"), b"{}").unwrap();
+        let v1 = Format { kind: "doppel-test", current: 1, oldest: 1 };
+        assert_eq!(v1.take_over(same.path(), |_| panic!("nothing to convert")).unwrap(), Some(1));
+        assert_eq!(fs::read_to_string(same.path().join(STAMP)).unwrap(), "doppel-test 1\n");
     }
 
     #[test]
@@ -232,8 +239,15 @@ mod tests {
         let e = F.take_over(d.path(), |_| Ok(())).unwrap_err().to_string();
         assert!(e.contains("this is a doppel-other directory, not a doppel-test one"), "{e}");
         fs::write(d.path().join(STAMP), "\u{0}\u{1} garbage here").unwrap();
-        assert!(F.take_over(d.path(), |_| Ok(())).unwrap_err().to_string().contains("not a doppel format stamp"));
+        assert!(
+            F.take_over(d.path(), |_| Ok(())).unwrap_err().to_string().contains("not a doppel format stamp")
+        );
         fs::write(d.path().join(STAMP), "doppel-test x").unwrap();
-        assert!(F.take_over(d.path(), |_| Ok(())).unwrap_err().to_string().contains("bad doppel-test format version"));
+        assert!(
+            F.take_over(d.path(), |_| Ok(()))
+                .unwrap_err()
+                .to_string()
+                .contains("bad doppel-test format version")
+        );
     }
 }

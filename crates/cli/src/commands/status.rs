@@ -282,8 +282,14 @@ fn print_sources(sources: &[SourceRow]) {
     println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
     for src in sources {
         use doppel_failover::{Policy, SourceState};
-        let state = serde_json::to_value(src.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        let policy = serde_json::to_value(src.policy).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let state = serde_json::to_value(src.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let policy = serde_json::to_value(src.policy)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
         let next = match (src.failover_in_secs, src.policy, src.state) {
             (Some(t), Policy::Auto, _) => format!("fails over in {t:.0}s"),
             (Some(t), _, _) => format!("counts as failed in {t:.0}s"),

@@ -12,6 +12,12 @@ use doppel_target::{AllowedSource, Layout, Target, TargetConfig, valid_name};
 
 use crate::cli::TargetArgs;
 use crate::config::FileConfig;
+
+/// The formats of a target's data directory (`failover/SOURCE.json`, `events.jsonl`, the
+/// layout of `replicas/` and `state/`; each replica's state directory has its own stamp).
+/// Version 1: the first release's.
+pub const DATA_FORMAT: doppel_fs::format::Format =
+    doppel_fs::format::Format { kind: "doppel-target", current: 1, oldest: 1 };
 use crate::control::{self, ControlRequest, ControlResponse, SourceRow, StatusReport};
 
 pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
@@ -33,6 +39,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     }
     std::fs::create_dir_all(&data)
         .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let (me, created) = Identity::load_or_create(&home)?;
     if created {
         tracing::info!(identity = %me.id, "created this node's identity");
