@@ -43,7 +43,7 @@ pub enum ScheduleError {
     BadTime(String),
     /// The rate cannot be read.
     #[error("{0}")]
-    Rate(String),
+    Rate(#[from] doppel_link::ratelimit::RateError),
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];

@@ -83,7 +83,7 @@ pub struct AllowSection {
     pub interval_secs: Option<u64>,
     /// Checks in a row the link and every probe must miss before the source counts as failed.
     pub missed: Option<u32>,
-    /// Probes besides the link: `tcp:HOST:PORT`, `http://HOST[:PORT]/PATH`, `cmd:COMMAND`.
+    /// Probes besides the link: `tcp:HOST:PORT`, `http[s]://HOST[:PORT]/PATH`, `cmd:COMMAND`.
     #[serde(default)]
     pub probes: Vec<String>,
     /// Command run when the source fails, and on failover and failback (`$DOPPEL_EVENT`).
@@ -143,7 +143,7 @@ impl AllowSection {
     }
 }
 
-/// Parses a probe: `tcp:HOST:PORT`, `http://...`, `cmd:COMMAND`.
+/// Parses a probe: `tcp:HOST:PORT`, `http://...` or `https://...`, `cmd:COMMAND`.
 pub fn parse_probe(s: &str) -> Result<doppel_failover::Probe> {
     if let Some(addr) = s.strip_prefix("tcp:") {
         if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
@@ -151,7 +151,8 @@ pub fn parse_probe(s: &str) -> Result<doppel_failover::Probe> {
         }
         return Ok(doppel_failover::Probe::Tcp(addr.to_string()));
     }
-    if s.starts_with("http://") {
+    if s.starts_with("http://") || s.starts_with("https://") {
+        doppel_failover::probe::check_url(s).map_err(|e| anyhow!("probe {s:?}: {e}"))?;
         return Ok(doppel_failover::Probe::Http(s.to_string()));
     }
     if let Some(cmd) = s.strip_prefix("cmd:").filter(|c| !c.trim().is_empty()) {
@@ -461,6 +462,10 @@ mod tests {
         assert!(format!("{e:#}").contains("expected tcp:HOST:PORT"), "{e:#}");
         let e = allow("probes = [\"tcp:10.0.0.5\"]").unwrap_err();
         assert!(format!("{e:#}").contains("expected tcp:HOST:PORT"), "{e:#}");
+        let e = allow("probes = [\"http://[::1/\"]").unwrap_err();
+        assert!(format!("{e:#}").contains("probe \"http://[::1/\""), "{e:#}");
+        let p = allow("probes = [\"https://[::1]:8443/health\"]").unwrap();
+        assert_eq!(p.probes, [doppel_failover::Probe::Http("https://[::1]:8443/health".into())]);
         let p =
             allow("probes = [\"tcp:10.0.0.5:22\", \"cmd:ping -c1 10.0.0.5\", \"http://10.0.0.5/\"]").unwrap();
         assert_eq!(

@@ -82,6 +82,18 @@ async fn command(cmd: &str) -> Result<(), ProbeError> {
 /// The URL is parsed as a URL (IPv6 literals such as `http://[::1]:8080/`, default ports,
 /// path and query).
 ///
+/// Checks an HTTP(S) probe's URL as the probe will read it (for the config file: a typo is
+/// an error at start, not a probe that never answers).
+pub fn check_url(url: &str) -> Result<(), ProbeError> {
+    let bad = |why: String| ProbeError::BadUrl { url: url.to_string(), why };
+    let u = Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(bad(format!("scheme {:?} is not http or https", u.scheme())));
+    }
+    u.host().ok_or_else(|| bad("no host".into()))?;
+    Ok(())
+}
+
 /// **Certificates are not verified** for `https://`: the TLS handshake must complete and the
 /// server must answer with a good status, but any certificate is accepted. A liveness probe
 /// only has to show that the source's host answers; the certificates of a source's services

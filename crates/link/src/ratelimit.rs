@@ -10,11 +10,11 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A token bucket of bytes per second; rate 0 means unlimited.
@@ -61,7 +61,7 @@ impl RateLimiter {
         if rate == 0 {
             return Ok(want);
         }
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.bucket.lock();
         let now = Instant::now();
         let burst = Self::burst(rate);
         b.tokens = (b.tokens + rate as f64 * now.duration_since(b.last).as_secs_f64()).min(burst);
@@ -79,7 +79,7 @@ impl RateLimiter {
         if self.rate() == 0 {
             return;
         }
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.bucket.lock();
         b.tokens -= n as f64;
     }
 }
@@ -149,10 +149,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
     }
 }
 
+/// A rate that cannot be read; the message names the text and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RateError(String);
+
 /// Parses a rate: `unlimited`/`0`, or a number with a unit: bits (`kbit`, `Mbit`, `Gbit`,
 /// decimal) or bytes (`KB`, `MB`, `GB` decimal; `KiB`, `MiB`, `GiB` binary; `B`), with an
 /// optional `/s` or `ps`. Returns bytes per second.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
+pub fn parse_rate(s: &str) -> Result<u64, RateError> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     if lower == "unlimited" || lower == "off" || lower == "none" || lower == "0" {
@@ -161,8 +166,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     let t = t.trim_end_matches("/s").trim_end_matches("ps").trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 =
-        num.parse().map_err(|_| format!("bad rate {s:?}: expected e.g. 20Mbit, 5MB, 500KiB or unlimited"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| RateError(format!("bad rate {s:?}: expected e.g. 20Mbit, 5MB, 500KiB or unlimited")))?;
     let unit = unit.trim();
     let bytes_per_unit = match unit {
         "" | "B" => 1.0,
@@ -177,14 +183,14 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         "MiB" => 1024.0 * 1024.0,
         "GiB" => 1024.0 * 1024.0 * 1024.0,
         other => {
-            return Err(format!(
+            return Err(RateError(format!(
                 "bad rate {s:?}: unknown unit {other:?} (use bit, kbit, Mbit, Gbit, B, KB, MB, GB, KiB, MiB, GiB)"
-            ));
+            )));
         }
     };
     let v = n * bytes_per_unit;
     if !(v.is_finite() && v >= 1.0) {
-        return Err(format!("bad rate {s:?}: too small"));
+        return Err(RateError(format!("bad rate {s:?}: too small")));
     }
     Ok(v as u64)
 }
@@ -216,8 +222,8 @@ mod tests {
         assert_eq!(parse_rate("5MB").unwrap(), 5_000_000);
         assert_eq!(parse_rate("2MiB").unwrap(), 2 << 20);
         assert_eq!(parse_rate("unlimited").unwrap(), 0);
-        assert!(parse_rate("fast").unwrap_err().contains("bad rate"));
-        assert!(parse_rate("10 furlongs").unwrap_err().contains("unknown unit"));
+        assert!(parse_rate("fast").unwrap_err().to_string().contains("bad rate"));
+        assert!(parse_rate("10 furlongs").unwrap_err().to_string().contains("unknown unit"));
         assert_eq!(format_rate(1_250_000), "10.0 Mbit/s");
     }
 

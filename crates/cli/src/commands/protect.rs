@@ -132,7 +132,11 @@ fn handler(agent: &Agent) -> control::Handler {
 
 /// `doppel limit JOB RATE`: a rate, or `schedule` to go back to the configured schedule.
 fn set_limit(limit: &doppel_agent::Limit, rate: &str) -> Result<(), String> {
-    let parsed = if rate == "schedule" { None } else { Some(doppel_link::ratelimit::parse_rate(rate)?) };
+    let parsed = if rate == "schedule" {
+        None
+    } else {
+        Some(doppel_link::ratelimit::parse_rate(rate).map_err(|e| e.to_string())?)
+    };
     limit.set(parsed).map_err(|e| e.to_string())
 }
 
