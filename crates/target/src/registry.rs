@@ -105,9 +105,6 @@ pub enum LeaseError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// For callers whose errors are plain text (the failover steps report them in events and
-/// progress files): a lease error becomes its message.
-
 /// A status snapshot of one replica, for `doppel status` and the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
