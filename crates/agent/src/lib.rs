@@ -22,6 +22,8 @@
 //! - [`activity`]: the on-disk log of regions that may differ (fuse mode).
 //! - [`agent`]: [`Agent`], which wires these together and shuts them down cleanly.
 //! - [`fuse_sink`]: where a `fuse` mount's changes go (activity log, spool, sync mode).
+//! - [`failback`]: the source side of a failback: the tree brought in line with the replica
+//!   by an embedded target fed from the DR side, then handed back.
 //! - [`handover`]: taking a job back after a failback (its tree now equals the replica).
 //! - [`error`]: what can stop a job.
 
@@ -32,6 +34,7 @@ pub mod capture_loop;
 pub mod config;
 pub mod connect;
 pub mod error;
+pub mod failback;
 pub mod fuse_sink;
 pub mod handover;
 pub mod link_loop;

@@ -14,8 +14,9 @@
 //! - [`manager`]: the [`Manager`], which ties these together for one target.
 //! - [`reverse`]: the DR side of a failback: the replica sent back to its source with the
 //!   ordinary pipeline, over connections the source opens.
-//! - [`source`]: the source side of a failback: its tree brought in line with the replica,
-//!   then protection resumed.
+//!
+//! The source side of a failback lives with the agent (`doppel_agent::failback`): it runs on
+//! the source, under the job's lock, and ends by handing the job to an ordinary agent.
 
 pub mod clock;
 pub mod events;
@@ -27,7 +28,6 @@ pub mod probe;
 pub mod progress;
 pub mod reverse;
 pub mod runner;
-pub mod source;
 pub mod steps;
 pub mod verdict;
 

@@ -264,8 +264,7 @@ impl Manager {
 
     /// The replica's checkpoint: (epoch, failed over).
     pub(crate) fn replica_state(&self, source: &str, job: &str) -> (u64, bool) {
-        let (_, state) = self.target.config.layout.paths(source, job);
-        match doppel_apply::state::read_checkpoint(&state) {
+        match self.target.checkpoint(source, job) {
             Ok(Some(c)) => (c.epoch, c.failed_over),
             _ => (0, false),
         }

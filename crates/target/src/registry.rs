@@ -382,6 +382,20 @@ impl Target {
         self.slot(source, job).status.fenced_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The durable fencing state of `job` of `source` (its epoch, whether it failed over, its
+    /// applied sequence), as its checkpoint holds it; `None` for a replica never written.
+    ///
+    /// The one reader of that state for everything but the session holding the replica (which
+    /// sees it through `Replica::info`): status, the monitor and the failover steps ask here, so
+    /// where the state lives can change in one place.
+    pub fn checkpoint(
+        &self,
+        source: &str,
+        job: &str,
+    ) -> Result<Option<doppel_apply::state::Checkpoint>, ApplyError> {
+        doppel_apply::state::read_checkpoint(&self.config.layout.paths(source, job).1)
+    }
+
     /// The jobs this target holds for `source` (found on disk).
     pub fn jobs_of(&self, source: &str) -> Vec<String> {
         let mut jobs: Vec<String> = match &self.config.layout {
@@ -431,7 +445,7 @@ impl Target {
                             );
                             let slot = self.slot(&src, &job);
                             if slot.status.epoch.load(Ordering::Relaxed) == 0
-                                && let Ok(Some(c)) = doppel_apply::state::read_checkpoint(&j.path())
+                                && let Ok(Some(c)) = self.checkpoint(&src, &job)
                             {
                                 slot.status.durable.fetch_max(c.applied, Ordering::Relaxed);
                                 slot.status.applied.fetch_max(c.applied, Ordering::Relaxed);

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use doppel_agent::failback::Outcome;
 use doppel_agent::{Agent, JobConfig, Schedule};
-use doppel_failover::source::Outcome;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{CaptureMode, ProtectArgs};
@@ -58,7 +58,7 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
                     phase.clone(),
                 ));
                 tracing::info!(job = %name, "failback: asking the target for the job's replica");
-                let outcome = doppel_failover::source::receive(&job, &home, shutdown.clone()).await;
+                let outcome = doppel_agent::failback::receive(&job, &home, shutdown.clone()).await;
                 phase.cancel();
                 let _ = serving.await;
                 match outcome? {

@@ -13,13 +13,14 @@
 
 use std::time::Duration;
 
-use doppel_agent::handover::{Adopted, adopt_replica, lock_job};
-use doppel_agent::{AgentError, Connector, Destination, JobConfig};
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, Identity, LinkError};
 use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal};
 use doppel_target::{Layout, Target, TargetConfig};
 use tokio::io::BufReader;
 use tokio_util::sync::CancellationToken;
+
+use crate::handover::{Adopted, adopt_replica, lock_job};
+use crate::{AgentError, Connector, Destination, JobConfig};
 
 /// How a failback of one job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
