@@ -167,9 +167,15 @@ impl Link {
                 epoch,
             }))
             .await?;
-        let first = tokio::time::timeout(Duration::from_secs(60), reader.read())
-            .await
-            .map_err(|_| LinkError::Timeout(Duration::from_secs(60)))??;
+        let first = match tokio::time::timeout(Duration::from_secs(60), reader.read()).await {
+            Err(_) => return Err(LinkError::Timeout(Duration::from_secs(60)).into()),
+            // A target of another version whose Welcome does not decode here: as if it had
+            // refused us by version (retrying cannot help).
+            Ok(Err(LinkError::Version { peer, ours })) => {
+                return Err(End::Fatal(Refusal::Version { target: peer, source: ours }));
+            }
+            Ok(r) => r?,
+        };
         let welcome = match first {
             Message::Welcome(w) => w,
             Message::Refused(r) => return Err(classify(r)),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use doppel_proto::frame::{HEADER_LEN, check_payload, header_for, parse_header};
-use doppel_proto::{FrameError, Message, Refusal};
+use doppel_proto::{FrameError, Message, PROTOCOL_VERSION, Refusal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Link errors.
@@ -31,6 +31,15 @@ pub enum LinkError {
     /// The peer said something out of place.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer's handshake announces another protocol version, and its fields do not decode
+    /// in this one.
+    #[error("the peer speaks protocol version {peer}, this build speaks {ours}")]
+    Version {
+        /// The version the peer announced.
+        peer: u32,
+        /// This build's version.
+        ours: u32,
+    },
     /// The peer went quiet for too long.
     #[error("peer silent for {0:?}; connection presumed dead")]
     Timeout(std::time::Duration),
@@ -80,7 +89,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.r.read_exact(&mut self.buf).await?;
         self.counter.add((HEADER_LEN + len as usize) as u64);
         check_payload(&self.buf, crc)?;
-        let msg = Message::decode(&self.buf).map_err(FrameError::Malformed)?;
+        let msg = Message::decode(&self.buf).map_err(|e| match Message::peek_protocol(&self.buf) {
+            Some(peer) if peer != PROTOCOL_VERSION => LinkError::Version { peer, ours: PROTOCOL_VERSION },
+            _ => FrameError::Malformed(e).into(),
+        })?;
         if self.buf.capacity() > 1 << 20 {
             self.buf = Vec::new();
         }

@@ -303,6 +303,22 @@ impl Message {
     pub fn decode(bytes: &[u8]) -> Result<Message, postcard::Error> {
         postcard::from_bytes(bytes)
     }
+
+    /// The protocol version a handshake payload (`Hello`, `Welcome`, `FailbackHello`) announces,
+    /// read from its first bytes alone; `None` for any other message.
+    ///
+    /// Every field after the version may change from one protocol version to the next, so a
+    /// peer of another version may send a handshake this build cannot decode. The variant tag
+    /// and the version that follows it never change, so the peer can still be told, by number,
+    /// why it is refused, instead of seeing a malformed frame.
+    pub fn peek_protocol(bytes: &[u8]) -> Option<u32> {
+        const HANDSHAKES: [u32; 3] = [0, 1, 13];
+        let (tag, rest) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+        if !HANDSHAKES.contains(&tag) {
+            return None;
+        }
+        postcard::take_from_bytes::<u32>(rest).ok().map(|(v, _)| v)
+    }
 }
 
 #[cfg(test)]
@@ -325,11 +341,46 @@ mod tests {
             (4, Message::Ack { seq: 5 }),
             (6, Message::Heartbeat { time_us: 1 }),
             (10, Message::Goodbye { reason: String::new() }),
+            (
+                13,
+                Message::FailbackHello(Hello {
+                    protocol: 1,
+                    job: "j".into(),
+                    agent_version: "v".into(),
+                    replica_id: None,
+                    epoch: 0,
+                }),
+            ),
         ];
         for (tag, m) in msgs {
             let b = m.encode();
             assert_eq!(b[0], tag);
             assert_eq!(Message::decode(&b).unwrap(), m);
         }
+    }
+
+    /// A handshake of a later version whose fields this build cannot decode still names its
+    /// version; other messages name none.
+    #[test]
+    fn the_version_of_an_undecodable_handshake_is_read() {
+        let welcome = Welcome {
+            protocol: PROTOCOL_VERSION,
+            replica_id: [7; 16],
+            applied_seq: 9,
+            epoch: 2,
+            needs_resync: false,
+            max_frame: 1 << 20,
+            source_name: "s".into(),
+        };
+        assert_eq!(Message::peek_protocol(&Message::Welcome(welcome).encode()), Some(PROTOCOL_VERSION));
+        for tag in [0u8, 1, 13] {
+            // Version 300 (a two-byte varint), then fields of a shape this build does not know.
+            let future = [tag, 0xac, 0x02, 0xff, 0xff, 0xff];
+            assert!(Message::decode(&future).is_err());
+            assert_eq!(Message::peek_protocol(&future), Some(300), "tag {tag}");
+        }
+        assert_eq!(Message::peek_protocol(&Message::Ack { seq: 5 }.encode()), None);
+        assert_eq!(Message::peek_protocol(&[]), None);
+        assert_eq!(Message::peek_protocol(&[0]), None);
     }
 }

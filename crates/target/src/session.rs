@@ -43,6 +43,14 @@ where
     let first = {
         let mut r = FrameReader::new(&mut stream, cfg.max_frame, received.clone());
         match tokio::time::timeout(cfg.handshake_timeout, r.read()).await {
+            Ok(Err(LinkError::Version { peer, ours })) => {
+                // A source of another version whose Hello does not decode here: it still
+                // reads a refusal naming both versions (refusals keep their shape).
+                tracing::warn!(source = %source, peer, ours, "refusing a source of another protocol version");
+                let refusal = Message::Refused(Refusal::Version { target: ours, source: peer });
+                let _ = FrameWriter::new(&mut stream, ByteCounter::default()).send_now(&refusal).await;
+                return Err(LinkError::Version { peer, ours });
+            }
             Ok(m) => m?,
             Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
         }

@@ -218,6 +218,54 @@ async fn bad_job_names_and_versions_are_refused() {
     );
 }
 
+/// A source of a later protocol whose Hello this build cannot decode is refused by version,
+/// both named, and its agent (the next build, reading the refusal) says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_hello_of_another_version_is_refused_by_version() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(&tmp);
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let session = tokio::spawn(handle_stream(t.clone(), theirs, "src".into()));
+    let (r, mut w) = tokio::io::split(ours);
+    // Hello (tag 0), version 300, then fields of a shape this build does not know.
+    let payload = [0u8, 0xac, 0x02, 0xff, 0xff, 0xff, 0xff];
+    let mut frame = doppel_proto::frame::header_for(&payload).to_vec();
+    frame.extend_from_slice(&payload);
+    w.write_all(&frame).await.unwrap();
+    let mut r = FrameReader::new(r, MAX_FRAME_DEFAULT, ByteCounter::default());
+    let answer = within("refusal", r.read()).await.expect("an answer");
+    let Message::Refused(refusal) = answer else { panic!("expected a refusal, got {answer:?}") };
+    assert_eq!(refusal, Refusal::Version { target: PROTOCOL_VERSION, source: 300 });
+    let text = refusal.to_string();
+    assert!(text.contains("300") && text.contains(&PROTOCOL_VERSION.to_string()), "{text}");
+    let ended = within("session end", session).await.expect("join");
+    assert!(matches!(ended, Err(LinkError::Version { peer: 300, .. })), "{ended:?}");
+    assert_eq!(t.slot("src", "job").snapshot().state, ReplicaState::Unseen, "no replica was touched");
+}
+
+/// The agent's side: a Welcome of a later version that does not decode is read as that
+/// version, not as a malformed frame.
+#[tokio::test]
+async fn an_undecodable_welcome_names_its_version() {
+    use tokio::io::AsyncWriteExt;
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let payload = [1u8, 0xac, 0x02, 0xff];
+    a.write_all(&doppel_proto::frame::header_for(&payload)).await.unwrap();
+    a.write_all(&payload).await.unwrap();
+    let mut r = FrameReader::new(b, MAX_FRAME_DEFAULT, ByteCounter::default());
+    let err = within("read", r.read()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("the peer speaks protocol version 300, this build speaks {PROTOCOL_VERSION}")
+    );
+    // A malformed frame that is no handshake stays a malformed frame.
+    let payload = [4u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    a.write_all(&doppel_proto::frame::header_for(&payload)).await.unwrap();
+    a.write_all(&payload).await.unwrap();
+    assert!(matches!(within("read", r.read()).await, Err(LinkError::Frame(_))));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_lists_replicas_found_on_disk() {
     let tmp = tempfile::tempdir().unwrap();
