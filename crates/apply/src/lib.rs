@@ -7,12 +7,15 @@
 //!   through a symlink).
 //! - [`state`]: the replica's persistent state files.
 //! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
+//! - [`retention`]: which history a replica keeps (time, size, the minimum window, pins), as
+//!   a pure decision.
 //! - [`error`]: what can go wrong, split by what the caller must do about it.
 
 pub mod error;
 pub mod listing;
 pub mod ops;
 pub mod replica;
+pub mod retention;
 pub mod state;
 
 pub use error::ApplyError;
