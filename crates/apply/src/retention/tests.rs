@@ -28,12 +28,14 @@ fn at(now_h: u64) -> Facts {
     Facts { now_us: now_h * H, replica_bytes: 1000, need_bytes: 0, pin: None }
 }
 
+/// (case, rule, facts, segments, dropped, cut below keep, pause)
+type Case<'a> = (&'a str, Retention, Facts, &'a [Segment], usize, bool, bool);
+
 #[test]
 fn each_rule_decides_as_the_table_says() {
     use SizeLimit::*;
-    // (case, rule, facts, segments, dropped, cut below keep, pause)
     let ten = hourly(10, 100); // hours 0..10, 1000 bytes in all; now is hour 10
-    let cases: Vec<(&str, Retention, Facts, &[Segment], usize, bool, bool)> = vec![
+    let cases: Vec<Case> = vec![
         ("nothing expired, no limit", rule(24, Unlimited, 0), at(10), &ten, 0, false, false),
         ("time: segments older than keep go", rule(4, Unlimited, 0), at(10), &ten, 6, false, false),
         ("time: keep 0 drops all but what min holds", rule(0, Unlimited, 1), at(10), &ten, 9, false, false),
