@@ -370,6 +370,47 @@ fn compression_auto_shrinks_compressible_data_and_does_not_inflate_random_data()
     assert!(agent.stop().success(), "{}", agent.log());
 }
 
+/// `--compression auto` moves the level up while the link is the bottleneck: with the job held
+/// to 1 MB/s, compressible data makes the level climb from its start (3) to 6 and more within
+/// a few seconds; lifted with `doppel limit JOB unlimited`, the job then converges.
+#[test]
+fn compression_auto_raises_the_level_while_the_link_is_the_bottleneck() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, home) = (dir.path().join("src"), dir.path().join("source-home"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("app.log"), log_text(48 << 20)).unwrap();
+    let sid = init(&home);
+    let target = start_target(dir.path(), &[("s", &sid)], 0);
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &[
+            "protect",
+            src.to_str().unwrap(),
+            "--to",
+            &target.addr,
+            "--target-id",
+            &target.id,
+            "--compression",
+            "auto",
+            "--limit",
+            "1MB",
+            "--capture",
+            "inotify",
+        ],
+    );
+    let level = wait_until(Duration::from_secs(20), "the level to climb", || {
+        let s = job_status(&home, "src");
+        let l = s["compression_level"].as_u64().unwrap_or(0);
+        (l >= 6).then_some(l).ok_or(s.to_string())
+    });
+    println!("auto compression climbed to level {level} on a 1 MB/s link");
+    let (st, _, err) = run(&home, &["limit", "src", "unlimited"]);
+    assert!(st.success(), "{err}");
+    wait_converged(&src, &target.data.join("replicas/s/src"), Duration::from_secs(60), &mut agent);
+    assert!(agent.stop().success(), "{}", agent.log());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. The bandwidth shared by every job going to one target
 
@@ -442,6 +483,51 @@ fn the_per_target_bandwidth_is_shared_by_its_jobs() {
     assert!(stop.1[0] - base < SIZE, "job a finished inside the window");
     assert!(alone <= 1.3 * RATE, "one job sent {alone:.0} B/s through a shared {RATE} B/s");
     assert!(alone >= 0.6 * RATE, "alone, a job got only {alone:.0} B/s of a shared {RATE} B/s");
+    assert!(agent.stop().success(), "{}", agent.log());
+}
+
+/// A `schedule` rule covering now in `[bandwidth."HOST:PORT"]` sets the shared rate (over
+/// the section's `rate` and a rule for another hour, listed first).
+#[test]
+fn a_schedule_in_the_per_target_bandwidth_section_applies() {
+    const RATE: f64 = 1e6;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("source-home");
+    let sid = init(&home);
+    let target = start_target(dir.path(), &[("s", &sid)], 0);
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    big_file(&src.join("data"), 4 << 20, 11);
+    let h = local_hour();
+    let hh = |d: u32| format!("{:02}:00", (h + d) % 24);
+    let config = write_config(
+        &dir.path().join("doppel.toml"),
+        &format!(
+            "[pins]\n\"{addr}\" = \"{tid}\"\n\n[bandwidth.\"{addr}\"]\nrate = \"20MB\"\nschedule = [\n  \
+             {{ days = \"daily\", from = \"{}\", to = \"{}\", rate = \"300KB\" }},\n  \
+             {{ days = \"daily\", from = \"{}\", to = \"{}\", rate = \"1MB\" }},\n]\n\n\
+             [[job]]\nname = \"j\"\npath = \"{}\"\nto = \"{addr}\"\ncapture = \"inotify\"\n",
+            hh(3),
+            hh(4),
+            hh(23),
+            hh(2),
+            src.display(),
+            addr = target.addr,
+            tid = target.id,
+        ),
+    );
+    let mut agent = Proc::start(&home, "agent", &["--config", &config, "protect"]);
+    let start = wait_until(Duration::from_secs(30), "the transfer to start", || {
+        let (t, s) = sample(&home, &["j"]);
+        (s[0] > 1 << 20).then_some((t, s[0])).ok_or(format!("{s:?}"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let end = sample(&home, &["j"]);
+    let rate = (end.1[0] - start.1) as f64 / (end.0 - start.0).as_secs_f64();
+    println!("shared schedule 1 MB/s: sent {:.2} MB/s", rate / 1e6);
+    assert!(rate <= 1.3 * RATE, "sent {rate:.0} B/s under a shared {RATE} B/s schedule");
+    assert!(rate >= 0.5 * RATE, "sent only {rate:.0} B/s under a shared {RATE} B/s schedule");
+    wait_converged(&src, &target.data.join("replicas/s/j"), Duration::from_secs(60), &mut agent);
     assert!(agent.stop().success(), "{}", agent.log());
 }
 
@@ -576,7 +662,8 @@ fn chown_and_chgrp_of_files_and_directories_replicate(watch: Watch) {
 /// `--capture fuse --sync --sync-timeout 2`: with the target frozen (SIGSTOP: the connection
 /// stays open, nothing answers), an fsync returns after about the timeout instead of hanging,
 /// status says `sync: degraded`, later fsyncs return at once; once the target runs again the
-/// job catches up, returns to `sync: on`, and the replica equals the source.
+/// job catches up, returns to `sync: on`, and the replica equals the source. The same with
+/// the target killed and restarted on its address.
 #[test]
 fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     if !fuse_available() {
@@ -597,6 +684,8 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
             &target.addr,
             "--target-id",
             &target.id,
+            "--heartbeat",
+            "1",
             "--capture",
             "fuse",
             "--sync",
@@ -646,8 +735,24 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     let quick = write_and_sync(24576, 5);
     assert!(quick < Duration::from_secs(2), "fsync took {quick:?} after recovery");
     wait_converged(&src, &replica, Duration::from_secs(30), &mut agent);
+
+    // The target gone altogether (connection refused): the same, and back once it restarts.
+    target.proc.kill();
+    let waited = write_and_sync(32768, 6);
+    assert!(waited < Duration::from_secs(20), "fsync hung for {waited:?} with the target down");
+    wait_until(Duration::from_secs(30), "sync degraded", || {
+        let s = job_status(&home, "src");
+        (s["sync"] == "degraded").then_some(()).ok_or(s.to_string())
+    });
+    let port: u16 = target.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let target = start_target(dir.path(), &[("s", &sid)], port);
+    wait_until(Duration::from_secs(60), "sync back on after the target restarted", || {
+        let s = job_status(&home, "src");
+        (s["sync"] == "on").then_some(()).ok_or(s.to_string())
+    });
+    wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
     assert!(agent.stop().success(), "{}", agent.log());
-    assert!(target.proc.running());
+    drop(target);
 }
 
 // ---------------------------------------------------------------------------------------------
