@@ -1,7 +1,7 @@
 //! Failover claims of the README and the architecture notes, end to end through the target's
 //! config file and the real binary: `doppel events --source/--last`, `pre_failover` scripts
 //! (once, with their environment, a failing one stopping the run before the workload), and
-//! HTTP and command probes deciding whether a silent source has failed.
+//! command, TCP and HTTP probes deciding whether a silent source has failed.
 
 mod common;
 
@@ -268,22 +268,24 @@ fn silent_for(th: &Path, secs: f64) -> Value {
     })
 }
 
-/// With `policy = "auto"`, a crashed source whose command probe and HTTP probe (answering a
-/// redirect: 3xx counts as alive) still answer is not failed over however long the link is
-/// silent; nor while one probe alone answers; once the HTTP probe answers 500 too, every
-/// check agrees and the target fails the source over by itself.
+/// With `policy = "auto"`, a crashed source whose command, TCP and HTTP probes (the server
+/// answering a redirect: 3xx counts as alive) still answer is not failed over however long
+/// the link is silent; nor while fewer probes, down to one, answer; once the HTTP probe
+/// answers 500 too, every check agrees and the target fails the source over by itself.
 #[test]
-fn http_and_command_probes_keep_a_silent_source_from_failing_over_until_they_fail() {
+fn probes_keep_a_silent_source_from_failing_over_until_every_one_fails() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("source-home");
     let sid = init(&home);
     let flag = dir.path().join("service-up");
     std::fs::write(&flag, b"").unwrap();
     let health = Health::start(302);
+    let ssh = TcpListener::bind("127.0.0.1:0").unwrap();
     let config = format!(
         "[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\npolicy = \"auto\"\ninterval_secs = 1\nmissed = 2\n\
-         probes = [\"cmd:test -e {}\", \"http://127.0.0.1:{}/health\"]\n",
+         probes = [\"cmd:test -e {}\", \"tcp:{}\", \"http://127.0.0.1:{}/health\"]\n",
         flag.display(),
+        ssh.local_addr().unwrap(),
         health.port
     );
     let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
@@ -299,8 +301,12 @@ fn http_and_command_probes_keep_a_silent_source_from_failing_over_until_they_fai
     };
     // Both probes answer: twice the threshold of silence, no failover.
     no_failover(&silent_for(&th, 4.5));
-    // The command probe fails, the HTTP one still answers.
+    // The command probe fails, the others still answer.
     std::fs::remove_file(&flag).unwrap();
+    let s = source_status(&th, "s")["silent_secs"].as_f64().unwrap();
+    no_failover(&silent_for(&th, s + 4.5));
+    // The TCP port closes too (connections refused): the HTTP probe alone still answers.
+    drop(ssh);
     let s = source_status(&th, "s")["silent_secs"].as_f64().unwrap();
     no_failover(&silent_for(&th, s + 4.5));
     // The HTTP probe answers 500: everything agrees the source is gone.
