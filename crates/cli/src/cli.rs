@@ -134,10 +134,12 @@ pub struct ProtectArgs {
     /// Job name [default: the base name of SRC].
     #[arg(long, value_name = "JOB")]
     pub name: Option<String>,
-    /// Protect only files matching this gitignore-style rule (repeatable).
+    /// Protect only files matching this gitignore-style rule (repeatable; not with the fuse
+    /// capture, which replicates every write through its mount).
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
-    /// Leave out paths matching this gitignore-style rule (repeatable).
+    /// Leave out paths matching this gitignore-style rule (repeatable; not with the fuse
+    /// capture).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
     /// How changes are captured.

@@ -805,3 +805,32 @@ fn fuse_read_only_opens_use_kernel_passthrough() {
     wait_converged(&src, &replica, Duration::from_secs(30), &mut agent);
     assert!(agent.stop().success(), "{}", agent.log());
 }
+
+/// The fuse capture replicates every write through its mount and cannot leave names out, so
+/// include and exclude rules with it are refused at start, naming the conflict (an earlier
+/// version accepted them and replicated excluded files written through the mount), from
+/// flags and from a config `[[job]]` alike, before anything is mounted or sent.
+#[test]
+fn include_and_exclude_rules_are_refused_with_the_fuse_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, replica, home) = (dir.path().join("src"), dir.path().join("replica"), dir.path().join("home"));
+    Tree::at(&src).file("a.txt", b"a").file("x.tmp", b"x");
+    let refused = |args: &[&str]| {
+        let (st, out, err) = run(&home, args);
+        assert!(!st.success(), "fuse capture with rules accepted: {out}{err}");
+        assert!(err.starts_with("doppel: error:") && err.lines().count() == 1, "{err}");
+        assert!(err.contains("include and exclude rules are not supported with the fuse capture"), "{err}");
+        assert!(!capture_mount_live(&src) && !replica.exists());
+    };
+    let s = src.to_str().unwrap();
+    let r = replica.to_str().unwrap();
+    refused(&["protect", s, "--to", r, "--capture", "fuse", "--exclude", "*.tmp"]);
+    refused(&["protect", s, "--to", r, "--capture", "fuse", "--include", "*.txt"]);
+    let config = write_config(
+        &dir.path().join("doppel.toml"),
+        &format!(
+            "[[job]]\nname = \"j\"\npath = \"{s}\"\nto = \"{r}\"\ncapture = \"fuse\"\nexclude = [\"*.tmp\"]\n"
+        ),
+    );
+    refused(&["--config", &config, "protect"]);
+}
