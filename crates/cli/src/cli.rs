@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(name = "doppel", version, about, long_about = None)]
 pub struct Cli {
-    /// Directory for this node's identity and state [default: $DOPPEL_HOME, else
-    /// /var/lib/doppel for root, else $XDG_STATE_HOME/doppel].
+    /// Directory for this node's identity and state [default: $DOPPEL_HOME, else the config
+    /// file's `home`, else /var/lib/doppel for root, else $XDG_STATE_HOME/doppel].
     #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
     /// Configuration file [default: $DOPPEL_CONFIG, else /etc/doppel/doppel.toml if present].

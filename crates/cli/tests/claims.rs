@@ -879,3 +879,38 @@ fn include_and_exclude_rules_are_refused_with_the_fuse_capture() {
     );
     refused(&["--config", &config, "protect"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The state directory
+
+/// `--home` wins, then `$DOPPEL_HOME`, then the config file's `home` (the example config and
+/// the config docs say `--home` and `$DOPPEL_HOME` override it; an earlier version let the
+/// file's `home` override `$DOPPEL_HOME`).
+#[test]
+fn home_comes_from_the_flag_then_doppel_home_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (flag, env, file) = (dir.path().join("flag"), dir.path().join("env"), dir.path().join("file"));
+    let config = write_config(&dir.path().join("doppel.toml"), &format!("home = \"{}\"\n", file.display()));
+    let id_in = |args: &[&str], env_home: Option<&Path>| {
+        let mut cmd = std::process::Command::new(doppel());
+        cmd.args(["--config", &config])
+            .args(args)
+            .arg("init")
+            .env_remove("DOPPEL_CONFIG")
+            .env_remove("DOPPEL_HOME");
+        if let Some(h) = env_home {
+            cmd.env("DOPPEL_HOME", h);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let id = |home: &Path| std::fs::read_dir(home.join("identity")).is_ok();
+    let a = id_in(&["--home", flag.to_str().unwrap()], Some(&env));
+    assert!(id(&flag) && !id(&env) && !id(&file), "--home first");
+    let b = id_in(&[], Some(&env));
+    assert!(id(&env) && !id(&file), "$DOPPEL_HOME before the config file's home");
+    let c = id_in(&[], None);
+    assert!(id(&file), "the config file's home without --home and $DOPPEL_HOME");
+    assert!(a != b && b != c && a != c, "three homes, three identities");
+}
