@@ -320,3 +320,52 @@ fn probes_keep_a_silent_source_from_failing_over_until_every_one_fails() {
     let st = source_status(&th, "s");
     assert_eq!(st["jobs"][0]["epoch"], 2, "{st}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `doppel failover SOURCE --job JOB`
+
+/// `--job` limits a failover to the named jobs: only that job is fenced (its agent is refused
+/// and stops, saying `fenced`) and has its workload started (`DOPPEL_JOBS` names it alone),
+/// while the source's other job keeps replicating to its replica.
+#[test]
+fn failover_of_one_job_leaves_the_sources_other_jobs_replicating() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("source-home");
+    let sid = init(&home);
+    let log = dir.path().join("started");
+    let start = script(
+        &dir.path().join("start.sh"),
+        &format!("echo \"$DOPPEL_JOB jobs=$DOPPEL_JOBS epoch=$DOPPEL_EPOCH\" >> {}", log.display()),
+    );
+    let config = format!("[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\nfailover = [\"{start}\"]\n");
+    let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
+    let th = dir.path().join("target-home");
+    let (www, db) = (small_tree(dir.path(), "www"), small_tree(dir.path(), "db"));
+    let mut a1 = agent(&home, &www, &target, "www");
+    let mut a2 = agent(&home, &db, &target, "db");
+    let (r1, r2) = (target.data.join("replicas/s/www"), target.data.join("replicas/s/db"));
+    wait_converged(&www, &r1, Duration::from_secs(60), &mut a1);
+    wait_converged(&db, &r2, Duration::from_secs(60), &mut a2);
+
+    let (st, out, err) = run(&th, &["failover", "s", "--job", "www", "--json"]);
+    assert!(st.success(), "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["jobs"], serde_json::json!(["www"]), "{report}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "www jobs=www epoch=2\n");
+    // The fenced job's agent is refused and stops, saying so.
+    let exit = a1.wait(Duration::from_secs(30));
+    assert!(!exit.success(), "the fenced agent exited cleanly");
+    assert_eq!(job_status(&home, "www")["state"], "fenced");
+    // The other job goes on.
+    assert!(a2.running(), "{}", a2.log());
+    Tree::at(&db).file("after-the-failover", b"still protected");
+    wait_converged(&db, &r2, Duration::from_secs(30), &mut a2);
+    let s = source_status(&th, "s");
+    let epochs: std::collections::BTreeMap<String, u64> = s["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["job"].as_str().unwrap().to_string(), j["epoch"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(epochs, [("db".to_string(), 1), ("www".to_string(), 2)].into_iter().collect(), "{s}");
+}
