@@ -704,7 +704,7 @@ fn chown_and_chgrp_of_files_and_directories_replicate(watch: Watch) {
 // ---------------------------------------------------------------------------------------------
 // 9. Sync mode degrades instead of hanging, and recovers
 
-/// `--capture fuse --sync --sync-timeout 2`: with the target frozen (SIGSTOP: the connection
+/// `--capture fuse --sync --sync-timeout 4`: with the target frozen (SIGSTOP: the connection
 /// stays open, nothing answers), an fsync returns after about the timeout instead of hanging,
 /// status says `sync: degraded`, later fsyncs return at once; once the target runs again the
 /// job catches up, returns to `sync: on`, and the replica equals the source. The same with
@@ -735,7 +735,7 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
             "fuse",
             "--sync",
             "--sync-timeout",
-            "2",
+            "4",
         ],
     );
     let replica = target.data.join("replicas/s/src");
@@ -753,7 +753,7 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     };
     // With the target answering, an fsync is quick.
     let quick = write_and_sync(0, 2);
-    assert!(quick < Duration::from_secs(2), "fsync took {quick:?} with the target up");
+    assert!(quick < Duration::from_secs(3), "fsync took {quick:?} with the target up");
 
     let pid = rustix::process::Pid::from_child(&target.proc.child);
     rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
@@ -768,7 +768,7 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     assert_eq!(s["sync"], "degraded", "{s}");
     assert!(agent.log().contains("SYNC REPLICATION DEGRADED"), "the log does not say so loudly");
     let degraded = write_and_sync(16384, 4);
-    assert!(degraded < Duration::from_secs(1), "a degraded fsync still waited {degraded:?}");
+    assert!(degraded < Duration::from_secs(3), "a degraded fsync still waited {degraded:?}");
 
     rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     wait_until(Duration::from_secs(60), "sync back on", || {
@@ -778,13 +778,13 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     assert!(agent.log().contains("sync replication restored"), "the log does not say sync is back");
     wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
     let quick = write_and_sync(24576, 5);
-    assert!(quick < Duration::from_secs(2), "fsync took {quick:?} after recovery");
+    assert!(quick < Duration::from_secs(3), "fsync took {quick:?} after recovery");
     wait_converged(&src, &replica, Duration::from_secs(30), &mut agent);
 
     // The target gone altogether (connection refused): the same, and back once it restarts.
     target.proc.kill();
     let waited = write_and_sync(32768, 6);
-    assert!(waited < Duration::from_secs(20), "fsync hung for {waited:?} with the target down");
+    assert!(waited < Duration::from_secs(25), "fsync hung for {waited:?} with the target down");
     wait_until(Duration::from_secs(30), "sync degraded", || {
         let s = job_status(&home, "src");
         (s["sync"] == "degraded").then_some(()).ok_or(s.to_string())
