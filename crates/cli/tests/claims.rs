@@ -915,3 +915,56 @@ fn home_comes_from_the_flag_then_doppel_home_then_the_config_file() {
     assert!(id(&file), "the config file's home without --home and $DOPPEL_HOME");
     assert!(a != b && b != c && a != c, "three homes, three identities");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dead links
+
+/// "A link that goes down is noticed within three heartbeats": with `--heartbeat 1` and the
+/// target frozen (SIGSTOP: the TCP connection stays open, nothing answers), the agent says
+/// `disconnected` within a few seconds; once the target runs again the job reconnects and
+/// keeps replicating.
+#[test]
+fn a_silent_target_is_noticed_within_three_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, home) = (dir.path().join("src"), dir.path().join("source-home"));
+    Tree::at(&src).file("a", b"a");
+    let sid = init(&home);
+    let target = start_target(dir.path(), &[("s", &sid)], 0);
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &[
+            "protect",
+            src.to_str().unwrap(),
+            "--to",
+            &target.addr,
+            "--target-id",
+            &target.id,
+            "--heartbeat",
+            "1",
+            "--capture",
+            "inotify",
+        ],
+    );
+    let replica = target.data.join("replicas/s/src");
+    wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
+    let pid = rustix::process::Pid::from_child(&target.proc.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let frozen = Instant::now();
+    wait_until(Duration::from_secs(15), "the agent to notice the silent target", || {
+        let s = job_status(&home, "src");
+        (s["state"] == "disconnected" && s["connected"] == false).then_some(()).ok_or(s.to_string())
+    });
+    let noticed = frozen.elapsed();
+    println!("silent target noticed after {noticed:?} (heartbeat 1 s)");
+    assert!(
+        noticed >= Duration::from_millis(1500),
+        "noticed after {noticed:?}: before any heartbeat was missed?"
+    );
+    assert!(noticed < Duration::from_secs(8), "noticed after {noticed:?} with a 1 s heartbeat");
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    Tree::at(&src).file("b", b"after the silence");
+    wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
+    assert_eq!(job_status(&home, "src")["state"], "replicating");
+    assert!(agent.stop().success(), "{}", agent.log());
+}
