@@ -123,6 +123,16 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let _span = job_span(&job.name).entered();
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
+        if job.capture == CaptureMode::Fuse && !(job.include.is_empty() && job.exclude.is_empty()) {
+            // The mount sequences every change made through it, renames across the rules'
+            // boundary included: it cannot leave names out, so it must not pretend to.
+            return Err(AgentError::Config(
+                "include and exclude rules are not supported with the fuse capture (every write \
+                 through the mount is replicated): protect a directory that holds only what must \
+                 be replicated, or use the watch capture"
+                    .into(),
+            ));
+        }
         if job.capture == CaptureMode::Fuse {
             recover_stale_mount(&job.root)?;
         }

@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(name = "doppel", version, about, long_about = None)]
 pub struct Cli {
-    /// Directory for this node's identity and state [default: $DOPPEL_HOME, else
-    /// /var/lib/doppel for root, else $XDG_STATE_HOME/doppel].
+    /// Directory for this node's identity and state [default: $DOPPEL_HOME, else the config
+    /// file's `home`, else /var/lib/doppel for root, else $XDG_STATE_HOME/doppel].
     #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
     /// Configuration file [default: $DOPPEL_CONFIG, else /etc/doppel/doppel.toml if present].
@@ -134,10 +134,12 @@ pub struct ProtectArgs {
     /// Job name [default: the base name of SRC].
     #[arg(long, value_name = "JOB")]
     pub name: Option<String>,
-    /// Protect only files matching this gitignore-style rule (repeatable).
+    /// Protect only files matching this gitignore-style rule (repeatable; not with the fuse
+    /// capture, which replicates every write through its mount).
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
-    /// Leave out paths matching this gitignore-style rule (repeatable).
+    /// Leave out paths matching this gitignore-style rule (repeatable; not with the fuse
+    /// capture).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
     /// How changes are captured.

@@ -254,10 +254,10 @@ pub struct JobSection {
     pub to: String,
     /// Target identity (else from `[pins]`).
     pub target_id: Option<String>,
-    /// Include rules.
+    /// Include rules (watch capture only: the fuse capture refuses rules).
     #[serde(default)]
     pub include: Vec<String>,
-    /// Exclude rules.
+    /// Exclude rules (watch capture only).
     #[serde(default)]
     pub exclude: Vec<String>,
     /// `watch`, `fanotify`, `inotify` or `fuse`.

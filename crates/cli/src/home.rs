@@ -2,14 +2,18 @@
 
 use std::path::PathBuf;
 
-/// `--home`, else `$DOPPEL_HOME`, else `/var/lib/doppel` for root and the XDG state directory
-/// (`$XDG_STATE_HOME/doppel`, by default `~/.local/state/doppel`) for anyone else.
-pub fn resolve(flag: Option<PathBuf>) -> PathBuf {
+/// `--home`, else `$DOPPEL_HOME`, else the config file's `home`, else `/var/lib/doppel` for
+/// root and the XDG state directory (`$XDG_STATE_HOME/doppel`, by default
+/// `~/.local/state/doppel`) for anyone else.
+pub fn resolve(flag: Option<PathBuf>, config: Option<PathBuf>) -> PathBuf {
     if let Some(h) = flag {
         return h;
     }
     if let Some(h) = std::env::var_os("DOPPEL_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
+    }
+    if let Some(h) = config {
+        return h;
     }
     if rustix::process::geteuid().is_root() {
         return PathBuf::from("/var/lib/doppel");

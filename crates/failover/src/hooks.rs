@@ -1,8 +1,9 @@
 //! The operator's scripts, and the addresses a failover takes over.
 //!
 //! Scripts run through `/bin/sh -c` with the failover's context in the environment
-//! (`DOPPEL_SOURCE`, `DOPPEL_JOB`, `DOPPEL_REPLICA`, `DOPPEL_EPOCH`, `DOPPEL_STEP`,
-//! `DOPPEL_EVENT`), so one script can serve every job. Their output goes to the target's log
+//! (`DOPPEL_SOURCE`, `DOPPEL_STEP`, `DOPPEL_JOBS`, `DOPPEL_DATA`, and for per-job scripts
+//! `DOPPEL_JOB`, `DOPPEL_REPLICA`, `DOPPEL_EPOCH`; the notify command gets `DOPPEL_SOURCE`,
+//! `DOPPEL_EVENT`, `DOPPEL_DETAIL`), so one script can serve every job. Their output goes to the target's log
 //! line by line and its tail into the error when they fail: the operator sees why at once.
 //! Address changes go through `ip(8)` and are idempotent (an address already there is left
 //! alone), so a rerun of a failover that stopped half way does no harm.

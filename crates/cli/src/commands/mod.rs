@@ -16,7 +16,8 @@ use crate::home;
 /// Runs the parsed command line.
 pub fn run(args: Cli) -> Result<()> {
     let file = FileConfig::load(args.config.as_deref())?;
-    let home = home::resolve(args.home.clone().or(file.home.clone()));
+    // `$DOPPEL_HOME` overrides the config file's `home`, as the file's documentation says.
+    let home = home::resolve(args.home.clone(), file.home.clone());
     match args.command {
         Command::Init => {
             let (me, created) = Identity::load_or_create(&home)?;
