@@ -1,5 +1,6 @@
 //! One job's replica.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use doppel_fs::Beneath;
@@ -69,8 +70,15 @@ impl Replica {
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
         STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
+        // Root only: whatever of these (and of their parents) is created here is 0700, so a
+        // replica is never reachable by local users through a directory made on the way. The
+        // tree's own root then takes the mode the source gives it.
         for d in [root, state_dir] {
-            std::fs::create_dir_all(d).map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
         }
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;

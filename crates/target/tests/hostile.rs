@@ -63,8 +63,7 @@ impl Harness {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
         let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
-        cfg.allowed =
-            allowed.iter().map(|(name, id)| AllowedSource { name: name.to_string(), id: id.id }).collect();
+        cfg.allowed = allowed.iter().map(|(name, id)| AllowedSource::new(*name, id.id)).collect();
         tweak(&mut cfg);
         let target = Target::new(cfg);
         let identity = Identity::generate().expect("target identity");
