@@ -69,7 +69,6 @@ impl Replica {
     /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
-        STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         // Root only: whatever of these (and of their parents) is created here is 0700, so a
         // replica is never reachable by local users through a directory made on the way. The
         // tree's own root then takes the mode the source gives it.
@@ -80,6 +79,7 @@ impl Replica {
                 .create(d)
                 .map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
         }
+        STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
         let (progress, seen) = Progress::open(state_dir)?;
