@@ -5,6 +5,8 @@
 //!   enough state to resume exactly after a crash of the process or of the machine.
 //! - [`ops`]: how each op is carried out beneath the replica root (never outside it, never
 //!   through a symlink).
+//! - [`privilege`]: what a source may do that grants privilege on the target (set-id bits,
+//!   owners, capabilities, device nodes): allowed, stripped or refused, as a pure decision.
 //! - [`state`]: the replica's persistent state files.
 //! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
 //! - [`retention`]: which history a replica keeps (time, size, the minimum window, pins), as
@@ -14,9 +16,11 @@
 pub mod error;
 pub mod listing;
 pub mod ops;
+pub mod privilege;
 pub mod replica;
 pub mod retention;
 pub mod state;
 
 pub use error::ApplyError;
+pub use privilege::{Privilege, PrivilegePolicy, Rule};
 pub use replica::{Outcome, Replica, ReplicaInfo};

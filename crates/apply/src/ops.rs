@@ -27,9 +27,13 @@ use rustix::fs::{AtFlags, Dev, FallocateFlags, FileType, Mode, OFlags, Timespec,
 use crate::error::ApplyError;
 use crate::state::{ExchangeNote, Progress};
 
-/// Modes a source may create with `Mknod`: FIFOs and sockets only. Device nodes would give
-/// whoever can read the replica access to the target's own devices.
+/// Modes a source may create with `Mknod`: FIFOs and sockets. Device nodes would give
+/// whoever can read the replica access to the target's own devices, so they are created only
+/// when the source's privilege policy allows them (see [`crate::privilege`]).
 const ALLOWED_NODES: [u32; 2] = [libc::S_IFIFO, libc::S_IFSOCK];
+
+/// Device node types, created only if allowed.
+const DEVICE_NODES: [u32; 2] = [libc::S_IFCHR, libc::S_IFBLK];
 
 /// `fallocate` flags a source may use: those that only change the file's own space.
 const ALLOWED_FALLOCATE: u32 =
@@ -102,6 +106,7 @@ struct Ctx<'a> {
     seq: u64,
     kind: &'static str,
     root: &'a Beneath,
+    devices: bool,
 }
 
 impl Ctx<'_> {
@@ -158,7 +163,7 @@ fn file_type(mode: u32) -> u32 {
 }
 
 /// Applies `op` (sequence `seq`) to the tree beneath `root`; a rename-exchange leaves its note
-/// in `notes` first.
+/// in `notes` first. Device nodes are refused.
 pub fn apply_op(
     root: &Beneath,
     open: &mut OpenFile,
@@ -166,7 +171,20 @@ pub fn apply_op(
     seq: u64,
     op: &Op,
 ) -> Result<(), ApplyError> {
-    let c = Ctx { seq, kind: op.kind(), root };
+    apply_op_with(root, open, notes, seq, op, false)
+}
+
+/// [`apply_op`], creating device nodes if `devices` (the source's privilege policy allows
+/// them; every other privileged part was already decided on by that policy).
+pub fn apply_op_with(
+    root: &Beneath,
+    open: &mut OpenFile,
+    notes: &mut dyn ExchangeNotes,
+    seq: u64,
+    op: &Op,
+    devices: bool,
+) -> Result<(), ApplyError> {
+    let c = Ctx { seq, kind: op.kind(), root, devices };
     if op.changes_names() {
         open.clear();
     }
@@ -362,8 +380,9 @@ fn remove(c: &Ctx<'_>, path: &RelPath, dir_wanted: bool) -> Result<(), ApplyErro
 
 fn mknod(c: &Ctx<'_>, path: &RelPath, mode: u32, rdev: u64) -> Result<(), ApplyError> {
     let ft = file_type(mode);
-    if !ALLOWED_NODES.contains(&ft) {
-        return Err(c.refuse(format!("{path}: only FIFOs and sockets may be created, not mode {mode:#o}")));
+    if !(ALLOWED_NODES.contains(&ft) || c.devices && DEVICE_NODES.contains(&ft)) {
+        let what = if c.devices { "FIFOs, sockets and device nodes" } else { "FIFOs and sockets" };
+        return Err(c.refuse(format!("{path}: only {what} may be created, not mode {mode:#o}")));
     }
     let (dir, name) = c.parent(path)?;
     match rustix::fs::mknodat(

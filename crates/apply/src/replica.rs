@@ -1,12 +1,14 @@
 //! One job's replica.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use doppel_fs::Beneath;
 use doppel_proto::OpRecord;
 
 use crate::error::ApplyError;
-use crate::ops::{OpenFile, apply_op};
+use crate::ops::{OpenFile, apply_op_with};
+use crate::privilege::{Decision, Privilege, PrivilegePolicy, Rule};
 use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
 
 /// The formats of a replica's state directory (`checkpoint.json`, `progress`, the stopped
@@ -37,8 +39,17 @@ pub enum Outcome {
     Applied,
     /// Already applied before (a resend after a reconnect); skipped.
     Duplicate,
+    /// Applied without the privileged parts the source's policy strips (listed).
+    Stripped(Vec<Privilege>),
     /// Refused and skipped for good, with the reason (also logged).
     Refused(String),
+    /// Refused by the source's privilege policy, and skipped for good.
+    RefusedByPolicy {
+        /// The privilege the op used.
+        privilege: Privilege,
+        /// Why, in words.
+        reason: String,
+    },
 }
 
 /// A replica: a plain tree at `root` plus state kept in a separate directory.
@@ -51,16 +62,24 @@ pub struct Replica {
     progress: Progress,
     open: OpenFile,
     needs_resync: bool,
+    privileges: PrivilegePolicy,
 }
 
 impl Replica {
     /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
-        STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
+        // Root only: whatever of these (and of their parents) is created here is 0700, so a
+        // replica is never reachable by local users through a directory made on the way. The
+        // tree's own root then takes the mode the source gives it.
         for d in [root, state_dir] {
-            std::fs::create_dir_all(d).map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
         }
+        STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
         let (progress, seen) = Progress::open(state_dir)?;
@@ -108,7 +127,14 @@ impl Replica {
             progress,
             open: OpenFile::default(),
             needs_resync,
+            privileges: PrivilegePolicy::default(),
         })
+    }
+
+    /// Sets what the source may do that grants privilege on the target (the default is
+    /// [`PrivilegePolicy::default`]); the target's configuration decides it, per source.
+    pub fn set_privileges(&mut self, p: PrivilegePolicy) {
+        self.privileges = p;
     }
 
     /// The resume point and identity, as a Welcome reports them.
@@ -151,17 +177,39 @@ impl Replica {
             write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
             self.dirty_on_disk = true;
         }
-        let outcome = match apply_op(&self.root, &mut self.open, &mut self.progress, rec.seq, &rec.op) {
-            Ok(()) => Outcome::Applied,
-            Err(ApplyError::Refused { reason, .. }) => {
-                tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused");
-                Outcome::Refused(reason)
-            }
-            Err(e) => return Err(e),
-        };
+        let outcome = self.apply_policed(rec)?;
         self.applied = rec.seq;
         self.progress.record(rec.seq)?;
         Ok(outcome)
+    }
+
+    /// Applies `rec` as the privilege policy decides.
+    fn apply_policed(&mut self, rec: &OpRecord) -> Result<Outcome, ApplyError> {
+        let (op, stripped) = match self.privileges.decide(&rec.op) {
+            Decision::Refuse { privilege, reason } => {
+                tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused by the privilege policy");
+                return Ok(Outcome::RefusedByPolicy { privilege, reason });
+            }
+            Decision::Apply { op, stripped } => (op, stripped),
+        };
+        let devices = self.privileges.devices == Rule::Allow;
+        match apply_op_with(&self.root, &mut self.open, &mut self.progress, rec.seq, &op, devices) {
+            Ok(()) if stripped.is_empty() => Ok(Outcome::Applied),
+            Ok(()) => {
+                tracing::debug!(
+                    seq = rec.seq,
+                    op = rec.op.kind(),
+                    ?stripped,
+                    "applied without privileged parts"
+                );
+                Ok(Outcome::Stripped(stripped))
+            }
+            Err(ApplyError::Refused { reason, .. }) => {
+                tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused");
+                Ok(Outcome::Refused(reason))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes every applied op durable (one `syncfs` of the replica's file system, then the

@@ -104,9 +104,36 @@ pub struct AllowSection {
     pub stop_workload: Vec<String>,
     /// Bandwidth of each job's failback stream (`50Mbit`, `unlimited`).
     pub failback_limit: Option<String>,
+    /// Set-uid/set-gid bits: `allow` (default), `strip` or `refuse`.
+    pub setid: Option<String>,
+    /// Owners other than root, and ACLs: `allow` (default), `strip` or `refuse`.
+    pub owners: Option<String>,
+    /// `security.*` and `trusted.*` attributes: `allow` (default), `strip` or `refuse`.
+    pub capabilities: Option<String>,
+    /// Device nodes: `refuse` (default), `strip` or `allow`.
+    pub devices: Option<String>,
 }
 
 impl AllowSection {
+    /// What this source may do that grants privilege on the target; an error names the key.
+    pub fn privileges(&self) -> Result<doppel_target::PrivilegePolicy> {
+        use doppel_target::Privilege;
+        let mut p = doppel_target::PrivilegePolicy::default();
+        for (privilege, value) in [
+            (Privilege::SetId, &self.setid),
+            (Privilege::Owners, &self.owners),
+            (Privilege::Capabilities, &self.capabilities),
+            (Privilege::Devices, &self.devices),
+        ] {
+            if let Some(v) = value {
+                let rule = v.parse().map_err(|e| anyhow!("source {}: {privilege} = {e}", self.name))?;
+                p.set(privilege, rule);
+            }
+        }
+        p.check().map_err(|e| anyhow!("source {}: {e}", self.name))?;
+        Ok(p)
+    }
+
     /// The failover policy this section describes.
     pub fn policy(&self) -> Result<doppel_failover::SourcePolicy> {
         let mut p = doppel_failover::SourcePolicy::manual(&self.name);
@@ -445,6 +472,38 @@ mod tests {
             let st = std::process::Command::new("sh").arg("-n").arg(&shipped).status().unwrap();
             assert!(st.success(), "{shipped} does not parse");
         }
+    }
+
+    #[test]
+    fn privilege_settings_are_checked() {
+        use doppel_target::{PrivilegePolicy, Rule};
+        let allow = |extra: &str| {
+            let text = format!("[target]\n[[target.allow]]\nname = \"s\"\nid = \"x\"\n{extra}\n");
+            parse(&text).unwrap().target.unwrap().allow.remove(0).privileges()
+        };
+        assert_eq!(allow("").unwrap(), PrivilegePolicy::default());
+        let p =
+            allow("setid = \"strip\"\nowners = \"refuse\"\ncapabilities = \"strip\"\ndevices = \"allow\"")
+                .unwrap();
+        assert_eq!(
+            p,
+            PrivilegePolicy {
+                setid: Rule::Strip,
+                owners: Rule::Refuse,
+                capabilities: Rule::Strip,
+                devices: Rule::Allow
+            }
+        );
+        let e = format!("{:#}", allow("capabilities = \"maybe\"").unwrap_err());
+        assert_eq!(e, "source s: capabilities = \"maybe\": use \"allow\", \"strip\" or \"refuse\"");
+        let e = format!("{:#}", allow("owners = \"strip\"").unwrap_err());
+        assert!(
+            e.starts_with("source s: setid = \"allow\" with owners = \"strip\"") && !e.contains('\n'),
+            "{e}"
+        );
+        let e =
+            parse("[target]\n[[target.allow]]\nname = \"s\"\nid = \"x\"\nsetuid = \"strip\"\n").unwrap_err();
+        assert!(e.starts_with("5: unknown key setuid"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ fn setup(dir: &Path, policy: SourcePolicy) -> (Arc<Target>, Arc<Manager>) {
     drop(doppel_apply::Replica::open(&tree, &state).unwrap());
     let (me, _) = Identity::load_or_create(&dir.join("s-home")).unwrap();
     let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
-    cfg.allowed = vec![AllowedSource { name: "s".into(), id: me.id }];
+    cfg.allowed = vec![AllowedSource::new("s", me.id)];
     let target = Target::new(cfg);
     let manager = Manager::new(target.clone(), ManagerConfig::new(&data), vec![policy]);
     tokio::spawn(manager.clone().run());

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use doppel_fs::Selection;
-use doppel_proto::{Entry, Op, RelPath, WirePath};
+use doppel_proto::{Attrs, Entry, Op, RelPath, WirePath, Xattr};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MirrorError;
@@ -38,6 +38,34 @@ pub struct VerifyReport {
     pub repaired: Vec<String>,
 }
 
+/// How a difference in privileged attributes only is described: a target whose privilege
+/// policy strips them (`doppel_apply::privilege`) keeps them so on purpose, and the source
+/// cannot tell that policy from damage, so it names the likely cause instead of alarming.
+pub const PRIVILEGED: &str = "privileged attributes differ (the target's privilege policy strips these)";
+
+/// Set-uid and set-gid bits.
+const SETID: u32 = 0o6000;
+
+/// Whether an attribute's name is one a target's privilege policy may strip (the same
+/// namespaces as `doppel_apply::privilege::xattr_privilege`).
+fn privileged_xattr(x: &Xattr) -> bool {
+    [&b"security."[..], b"trusted.", b"system."].iter().any(|ns| x.name.starts_with(ns))
+}
+
+/// Whether setting `a` on the replica's entry `e` would change only privileged parts: set-id
+/// bits, owners, privileged attributes.
+fn privileged_only(a: &Attrs, e: &Entry) -> bool {
+    let mode = a.mode.is_none_or(|m| (m ^ e.mode) & 0o7777 & !SETID == 0);
+    let plain = |x: &[Xattr]| x.iter().filter(|x| !privileged_xattr(x)).cloned().collect::<Vec<_>>();
+    let xattrs = a.xattrs.as_ref().is_none_or(|x| plain(x) == plain(&e.xattrs));
+    mode && xattrs && a.mtime.is_none_or(|t| t == e.mtime)
+}
+
+/// An entry's metadata, without its block hashes (not needed to compare attributes).
+fn without_blocks(e: &Entry) -> Entry {
+    Entry { blocks: Vec::new(), ..e.clone() }
+}
+
 /// Compares the tree at `root` with a replica `listing`. Returns the report and the names that
 /// differ.
 pub fn compare(
@@ -50,6 +78,8 @@ pub fn compare(
     if let Some(g) = guard {
         rec = rec.with_guard(g);
     }
+    let on_replica: BTreeMap<WirePath, Entry> =
+        listing.iter().filter(|e| e.first_block == 0).map(|e| (e.path.clone(), without_blocks(e))).collect();
     rec.seed_all(listing);
     let mut ops: Vec<Op> = Vec::new();
     rec.sync_tree(&RelPath::root(), &mut ops)?;
@@ -70,6 +100,11 @@ pub fn compare(
                 (path, "content differs")
             }
             Op::Truncate { path, .. } => (path, "size differs"),
+            Op::SetAttr { path, attrs }
+                if on_replica.get(path).is_some_and(|e| privileged_only(attrs, e)) =>
+            {
+                (path, PRIVILEGED)
+            }
             Op::SetAttr { path, .. } => (path, "attributes differ"),
             Op::Rename { to, .. } => (to, "name differs"),
             Op::Fsync { .. } | Op::Fallocate { .. } => continue,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use doppel_apply::PrivilegePolicy;
 use doppel_link::NodeId;
 use doppel_proto::MAX_FRAME_DEFAULT;
 
@@ -13,6 +14,20 @@ pub struct AllowedSource {
     pub name: String,
     /// Its identity (`doppel id` on the source).
     pub id: NodeId,
+    /// What its ops may do that grants privilege on this target.
+    pub privileges: PrivilegePolicy,
+}
+
+impl AllowedSource {
+    /// A source with the default privilege policy.
+    pub fn new(name: impl Into<String>, id: NodeId) -> AllowedSource {
+        AllowedSource { name: name.into(), id, privileges: PrivilegePolicy::default() }
+    }
+
+    /// This source with privilege policy `p`.
+    pub fn with_privileges(self, p: PrivilegePolicy) -> AllowedSource {
+        AllowedSource { privileges: p, ..self }
+    }
 }
 
 /// Where replicas and their state live.
@@ -73,6 +88,12 @@ impl TargetConfig {
         }
     }
 
+    /// The privilege policy of `source`: its allow entry's, or the default (an embedded
+    /// target, which has no allow list, keeps what every target did before policies).
+    pub fn privileges_of(&self, source: &str) -> PrivilegePolicy {
+        self.allowed.iter().find(|a| a.name == source).map(|a| a.privileges).unwrap_or_default()
+    }
+
     /// The name of an allowed identity.
     pub fn name_of(&self, id: &NodeId) -> Option<&str> {
         self.allowed.iter().find(|a| a.id == *id).map(|a| a.name.as_str())
@@ -88,6 +109,10 @@ pub enum NameError {
     /// Starts with a dot (hidden, or `.`/`..`).
     #[error("{0:?} must not start with a dot")]
     LeadingDot(String),
+    /// Starts with a dash: a name that reads as an option to every command it is passed to
+    /// (scripts, `doppel failover NAME`).
+    #[error("{0:?} must not start with '-'")]
+    LeadingDash(String),
     /// Contains a character that is not allowed.
     #[error("{name:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")]
     Character {
@@ -99,14 +124,17 @@ pub enum NameError {
 }
 
 /// Whether `s` can name a source or a job: it becomes a directory name on the target, so it is
-/// restricted to letters, digits, `.`, `_` and `-`, does not start with `.`, and is at most 64
-/// characters long.
+/// restricted to letters, digits, `.`, `_` and `-`, does not start with `.` or `-`, and is at
+/// most 64 characters long.
 pub fn valid_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() || s.len() > 64 {
         return Err(NameError::Length(s.to_string()));
     }
     if s.starts_with('.') {
         return Err(NameError::LeadingDot(s.to_string()));
+    }
+    if s.starts_with('-') {
+        return Err(NameError::LeadingDash(s.to_string()));
     }
     if let Some(bad) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(NameError::Character { name: s.to_string(), bad });
@@ -120,7 +148,7 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "web-1", "db_2.prod", &"x".repeat(64)] {
+        for ok in ["a", "web-1", "a-", "1-2", "db_2.prod", &"x".repeat(64)] {
             assert_eq!(valid_name(ok), Ok(()), "{ok:?}");
         }
         let table = [
@@ -128,6 +156,8 @@ mod tests {
             (&*"x".repeat(65), "must be 1 to 64 characters long"),
             (".hidden", "\".hidden\" must not start with a dot"),
             ("..", "must not start with a dot"),
+            ("-rf", "\"-rf\" must not start with '-'"),
+            ("--help", "must not start with '-'"),
             ("a/b", "\"a/b\" contains '/'; use letters, digits, '.', '_' or '-'"),
             ("caf\u{e9}", "contains '\u{e9}'"),
         ];

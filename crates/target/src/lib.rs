@@ -18,12 +18,15 @@
 
 pub mod commit;
 pub mod config;
+pub mod datadir;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod worker;
 
 pub use config::{AllowedSource, Layout, NameError, TargetConfig, valid_name};
-pub use registry::{LeaseError, ReplicaState, ReplicaStatus, Target};
+pub use datadir::{DataDirError, secure_data_dir};
+pub use doppel_apply::privilege::{Privilege, PrivilegePolicy, Rule};
+pub use registry::{LeaseError, PrivilegeCounts, ReplicaState, ReplicaStatus, Target};
 pub use server::serve;
 pub use session::{FailbackHandler, Handover, Stream, handle_after, refuse_stream};

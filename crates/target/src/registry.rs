@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use doppel_apply::{ApplyError, Replica};
+use doppel_apply::{ApplyError, Privilege, Replica};
 use doppel_link::ByteCounter;
 use parking_lot::Mutex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -105,6 +105,59 @@ pub enum LeaseError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// Ops of one replica that its source's privilege policy stripped or refused, per privilege
+/// (since the target started). Shown by `doppel status`, so a policy never acts silently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivilegeCounts {
+    /// Set-id bits.
+    pub setid: u64,
+    /// Owners and ACLs.
+    pub owners: u64,
+    /// `security.*` and `trusted.*` attributes.
+    pub capabilities: u64,
+    /// Device nodes.
+    pub devices: u64,
+}
+
+impl PrivilegeCounts {
+    /// The count of `p`.
+    pub fn get(&self, p: Privilege) -> u64 {
+        match p {
+            Privilege::SetId => self.setid,
+            Privilege::Owners => self.owners,
+            Privilege::Capabilities => self.capabilities,
+            Privilege::Devices => self.devices,
+        }
+    }
+
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        Privilege::ALL.iter().all(|&p| self.get(p) == 0)
+    }
+}
+
+/// Live [`PrivilegeCounts`].
+#[derive(Default)]
+pub struct PrivilegeCounters([AtomicU64; 4]);
+
+impl PrivilegeCounters {
+    /// Counts one op for `p`.
+    pub fn add(&self, p: Privilege) {
+        self.0[p as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> PrivilegeCounts {
+        let n = |p: Privilege| self.0[p as usize].load(Ordering::Relaxed);
+        PrivilegeCounts {
+            setid: n(Privilege::SetId),
+            owners: n(Privilege::Owners),
+            capabilities: n(Privilege::Capabilities),
+            devices: n(Privilege::Devices),
+        }
+    }
+}
+
 /// A status snapshot of one replica, for `doppel status` and the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
@@ -132,6 +185,12 @@ pub struct ReplicaStatus {
     pub failed_over: bool,
     /// Connections of the fenced source refused since the target started.
     pub fenced_refusals: u64,
+    /// Ops applied without a privileged part, per privilege (an op may count for several).
+    #[serde(default)]
+    pub stripped: PrivilegeCounts,
+    /// Ops refused by the privilege policy, per privilege (also counted in `refused`).
+    #[serde(default)]
+    pub policy_refused: PrivilegeCounts,
 }
 
 /// Shared, lock-free-ish counters of one replica.
@@ -159,6 +218,10 @@ pub struct SlotStatus {
     pub fenced_refusals: AtomicU64,
     /// The source said goodbye (a clean stop) on the last session.
     pub goodbye: AtomicBool,
+    /// See [`ReplicaStatus::stripped`].
+    pub stripped: PrivilegeCounters,
+    /// See [`ReplicaStatus::policy_refused`].
+    pub policy_refused: PrivilegeCounters,
 }
 
 impl SlotStatus {
@@ -239,7 +302,13 @@ impl Slot {
                 Some(Ok(replica)) => return Ok(Lease { replica, cancel }),
                 Some(Err(())) => {
                     let (tree, state) = cfg.layout.paths(&self.source, &self.job);
-                    let opened = tokio::task::spawn_blocking(move || Replica::open(&tree, &state)).await?;
+                    let privileges = cfg.privileges_of(&self.source);
+                    let opened = tokio::task::spawn_blocking(move || {
+                        let mut r = Replica::open(&tree, &state)?;
+                        r.set_privileges(privileges);
+                        Ok(r)
+                    })
+                    .await?;
                     match opened {
                         Ok(replica) => return Ok(Lease { replica, cancel }),
                         Err(e) => {
@@ -286,6 +355,8 @@ impl Slot {
             epoch: s.epoch.load(Ordering::Relaxed),
             failed_over: s.failed_over.load(Ordering::Relaxed),
             fenced_refusals: s.fenced_refusals.load(Ordering::Relaxed),
+            stripped: s.stripped.snapshot(),
+            policy_refused: s.policy_refused.snapshot(),
         }
     }
 }

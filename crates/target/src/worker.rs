@@ -172,9 +172,17 @@ impl<C: Clock> Worker<C> {
         loop {
             match self.replica.apply(rec) {
                 Ok(Outcome::Applied | Outcome::Duplicate) => break,
+                Ok(Outcome::Stripped(privileges)) => {
+                    privileges.into_iter().for_each(|p| self.slot.status.stripped.add(p));
+                    break;
+                }
                 Ok(Outcome::Refused(reason)) => {
-                    self.slot.status.refused.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.tx.blocking_send(Message::OpRefused { seq: rec.seq, reason });
+                    self.refused(rec.seq, reason);
+                    break;
+                }
+                Ok(Outcome::RefusedByPolicy { privilege, reason }) => {
+                    self.slot.status.policy_refused.add(privilege);
+                    self.refused(rec.seq, reason);
                     break;
                 }
                 Err(e @ (ApplyError::Io { .. } | ApplyError::State { .. })) => {
@@ -195,6 +203,12 @@ impl<C: Clock> Worker<C> {
             let _ = self.tx.blocking_send(Message::Resumed);
         }
         true
+    }
+
+    /// Counts a refused op and tells the source.
+    fn refused(&self, seq: u64, reason: String) {
+        self.slot.status.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.blocking_send(Message::OpRefused { seq, reason });
     }
 
     /// An op failed in a way that may pass: carries out the stall policy's step and waits

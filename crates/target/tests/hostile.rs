@@ -35,6 +35,7 @@ const S_IFCHR: u32 = 0o020000;
 const S_IFDIR: u32 = 0o040000;
 const S_IFBLK: u32 = 0o060000;
 const S_IFREG: u32 = 0o100000;
+const S_IFMT: u32 = 0o170000;
 /// `FALLOC_FL_COLLAPSE_RANGE`: changes the layout of the file beyond the source's allowed set.
 const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
 
@@ -63,8 +64,7 @@ impl Harness {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
         let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
-        cfg.allowed =
-            allowed.iter().map(|(name, id)| AllowedSource { name: name.to_string(), id: id.id }).collect();
+        cfg.allowed = allowed.iter().map(|(name, id)| AllowedSource::new(*name, id.id)).collect();
         tweak(&mut cfg);
         let target = Target::new(cfg);
         let identity = Identity::generate().expect("target identity");
@@ -254,7 +254,7 @@ async fn unlisted_identity_is_refused() {
     assert!(h.target.status().is_empty(), "{:?}", h.target.status());
 
     // The allowed identity is unaffected, and hostile job names are refused without a trace.
-    for job in ["..", ".hidden", "a/b", "../../etc", "", &"j".repeat(65), "a\0b"] {
+    for job in ["..", ".hidden", "a/b", "../../etc", "", &"j".repeat(65), "a\0b", "-rf", "--help"] {
         let mut c = h.connect(&allowed).await;
         match c.hello(job).await {
             Message::Refused(Refusal::BadJob { reason }) => assert!(!reason.is_empty()),
@@ -818,5 +818,119 @@ async fn welcome_reports_only_durable_progress() {
         w.applied_seq
     );
     drop(c);
+    h.stop().await;
+}
+
+/// A `security.capability` value: version 2, effective, permitting `CAP_NET_BIND_SERVICE`.
+fn cap_net_bind_service() -> Vec<u8> {
+    [0x0200_0001u32, 1 << 10, 0, 0, 0].iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Three sources send the same privileged ops (a set-uid file, a foreign owner, a file
+/// capability and a `trusted.*` attribute, a device node) to one target whose allow list gives
+/// each another privilege policy: `allow` applies them as sent, `strip` applies them without
+/// the privileged part, `refuse` refuses exactly those ops; every other op converges, and the
+/// target's status counts what each policy did. The data directory's own directories are 0700.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privilege_policy_per_source() {
+    use doppel_target::{PrivilegePolicy, Rule};
+    if !doppel_testkit::skip::require(rustix::process::geteuid().is_root(), "owners and devices need root") {
+        return;
+    }
+    let rules = [("allow", Rule::Allow), ("strip", Rule::Strip), ("refuse", Rule::Refuse)];
+    let ids: Vec<Identity> = rules.iter().map(|_| Identity::generate().unwrap()).collect();
+    let allowed: Vec<(&str, &Identity)> = rules.iter().zip(&ids).map(|((n, _), id)| (*n, id)).collect();
+    let h = Harness::start(&allowed, |cfg| {
+        for (a, (_, rule)) in cfg.allowed.iter_mut().zip(rules) {
+            a.privileges = PrivilegePolicy::all(rule);
+        }
+    })
+    .await;
+    let xattrs = vec![
+        doppel_proto::Xattr { name: b"security.capability".to_vec(), value: cap_net_bind_service() },
+        doppel_proto::Xattr { name: b"trusted.t".to_vec(), value: b"1".to_vec() },
+        doppel_proto::Xattr { name: b"user.u".to_vec(), value: b"2".to_vec() },
+    ];
+    let ops = vec![
+        Op::Create { path: wp("su"), mode: 0o4755 }, // 1 setid
+        Op::Write { path: wp("su"), offset: 0, data: b"#!/bin/sh\n".to_vec() }, // 2
+        Op::Create { path: wp("own"), mode: 0o644 }, // 3
+        Op::SetAttr {
+            path: wp("own"),
+            attrs: Attrs { uid: Some(1234), gid: Some(5678), ..Attrs::default() },
+        }, // 4 owners
+        Op::Create { path: wp("cap"), mode: 0o755 }, // 5
+        Op::SetAttr { path: wp("cap"), attrs: Attrs { xattrs: Some(xattrs), ..Attrs::default() } }, // 6 capabilities
+        Op::Mknod { path: wp("null"), mode: S_IFCHR | 0o666, rdev: makedev(1, 3) }, // 7 devices
+        Op::Mknod { path: wp("pipe"), mode: S_IFIFO | 0o644, rdev: 0 },             // 8
+        Op::Create { path: wp("plain"), mode: 0o640 },                              // 9
+        Op::Write { path: wp("plain"), offset: 0, data: b"data".to_vec() },         // 10
+    ];
+    for ((name, rule), id) in rules.iter().zip(&ids) {
+        let (mut c, w) = h.session(id, "job").await;
+        assert_eq!(w.applied_seq, 0);
+        c.send_ops(1, &ops).await;
+        let refused = c.until_acked(ops.len() as u64).await;
+        let want: Vec<u64> = if *rule == Rule::Refuse { vec![1, 4, 6, 7] } else { vec![] };
+        // Refusing the set-uid file's creation makes its write fail too (no such file).
+        let want_all: Vec<u64> = if *rule == Rule::Refuse { vec![1, 2, 4, 6, 7] } else { vec![] };
+        assert_eq!(refused.keys().copied().collect::<Vec<_>>(), want_all, "{name}: refused {refused:#?}");
+        for s in want {
+            assert!(refused[&s].contains("privilege policy"), "{name}: op {s}: {}", refused[&s]);
+        }
+        drop(c);
+    }
+
+    let meta = |src: &str, n: &str| std::fs::symlink_metadata(h.replica(src, "job").join(n));
+    let xattr_names = |src: &str| -> Vec<String> {
+        doppel_fs::xattr::read_all(&h.replica(src, "job").join("cap"))
+            .unwrap()
+            .into_iter()
+            .map(|x| String::from_utf8_lossy(&x.name).into_owned())
+            .filter(|n| !n.starts_with("security.selinux"))
+            .collect()
+    };
+    // allow: everything as sent.
+    assert_eq!(meta("allow", "su").unwrap().mode() & 0o7777, 0o4755);
+    assert_eq!((meta("allow", "own").unwrap().uid(), meta("allow", "own").unwrap().gid()), (1234, 5678));
+    assert_eq!(xattr_names("allow"), ["security.capability", "trusted.t", "user.u"]);
+    assert_eq!(meta("allow", "null").unwrap().mode() & S_IFMT, S_IFCHR);
+    // strip: the same names, without what grants privilege.
+    assert_eq!(meta("strip", "su").unwrap().mode() & 0o7777, 0o755);
+    assert_eq!(std::fs::read(h.replica("strip", "job").join("su")).unwrap(), b"#!/bin/sh\n");
+    assert_eq!((meta("strip", "own").unwrap().uid(), meta("strip", "own").unwrap().gid()), (0, 0));
+    assert_eq!(xattr_names("strip"), ["user.u"]);
+    let null = meta("strip", "null").unwrap();
+    assert!(null.is_file() && null.len() == 0, "a stripped device is an empty regular file");
+    // refuse: the privileged ops left nothing; the rest is there.
+    assert!(meta("refuse", "su").is_err() && meta("refuse", "null").is_err());
+    assert_eq!(meta("refuse", "own").unwrap().uid(), 0);
+    assert_eq!(xattr_names("refuse"), Vec::<String>::new());
+    for src in ["allow", "strip", "refuse"] {
+        assert_eq!(std::fs::read(h.replica(src, "job").join("plain")).unwrap(), b"data", "{src}");
+        assert_eq!(meta(src, "pipe").unwrap().mode() & S_IFMT, S_IFIFO, "{src}");
+    }
+
+    let status = h.target.status();
+    let row = |src: &str| status.iter().find(|r| r.source == src).expect("status row").clone();
+    let counts = |setid, owners, capabilities, devices| doppel_target::PrivilegeCounts {
+        setid,
+        owners,
+        capabilities,
+        devices,
+    };
+    let none = counts(0, 0, 0, 0);
+    assert_eq!((row("allow").stripped, row("allow").policy_refused, row("allow").refused), (none, none, 0));
+    assert_eq!(
+        (row("strip").stripped, row("strip").policy_refused, row("strip").refused),
+        (counts(1, 1, 1, 1), none, 0)
+    );
+    let refuse = row("refuse");
+    assert_eq!((refuse.stripped, refuse.policy_refused, refuse.refused), (none, counts(1, 1, 1, 1), 5));
+    // The directories the replicas were made in are root's only.
+    for d in ["replicas", "state", "replicas/strip", "state/strip", "state/strip/job"] {
+        let mode = std::fs::metadata(h.data.join(d)).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{d}");
+    }
     h.stop().await;
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use doppel_proto::{Attrs, Op, OpRecord, RenameFlags, Timestamp, WirePath, Xattr};
 
 use super::*;
+use crate::ops::apply_op;
 
 fn w(s: &str) -> WirePath {
     WirePath(s.as_bytes().to_vec())
@@ -40,7 +41,7 @@ impl Fixture {
     fn refused(&mut self, op: Op) -> String {
         let desc = format!("{op:?}");
         match self.apply(op) {
-            Outcome::Refused(r) => r,
+            Outcome::Refused(r) | Outcome::RefusedByPolicy { reason: r, .. } => r,
             o => panic!("{desc} was not refused: {o:?}"),
         }
     }
@@ -165,7 +166,7 @@ fn hostile_ops_are_refused_and_nothing_outside_changes() {
     f.apply(Op::SetAttr { path: w("evil"), attrs: Attrs { mode: Some(0o777), ..Attrs::default() } });
     // Device nodes and unknown fallocate modes are refused.
     let r = f.refused(Op::Mknod { path: w("sda"), mode: libc::S_IFBLK | 0o666, rdev: 0x800 });
-    assert!(r.contains("only FIFOs"), "{r}");
+    assert!(r.contains("device node refused by this target's privilege policy"), "{r}");
     f.apply(Op::Create { path: w("f"), mode: 0o644 });
     f.refused(Op::Fallocate { path: w("f"), mode: 0x40, offset: 0, len: 10 });
     f.refused(Op::Rename { from: w("f"), to: w("f/g"), flags: RenameFlags::default() });
@@ -327,4 +328,84 @@ fn listings_split_huge_files_into_pieces() {
     assert_eq!(entries.len(), 2);
     assert_eq!((entries[0].first_block, entries[0].blocks.len()), (0, 4));
     assert_eq!((entries[1].first_block, entries[1].blocks.len()), (4, 2));
+}
+
+/// The privilege policy on disk, for each rule: a set-uid file, a foreign owner, a `trusted.*`
+/// attribute and a device node arrive as sent (allow), without the privileged part (strip),
+/// or not at all (refuse), and the outcome says which.
+#[test]
+fn privilege_policy_on_disk() {
+    use crate::privilege::{Privilege as P, Rule};
+    if !doppel_testkit::skip::require(rustix::process::geteuid().is_root(), "owners and devices need root") {
+        return;
+    }
+    for rule in [Rule::Allow, Rule::Strip, Rule::Refuse] {
+        let mut f = Fixture::new();
+        f.replica.set_privileges(PrivilegePolicy::all(rule));
+        let setuid = f.apply(Op::Create { path: w("su"), mode: 0o4755 });
+        let owner = f.apply(Op::Create { path: w("own"), mode: 0o644 });
+        assert_eq!(owner, Outcome::Applied, "{rule}");
+        let owner = f.apply(Op::SetAttr {
+            path: w("own"),
+            attrs: Attrs {
+                uid: Some(1234),
+                gid: Some(5678),
+                xattrs: Some(vec![
+                    Xattr { name: b"trusted.t".to_vec(), value: b"1".to_vec() },
+                    Xattr { name: b"user.u".to_vec(), value: b"2".to_vec() },
+                ]),
+                ..Attrs::default()
+            },
+        });
+        let dev = f.apply(Op::Mknod { path: w("null"), mode: libc::S_IFCHR | 0o666, rdev: 0x103 });
+        let meta = |n: &str| std::fs::symlink_metadata(f.root.join(n));
+        let xattrs = || doppel_fs::xattr::read_all(&f.root.join("own")).unwrap();
+        match rule {
+            Rule::Allow => {
+                assert_eq!(
+                    (setuid, owner.clone(), dev),
+                    (Outcome::Applied, Outcome::Applied, Outcome::Applied)
+                );
+                assert_eq!(meta("su").unwrap().mode() & 0o7777, 0o4755);
+                assert_eq!((meta("own").unwrap().uid(), meta("own").unwrap().gid()), (1234, 5678));
+                assert_eq!(xattrs().len(), 2);
+                assert_eq!(meta("null").unwrap().mode() & libc::S_IFMT, libc::S_IFCHR);
+            }
+            Rule::Strip => {
+                assert_eq!(setuid, Outcome::Stripped(vec![P::SetId]));
+                assert_eq!(owner, Outcome::Stripped(vec![P::Owners, P::Capabilities]));
+                assert_eq!(dev, Outcome::Stripped(vec![P::Devices]));
+                assert_eq!(meta("su").unwrap().mode() & 0o7777, 0o755);
+                assert_eq!((meta("own").unwrap().uid(), meta("own").unwrap().gid()), (0, 0));
+                assert_eq!(xattrs(), vec![Xattr { name: b"user.u".to_vec(), value: b"2".to_vec() }]);
+                assert!(meta("null").unwrap().is_file(), "a stripped device is an empty file");
+            }
+            Rule::Refuse => {
+                for (o, p) in [(&setuid, P::SetId), (&owner, P::Owners), (&dev, P::Devices)] {
+                    assert!(
+                        matches!(o, Outcome::RefusedByPolicy { privilege, .. } if *privilege == p),
+                        "{o:?}"
+                    );
+                }
+                assert!(meta("su").is_err() && meta("null").is_err());
+                assert_eq!((meta("own").unwrap().uid(), xattrs()), (0, vec![]));
+            }
+        }
+        // Whatever was refused or stripped, the stream goes on.
+        assert_eq!(f.apply(Op::Mkdir { path: w("after"), mode: 0o755 }), Outcome::Applied, "{rule}");
+    }
+}
+
+/// Without a policy set, a replica does what every target did before policies: device nodes
+/// are refused, everything else applies.
+#[test]
+fn default_privileges_refuse_only_devices() {
+    let mut f = Fixture::new();
+    let o = f.apply(Op::Mknod { path: w("sda"), mode: libc::S_IFBLK | 0o660, rdev: 0x800 });
+    assert!(
+        matches!(o, Outcome::RefusedByPolicy { privilege: crate::privilege::Privilege::Devices, .. }),
+        "{o:?}"
+    );
+    assert_eq!(f.apply(Op::Create { path: w("su"), mode: 0o4755 }), Outcome::Applied);
+    assert_eq!(std::fs::metadata(f.root.join("su")).unwrap().mode() & 0o7777, 0o4755);
 }

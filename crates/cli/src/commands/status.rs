@@ -275,7 +275,29 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
         if r.fenced_refusals > 0 {
             println!("{:<16} FENCED: refused {} connections of the old source", "", r.fenced_refusals);
         }
+        if let Some(line) = privilege_line(r) {
+            println!("{:<16} {line}", "");
+        }
     }
+}
+
+/// What the source's privilege policy did to this replica's ops, if anything:
+/// `PRIVILEGES: stripped setid 2, owners 5; refused devices 1`.
+fn privilege_line(r: &ReplicaStatus) -> Option<String> {
+    let words = |c: &doppel_target::PrivilegeCounts| {
+        doppel_target::Privilege::ALL
+            .iter()
+            .filter(|&&p| c.get(p) > 0)
+            .map(|&p| format!("{p} {}", c.get(p)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let parts: Vec<String> = [("stripped", &r.stripped), ("refused", &r.policy_refused)]
+        .into_iter()
+        .filter(|(_, c)| !c.is_empty())
+        .map(|(what, c)| format!("{what} {}", words(c)))
+        .collect();
+    (!parts.is_empty()).then(|| format!("PRIVILEGES: {}", parts.join("; ")))
 }
 
 fn print_sources(sources: &[SourceRow]) {
@@ -400,6 +422,29 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A replica's privilege counts show as one line, and only when a policy acted; a status
+    /// from a target without the counts reads as none.
+    #[test]
+    fn privilege_counts_show_when_nonzero() {
+        let old = json!({
+            "source": "s", "job": "j", "connected": true, "state": "replicating", "applied": 3,
+            "durable": 3, "bytes_received": 10, "refused": 1, "last_seen_secs": 0, "epoch": 1,
+            "failed_over": false, "fenced_refusals": 0
+        });
+        let mut r: ReplicaStatus = serde_json::from_value(old).unwrap();
+        assert_eq!(privilege_line(&r), None);
+        r.stripped.setid = 2;
+        r.stripped.owners = 5;
+        r.policy_refused.devices = 1;
+        assert_eq!(
+            privilege_line(&r).as_deref(),
+            Some("PRIVILEGES: stripped setid 2, owners 5; refused devices 1")
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["stripped"], json!({ "setid": 2, "owners": 5, "capabilities": 0, "devices": 0 }));
+        assert_eq!(v["policy_refused"]["devices"], 1);
+    }
 
     /// `status --json` prints the rows as it did when they were built as untyped JSON.
     #[test]

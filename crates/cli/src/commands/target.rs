@@ -30,15 +30,14 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let mut allowed = Vec::new();
     let mut policies = Vec::new();
     for s in &section.allow {
-        allowed.push(allow(&s.name, &s.id)?);
+        allowed.push(allow(&s.name, &s.id)?.with_privileges(s.privileges()?));
         policies.push(s.policy()?);
     }
     for s in &a.allow {
         let (name, id) = s.split_once('=').ok_or_else(|| anyhow!("--allow {s:?}: expected NAME=ID"))?;
         allowed.push(allow(name, id)?);
     }
-    std::fs::create_dir_all(&data)
-        .with_context(|| format!("cannot create data directory {}", data.display()))?;
+    doppel_target::secure_data_dir(&data).context("data directory")?;
     DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let (me, created) = Identity::load_or_create(&home)?;
     if created {
@@ -115,5 +114,5 @@ async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
 fn allow(name: &str, id: &str) -> Result<AllowedSource> {
     valid_name(name).map_err(|e| anyhow!("source name {e}"))?;
     let id: NodeId = id.parse().with_context(|| format!("source {name}"))?;
-    Ok(AllowedSource { name: name.to_string(), id })
+    Ok(AllowedSource::new(name, id))
 }

@@ -66,6 +66,8 @@ fn responses() -> Vec<ControlResponse> {
         epoch: 2,
         failed_over: false,
         fenced_refusals: 0,
+        stripped: doppel_target::PrivilegeCounts { setid: 2, ..Default::default() },
+        policy_refused: doppel_target::PrivilegeCounts { devices: 1, ..Default::default() },
     };
     let source = SourceRow {
         source: "web".into(),

@@ -299,6 +299,46 @@ fn verify_of_an_equal_replica_finds_nothing() {
     assert!(report.entries_compared >= 15);
 }
 
+/// A replica whose target strips privileges differs from its source in set-id bits and owners
+/// only: verify says so as the policy's doing, and still reports real damage as damage.
+#[test]
+fn verify_names_stripped_privileges_as_policy() {
+    use std::os::unix::fs::PermissionsExt;
+    if !doppel_testkit::skip::require(rustix::process::geteuid().is_root(), "chown needs root") {
+        return;
+    }
+    let mut r = Rig::new();
+    let strip = doppel_apply::Rule::Strip;
+    r.replica.set_privileges(doppel_apply::PrivilegePolicy {
+        devices: strip,
+        ..doppel_apply::PrivilegePolicy::all(strip)
+    });
+    r.tree().file("su", b"x").file("own", b"y").file("plain", b"z");
+    std::fs::set_permissions(r.src.join("su"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::chown(r.src.join("own"), Some(1234), Some(1234)).unwrap();
+    let mut ops = Vec::new();
+    r.rec.sync_tree(&RelPath::root(), &mut ops).unwrap();
+    r.rec.finish(&mut ops).unwrap();
+    for op in ops {
+        r.seq += 1;
+        r.replica.apply(&OpRecord { seq: r.seq, time_us: 0, op }).unwrap();
+    }
+    // Real damage beside it: a changed mode.
+    std::fs::set_permissions(r.dst.join("plain"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let listing = r.listing(&ListScope::All);
+    let (report, _) = crate::verify::compare(&r.src, Selection::all(), listing, None).unwrap();
+    let got: Vec<(&str, &str)> =
+        report.differences.iter().map(|d| (d.path.as_str(), d.what.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            ("own", crate::verify::PRIVILEGED),
+            ("plain", "attributes differ"),
+            ("su", crate::verify::PRIVILEGED)
+        ]
+    );
+}
+
 #[test]
 fn a_name_created_and_removed_between_flushes_still_moves_its_directory_time() {
     let mut r = Rig::new();
