@@ -126,6 +126,16 @@ fn sample(home: &Path, jobs: &[&str]) -> (Instant, Vec<u64>) {
     (t, jobs.iter().map(|j| all.get(*j).and_then(|s| s["bytes_sent"].as_u64()).unwrap_or(0)).collect())
 }
 
+/// Bytes each of `jobs` sent per second over `window`, counted from `start` (a sample taken
+/// once the transfer was under way). The window is the measurement itself: the rate is an
+/// average over it, so it is waited out rather than polled.
+fn rates_over(home: &Path, jobs: &[&str], start: &(Instant, Vec<u64>), window: Duration) -> (f64, Vec<f64>) {
+    std::thread::sleep(window);
+    let end = sample(home, jobs);
+    let secs = (end.0 - start.0).as_secs_f64();
+    (secs, end.1.iter().zip(&start.1).map(|(e, s)| (e - s) as f64 / secs).collect())
+}
+
 /// The local hour (as the agent's schedules read the clock).
 fn local_hour() -> u32 {
     let out = std::process::Command::new("date").arg("+%H").output().expect("date");
@@ -493,10 +503,9 @@ fn the_per_target_bandwidth_is_shared_by_its_jobs() {
         let (t, s) = sample(&home, &["a", "b"]);
         (s[0] > 1 << 20 && s[1] > 1 << 20).then_some((t, s.clone())).ok_or(format!("{s:?}"))
     });
-    std::thread::sleep(Duration::from_secs(3));
+    let (secs, r) = rates_over(&home, &["a", "b"], &start, Duration::from_secs(3));
     let end = sample(&home, &["a", "b"]);
-    let secs = (end.0 - start.0).as_secs_f64();
-    let (da, db) = ((end.1[0] - start.1[0]) as f64, (end.1[1] - start.1[1]) as f64);
+    let (da, db) = (r[0] * secs, r[1] * secs);
     let together = (da + db) / secs;
     println!(
         "together: {:.2} MB/s ({:.2} + {:.2}) over {secs:.2} s",
@@ -521,9 +530,9 @@ fn the_per_target_bandwidth_is_shared_by_its_jobs() {
         let (t, s) = sample(&home, &["a"]);
         (s[0] > base + (1 << 20)).then_some((t, s.clone())).ok_or(format!("{s:?}"))
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    let (_, r) = rates_over(&home, &["a"], &start, Duration::from_millis(1500));
     let stop = sample(&home, &["a"]);
-    let alone = (stop.1[0] - start.1[0]) as f64 / (stop.0 - start.0).as_secs_f64();
+    let alone = r[0];
     println!("alone: {:.2} MB/s", alone / 1e6);
     assert!(stop.1[0] - base < SIZE, "job a finished inside the window");
     assert!(alone <= 1.3 * RATE, "one job sent {alone:.0} B/s through a shared {RATE} B/s");
@@ -564,11 +573,9 @@ fn a_schedule_in_the_per_target_bandwidth_section_applies() {
     let mut agent = Proc::start(&home, "agent", &["--config", &config, "protect"]);
     let start = wait_until(Duration::from_secs(30), "the transfer to start", || {
         let (t, s) = sample(&home, &["j"]);
-        (s[0] > 1 << 20).then_some((t, s[0])).ok_or(format!("{s:?}"))
+        (s[0] > 1 << 20).then_some((t, s.clone())).ok_or(format!("{s:?}"))
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let end = sample(&home, &["j"]);
-    let rate = (end.1[0] - start.1) as f64 / (end.0 - start.0).as_secs_f64();
+    let rate = rates_over(&home, &["j"], &start, Duration::from_secs(2)).1[0];
     println!("shared schedule 1 MB/s: sent {:.2} MB/s", rate / 1e6);
     assert!(rate <= 1.3 * RATE, "sent {rate:.0} B/s under a shared {RATE} B/s schedule");
     assert!(rate >= 0.5 * RATE, "sent only {rate:.0} B/s under a shared {RATE} B/s schedule");
@@ -622,11 +629,9 @@ fn a_schedule_window_sets_the_rate_and_limit_overrides_survive_restarts_until_re
     big_file(&src.join("data"), 4 << 20, 5);
     let start = wait_until(Duration::from_secs(30), "the transfer to start", || {
         let (t, s) = sample(&home, &["j"]);
-        (s[0] > before + (1 << 20)).then_some((t, s[0])).ok_or(format!("{s:?}"))
+        (s[0] > before + (1 << 20)).then_some((t, s.clone())).ok_or(format!("{s:?}"))
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let end = sample(&home, &["j"]);
-    let rate = (end.1[0] - start.1) as f64 / (end.0 - start.0).as_secs_f64();
+    let rate = rates_over(&home, &["j"], &start, Duration::from_secs(2)).1[0];
     println!("scheduled 1 MB/s: sent {:.2} MB/s", rate / 1e6);
     assert!(rate <= 1.3 * RATE as f64, "sent {rate:.0} B/s under a {RATE} B/s schedule");
     assert!(rate >= 0.5 * RATE as f64, "sent only {rate:.0} B/s under a {RATE} B/s schedule");

@@ -227,26 +227,24 @@ impl Health {
     fn start(code: u16) -> Health {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        listener.set_nonblocking(true).unwrap();
         let code = Arc::new(AtomicU16::new(code));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (code.clone(), stop.clone());
+        // Blocks in accept; dropping the server wakes it with a connection of its own.
         std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut buf = [0u8; 2048];
-                        let _ = conn.read(&mut buf);
-                        let code = c.load(Ordering::Relaxed);
-                        let _ = conn.write_all(
-                            format!("HTTP/1.1 {code} X\r\nLocation: /elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .as_bytes(),
-                        );
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
                 }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 2048];
+                let _ = conn.read(&mut buf);
+                let code = c.load(Ordering::Relaxed);
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 {code} X\r\nLocation: /elsewhere\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
             }
         });
         Health { port, code, stop }
@@ -256,6 +254,7 @@ impl Health {
 impl Drop for Health {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 
