@@ -25,26 +25,6 @@ fn events(target_home: &Path, args: &[&str]) -> Vec<Value> {
     out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// The target's view of source `name`.
-fn source_status(target_home: &Path, name: &str) -> Value {
-    let (st, out, err) = run(target_home, &["status", "--json"]);
-    assert!(st.success(), "status failed: {err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["sources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["source"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-/// Writes a shell script; returns the command that runs it.
-fn script(path: &Path, body: &str) -> String {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    format!("sh {}", path.display())
-}
-
 /// `doppel protect SRC --to TARGET --name JOB` for source home `home`.
 fn agent(home: &Path, src: &Path, target: &TargetProc, job: &str) -> Proc {
     Proc::start(

@@ -24,26 +24,6 @@ fn event(target_home: &Path, kind: &str) -> Option<Value> {
     events(target_home).into_iter().find(|e| e["kind"] == kind)
 }
 
-/// The target's view of source `name` (from `doppel status --json` there).
-fn source_status(target_home: &Path, name: &str) -> Value {
-    let (st, out, err) = run(target_home, &["status", "--json"]);
-    assert!(st.success(), "status failed: {err}");
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["sources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["source"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-/// Writes an executable shell script.
-fn script(path: &Path, body: &str) -> String {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    format!("sh {}", path.display())
-}
-
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }

@@ -287,6 +287,26 @@ pub fn fuse_available() -> bool {
     require_fuse()
 }
 
+/// The target's view of source `name` (from `doppel status --json` there).
+pub fn source_status(target_home: &Path, name: &str) -> Value {
+    let (st, out, err) = run(target_home, &["status", "--json"]);
+    assert!(st.success(), "status failed: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["sources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["source"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Writes a shell script to `path`; returns the command that runs it.
+pub fn script(path: &Path, body: &str) -> String {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    format!("sh {}", path.display())
+}
+
 /// The target's view of one replica (from `doppel status --json` on the target).
 pub fn replica_status(target_home: &Path) -> Value {
     let (st, out, err) = run(target_home, &["status", "--json"]);
