@@ -69,16 +69,21 @@ impl Replica {
     /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
-        // Root only: whatever of these (and of their parents) is created here is 0700, so a
-        // replica is never reachable by local users through a directory made on the way. The
-        // tree's own root then takes the mode the source gives it.
-        for d in [root, state_dir] {
+        // Root only: the state directory, and whatever is created on the way to the tree, is
+        // 0700, so a replica is never reachable by local users through a directory made here.
+        // The tree's own root is data: it gets the mode the source gives it.
+        let private = |d: &Path| {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(d)
-                .map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })?;
+                .map_err(|e| ApplyError::State { path: d.to_path_buf(), source: e })
+        };
+        private(state_dir)?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            private(parent)?;
         }
+        std::fs::create_dir_all(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
         STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;

@@ -62,7 +62,11 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     }
     let run = control::run_dir(&home);
     std::fs::create_dir_all(&run)?;
-    std::fs::write(run.join("target.addr"), addr.to_string())?;
+    // Written aside then renamed: whoever reads it (scripts, tests) sees the whole address or
+    // no file, never an empty one.
+    let tmp = run.join("target.addr.tmp");
+    std::fs::write(&tmp, addr.to_string())?;
+    std::fs::rename(&tmp, run.join("target.addr"))?;
     let mut mc = ManagerConfig::new(&data);
     if let Some(t) = section.script_timeout_secs {
         mc.script_timeout = Duration::from_secs(t.max(1));
