@@ -83,7 +83,8 @@ impl Replica {
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             private(parent)?;
         }
-        std::fs::create_dir_all(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
         STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
