@@ -35,6 +35,17 @@ pub enum ApplyError {
         /// The error.
         source: io::Error,
     },
+    /// The op would take its source over a quota: like a full disk, nothing after it is
+    /// applied until it fits (the quota is raised).
+    #[error("op {seq} ({kind}): {over}")]
+    OverQuota {
+        /// Its sequence.
+        seq: u64,
+        /// Op kind.
+        kind: &'static str,
+        /// The limit and the numbers.
+        over: crate::quota::OverQuota,
+    },
     /// Records arrived out of order (a gap): the session is broken.
     #[error("sequence gap: expected op {expected}, got {got}")]
     Gap {

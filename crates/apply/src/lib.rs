@@ -7,6 +7,8 @@
 //!   through a symlink).
 //! - [`privilege`]: what a source may do that grants privilege on the target (set-id bits,
 //!   owners, capabilities, device nodes): allowed, stripped or refused, as a pure decision.
+//! - [`quota`]: what a source's replicas take (allocated bytes, inodes) against its limits,
+//!   and the check each op passes; an op over quota pauses its replica as a full disk does.
 //! - [`state`]: the replica's persistent state files.
 //! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
 //! - [`retention`]: which history a replica keeps (time, size, the minimum window, pins), as
@@ -15,8 +17,10 @@
 
 pub mod error;
 pub mod listing;
+mod metered;
 pub mod ops;
 pub mod privilege;
+pub mod quota;
 pub mod replica;
 pub mod retention;
 pub mod state;

@@ -51,7 +51,7 @@ impl OpenFile {
         self.held = None;
     }
 
-    fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<&OwnedFd> {
+    pub(crate) fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<&OwnedFd> {
         if !matches!(&self.held, Some((p, _)) if p == path) {
             // Non-blocking, so a FIFO without a reader fails at once instead of stalling the
             // whole replica; then only regular files are accepted.

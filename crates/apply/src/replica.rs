@@ -2,13 +2,16 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use doppel_fs::Beneath;
 use doppel_proto::OpRecord;
 
 use crate::error::ApplyError;
+use crate::metered::{self, Before};
 use crate::ops::{OpenFile, apply_op_with};
 use crate::privilege::{Decision, Privilege, PrivilegePolicy, Rule};
+use crate::quota::Account;
 use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
 
 /// The formats of a replica's state directory (`checkpoint.json`, `progress`, the stopped
@@ -63,6 +66,7 @@ pub struct Replica {
     open: OpenFile,
     needs_resync: bool,
     privileges: PrivilegePolicy,
+    account: Option<Arc<Account>>,
 }
 
 impl Replica {
@@ -134,6 +138,7 @@ impl Replica {
             open: OpenFile::default(),
             needs_resync,
             privileges: PrivilegePolicy::default(),
+            account: None,
         })
     }
 
@@ -141,6 +146,12 @@ impl Replica {
     /// [`PrivilegePolicy::default`]); the target's configuration decides it, per source.
     pub fn set_privileges(&mut self, p: PrivilegePolicy) {
         self.privileges = p;
+    }
+
+    /// Charges what this replica's ops take to `account` (its source's, shared with the
+    /// source's other replicas), and refuses ops over its limits.
+    pub fn set_account(&mut self, account: Arc<Account>) {
+        self.account = Some(account);
     }
 
     /// The resume point and identity, as a Welcome reports them.
@@ -199,7 +210,12 @@ impl Replica {
             Decision::Apply { op, stripped } => (op, stripped),
         };
         let devices = self.privileges.devices == Rule::Allow;
-        match apply_op_with(&self.root, &mut self.open, &mut self.progress, rec.seq, &op, devices) {
+        let metered = self.metered(rec.seq, &op)?;
+        let applied = apply_op_with(&self.root, &mut self.open, &mut self.progress, rec.seq, &op, devices);
+        if let (Ok(()), Some((account, before))) = (&applied, metered) {
+            metered::after(&account, &self.root, &mut self.open, before, &op);
+        }
+        match applied {
             Ok(()) if stripped.is_empty() => Ok(Outcome::Applied),
             Ok(()) => {
                 tracing::debug!(
@@ -216,6 +232,22 @@ impl Replica {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// With a limit on the source: checks that `op` fits, and what it will change. Without
+    /// one, nothing is measured (no cost).
+    fn metered(
+        &mut self,
+        seq: u64,
+        op: &doppel_proto::Op,
+    ) -> Result<Option<(Arc<Account>, Before)>, ApplyError> {
+        let Some(account) = self.account.clone().filter(|a| a.limits().any()) else { return Ok(None) };
+        account
+            .ensure_counted()
+            .map_err(|e| ApplyError::State { path: self.path().to_path_buf(), source: e })?;
+        metered::admit(&account, &self.root, &mut self.open, seq, op)?;
+        let before = metered::before(&self.root, &mut self.open, op);
+        Ok(Some((account, before)))
     }
 
     /// Makes every applied op durable (one `syncfs` of the replica's file system, then the
