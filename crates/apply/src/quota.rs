@@ -155,10 +155,7 @@ pub fn new_allocation(fd: impl AsFd, offset: u64, len: u64) -> std::io::Result<u
         if data >= end.min(size) {
             break;
         }
-        at = match rustix::fs::seek(fd, SeekFrom::Hole(data)) {
-            Ok(h) => h,
-            Err(e) => return Err(e.into()),
-        };
+        at = rustix::fs::seek(fd, SeekFrom::Hole(data))?;
     }
     Ok(round_up(missing))
 }
