@@ -48,6 +48,10 @@ pub enum Command {
     Failback(FailoverArgs),
     /// On the target: show the failover event log.
     Events(EventsArgs),
+    /// On the target: re-read the configuration (allowed sources, their limits and policies)
+    /// without dropping other sources; an invalid file keeps the running configuration. SIGHUP
+    /// does the same.
+    Reload,
 }
 
 /// `doppel failover` and `doppel failback`.

@@ -112,6 +112,32 @@ pub struct AllowSection {
     pub capabilities: Option<String>,
     /// Device nodes: `refuse` (default), `strip` or `allow`.
     pub devices: Option<String>,
+    /// Allocated bytes all its replicas may take (`500GiB`, or a number of bytes).
+    pub quota_bytes: Option<SizeValue>,
+    /// Inodes all its replicas may take.
+    pub quota_files: Option<u64>,
+    /// Jobs it may have on this target.
+    pub max_jobs: Option<u32>,
+}
+
+/// A size in the config file: a number of bytes, or a string with a unit (`"10GiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// With a unit, as [`parse_size`] reads it.
+    Text(String),
+}
+
+impl SizeValue {
+    /// The size in bytes.
+    pub fn bytes(&self) -> Result<u64> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => parse_size(t),
+        }
+    }
 }
 
 impl AllowSection {
@@ -132,6 +158,21 @@ impl AllowSection {
         }
         p.check().map_err(|e| anyhow!("source {}: {e}", self.name))?;
         Ok(p)
+    }
+
+    /// How much of the target this source may take; an error names the key.
+    pub fn limits(&self) -> Result<doppel_target::SourceLimits> {
+        let bytes = match &self.quota_bytes {
+            Some(v) => Some(v.bytes().map_err(|e| anyhow!("source {}: quota_bytes: {e}", self.name))?),
+            None => None,
+        };
+        if self.max_jobs == Some(0) || self.quota_files == Some(0) || bytes == Some(0) {
+            bail!("source {}: a limit of 0 would refuse everything; remove the source instead", self.name);
+        }
+        Ok(doppel_target::SourceLimits {
+            quota: doppel_target::QuotaLimits { bytes, files: self.quota_files },
+            max_jobs: self.max_jobs,
+        })
     }
 
     /// The failover policy this section describes.

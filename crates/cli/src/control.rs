@@ -2,7 +2,7 @@
 //!
 //! Each running process listens on a Unix socket under `HOME/run/` (mode 0600: whoever can
 //! read the node's state may ask). A request is one line of JSON, the answer is one line of
-//! JSON. `doppel status`, `verify`, `limit`, `failover`, `failback` and `events` are its
+//! JSON. `doppel status`, `verify`, `limit`, `failover`, `failback`, `events` and `reload` are its
 //! clients; so can be any monitoring script.
 //!
 //! Both directions are typed: a [`Request`] is a [`ControlRequest`] tagged by `op`, a
@@ -63,11 +63,14 @@ pub enum ControlRequest {
     },
     /// The failover event log (target).
     Events,
+    /// Re-read the configuration file (target).
+    Reload,
 }
 
 impl ControlRequest {
     /// Every `op`, as it appears on the wire.
-    pub const OPS: [&'static str; 6] = ["status", "verify", "limit", "failover", "failback", "events"];
+    pub const OPS: [&'static str; 7] =
+        ["status", "verify", "limit", "failover", "failback", "events", "reload"];
 
     /// This request's `op`.
     pub fn op(&self) -> &'static str {
@@ -78,6 +81,7 @@ impl ControlRequest {
             ControlRequest::Failover { .. } => "failover",
             ControlRequest::Failback { .. } => "failback",
             ControlRequest::Events => "events",
+            ControlRequest::Reload => "reload",
         }
     }
 }
@@ -101,6 +105,18 @@ pub enum ControlResponse {
     Events {
         /// The event log, oldest first.
         events: Vec<doppel_failover::Event>,
+    },
+    /// To [`ControlRequest::Reload`]: what changed, by source name.
+    Reloaded {
+        /// Newly allowed sources.
+        added: Vec<String>,
+        /// Sources no longer allowed (their sessions were ended).
+        removed: Vec<String>,
+        /// Sources whose identity or privilege policy changed (their sessions were ended, to
+        /// reconnect under the new entry).
+        restarted: Vec<String>,
+        /// Sources whose limits changed (in force at once; failover policies are replaced too).
+        changed: Vec<String>,
     },
     /// The request failed, or could not be read.
     Error {

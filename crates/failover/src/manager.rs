@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use doppel_proto::Refusal;
 use doppel_target::{FailbackHandler, Stream, Target};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, SystemClock};
@@ -188,7 +188,7 @@ pub struct FailbackStatus {
 pub struct Manager {
     pub(crate) target: Arc<Target>,
     pub(crate) config: ManagerConfig,
-    pub(crate) policies: HashMap<String, SourcePolicy>,
+    policies: RwLock<Arc<HashMap<String, SourcePolicy>>>,
     pub(crate) events: EventLog,
     /// When the manager started: a source not heard from since is given the full threshold.
     pub(crate) started_us: u64,
@@ -215,16 +215,12 @@ impl Manager {
         policies: Vec<SourcePolicy>,
         clock: Arc<dyn Clock>,
     ) -> Arc<Manager> {
-        let mut by_name: HashMap<String, SourcePolicy> =
-            policies.into_iter().map(|p| (p.name.clone(), p)).collect();
-        for a in &target.config.allowed {
-            by_name.entry(a.name.clone()).or_insert_with(|| SourcePolicy::manual(&a.name));
-        }
+        let by_name = Self::by_name(&target, policies);
         let events = EventLog::new(&config.data.join("events.jsonl"));
         let m = Arc::new_cyclic(|me| Manager {
             target: target.clone(),
             config,
-            policies: by_name,
+            policies: RwLock::new(Arc::new(by_name)),
             events,
             started_us: clock.now_us(),
             clock,
@@ -247,9 +243,36 @@ impl Manager {
         &self.events
     }
 
+    /// Policies by source name: every allowed source has one ([`SourcePolicy::manual`] if the
+    /// configuration gives none).
+    fn by_name(target: &Target, policies: Vec<SourcePolicy>) -> HashMap<String, SourcePolicy> {
+        let mut by_name: HashMap<String, SourcePolicy> =
+            policies.into_iter().map(|p| (p.name.clone(), p)).collect();
+        for a in target.allowed().iter() {
+            by_name.entry(a.name.clone()).or_insert_with(|| SourcePolicy::manual(&a.name));
+        }
+        by_name
+    }
+
+    /// The policies now.
+    pub(crate) fn policies(&self) -> Arc<HashMap<String, SourcePolicy>> {
+        self.policies.read().clone()
+    }
+
+    /// Replaces the policies (a configuration reload, after the target's allowed sources were
+    /// replaced). A source whose monitoring rules changed is watched afresh under the new ones;
+    /// a failover or failback under way finishes under the policy it started with.
+    pub fn reload(&self, policies: Vec<SourcePolicy>) {
+        let new = Arc::new(Self::by_name(&self.target, policies));
+        let old = std::mem::replace(&mut *self.policies.write(), new.clone());
+        self.watches.lock().retain(|name, _| {
+            matches!((old.get(name), new.get(name)), (Some(a), Some(b)) if verdict::Rules::of(a) == verdict::Rules::of(b))
+        });
+    }
+
     /// The policy of `source`.
-    pub fn policy(&self, source: &str) -> Result<&SourcePolicy, FailoverError> {
-        self.policies.get(source).ok_or_else(|| FailoverError::UnknownSource(source.to_string()))
+    pub fn policy(&self, source: &str) -> Result<SourcePolicy, FailoverError> {
+        self.policies().get(source).cloned().ok_or_else(|| FailoverError::UnknownSource(source.to_string()))
     }
 
     pub(crate) fn op_lock(&self, source: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -258,7 +281,10 @@ impl Manager {
 
     /// A fresh watch of `source`, counting from the manager's start.
     pub(crate) fn new_watch(&self, source: &str) -> Watch {
-        let rules = verdict::Rules::of(&self.policies[source]);
+        let rules = match self.policies().get(source) {
+            Some(p) => verdict::Rules::of(p),
+            None => verdict::Rules::of(&SourcePolicy::manual(source)),
+        };
         Watch { verdict: verdict::Watch::new(rules, self.started_us), running: None, error: None }
     }
 
@@ -281,7 +307,7 @@ impl Manager {
 
     /// Runs the notify command of `source` (if any) for `event`, without waiting for it.
     pub(crate) fn notify(&self, source: &str, event: &str, detail: &str) {
-        let Some(cmd) = self.policies.get(source).and_then(|p| p.notify.clone()) else { return };
+        let Some(cmd) = self.policies().get(source).and_then(|p| p.notify.clone()) else { return };
         let env = vec![
             ("DOPPEL_SOURCE".to_string(), source.to_string()),
             ("DOPPEL_EVENT".to_string(), event.to_string()),
@@ -305,13 +331,14 @@ impl Manager {
 
     /// Status of every source.
     pub fn status(&self) -> Vec<SourceStatus> {
-        let mut names: Vec<&String> = self.policies.keys().collect();
-        names.sort();
-        names.into_iter().map(|n| self.source_status(n)).collect()
+        let policies = self.policies();
+        let mut pols: Vec<&SourcePolicy> = policies.values().collect();
+        pols.sort_by(|a, b| a.name.cmp(&b.name));
+        pols.into_iter().map(|p| self.source_status(p)).collect()
     }
 
-    fn source_status(&self, source: &str) -> SourceStatus {
-        let pol = &self.policies[source];
+    fn source_status(&self, pol: &SourcePolicy) -> SourceStatus {
+        let source = pol.name.as_str();
         let now = self.clock.now_us();
         let jobs: Vec<JobFailoverStatus> = self
             .target
@@ -389,7 +416,7 @@ impl FailbackHandler for Manager {
             let replica = me.replica_path(&source, &job);
             let home = me.config.data.join("failback").join(&source);
             let (s, j) = (source.clone(), job.clone());
-            let limit = me.policies.get(&source).map_or(0, |p| p.failback_limit);
+            let limit = me.policies().get(&source).map_or(0, |p| p.failback_limit);
             let started =
                 tokio::task::spawn_blocking(move || ReverseJob::start(&s, &j, &replica, &home, limit)).await;
             let r = match started {

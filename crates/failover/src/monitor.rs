@@ -46,7 +46,7 @@ impl Manager {
 
     /// Watches every source until the target shuts down.
     pub async fn run(self: Arc<Self>) {
-        let tick = self.policies.values().map(|p| p.interval).min().unwrap_or(Duration::from_secs(1));
+        let tick = self.policies().values().map(|p| p.interval).min().unwrap_or(Duration::from_secs(1));
         let tick = tick.min(Duration::from_secs(1)).max(Duration::from_millis(100));
         let mut timer = tokio::time::interval(tick);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -55,7 +55,7 @@ impl Manager {
                 _ = self.target.shutdown.cancelled() => break,
                 _ = timer.tick() => {}
             }
-            let mut names: Vec<String> = self.policies.keys().cloned().collect();
+            let mut names: Vec<String> = self.policies().keys().cloned().collect();
             names.sort();
             for name in names {
                 self.check(&name).await;
@@ -114,12 +114,12 @@ impl Manager {
 
     /// Every probe of `source`, at once: whether each says the source is alive.
     async fn run_probes(&self, source: &str) -> Vec<bool> {
-        let probes = self.policies[source].probes.clone();
+        let probes = self.policies().get(source).map(|p| p.probes.clone()).unwrap_or_default();
+        let mut alive = vec![false; probes.len()];
         let mut set = tokio::task::JoinSet::new();
         for (i, p) in probes.into_iter().enumerate() {
             set.spawn(async move { (i, crate::probe::alive(&p).await) });
         }
-        let mut alive = vec![false; self.policies[source].probes.len()];
         for (i, a) in set.join_all().await {
             alive[i] = a;
         }
@@ -128,7 +128,8 @@ impl Manager {
 
     /// `source` has just become failed: alert, and fail it over under the `auto` policy.
     fn failed(self: &Arc<Self>, source: &str, f: Failure) {
-        let pol = &self.policies[source];
+        let policies = self.policies();
+        let Some(pol) = policies.get(source) else { return };
         let detail = format!(
             "silent for {:.1} s ({} checks of {:?} missed){}",
             f.silent_us as f64 / 1e6,

@@ -16,17 +16,38 @@ pub struct AllowedSource {
     pub id: NodeId,
     /// What its ops may do that grants privilege on this target.
     pub privileges: PrivilegePolicy,
+    /// How much of this target it may take.
+    pub limits: SourceLimits,
+}
+
+/// How much of a target one source may take (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// Allocated bytes and inodes of all its replicas together.
+    pub quota: doppel_apply::quota::Limits,
+    /// Jobs (replicas) it may have on this target.
+    pub max_jobs: Option<u32>,
 }
 
 impl AllowedSource {
-    /// A source with the default privilege policy.
+    /// A source with the default privilege policy and no limits.
     pub fn new(name: impl Into<String>, id: NodeId) -> AllowedSource {
-        AllowedSource { name: name.into(), id, privileges: PrivilegePolicy::default() }
+        AllowedSource {
+            name: name.into(),
+            id,
+            privileges: PrivilegePolicy::default(),
+            limits: SourceLimits::default(),
+        }
     }
 
     /// This source with privilege policy `p`.
     pub fn with_privileges(self, p: PrivilegePolicy) -> AllowedSource {
         AllowedSource { privileges: p, ..self }
+    }
+
+    /// This source with limits `l`.
+    pub fn with_limits(self, l: SourceLimits) -> AllowedSource {
+        AllowedSource { limits: l, ..self }
     }
 }
 
@@ -63,7 +84,8 @@ impl Layout {
 pub struct TargetConfig {
     /// Where replicas live.
     pub layout: Layout,
-    /// Sources that may connect.
+    /// Sources that may connect when the target starts: [`crate::Target::new`] moves them
+    /// into the live list ([`crate::Target::allowed`]), which a reload replaces.
     pub allowed: Vec<AllowedSource>,
     /// Largest frame accepted.
     pub max_frame: u32,
@@ -86,17 +108,6 @@ impl TargetConfig {
             handshake_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_millis(100),
         }
-    }
-
-    /// The privilege policy of `source`: its allow entry's, or the default (an embedded
-    /// target, which has no allow list, keeps what every target did before policies).
-    pub fn privileges_of(&self, source: &str) -> PrivilegePolicy {
-        self.allowed.iter().find(|a| a.name == source).map(|a| a.privileges).unwrap_or_default()
-    }
-
-    /// The name of an allowed identity.
-    pub fn name_of(&self, id: &NodeId) -> Option<&str> {
-        self.allowed.iter().find(|a| a.id == *id).map(|a| a.name.as_str())
     }
 }
 

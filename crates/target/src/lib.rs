@@ -10,8 +10,9 @@
 //! - [`worker`]: the blocking apply loop of a session: applies ops in order, commits when the
 //!   policy says so, acknowledges durable progress, waits out a full disk without losing
 //!   anything.
-//! - [`registry`]: the replicas this target holds, at most one session per replica, and their
-//!   status.
+//! - [`registry`]: the replicas this target holds, at most one session per replica, their
+//!   status, the live list of allowed sources (replaced by a reload) and each source's quota
+//!   account.
 //!
 //! The same [`session::handle_stream`] serves TLS connections from remote sources and the
 //! in-process pipe of an embedded target (`doppel protect DIR --to LOCAL_DIR`).
@@ -24,9 +25,10 @@ pub mod server;
 pub mod session;
 pub mod worker;
 
-pub use config::{AllowedSource, Layout, NameError, TargetConfig, valid_name};
+pub use config::{AllowedSource, Layout, NameError, SourceLimits, TargetConfig, valid_name};
 pub use datadir::{DataDirError, secure_data_dir};
 pub use doppel_apply::privilege::{Privilege, PrivilegePolicy, Rule};
-pub use registry::{LeaseError, PrivilegeCounts, ReplicaState, ReplicaStatus, Target};
+pub use doppel_apply::quota::Limits as QuotaLimits;
+pub use registry::{LeaseError, PrivilegeCounts, QuotaUse, Reloaded, ReplicaState, ReplicaStatus, Target};
 pub use server::serve;
 pub use session::{FailbackHandler, Handover, Stream, handle_after, refuse_stream};

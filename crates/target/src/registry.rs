@@ -12,14 +12,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use doppel_apply::{ApplyError, Privilege, Replica};
-use doppel_link::ByteCounter;
-use parking_lot::Mutex;
+use doppel_apply::quota::Account;
+use doppel_apply::{ApplyError, Privilege, PrivilegePolicy, Replica};
+use doppel_link::{ByteCounter, NodeId};
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TargetConfig;
+use crate::config::{AllowedSource, Layout, TargetConfig};
+
+/// What a reload changed, by source name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Newly allowed.
+    pub added: Vec<String>,
+    /// No longer allowed (their sessions were ended).
+    pub removed: Vec<String>,
+    /// Identity or privilege policy changed (their sessions were ended, to reconnect under it).
+    pub restarted: Vec<String>,
+    /// Limits changed (in effect at once, sessions kept).
+    pub changed: Vec<String>,
+}
 
 enum Held {
     Closed,
@@ -191,6 +205,23 @@ pub struct ReplicaStatus {
     /// Ops refused by the privilege policy, per privilege (also counted in `refused`).
     #[serde(default)]
     pub policy_refused: PrivilegeCounts,
+    /// The source's use of this target against its quota (all its replicas together), when a
+    /// quota is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaUse>,
+}
+
+/// A source's use against its quota.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUse {
+    /// Allocated bytes of all its replicas (`None` until counted).
+    pub used_bytes: Option<u64>,
+    /// Inodes of all its replicas (`None` until counted).
+    pub used_files: Option<u64>,
+    /// `quota_bytes`.
+    pub quota_bytes: Option<u64>,
+    /// `quota_files`.
+    pub quota_files: Option<u64>,
 }
 
 /// Shared, lock-free-ish counters of one replica.
@@ -275,13 +306,8 @@ pub struct Lease {
 impl Slot {
     /// Takes the replica for a new session, cancelling any session holding it and waiting
     /// (up to `wait`) for it to be handed back; opens it on first use.
-    pub async fn lease(
-        &self,
-        cfg: &TargetConfig,
-        shutdown: &CancellationToken,
-        wait: Duration,
-    ) -> Result<Lease, LeaseError> {
-        let cancel = shutdown.child_token();
+    pub async fn lease(&self, target: &Target, wait: Duration) -> Result<Lease, LeaseError> {
+        let cancel = target.shutdown.child_token();
         if let Some(old) = self.session.lock().replace(cancel.clone()) {
             old.cancel();
         }
@@ -299,13 +325,19 @@ impl Slot {
                 }
             };
             match taken {
-                Some(Ok(replica)) => return Ok(Lease { replica, cancel }),
+                Some(Ok(mut replica)) => {
+                    // A reload may have changed the policy since the replica was opened.
+                    replica.set_privileges(target.privileges_of(&self.source));
+                    return Ok(Lease { replica, cancel });
+                }
                 Some(Err(())) => {
-                    let (tree, state) = cfg.layout.paths(&self.source, &self.job);
-                    let privileges = cfg.privileges_of(&self.source);
+                    let (tree, state) = target.config.layout.paths(&self.source, &self.job);
+                    let privileges = target.privileges_of(&self.source);
+                    let account = target.account(&self.source);
                     let opened = tokio::task::spawn_blocking(move || {
                         let mut r = Replica::open(&tree, &state)?;
                         r.set_privileges(privileges);
+                        r.set_account(account);
                         Ok(r)
                     })
                     .await?;
@@ -357,14 +389,17 @@ impl Slot {
             fenced_refusals: s.fenced_refusals.load(Ordering::Relaxed),
             stripped: s.stripped.snapshot(),
             policy_refused: s.policy_refused.snapshot(),
+            quota: None,
         }
     }
 }
 
 /// A target: its configuration and replicas.
 pub struct Target {
-    /// Configuration.
+    /// Configuration (its `allowed` list is moved into [`Target::allowed`] at start).
     pub config: TargetConfig,
+    allowed: RwLock<Arc<Vec<AllowedSource>>>,
+    accounts: Mutex<HashMap<String, Arc<Account>>>,
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
     /// Cancelled to stop every session.
     pub shutdown: CancellationToken,
@@ -373,18 +408,116 @@ pub struct Target {
 
 impl Target {
     /// A target with no replicas open yet.
-    pub fn new(config: TargetConfig) -> Arc<Target> {
+    pub fn new(mut config: TargetConfig) -> Arc<Target> {
+        let allowed = std::mem::take(&mut config.allowed);
         Arc::new(Target {
             config,
+            allowed: RwLock::new(Arc::new(allowed)),
+            accounts: Mutex::default(),
             slots: Mutex::default(),
             shutdown: CancellationToken::new(),
             failback: Mutex::new(None),
         })
     }
 
+    /// The sources allowed now.
+    pub fn allowed(&self) -> Arc<Vec<AllowedSource>> {
+        self.allowed.read().clone()
+    }
+
+    /// The allow entry of `source`, if it is allowed now.
+    pub fn source(&self, source: &str) -> Option<AllowedSource> {
+        self.allowed.read().iter().find(|a| a.name == source).cloned()
+    }
+
+    /// The name of an allowed identity.
+    pub fn name_of(&self, id: &NodeId) -> Option<String> {
+        self.allowed.read().iter().find(|a| a.id == *id).map(|a| a.name.clone())
+    }
+
+    /// The privilege policy of `source`: its allow entry's, or the default (an embedded
+    /// target, which has no allow list, keeps what every target did before policies).
+    pub fn privileges_of(&self, source: &str) -> PrivilegePolicy {
+        self.source(source).map(|a| a.privileges).unwrap_or_default()
+    }
+
+    /// The quota account of `source`, shared by all its replicas.
+    pub fn account(&self, source: &str) -> Arc<Account> {
+        let limits = self.source(source).map(|a| a.limits.quota).unwrap_or_default();
+        let mut accounts = self.accounts.lock();
+        accounts
+            .entry(source.to_string())
+            .or_insert_with(|| {
+                let root = match &self.config.layout {
+                    Layout::DataDir(d) => d.join("replicas").join(source),
+                    Layout::Embedded { replica, .. } => replica.clone(),
+                };
+                Arc::new(Account::new(vec![root], limits))
+            })
+            .clone()
+    }
+
+    /// Replaces the allowed sources (a configuration reload). Limits take effect at once (a
+    /// replica paused over quota resumes at its next retry); a source removed, or whose
+    /// identity or privilege policy changed, has its sessions ended, so it reconnects under
+    /// the new entry or not at all. Other sources' sessions go on untouched.
+    pub fn reload(&self, allowed: Vec<AllowedSource>) -> Reloaded {
+        let old = std::mem::replace(&mut *self.allowed.write(), Arc::new(allowed.clone()));
+        let mut r = Reloaded::default();
+        for a in &allowed {
+            match old.iter().find(|o| o.name == a.name) {
+                None => r.added.push(a.name.clone()),
+                Some(o) if o.id != a.id || o.privileges != a.privileges => r.restarted.push(a.name.clone()),
+                Some(o) if o != a => r.changed.push(a.name.clone()),
+                Some(_) => {}
+            }
+            if let Some(acc) = self.accounts.lock().get(&a.name) {
+                acc.set_limits(a.limits.quota);
+            }
+        }
+        r.removed = old
+            .iter()
+            .filter(|o| !allowed.iter().any(|a| a.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        for name in r.removed.iter().chain(&r.restarted) {
+            self.end_sessions(name);
+        }
+        r
+    }
+
+    /// Ends every session of `source`.
+    fn end_sessions(&self, source: &str) {
+        let slots: Vec<Arc<Slot>> =
+            self.slots.lock().iter().filter(|((s, _), _)| s == source).map(|(_, s)| s.clone()).collect();
+        for slot in slots {
+            if let Some(t) = slot.session.lock().as_ref() {
+                t.cancel();
+            }
+        }
+    }
+
+    /// The slot of `job` from `source` if the source has it already or has fewer than `max`
+    /// jobs (on disk or connecting now: counted under one lock, so jobs opened all at once
+    /// cannot slip past the limit together); otherwise the number of jobs it has.
+    pub fn slot_within(&self, source: &str, job: &str, max: Option<u32>) -> Result<Arc<Slot>, usize> {
+        let Some(max) = max else { return Ok(self.slot(source, job)) };
+        let on_disk = self.jobs_of(source);
+        let mut slots = self.slots.lock();
+        let mut jobs: std::collections::BTreeSet<&str> = on_disk.iter().map(String::as_str).collect();
+        jobs.extend(slots.keys().filter(|(s, _)| s == source).map(|(_, j)| j.as_str()));
+        if !jobs.contains(job) && jobs.len() >= max as usize {
+            return Err(jobs.len());
+        }
+        Ok(Self::slot_in(&mut slots, source, job))
+    }
+
     /// The slot of `job` from `source`.
     pub fn slot(&self, source: &str, job: &str) -> Arc<Slot> {
-        let mut slots = self.slots.lock();
+        Self::slot_in(&mut self.slots.lock(), source, job)
+    }
+
+    fn slot_in(slots: &mut HashMap<(String, String), Arc<Slot>>, source: &str, job: &str) -> Arc<Slot> {
         slots
             .entry((source.to_string(), job.to_string()))
             .or_insert_with(|| {
@@ -488,7 +621,7 @@ impl Target {
         f: impl FnOnce(&mut Replica) -> R + Send + 'static,
     ) -> Result<R, LeaseError> {
         let slot = self.slot(source, job);
-        let lease = slot.lease(&self.config, &self.shutdown, Duration::from_secs(60)).await?;
+        let lease = slot.lease(self, Duration::from_secs(60)).await?;
         let mut replica = lease.replica;
         let (replica, r) = tokio::task::spawn_blocking(move || {
             let r = f(&mut replica);
@@ -528,10 +661,25 @@ impl Target {
                 }
             }
         }
-        let slots = self.slots.lock();
-        let mut v: Vec<ReplicaStatus> = slots.values().map(|s| s.snapshot()).collect();
+        let mut v: Vec<ReplicaStatus> = self.slots.lock().values().map(|s| s.snapshot()).collect();
         v.sort_by(|a, b| (&a.source, &a.job).cmp(&(&b.source, &b.job)));
+        for r in &mut v {
+            r.quota = self.quota_use(&r.source);
+        }
         v
+    }
+
+    /// `source`'s use against its quota, if it has one.
+    fn quota_use(&self, source: &str) -> Option<QuotaUse> {
+        let account = self.accounts.lock().get(source).cloned();
+        let limits = account.as_ref().map(|a| a.limits()).filter(|l| l.any())?;
+        let used = account.and_then(|a| a.used());
+        Some(QuotaUse {
+            used_bytes: used.map(|u| u.bytes),
+            used_files: used.map(|u| u.files),
+            quota_bytes: limits.bytes,
+            quota_files: limits.files,
+        })
     }
 }
 

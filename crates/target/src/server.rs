@@ -53,7 +53,7 @@ pub async fn serve(target: Arc<Target>, identity: &Identity, listener: TcpListen
                 }
             };
             let Some(id) = peer_id(tls.get_ref().1.peer_certificates()) else { return };
-            let Some(name) = target.config.name_of(&id).map(str::to_string) else {
+            let Some(name) = target.name_of(&id) else {
                 tracing::warn!(identity = %id, "refusing a source that is not on the allow list");
                 let mut w = FrameWriter::new(tls, ByteCounter::default());
                 let _ =

@@ -175,9 +175,9 @@ async fn admit(target: &Target, source: &str, first: Message) -> Result<Admitted
         return Err(Refusal::BadJob { reason: e.to_string() });
     }
     tracing::Span::current().record("job", tracing::field::display(&hello.job));
-    let slot = target.slot(source, &hello.job);
+    let slot = within_max_jobs(target, source, &hello.job)?;
     let mut lease = slot
-        .lease(&target.config, &target.shutdown, Duration::from_secs(30))
+        .lease(target, Duration::from_secs(30))
         .await
         .map_err(|e| Refusal::Other { reason: e.to_string() })?;
     // Welcome promises durability up to `applied_seq`: make whatever the previous session
@@ -206,6 +206,21 @@ async fn admit(target: &Target, source: &str, first: Message) -> Result<Admitted
         return Err(Refusal::Fenced { epoch: info.epoch });
     }
     Ok(Admitted { job: hello.job, slot, lease, info })
+}
+
+/// The slot of `job`, unless it is a job the source may not add: it has `max_jobs` replicas
+/// here already (a job it has is always admitted, whatever the limit became).
+fn within_max_jobs(target: &Target, source: &str, job: &str) -> Result<Arc<Slot>, Refusal> {
+    let max = target.source(source).and_then(|a| a.limits.max_jobs);
+    target.slot_within(source, job, max).map_err(|jobs| {
+        tracing::warn!(jobs, max_jobs = max, "refusing a job over the source's max_jobs");
+        Refusal::Other {
+            reason: format!(
+                "source {source} has {jobs} jobs on this target, its max_jobs is {}",
+                max.unwrap_or(0)
+            ),
+        }
+    })
 }
 
 /// Records how a session ended: a goodbye is a clean stop (kept on disk for the failover

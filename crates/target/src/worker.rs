@@ -185,7 +185,9 @@ impl<C: Clock> Worker<C> {
                     self.refused(rec.seq, reason);
                     break;
                 }
-                Err(e @ (ApplyError::Io { .. } | ApplyError::State { .. })) => {
+                Err(
+                    e @ (ApplyError::Io { .. } | ApplyError::State { .. } | ApplyError::OverQuota { .. }),
+                ) => {
                     if !self.stalled(&e) {
                         return false;
                     }

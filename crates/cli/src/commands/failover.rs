@@ -12,7 +12,8 @@ use crate::control::{self, ControlRequest, ControlResponse};
 /// Scripts may start virtual machines or databases: the command waits as long as they may run.
 const LONG: Duration = Duration::from_secs(6 * 3600);
 
-fn target_socket(home: &Path) -> Result<PathBuf> {
+/// The control socket of the target running with `home`.
+pub(super) fn target_socket(home: &Path) -> Result<PathBuf> {
     let sock = control::run_dir(home).join("target.sock");
     if !sock.exists() {
         bail!("no target is running with home {}: start `doppel target` first", home.display());

@@ -31,7 +31,8 @@ pub fn run(args: Cli) -> Result<()> {
             println!("{}", Identity::load(&home)?.id);
             Ok(())
         }
-        Command::Target(a) => runtime()?.block_on(target::run(a, file, home)),
+        Command::Target(a) => runtime()?.block_on(target::run(a, file, args.config.clone(), home)),
+        Command::Reload => target::reload(&home),
         Command::Protect(a) => runtime()?.block_on(protect::run(a, file, home)),
         Command::Status(a) => status::run(a, &home),
         Command::Verify(a) => status::verify(a, &home),

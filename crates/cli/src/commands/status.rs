@@ -278,7 +278,23 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
         if let Some(line) = privilege_line(r) {
             println!("{:<16} {line}", "");
         }
+        if let Some(q) = &r.quota {
+            println!("{:<16} {}", "", quota_line(q));
+        }
     }
+}
+
+/// A source's use against its quota: `QUOTA: 1.2 GiB of 10.0 GiB, 5321 of 100000 files`.
+fn quota_line(q: &doppel_target::QuotaUse) -> String {
+    let of = |used: Option<u64>, limit: Option<u64>, show: &dyn Fn(Option<u64>) -> String| match limit {
+        Some(_) => format!("{} of {}", show(used), show(limit)),
+        None => format!("{} (no limit)", show(used)),
+    };
+    format!(
+        "QUOTA (the source's replicas together): {}, {} files",
+        of(q.used_bytes, q.quota_bytes, &bytes),
+        of(q.used_files, q.quota_files, &n)
+    )
 }
 
 /// What the source's privilege policy did to this replica's ops, if anything:

@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use std::time::Duration;
 
-use doppel_failover::{Manager, ManagerConfig};
+use doppel_failover::{Manager, ManagerConfig, SourcePolicy};
 use doppel_link::{Identity, NodeId};
-use doppel_target::{AllowedSource, Layout, Target, TargetConfig, valid_name};
+use doppel_target::{AllowedSource, Layout, Reloaded, Target, TargetConfig, valid_name};
 
 use crate::cli::TargetArgs;
-use crate::config::FileConfig;
+use crate::config::{FileConfig, TargetSection};
 
 /// The formats of a target's data directory (`failover/SOURCE.json`, `events.jsonl`, the
 /// layout of `replicas/` and `state/`; each replica's state directory has its own stamp).
@@ -20,23 +20,19 @@ pub const DATA_FORMAT: doppel_fs::format::Format =
     doppel_fs::format::Format { kind: "doppel-target", current: 1, oldest: 1 };
 use crate::control::{self, ControlRequest, ControlResponse, SourceRow, StatusReport};
 
-pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
+pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home: PathBuf) -> Result<()> {
     let section = file.target.unwrap_or_default();
     let listen = a
         .listen
-        .or(section.listen)
+        .clone()
+        .or(section.listen.clone())
         .ok_or_else(|| anyhow!("--listen ADDR is required (or [target] listen)"))?;
-    let data = a.data.or(section.data).ok_or_else(|| anyhow!("--data DIR is required (or [target] data)"))?;
-    let mut allowed = Vec::new();
-    let mut policies = Vec::new();
-    for s in &section.allow {
-        allowed.push(allow(&s.name, &s.id)?.with_privileges(s.privileges()?));
-        policies.push(s.policy()?);
-    }
-    for s in &a.allow {
-        let (name, id) = s.split_once('=').ok_or_else(|| anyhow!("--allow {s:?}: expected NAME=ID"))?;
-        allowed.push(allow(name, id)?);
-    }
+    let data = a
+        .data
+        .clone()
+        .or(section.data.clone())
+        .ok_or_else(|| anyhow!("--data DIR is required (or [target] data)"))?;
+    let (allowed, policies) = sources(&section, &a.allow)?;
     doppel_target::secure_data_dir(&data).context("data directory")?;
     DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let (me, created) = Identity::load_or_create(&home)?;
@@ -76,19 +72,80 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     }
     let manager = Manager::new(target.clone(), mc, policies);
     tokio::spawn(manager.clone().run());
+    let reloader = Arc::new(Reloader { config, flags: a.allow.clone(), manager: manager.clone() });
+    reload_on_hangup(reloader.clone())?;
     let handler: control::Handler = Arc::new(move |req| {
-        let m = manager.clone();
-        Box::pin(async move { answer(&m, req).await })
+        let (m, r) = (manager.clone(), reloader.clone());
+        Box::pin(async move { answer(&m, &r, req).await })
     });
     tokio::spawn(control::serve(run.join("target.sock"), handler, target.shutdown.clone()));
-    tracing::info!(%addr, identity = %me.id, data = %data.display(), sources = target.config.allowed.len(), "target listening");
+    tracing::info!(%addr, identity = %me.id, data = %data.display(), sources = target.allowed().len(), "target listening");
     doppel_target::serve(target.clone(), &me, listener).await?;
     let _ = std::fs::remove_file(run.join("target.addr"));
     Ok(())
 }
 
+/// The allowed sources and their failover policies, from the config file's `[[target.allow]]`
+/// sections and the `--allow NAME=ID` flags.
+fn sources(section: &TargetSection, flags: &[String]) -> Result<(Vec<AllowedSource>, Vec<SourcePolicy>)> {
+    let mut allowed = Vec::new();
+    let mut policies = Vec::new();
+    for s in &section.allow {
+        allowed.push(allow(&s.name, &s.id)?.with_privileges(s.privileges()?).with_limits(s.limits()?));
+        policies.push(s.policy()?);
+    }
+    for s in flags {
+        let (name, id) = s.split_once('=').ok_or_else(|| anyhow!("--allow {s:?}: expected NAME=ID"))?;
+        allowed.push(allow(name, id)?);
+    }
+    let mut names: Vec<&str> = allowed.iter().map(|a| a.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("source {} is allowed twice", w[0]);
+    }
+    Ok((allowed, policies))
+}
+
+/// Re-reads the configuration of a running target: its allowed sources, their limits,
+/// privilege and failover policies. (The listen address and the data directory stay as they
+/// were started: changing them takes a restart.)
+struct Reloader {
+    /// The config file as given at start (`--config`, else `$DOPPEL_CONFIG`, else the default).
+    config: Option<PathBuf>,
+    /// `--allow` flags given at start (kept across reloads).
+    flags: Vec<String>,
+    manager: Arc<Manager>,
+}
+
+impl Reloader {
+    /// Reads and applies the file; an invalid file changes nothing and says why.
+    fn reload(&self) -> Result<Reloaded> {
+        let file = FileConfig::load(self.config.as_deref()).context("configuration not reloaded")?;
+        let section = file.target.unwrap_or_default();
+        let (allowed, policies) = sources(&section, &self.flags).context("configuration not reloaded")?;
+        let r = self.manager.target().reload(allowed);
+        self.manager.reload(policies);
+        tracing::info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, changed = ?r.changed, "configuration reloaded");
+        Ok(r)
+    }
+}
+
+/// Reloads the configuration on every SIGHUP.
+fn reload_on_hangup(r: Arc<Reloader>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = r.reload() {
+                tracing::error!("SIGHUP: {e:#}; the previous configuration stays in force");
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Answers a control request.
-async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
+async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlResponse {
     let report = |r: Result<doppel_failover::Report, doppel_failover::FailoverError>| match r {
         Ok(r) => ControlResponse::Report(r),
         Err(e) => ControlResponse::error(e.to_string()),
@@ -105,6 +162,15 @@ async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
             report(m.failover(&source, some(jobs), "manual: doppel failover").await)
         }
         ControlRequest::Failback { source, jobs } => report(m.failback(&source, some(jobs)).await),
+        ControlRequest::Reload => match r.reload() {
+            Ok(r) => ControlResponse::Reloaded {
+                added: r.added,
+                removed: r.removed,
+                restarted: r.restarted,
+                changed: r.changed,
+            },
+            Err(e) => ControlResponse::error(format!("{e:#}; the previous configuration stays in force")),
+        },
         ControlRequest::Events => match m.events().read() {
             Ok(events) => ControlResponse::Events { events },
             Err(e) => ControlResponse::error(e.to_string()),
@@ -119,4 +185,22 @@ fn allow(name: &str, id: &str) -> Result<AllowedSource> {
     valid_name(name).map_err(|e| anyhow!("source name {e}"))?;
     let id: NodeId = id.parse().with_context(|| format!("source {name}"))?;
     Ok(AllowedSource::new(name, id))
+}
+
+/// `doppel reload`: asks the running target to re-read its configuration.
+pub fn reload(home: &std::path::Path) -> Result<()> {
+    let sock = super::failover::target_socket(home)?;
+    match control::call(&sock, &ControlRequest::Reload, Duration::from_secs(60))? {
+        ControlResponse::Reloaded { added, removed, restarted, changed } => {
+            let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+            println!("configuration reloaded");
+            println!("  added:      {}", list(&added));
+            println!("  removed:    {}", list(&removed));
+            println!("  reconnected (identity or privileges changed): {}", list(&restarted));
+            println!("  limits changed: {}", list(&changed));
+            Ok(())
+        }
+        ControlResponse::Error { message } => bail!("reload failed: {message}"),
+        other => bail!("reload failed: unexpected answer {other:?}"),
+    }
 }

@@ -68,6 +68,12 @@ fn responses() -> Vec<ControlResponse> {
         fenced_refusals: 0,
         stripped: doppel_target::PrivilegeCounts { setid: 2, ..Default::default() },
         policy_refused: doppel_target::PrivilegeCounts { devices: 1, ..Default::default() },
+        quota: Some(doppel_target::QuotaUse {
+            used_bytes: Some(4096),
+            used_files: Some(3),
+            quota_bytes: Some(1 << 30),
+            quota_files: None,
+        }),
     };
     let source = SourceRow {
         source: "web".into(),

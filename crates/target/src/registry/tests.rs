@@ -113,12 +113,12 @@ async fn one_lease_per_replica() {
     let tmp = tempfile::tempdir().unwrap();
     let t = target(&tmp);
     let slot = t.slot("src", "job");
-    let first = slot.lease(&t.config, &t.shutdown, DEADLINE).await.expect("first lease");
+    let first = slot.lease(&t, DEADLINE).await.expect("first lease");
     assert!(!first.cancel.is_cancelled());
     // A second lease cancels the first holder and waits for the replica to come back.
     let waiting = tokio::spawn({
         let (slot, t) = (slot.clone(), t.clone());
-        async move { slot.lease(&t.config, &t.shutdown, DEADLINE).await }
+        async move { slot.lease(&t, DEADLINE).await }
     });
     within("the first holder is cancelled", first.cancel.cancelled()).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -127,7 +127,7 @@ async fn one_lease_per_replica() {
     let second = within("second lease", waiting).await.expect("join").expect("second lease");
     assert!(!second.cancel.is_cancelled());
     // Nobody gives it back this time: a third lease gives up after its wait.
-    let third = slot.lease(&t.config, &t.shutdown, Duration::from_millis(100)).await;
+    let third = slot.lease(&t, Duration::from_millis(100)).await;
     assert!(matches!(third, Err(LeaseError::NotReleased)), "{:?}", third.err());
     assert!(second.cancel.is_cancelled());
 }
@@ -140,12 +140,12 @@ async fn a_replica_that_cannot_be_opened_is_an_open_error() {
     std::fs::create_dir_all(tmp.path().join("replicas/src")).unwrap();
     std::fs::write(tmp.path().join("replicas/src/job"), b"not a directory").unwrap();
     let slot = t.slot("src", "job");
-    let e = slot.lease(&t.config, &t.shutdown, DEADLINE).await.err().expect("an error");
+    let e = slot.lease(&t, DEADLINE).await.err().expect("an error");
     assert!(matches!(e, LeaseError::Open(_)), "{e:?}");
     assert!(e.to_string().starts_with("cannot open replica: "), "{e}");
     // The slot is usable again once the problem is gone.
     std::fs::remove_file(tmp.path().join("replicas/src/job")).unwrap();
-    slot.lease(&t.config, &t.shutdown, DEADLINE).await.expect("lease after repair");
+    slot.lease(&t, DEADLINE).await.expect("lease after repair");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
