@@ -1016,3 +1016,179 @@ fn doppel_failover_runs_only_what_the_targets_config_says() {
         format!("[Service]\nEnvironment=DOPPEL_REPLICA={} DOPPEL_EPOCH=2\n", replica.display())
     );
 }
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real thing: a PostgreSQL cluster (owned by `postgres`, as on the source) replicates
+/// through doppel; `doppel failover` runs `start-postgres.sh`, which serves it as `postgres`
+/// from PG_DATA: the rows written on the source are there, the server's data directory is
+/// PG_DATA, and `postgres` still cannot reach the replica through the target's data directory.
+/// `stop-postgres.sh` stops it and takes the mount away.
+#[test]
+fn a_real_postgres_fails_over_as_its_user_onto_its_replica() {
+    if !require(rustix::process::geteuid().is_root(), "bind mounts and runuser need root") {
+        return;
+    }
+    let Some([runuser, _findmnt]) = doppel_testkit::require_tools(["runuser", "findmnt"]) else {
+        return;
+    };
+    let pg_bin = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").is_file())
+        .max();
+    let Some(pg_bin) = doppel_testkit::require_ok(
+        pg_bin.ok_or_else(|| "PostgreSQL (/usr/lib/postgresql/*/bin) is not installed".to_string()),
+    ) else {
+        return;
+    };
+    let id = Command::new("id").args(["-u", "postgres"]).output().unwrap();
+    if !require(id.status.success(), "no postgres user") {
+        return;
+    }
+    let uid: u32 = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+    let as_postgres = |args: &[&str]| {
+        let out = Command::new(&runuser).args(["-u", "postgres", "--"]).args(args).output().unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let tool = |name: &str| pg_bin.join(name).display().to_string();
+
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    let (src, pg, log) = (dir.path().join("src"), dir.path().join("pg"), dir.path().join("log"));
+    for d in [&src, &pg, &log] {
+        fs::create_dir(d).unwrap();
+    }
+    for d in [&src, &log] {
+        std::os::unix::fs::chown(d, Some(uid), None).unwrap();
+    }
+    let cluster = src.join("pgdata");
+    let pg_data = pg.join("main");
+    // Stops whatever server and mount a failure leaves behind.
+    struct Cleanup(String, PathBuf, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for d in [&self.1, &self.2] {
+                let _ = Command::new("runuser")
+                    .args(["-u", "postgres", "--", &self.0, "-D"])
+                    .arg(d)
+                    .args(["-m", "immediate", "stop"])
+                    .output();
+            }
+            while Command::new("mountpoint").arg("-q").arg(&self.2).status().is_ok_and(|s| s.success()) {
+                let _ = Command::new("umount").arg("-l").arg(&self.2).status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(tool("pg_ctl"), cluster.clone(), pg_data.clone());
+
+    // The source: a cluster with a table, shut down cleanly.
+    let (ok, text) =
+        as_postgres(&[&tool("initdb"), "-D", cluster.to_str().unwrap(), "-A", "trust", "--no-sync"]);
+    assert!(ok, "initdb: {text}");
+    let sock = src.display().to_string();
+    let (ok, text) = as_postgres(&[
+        &tool("pg_ctl"),
+        "-D",
+        cluster.to_str().unwrap(),
+        "-o",
+        &format!("-p {} -k {sock} -c listen_addresses=", free_port()),
+        "-l",
+        log.join("source.log").to_str().unwrap(),
+        "-w",
+        "start",
+    ]);
+    assert!(ok, "source server: {text}");
+    let port_of_source =
+        fs::read_to_string(cluster.join("postmaster.pid")).unwrap().lines().nth(3).unwrap().to_string();
+    let (ok, text) = as_postgres(&[
+        &tool("psql"),
+        "-h",
+        &sock,
+        "-p",
+        &port_of_source,
+        "-d",
+        "postgres",
+        "-Atc",
+        "create table t (x int); insert into t select generate_series(1, 100)",
+    ]);
+    assert!(ok, "psql: {text}");
+    let (ok, text) =
+        as_postgres(&[&tool("pg_ctl"), "-D", cluster.to_str().unwrap(), "-m", "fast", "-w", "stop"]);
+    assert!(ok, "stop: {text}");
+
+    // Replicated to a target whose failover starts the server.
+    let port = free_port();
+    let settings = format!(
+        "PG_BIN={} PG_PORT={port} PG_DATA={} PG_LOG={}",
+        pg_bin.display(),
+        pg_data.display(),
+        log.join("failover.log").display()
+    );
+    let home = dir.path().join("source-home");
+    let sid = init(&home);
+    let config = format!(
+        "[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\nfailover = [\"{settings} {}\"]\n",
+        example("start-postgres.sh").display()
+    );
+    let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
+    let replica = target.data.join("replicas/s/pgdata");
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &[
+            "protect",
+            cluster.to_str().unwrap(),
+            "--to",
+            &target.addr,
+            "--target-id",
+            &target.id,
+            "--name",
+            "pgdata",
+            "--capture",
+            "inotify",
+        ],
+    );
+    wait_converged(&cluster, &replica, Duration::from_secs(30), &mut agent);
+    let (st, out, err) = run(&dir.path().join("target-home"), &["failover", "s"]);
+    assert!(
+        st.success(),
+        "failover: {out}{err}\nserver log: {}",
+        fs::read_to_string(log.join("failover.log")).unwrap_or_default()
+    );
+
+    let q = |sql: &str| {
+        as_postgres(&[
+            &tool("psql"),
+            "-h",
+            "/var/run/postgresql",
+            "-p",
+            &port.to_string(),
+            "-d",
+            "postgres",
+            "-Atc",
+            sql,
+        ])
+    };
+    assert_eq!(q("select count(*), sum(x) from t"), (true, "100|5050\n".to_string()));
+    assert_eq!(q("show data_directory"), (true, format!("{}\n", pg_data.display())));
+    let (reached, _) = as_postgres(&["test", "-r", replica.join("PG_VERSION").to_str().unwrap()]);
+    assert!(!reached, "postgres reaches the replica through the data directory");
+    assert_eq!(fs::metadata(&target.data).unwrap().mode() & 0o7777, 0o700);
+
+    // Failback's first step: stopped, unmounted.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.env("DOPPEL_JOB", "pgdata").env("DOPPEL_REPLICA", &replica).env("DOPPEL_STEP", "stop-workload");
+    cmd.arg("-c").arg(format!("{settings} {}", example("stop-postgres.sh").display()));
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "stop-postgres: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!q("select 1").0, "the server still answers");
+    assert!(!Command::new("mountpoint").arg("-q").arg(&pg_data).status().unwrap().success(), "still mounted");
+}
