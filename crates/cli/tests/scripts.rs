@@ -191,7 +191,7 @@ impl Rig {
             String::from_utf8_lossy(&out.stdout)
         );
         assert!(err.contains(why), "{script} {settings} {extra:?}: wanted {why:?} in: {err}");
-        assert!(err.starts_with(&format!("{script}: ")) || err.contains("DOPPEL_"), "unclear message: {err}");
+        assert!(err.starts_with(&format!("{script}: ")), "a message that does not name the script: {err}");
         assert_eq!(self.calls(), Vec::<Vec<String>>::new(), "{script} {settings} {extra:?} ran tools");
     }
 }
@@ -854,6 +854,11 @@ fn start_postgres_gives_the_service_user_its_replica_and_nothing_else() {
         }
     }
     let _guard = Unmount(rig.path("pg/main"));
+    // The source's lock file, a symlink to a file of the target's: removed, not followed.
+    let victim = rig.path("victim");
+    fs::write(&victim, "root's").unwrap();
+    fs::remove_file(rig.replica().join("postmaster.pid")).unwrap();
+    std::os::unix::fs::symlink(&victim, rig.replica().join("postmaster.pid")).unwrap();
     rig.ok(&rig.pg_settings(), "start-postgres.sh", &[]);
     assert_eq!(
         fs::read_to_string(&probe).unwrap(),
@@ -863,7 +868,11 @@ fn start_postgres_gives_the_service_user_its_replica_and_nothing_else() {
     let written = rig.replica().join("written");
     assert_eq!(fs::read_to_string(&written).unwrap(), "written\n");
     assert_eq!(fs::metadata(&written).unwrap().uid(), 65534);
-    assert!(!rig.replica().join("postmaster.pid").exists(), "the source's lock file was left");
+    assert!(
+        rig.replica().join("postmaster.pid").symlink_metadata().is_err(),
+        "the source's lock file was left"
+    );
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "root's", "the lock file's symlink was followed");
     let opts = Command::new(&findmnt)
         .args(["-n", "-o", "OPTIONS", "--mountpoint"])
         .arg(rig.path("pg/main"))
