@@ -29,7 +29,10 @@
 # replica elsewhere. PG_DATA is made (mode 0755) when missing.
 # Paths go into the server's command line, which pg_ctl runs through /bin/sh: they are paths
 # of this machine's configuration, limited to letters, digits and . _ / + @ : -. Nothing from
-# the replica (no name, no file's content) decides what is run or where.
+# the replica (no name, no file's content) decides what this script runs or where. The server
+# itself reads what its data directory holds (postgresql.auto.conf can set archive_command,
+# for one): that is the source's workload running as PG_USER, which the mount confines to
+# this replica.
 #
 # Settings:
 #   PG_DATA    where the replica is mounted and the server runs from (required)

@@ -18,7 +18,8 @@
 #     is resolved (the source can plant a symlink to /dev/sda or /etc/shadow), and the
 #     resolved path is what libvirt or QEMU gets;
 #   - a qcow2 image that names a backing file or an external data file is refused (the file
-#     it names, chosen by the source, would be opened outside the replica).
+#     it names, chosen by the source, would be opened outside the replica); formats other
+#     than raw and qcow2 (vmdk extents, vhdx parents, ...) are refused for the same reason.
 # Nothing is run before every check has passed.
 # Without libvirt (VM_BACKEND=qemu), QEMU is started directly, daemonized, on one image.
 #
@@ -131,6 +132,9 @@ disks() {
     /<disk[ \t>]/ {
         indisk = 1
         if (val($0, "type") != "file") bad("refused: a disk that is not a file in the replica: " line())
+    }
+    indisk && /<driver[ \t\/>]/ && val($0, "type") != "" && val($0, "type") != "raw" && val($0, "type") != "qcow2" {
+        bad("refused: a disk format other than raw or qcow2 (its image could name other files): " line())
     }
     indisk && /<backingStore[ \t\/>]/ && val($0, "type") != "" && val($0, "type") != "file" {
         bad("refused: a disk backed by something other than a file: " line())

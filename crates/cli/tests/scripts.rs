@@ -457,6 +457,11 @@ fn start_vm_refuses_anything_but_regular_images_inside_the_replica() {
             "disk /etc/shadow is not under SOURCE_DIR (/var/lib/libvirt/images)",
         ),
         (
+            "a format whose images name other files",
+            "<disk type='file' device='disk'>\n      <driver name='qemu' type='vmdk'/>\n      <source file='/var/lib/libvirt/images/vm1.qcow2'/>",
+            "a disk format other than raw or qcow2 (its image could name other files): <driver name='qemu' type='vmdk'/>",
+        ),
+        (
             "a host directory",
             "<filesystem type='mount'>\n      <source dir='/'/>\n    </filesystem>\n    <disk type='file' device='disk'>\n      <source file='/var/lib/libvirt/images/vm1.qcow2'/>",
             "attaches a host directory or device: <filesystem type='mount'>",
