@@ -1055,7 +1055,11 @@ fn a_real_postgres_fails_over_as_its_user_onto_its_replica() {
         .flatten()
         .map(|e| e.path().join("bin"))
         .filter(|b| b.join("initdb").is_file())
-        .max();
+        // The newest major version (9.6 sorts after 15 as text).
+        .max_by_key(|b| {
+            let v = b.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).unwrap_or("");
+            v.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0)
+        });
     let Some(pg_bin) = doppel_testkit::require_ok(
         pg_bin.ok_or_else(|| "PostgreSQL (/usr/lib/postgresql/*/bin) is not installed".to_string()),
     ) else {
