@@ -1,15 +1,35 @@
 #!/bin/sh
 # doppel stop_workload script: shut the failed-over VM down before failback hands it back.
 #
-#   stop_workload = ["/etc/doppel/failover/stop-vm.sh"]
+#   stop_workload = ["VM_NAME=web1 /etc/doppel/failover/stop-vm.sh"]
 #
 # Asks the guest to shut down (ACPI), waits up to SHUTDOWN_SECS, then pulls the plug. The
 # disk images are final once this returns: the failback's last sync sends them home.
+# Settings as for start-vm.sh: VM_NAME (required: the job's name, which the source chooses,
+# could name another VM of this host), VM_BACKEND, ONLY_JOB, RUN_DIR; and SHUTDOWN_SECS
+# [default: 120].
 set -eu
 
+me=${0##*/}
+die() {
+    echo "$me: $*" >&2
+    exit 1
+}
+
 : "${DOPPEL_JOB:?run by doppel failback (DOPPEL_JOB is not set)}"
-VM_NAME=${VM_NAME:-$DOPPEL_JOB}
+if [ -n "${ONLY_JOB:-}" ] && [ "$ONLY_JOB" != "$DOPPEL_JOB" ]; then
+    echo "job $DOPPEL_JOB: not $ONLY_JOB, nothing to do"
+    exit 0
+fi
+[ -n "${VM_NAME:-}" ] ||
+    die "set VM_NAME, the VM's name on this machine, in the stop_workload command; it is never taken from the job's name, which the source chooses"
+case $VM_NAME in
+'' | -* | .* | *[!A-Za-z0-9._-]*)
+    die "VM_NAME \"$VM_NAME\" is not a plain name (letters, digits, '.', '_', '-'; not starting with '-' or '.')" ;;
+esac
 SHUTDOWN_SECS=${SHUTDOWN_SECS:-120}
+case $SHUTDOWN_SECS in '' | *[!0-9]*) die "SHUTDOWN_SECS must be a number of seconds" ;; esac
+RUN_DIR=${RUN_DIR:-/run}
 if [ -z "${VM_BACKEND:-}" ]; then
     if command -v virsh >/dev/null 2>&1; then VM_BACKEND=libvirt; else VM_BACKEND=qemu; fi
 fi
@@ -25,11 +45,11 @@ libvirt)
             sleep 1
         done
     fi
-    # The domain is defined again from the replicated XML at the next failover.
+    # start-vm.sh defines it again from VM_XML at the next failover.
     virsh undefine "$VM_NAME" >/dev/null 2>&1 || true
     ;;
 qemu)
-    pidfile="/run/doppel-vm-$VM_NAME.pid"
+    pidfile="$RUN_DIR/doppel-vm-$VM_NAME.pid"
     if [ -f "$pidfile" ] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid"
         i=0
@@ -40,6 +60,9 @@ qemu)
         done
     fi
     rm -f "$pidfile"
+    ;;
+*)
+    die "VM_BACKEND must be libvirt or qemu"
     ;;
 esac
 echo "VM $VM_NAME stopped"

@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(p.interval, std::time::Duration::from_secs(5));
         assert_eq!(p.missed, 6);
         assert_eq!(p.probes.len(), 2);
-        assert_eq!(p.failover, ["/etc/doppel/failover/start-vm.sh"]);
+        assert_eq!(p.failover, ["VM_NAME=web1 /etc/doppel/failover/start-vm.sh"]);
         assert_eq!(p.failback_limit, 25_000_000);
         // The scripts it names are the ones shipped, and they parse.
         for script in p.failover.iter().chain(&p.stop_workload).chain(p.notify.iter()) {
