@@ -507,12 +507,29 @@ mod tests {
         assert_eq!(p.probes.len(), 2);
         assert_eq!(p.failover, ["VM_NAME=web1 /etc/doppel/failover/start-vm.sh"]);
         assert_eq!(p.failback_limit, 25_000_000);
+        let l = t.allow[0].limits().unwrap();
+        assert_eq!((l.quota.bytes, l.quota.files, l.max_jobs), (Some(500 << 30), Some(10_000_000), Some(16)));
         // The scripts it names are the ones shipped, and they parse.
         for script in p.failover.iter().chain(&p.stop_workload).chain(p.notify.iter()) {
             let shipped = format!("../../examples/failover/{}", script.rsplit('/').next().unwrap());
             let st = std::process::Command::new("sh").arg("-n").arg(&shipped).status().unwrap();
             assert!(st.success(), "{shipped} does not parse");
         }
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let limits = |extra: &str| {
+            let text = format!("[target]\n[[target.allow]]\nname = \"s\"\nid = \"x\"\n{extra}\n");
+            parse(&text).unwrap().target.unwrap().allow.remove(0).limits()
+        };
+        assert_eq!(limits("").unwrap(), doppel_target::SourceLimits::default());
+        assert_eq!(limits("quota_bytes = 1048576").unwrap().quota.bytes, Some(1 << 20));
+        assert_eq!(limits("quota_bytes = \"2GiB\"").unwrap().quota.bytes, Some(2 << 30));
+        let e = format!("{:#}", limits("quota_bytes = \"20Mbit\"").unwrap_err());
+        assert!(e.starts_with("source s: quota_bytes: bad size \"20Mbit\""), "{e}");
+        let e = format!("{:#}", limits("max_jobs = 0").unwrap_err());
+        assert_eq!(e, "source s: a limit of 0 would refuse everything; remove the source instead");
     }
 
     #[test]
