@@ -14,20 +14,21 @@ use doppel_fs::{Beneath, Selection};
 use doppel_proto::{Entry, EntryKind, ListScope, RelPath};
 use rustix::fs::OFlags;
 
-/// Builds the entry for `path` from its metadata, hashing it if it is a regular file.
-pub fn entry_for(root: &Beneath, path: &RelPath, meta: &Meta) -> io::Result<Entry> {
-    let mut blocks = Vec::new();
+/// Emits the entries of `path`: one, with its metadata (and a symlink's target, and
+/// attributes); a regular file's block hashes go with it, split over consecutive entries of at
+/// most `per` blocks with increasing `first_block`, hashed piece by piece (so no entry, and no
+/// memory, grows with the file) and without reading its holes.
+pub fn entries_for(
+    root: &Beneath,
+    path: &RelPath,
+    meta: &Meta,
+    per: usize,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
     let mut link_target = Vec::new();
-    match meta.kind {
-        EntryKind::File => {
-            let mut f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
-            blocks = doppel_fs::hash::hash_file(&mut f)?.0;
-        }
-        EntryKind::Symlink => {
-            let (dir, name) = root.parent(path)?;
-            link_target = rustix::fs::readlinkat(&dir, name, Vec::new())?.into_bytes();
-        }
-        _ => {}
+    if meta.kind == EntryKind::Symlink {
+        let (dir, name) = root.parent(path)?;
+        link_target = rustix::fs::readlinkat(&dir, name, Vec::new())?.into_bytes();
     }
     let xattrs = match meta.kind {
         EntryKind::File | EntryKind::Dir => {
@@ -35,7 +36,7 @@ pub fn entry_for(root: &Beneath, path: &RelPath, meta: &Meta) -> io::Result<Entr
         }
         _ => Vec::new(),
     };
-    Ok(Entry {
+    let base = Entry {
         path: path.to_wire(),
         kind: meta.kind,
         size: if meta.kind == EntryKind::File { meta.size } else { 0 },
@@ -46,30 +47,47 @@ pub fn entry_for(root: &Beneath, path: &RelPath, meta: &Meta) -> io::Result<Entr
         link_target,
         link_group: (meta.kind == EntryKind::File && meta.nlink > 1).then_some(meta.ino),
         first_block: 0,
-        blocks,
+        blocks: Vec::new(),
         xattrs,
-    })
+    };
+    if meta.kind != EntryKind::File {
+        return emit(base);
+    }
+    let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
+    hashed_pieces(&f, base, 0, meta.size.div_ceil(doppel_proto::BLOCK_SIZE), per, emit)
+}
+
+/// Emits `base` with the hashes of `count` blocks of `f` from block `first`, in pieces of at
+/// most `per` blocks (at least one entry, even for no blocks).
+fn hashed_pieces(
+    f: &File,
+    base: Entry,
+    first: u64,
+    count: u64,
+    per: usize,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
+    let per = per.max(1) as u64;
+    let mut at = first;
+    let end = first + count;
+    loop {
+        let n = per.min(end - at);
+        let mut blocks = Vec::with_capacity(n as usize);
+        doppel_fs::hash::hash_blocks_sparse(f, base.size, at, n, |h| {
+            blocks.push(h);
+            Ok(())
+        })?;
+        emit(Entry { first_block: at, blocks, ..base.clone() })?;
+        at += n;
+        if at >= end {
+            return Ok(());
+        }
+    }
 }
 
 /// Block hashes per listing entry: a file with more blocks (more than 4 GiB) is described by
 /// several consecutive entries with increasing `first_block`, so no message grows unbounded.
 pub const BLOCKS_PER_ENTRY: usize = 1 << 16;
-
-/// Emits `e`, split into pieces of at most `per` blocks.
-fn emit_split(mut e: Entry, per: usize, emit: &mut dyn FnMut(Entry) -> io::Result<()>) -> io::Result<()> {
-    if e.blocks.len() <= per {
-        return emit(e);
-    }
-    let blocks = std::mem::take(&mut e.blocks);
-    let base = e.first_block;
-    for (i, chunk) in blocks.chunks(per).enumerate() {
-        let mut piece = e.clone();
-        piece.first_block = base + (i * per) as u64;
-        piece.blocks = chunk.to_vec();
-        emit(piece)?;
-    }
-    Ok(())
-}
 
 /// Lists `scope` of the tree beneath `root`, calling `emit` for each entry in walk order
 /// (the root itself included for [`ListScope::All`]). Paths in a [`ListScope::Paths`] that
@@ -91,11 +109,10 @@ pub fn list_in_pieces(
 ) -> io::Result<()> {
     match scope {
         ListScope::All => walk(root.path(), &RelPath::root(), &Selection::all(), &mut |e| {
-            match entry_for(root, &e.path, &e.meta) {
-                Ok(entry) => emit_split(entry, per, emit),
+            match entries_for(root, &e.path, &e.meta, per, emit) {
                 // Gone between the walk and the hash: the entry simply does not exist.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(err) => Err(err),
+                r => r,
             }
         }),
         ListScope::Paths(paths) => {
@@ -109,18 +126,16 @@ pub fn list_in_pieces(
                     Err(e) => return Err(e),
                 };
                 let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
-                emit_split(entry_for(root, &path, &meta)?, per, emit)?;
+                entries_for(root, &path, &meta, per, emit)?;
             }
             Ok(())
         }
         ListScope::Ranges(ranges) => {
             for (w, offset, len) in ranges {
                 let Ok(path) = RelPath::try_from(w) else { continue };
-                match range_entry(root, &path, *offset, *len) {
-                    Ok(Some(e)) => emit_split(e, per, emit)?,
-                    Ok(None) => {}
+                match range_entries(root, &path, *offset, *len, per, emit) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound || doppel_fs::beneath::is_escape(&e) => {}
-                    Err(e) => return Err(e),
+                    r => r?,
                 }
             }
             Ok(())
@@ -128,30 +143,27 @@ pub fn list_in_pieces(
     }
 }
 
-/// The entry of a regular file with the hashes of the blocks covering `offset..offset+len`
-/// (`None` if `path` is not a regular file).
-fn range_entry(root: &Beneath, path: &RelPath, offset: u64, len: u64) -> io::Result<Option<Entry>> {
-    use std::os::unix::fs::FileExt;
+/// The entries of a regular file with the hashes of the blocks covering
+/// `offset..offset+len` (nothing if `path` is not a regular file).
+fn range_entries(
+    root: &Beneath,
+    path: &RelPath,
+    offset: u64,
+    len: u64,
+    per: usize,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
     let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
     let meta = Meta::from_stat(&rustix::fs::fstat(&f)?);
     if meta.kind != EntryKind::File {
-        return Ok(None);
+        return Ok(());
     }
     let bs = doppel_proto::BLOCK_SIZE;
     let first = offset / bs;
-    let last = (offset + len.max(1) - 1) / bs;
-    let mut blocks = Vec::new();
-    let mut buf = vec![0u8; bs as usize];
-    for i in first..=last {
-        let at = i * bs;
-        if at >= meta.size {
-            break;
-        }
-        let n = (bs.min(meta.size - at)) as usize;
-        f.read_exact_at(&mut buf[..n], at)?;
-        blocks.push(doppel_proto::hash_block(&buf[..n]));
-    }
-    Ok(Some(Entry {
+    let last = (offset.saturating_add(len.max(1)) - 1) / bs;
+    // Only blocks that exist: a range past the end names none.
+    let count = (last + 1).min(meta.size.div_ceil(bs)).saturating_sub(first);
+    let base = Entry {
         path: path.to_wire(),
         kind: EntryKind::File,
         size: meta.size,
@@ -162,7 +174,8 @@ fn range_entry(root: &Beneath, path: &RelPath, offset: u64, len: u64) -> io::Res
         link_target: Vec::new(),
         link_group: None,
         first_block: first,
-        blocks,
+        blocks: Vec::new(),
         xattrs: Vec::new(),
-    }))
+    };
+    hashed_pieces(&f, base, first, count, per, emit)
 }

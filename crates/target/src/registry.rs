@@ -400,6 +400,7 @@ pub struct Target {
     pub config: TargetConfig,
     allowed: RwLock<Arc<Vec<AllowedSource>>>,
     accounts: Mutex<HashMap<String, Arc<Account>>>,
+    budgets: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
     /// Cancelled to stop every session.
     pub shutdown: CancellationToken,
@@ -414,6 +415,7 @@ impl Target {
             config,
             allowed: RwLock::new(Arc::new(allowed)),
             accounts: Mutex::default(),
+            budgets: Mutex::default(),
             slots: Mutex::default(),
             shutdown: CancellationToken::new(),
             failback: Mutex::new(None),
@@ -454,6 +456,18 @@ impl Target {
                 };
                 Arc::new(Account::new(vec![root], limits))
             })
+            .clone()
+    }
+
+    /// The decode budget shared by `source`'s sessions (`""`: the whole target's); see
+    /// [`crate::session::Budget`].
+    pub fn decode_budget(&self, source: &str) -> Arc<tokio::sync::Semaphore> {
+        use crate::session::{SOURCE_BUDGET_KIB, TARGET_BUDGET_KIB};
+        let kib = if source.is_empty() { TARGET_BUDGET_KIB } else { SOURCE_BUDGET_KIB };
+        self.budgets
+            .lock()
+            .entry(source.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(kib as usize)))
             .clone()
     }
 

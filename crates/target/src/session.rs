@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
-use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use doppel_proto::{Batch, Hello, Message, OpRecord, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
 
 use crate::config::valid_name;
@@ -126,9 +126,7 @@ where
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
         let replica = lease.replica;
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel))
-        })
+        worker::spawn(move || span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel)))
     };
     let writer_task = tokio::spawn(
         doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat).instrument(tracing::Span::current()),
@@ -136,14 +134,16 @@ where
     let echo = out_tx.clone();
     drop(out_tx);
 
-    let result = read_loop(&mut reader, &work_tx, &echo, &slot, cfg.heartbeat * 3, &cancel, &received).await;
+    let budget = Budget::new(&target, &source);
+    let result =
+        read_loop(&mut reader, &work_tx, &echo, &slot, cfg.heartbeat * 3, &cancel, &received, &budget).await;
     drop(echo);
     slot.status.epoch.store(info.epoch, Ordering::Relaxed);
     drop(work_tx);
     match worker.await {
         Ok(replica) => slot.give_back(replica),
-        Err(e) => {
-            tracing::error!(error = %e, "apply worker panicked");
+        Err(_) => {
+            tracing::error!("apply worker panicked");
             slot.abandon();
         }
     }
@@ -315,6 +315,59 @@ async fn refuse<W: AsyncWrite + Unpin, T>(writer: &mut FrameWriter<W>, r: Refusa
     Err(LinkError::Refused(r))
 }
 
+/// The memory a session may fill with decoded batches waiting for its worker, in KiB: at
+/// most this much per session, per source (all its sessions) and for the whole target. A few
+/// KB of zstd decode to up to [`MAX_BATCH_RAW`]; without these bounds a source could queue a
+/// gigabyte per job. A session over its share stops reading its socket until its worker has
+/// applied what it holds (the source's window then fills and it waits), so one tenant's
+/// backlog never takes another's memory.
+pub struct Budget {
+    session: Arc<Semaphore>,
+    source: Arc<Semaphore>,
+    global: Arc<Semaphore>,
+}
+
+/// KiB of decoded batches one session may hold.
+pub const SESSION_BUDGET_KIB: u32 = 128 << 10;
+/// KiB of decoded batches all sessions of one source may hold.
+pub const SOURCE_BUDGET_KIB: u32 = 256 << 10;
+/// KiB of decoded batches the whole target may hold.
+pub const TARGET_BUDGET_KIB: u32 = 1 << 20;
+
+/// Permits taken for one batch, given back when the worker has applied it.
+pub struct Held(#[allow(dead_code)] [OwnedSemaphorePermit; 3]);
+
+impl Budget {
+    fn new(target: &Target, source: &str) -> Budget {
+        Budget {
+            session: Arc::new(Semaphore::new(SESSION_BUDGET_KIB as usize)),
+            source: target.decode_budget(source),
+            global: target.decode_budget(""),
+        }
+    }
+
+    /// Waits for room for `kib` (at most a session's whole budget).
+    async fn take(&self, kib: u32) -> Held {
+        let kib = kib.clamp(1, SESSION_BUDGET_KIB);
+        let take = |s: &Arc<Semaphore>| s.clone().acquire_many_owned(kib);
+        let closed = "decode budgets are never closed";
+        Held([
+            take(&self.session).await.expect(closed),
+            take(&self.source).await.expect(closed),
+            take(&self.global).await.expect(closed),
+        ])
+    }
+}
+
+/// What a batch weighs decoded, in KiB: its bytes, plus the records it may hold (each at
+/// least 5 bytes on the wire, an [`OpRecord`] in memory).
+fn decoded_kib(b: &Batch) -> u32 {
+    let records = (b.count as u64).min(b.raw_len as u64 / 5);
+    let bytes = b.raw_len as u64 + records * std::mem::size_of::<OpRecord>() as u64;
+    bytes.div_ceil(1024).min(u32::MAX as u64) as u32
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     work: &mpsc::Sender<Work>,
@@ -323,6 +376,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     dead_after: Duration,
     cancel: &tokio_util::sync::CancellationToken,
     received: &ByteCounter,
+    budget: &Budget,
 ) -> Result<Option<Handover>, LinkError> {
     let mut counted = received.get();
     loop {
@@ -339,9 +393,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
         slot.status.seen();
         let item = match msg {
             Ok(Message::Batch(b)) => {
+                let kib = decoded_kib(&b);
+                if kib > SESSION_BUDGET_KIB {
+                    return Err(LinkError::Protocol(format!(
+                        "batch at seq {} would take {kib} KiB decoded, more than the {SESSION_BUDGET_KIB} KiB a session may hold",
+                        b.first_seq
+                    )));
+                }
+                let held = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    h = budget.take(kib) => h,
+                };
                 let records = unpack_batch(&b, MAX_BATCH_RAW)
                     .map_err(|e| LinkError::Protocol(format!("bad batch at seq {}: {e}", b.first_seq)))?;
-                Work::Records(records)
+                Work::Records(records, held)
             }
             Ok(Message::ListRequest { id, scope }) => Work::List { id, scope },
             Ok(Message::Heartbeat { time_us }) => {

@@ -24,8 +24,8 @@ use crate::registry::{ReplicaState, Slot};
 
 /// Work for the apply loop, in stream order.
 pub enum Work {
-    /// Records to apply.
-    Records(Vec<OpRecord>),
+    /// Records to apply, and the decode budget they hold until applied.
+    Records(Vec<OpRecord>, crate::session::Held),
     /// A listing to produce (after everything before it is applied).
     List {
         /// Request id.
@@ -46,6 +46,24 @@ fn weight(e: &Entry) -> usize {
         + e.link_target.len()
         + e.blocks.len() * 32
         + e.xattrs.iter().map(|x| x.name.len() + x.value.len()).sum::<usize>()
+}
+
+/// Starts `f` on a thread of its own (not the runtime's blocking pool: a session's worker
+/// lives as long as its session, and hundreds of sessions would exhaust the pool that opening
+/// replicas and short blocking tasks of every other source need). The receiver yields `f`'s
+/// result, or an error if it panicked.
+pub fn spawn<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> tokio::sync::oneshot::Receiver<R> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new().name("doppel-apply".into()).spawn(move || {
+        let _entered = runtime.enter();
+        let _ = tx.send(f());
+    });
+    if let Err(e) = spawned {
+        // Out of threads: the receiver reports it as a failed worker (its sender is gone).
+        tracing::error!(error = %e, "cannot start an apply worker thread");
+    }
+    rx
 }
 
 /// Runs until `rx` closes (the session ended) or the session is cancelled; returns the
@@ -87,7 +105,7 @@ impl<C: Clock> Worker<C> {
     fn run(mut self, rx: &mut mpsc::Receiver<Work>) -> Replica {
         loop {
             match self.next(rx) {
-                Next::Work(Work::Records(recs)) => {
+                Next::Work(Work::Records(recs, _held)) => {
                     if !self.records(&recs, rx) {
                         // The session is over (broken stream or gone peer): keep what was
                         // applied durable, and make the reader stop too.
