@@ -147,18 +147,20 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
 /// Writes every message from `rx` (batching those ready together into one flush), and a
 /// heartbeat whenever nothing was sent for `heartbeat`, so the peer can tell a quiet link from
-/// a dead one. Ends, shutting the stream down, when `rx` closes.
-pub async fn write_pump<W: AsyncWrite + Unpin>(
+/// a dead one. Ends, shutting the stream down, when `rx` closes. An item is dropped once its
+/// message is written, so what it carries besides (a permit of a memory budget, say) is held
+/// exactly as long as the message waits.
+pub async fn write_pump<W: AsyncWrite + Unpin, T: std::borrow::Borrow<Message>>(
     mut writer: FrameWriter<W>,
-    mut rx: tokio::sync::mpsc::Receiver<Message>,
+    mut rx: tokio::sync::mpsc::Receiver<T>,
     heartbeat: std::time::Duration,
 ) -> Result<(), LinkError> {
     loop {
         match tokio::time::timeout(heartbeat, rx.recv()).await {
             Ok(Some(msg)) => {
-                writer.send(&msg).await?;
+                writer.send(msg.borrow()).await?;
                 while let Ok(m) = rx.try_recv() {
-                    writer.send(&m).await?;
+                    writer.send(m.borrow()).await?;
                 }
                 writer.flush().await?;
             }

@@ -471,6 +471,16 @@ impl Target {
             .clone()
     }
 
+    /// The budget of listing messages waiting to be written, shared by `source`'s sessions.
+    pub fn listing_budget(&self, source: &str) -> Arc<tokio::sync::Semaphore> {
+        let kib = crate::session::LIST_BUDGET_KIB;
+        self.budgets
+            .lock()
+            .entry(format!("{source}/listings"))
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(kib as usize)))
+            .clone()
+    }
+
     /// Replaces the allowed sources (a configuration reload). Limits take effect at once (a
     /// replica paused over quota resumes at its next retry); a source removed, or whose
     /// identity or privilege policy changed, has its sessions ended, so it reconnects under

@@ -119,14 +119,17 @@ where
     slot.status.connected_at(info.applied);
 
     let (work_tx, work_rx) = mpsc::channel::<Work>(16);
-    let (out_tx, out_rx) = mpsc::channel::<Message>(64);
+    let (out_tx, out_rx) = mpsc::channel::<worker::Outgoing>(64);
     let cancel = lease.cancel.clone();
     let worker = {
         let (slot, out_tx, cancel, interval) =
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
+        let lists = target.listing_budget(&source);
         let replica = lease.replica;
         let span = tracing::Span::current();
-        worker::spawn(move || span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel)))
+        worker::spawn(move || {
+            span.in_scope(|| worker::run(replica, work_rx, out_tx, slot, interval, cancel, lists))
+        })
     };
     let writer_task = tokio::spawn(
         doppel_link::framed::write_pump(writer, out_rx, cfg.heartbeat).instrument(tracing::Span::current()),
@@ -140,6 +143,9 @@ where
     drop(echo);
     slot.status.epoch.store(info.epoch, Ordering::Relaxed);
     drop(work_tx);
+    // The worker applies and commits what it was given, but no longer waits on the source
+    // (a stall on a full disk, room for a listing the source may never read).
+    cancel.cancel();
     match worker.await {
         Ok(replica) => slot.give_back(replica),
         Err(_) => {
@@ -147,7 +153,12 @@ where
             slot.abandon();
         }
     }
-    let _ = writer_task.await;
+    // A source that stopped reading leaves the writer stuck on a full socket: it gets as long
+    // as a silent peer would, then goes.
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(cfg.heartbeat * 3, &mut writer_task).await.is_err() {
+        writer_task.abort();
+    }
     ended(&target, &slot, &source, &job, &result);
     result
 }
@@ -334,6 +345,9 @@ pub const SOURCE_BUDGET_KIB: u32 = 256 << 10;
 /// KiB of decoded batches the whole target may hold.
 pub const TARGET_BUDGET_KIB: u32 = 1 << 20;
 
+/// KiB of listing messages all sessions of one source may have waiting to be written.
+pub const LIST_BUDGET_KIB: u32 = 16 << 10;
+
 /// Permits taken for one batch, given back when the worker has applied it.
 pub struct Held(#[allow(dead_code)] [OwnedSemaphorePermit; 3]);
 
@@ -371,7 +385,7 @@ fn decoded_kib(b: &Batch) -> u32 {
 async fn read_loop<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     work: &mpsc::Sender<Work>,
-    echo: &mpsc::Sender<Message>,
+    echo: &mpsc::Sender<worker::Outgoing>,
     slot: &Slot,
     dead_after: Duration,
     cancel: &tokio_util::sync::CancellationToken,
@@ -412,7 +426,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Message::Heartbeat { time_us }) => {
                 // Answered at once: a source whose heartbeat is shorter than this target's
                 // must not take a quiet target for a dead one.
-                let _ = echo.try_send(Message::Heartbeat { time_us });
+                let _ = echo.try_send(Message::Heartbeat { time_us }.into());
                 continue;
             }
             Ok(Message::Goodbye { reason }) => {

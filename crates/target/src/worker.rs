@@ -38,7 +38,7 @@ pub enum Work {
 /// Entries per listing message, at most.
 const LIST_CHUNK: usize = 256;
 /// Approximate bytes per listing message, at most (well under the frame cap).
-const LIST_CHUNK_BYTES: usize = 4 << 20;
+const LIST_CHUNK_BYTES: usize = 1 << 20;
 
 /// Roughly what an entry weighs on the wire.
 fn weight(e: &Entry) -> usize {
@@ -71,15 +71,16 @@ pub fn spawn<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> tokio
 pub fn run(
     replica: Replica,
     mut rx: mpsc::Receiver<Work>,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     slot: Arc<Slot>,
     commit_interval: std::time::Duration,
     cancel: CancellationToken,
+    list_budget: Arc<tokio::sync::Semaphore>,
 ) -> Replica {
     let clock = SystemClock;
     let policy =
         GroupCommit::new(commit_interval, COMMIT_BYTES, replica.applied(), replica.durable(), clock.now());
-    let worker = Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock };
+    let worker = Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock, list_budget };
     worker.run(&mut rx)
 }
 
@@ -93,12 +94,13 @@ enum Next {
 /// The apply loop's state: the replica, where its answers go, and the commit policy.
 struct Worker<C: Clock> {
     replica: Replica,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     slot: Arc<Slot>,
     cancel: CancellationToken,
     policy: GroupCommit,
     stall: Stall,
     clock: C,
+    list_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl<C: Clock> Worker<C> {
@@ -155,7 +157,7 @@ impl<C: Clock> Worker<C> {
             Ok(seq) => {
                 self.slot.status.durable.store(seq, Ordering::Relaxed);
                 if seq > before {
-                    let _ = self.tx.blocking_send(Message::Ack { seq });
+                    let _ = self.send(Message::Ack { seq });
                 }
                 Some(seq)
             }
@@ -212,7 +214,7 @@ impl<C: Clock> Worker<C> {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "stream broken");
-                    let _ = self.tx.blocking_send(Message::Goodbye { reason: e.to_string() });
+                    let _ = self.send(Message::Goodbye { reason: e.to_string() });
                     return false;
                 }
             }
@@ -220,15 +222,20 @@ impl<C: Clock> Worker<C> {
         if let Some(paused) = self.stall.succeeded(self.clock.now()) {
             tracing::info!(paused_secs = paused.as_secs(), "replica resumed");
             self.slot.status.set_state(ReplicaState::Replicating);
-            let _ = self.tx.blocking_send(Message::Resumed);
+            let _ = self.send(Message::Resumed);
         }
         true
+    }
+
+    /// Queues `m` for the source (dropped if the session is gone).
+    fn send(&self, m: Message) -> Result<(), mpsc::error::SendError<Outgoing>> {
+        self.tx.blocking_send(Outgoing::from(m))
     }
 
     /// Counts a refused op and tells the source.
     fn refused(&self, seq: u64, reason: String) {
         self.slot.status.refused.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.blocking_send(Message::OpRefused { seq, reason });
+        let _ = self.send(Message::OpRefused { seq, reason });
     }
 
     /// An op failed in a way that may pass: carries out the stall policy's step and waits
@@ -239,7 +246,7 @@ impl<C: Clock> Worker<C> {
         if step.announce {
             tracing::warn!(error = %e, "replica paused; retrying every second");
             self.commit(Commit::CLEAN);
-            let _ = self.tx.blocking_send(Message::Stalled { reason: e.to_string() });
+            let _ = self.send(Message::Stalled { reason: e.to_string() });
         }
         self.slot.status.set_state(ReplicaState::Paused(e.to_string()));
         match step.next {
@@ -252,25 +259,57 @@ impl<C: Clock> Worker<C> {
     }
 
     /// Lists what `scope` asks for, in chunks, then says the listing ended (with its error).
+    /// Each chunk holds its weight of the source's listing budget until it is written, so a
+    /// source that asks for listings and does not read them stalls its own sessions only.
     fn list(&self, id: u64, scope: &ListScope) {
-        let tx = &self.tx;
         let mut chunk: Vec<Entry> = Vec::with_capacity(LIST_CHUNK);
         let mut bytes = 0;
+        let runtime = tokio::runtime::Handle::current();
+        let flush = |entries: Vec<Entry>, bytes: usize| {
+            let kib = (bytes.div_ceil(1024) as u32).clamp(1, crate::session::LIST_BUDGET_KIB);
+            // Waiting for room must not outlive the session (its source may never read).
+            let held = runtime
+                .block_on(async {
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => None,
+                        p = self.list_budget.clone().acquire_many_owned(kib) => p.ok(),
+                    }
+                })
+                .ok_or_else(|| std::io::Error::other("session ended"))?;
+            self.tx
+                .blocking_send(Outgoing { msg: Message::ListEntries { id, entries }, _held: Some(held) })
+                .map_err(|_| std::io::Error::other("session closed"))
+        };
         let result = doppel_apply::listing::list(self.replica.root(), scope, &mut |e| {
             bytes += weight(&e);
             chunk.push(e);
             if chunk.len() >= LIST_CHUNK || bytes >= LIST_CHUNK_BYTES {
-                bytes = 0;
-                let entries = std::mem::take(&mut chunk);
-                tx.blocking_send(Message::ListEntries { id, entries })
-                    .map_err(|_| std::io::Error::other("session closed"))?;
+                flush(std::mem::take(&mut chunk), std::mem::take(&mut bytes))?;
             }
             Ok(())
         });
         if !chunk.is_empty() {
-            let _ = tx.blocking_send(Message::ListEntries { id, entries: chunk });
+            let _ = flush(chunk, bytes);
         }
         let error = result.err().map(|e| e.to_string());
-        let _ = tx.blocking_send(Message::ListEnd { id, error });
+        let _ = self.send(Message::ListEnd { id, error });
+    }
+}
+
+/// A message for the source, with the budget it holds until written.
+pub struct Outgoing {
+    msg: Message,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl From<Message> for Outgoing {
+    fn from(msg: Message) -> Outgoing {
+        Outgoing { msg, _held: None }
+    }
+}
+
+impl std::borrow::Borrow<Message> for Outgoing {
+    fn borrow(&self) -> &Message {
+        &self.msg
     }
 }

@@ -934,3 +934,117 @@ async fn privilege_policy_per_source() {
     }
     h.stop().await;
 }
+
+/// Resident memory and threads of this process (the target runs in it), from `/proc`.
+fn rss_and_threads() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect(name)
+    };
+    (field("VmRSS:") * 1024, field("Threads:"))
+}
+
+/// One source opening 600 jobs at once, sending a batch that claims to decode to far more than
+/// a session may hold, and asking for listings of terabyte sparse files it never reads, does
+/// not delay another source: that one's Welcome comes within 5 s, its ops are made durable
+/// and acknowledged, and fencing its replica (the failover's step on the target) goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_jobs_bombs_and_listings_from_one_source_do_not_delay_another() {
+    const JOBS: usize = 600;
+    const WAVE: usize = 50;
+    let crowd = Arc::new(Identity::generate().unwrap());
+    let calm = Identity::generate().unwrap();
+    let h = Harness::start(&[("crowd", &crowd), ("calm", &calm)], |_| {}).await;
+    let (rss0, threads0) = rss_and_threads();
+    let mut sessions = Vec::new();
+    for wave in 0..JOBS / WAVE {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..WAVE {
+            let (id, addr, target_id) = (crowd.clone(), h.addr, h.target_id);
+            set.spawn(async move {
+                let mut c = Client::connect(addr, &id, target_id).await;
+                match c.hello(&format!("job-{}", wave * WAVE + i)).await {
+                    Message::Welcome(_) => c,
+                    other => panic!("crowd job refused: {other:?}"),
+                }
+            });
+        }
+        sessions.extend(set.join_all().await);
+    }
+    let (rss1, threads1) = rss_and_threads();
+    println!(
+        "{JOBS} sessions: {} threads (+{}), RSS +{} MiB",
+        threads1,
+        threads1 - threads0,
+        rss1.saturating_sub(rss0) >> 20
+    );
+    // A bomb: a small frame whose header claims 64 MiB of records of 5 bytes each, which would
+    // decode to over a gigabyte of records.
+    let ops = [Op::Create { path: wp("x"), mode: 0o644 }];
+    let records: Vec<Vec<u8>> =
+        ops.iter().map(|op| OpRecord { seq: 1, time_us: 1, op: op.clone() }.encode()).collect();
+    let mut bomb = pack_batch(1, &records, Some(3));
+    bomb.count = u32::MAX;
+    bomb.raw_len = 64 << 20;
+    sessions[0].send(&Message::Batch(bomb)).await;
+    let seen = sessions[0].expect_closed("after a batch too big to hold").await;
+    assert!(seen.iter().all(|m| matches!(m, Message::Goodbye { .. })), "{seen:?}");
+    // Listings of a terabyte sparse file each, never read.
+    for (i, c) in sessions.iter_mut().enumerate().skip(1).take(8) {
+        c.send_ops(
+            1,
+            &[
+                Op::Create { path: wp("sparse"), mode: 0o644 },
+                Op::Truncate { path: wp("sparse"), size: 1 << 40 },
+            ],
+        )
+        .await;
+        c.until_acked(2).await;
+        c.send(&Message::ListRequest { id: i as u64, scope: doppel_proto::ListScope::All }).await;
+    }
+
+    // The other source meanwhile.
+    let started = std::time::Instant::now();
+    let (mut c, w) = h.session(&calm, "job").await;
+    let welcome = started.elapsed();
+    assert_eq!(w.applied_seq, 0);
+    assert!(welcome < Duration::from_secs(5), "the calm source waited {welcome:?} for its Welcome");
+    c.send_ops(
+        1,
+        &[
+            Op::Create { path: wp("f"), mode: 0o644 },
+            Op::Write { path: wp("f"), offset: 0, data: b"calm".to_vec() },
+        ],
+    )
+    .await;
+    let refused = c.until_acked(2).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    let acked = started.elapsed();
+    assert_eq!(std::fs::read(h.replica("calm", "job").join("f")).unwrap(), b"calm");
+    drop(c);
+    let epoch =
+        tokio::time::timeout(Duration::from_secs(5), h.target.with_replica("calm", "job", |r| r.fence()))
+            .await
+            .expect("fencing the calm source's replica waited more than 5 s")
+            .expect("lease")
+            .expect("fence");
+    assert_eq!(epoch, 2);
+    let (rss2, threads2) = rss_and_threads();
+    println!(
+        "calm source: Welcome after {welcome:?}, acked after {acked:?}, fenced after {:?}; {} threads, RSS +{} MiB",
+        started.elapsed(),
+        threads2,
+        rss2.saturating_sub(rss0) >> 20
+    );
+    // Each session's worker has a thread of its own, none from the runtime's blocking pool.
+    assert!(threads1 >= threads0 + JOBS as u64 - 1, "{threads0} -> {threads1}");
+    // The unread listings hold at most the source's listing budget, not 8 x 512 MiB.
+    assert!(rss2.saturating_sub(rss0) < 1 << 30, "RSS grew by {} MiB", (rss2 - rss0) >> 20);
+    drop(sessions);
+    h.stop().await;
+}
