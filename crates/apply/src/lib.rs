@@ -3,6 +3,8 @@
 //! - [`replica`]: [`Replica`], one job's replica: applies op records in sequence order, makes
 //!   them durable in groups ([`Replica::commit`]) before they may be acknowledged, and keeps
 //!   enough state to resume exactly after a crash of the process or of the machine.
+//! - [`dirty`]: what changed since the last commit, so a commit `fsync`s only that (one
+//!   source's commit does not flush every source's data on a shared file system).
 //! - [`ops`]: how each op is carried out beneath the replica root (never outside it, never
 //!   through a symlink).
 //! - [`privilege`]: what a source may do that grants privilege on the target (set-id bits,
@@ -15,6 +17,7 @@
 //!   a pure decision.
 //! - [`error`]: what can go wrong, split by what the caller must do about it.
 
+pub mod dirty;
 pub mod error;
 pub mod listing;
 mod metered;

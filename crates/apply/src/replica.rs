@@ -7,6 +7,7 @@ use std::sync::Arc;
 use doppel_fs::Beneath;
 use doppel_proto::OpRecord;
 
+use crate::dirty::Dirty;
 use crate::error::ApplyError;
 use crate::metered::{self, Before};
 use crate::ops::{OpenFile, apply_op_with};
@@ -67,6 +68,7 @@ pub struct Replica {
     needs_resync: bool,
     privileges: PrivilegePolicy,
     account: Option<Arc<Account>>,
+    dirty: Dirty,
 }
 
 impl Replica {
@@ -139,6 +141,9 @@ impl Replica {
             needs_resync,
             privileges: PrivilegePolicy::default(),
             account: None,
+            // What a previous process applied and did not commit is in the page cache, not in
+            // this process's notes: the first commit syncs the whole file system.
+            dirty: Dirty::everything(),
         })
     }
 
@@ -215,6 +220,9 @@ impl Replica {
         if let (Ok(()), Some((account, before))) = (&applied, metered) {
             metered::after(&account, &self.root, &mut self.open, before, &op);
         }
+        if applied.is_ok() {
+            self.dirty.note(&op);
+        }
         match applied {
             Ok(()) if stripped.is_empty() => Ok(Outcome::Applied),
             Ok(()) => {
@@ -250,8 +258,10 @@ impl Replica {
         Ok(Some((account, before)))
     }
 
-    /// Makes every applied op durable (one `syncfs` of the replica's file system, then the
-    /// checkpoint) and returns the durable sequence, which may now be acknowledged.
+    /// Makes every applied op durable (an `fsync` of each file and directory changed since the
+    /// last commit, or one `syncfs` of the replica's file system when they are many: see
+    /// [`crate::dirty`]; then the checkpoint) and returns the durable sequence, which may now
+    /// be acknowledged.
     pub fn commit(&mut self) -> Result<u64, ApplyError> {
         self.commit_with(false)
     }
@@ -268,8 +278,8 @@ impl Replica {
             return Ok(self.applied);
         }
         self.open.clear();
-        rustix::fs::syncfs(self.root.root_fd())
-            .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e.into() })?;
+        crate::dirty::sync(&self.root, self.dirty.take())
+            .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })?;
         let c = Checkpoint { applied: self.applied, dirty: more, ..self.durable };
         write_checkpoint(&self.state_dir, &c)?;
         self.durable = Checkpoint { dirty: false, ..c };

@@ -1048,3 +1048,129 @@ async fn a_crowd_of_jobs_bombs_and_listings_from_one_source_do_not_delay_another
     drop(sessions);
     h.stop().await;
 }
+
+/// Ack latencies of a quiet source: `rate` small updates per second to a file of its own for
+/// `secs`, sent without waiting, each timed from its send to the ack that covers it.
+async fn quiet_source(c: Client, rate: u64, secs: u64) -> Vec<Duration> {
+    let Client { mut r, mut w } = c;
+    let sent: Arc<parking_lot::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let total = rate * secs;
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let create = OpRecord { seq: 1, time_us: 1, op: Op::Create { path: wp("q"), mode: 0o644 } };
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
+            for seq in 1..=total {
+                tick.tick().await;
+                let op = Op::Write { path: wp("q"), offset: (seq % 64) * 100, data: vec![seq as u8; 100] };
+                let rec = if seq == 1 { create.clone() } else { OpRecord { seq, time_us: 1, op } };
+                sent.lock().push(std::time::Instant::now());
+                w.send_now(&Message::Batch(pack_batch(seq, &[rec.encode()], Some(3)))).await.expect("send");
+            }
+            w
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut acked = 0;
+    while acked < total {
+        let m = tokio::time::timeout(Duration::from_secs(30), r.read()).await.expect("no ack within 30 s");
+        match m.expect("quiet source's link") {
+            Message::Ack { seq } => {
+                let now = std::time::Instant::now();
+                let sent = sent.lock();
+                latencies.extend(sent[acked as usize..seq as usize].iter().map(|t| now - *t));
+                acked = seq;
+            }
+            Message::Heartbeat { .. } => {}
+            other => panic!("quiet source: unexpected {other:?}"),
+        }
+    }
+    drop(writer.await.expect("writer"));
+    latencies
+}
+
+/// A source writing as fast as its window lets it: 1 MiB batches of 64 KiB writes over a
+/// 512 MiB file, up to 16 batches unacknowledged, until `stop`. Returns the bytes acknowledged.
+async fn noisy_source(c: Client, stop: tokio_util::sync::CancellationToken) -> u64 {
+    let Client { mut r, mut w } = c;
+    let records = |first: u64| -> Vec<Vec<u8>> {
+        (0..16u64)
+            .map(|i| {
+                let seq = first + i;
+                let op = if seq == 1 {
+                    Op::Create { path: wp("big"), mode: 0o644 }
+                } else {
+                    Op::Write { path: wp("big"), offset: (seq % 8192) * 65536, data: vec![seq as u8; 65536] }
+                };
+                OpRecord { seq, time_us: 1, op }.encode()
+            })
+            .collect()
+    };
+    let (mut next, mut acked) = (1u64, 0u64);
+    while !stop.is_cancelled() {
+        while next - acked <= 16 * 15 {
+            w.send(&Message::Batch(pack_batch(next, &records(next), None))).await.expect("noisy send");
+            next += 16;
+        }
+        w.flush().await.expect("noisy flush");
+        match tokio::time::timeout(Duration::from_secs(30), r.read()).await.expect("noisy: no ack in 30 s") {
+            Ok(Message::Ack { seq }) => acked = seq,
+            Ok(_) => {}
+            Err(e) => panic!("noisy source's link: {e}"),
+        }
+    }
+    acked * 65536
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p) as usize]
+}
+
+/// Noisy neighbour: one source writing as fast as it can while ten others each send 50 small
+/// updates a second. Every quiet source keeps replicating: all its updates acknowledged, p99
+/// latency under a bound loose enough for a loaded 2-core machine. A commit makes durable what
+/// its own source changed, not the whole shared file system, so the noisy source's dirty
+/// gigabytes are not flushed on the quiet ones' time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_source_does_not_stop_ten_quiet_ones() {
+    const QUIET: usize = 10;
+    let noisy = Identity::generate().unwrap();
+    let quiet: Vec<Identity> = (0..QUIET).map(|_| Identity::generate().unwrap()).collect();
+    let names: Vec<String> = (0..QUIET).map(|i| format!("quiet{i}")).collect();
+    let mut allowed: Vec<(&str, &Identity)> = names.iter().map(String::as_str).zip(&quiet).collect();
+    allowed.push(("noisy", &noisy));
+    let h = Harness::start(&allowed, |_| {}).await;
+    let run_quiet = |secs: u64, job: &'static str| {
+        let h = &h;
+        let quiet = &quiet;
+        async move {
+            let mut set = tokio::task::JoinSet::new();
+            for id in quiet {
+                let c = h.session(id, job).await.0;
+                set.spawn(quiet_source(c, 50, secs));
+            }
+            let mut all: Vec<Duration> = set.join_all().await.into_iter().flatten().collect();
+            (percentile(&mut all, 0.5), percentile(&mut all, 0.99), all.len())
+        }
+    };
+    let (alone50, alone99, n) = run_quiet(3, "alone").await;
+    assert_eq!(n, QUIET * 150);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let noise = tokio::spawn(noisy_source(h.session(&noisy, "job").await.0, stop.clone()));
+    let (busy50, busy99, n) = run_quiet(6, "busy").await;
+    stop.cancel();
+    let noisy_bytes = noise.await.expect("noisy source");
+    println!(
+        "quiet sources alone: p50 {alone50:?} p99 {alone99:?}; beside a noisy one ({} MiB acknowledged): p50 {busy50:?} p99 {busy99:?} ({:.1}x at p99)",
+        noisy_bytes >> 20,
+        busy99.as_secs_f64() / alone99.as_secs_f64()
+    );
+    assert_eq!(n, QUIET * 300, "every quiet update acknowledged");
+    assert!(noisy_bytes > 0, "the noisy source made progress too");
+    assert!(
+        busy99 < Duration::from_secs(5),
+        "a quiet source's p99 ack latency was {busy99:?} beside the noisy one"
+    );
+    h.stop().await;
+}
