@@ -14,6 +14,8 @@
 //!   log until the workload answers on the DR side; then a failback of a 2 GiB tree of which
 //!   the workload changed 1 % on the DR side, against rsync (a full copy, and its delta
 //!   transfer over the stale tree).
+//! - `many`: many sources, each its own identity, tree and agent, to one target: the initial
+//!   mirror of all, then per-source lag under a steady load, without and beside a noisy source.
 
 mod agent;
 mod changes;
@@ -30,6 +32,7 @@ mod lag;
 mod linkcheck;
 mod lsyncd;
 mod machine;
+mod many;
 mod meta;
 mod mirror;
 mod ns;
@@ -74,6 +77,8 @@ enum Command {
     Wan(WanArgs),
     /// Recovery time of an automatic failover, step by step; failback of a changed tree vs rsync.
     Failover(FailoverArgs),
+    /// Many sources (each its own identity, tree and agent) replicating to one target.
+    Many(ManyArgs),
     /// Serve a file over HTTP/1.0 (the workload the `failover` mode starts on the replica).
     #[command(hide = true)]
     ServeFile(ServeArgs),
@@ -224,6 +229,36 @@ pub struct WanArgs {
     pub out: Option<PathBuf>,
 }
 
+/// Options of `many`.
+#[derive(Args, Debug, Clone)]
+pub struct ManyArgs {
+    /// Scratch directory (trees, homes, the target's data); removed first, and at the end
+    /// unless `--keep`.
+    #[arg(long, default_value = "/var/tmp/doppel-bench-many")]
+    pub dir: PathBuf,
+    /// Sources, each with its own identity, tree and agent process.
+    #[arg(long, default_value_t = 100)]
+    pub sources: usize,
+    /// Small files (4 KiB) per source, updated by the steady load.
+    #[arg(long, default_value_t = 50)]
+    pub files: usize,
+    /// One more file of this size per source, for the initial mirror's volume.
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    pub big: u64,
+    /// Updates per second per source during the steady load.
+    #[arg(long, default_value_t = 20)]
+    pub rate: u64,
+    /// Seconds of each steady-load phase.
+    #[arg(long, default_value_t = 20)]
+    pub secs: u64,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 /// Options of `core`.
 #[derive(Args, Debug, Clone)]
 pub struct CoreArgs {
@@ -281,6 +316,7 @@ fn main() {
         Command::Fuse(args) => fuse::main(&args),
         Command::Wan(args) => wan::main(&args),
         Command::Failover(args) => failover::main(&args),
+        Command::Many(args) => many::main(&args),
         Command::ServeFile(args) => serve::main(&args),
     };
     if let Err(e) = result {
