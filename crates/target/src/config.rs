@@ -7,6 +7,8 @@ use doppel_apply::PrivilegePolicy;
 use doppel_link::NodeId;
 use doppel_proto::MAX_FRAME_DEFAULT;
 
+use crate::admission::HandshakeLimits;
+
 /// A source allowed to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedSource {
@@ -69,8 +71,12 @@ pub struct TargetConfig {
     pub max_frame: u32,
     /// Heartbeat interval; a peer silent for three intervals is presumed dead.
     pub heartbeat: Duration,
-    /// Time allowed for the TLS handshake and the Hello.
+    /// Time allowed for the TLS handshake and the Hello, together: a peer that has not sent
+    /// its Hello by then is dropped.
     pub handshake_timeout: Duration,
+    /// Caps on connections in their handshake (not yet authenticated), in total and per
+    /// address; connections over them are closed at once (see [`crate::admission`]).
+    pub handshakes: HandshakeLimits,
     /// Longest time ops may wait on the target before being made durable and acknowledged.
     pub commit_interval: Duration,
 }
@@ -84,6 +90,7 @@ impl TargetConfig {
             max_frame: MAX_FRAME_DEFAULT,
             heartbeat: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            handshakes: HandshakeLimits::default(),
             commit_interval: Duration::from_millis(100),
         }
     }

@@ -36,13 +36,31 @@ pub async fn handle_stream<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = tokio::time::Instant::now() + target.config.handshake_timeout;
+    handle_stream_until(target, stream, source, deadline, ()).await
+}
+
+/// [`handle_stream`] for a connection whose handshake must be over by `deadline` (the TLS
+/// handshake before it counts against the same deadline): its first message must have
+/// arrived by then. `permit` (the accept loop's count of handshakes in flight) is dropped as
+/// soon as it has, or the connection ended.
+pub async fn handle_stream_until<S, P: Send>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+    deadline: tokio::time::Instant,
+    permit: P,
+) -> Result<Option<Handover>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = &target.config;
     // The first frame decides what this connection is: replication, or a failback.
     let mut stream = BufReader::with_capacity(256 << 10, stream);
     let received = ByteCounter::default();
     let first = {
         let mut r = FrameReader::new(&mut stream, cfg.max_frame, received.clone());
-        match tokio::time::timeout(cfg.handshake_timeout, r.read()).await {
+        match tokio::time::timeout_at(deadline, r.read()).await {
             Ok(Err(LinkError::Version { peer, ours })) => {
                 // A source of another version whose Hello does not decode here: it still
                 // reads a refusal naming both versions (refusals keep their shape).
@@ -55,6 +73,7 @@ where
             Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
         }
     };
+    drop(permit);
     if let Message::FailbackHello(hello) = first {
         return failback(&target, source, hello, stream).await.map(|()| None);
     }

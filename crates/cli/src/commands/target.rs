@@ -48,8 +48,16 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     if let Some(h) = a.heartbeat.or(section.heartbeat_secs) {
         cfg.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
-    let listener =
-        tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(n) = section.max_handshakes {
+        cfg.handshakes.max_total = n.max(1);
+    }
+    if let Some(n) = section.max_handshakes_per_address {
+        cfg.handshakes.max_per_address = n.max(1);
+    }
+    if let Some(t) = section.handshake_timeout_secs {
+        cfg.handshake_timeout = Duration::from_secs(t.max(1));
+    }
+    let listener = bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let target = Target::new(cfg);
     let shutdown = super::on_signals()?;
@@ -113,6 +121,26 @@ async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
             format!("{} is served by the job's control socket on the source, not by the target", other.op()),
         ),
     }
+}
+
+/// Connections the kernel completes and queues for `accept`: the default (128) fills in a
+/// moment when many sources reconnect at once, or while the target waits out a shortage of
+/// descriptors, and a source whose SYN finds it full waits a second or more to retry.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Listens on `addr` (`HOST:PORT`; the first of its addresses that binds).
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket =
+            if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
 
 fn allow(name: &str, id: &str) -> Result<AllowedSource> {
