@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use doppel_apply::PrivilegePolicy;
 use doppel_link::NodeId;
-use doppel_proto::MAX_FRAME_DEFAULT;
+use doppel_proto::{Echoed, MAX_FRAME_DEFAULT};
 
 use crate::admission::HandshakeLimits;
 
@@ -112,19 +112,19 @@ impl TargetConfig {
 pub enum NameError {
     /// Empty or longer than 64 characters.
     #[error("{0:?} must be 1 to 64 characters long")]
-    Length(String),
+    Length(Echoed),
     /// Starts with a dot (hidden, or `.`/`..`).
     #[error("{0:?} must not start with a dot")]
-    LeadingDot(String),
+    LeadingDot(Echoed),
     /// Starts with a dash: a name that reads as an option to every command it is passed to
     /// (scripts, `doppel failover NAME`).
     #[error("{0:?} must not start with '-'")]
-    LeadingDash(String),
+    LeadingDash(Echoed),
     /// Contains a character that is not allowed.
     #[error("{name:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")]
     Character {
-        /// The name.
-        name: String,
+        /// The name (bounded: a name from the wire may be as long as a frame).
+        name: Echoed,
         /// The first character not allowed.
         bad: char,
     },
@@ -135,16 +135,16 @@ pub enum NameError {
 /// most 64 characters long.
 pub fn valid_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() || s.len() > 64 {
-        return Err(NameError::Length(s.to_string()));
+        return Err(NameError::Length(Echoed::new(s)));
     }
     if s.starts_with('.') {
-        return Err(NameError::LeadingDot(s.to_string()));
+        return Err(NameError::LeadingDot(Echoed::new(s)));
     }
     if s.starts_with('-') {
-        return Err(NameError::LeadingDash(s.to_string()));
+        return Err(NameError::LeadingDash(Echoed::new(s)));
     }
     if let Some(bad) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(NameError::Character { name: s.to_string(), bad });
+        return Err(NameError::Character { name: Echoed::new(s), bad });
     }
     Ok(())
 }
@@ -167,10 +167,12 @@ mod tests {
             ("--help", "must not start with '-'"),
             ("a/b", "\"a/b\" contains '/'; use letters, digits, '.', '_' or '-'"),
             ("caf\u{e9}", "contains '\u{e9}'"),
+            // A hostile name is echoed bounded, with its length.
+            (&*"x".repeat(60 << 20), "\"… (62914560 bytes) must be 1 to 64 characters long"),
         ];
         for (name, want) in table {
             let e = valid_name(name).expect_err(name).to_string();
-            assert!(e.contains(want), "{name:?}: {e}");
+            assert!(e.contains(want) && e.len() < 400, "{:?}: {e}", doppel_proto::Truncated(name));
         }
     }
 

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
-use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use doppel_proto::{
+    Hello, Message, PROTOCOL_VERSION, Refusal, Truncated, TruncatedText, Welcome, truncated_debug,
+    unpack_batch,
+};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -294,7 +297,7 @@ where
         ),
         Some(h) => match h.accept(&source, &hello.job, Box::new(stream)) {
             Ok(()) => {
-                tracing::info!(%source, job = %hello.job, "failback connection accepted");
+                tracing::info!(%source, job = %Truncated(&hello.job), "failback connection accepted");
                 return Ok(());
             }
             Err(r) => r,
@@ -355,7 +358,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 continue;
             }
             Ok(Message::Goodbye { reason }) => {
-                tracing::info!(%reason, "source said goodbye");
+                tracing::info!(reason = %TruncatedText(&reason), "source said goodbye");
                 slot.status.goodbye.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -363,7 +366,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Ok(Some(Handover { epoch, replica_id, applied_seq }));
             }
             Ok(other) => {
-                return Err(LinkError::Protocol(format!("unexpected message from source: {other:?}")));
+                return Err(LinkError::Protocol(format!(
+                    "unexpected message from source: {}",
+                    truncated_debug(&other)
+                )));
             }
             Err(LinkError::Closed) => return Ok(None),
             Err(e) => return Err(e),
