@@ -1067,3 +1067,50 @@ async fn handshakes_over_the_per_address_cap_are_closed_at_once() {
     drop(idle);
     h.stop().await;
 }
+
+/// Issue 10: a peer that does not finish its handshake in time is dropped at the deadline,
+/// whether it stalls in TLS (a partial ClientHello) or after it (no Hello), and its slot is
+/// given back (the per-address cap of 1 lets the next connection in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_stalled_in_its_handshake_is_dropped_at_the_deadline() {
+    use tokio::io::AsyncReadExt;
+    let me = Identity::generate().unwrap();
+    let h = Harness::start(&[("src", &me)], |cfg| {
+        cfg.handshakes = doppel_target::HandshakeLimits { max_total: 64, max_per_address: 1 };
+        cfg.handshake_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut buf = [0u8; 64];
+    // Stalled in TLS: the first bytes of a ClientHello, then nothing.
+    let started = tokio::time::Instant::now();
+    let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]).await.unwrap();
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled TLS handshake was kept for {DEADLINE:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "dropped after {:?}", started.elapsed());
+    // Stalled after TLS: authenticated, but no Hello. Its slot was given back, or this
+    // connection (same address, cap 1) would be closed at once, before TLS (the target may
+    // close the socket a moment before it counts the slot free: a reset is retried).
+    let mut c = loop {
+        match Client::try_connect(h.addr, &me, h.target_id).await {
+            Some(Ok(c)) => break c,
+            other => assert!(started.elapsed() < DEADLINE, "no connection: {:?}", other.map(|r| r.err())),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let started = tokio::time::Instant::now();
+    let seen = c.expect_closed("no Hello").await;
+    assert!(seen.is_empty(), "{seen:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "dropped after {:?}", started.elapsed());
+    // And a source that says Hello in time gets in.
+    h.session(&me, "job").await;
+    h.stop().await;
+}
