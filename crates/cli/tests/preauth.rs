@@ -43,19 +43,23 @@ fn limit_nofile(pid: u32, n: u64) {
         .expect("prlimit on the target");
 }
 
-/// Lets this process hold `n` sockets; false (the test is skipped, or fails under
+/// The open-file limit (soft) of this process while these tests run: the same for every
+/// test, so that tests running side by side never lower it under one another.
+const OWN_NOFILE: u64 = 8192;
+
+/// Lets this process hold [`OWN_NOFILE`] sockets, with a hard limit above that (so a child
+/// starts with a soft limit below its hard one); false (the test is skipped, or fails under
 /// `DOPPEL_TEST_STRICT=1`) if it may not.
-fn allow_own_nofile(n: u64) -> bool {
+fn allow_own_nofile() -> bool {
     let have = rustix::process::getrlimit(Resource::Nofile);
-    if have.current.is_none_or(|c| c >= n) {
-        return true;
-    }
-    let max =
-        if rustix::process::geteuid().is_root() { have.maximum.map(|m| m.max(n)) } else { have.maximum };
-    let want = Rlimit { current: max.map(|m| m.min(n)), maximum: max };
-    let ok = rustix::process::setrlimit(Resource::Nofile, want).is_ok()
-        && rustix::process::getrlimit(Resource::Nofile).current.is_none_or(|c| c >= n);
-    require(ok, &format!("this test needs {n} open files (RLIMIT_NOFILE)"))
+    let root = rustix::process::geteuid().is_root();
+    let maximum = match have.maximum {
+        Some(m) if m < 2 * OWN_NOFILE && root => Some(2 * OWN_NOFILE),
+        m => m,
+    };
+    let want = Rlimit { current: Some(OWN_NOFILE), maximum };
+    let ok = rustix::process::setrlimit(Resource::Nofile, want).is_ok();
+    require(ok, &format!("these tests need {OWN_NOFILE} open files (RLIMIT_NOFILE)"))
 }
 
 /// The first bytes of a TLS ClientHello: a record header announcing 512 bytes, then a
@@ -144,7 +148,7 @@ fn protect(home: &Path, src: &Path, target: &TargetProc) -> Proc {
 fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connects() {
     const IDLE: usize = 5_000;
     const NOFILE: u64 = 256;
-    if !allow_own_nofile(IDLE as u64 + 1024) {
+    if !allow_own_nofile() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -155,6 +159,14 @@ fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connec
     let source_id = init(&home);
     let mut target = start_target(dir.path(), &[("web1", &source_id)], 0);
     let pid = target.proc.child.id();
+    // The target starts by raising its soft open-file limit to the hard one.
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(nofile[3], nofile[4], "soft and hard open-file limits of the target: {limits}");
+    if rustix::process::getrlimit(Resource::Nofile).maximum.is_none_or(|m| m > OWN_NOFILE) {
+        assert_ne!(nofile[3], OWN_NOFILE.to_string(), "the target kept the soft limit it started with");
+    }
     let baseline_fds = open_fds(pid);
     limit_nofile(pid, NOFILE);
     let addr: SocketAddr = target.addr.parse().unwrap();
@@ -221,7 +233,7 @@ fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connec
 fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     // Within the listen queue: every one is taken in by the kernel, and waits there.
     const IDLE: usize = 100;
-    if !allow_own_nofile(IDLE as u64 + 1024) {
+    if !allow_own_nofile() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, home: PathBuf) -> Result<()> {
         allowed.push(allow(name, id)?);
     }
     doppel_target::secure_data_dir(&data).context("data directory")?;
+    raise_open_file_limit();
     DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let (me, created) = Identity::load_or_create(&home)?;
     if created {
@@ -120,6 +121,21 @@ async fn answer(m: &Manager, req: ControlRequest) -> ControlResponse {
         other @ (ControlRequest::Verify { .. } | ControlRequest::Limit { .. }) => ControlResponse::error(
             format!("{} is served by the job's control socket on the source, not by the target", other.op()),
         ),
+    }
+}
+
+/// Raises the soft limit on open files to the hard one. Every session holds a socket and its
+/// replica's files, and the soft limit most systems start services with (1024) is reached by
+/// a few hundred jobs, after which `accept` fails for everyone; the hard limit is what the
+/// administrator allows (systemd's `LimitNOFILE`, `ulimit -Hn`).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_some() && now.current != now.maximum {
+        match setrlimit(Resource::Nofile, Rlimit { current: now.maximum, maximum: now.maximum }) {
+            Ok(()) => tracing::debug!(from = now.current, to = now.maximum, "raised the open file limit"),
+            Err(e) => tracing::warn!(error = %e, limit = now.current, "cannot raise the open file limit"),
+        }
     }
 }
 
