@@ -126,7 +126,12 @@ pub async fn serve(target: Arc<Target>, identity: &Identity, listener: TcpListen
             let timeout = target.config.handshake_timeout;
             let deadline = tokio::time::Instant::now() + timeout;
             let metered = Metered::new(tcp, ByteCounter::default(), ByteCounter::default());
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(metered)).await {
+            // A stopping target does not wait for strangers' handshakes.
+            let handshake = tokio::select! {
+                _ = target.shutdown.cancelled() => return,
+                h = tokio::time::timeout_at(deadline, acceptor.accept(metered)) => h,
+            };
+            let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");

@@ -63,7 +63,11 @@ where
     let received = ByteCounter::default();
     let first = {
         let mut r = FrameReader::new(&mut stream, cfg.max_frame, received.clone());
-        match tokio::time::timeout_at(deadline, r.read()).await {
+        let first = tokio::select! {
+            _ = target.shutdown.cancelled() => return Err(LinkError::Closed),
+            m = tokio::time::timeout_at(deadline, r.read()) => m,
+        };
+        match first {
             Ok(Err(LinkError::Version { peer, ours })) => {
                 // A source of another version whose Hello does not decode here: it still
                 // reads a refusal naming both versions (refusals keep their shape).
