@@ -139,11 +139,13 @@ fn protect(home: &Path, src: &Path, target: &TargetProc) -> Proc {
     )
 }
 
-/// Issue 10, must show #5: 5,000 idle unauthenticated connections against a target limited
-/// to 256 open files. The target holds at most the per-address cap of them in their
-/// handshake and closes the rest at once: it does not run out of descriptors, does not spin
-/// (CPU over a 5 s window), logs a bounded amount, and an allowed source connects and
-/// replicates while the connections are still open.
+/// Issue 10, must show #5: 5,000 idle unauthenticated connections (from four addresses)
+/// against a target limited to 256 open files. The target holds the per-address cap of them
+/// (8 each) in their handshake and resets the rest at once: it does not run out of
+/// descriptors, does not spin (CPU over a 5 s window), logs a bounded amount, and an allowed
+/// source connects and replicates while the connections it holds are still open. (Before the
+/// caps, it accepted until EMFILE, then spun on `accept`: 2,306 of the 5,000 were never
+/// accepted within 10 s.)
 #[test]
 fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connects() {
     const IDLE: usize = 5_000;
@@ -189,7 +191,8 @@ fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connec
     // accepted), holding some and resetting the rest.
     assert_eq!(idle.failed, 0, "{:?}", idle.first_error);
 
-    // The window: every connection is open on this side, none has sent a whole ClientHello.
+    // The window: the connections not reset are open on this side, and none has sent a whole
+    // ClientHello; the target holds up to 8 per address until the handshake deadline (10 s).
     let (cpu0, t0) = (cpu_time(pid), Instant::now());
     std::thread::sleep(Duration::from_secs(5));
     let (cpu1, window) = (cpu_time(pid), t0.elapsed());
@@ -202,11 +205,13 @@ fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connec
         cpu1 - cpu_before
     );
     assert!(share < 0.30, "the target used {:.0}% of a core while idle connections were held", share * 100.0);
-    // The default per-address cap (8) for each of the four addresses, and a little slack.
+    // The default per-address cap (8) for each of the four addresses, and a little slack;
+    // at least half of that held shows the cap, not a failure, bounds them.
     assert!(fds <= baseline_fds + 4 * 8 + 8, "{fds} descriptors open, {baseline_fds} before the flood");
+    assert!(fds >= baseline_fds + 4 * 8 / 2, "{fds} descriptors open, {baseline_fds} before the flood");
     assert!(target.proc.running(), "the target died: {}", target.proc.log());
 
-    // An allowed source connects and replicates while all of them are still open.
+    // An allowed source connects and replicates while they are still open.
     let started = Instant::now();
     let mut agent = protect(&home, &src, &target);
     wait_converged(&src, &target.data.join("replicas/web1/www"), Duration::from_secs(30), &mut agent);
