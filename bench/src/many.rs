@@ -137,7 +137,9 @@ fn make_sources(args: &ManyArgs, bin: &Path, root: &Path, data: &Path) -> Result
 fn start_target(bin: &Path, root: &Path, data: &Path, sources: &[Source]) -> Result<(Proc, String, String)> {
     let home = root.join("target-home");
     let id = init(bin, &home)?;
-    let mut config = String::from("[target]\n");
+    // Every simulated source connects from 127.0.0.1: the per-address handshake cap is for
+    // separate machines.
+    let mut config = String::from("[target]\nmax_handshakes_per_address = 1024\nmax_handshakes = 1024\n");
     for (i, s) in sources.iter().enumerate() {
         config += &format!("[[target.allow]]\nname = \"s{i}\"\nid = \"{}\"\n", s.id);
     }

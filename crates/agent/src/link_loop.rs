@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_mirror::VerifyReport;
-use doppel_proto::{Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome};
+use doppel_proto::{
+    Entry, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, TruncatedText, Welcome, truncated_debug,
+    truncated_text,
+};
 use doppel_spool::Spool;
 use parking_lot::Mutex;
 use tokio::io::{BufReader, BufWriter};
@@ -496,13 +499,14 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             }
             Message::OpRefused { seq, reason } => {
                 status.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(seq, %reason, "the target refused an op");
+                tracing::warn!(seq, reason = %TruncatedText(&reason), "the target refused an op");
             }
             m @ (Message::ListEntries { .. } | Message::ListEnd { .. }) => {
                 let _ = lists.send(m).await;
             }
             Message::Heartbeat { .. } => {}
             Message::Stalled { reason } => {
+                let reason = truncated_text(&reason);
                 tracing::warn!(%reason, "the target paused applying; waiting for it");
                 *status.stalled.lock() = Some(reason);
             }
@@ -511,12 +515,16 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
                 *status.stalled.lock() = None;
             }
             Message::Goodbye { reason } => {
-                return Err(End::Retry(LinkError::Protocol(format!("target closed the link: {reason}"))));
+                return Err(End::Retry(LinkError::Protocol(format!(
+                    "target closed the link: {}",
+                    TruncatedText(&reason)
+                ))));
             }
             Message::Refused(r) => return Err(classify(r)),
             other => {
                 return Err(End::Retry(LinkError::Protocol(format!(
-                    "unexpected message from target: {other:?}"
+                    "unexpected message from target: {}",
+                    truncated_debug(&other)
                 ))));
             }
         }

@@ -283,7 +283,8 @@ fn refusal(op: &Op, p: Privilege) -> String {
         Privilege::Capabilities => "a security.* or trusted.* attribute",
         Privilege::Devices => "a device node",
     };
-    let path = op.path().map(|w| w.display()).unwrap_or_default();
+    // Not yet checked against the path rules: as long as the peer made it.
+    let path = op.path().map(|w| doppel_proto::Echoed::lossy(&w.0)).unwrap_or_default();
     format!("{path}: {what} refused by this target's privilege policy ({} = \"refuse\")", p.key())
 }
 

@@ -67,6 +67,12 @@ pub struct TargetSection {
     pub script_timeout_secs: Option<u64>,
     /// Longest time the final sync of a failback cutover may take, in seconds.
     pub cutover_timeout_secs: Option<u64>,
+    /// Connections in their handshake (TLS and Hello, not yet authenticated) at once.
+    pub max_handshakes: Option<usize>,
+    /// Connections in their handshake at once from one address (IPv6: one /64).
+    pub max_handshakes_per_address: Option<usize>,
+    /// Longest time a connection may take for its TLS handshake and Hello, in seconds.
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 /// `[[target.allow]]`: a source, and what to do when it fails.
@@ -499,6 +505,10 @@ mod tests {
         let c = parse(include_str!("../../../examples/doppel.toml")).unwrap();
         assert_eq!(c.job.len(), 2);
         let t = c.target.unwrap();
+        assert_eq!(
+            (t.max_handshakes, t.max_handshakes_per_address, t.handshake_timeout_secs),
+            (Some(64), Some(8), Some(10))
+        );
         assert_eq!(t.allow.len(), 1);
         let p = t.allow[0].policy().unwrap();
         assert_eq!(p.policy, doppel_failover::Policy::Auto);

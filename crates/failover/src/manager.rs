@@ -404,7 +404,8 @@ impl FailbackHandler for Manager {
         stream: Box<dyn Stream>,
     ) -> Result<(), (Refusal, Box<dyn Stream>)> {
         if !self.target.jobs_of(source).iter().any(|j| j == job) || !self.replica_state(source, job).1 {
-            return Err((Refusal::NotFailedOver { job: job.to_string() }, stream));
+            // The name as the peer sent it, bounded: it has not been checked.
+            return Err((Refusal::NotFailedOver { job: doppel_proto::truncated(job) }, stream));
         }
         if let Some(r) = self.reverse_job(source, job).filter(|r| !r.finished()) {
             return r.offer(stream).map_err(|s| (Refusal::Busy, s));

@@ -11,9 +11,12 @@
 //! - [`frame`]: length-prefixed, checksummed frames with a hard size cap.
 //! - [`batch`]: packing op records into compressed batches and unpacking them.
 //! - [`block`]: the block size and block hashes used by mirror, verify and watch capture.
+//! - [`echo`]: peer-controlled text (names, paths, reasons) bounded wherever it is echoed into
+//!   a log line, an error or a refusal.
 
 pub mod batch;
 pub mod block;
+pub mod echo;
 pub mod frame;
 pub mod message;
 pub mod op;
@@ -21,6 +24,9 @@ pub mod path;
 
 pub use batch::{BatchError, pack_batch, unpack_batch};
 pub use block::{BLOCK_SIZE, BlockHash, block_count, hash_block};
+pub use echo::{
+    ECHO_MAX, Echoed, TEXT_MAX, Truncated, TruncatedText, truncated, truncated_debug, truncated_text,
+};
 pub use frame::{FrameError, MAX_FRAME_DEFAULT, decode_frame, encode_frame};
 pub use message::{
     Batch, Codec, Entry, EntryKind, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome,

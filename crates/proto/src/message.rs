@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::block::BlockHash;
+use crate::echo::{Truncated, TruncatedText};
 use crate::op::{Timestamp, Xattr};
 use crate::path::WirePath;
 
@@ -98,23 +99,25 @@ pub enum Refusal {
     },
 }
 
+/// Shown with every name and reason bounded ([`crate::echo`]): a refusal is logged on both
+/// sides, and its text may come from the peer.
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::UnknownSource { identity } => {
-                write!(f, "the target does not allow source identity {identity}")
+                write!(f, "the target does not allow source identity {}", Truncated(identity))
             }
             Refusal::Version { target, source } => {
                 write!(f, "protocol version mismatch: target speaks {target}, source {source}")
             }
-            Refusal::BadJob { reason } => write!(f, "bad job name: {reason}"),
+            Refusal::BadJob { reason } => write!(f, "bad job name: {}", TruncatedText(reason)),
             Refusal::Fenced { epoch } => {
                 write!(f, "fenced: the replica failed over (epoch {epoch}); this source may not write to it")
             }
             Refusal::Busy => write!(f, "another connection is already replicating this job"),
-            Refusal::Other { reason } => f.write_str(reason),
+            Refusal::Other { reason } => write!(f, "{}", TruncatedText(reason)),
             Refusal::NotFailedOver { job } => {
-                write!(f, "job {job} is not failed over: there is nothing to fail back")
+                write!(f, "job {} is not failed over: there is nothing to fail back", Truncated(job))
             }
         }
     }

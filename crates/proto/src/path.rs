@@ -14,6 +14,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::echo::Echoed;
+
 /// Longest path accepted, in bytes (Linux `PATH_MAX` less the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
 /// Longest single name accepted, in bytes (Linux `NAME_MAX`).
@@ -25,22 +27,22 @@ pub const MAX_NAME_LEN: usize = 255;
 pub enum PathError {
     /// Paths on the wire are relative to the replica root.
     #[error("absolute path {0:?} refused: paths must be relative to the replica root")]
-    Absolute(String),
+    Absolute(Echoed),
     /// `..` could climb out of the replica.
     #[error("path {0:?} refused: it contains a `..` component")]
-    ParentComponent(String),
+    ParentComponent(Echoed),
     /// `.` and empty components (`a//b`, trailing `/`) are not normalized forms.
     #[error("path {0:?} refused: it contains an empty or `.` component")]
-    EmptyComponent(String),
+    EmptyComponent(Echoed),
     /// NUL would truncate the name at the system-call boundary.
     #[error("path {0:?} refused: it contains a NUL byte")]
-    Nul(String),
+    Nul(Echoed),
     /// Longer than the kernel accepts.
     #[error("path {0:?} refused: longer than {MAX_PATH_LEN} bytes or a name longer than {MAX_NAME_LEN}")]
-    TooLong(String),
+    TooLong(Echoed),
     /// A name (one component) was expected but the text has a `/` in it.
     #[error("name {0:?} refused: it contains a `/`")]
-    Slash(String),
+    Slash(Echoed),
     /// The empty path names the root itself, which this operation cannot take.
     #[error("the replica root itself cannot be the subject of this operation")]
     Root,
@@ -196,18 +198,19 @@ impl From<&RelPath> for WirePath {
 
 impl fmt::Debug for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", lossy(&self.0))
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
     }
 }
 
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() { f.write_str(".") } else { f.write_str(&lossy(&self.0)) }
+        if self.0.is_empty() { f.write_str(".") } else { f.write_str(&String::from_utf8_lossy(&self.0)) }
     }
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// The bytes of a refused path, bounded: the error is logged and sent back to the peer.
+fn lossy(b: &[u8]) -> Echoed {
+    Echoed::lossy(b)
 }
 
 /// Checks one name (a single path component).

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use doppel_apply::PrivilegePolicy;
 use doppel_link::NodeId;
-use doppel_proto::MAX_FRAME_DEFAULT;
+use doppel_proto::{Echoed, MAX_FRAME_DEFAULT};
+
+use crate::admission::HandshakeLimits;
 
 /// A source allowed to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,8 +93,12 @@ pub struct TargetConfig {
     pub max_frame: u32,
     /// Heartbeat interval; a peer silent for three intervals is presumed dead.
     pub heartbeat: Duration,
-    /// Time allowed for the TLS handshake and the Hello.
+    /// Time allowed for the TLS handshake and the Hello, together: a peer that has not sent
+    /// its Hello by then is dropped.
     pub handshake_timeout: Duration,
+    /// Caps on connections in their handshake (not yet authenticated), in total and per
+    /// address; connections over them are closed at once (see [`crate::admission`]).
+    pub handshakes: HandshakeLimits,
     /// Longest time ops may wait on the target before being made durable and acknowledged.
     pub commit_interval: Duration,
 }
@@ -106,6 +112,7 @@ impl TargetConfig {
             max_frame: MAX_FRAME_DEFAULT,
             heartbeat: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            handshakes: HandshakeLimits::default(),
             commit_interval: Duration::from_millis(100),
         }
     }
@@ -116,19 +123,19 @@ impl TargetConfig {
 pub enum NameError {
     /// Empty or longer than 64 characters.
     #[error("{0:?} must be 1 to 64 characters long")]
-    Length(String),
+    Length(Echoed),
     /// Starts with a dot (hidden, or `.`/`..`).
     #[error("{0:?} must not start with a dot")]
-    LeadingDot(String),
+    LeadingDot(Echoed),
     /// Starts with a dash: a name that reads as an option to every command it is passed to
     /// (scripts, `doppel failover NAME`).
     #[error("{0:?} must not start with '-'")]
-    LeadingDash(String),
+    LeadingDash(Echoed),
     /// Contains a character that is not allowed.
     #[error("{name:?} contains {bad:?}; use letters, digits, '.', '_' or '-'")]
     Character {
-        /// The name.
-        name: String,
+        /// The name (bounded: a name from the wire may be as long as a frame).
+        name: Echoed,
         /// The first character not allowed.
         bad: char,
     },
@@ -139,16 +146,16 @@ pub enum NameError {
 /// most 64 characters long.
 pub fn valid_name(s: &str) -> Result<(), NameError> {
     if s.is_empty() || s.len() > 64 {
-        return Err(NameError::Length(s.to_string()));
+        return Err(NameError::Length(Echoed::new(s)));
     }
     if s.starts_with('.') {
-        return Err(NameError::LeadingDot(s.to_string()));
+        return Err(NameError::LeadingDot(Echoed::new(s)));
     }
     if s.starts_with('-') {
-        return Err(NameError::LeadingDash(s.to_string()));
+        return Err(NameError::LeadingDash(Echoed::new(s)));
     }
     if let Some(bad) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(NameError::Character { name: s.to_string(), bad });
+        return Err(NameError::Character { name: Echoed::new(s), bad });
     }
     Ok(())
 }
@@ -171,10 +178,12 @@ mod tests {
             ("--help", "must not start with '-'"),
             ("a/b", "\"a/b\" contains '/'; use letters, digits, '.', '_' or '-'"),
             ("caf\u{e9}", "contains '\u{e9}'"),
+            // A hostile name is echoed bounded, with its length.
+            (&*"x".repeat(60 << 20), "\"… (62914560 bytes) must be 1 to 64 characters long"),
         ];
         for (name, want) in table {
             let e = valid_name(name).expect_err(name).to_string();
-            assert!(e.contains(want), "{name:?}: {e}");
+            assert!(e.contains(want) && e.len() < 400, "{:?}: {e}", doppel_proto::Truncated(name));
         }
     }
 

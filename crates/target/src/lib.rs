@@ -3,6 +3,9 @@
 //! - [`config`]: [`TargetConfig`]: where replicas live, which sources may connect (by
 //!   identity, each under its own name), and the link's limits.
 //! - [`server`]: the TLS accept loop: authenticates each connection and hands it to a session.
+//! - [`admission`]: what the accept loop decides before a peer is authenticated (caps on
+//!   handshakes in flight, in total and per address; backoff on `accept` errors; warnings at
+//!   most once per interval), pure decisions over explicit times.
 //! - [`session`]: one source connection for one job: handshake, reading batches and listing
 //!   requests, writing acks and heartbeats.
 //! - [`commit`]: the group-commit policy (when a group of applied ops is made durable, how a
@@ -17,6 +20,7 @@
 //! The same [`session::handle_stream`] serves TLS connections from remote sources and the
 //! in-process pipe of an embedded target (`doppel protect DIR --to LOCAL_DIR`).
 
+pub mod admission;
 pub mod commit;
 pub mod config;
 pub mod datadir;
@@ -25,6 +29,7 @@ pub mod server;
 pub mod session;
 pub mod worker;
 
+pub use admission::HandshakeLimits;
 pub use config::{AllowedSource, Layout, NameError, SourceLimits, TargetConfig, valid_name};
 pub use datadir::{DataDirError, secure_data_dir};
 pub use doppel_apply::privilege::{Privilege, PrivilegePolicy, Rule};

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
-use doppel_proto::{Batch, Hello, Message, OpRecord, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use doppel_proto::{
+    Batch, Hello, Message, OpRecord, PROTOCOL_VERSION, Refusal, Truncated, TruncatedText, Welcome,
+    truncated_debug, unpack_batch,
+};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
@@ -36,13 +39,35 @@ pub async fn handle_stream<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = tokio::time::Instant::now() + target.config.handshake_timeout;
+    handle_stream_until(target, stream, source, deadline, ()).await
+}
+
+/// [`handle_stream`] for a connection whose handshake must be over by `deadline` (the TLS
+/// handshake before it counts against the same deadline): its first message must have
+/// arrived by then. `permit` (the accept loop's count of handshakes in flight) is dropped as
+/// soon as it has, or the connection ended.
+pub async fn handle_stream_until<S, P: Send>(
+    target: Arc<Target>,
+    stream: S,
+    source: String,
+    deadline: tokio::time::Instant,
+    permit: P,
+) -> Result<Option<Handover>, LinkError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = &target.config;
     // The first frame decides what this connection is: replication, or a failback.
     let mut stream = BufReader::with_capacity(256 << 10, stream);
     let received = ByteCounter::default();
     let first = {
         let mut r = FrameReader::new(&mut stream, cfg.max_frame, received.clone());
-        match tokio::time::timeout(cfg.handshake_timeout, r.read()).await {
+        let first = tokio::select! {
+            _ = target.shutdown.cancelled() => return Err(LinkError::Closed),
+            m = tokio::time::timeout_at(deadline, r.read()) => m,
+        };
+        match first {
             Ok(Err(LinkError::Version { peer, ours })) => {
                 // A source of another version whose Hello does not decode here: it still
                 // reads a refusal naming both versions (refusals keep their shape).
@@ -55,6 +80,7 @@ where
             Err(_) => return Err(LinkError::Timeout(cfg.handshake_timeout)),
         }
     };
+    drop(permit);
     if let Message::FailbackHello(hello) = first {
         return failback(&target, source, hello, stream).await.map(|()| None);
     }
@@ -301,7 +327,7 @@ where
         ),
         Some(h) => match h.accept(&source, &hello.job, Box::new(stream)) {
             Ok(()) => {
-                tracing::info!(%source, job = %hello.job, "failback connection accepted");
+                tracing::info!(%source, job = %Truncated(&hello.job), "failback connection accepted");
                 return Ok(());
             }
             Err(r) => r,
@@ -430,7 +456,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 continue;
             }
             Ok(Message::Goodbye { reason }) => {
-                tracing::info!(%reason, "source said goodbye");
+                tracing::info!(reason = %TruncatedText(&reason), "source said goodbye");
                 slot.status.goodbye.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -438,7 +464,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Ok(Some(Handover { epoch, replica_id, applied_seq }));
             }
             Ok(other) => {
-                return Err(LinkError::Protocol(format!("unexpected message from source: {other:?}")));
+                return Err(LinkError::Protocol(format!(
+                    "unexpected message from source: {}",
+                    truncated_debug(&other)
+                )));
             }
             Err(LinkError::Closed) => return Ok(None),
             Err(e) => return Err(e),

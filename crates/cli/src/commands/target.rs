@@ -34,6 +34,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
         .ok_or_else(|| anyhow!("--data DIR is required (or [target] data)"))?;
     let (allowed, policies) = sources(&section, &a.allow)?;
     doppel_target::secure_data_dir(&data).context("data directory")?;
+    raise_open_file_limit();
     DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let (me, created) = Identity::load_or_create(&home)?;
     if created {
@@ -44,8 +45,16 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     if let Some(h) = a.heartbeat.or(section.heartbeat_secs) {
         cfg.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
-    let listener =
-        tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(n) = section.max_handshakes {
+        cfg.handshakes.max_total = n.max(1);
+    }
+    if let Some(n) = section.max_handshakes_per_address {
+        cfg.handshakes.max_per_address = n.max(1);
+    }
+    if let Some(t) = section.handshake_timeout_secs {
+        cfg.handshake_timeout = Duration::from_secs(t.max(1));
+    }
+    let listener = bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let target = Target::new(cfg);
     let shutdown = super::on_signals()?;
@@ -179,6 +188,41 @@ async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlRespon
             format!("{} is served by the job's control socket on the source, not by the target", other.op()),
         ),
     }
+}
+
+/// Raises the soft limit on open files to the hard one. Every session holds a socket and its
+/// replica's files, and the soft limit most systems start services with (1024) is reached by
+/// a few hundred jobs, after which `accept` fails for everyone; the hard limit is what the
+/// administrator allows (systemd's `LimitNOFILE`, `ulimit -Hn`).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_some() && now.current != now.maximum {
+        match setrlimit(Resource::Nofile, Rlimit { current: now.maximum, maximum: now.maximum }) {
+            Ok(()) => tracing::debug!(from = now.current, to = now.maximum, "raised the open file limit"),
+            Err(e) => tracing::warn!(error = %e, limit = now.current, "cannot raise the open file limit"),
+        }
+    }
+}
+
+/// Connections the kernel completes and queues for `accept`: the default (128) fills in a
+/// moment when many sources reconnect at once, or while the target waits out a shortage of
+/// descriptors, and a source whose SYN finds it full waits a second or more to retry.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Listens on `addr` (`HOST:PORT`; the first of its addresses that binds).
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket =
+            if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
 
 fn allow(name: &str, id: &str) -> Result<AllowedSource> {
