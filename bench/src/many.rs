@@ -407,12 +407,12 @@ pub fn main(args: &ManyArgs) -> Result<()> {
     let (n_all, n_p99s, n_n) = lag_rows(&noisy, Some(0));
     let (q_others, _, _) = lag_rows(&quiet, Some(0));
     let mut r = String::new();
-    r += &machine.table("Machine", &[]);
+    r += &machine.table("###", &[]);
     r += &format!(
-        "\n### Many sources: {} sources, one target, on one machine\n\nEach source: its own identity, agent process (`--capture inotify`) and tree of {} files of {} plus one of {}; {} in all. Disk sequential write (1 GiB, synced): {:.0} MiB/s.\n\n",
+        "### Many sources: {} sources, one target, on one machine\n\nEach source: its own identity, agent process (`--capture inotify`) and tree of {} files of {} KiB plus one of {}; {} in all. Disk sequential write (1 GiB, synced): {:.0} MiB/s.\n\n",
         args.sources,
         args.files,
-        mib(SMALL as u64),
+        SMALL / 1024,
         mib(args.big),
         mib(total_bytes),
         disk / (1 << 20) as f64
