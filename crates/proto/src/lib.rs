@@ -19,7 +19,7 @@ pub mod message;
 pub mod op;
 pub mod path;
 
-pub use batch::{BatchError, pack_batch, unpack_batch};
+pub use batch::{BatchError, MAX_BATCH_RAW, pack_batch, unpack_batch};
 pub use block::{BLOCK_SIZE, BlockHash, block_count, hash_block};
 pub use frame::{FrameError, MAX_FRAME_DEFAULT, decode_frame, encode_frame};
 pub use message::{

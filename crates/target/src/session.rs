@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
-use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
+use doppel_proto::{Hello, MAX_BATCH_RAW, Message, PROTOCOL_VERSION, Refusal, Welcome, unpack_batch};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -18,9 +18,6 @@ use tracing::Instrument;
 use crate::config::valid_name;
 use crate::registry::{ReplicaState, Slot, Target};
 use crate::worker::{self, Work};
-
-/// Largest decoded batch accepted.
-const MAX_BATCH_RAW: u32 = 64 << 20;
 
 /// Sessions started since this process started: numbers them in the logs, so that the lines
 /// of two sessions of one replica (a reconnect racing the old connection) can be told apart.
