@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use doppel_link::{ByteCounter, FrameReader, LinkError};
 use doppel_proto::frame::{HEADER_LEN, header_for};
+use doppel_proto::op::MAX_XATTRS;
 use doppel_proto::{
     Attrs, BatchError, Codec, Entry, EntryKind, Hello, ListScope, MAX_BATCH_RAW, MAX_FRAME_DEFAULT, Message,
     Op, OpRecord, Refusal, RelPath, RenameFlags, Timestamp, Welcome, WirePath, Xattr, decode_frame,
@@ -841,4 +842,68 @@ fn the_smallest_record_is_four_bytes() {
     assert_eq!(r.encode().len(), 4);
     let r = OpRecord { seq: 0, time_us: 0, op: Op::Unlink { path: WirePath(Vec::new()) } };
     assert_eq!(r.encode().len(), 4);
+}
+
+/// The inputs that make decoded values largest relative to their encoding, at full size (the
+/// random cases are small): each stays within the bound, and the figures are printed.
+#[test]
+fn the_worst_amplifications_stay_within_the_bound() {
+    let empty = || WirePath(Vec::new());
+    // A listing request of empty paths: one byte each on the wire, 24 in memory.
+    let paths = Message::ListRequest { id: 1, scope: ListScope::Paths(vec![empty(); 1 << 20]) }.encode();
+    // Listing entries of the smallest encoding.
+    let entry = Entry {
+        path: empty(),
+        kind: EntryKind::File,
+        size: 0,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        link_target: Vec::new(),
+        link_group: None,
+        first_block: 0,
+        blocks: Vec::new(),
+        xattrs: Vec::new(),
+    };
+    let entries = Message::ListEntries { id: 1, entries: vec![entry; 1 << 16] }.encode();
+    for (name, bytes) in [("ListRequest of empty paths", paths), ("ListEntries of empty entries", entries)] {
+        let (m, used) = meter::measure(|| Message::decode(&bytes));
+        assert!(m.is_ok());
+        eprintln!("{name}: {} bytes decode with {used:?}", bytes.len());
+        assert!(used.peak <= bound(bytes.len()), "{name}: {used:?}");
+    }
+    // Batches of the largest decoded size, zstd-compressed: the smallest records (ten bytes
+    // with their length, as sequence numbers grow to three), and SetAttr records of as many
+    // empty xattrs as a file can have (two bytes each on the wire, 48 in memory; one more is
+    // refused).
+    let fsyncs: Vec<Vec<u8>> = (0..(MAX_BATCH_RAW as u64 / 10))
+        .map(|i| OpRecord { seq: 1 + i, time_us: 0, op: Op::Fsync { path: None } }.encode())
+        .collect();
+    let setattr = |seq: u64, n: usize| {
+        let xattrs = Some(vec![Xattr { name: Vec::new(), value: Vec::new() }; n]);
+        OpRecord {
+            seq,
+            time_us: 0,
+            op: Op::SetAttr { path: empty(), attrs: Attrs { xattrs, ..Attrs::default() } },
+        }
+        .encode()
+    };
+    let too_many = pack_batch(1, &[setattr(1, MAX_XATTRS + 1)], Some(3));
+    assert!(matches!(unpack_batch(&too_many, MAX_BATCH_RAW), Err(BatchError::Record { index: 0, .. })));
+    let setattrs: Vec<Vec<u8>> = (0..MAX_BATCH_RAW as u64 / (2 * MAX_XATTRS as u64 + 16))
+        .map(|i| setattr(1 + i, MAX_XATTRS))
+        .collect();
+    for (name, recs) in
+        [("batch of Fsync records", fsyncs), ("batch of SetAttr records of empty xattrs", setattrs)]
+    {
+        let batch = pack_batch(1, &recs, Some(3));
+        assert_eq!(batch.codec, Codec::Zstd);
+        let declared = batch.raw_len as usize;
+        assert!(declared <= MAX_BATCH_RAW as usize, "{declared}");
+        let (r, used) = meter::measure(|| unpack_batch(&batch, MAX_BATCH_RAW));
+        assert_eq!(r.unwrap().len(), recs.len());
+        eprintln!("{name}: {} bytes decoding to {declared} unpack with {used:?}", batch.payload.len());
+        assert!(used.peak <= bound(batch.payload.len()) + PER_BYTE * declared, "{name}: {used:?}");
+    }
 }
