@@ -14,6 +14,11 @@ use tokio::sync::{Notify, mpsc};
 
 /// Raw bytes of ops per batch.
 const BATCH_BYTES: usize = 1 << 20;
+// A batch holds records of at most BATCH_BYTES in total, each behind a 4-byte length (a record
+// is at least 4 bytes: at most doubling it), and one record beyond the budget (a write carries
+// at most 1 MiB, plus its path): the target refuses a batch decoding to more than
+// MAX_BATCH_RAW.
+const _: () = assert!(2 * BATCH_BYTES + (1 << 20) + (64 << 10) <= doppel_proto::MAX_BATCH_RAW as usize);
 /// Smallest and largest window.
 const MIN_WINDOW: u64 = 8 << 20;
 const MAX_WINDOW: u64 = 256 << 20;

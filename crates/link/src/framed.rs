@@ -60,6 +60,9 @@ impl ByteCounter {
     }
 }
 
+/// Room reserved for a frame before its bytes arrive.
+const INITIAL_BUF: usize = 64 << 10;
+
 /// Reads frames, refusing any larger than the cap before allocating for it.
 pub struct FrameReader<R> {
     r: R,
@@ -84,9 +87,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         self.r.read_exact(&mut header[1..]).await?;
         let (len, crc) = parse_header(&header, self.max)?;
+        // The buffer grows with the bytes that actually arrive, not with the length the
+        // header announces: a header alone must not make this side hold a whole frame.
         self.buf.clear();
-        self.buf.resize(len as usize, 0);
-        self.r.read_exact(&mut self.buf).await?;
+        self.buf.reserve((len as usize).min(INITIAL_BUF));
+        let got = (&mut self.r).take(len as u64).read_to_end(&mut self.buf).await?;
+        if got < len as usize {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
         self.counter.add((HEADER_LEN + len as usize) as u64);
         check_payload(&self.buf, crc)?;
         let msg = Message::decode(&self.buf).map_err(|e| match Message::peek_protocol(&self.buf) {

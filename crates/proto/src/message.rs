@@ -214,6 +214,7 @@ pub struct Entry {
     /// BLAKE3 of each block of a regular file, in order.
     pub blocks: Vec<BlockHash>,
     /// Extended attributes, sorted by name.
+    #[serde(deserialize_with = "crate::op::xattrs")]
     pub xattrs: Vec<Xattr>,
 }
 

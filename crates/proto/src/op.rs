@@ -33,6 +33,55 @@ pub struct Xattr {
     pub value: Vec<u8>,
 }
 
+/// Most extended attributes one file can have on Linux: their names, each at least `a.b` and
+/// a NUL, fill at most 64 KiB (`XATTR_LIST_MAX`). A decoder refuses a longer list before
+/// holding it: two bytes of an empty attribute on the wire are 48 in memory, so an unbounded
+/// list let 300 bytes of zstd hold 400 MB.
+pub const MAX_XATTRS: usize = 65536 / 4;
+
+/// Deserializes a list of extended attributes, refusing more than [`MAX_XATTRS`].
+pub(crate) fn xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Xattr>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<Xattr>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {MAX_XATTRS} extended attributes")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Xattr>, A::Error> {
+            let declared = seq.size_hint().unwrap_or(0);
+            if declared > MAX_XATTRS {
+                return Err(serde::de::Error::invalid_length(declared, &self));
+            }
+            let mut out = Vec::with_capacity(declared);
+            while let Some(x) = seq.next_element()? {
+                if out.len() == MAX_XATTRS {
+                    return Err(serde::de::Error::invalid_length(out.len() + 1, &self));
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
+}
+
+fn some_xattrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Xattr>>, D::Error> {
+    struct Opt;
+    impl<'de> serde::de::Visitor<'de> for Opt {
+        type Value = Option<Vec<Xattr>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an optional list of extended attributes")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            xattrs(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt)
+}
+
 /// Attribute changes; `None` leaves an attribute as it is, so a `chmod` does not have to
 /// carry (and race on) the owner and times.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -49,6 +98,7 @@ pub struct Attrs {
     /// Modification time; set last, after data ops, so it survives them.
     pub mtime: Option<Timestamp>,
     /// When present, the complete set of extended attributes: names not listed are removed.
+    #[serde(deserialize_with = "some_xattrs")]
     pub xattrs: Option<Vec<Xattr>>,
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_proto::{
-    Batch, Hello, Message, OpRecord, PROTOCOL_VERSION, Refusal, Truncated, TruncatedText, Welcome,
-    truncated_debug, unpack_batch,
+    Batch, Hello, MAX_BATCH_RAW, Message, OpRecord, PROTOCOL_VERSION, Refusal, Truncated, TruncatedText,
+    Welcome, truncated_debug, unpack_batch,
 };
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -21,9 +21,6 @@ use tracing::Instrument;
 use crate::config::valid_name;
 use crate::registry::{ReplicaState, Slot, Target};
 use crate::worker::{self, Work};
-
-/// Largest decoded batch accepted.
-const MAX_BATCH_RAW: u32 = 64 << 20;
 
 /// Sessions started since this process started: numbers them in the logs, so that the lines
 /// of two sessions of one replica (a reconnect racing the old connection) can be told apart.
