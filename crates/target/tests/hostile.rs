@@ -1210,7 +1210,7 @@ fn captured_log() -> Arc<parking_lot::Mutex<Vec<u8>>> {
 }
 
 /// Issue 10: "a 60 MiB path name is echoed into log lines and refusal messages". A job name
-/// of 15 MiB, a path of 60 MiB (a few KB once compressed) and a device node with a 1 MiB
+/// of 15 MiB, a path of 7 MiB (a few KB once compressed; a batch decodes to at most 8 MiB) and a device node with a 1 MiB
 /// path are refused with reasons of a few hundred bytes that give the length instead, and no
 /// line of the target's log is longer than a few KB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
