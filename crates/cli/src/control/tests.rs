@@ -19,6 +19,7 @@ fn requests() -> Vec<ControlRequest> {
         ControlRequest::Failover { source: "web".into(), jobs: vec!["a".into(), "b".into()] },
         ControlRequest::Failback { source: "db".into(), jobs: vec!["c".into()] },
         ControlRequest::Events,
+        ControlRequest::Reload,
     ]
 }
 
@@ -123,6 +124,12 @@ fn responses() -> Vec<ControlResponse> {
         ControlResponse::Limit { rate_limit: 0 },
         ControlResponse::Report(report),
         ControlResponse::Events { events: vec![doppel_failover::Event::new("web", "failover-started")] },
+        ControlResponse::Reloaded {
+            added: vec!["db".into()],
+            removed: vec![],
+            restarted: vec!["web".into()],
+            changed: vec!["mail".into()],
+        },
         ControlResponse::error("verify failed: the job is stopping"),
     ]
 }
