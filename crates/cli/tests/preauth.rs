@@ -19,6 +19,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The target's CPU time so far (user + system), from `/proc/PID/stat`.
+/// The share of one core `pid` used over a measurement window of `window` (the window is the
+/// measurement: the time has to pass), and the window's real length.
+fn cpu_share_over(pid: u32, window: Duration) -> (f64, Duration) {
+    let (cpu0, t0) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(window);
+    let (cpu1, took) = (cpu_time(pid), t0.elapsed());
+    ((cpu1 - cpu0).as_secs_f64() / took.as_secs_f64(), took)
+}
+
 fn cpu_time(pid: u32) -> Duration {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces, in parentheses): state is the
@@ -121,22 +130,7 @@ fn log_len(p: &Proc) -> u64 {
 
 /// Starts `doppel protect` of `src` to `target` as job `www`; returns the agent.
 fn protect(home: &Path, src: &Path, target: &TargetProc) -> Proc {
-    Proc::start(
-        home,
-        "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            "www",
-            "--capture",
-            "inotify",
-        ],
-    )
+    target.protect(home, "agent", src, &["--name", "www", "--capture", "inotify"])
 }
 
 /// Issue 10, must show #5: 5,000 idle unauthenticated connections (from four addresses)
@@ -193,10 +187,8 @@ fn five_thousand_idle_connections_do_not_spin_and_an_allowed_source_still_connec
 
     // The window: the connections not reset are open on this side, and none has sent a whole
     // ClientHello; the target holds up to 8 per address until the handshake deadline (10 s).
-    let (cpu0, t0) = (cpu_time(pid), Instant::now());
-    std::thread::sleep(Duration::from_secs(5));
-    let (cpu1, window) = (cpu_time(pid), t0.elapsed());
-    let share = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64();
+    let (share, window) = cpu_share_over(pid, Duration::from_secs(5));
+    let cpu1 = cpu_time(pid);
     let fds = open_fds(pid);
     println!(
         "target: {:.1}% of a core over {window:?} while held; {:?} CPU since the flood began; \
@@ -269,10 +261,7 @@ fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
             .ok_or_else(|| "not yet".to_string())
     });
     // ... and waits rather than spins.
-    let (cpu0, t0) = (cpu_time(pid), Instant::now());
-    std::thread::sleep(Duration::from_secs(5));
-    let (cpu1, window) = (cpu_time(pid), t0.elapsed());
-    let share = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64();
+    let (share, window) = cpu_share_over(pid, Duration::from_secs(5));
     println!("out of descriptors: {:.1}% of a core over {window:?}", share * 100.0);
     assert!(share < 0.30, "the target used {:.0}% of a core while out of descriptors", share * 100.0);
     let log = target.proc.log();

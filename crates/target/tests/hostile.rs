@@ -139,6 +139,28 @@ impl Client {
         }))
     }
 
+    /// Connects once the target admits the connection: it may close a socket a moment before
+    /// it counts that handshake's slot free, so a connection reset before TLS is retried until
+    /// `deadline`.
+    async fn connect_when_admitted(
+        addr: SocketAddr,
+        me: &Identity,
+        target: NodeId,
+        deadline: tokio::time::Instant,
+    ) -> Client {
+        loop {
+            match Client::try_connect(addr, me, target).await {
+                Some(Ok(c)) => return c,
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no connection: {:?}",
+                    other.map(|r| r.err())
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn send(&mut self, msg: &Message) {
         tokio::time::timeout(DEADLINE, self.w.send_now(msg))
             .await
@@ -1290,20 +1312,12 @@ async fn handshakes_over_the_per_address_cap_are_closed_at_once() {
     }
     // One goes: an allowed source from the same address completes its handshake.
     drop(idle.pop());
+    // The target may not have seen the close yet: the next try is admitted once it has.
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        // The target may not have seen the close yet: the next try is admitted once it has.
-        match Client::try_connect(h.addr, &me, h.target_id).await {
-            Some(Ok(mut c)) => match c.hello("job").await {
-                Message::Welcome(_) => break,
-                other => panic!("expected a Welcome, got {other:?}"),
-            },
-            other => {
-                let e = other.map(|r| r.err());
-                assert!(tokio::time::Instant::now() < deadline, "no connection: {e:?}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = Client::connect_when_admitted(h.addr, &me, h.target_id, deadline).await;
+    match c.hello("job").await {
+        Message::Welcome(_) => {}
+        other => panic!("expected a Welcome, got {other:?}"),
     }
     // A stopping target does not wait out the handshake deadline of the one still idle.
     let stopping = tokio::time::Instant::now();
@@ -1343,13 +1357,7 @@ async fn a_peer_stalled_in_its_handshake_is_dropped_at_the_deadline() {
     // Stalled after TLS: authenticated, but no Hello. Its slot was given back, or this
     // connection (same address, cap 1) would be closed at once, before TLS (the target may
     // close the socket a moment before it counts the slot free: a reset is retried).
-    let mut c = loop {
-        match Client::try_connect(h.addr, &me, h.target_id).await {
-            Some(Ok(c)) => break c,
-            other => assert!(started.elapsed() < DEADLINE, "no connection: {:?}", other.map(|r| r.err())),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut c = Client::connect_when_admitted(h.addr, &me, h.target_id, started + DEADLINE).await;
     let started = tokio::time::Instant::now();
     let seen = c.expect_closed("no Hello").await;
     assert!(seen.is_empty(), "{seen:?}");
