@@ -379,22 +379,7 @@ fn compression_auto_shrinks_compressible_data_and_does_not_inflate_random_data()
     std::fs::create_dir_all(&src).unwrap();
     let sid = init(&home);
     let target = start_target(dir.path(), &[("s", &sid)], 0);
-    let mut agent = Proc::start(
-        &home,
-        "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--compression",
-            "auto",
-            "--capture",
-            "inotify",
-        ],
-    );
+    let mut agent = target.protect(&home, "agent", &src, &["--compression", "auto", "--capture", "inotify"]);
     let replica = target.data.join("replicas/s/src");
     wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
     wait_drained(&home, "src");
@@ -436,23 +421,11 @@ fn compression_auto_raises_the_level_while_the_link_is_the_bottleneck() {
     std::fs::write(src.join("app.log"), log_text(48 << 20)).unwrap();
     let sid = init(&home);
     let target = start_target(dir.path(), &[("s", &sid)], 0);
-    let mut agent = Proc::start(
+    let mut agent = target.protect(
         &home,
         "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--compression",
-            "auto",
-            "--limit",
-            "1MB",
-            "--capture",
-            "inotify",
-        ],
+        &src,
+        &["--compression", "auto", "--limit", "1MB", "--capture", "inotify"],
     );
     let level = wait_until(Duration::from_secs(20), "the level to climb", || {
         let s = job_status(&home, "src");
@@ -725,24 +698,11 @@ fn sync_mode_degrades_after_the_timeout_and_recovers_when_the_target_returns() {
     Tree::at(&src).file("db", &noise(1, 100_000));
     let sid = init(&home);
     let mut target = start_target(dir.path(), &[("s", &sid)], 0);
-    let mut agent = Proc::start(
+    let mut agent = target.protect(
         &home,
         "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--heartbeat",
-            "1",
-            "--capture",
-            "fuse",
-            "--sync",
-            "--sync-timeout",
-            "4",
-        ],
+        &src,
+        &["--heartbeat", "1", "--capture", "fuse", "--sync", "--sync-timeout", "4"],
     );
     let replica = target.data.join("replicas/s/src");
     wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
@@ -935,22 +895,7 @@ fn a_silent_target_is_noticed_within_three_heartbeats() {
     Tree::at(&src).file("a", b"a");
     let sid = init(&home);
     let target = start_target(dir.path(), &[("s", &sid)], 0);
-    let mut agent = Proc::start(
-        &home,
-        "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--heartbeat",
-            "1",
-            "--capture",
-            "inotify",
-        ],
-    );
+    let mut agent = target.protect(&home, "agent", &src, &["--heartbeat", "1", "--capture", "inotify"]);
     let replica = target.data.join("replicas/s/src");
     wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
     let pid = rustix::process::Pid::from_child(&target.proc.child);

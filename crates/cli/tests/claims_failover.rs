@@ -27,23 +27,11 @@ fn events(target_home: &Path, args: &[&str]) -> Vec<Value> {
 
 /// `doppel protect SRC --to TARGET --name JOB` for source home `home`.
 fn agent(home: &Path, src: &Path, target: &TargetProc, job: &str) -> Proc {
-    Proc::start(
+    target.protect(
         home,
         &format!("agent-{job}"),
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            job,
-            "--heartbeat",
-            "1",
-            "--capture",
-            "inotify",
-        ],
+        src,
+        &["--name", job, "--heartbeat", "1", "--capture", "inotify"],
     )
 }
 

@@ -75,17 +75,7 @@ fn privilege_policies_allow_strip_and_refuse_end_to_end() {
     assert_eq!(target.id, target_id);
     let mut agents = Vec::new();
     for (_, home, src) in &sources {
-        let args = [
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            "job",
-        ];
-        agents.push(Proc::start(home, "agent", &args));
+        agents.push(target.protect(home, "agent", src, &["--name", "job"]));
     }
     let th = &target.proc.home;
     let replica = |name: &str, f: &str| data.join("replicas").join(name).join("job").join(f);

@@ -37,17 +37,7 @@ impl Source {
     }
 
     fn start(&mut self, target: &TargetProc, job: &str) -> Proc {
-        let args = [
-            "protect",
-            self.src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            job,
-        ];
-        Proc::start(&self.home, job, &args)
+        target.protect(&self.home, job, &self.src, &["--name", job])
     }
 
     fn replica(&self, data: &Path) -> PathBuf {
@@ -186,17 +176,7 @@ fn max_jobs_refuses_a_job_past_the_limit_until_a_reload_raises_it() {
     wait_converged(&small.src, &small.replica(&data), Duration::from_secs(60), &mut first);
     let second_src = dir.path().join("second-src");
     Tree::at(&second_src).file("x", b"second job\n");
-    let args = [
-        "protect",
-        second_src.to_str().unwrap(),
-        "--to",
-        &target.addr,
-        "--target-id",
-        &target.id,
-        "--name",
-        "two",
-    ];
-    let mut second = Proc::start(&small.home, "two", &args);
+    let mut second = target.protect(&small.home, "two", &second_src, &["--name", "two"]);
     wait_until(Duration::from_secs(60), "the second job to be refused", || {
         let log = second.log();
         log.contains("max_jobs is 1").then_some(()).ok_or(log)

@@ -987,22 +987,7 @@ fn doppel_failover_runs_only_what_the_targets_config_says() {
     );
     let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
     let replica = target.data.join("replicas/s/emergency");
-    let mut agent = Proc::start(
-        &home,
-        "agent",
-        &[
-            "protect",
-            src.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            "emergency",
-            "--capture",
-            "inotify",
-        ],
-    );
+    let mut agent = target.protect(&home, "agent", &src, &["--name", "emergency", "--capture", "inotify"]);
     wait_converged(&src, &replica, Duration::from_secs(30), &mut agent);
     let (st, out, err) = run(&dir.path().join("target-home"), &["failover", "s"]);
     assert!(st.success(), "failover: {out}{err}");
@@ -1158,22 +1143,7 @@ fn a_real_postgres_fails_over_as_its_user_onto_its_replica() {
     );
     let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
     let replica = target.data.join("replicas/s/pgdata");
-    let mut agent = Proc::start(
-        &home,
-        "agent",
-        &[
-            "protect",
-            cluster.to_str().unwrap(),
-            "--to",
-            &target.addr,
-            "--target-id",
-            &target.id,
-            "--name",
-            "pgdata",
-            "--capture",
-            "inotify",
-        ],
-    );
+    let mut agent = target.protect(&home, "agent", &cluster, &["--name", "pgdata", "--capture", "inotify"]);
     wait_converged(&cluster, &replica, Duration::from_secs(30), &mut agent);
     let (st, out, err) = run(&dir.path().join("target-home"), &["failover", "s"]);
     assert!(

@@ -312,11 +312,7 @@ fn a_full_target_disk_pauses_the_source_and_loses_nothing() {
     let home = dir.path().join("source-home");
     let id = init(&home);
     let target = start_target_with(dir.path(), &[("s", &id)], "127.0.0.1:0", &disk.mount, None);
-    let mut agent = Proc::start(
-        &home,
-        "agent",
-        &["protect", src.to_str().unwrap(), "--to", &target.addr, "--target-id", &target.id, "--name", "job"],
-    );
+    let mut agent = target.protect(&home, "agent", &src, &["--name", "job"]);
     wait_until(Duration::from_secs(60), "the source to see the target pause", || {
         let s = job_status(&home, "job");
         let d = s["detail"].as_str().unwrap_or_default();

@@ -131,6 +131,16 @@ pub struct TargetProc {
     pub data: PathBuf,
 }
 
+impl TargetProc {
+    /// Starts `doppel protect SRC --to THIS --target-id ID ARGS...` with home `home`, its log in
+    /// `HOME/<log>.log`.
+    pub fn protect(&self, home: &Path, log: &str, src: &Path, args: &[&str]) -> Proc {
+        let mut argv = vec!["protect", src.to_str().unwrap(), "--to", &self.addr, "--target-id", &self.id];
+        argv.extend_from_slice(args);
+        Proc::start(home, log, &argv)
+    }
+}
+
 /// Starts a target with its home in `dir/target-home`, data in `dir/target-data`, allowing
 /// `allow` (NAME, ID), listening on `port` (0: any).
 pub fn start_target(dir: &Path, allow: &[(&str, &str)], port: u16) -> TargetProc {
