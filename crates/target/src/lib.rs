@@ -33,7 +33,7 @@ pub use admission::HandshakeLimits;
 pub use config::{AllowedSource, Layout, NameError, SourceLimits, TargetConfig, valid_name};
 pub use datadir::{DataDirError, secure_data_dir};
 pub use doppel_apply::privilege::{Privilege, PrivilegePolicy, Rule};
-pub use doppel_apply::quota::Limits as QuotaLimits;
+pub use doppel_apply::quota::{Limits as QuotaLimits, iec};
 pub use registry::{LeaseError, PrivilegeCounts, QuotaUse, Reloaded, ReplicaState, ReplicaStatus, Target};
 pub use server::serve;
 pub use session::{FailbackHandler, Handover, Stream, handle_after, refuse_stream};

@@ -407,15 +407,7 @@ fn n(v: Option<u64>) -> String {
 }
 
 fn bytes(v: Option<u64>) -> String {
-    let Some(b) = v else { return "-".into() };
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u < UNITS.len() - 1 {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{b} B") } else { format!("{x:.1} {}", UNITS[u]) }
+    v.map(doppel_target::iec).unwrap_or_else(|| "-".into())
 }
 
 pub fn limit(a: LimitArgs, home: &Path) -> Result<()> {
