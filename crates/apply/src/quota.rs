@@ -17,7 +17,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use doppel_proto::Op;
 use parking_lot::Mutex;
@@ -238,8 +238,10 @@ pub struct Account {
     files: AtomicI64,
     limit_bytes: AtomicU64,
     limit_files: AtomicU64,
-    /// Whether the walk has run (held while it runs, so one walk counts a source).
-    counted: Mutex<bool>,
+    /// Whether the walk has run (read on every op: a load, no lock).
+    counted: AtomicBool,
+    /// Held while the walk runs, so one walk counts a source.
+    walking: Mutex<()>,
 }
 
 impl Account {
@@ -252,7 +254,8 @@ impl Account {
             files: AtomicI64::new(0),
             limit_bytes: AtomicU64::new(UNLIMITED),
             limit_files: AtomicU64::new(UNLIMITED),
-            counted: Mutex::new(false),
+            counted: AtomicBool::new(false),
+            walking: Mutex::new(()),
         };
         a.set_limits(limits);
         a
@@ -273,8 +276,7 @@ impl Account {
 
     /// Use now, if it was counted.
     pub fn used(&self) -> Option<Usage> {
-        let counted = *self.counted.lock();
-        counted.then(|| self.usage())
+        self.counted.load(Ordering::Acquire).then(|| self.usage())
     }
 
     fn usage(&self) -> Usage {
@@ -285,8 +287,11 @@ impl Account {
     /// Counts use by walking the replicas, once, if a limit applies (a source without one is
     /// never walked: a large tree's walk costs time at every target start).
     pub fn ensure_counted(&self) -> std::io::Result<()> {
-        let mut counted = self.counted.lock();
-        if *counted || !self.limits().any() {
+        if self.counted.load(Ordering::Acquire) || !self.limits().any() {
+            return Ok(());
+        }
+        let _walking = self.walking.lock();
+        if self.counted.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut total = Usage::default();
@@ -304,7 +309,7 @@ impl Account {
         // counters: the walk's figure replaces them.
         self.bytes.store(total.bytes as i64, Ordering::Relaxed);
         self.files.store(total.files as i64, Ordering::Relaxed);
-        *counted = true;
+        self.counted.store(true, Ordering::Release);
         tracing::info!(bytes = total.bytes, files = total.files, "counted the source's use for its quota");
         Ok(())
     }

@@ -22,6 +22,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AllowedSource, Layout, TargetConfig};
 
+/// Memory one source's sessions share, in KiB permits: decoded batches waiting for their
+/// workers, and listing messages waiting to be written.
+pub struct SourceBudgets {
+    /// Decoded batches.
+    pub decode: Arc<tokio::sync::Semaphore>,
+    /// Listing messages.
+    pub listing: Arc<tokio::sync::Semaphore>,
+}
+
+impl SourceBudgets {
+    fn new() -> SourceBudgets {
+        let kib = |k: u32| Arc::new(tokio::sync::Semaphore::new(k as usize));
+        SourceBudgets {
+            decode: kib(crate::session::SOURCE_BUDGET_KIB),
+            listing: kib(crate::session::LIST_BUDGET_KIB),
+        }
+    }
+}
+
 /// What a reload changed, by source name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reloaded {
@@ -400,7 +419,10 @@ pub struct Target {
     pub config: TargetConfig,
     allowed: RwLock<Arc<Vec<AllowedSource>>>,
     accounts: Mutex<HashMap<String, Arc<Account>>>,
-    budgets: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Decoded batches waiting for a worker, all sources together (see
+    /// [`crate::session::Budget`]).
+    decoded: Arc<tokio::sync::Semaphore>,
+    budgets: Mutex<HashMap<String, Arc<SourceBudgets>>>,
     slots: Mutex<HashMap<(String, String), Arc<Slot>>>,
     /// Cancelled to stop every session.
     pub shutdown: CancellationToken,
@@ -415,6 +437,7 @@ impl Target {
             config,
             allowed: RwLock::new(Arc::new(allowed)),
             accounts: Mutex::default(),
+            decoded: Arc::new(tokio::sync::Semaphore::new(crate::session::TARGET_BUDGET_KIB as usize)),
             budgets: Mutex::default(),
             slots: Mutex::default(),
             shutdown: CancellationToken::new(),
@@ -459,25 +482,17 @@ impl Target {
             .clone()
     }
 
-    /// The decode budget shared by `source`'s sessions (`""`: the whole target's); see
-    /// [`crate::session::Budget`].
-    pub fn decode_budget(&self, source: &str) -> Arc<tokio::sync::Semaphore> {
-        use crate::session::{SOURCE_BUDGET_KIB, TARGET_BUDGET_KIB};
-        let kib = if source.is_empty() { TARGET_BUDGET_KIB } else { SOURCE_BUDGET_KIB };
+    /// The decode budget of the whole target; see [`crate::session::Budget`].
+    pub fn decode_budget(&self) -> Arc<tokio::sync::Semaphore> {
+        self.decoded.clone()
+    }
+
+    /// The budgets shared by `source`'s sessions.
+    pub fn source_budgets(&self, source: &str) -> Arc<SourceBudgets> {
         self.budgets
             .lock()
             .entry(source.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(kib as usize)))
-            .clone()
-    }
-
-    /// The budget of listing messages waiting to be written, shared by `source`'s sessions.
-    pub fn listing_budget(&self, source: &str) -> Arc<tokio::sync::Semaphore> {
-        let kib = crate::session::LIST_BUDGET_KIB;
-        self.budgets
-            .lock()
-            .entry(format!("{source}/listings"))
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(kib as usize)))
+            .or_insert_with(|| Arc::new(SourceBudgets::new()))
             .clone()
     }
 

@@ -147,7 +147,7 @@ where
     let worker = {
         let (slot, out_tx, cancel, interval) =
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
-        let lists = target.listing_budget(&source);
+        let lists = target.source_budgets(&source).listing.clone();
         let replica = lease.replica;
         let span = tracing::Span::current();
         worker::spawn(move || {
@@ -378,8 +378,8 @@ impl Budget {
     fn new(target: &Target, source: &str) -> Budget {
         Budget {
             session: Arc::new(Semaphore::new(SESSION_BUDGET_KIB as usize)),
-            source: target.decode_budget(source),
-            global: target.decode_budget(""),
+            source: target.source_budgets(source).decode.clone(),
+            global: target.decode_budget(),
         }
     }
 
