@@ -13,12 +13,15 @@
 //!   and the check each op passes; an op over quota pauses its replica as a full disk does.
 //! - [`state`]: the replica's persistent state files.
 //! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
+//! - [`history`]: the undo journal that makes every past op boundary a point: a view of any
+//!   point while apply goes on, restore, rollback.
 //! - [`retention`]: which history a replica keeps (time, size, the minimum window, pins), as
 //!   a pure decision.
 //! - [`error`]: what can go wrong, split by what the caller must do about it.
 
 pub mod dirty;
 pub mod error;
+pub mod history;
 pub mod listing;
 mod metered;
 pub mod ops;

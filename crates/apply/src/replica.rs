@@ -9,6 +9,7 @@ use doppel_proto::OpRecord;
 
 use crate::dirty::Dirty;
 use crate::error::ApplyError;
+use crate::history::History;
 use crate::metered::{self, Before};
 use crate::ops::{OpenFile, apply_op_with};
 use crate::privilege::{Decision, Privilege, PrivilegePolicy, Rule};
@@ -69,6 +70,8 @@ pub struct Replica {
     privileges: PrivilegePolicy,
     account: Option<Arc<Account>>,
     dirty: Dirty,
+    history: Option<History>,
+    last_retain: Option<std::time::Instant>,
 }
 
 impl Replica {
@@ -144,7 +147,33 @@ impl Replica {
             // What a previous process applied and did not commit is in the page cache, not in
             // this process's notes: the first commit syncs the whole file system.
             dirty: Dirty::everything(),
+            history: open_history(root, state_dir, crate::history::DEFAULT_RETENTION)?,
+            last_retain: None,
         })
+    }
+
+    /// Sets how much history to keep (`None`: none; what was kept is dropped).
+    pub fn set_history(&mut self, retention: Option<crate::retention::Retention>) -> Result<(), ApplyError> {
+        match (retention, &mut self.history) {
+            (Some(r), Some(h)) => h.set_retention(r),
+            (Some(r), None) => self.history = open_history(self.root.path(), &self.state_dir, r)?,
+            (None, Some(h)) => {
+                h.journal().clear().map_err(|e| ApplyError::State { path: self.state_dir.clone(), source: e })?;
+                self.history = None;
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The history, if kept.
+    pub fn history(&mut self) -> Option<&mut History> {
+        self.history.as_mut()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// Sets what the source may do that grants privilege on the target (the default is
@@ -199,7 +228,10 @@ impl Replica {
             write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
             self.dirty_on_disk = true;
         }
-        let outcome = self.apply_policed(rec)?;
+        let outcome = match self.apply_policed(rec) {
+            Err(e) if e.is_no_space() && self.free_history(rec)? => self.apply_policed(rec)?,
+            r => r?,
+        };
         self.applied = rec.seq;
         self.progress.record(rec.seq)?;
         Ok(outcome)
@@ -216,6 +248,11 @@ impl Replica {
         };
         let devices = self.privileges.devices == Rule::Allow;
         let metered = self.metered(rec.seq, &op)?;
+        if let Some(h) = &mut self.history {
+            // After the quota check (an op over quota moves nothing aside) and its measure of
+            // the tree: the quota counts the tree, and what goes to the attic leaves it.
+            h.before(&self.root, rec.seq, rec.time_us, &op)?;
+        }
         let applied = apply_op_with(&self.root, &mut self.open, &mut self.progress, rec.seq, &op, devices);
         if let (Ok(()), Some((account, before))) = (&applied, metered) {
             metered::after(&account, &self.root, &mut self.open, before, &op);
@@ -278,13 +315,51 @@ impl Replica {
             return Ok(self.applied);
         }
         self.open.clear();
+        if let Some(h) = &mut self.history {
+            h.sync()?;
+        }
         crate::dirty::sync(&self.root, self.dirty.take())
             .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })?;
         let c = Checkpoint { applied: self.applied, dirty: more, ..self.durable };
         write_checkpoint(&self.state_dir, &c)?;
         self.durable = Checkpoint { dirty: false, ..c };
         self.dirty_on_disk = more;
+        self.retain_now_and_then()?;
         Ok(self.applied)
+    }
+
+    /// Applies history retention at most once a second (after a commit).
+    fn retain_now_and_then(&mut self) -> Result<(), ApplyError> {
+        let Some(h) = &mut self.history else { return Ok(()) };
+        if self.last_retain.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return Ok(());
+        }
+        self.last_retain = Some(std::time::Instant::now());
+        let replica_bytes = self.account.as_ref().and_then(|a| a.used()).map_or(0, |u| u.bytes);
+        let plan = h.retain(now_us(), replica_bytes, 0)?;
+        if plan.cut_below_keep {
+            tracing::warn!(replica = %self.root.path().display(), "history size limit cuts the window below the time configured");
+        }
+        Ok(())
+    }
+
+    /// Space ran out applying `rec`: frees history (oldest first, never the minimum window).
+    /// Whether anything was freed (the op is worth retrying).
+    fn free_history(&mut self, rec: &OpRecord) -> Result<bool, ApplyError> {
+        let Some(h) = &mut self.history else { return Ok(false) };
+        let need = match &rec.op {
+            doppel_proto::Op::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        }
+        .max(1 << 20);
+        let plan = h.retain(now_us(), 0, need)?;
+        if plan.pause {
+            tracing::error!(
+                replica = %self.root.path().display(),
+                "out of space and only the minimum history window is left: the replica pauses"
+            );
+        }
+        Ok(plan.freed > 0)
     }
 
     /// Fences the replica for a failover: makes what was applied durable, starts a new epoch
@@ -315,6 +390,28 @@ impl Replica {
     pub fn path(&self) -> &Path {
         self.root.path()
     }
+}
+
+/// Opens the history of a replica, unless its file system has no file handles (then it has
+/// none, and says so once).
+fn open_history(
+    root: &Path,
+    state_dir: &Path,
+    r: crate::retention::Retention,
+) -> Result<Option<History>, ApplyError> {
+    let dir = std::fs::File::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
+    if let Err(e) = doppel_fs::handle::Handle::of(std::os::fd::AsFd::as_fd(&dir), b"") {
+        tracing::warn!(replica = %root.display(), error = %e, "no history: the replica's file system has no file handles");
+        return Ok(None);
+    }
+    History::open(root, state_dir, r).map(Some)
+}
+
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

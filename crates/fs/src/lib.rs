@@ -10,9 +10,11 @@
 //! - [`walk`]: deterministic, selection-aware tree walks.
 //! - [`select`]: include/exclude rules with gitignore syntax.
 //! - [`format`]: version stamps of the directories doppel keeps state in.
+//! - [`handle`]: file handles, which open an inode wherever it was renamed to.
 
 pub mod beneath;
 pub mod format;
+pub mod handle;
 pub mod hash;
 pub mod meta;
 pub mod select;

@@ -1,0 +1,329 @@
+//! Taking an op's undo before the op is carried out.
+//!
+//! Looks at what the op is about to change and records it: old bindings of the names it
+//! touches (by inode handle), old bytes of the ranges it overwrites, old sizes, old attributes
+//! and times. Whatever the op would remove or replace is moved into the attic now, so the op
+//! itself then finds the name free (an unlink finds nothing to remove, which it accepts).
+//! Anything the op will refuse (a missing parent, a name of the wrong type, a hostile path) is
+//! left alone: the op fails as it would without history, and the set records nothing for it.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use doppel_fs::Beneath;
+use doppel_fs::handle::Handle;
+use doppel_proto::{Attrs, Op, RelPath, Timestamp, WirePath};
+use rustix::fs::{AtFlags, OFlags, Stat};
+
+use super::journal::Journal;
+use super::record::{Draft, Undo};
+
+/// A file kept open for reading old bytes between consecutive writes to it.
+#[derive(Default)]
+pub struct Reader {
+    held: Option<(RelPath, OwnedFd, Handle)>,
+}
+
+impl Reader {
+    /// Forgets the held file (after an op that changes names).
+    pub fn clear(&mut self) {
+        self.held = None;
+    }
+
+    fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<(&OwnedFd, &Handle)> {
+        if !matches!(&self.held, Some((p, _, _)) if p == path) {
+            self.held = None;
+            let fd = root.open_at(path, OFlags::RDONLY | OFlags::NONBLOCK, 0)?;
+            let st = rustix::fs::fstat(&fd)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+            }
+            let h = Handle::of(fd.as_fd(), b"")?;
+            self.held = Some((path.clone(), fd, h));
+        }
+        let (_, fd, h) = self.held.as_ref().expect("just set");
+        Ok((fd, h))
+    }
+}
+
+/// What taking an undo needs.
+pub struct Taker<'a> {
+    /// The replica tree.
+    pub root: &'a Beneath,
+    /// The journal (its attic takes what the op would remove).
+    pub journal: &'a mut Journal,
+    /// The file read for old bytes.
+    pub reader: &'a mut Reader,
+    /// The set being built.
+    pub draft: Draft,
+    /// Objects moved aside so far by this set.
+    pub asides: usize,
+}
+
+fn times_of(st: &Stat) -> Attrs {
+    let t = |secs: i64, nanos: i64| Some(Timestamp { secs, nanos: nanos as u32 });
+    Attrs {
+        atime: t(st.st_atime, st.st_atime_nsec as i64),
+        mtime: t(st.st_mtime, st.st_mtime_nsec as i64),
+        ..Attrs::default()
+    }
+}
+
+fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Stat>> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn kind(st: &Stat) -> u32 {
+    st.st_mode & libc::S_IFMT
+}
+
+/// A name's parent directory, resolved beneath the root, and facts about it.
+struct Parent<'p> {
+    fd: OwnedFd,
+    name: &'p [u8],
+    handle: Handle,
+    here: Option<Stat>,
+}
+
+impl Taker<'_> {
+    /// Takes the undo of `op`. Errors are the ones the op itself could hit (space, I/O) and
+    /// stop it; conditions the op will refuse just leave the set without facts for it.
+    pub fn take(&mut self, op: &Op) -> io::Result<()> {
+        if op.changes_names() {
+            self.reader.clear();
+        }
+        let r = match op {
+            Op::Create { path, .. } | Op::Mkdir { path, .. } | Op::Mknod { path, .. } => {
+                self.create(path, matches!(op, Op::Mkdir { .. }), false)
+            }
+            Op::Symlink { path, .. } | Op::Link { path, .. } => self.create(path, false, true),
+            Op::Rename { from, to, flags } if flags.exchange => self.exchange(from, to),
+            Op::Rename { from, to, flags } => self.rename(from, to, flags.noreplace),
+            Op::Unlink { path } => self.remove(path, false),
+            Op::Rmdir { path } => self.remove(path, true),
+            Op::Write { path, offset, data } => self.content(path, *offset, data.len() as u64, None),
+            Op::Truncate { path, size } => self.content(path, *size, u64::MAX, Some(*size)),
+            Op::Fallocate { path, mode, offset, len } => {
+                let changes_bytes =
+                    mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) as u32 != 0;
+                let len = if changes_bytes { *len } else { 0 };
+                self.content(path, *offset, len, None)
+            }
+            Op::SetAttr { path, attrs } => self.attrs(path, attrs),
+            Op::Fsync { .. } => Ok(()),
+        };
+        match r {
+            Err(e) if !stops(&e) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn parent<'p>(&self, path: &'p RelPath) -> io::Result<Parent<'p>> {
+        let (fd, name) = self.root.parent(path)?;
+        let handle = Handle::of(fd.as_fd(), b"")?;
+        let here = lstat_at(fd.as_fd(), name)?;
+        Ok(Parent { fd, name, handle, here })
+    }
+
+    fn rel(w: &WirePath) -> io::Result<RelPath> {
+        let p = RelPath::try_from(w).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        if p.is_root() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the root"));
+        }
+        Ok(p)
+    }
+
+    fn dir_times(&mut self, p: &Parent<'_>) -> io::Result<()> {
+        let st = rustix::fs::fstat(&p.fd)?;
+        self.draft.set.undo.push(Undo::Attrs { obj: p.handle.clone(), old: times_of(&st) });
+        Ok(())
+    }
+
+    fn entry(&mut self, p: &Parent<'_>, before: Option<Handle>) {
+        self.draft.set.undo.push(Undo::Entry { dir: p.handle.clone(), name: p.name.to_vec(), before });
+    }
+
+    /// Moves the object at `p` into the attic, noting it.
+    fn aside(&mut self, p: &Parent<'_>, path: &RelPath) -> io::Result<Handle> {
+        let handle = Handle::of(p.fd.as_fd(), p.name)?;
+        let (attic, _) = self.journal.attic_for(self.draft.set.seq)?;
+        let name = format!("{}-{}", self.draft.set.seq, self.asides);
+        self.asides += 1;
+        let bytes = p.here.as_ref().map_or(0, |st| st.st_blocks as u64 * 512);
+        // Recorded first: a kill right after the move leaves the set that says where it went.
+        self.draft.set.undo.push(Undo::Aside { path: path.as_bytes().to_vec(), attic: name.clone() });
+        rustix::fs::renameat_with(&p.fd, p.name, &attic, name.as_str(), rustix::fs::RenameFlags::NOREPLACE)?;
+        self.journal.charge_attic(bytes);
+        Ok(handle)
+    }
+
+    fn create(&mut self, path: &WirePath, dir: bool, replaces: bool) -> io::Result<()> {
+        let rel = Self::rel(path)?;
+        let p = self.parent(&rel)?;
+        let before = match &p.here {
+            None => None,
+            // Creating what exists changes nothing (or is refused); a symlink or hard link
+            // replaces a non-directory, which goes to the attic.
+            Some(st) if replaces && kind(st) != libc::S_IFDIR => Some(st),
+            Some(_) => return Ok(()),
+        };
+        self.dir_times(&p)?;
+        let before = match before {
+            Some(_) => Some(self.aside(&p, &rel)?),
+            None => None,
+        };
+        self.entry(&p, before);
+        self.draft.set.undo.push(Undo::Created { path: rel.as_bytes().to_vec(), dir });
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &WirePath, to: &WirePath, noreplace: bool) -> io::Result<()> {
+        let (f, t) = (Self::rel(from)?, Self::rel(to)?);
+        let pf = self.parent(&f)?;
+        let pt = self.parent(&t)?;
+        let Some(fst) = pf.here else { return Ok(()) };
+        let moved = Handle::of(pf.fd.as_fd(), pf.name)?;
+        let victim = match &pt.here {
+            Some(tst) if (tst.st_dev, tst.st_ino) == (fst.st_dev, fst.st_ino) => return Ok(()),
+            Some(_) if noreplace => return Ok(()),
+            Some(tst) if kind(tst) == libc::S_IFDIR && !(kind(&fst) == libc::S_IFDIR && empty_dir(&pt)?) => {
+                return Ok(());
+            }
+            Some(_) => true,
+            None => false,
+        };
+        self.dir_times(&pf)?;
+        self.dir_times(&pt)?;
+        let before_to = if victim { Some(self.aside(&pt, &t)?) } else { None };
+        self.draft.set.undo.push(Undo::Entry { dir: pf.handle.clone(), name: pf.name.to_vec(), before: Some(moved) });
+        self.entry(&pt, before_to);
+        self.draft.set.undo.push(Undo::Renamed { from: f.as_bytes().to_vec(), to: t.as_bytes().to_vec() });
+        Ok(())
+    }
+
+    fn exchange(&mut self, a: &WirePath, b: &WirePath) -> io::Result<()> {
+        let (a, b) = (Self::rel(a)?, Self::rel(b)?);
+        let pa = self.parent(&a)?;
+        let pb = self.parent(&b)?;
+        if pa.here.is_none() || pb.here.is_none() {
+            return Ok(());
+        }
+        let ha = Handle::of(pa.fd.as_fd(), pa.name)?;
+        let hb = Handle::of(pb.fd.as_fd(), pb.name)?;
+        self.dir_times(&pa)?;
+        self.dir_times(&pb)?;
+        self.entry(&pa, Some(ha));
+        self.entry(&pb, Some(hb));
+        self.draft.set.undo.push(Undo::Exchanged { a: a.as_bytes().to_vec(), b: b.as_bytes().to_vec() });
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &WirePath, dir: bool) -> io::Result<()> {
+        let rel = Self::rel(path)?;
+        let p = self.parent(&rel)?;
+        let Some(st) = &p.here else { return Ok(()) };
+        if (kind(st) == libc::S_IFDIR) != dir || (dir && !empty_dir(&p)?) {
+            return Ok(());
+        }
+        self.dir_times(&p)?;
+        let h = self.aside(&p, &rel)?;
+        self.entry(&p, Some(h));
+        Ok(())
+    }
+
+    /// A data op on `path`: the old size (when `new_size` or a write may change it) and the
+    /// old bytes of `[off, off + len)` within the old size.
+    fn content(&mut self, path: &WirePath, off: u64, len: u64, _new_size: Option<u64>) -> io::Result<()> {
+        let rel = RelPath::try_from(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let (fd, h) = self.reader.get(self.root, &rel)?;
+        let st = rustix::fs::fstat(fd)?;
+        let old_size = st.st_size as u64;
+        let end = off.saturating_add(len).min(old_size);
+        let mut ranges = Vec::new();
+        let mut at = off.min(end);
+        let mut buf = vec![0u8; (end - at).min(1 << 20) as usize];
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            read_exact_at(fd, &mut buf[..n], at)?;
+            ranges.push(self.draft.range(at, &buf[..n]));
+            at += n as u64;
+        }
+        let (obj, times) = (h.clone(), times_of(&st));
+        self.draft.set.undo.push(Undo::Attrs { obj: obj.clone(), old: times });
+        self.draft.set.undo.push(Undo::Content { obj, old_size, ranges });
+        Ok(())
+    }
+
+    fn attrs(&mut self, path: &WirePath, a: &Attrs) -> io::Result<()> {
+        let rel = RelPath::try_from(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let fd = self.root.open_at(&rel, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&fd)?;
+        let obj = Handle::of(fd.as_fd(), b"")?;
+        let mut old = Attrs::default();
+        if a.mode.is_some() || a.uid.is_some() || a.gid.is_some() {
+            // A change of owner clears set-id bits: the mode is restored with the owner.
+            old.mode = Some(st.st_mode & 0o7777);
+        }
+        if a.uid.is_some() || a.gid.is_some() {
+            (old.uid, old.gid) = (Some(st.st_uid), Some(st.st_gid));
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let t = times_of(&st);
+            (old.atime, old.mtime) = (t.atime, t.mtime);
+        }
+        if a.xattrs.is_some() && kind(&st) != libc::S_IFLNK {
+            old.xattrs = Some(doppel_fs::xattr::read_fd(fd.as_fd())?);
+        }
+        self.draft.set.undo.push(Undo::Attrs { obj, old });
+        Ok(())
+    }
+}
+
+fn empty_dir(p: &Parent<'_>) -> io::Result<bool> {
+    let fd = rustix::fs::openat(
+        &p.fd,
+        p.name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut dir = rustix::fs::Dir::read_from(&fd)?;
+    while let Some(e) = dir.read() {
+        let e = e?;
+        if !matches!(e.file_name().to_bytes(), b"." | b"..") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn read_exact_at(fd: &OwnedFd, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::pread(fd, &mut *buf, off) {
+            Ok(0) => {
+                // The file is shorter than it said (nothing else writes it): the rest is zero.
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether an error while taking an undo must stop the op (it would hit the same condition,
+/// or the journal cannot be written); other errors mean the op will be refused anyway.
+fn stops(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS | libc::ENOMEM | libc::EAGAIN)
+    )
+}

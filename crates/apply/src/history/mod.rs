@@ -1,0 +1,147 @@
+//! A replica's history: an undo journal that makes every past op boundary a restorable point.
+//!
+//! Before apply changes or removes anything in the replica, [`History::before`] writes an
+//! [`record::UndoSet`] saying how to get back: the old bindings of the names the op touches
+//! (by inode [`Handle`], so renames never lose track of a file), the old bytes of overwritten
+//! ranges, old sizes, attributes and times; whatever the op would delete is moved into the
+//! attic instead. The replica itself stays a plain tree at "now". From it and the journal:
+//!
+//! - [`view::PointView`] reads the tree as it was at any point in the window, lazily and while
+//!   apply goes on (restore, test failover);
+//! - [`rollback`] takes the replica itself back to a point (failover to a point).
+//!
+//! [`crate::retention`] decides which segments of the journal go.
+
+pub mod capture;
+pub mod journal;
+pub mod record;
+pub mod restore;
+pub mod rollback;
+pub mod view;
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use doppel_fs::Beneath;
+pub use doppel_fs::handle::Handle;
+use doppel_proto::Op;
+
+use crate::error::ApplyError;
+use crate::retention::{Facts, Plan, Retention, SizeLimit};
+use capture::{Reader, Taker};
+use journal::Journal;
+use record::{Draft, Mark, UndoSet};
+
+/// The history directory of a replica whose state lives in `state_dir`.
+pub fn dir_of(state_dir: &Path) -> PathBuf {
+    state_dir.join("history")
+}
+
+/// Where objects moved aside go: inside the history directory when it is on the replica's file
+/// system (a rename reaches it), else beside the replica tree.
+pub fn attic_of(root: &Path, state_dir: &Path) -> PathBuf {
+    let inside = dir_of(state_dir).join("attic");
+    let dev = |p: &Path| p.metadata().map(|m| m.dev()).ok();
+    if dev(root).is_some() && dev(root) == dev(state_dir) {
+        return inside;
+    }
+    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    root.with_file_name(format!(".{name}.doppel-attic"))
+}
+
+/// The default retention: a day of points, no size limit but the disk's, an hour that no
+/// shortage of space cuts.
+pub const DEFAULT_RETENTION: Retention = Retention {
+    keep: Duration::from_secs(24 * 3600),
+    size: SizeLimit::Unlimited,
+    min: Duration::from_secs(3600),
+};
+
+/// A replica's history, as the process applying its ops holds it.
+pub struct History {
+    journal: Journal,
+    reader: Reader,
+    retention: Retention,
+    last_plan: Option<Plan>,
+}
+
+impl History {
+    /// Opens the history of the replica at `root` whose state is in `state_dir`.
+    pub fn open(root: &Path, state_dir: &Path, retention: Retention) -> Result<History, ApplyError> {
+        let dir = dir_of(state_dir);
+        let journal = Journal::open(&dir, &attic_of(root, state_dir))
+            .map_err(|e| ApplyError::State { path: dir.clone(), source: e })?;
+        Ok(History { journal, reader: Reader::default(), retention, last_plan: None })
+    }
+
+    /// Changes the retention (a reload).
+    pub fn set_retention(&mut self, r: Retention) {
+        self.retention = r;
+    }
+
+    /// The retention in force.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// The journal.
+    pub fn journal(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    /// Takes and journals the undo of op `seq` before it is carried out. A replay of an op
+    /// whose set is already journaled (after a kill) takes nothing again: the set describes
+    /// the state before its first attempt.
+    pub fn before(&mut self, root: &Beneath, seq: u64, time_us: u64, op: &Op) -> Result<(), ApplyError> {
+        let op_hash = record::op_hash(op);
+        if self.journal.last() == Some((seq, op_hash)) {
+            return Ok(());
+        }
+        let mark = matches!(op, Op::Fsync { .. }).then_some(Mark::Fsync);
+        let draft = Draft { set: UndoSet { seq, time_us, op_hash, mark, undo: Vec::new() }, data: Vec::new() };
+        let mut t = Taker { root, journal: &mut self.journal, reader: &mut self.reader, draft, asides: 0 };
+        let io = |e: io::Error| ApplyError::Io { seq, kind: op.kind(), path: "(history)".into(), source: e };
+        t.take(op).map_err(io)?;
+        let draft = t.draft;
+        self.journal.append(&draft).map_err(io)
+    }
+
+    /// Journals a named point after op `seq` (no undo: it changes nothing).
+    pub fn mark(&mut self, seq: u64, time_us: u64, mark: Mark) -> Result<(), ApplyError> {
+        let draft = Draft { set: UndoSet { seq, time_us, op_hash: 0, mark: Some(mark), undo: Vec::new() }, data: Vec::new() };
+        self.journal
+            .append(&draft)
+            .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
+    }
+
+    /// Makes the journal durable (before the replica's own commit).
+    pub fn sync(&mut self) -> Result<(), ApplyError> {
+        self.journal.sync().map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
+    }
+
+    /// Applies retention: drops the segments it lets go (by time, by size, and `need_bytes`
+    /// more when space ran out). Returns the plan (whether the replica must pause).
+    pub fn retain(&mut self, now_us: u64, replica_bytes: u64, need_bytes: u64) -> Result<Plan, ApplyError> {
+        let segs: Vec<_> = self.journal.segments().iter().map(|s| s.seg).collect();
+        let pin = view::pins(self.journal.dir());
+        let plan = self.retention.plan(&segs, Facts { now_us, replica_bytes, need_bytes, pin });
+        if plan.drop > 0 {
+            tracing::debug!(drop = plan.drop, freed = plan.freed, "history retention drops segments");
+            self.journal
+                .drop_oldest(plan.drop)
+                .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })?;
+        }
+        self.last_plan = Some(plan);
+        Ok(plan)
+    }
+
+    /// The last retention decision.
+    pub fn last_plan(&self) -> Option<Plan> {
+        self.last_plan
+    }
+}
+
+#[cfg(test)]
+mod tests;
