@@ -256,7 +256,9 @@ impl Agent {
             (Destination::Local(replica), None) => {
                 let layout =
                     Layout::Embedded { replica: replica.clone(), state: dir.join("embedded-target") };
-                let target = Target::new(TargetConfig::new(layout));
+                let mut cfg = TargetConfig::new(layout);
+                cfg.history = job.history;
+                let target = Target::new(cfg);
                 (Connector::Embedded(target.clone()), Some(target))
             }
             (Destination::Remote { addr, target_id }, None) => {

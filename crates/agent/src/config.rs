@@ -92,6 +92,8 @@ pub struct JobConfig {
     pub heartbeat: Duration,
     /// How often the index is checkpointed.
     pub checkpoint_interval: Duration,
+    /// History the embedded target of a local destination keeps.
+    pub history: doppel_target::HistoryPolicy,
 }
 
 impl JobConfig {
@@ -117,6 +119,7 @@ impl JobConfig {
             debounce: Duration::from_millis(50),
             heartbeat: Duration::from_secs(5),
             checkpoint_interval: Duration::from_secs(30),
+            history: Some(doppel_apply::history::DEFAULT_RETENTION),
         }
     }
 }

@@ -158,7 +158,9 @@ impl Replica {
             (Some(r), Some(h)) => h.set_retention(r),
             (Some(r), None) => self.history = open_history(self.root.path(), &self.state_dir, r)?,
             (None, Some(h)) => {
-                h.journal().clear().map_err(|e| ApplyError::State { path: self.state_dir.clone(), source: e })?;
+                h.journal()
+                    .clear()
+                    .map_err(|e| ApplyError::State { path: self.state_dir.clone(), source: e })?;
                 self.history = None;
             }
             (None, None) => {}
@@ -399,7 +401,8 @@ fn open_history(
     state_dir: &Path,
     r: crate::retention::Retention,
 ) -> Result<Option<History>, ApplyError> {
-    let dir = std::fs::File::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
+    let dir =
+        std::fs::File::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
     if let Err(e) = doppel_fs::handle::Handle::of(std::os::fd::AsFd::as_fd(&dir), b"") {
         tracing::warn!(replica = %root.display(), error = %e, "no history: the replica's file system has no file handles");
         return Ok(None);

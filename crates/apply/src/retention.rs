@@ -26,7 +26,7 @@
 use std::time::Duration;
 
 /// How much history to keep.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     /// Keep every point of this window (`history`).
     pub keep: Duration,
@@ -46,6 +46,9 @@ pub enum SizeLimit {
     /// At most this share of the replica's size, in percent.
     Percent(f64),
 }
+
+/// A percentage comes from the configuration, never NaN: equality is total.
+impl Eq for SizeLimit {}
 
 impl SizeLimit {
     /// The limit in bytes for a replica of `replica_bytes`.

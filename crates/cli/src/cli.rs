@@ -52,6 +52,69 @@ pub enum Command {
     /// without dropping other sources; an invalid file keeps the running configuration. SIGHUP
     /// does the same.
     Reload,
+    /// A replica's point-in-time history: list the window and its points, restore any point.
+    #[command(subcommand)]
+    History(HistoryCommand),
+}
+
+/// `doppel history ...`.
+#[derive(Subcommand, Debug)]
+pub enum HistoryCommand {
+    /// Show the window of points a replica's history holds, its named points and disk use.
+    List(HistoryListArgs),
+    /// Write a replica as it was at a point into a directory (all of it, or some paths).
+    Restore(HistoryRestoreArgs),
+}
+
+/// Which replica: `SOURCE/JOB` on a target, `JOB` for this home's embedded target.
+#[derive(Args, Debug, Clone)]
+pub struct ReplicaArg {
+    /// `SOURCE/JOB` (a replica of a target: its data directory is `--data`, else the config's
+    /// `[target] data`, else the one the target of this home last ran with), or `JOB` (the
+    /// replica of a job protected with `--to DIR` from this home).
+    #[arg(value_name = "REPLICA")]
+    pub replica: String,
+    /// The target's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+}
+
+/// `doppel history list`.
+#[derive(Args, Debug)]
+pub struct HistoryListArgs {
+    /// The replica.
+    #[command(flatten)]
+    pub replica: ReplicaArg,
+    /// Only points at or after WHEN.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only points at or before WHEN.
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// Only the newest N points.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print JSON: an object with `window` and `points`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `doppel history restore`.
+#[derive(Args, Debug)]
+pub struct HistoryRestoreArgs {
+    /// The replica.
+    #[command(flatten)]
+    pub replica: ReplicaArg,
+    /// The point: `now`, an RFC 3339 time (`2026-12-04T17:05:00Z`), a time ago (`-15m`,
+    /// `-2h`, `-30s`, `-1d`), `seq:N`, or a bookmark; the latest point at or before it.
+    #[arg(long, value_name = "WHEN")]
+    pub at: String,
+    /// Where to write it: a new or empty directory.
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Only this path of the replica (repeatable): a single file restore.
+    #[arg(long = "path", value_name = "SUBPATH")]
+    pub paths: Vec<String>,
 }
 
 /// `doppel failover` and `doppel failback`.
@@ -155,6 +218,15 @@ pub struct ProtectArgs {
     /// Seconds an fsync may wait for the target in sync mode before the job degrades to async.
     #[arg(long, value_name = "SECS")]
     pub sync_timeout: Option<u64>,
+    /// With `--to DIR`: history the replica keeps (`24h`, `30d`, `off`) [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    pub history: Option<String>,
+    /// With `--to DIR`: size limit of the history (`5GiB`, `10%` of the replica, `unlimited`).
+    #[arg(long, value_name = "SIZE")]
+    pub history_size: Option<String>,
+    /// With `--to DIR`: a window of history no size limit cuts [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    pub history_min: Option<String>,
     /// Fuse capture with the kernel's write-back cache: much faster writes, but ops keep only
     /// the order a local disk keeps (everything an fsync covered comes before it), not the
     /// order of every write (`fuse_writeback` in the config).

@@ -73,6 +73,12 @@ pub struct TargetSection {
     pub max_handshakes_per_address: Option<usize>,
     /// Longest time a connection may take for its TLS handshake and Hello, in seconds.
     pub handshake_timeout_secs: Option<u64>,
+    /// History kept of every replica: how far back (`24h`, `30d`; `off` keeps none).
+    pub history: Option<String>,
+    /// Size limit of each replica's history (`50GiB`, `10%` of the replica, `unlimited`).
+    pub history_size: Option<SizeValue>,
+    /// A window of history no size limit and no shortage of space cuts (`1h`).
+    pub history_min: Option<String>,
 }
 
 /// `[[target.allow]]`: a source, and what to do when it fails.
@@ -124,6 +130,12 @@ pub struct AllowSection {
     pub quota_files: Option<u64>,
     /// Jobs it may have on this target.
     pub max_jobs: Option<u32>,
+    /// History kept of its replicas (overrides `[target] history`).
+    pub history: Option<String>,
+    /// Size limit of each of its replicas' history (overrides `[target] history_size`).
+    pub history_size: Option<SizeValue>,
+    /// Its minimum history window (overrides `[target] history_min`).
+    pub history_min: Option<String>,
 }
 
 /// A size in the config file: a number of bytes, or a string with a unit (`"10GiB"`).
@@ -281,6 +293,23 @@ pub fn schedule(rate: Option<&str>, rules: &[RuleSection]) -> Result<Schedule> {
     Ok(Schedule { default, rules })
 }
 
+/// Parses a duration: a whole number with a unit, `s`, `m`, `h` or `d` (`90s`, `15m`, `24h`,
+/// `30d`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| anyhow!("bad duration {s:?}: a whole number and s, m, h or d"))?;
+    let scale = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("bad duration {s:?}: a whole number and s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(scale)))
+}
+
 /// Parses a size: a whole number of bytes with an optional unit, decimal (`KB`, `MB`, `GB`,
 /// `TB`, also `K`, `M`, `G`, `T`) or binary (`KiB`, `MiB`, `GiB`, `TiB`), e.g. `4GiB`,
 /// `500MB`, `1048576`. Rates (`8Mbit`, `5MB/s`) are refused: a size is not a bandwidth, and
@@ -356,6 +385,12 @@ pub struct JobSection {
     pub spool_disk_mib: Option<u64>,
     /// Heartbeat interval in seconds.
     pub heartbeat_secs: Option<u64>,
+    /// History kept by the embedded target of a `to = DIR` job (`24h`, `off`).
+    pub history: Option<String>,
+    /// Its size limit (`5GiB`, `10%`, `unlimited`).
+    pub history_size: Option<SizeValue>,
+    /// Its minimum window.
+    pub history_min: Option<String>,
 }
 
 impl FileConfig {
@@ -424,6 +459,48 @@ pub fn capture_mode(name: &str) -> Result<CaptureMode> {
     })
 }
 
+/// History retention from `history`, `history_size` and `history_min` on top of `base`
+/// (`history = "off"` keeps none; a size or minimum alone turns the default on).
+pub fn retention(
+    base: doppel_target::HistoryPolicy,
+    keep: Option<&str>,
+    size: Option<&SizeValue>,
+    min: Option<&str>,
+) -> Result<doppel_target::HistoryPolicy> {
+    use doppel_apply::retention::SizeLimit;
+    if keep.is_some_and(|k| k == "off" || k == "0") {
+        return Ok(None);
+    }
+    if keep.is_none() && size.is_none() && min.is_none() {
+        return Ok(base);
+    }
+    let mut r = base.unwrap_or(doppel_apply::history::DEFAULT_RETENTION);
+    if let Some(k) = keep {
+        r.keep = parse_duration(k).context("history")?;
+    }
+    if let Some(m) = min {
+        r.min = parse_duration(m).context("history_min")?;
+    }
+    r.size = match size {
+        None => r.size,
+        Some(SizeValue::Text(t)) if t == "unlimited" => SizeLimit::Unlimited,
+        Some(SizeValue::Text(t)) if t.trim().ends_with('%') => {
+            let p: f64 = t
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("history_size: bad percentage {t:?}"))?;
+            if !(p > 0.0 && p <= 1000.0) {
+                bail!("history_size: {t:?} is not a percentage above 0");
+            }
+            SizeLimit::Percent(p)
+        }
+        Some(v) => SizeLimit::Bytes(v.bytes().context("history_size")?),
+    };
+    Ok(Some(r))
+}
+
 /// A job from its config section.
 pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Result<JobConfig> {
     let dest = destination(&s.to, s.target_id.as_deref(), pins).with_context(|| format!("job {}", s.name))?;
@@ -434,6 +511,9 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
         job.capture = capture_mode(c)?;
     }
     job.sync = s.sync.unwrap_or(false);
+    job.history =
+        retention(job.history, s.history.as_deref(), s.history_size.as_ref(), s.history_min.as_deref())
+            .with_context(|| format!("job {}", s.name))?;
     if let Some(t) = s.sync_timeout_secs {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
     }

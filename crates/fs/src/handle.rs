@@ -37,7 +37,8 @@ impl Handle {
     /// `dir` itself.
     pub fn of(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Handle> {
         let name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let mut raw = RawHandle { handle_bytes: MAX_HANDLE as u32, handle_type: 0, f_handle: [0; MAX_HANDLE] };
+        let mut raw =
+            RawHandle { handle_bytes: MAX_HANDLE as u32, handle_type: 0, f_handle: [0; MAX_HANDLE] };
         let mut mount_id: libc::c_int = 0;
         let flags = if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
         // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` says how much room its

@@ -20,7 +20,12 @@ pub struct AllowedSource {
     pub privileges: PrivilegePolicy,
     /// How much of this target it may take.
     pub limits: SourceLimits,
+    /// How much history its replicas keep (`None`: the target's [`TargetConfig::history`]).
+    pub history: Option<HistoryPolicy>,
 }
+
+/// How much history a replica keeps: `None` keeps none.
+pub type HistoryPolicy = Option<doppel_apply::retention::Retention>;
 
 /// How much of a target one source may take (`None`: no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,7 +44,14 @@ impl AllowedSource {
             id,
             privileges: PrivilegePolicy::default(),
             limits: SourceLimits::default(),
+            history: None,
         }
+    }
+
+    /// With its own history retention.
+    pub fn with_history(mut self, h: HistoryPolicy) -> AllowedSource {
+        self.history = Some(h);
+        self
     }
 
     /// This source with privilege policy `p`.
@@ -101,6 +113,8 @@ pub struct TargetConfig {
     pub handshakes: HandshakeLimits,
     /// Longest time ops may wait on the target before being made durable and acknowledged.
     pub commit_interval: Duration,
+    /// How much history replicas keep unless their source says otherwise.
+    pub history: HistoryPolicy,
 }
 
 impl TargetConfig {
@@ -114,6 +128,7 @@ impl TargetConfig {
             handshake_timeout: Duration::from_secs(10),
             handshakes: HandshakeLimits::default(),
             commit_interval: Duration::from_millis(100),
+            history: Some(doppel_apply::history::DEFAULT_RETENTION),
         }
     }
 }

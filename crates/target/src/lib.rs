@@ -30,7 +30,7 @@ pub mod session;
 pub mod worker;
 
 pub use admission::HandshakeLimits;
-pub use config::{AllowedSource, Layout, NameError, SourceLimits, TargetConfig, valid_name};
+pub use config::{AllowedSource, HistoryPolicy, Layout, NameError, SourceLimits, TargetConfig, valid_name};
 pub use datadir::{DataDirError, secure_data_dir};
 pub use doppel_apply::privilege::{Privilege, PrivilegePolicy, Rule};
 pub use doppel_apply::quota::{Limits as QuotaLimits, iec};

@@ -345,16 +345,28 @@ impl Slot {
             };
             match taken {
                 Some(Ok(mut replica)) => {
-                    // A reload may have changed the policy since the replica was opened.
+                    // A reload may have changed the policies since the replica was opened.
                     replica.set_privileges(target.privileges_of(&self.source));
+                    let history = target.history_of(&self.source);
+                    let replica = tokio::task::spawn_blocking(move || {
+                        let set = replica.set_history(history);
+                        (replica, set)
+                    })
+                    .await?;
+                    if let (_, Err(e)) = &replica {
+                        tracing::warn!(source = %self.source, job = %self.job, error = %e, "could not change the replica's history");
+                    }
+                    let replica = replica.0;
                     return Ok(Lease { replica, cancel });
                 }
                 Some(Err(())) => {
                     let (tree, state) = target.config.layout.paths(&self.source, &self.job);
                     let privileges = target.privileges_of(&self.source);
                     let account = target.account(&self.source);
+                    let history = target.history_of(&self.source);
                     let opened = tokio::task::spawn_blocking(move || {
                         let mut r = Replica::open(&tree, &state)?;
+                        r.set_history(history)?;
                         r.set_privileges(privileges);
                         r.set_account(account);
                         Ok(r)
@@ -464,6 +476,11 @@ impl Target {
     /// target, which has no allow list, keeps what every target did before policies).
     pub fn privileges_of(&self, source: &str) -> PrivilegePolicy {
         self.source(source).map(|a| a.privileges).unwrap_or_default()
+    }
+
+    /// How much history the replicas of `source` keep.
+    pub fn history_of(&self, source: &str) -> crate::config::HistoryPolicy {
+        self.source(source).and_then(|a| a.history).unwrap_or(self.config.history)
     }
 
     /// The quota account of `source`, shared by all its replicas.

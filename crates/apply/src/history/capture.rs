@@ -105,13 +105,13 @@ impl Taker<'_> {
             Op::Rename { from, to, flags } => self.rename(from, to, flags.noreplace),
             Op::Unlink { path } => self.remove(path, false),
             Op::Rmdir { path } => self.remove(path, true),
-            Op::Write { path, offset, data } => self.content(path, *offset, data.len() as u64, None),
-            Op::Truncate { path, size } => self.content(path, *size, u64::MAX, Some(*size)),
+            Op::Write { path, offset, data } => self.content(path, *offset, data.len() as u64),
+            Op::Truncate { path, size } => self.content(path, *size, u64::MAX),
             Op::Fallocate { path, mode, offset, len } => {
                 let changes_bytes =
                     mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) as u32 != 0;
                 let len = if changes_bytes { *len } else { 0 };
-                self.content(path, *offset, len, None)
+                self.content(path, *offset, len)
             }
             Op::SetAttr { path, attrs } => self.attrs(path, attrs),
             Op::Fsync { .. } => Ok(()),
@@ -130,7 +130,8 @@ impl Taker<'_> {
     }
 
     fn rel(w: &WirePath) -> io::Result<RelPath> {
-        let p = RelPath::try_from(w).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let p =
+            RelPath::try_from(w).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         if p.is_root() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "the root"));
         }
@@ -199,7 +200,11 @@ impl Taker<'_> {
         self.dir_times(&pf)?;
         self.dir_times(&pt)?;
         let before_to = if victim { Some(self.aside(&pt, &t)?) } else { None };
-        self.draft.set.undo.push(Undo::Entry { dir: pf.handle.clone(), name: pf.name.to_vec(), before: Some(moved) });
+        self.draft.set.undo.push(Undo::Entry {
+            dir: pf.handle.clone(),
+            name: pf.name.to_vec(),
+            before: Some(moved),
+        });
         self.entry(&pt, before_to);
         self.draft.set.undo.push(Undo::Renamed { from: f.as_bytes().to_vec(), to: t.as_bytes().to_vec() });
         Ok(())
@@ -235,10 +240,10 @@ impl Taker<'_> {
         Ok(())
     }
 
-    /// A data op on `path`: the old size (when `new_size` or a write may change it) and the
-    /// old bytes of `[off, off + len)` within the old size.
-    fn content(&mut self, path: &WirePath, off: u64, len: u64, _new_size: Option<u64>) -> io::Result<()> {
-        let rel = RelPath::try_from(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    /// A data op on `path`: the old size and the old bytes of `[off, off + len)` within it.
+    fn content(&mut self, path: &WirePath, off: u64, len: u64) -> io::Result<()> {
+        let rel = RelPath::try_from(path)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let (fd, h) = self.reader.get(self.root, &rel)?;
         let st = rustix::fs::fstat(fd)?;
         let old_size = st.st_size as u64;
@@ -259,7 +264,8 @@ impl Taker<'_> {
     }
 
     fn attrs(&mut self, path: &WirePath, a: &Attrs) -> io::Result<()> {
-        let rel = RelPath::try_from(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let rel = RelPath::try_from(path)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let fd = self.root.open_at(&rel, OFlags::PATH, 0)?;
         let st = rustix::fs::fstat(&fd)?;
         let obj = Handle::of(fd.as_fd(), b"")?;

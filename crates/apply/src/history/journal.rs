@@ -127,7 +127,13 @@ impl Journal {
             let path = dir.join(segment_name(first));
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let mut info = SegmentInfo {
-                seg: Segment { first_seq: first, last_seq: first, first_time_us: 0, newest_time_us: 0, bytes: 0 },
+                seg: Segment {
+                    first_seq: first,
+                    last_seq: first,
+                    first_time_us: 0,
+                    newest_time_us: 0,
+                    bytes: 0,
+                },
                 file_len: 0,
                 sets: 0,
             };
@@ -162,7 +168,10 @@ impl Journal {
         // Sets go on being appended to the newest segment.
         let active = match segments.last() {
             Some(s) => {
-                let f = OpenOptions::new().read(true).write(true).open(dir.join(segment_name(s.seg.first_seq)))?;
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(segment_name(s.seg.first_seq)))?;
                 Some((f, s.file_len))
             }
             None => None,

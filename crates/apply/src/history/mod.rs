@@ -100,7 +100,8 @@ impl History {
             return Ok(());
         }
         let mark = matches!(op, Op::Fsync { .. }).then_some(Mark::Fsync);
-        let draft = Draft { set: UndoSet { seq, time_us, op_hash, mark, undo: Vec::new() }, data: Vec::new() };
+        let draft =
+            Draft { set: UndoSet { seq, time_us, op_hash, mark, undo: Vec::new() }, data: Vec::new() };
         let mut t = Taker { root, journal: &mut self.journal, reader: &mut self.reader, draft, asides: 0 };
         let io = |e: io::Error| ApplyError::Io { seq, kind: op.kind(), path: "(history)".into(), source: e };
         t.take(op).map_err(io)?;
@@ -110,7 +111,10 @@ impl History {
 
     /// Journals a named point after op `seq` (no undo: it changes nothing).
     pub fn mark(&mut self, seq: u64, time_us: u64, mark: Mark) -> Result<(), ApplyError> {
-        let draft = Draft { set: UndoSet { seq, time_us, op_hash: 0, mark: Some(mark), undo: Vec::new() }, data: Vec::new() };
+        let draft = Draft {
+            set: UndoSet { seq, time_us, op_hash: 0, mark: Some(mark), undo: Vec::new() },
+            data: Vec::new(),
+        };
         self.journal
             .append(&draft)
             .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
@@ -118,7 +122,9 @@ impl History {
 
     /// Makes the journal durable (before the replica's own commit).
     pub fn sync(&mut self) -> Result<(), ApplyError> {
-        self.journal.sync().map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
+        self.journal
+            .sync()
+            .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
     }
 
     /// Applies retention: drops the segments it lets go (by time, by size, and `need_bytes`

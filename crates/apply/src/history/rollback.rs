@@ -59,7 +59,8 @@ pub fn roll_back(root: &Beneath, dir: &Path, attic: &Path, point: u64) -> io::Re
     }
     rustix::fs::syncfs(root.root_fd())?;
     cut(dir, attic, point)?;
-    fs::remove_file(progress_path(dir)).or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+    fs::remove_file(progress_path(dir))
+        .or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
     Ok(undone)
 }
 
@@ -91,8 +92,7 @@ fn cut(dir: &Path, attic: &Path, point: u64) -> io::Result<()> {
 }
 
 fn rel(p: &[u8]) -> io::Result<RelPath> {
-    RelPath::new(p.to_vec())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    RelPath::new(p.to_vec()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
 fn missing(root: &Beneath, p: &RelPath) -> io::Result<bool> {
@@ -110,10 +110,14 @@ fn step(root: &Beneath, attic: &Path, seg: &File, data_at: u64, u: &Undo) -> io:
         Undo::Aside { path, attic: name } => {
             let p = rel(path)?;
             let from = attic.join(name);
-            if !from.symlink_metadata().is_ok() {
+            if from.symlink_metadata().is_err() {
                 return Ok(());
             }
-            let adir = rustix::fs::open(attic, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+            let adir = rustix::fs::open(
+                attic,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?;
             let (d, n) = root.parent(&p)?;
             rustix::fs::renameat_with(&adir, name.as_str(), &d, n, rustix::fs::RenameFlags::NOREPLACE)?;
             Ok(())

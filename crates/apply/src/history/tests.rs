@@ -38,7 +38,10 @@ impl Fixture {
 
     fn apply(&mut self, op: Op) {
         self.seq += 1;
-        let out = self.replica.apply(&OpRecord { seq: self.seq, time_us: self.base + self.seq * 1000, op }).unwrap();
+        let out = self
+            .replica
+            .apply(&OpRecord { seq: self.seq, time_us: self.base + self.seq * 1000, op })
+            .unwrap();
         assert!(matches!(out, crate::Outcome::Applied), "op {}: {out:?}", self.seq);
         self.shots.push(snapshot(&self.root, Compare::default()));
     }
@@ -189,8 +192,7 @@ fn rollback_takes_the_replica_itself_back_and_keeps_the_history_before_the_point
     let point = 12;
     f.replica.commit().unwrap();
     let attic = attic_of(&f.root, &f.state);
-    let undone =
-        super::rollback::roll_back(f.replica.root(), &dir_of(&f.state), &attic, point).unwrap();
+    let undone = super::rollback::roll_back(f.replica.root(), &dir_of(&f.state), &attic, point).unwrap();
     assert_eq!(undone, f.seq - point);
     let d = diff(&f.shots[point as usize], &snapshot(&f.root, Compare::default()));
     assert!(d.is_empty(), "{d}");
@@ -238,7 +240,11 @@ fn retention_drops_old_segments_and_their_attic_never_the_minimum_window() {
     let bytes = h.journal().bytes();
     // Everything is older than `keep` but the newest 5 ms are inside `min`.
     let now = f.base + f.seq * 1000 + 1;
-    h.set_retention(Retention { keep: Duration::ZERO, size: SizeLimit::Bytes(0), min: Duration::from_micros(5000) });
+    h.set_retention(Retention {
+        keep: Duration::ZERO,
+        size: SizeLimit::Bytes(0),
+        min: Duration::from_micros(5000),
+    });
     let plan = h.retain(now, 0, u64::MAX).unwrap();
     assert!(plan.pause, "bytes still needed with only the minimum window left");
     let left = h.journal().segments().to_vec();

@@ -91,7 +91,8 @@ impl Index {
                         zero: r.zero,
                     }));
                 }
-                Undo::Aside { .. } | Undo::Created { .. } | Undo::Renamed { .. } | Undo::Exchanged { .. } => {}
+                Undo::Aside { .. } | Undo::Created { .. } | Undo::Renamed { .. } | Undo::Exchanged { .. } => {
+                }
             }
         }
     }
@@ -133,6 +134,30 @@ pub struct Summary {
     pub bytes: u64,
     /// Sets journaled.
     pub sets: u64,
+    /// Every set's sequence and capture time, in sequence order.
+    pub times: Vec<(u64, u64)>,
+}
+
+impl Summary {
+    /// The latest point at or before time `t_us`: the point just before the first op (in
+    /// sequence order) captured after `t_us`. Ordered by sequence, so an op whose time went
+    /// back (a source clock stepped back) after a later one never comes before it. `None` if
+    /// `t_us` is before the window's first op.
+    pub fn point_at(&self, t_us: u64) -> Option<u64> {
+        let first = *self.times.first()?;
+        if t_us < first.1 {
+            return None;
+        }
+        Some(match self.times.iter().find(|(_, t)| *t > t_us) {
+            Some((seq, _)) => seq - 1,
+            None => self.newest.map_or(0, |n| n.0),
+        })
+    }
+
+    /// The capture time of the op that made point `seq`, if it is held.
+    pub fn time_of(&self, seq: u64) -> Option<u64> {
+        self.times.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| self.times[i].1)
+    }
 }
 
 /// Reads a history's window and named points from its directory (whether or not a process
@@ -148,6 +173,9 @@ pub fn summary(dir: &Path, attic: &Path) -> io::Result<Summary> {
             }
             s.newest = Some((f.set.seq, f.set.time_us));
             s.sets += 1;
+            if s.times.last().is_none_or(|(seq, _)| *seq < f.set.seq) {
+                s.times.push((f.set.seq, f.set.time_us));
+            }
             if let Some(m) = &f.set.mark {
                 s.points.push(Point { seq: f.set.seq, time_us: f.set.time_us, mark: m.clone() });
             }

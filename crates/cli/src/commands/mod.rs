@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod failover;
+mod history;
 mod protect;
 mod status;
 mod target;
@@ -40,6 +41,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Failover(a) => failover::run(a, false, &home),
         Command::Failback(a) => failover::run(a, true, &home),
         Command::Events(a) => failover::events(a, &home),
+        Command::History(c) => history::run(c, &file, &home),
     }
 }
 

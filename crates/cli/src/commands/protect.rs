@@ -213,6 +213,9 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
     }
     job.sync |= a.sync;
     job.fuse_writeback |= a.fuse_writeback;
+    let size = a.history_size.clone().map(crate::config::SizeValue::Text);
+    job.history =
+        crate::config::retention(job.history, a.history.as_deref(), size.as_ref(), a.history_min.as_deref())?;
     if let Some(t) = a.sync_timeout {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
     }

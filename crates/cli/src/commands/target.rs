@@ -42,6 +42,12 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     }
     let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
     cfg.allowed = allowed;
+    cfg.history = target_history(&section)?;
+    // Where `doppel history` finds this target's replicas.
+    let _ = std::fs::write(
+        super::history::data_note(&home),
+        std::fs::canonicalize(&data)?.to_string_lossy().as_bytes(),
+    );
     if let Some(h) = a.heartbeat.or(section.heartbeat_secs) {
         cfg.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
@@ -100,7 +106,19 @@ fn sources(section: &TargetSection, flags: &[String]) -> Result<(Vec<AllowedSour
     let mut allowed = Vec::new();
     let mut policies = Vec::new();
     for s in &section.allow {
-        allowed.push(allow(&s.name, &s.id)?.with_privileges(s.privileges()?).with_limits(s.limits()?));
+        let mut a = allow(&s.name, &s.id)?.with_privileges(s.privileges()?).with_limits(s.limits()?);
+        if s.history.is_some() || s.history_size.is_some() || s.history_min.is_some() {
+            let base = target_history(section)?;
+            let h = crate::config::retention(
+                base,
+                s.history.as_deref(),
+                s.history_size.as_ref(),
+                s.history_min.as_deref(),
+            )
+            .with_context(|| format!("source {}", s.name))?;
+            a = a.with_history(h);
+        }
+        allowed.push(a);
         policies.push(s.policy()?);
     }
     for s in flags {
@@ -113,6 +131,17 @@ fn sources(section: &TargetSection, flags: &[String]) -> Result<(Vec<AllowedSour
         bail!("source {} is allowed twice", w[0]);
     }
     Ok((allowed, policies))
+}
+
+/// The history retention `[target]` sets for every replica.
+fn target_history(section: &TargetSection) -> Result<doppel_target::HistoryPolicy> {
+    crate::config::retention(
+        Some(doppel_apply::history::DEFAULT_RETENTION),
+        section.history.as_deref(),
+        section.history_size.as_ref(),
+        section.history_min.as_deref(),
+    )
+    .context("[target]")
 }
 
 /// Re-reads the configuration of a running target: its allowed sources, their limits,

@@ -1,0 +1,167 @@
+//! Point-in-time history end to end, with the real binary: a ransomware-like change replicated
+//! to an embedded and to a remote target, then the tree as it was restored by time, whole and
+//! one file alone; the listing; bad input refused with nothing changed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use doppel_testkit::Node;
+
+/// The standard tree plus more files, so "half are renamed" means something.
+fn tree(src: &Path) {
+    Tree::at(src).standard();
+    for i in 0..12 {
+        Tree::at(src).file(&format!("docs/f{i:02}.txt"), &noise(100 + i, 3000 + i as usize * 500));
+    }
+    Tree::at(src).xattr("docs/f03.txt", "user.owner", b"finance");
+}
+
+/// Every regular file overwritten in place, half of them renamed, a directory removed.
+fn ransomware(src: &Path) {
+    let files: Vec<String> = snapshot(src, Compare::default())
+        .into_iter()
+        .filter(|(_, n)| n.kind == "file" && n.size > 0)
+        .map(|(k, _)| k)
+        .collect();
+    for (i, rel) in files.iter().enumerate() {
+        let p = src.join(rel);
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&noise(9000 + i as u64, len as usize), 0).unwrap();
+        drop(f);
+        if i % 2 == 0 && std::fs::symlink_metadata(&p).is_ok() {
+            let _ = std::fs::rename(&p, src.join(format!("{rel}.locked")));
+        }
+    }
+    std::fs::remove_dir_all(src.join("dir1/sub/deeper")).unwrap();
+}
+
+fn now_rfc3339() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+fn diff(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
+    let mut out = String::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(x) if x == v => {}
+            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        out += &format!("{k}: not wanted\n");
+    }
+    out
+}
+
+/// The checks both destinations share. `replica_name` is `JOB` or `SOURCE/JOB`; `home` runs
+/// the history commands.
+fn restore_checks(dir: &Path, src: &Path, replica: &Path, home: &Path, replica_name: &str, agent: &mut Proc) {
+    wait_converged(src, replica, Duration::from_secs(120), agent);
+    let manifest = snapshot(src, Compare::default());
+    let t = now_rfc3339();
+    ransomware(src);
+    wait_converged(src, replica, Duration::from_secs(120), agent);
+    assert!(!diff(&manifest, &snapshot(replica, Compare::default())).is_empty(), "the ransomware replicated");
+
+    // The whole tree at T, while replication keeps running.
+    let out = dir.join("restored");
+    let (st, _, err) =
+        run(home, &["history", "restore", replica_name, "--at", &t, "--to", out.to_str().unwrap()]);
+    assert!(st.success(), "restore failed: {err}");
+    let d = diff(&manifest, &snapshot(&out, Compare::default()));
+    assert!(d.is_empty(), "the restored tree is not the tree at {t}:\n{d}");
+
+    // One file alone, with its old bytes and attributes, under its old name.
+    let one = dir.join("one");
+    let (st, _, err) = run(
+        home,
+        &[
+            "history",
+            "restore",
+            replica_name,
+            "--at",
+            &t,
+            "--to",
+            one.to_str().unwrap(),
+            "--path",
+            "docs/f04.txt",
+        ],
+    );
+    assert!(st.success(), "single-file restore failed: {err}");
+    let got = snapshot(&one, Compare::default());
+    assert_eq!(got.get("docs/f04.txt"), manifest.get("docs/f04.txt"));
+    assert_eq!(got.keys().collect::<Vec<_>>(), [".", "docs", "docs/f04.txt"], "only that file");
+
+    // The listing: a window that holds T.
+    let (st, out_json, err) = run(home, &["history", "list", replica_name, "--json"]);
+    assert!(st.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out_json).unwrap();
+    let oldest = v["window"]["oldest"]["time"].as_str().unwrap().to_string();
+    assert!(oldest < t && v["window"]["newest"]["seq"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["points"].is_array() && v["bytes"].as_u64().unwrap() > 0, "{v}");
+
+    // Bad input: a clear error, nothing changed.
+    let (st, _, err) =
+        run(home, &["history", "restore", replica_name, "--at", &t, "--to", out.to_str().unwrap()]);
+    assert!(!st.success() && err.contains("is not empty"), "{err}");
+    assert!(
+        diff(&manifest, &snapshot(&out, Compare::default())).is_empty(),
+        "a refused restore changed the directory"
+    );
+    let early = dir.join("early");
+    let (st, _, err) = run(
+        home,
+        &[
+            "history",
+            "restore",
+            replica_name,
+            "--at",
+            "2001-01-01T00:00:00Z",
+            "--to",
+            early.to_str().unwrap(),
+        ],
+    );
+    assert!(!st.success() && err.contains("before the history held (points"), "{err}");
+    assert!(!early.exists(), "a refused restore left its directory");
+    let (st, _, err) = run(
+        home,
+        &["history", "restore", replica_name, "--at", "no-such-mark", "--to", early.to_str().unwrap()],
+    );
+    assert!(!st.success() && err.contains("no bookmark \"no-such-mark\""), "{err}");
+    let unknown = if replica_name.contains('/') { "nosuch/job" } else { "nosuch" };
+    let (st, _, err) = run(home, &["history", "list", unknown]);
+    assert!(!st.success() && err.contains(&format!("unknown replica {unknown}")), "{err}");
+}
+
+#[test]
+fn ransomware_on_an_embedded_replica_is_undone_by_restoring_the_point_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, replica, home) = (dir.path().join("src"), dir.path().join("replica"), dir.path().join("home"));
+    tree(&src);
+    let mut agent = Proc::start(
+        &home,
+        "agent",
+        &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "inotify"],
+    );
+    restore_checks(dir.path(), &src, &replica, &home, "src", &mut agent);
+    assert!(agent.stop().success(), "{}", agent.log());
+}
+
+#[test]
+fn ransomware_on_a_remote_replica_is_undone_by_restoring_the_point_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let home = dir.path().join("source-home");
+    tree(&src);
+    let source_id = init(&home);
+    let target = start_target(dir.path(), &[("web1", &source_id)], 0);
+    let mut agent = target.protect(&home, "agent", &src, &["--name", "www", "--capture", "inotify"]);
+    let replica = target.data.join("replicas/web1/www");
+    restore_checks(dir.path(), &src, &replica, &target.proc.home, "web1/www", &mut agent);
+}
