@@ -340,6 +340,17 @@ impl Agent {
         self.limit.clone()
     }
 
+    /// A handle to put bookmarks into the job's op stream.
+    pub fn bookmarker(&self) -> Bookmarker {
+        Bookmarker {
+            spool: self.spool.clone(),
+            overflow: self.overflow.clone(),
+            status: self.status.clone(),
+            state: self.state.clone(),
+            state_path: self.state_path.clone(),
+        }
+    }
+
     /// A handle to request verifications while the job runs.
     pub fn verifier(&self) -> Verifier {
         Verifier(self.verify_tx.clone())
@@ -492,6 +503,62 @@ impl Verifier {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0.send(VerifyRequest { repair, reply: tx }).await.map_err(|_| RequestError::Stopping)?;
         rx.await.map_err(|_| RequestError::Stopping)?
+    }
+}
+
+/// Puts named points into a running job's op stream (`doppel history bookmark`).
+#[derive(Clone)]
+pub struct Bookmarker {
+    spool: Arc<Spool>,
+    overflow: Arc<Overflow>,
+    status: Arc<JobStatus>,
+    state: Arc<Mutex<JobState>>,
+    state_path: PathBuf,
+}
+
+/// Why a bookmark was not placed.
+#[derive(Debug, thiserror::Error)]
+pub enum BookmarkError {
+    /// Changes are not all in the op stream now: a bookmark would not mark what it says.
+    #[error(
+        "the job is in overflow (changes are being re-compared, not streamed): a bookmark now would not mark a consistent point; try again once it replicates"
+    )]
+    Overflow,
+    /// The job is not streaming changes.
+    #[error("the job is {0}, not replicating: a bookmark now would not mark a consistent point")]
+    NotReplicating(String),
+    /// The job already has a bookmark of that name.
+    #[error("the job already has a bookmark {0:?}: bookmark names are unique per job")]
+    Duplicate(String),
+    /// The job's state could not be saved.
+    #[error("saving the job's bookmarks: {0}")]
+    State(String),
+    /// The spool refused it.
+    #[error("the spool refused the bookmark: {0}")]
+    Spool(String),
+}
+
+impl Bookmarker {
+    /// Appends a bookmark after every change captured so far; returns its sequence.
+    pub fn bookmark(&self, name: &str) -> Result<u64, BookmarkError> {
+        if self.overflow.active() {
+            return Err(BookmarkError::Overflow);
+        }
+        let phase = self.status.state();
+        if phase != crate::status::Phase::Replicating {
+            return Err(BookmarkError::NotReplicating(format!("{phase:?}").to_lowercase()));
+        }
+        {
+            let mut st = self.state.lock();
+            if !st.bookmarks.insert(name.to_string()) {
+                return Err(BookmarkError::Duplicate(name.to_string()));
+            }
+            st.save(&self.state_path).map_err(|e| BookmarkError::State(e.to_string()))?;
+        }
+        let op = doppel_proto::Op::Point { kind: doppel_proto::PointKind::Bookmark(name.to_string()) };
+        self.spool
+            .append(op, doppel_target::registry::now_us(), doppel_spool::Placement::Spill, true)
+            .map_err(|e| BookmarkError::Spool(e.to_string()))
     }
 }
 

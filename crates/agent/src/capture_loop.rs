@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use doppel_capture::fuse::FuseCapture;
 use doppel_capture::{EventSource, FsEvent};
 use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconciler, VerifyReport};
-use doppel_proto::{Entry, Op, RelPath};
+use doppel_proto::{Entry, Op, PointKind, RelPath};
 use doppel_spool::{Placement, Spool, SpoolError};
 use doppel_target::registry::now_us;
 use parking_lot::Mutex;
@@ -435,6 +435,7 @@ impl Capture {
                 let t = Instant::now();
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
+                sink.emit(Op::Point { kind: PointKind::PreResync })?;
                 match self.rec.sync_tree(&RelPath::root(), &mut sink).and_then(|_| self.rec.finish(&mut sink))
                 {
                     Err(MirrorError::Interrupted) => {
@@ -482,6 +483,7 @@ impl Capture {
                 self.status.set_state(Phase::Mirroring);
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
+                sink.emit(Op::Point { kind: PointKind::PreResync })?;
                 if suspects.whole_tree {
                     self.rec.seed_all(names);
                     self.rec.sync_tree(&RelPath::root(), &mut sink)?;
@@ -555,10 +557,12 @@ impl Capture {
             self.rec.seed_paths(&paths, subset);
             let spool = self.spool.clone();
             let mut sink = SpoolSink::comparing(&spool, &self.stop);
+            sink.emit(Op::Point { kind: PointKind::PreResync })?;
             for p in &paths {
                 self.rec.sync_entry(p, &mut sink)?;
             }
             self.rec.finish(&mut sink)?;
+            sink.emit(Op::Point { kind: PointKind::Resynced })?;
             report.repaired = paths.iter().map(|p| p.to_string()).collect();
         }
         Ok(report)
@@ -566,6 +570,9 @@ impl Capture {
 
     /// The index now describes `replica_id`: checkpoint, and remember it.
     fn complete(&mut self, replica_id: [u8; 16], epoch: u64) -> Result<(), AgentError> {
+        // The replica is consistent again from here: its history says so.
+        let spool = self.spool.clone();
+        SpoolSink::comparing(&spool, &self.stop).emit(Op::Point { kind: PointKind::Resynced })?;
         self.checkpoint()?;
         let mut st = self.state.lock();
         st.replica_id = Some(replica_id);

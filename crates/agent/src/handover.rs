@@ -77,6 +77,7 @@ pub fn adopt_replica(job: &JobConfig, lock: &JobLock, a: Adopted) -> Result<(), 
         clean: true,
         rate_override: old.rate_override,
         fenced: None,
+        bookmarks: old.bookmarks,
         mirroring: None,
     };
     state.save(&state_path)

@@ -44,7 +44,7 @@ pub mod sender;
 pub mod state;
 pub mod status;
 
-pub use agent::{Agent, Limit, Settler, StatusSource, Verifier};
+pub use agent::{Agent, BookmarkError, Bookmarker, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};
 pub use config::{CaptureMode, Destination, JobConfig};
 pub use connect::Connector;

@@ -28,6 +28,9 @@ pub struct JobState {
     /// epoch this is): kept so that `doppel status` says so after the agent stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<u64>,
+    /// Bookmark names put into this job's op stream (names are unique per job).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub bookmarks: std::collections::BTreeSet<String>,
     /// The replica a whole-tree comparison is running against (not saved: after a restart the
     /// comparison starts over).
     #[serde(skip)]

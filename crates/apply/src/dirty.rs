@@ -77,7 +77,7 @@ impl Dirty {
                 }
                 _ => self.whole = true,
             },
-            Op::Fsync { .. } => {}
+            Op::Fsync { .. } | Op::Point { .. } => {}
         }
         if self.files.len() + self.dirs.len() > LIMIT {
             self.whole = true;

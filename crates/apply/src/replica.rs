@@ -388,6 +388,52 @@ impl Replica {
         Ok(c.epoch)
     }
 
+    /// The history's window and named points (`None` without history).
+    pub fn history_summary(&self) -> Result<Option<crate::history::view::Summary>, ApplyError> {
+        if self.history.is_none() {
+            return Ok(None);
+        }
+        let dir = crate::history::dir_of(&self.state_dir);
+        crate::history::view::summary(&dir, &crate::history::attic_of(self.root.path(), &self.state_dir))
+            .map(Some)
+            .map_err(|e| ApplyError::State { path: dir, source: e })
+    }
+
+    /// Takes a fenced replica back to `point` of its history (a failover to a chosen point):
+    /// every op after it is undone, the history after it is cut, and the replica gets a new
+    /// id (its content is no longer what its source acknowledged). A rollback cut short
+    /// resumes when asked for the same point, and refuses another one, naming it.
+    pub fn roll_back_to(&mut self, point: u64) -> Result<u64, ApplyError> {
+        let state_dir = self.state_dir.clone();
+        let state = move |e: std::io::Error| ApplyError::State { path: state_dir.clone(), source: e };
+        if !self.durable.failed_over {
+            return Err(state(std::io::Error::other(
+                "only a fenced (failed-over) replica can be rolled back",
+            )));
+        }
+        let dir = crate::history::dir_of(&self.state_dir);
+        if let Some((p, _)) = crate::history::rollback::in_progress(&dir).filter(|(p, _)| *p != point) {
+            return Err(state(std::io::Error::other(format!(
+                "a rollback to point {p} is under way: finish it with that point"
+            ))));
+        }
+        self.commit()?;
+        let retention = self.history.as_ref().map(|h| h.retention()).ok_or_else(|| {
+            state(std::io::Error::other("the replica keeps no history: it cannot go back to a point"))
+        })?;
+        self.history = None;
+        let attic = crate::history::attic_of(self.root.path(), &self.state_dir);
+        let undone = crate::history::rollback::roll_back(&self.root, &dir, &attic, point).map_err(state)?;
+        self.history = Some(History::open(self.root.path(), &self.state_dir, retention)?);
+        self.applied = point;
+        self.progress.record(point)?;
+        self.dirty = Dirty::everything();
+        let c = Checkpoint { applied: point, replica_id: new_replica_id(), dirty: false, ..self.durable };
+        write_checkpoint(&self.state_dir, &c)?;
+        self.durable = c;
+        Ok(undone)
+    }
+
     /// The replica tree's path.
     pub fn path(&self) -> &Path {
         self.root.path()

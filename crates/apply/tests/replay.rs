@@ -187,6 +187,12 @@ fn scenarios() -> Vec<Scenario> {
             vec![],
         ),
         sc("fsync", with_data("f"), Op::Fsync { path: Some(w("f")) }, vec![write("f", 0, b"after")]),
+        sc(
+            "bookmark",
+            with_data("f"),
+            Op::Point { kind: doppel_proto::PointKind::Bookmark("b".into()) },
+            vec![write("f", 0, b"after")],
+        ),
         sc("mknod fifo", vec![], Op::Mknod { path: w("p"), mode: libc::S_IFIFO | 0o600, rdev: 0 }, vec![]),
         sc("mknod socket", vec![], Op::Mknod { path: w("s"), mode: libc::S_IFSOCK | 0o644, rdev: 0 }, vec![]),
         sc(
@@ -232,9 +238,10 @@ fn kind(op: &Op) -> usize {
         Op::Fsync { .. } => 12,
         Op::Mknod { .. } => 13,
         Op::Fallocate { .. } => 14,
+        Op::Point { .. } => 15,
     }
 }
-const KINDS: usize = 15;
+const KINDS: usize = 16;
 
 /// How the scenario's op is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

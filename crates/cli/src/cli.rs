@@ -64,6 +64,20 @@ pub enum HistoryCommand {
     List(HistoryListArgs),
     /// Write a replica as it was at a point into a directory (all of it, or some paths).
     Restore(HistoryRestoreArgs),
+    /// On the source: put a named bookmark into a running job's op stream (before an upgrade,
+    /// after a batch job), to restore or fail over to by name.
+    Bookmark(HistoryBookmarkArgs),
+}
+
+/// `doppel history bookmark`.
+#[derive(Args, Debug)]
+pub struct HistoryBookmarkArgs {
+    /// The job (it must be running and replicating).
+    #[arg(value_name = "JOB")]
+    pub job: String,
+    /// The name: letters, digits, `.`, `_`, `-`; not starting with `-` or a digit; not `now`.
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 /// Which replica: `SOURCE/JOB` on a target, `JOB` for this home's embedded target.
@@ -126,6 +140,15 @@ pub struct FailoverArgs {
     /// Only this job (repeatable) [default: every job of the source].
     #[arg(long = "job", value_name = "JOB")]
     pub jobs: Vec<String>,
+    /// Failover: take the replicas back to this point first (`now`, an RFC 3339 time, `-15m`,
+    /// `seq:N` or a bookmark with one `--job`) [default: the latest consistent point: the one
+    /// before a resync that has not ended, else now].
+    #[arg(long, value_name = "WHEN")]
+    pub at: Option<String>,
+    /// Failover: go ahead even when no consistent point exists yet (the first mirror has not
+    /// finished: the replica is partial).
+    #[arg(long)]
+    pub force: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -53,6 +53,17 @@ pub enum ControlRequest {
         source: String,
         /// Only these jobs (all when empty).
         jobs: Vec<String>,
+        /// The point to go back to (`--at WHEN`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+        /// Fail over even with no consistent point yet.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
+    /// Put a bookmark into the job's op stream (agent).
+    Bookmark {
+        /// Its name.
+        name: String,
     },
     /// Hand a failed-over source its jobs back (target).
     Failback {
@@ -69,8 +80,8 @@ pub enum ControlRequest {
 
 impl ControlRequest {
     /// Every `op`, as it appears on the wire.
-    pub const OPS: [&'static str; 7] =
-        ["status", "verify", "limit", "failover", "failback", "events", "reload"];
+    pub const OPS: [&'static str; 8] =
+        ["status", "verify", "limit", "failover", "failback", "events", "reload", "bookmark"];
 
     /// This request's `op`.
     pub fn op(&self) -> &'static str {
@@ -82,6 +93,7 @@ impl ControlRequest {
             ControlRequest::Failback { .. } => "failback",
             ControlRequest::Events => "events",
             ControlRequest::Reload => "reload",
+            ControlRequest::Bookmark { .. } => "bookmark",
         }
     }
 }
@@ -117,6 +129,11 @@ pub enum ControlResponse {
         restarted: Vec<String>,
         /// Sources whose limits changed (in force at once; failover policies are replaced too).
         changed: Vec<String>,
+    },
+    /// To [`ControlRequest::Bookmark`]: its place in the op stream.
+    Bookmarked {
+        /// The bookmark's sequence (its point).
+        seq: u64,
     },
     /// The request failed, or could not be read.
     Error {

@@ -34,4 +34,4 @@ pub mod verdict;
 pub use events::{Event, EventLog};
 pub use manager::{FailoverError, Manager, ManagerConfig, RunKind, SourceState, SourceStatus};
 pub use policy::{Policy, Probe, SourcePolicy};
-pub use steps::{Report, render};
+pub use steps::{PointChoice, Report, render};

@@ -155,7 +155,8 @@ impl Manager {
                 let source = source.to_string();
                 tokio::spawn(async move {
                     let cause = format!("auto: {detail}");
-                    let r = me.failover_locked(&source, None, &cause, Some(f.since_us)).await;
+                    let r =
+                        me.failover_locked(&source, None, &cause, Some(f.since_us), Default::default()).await;
                     if let Err(e) = r {
                         tracing::error!(%source, error = %e, "automatic failover failed");
                     }

@@ -31,6 +31,9 @@ pub struct Progress {
     pub finished_us: Option<u64>,
     /// The error that stopped the last attempt.
     pub failed: Option<String>,
+    /// The point the replicas go back to (`--at`, as given), if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 impl Progress {

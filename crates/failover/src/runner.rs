@@ -336,6 +336,9 @@ pub enum StepError {
     /// The failback stream.
     #[error(transparent)]
     Failback(#[from] ReverseError),
+    /// The point to fail over to cannot be used.
+    #[error("{0}")]
+    Point(String),
 }
 
 /// What a step did.

@@ -50,10 +50,22 @@ pub struct Report {
     pub since_last_seen_ms: Option<u64>,
 }
 
+/// Which point a failover takes its replicas to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PointChoice {
+    /// `--at WHEN`; without it, the latest consistent point (the one before a resync that
+    /// has not ended, else now).
+    pub at: Option<String>,
+    /// Fail over even when no consistent point exists yet (the first mirror is running).
+    pub force: bool,
+}
+
 /// The steps' work, done on this target.
 struct Live<'a> {
     m: &'a Manager,
     source: &'a str,
+    /// The point to go back to.
+    choice: PointChoice,
     /// `DOPPEL_JOBS`.
     jobs: String,
     /// The failback streams, per job.
@@ -76,14 +88,27 @@ impl Live<'_> {
         env
     }
 
+    /// Fences the job's replica, then takes it back to the point chosen (if not now). One
+    /// step: a rollback cut short by a kill is finished by the next run, at the same point.
     async fn fence(&self, job: &str) -> Result<Done, StepError> {
-        let r =
-            self.m.target.with_replica(self.source, job, |r| r.fence().map(|e| (e, r.info().applied))).await;
-        let (epoch, applied) = r.map_err(StepError::Replica)??;
-        Ok(Done {
-            detail: format!("epoch {epoch}; everything received is applied (up to op {applied})"),
-            epoch: Some(epoch),
-        })
+        let (choice, now) = (self.choice.clone(), self.m.clock.now_us());
+        let r = self
+            .m
+            .target
+            .with_replica(self.source, job, move |r| -> Result<(u64, String), StepError> {
+                let epoch = r.fence()?;
+                let applied = r.info().applied;
+                let mut detail =
+                    format!("epoch {epoch}; everything received is applied (up to op {applied})");
+                if let Some((point, why)) = choose_point(r, &choice, now)? {
+                    let undone = r.roll_back_to(point)?;
+                    detail.push_str(&format!("; rolled back to seq:{point} ({why}): {undone} ops undone"));
+                }
+                Ok((epoch, detail))
+            })
+            .await;
+        let (epoch, detail) = r.map_err(StepError::Replica)??;
+        Ok(Done { detail, epoch: Some(epoch) })
     }
 
     async fn script(&self, stage: Stage, job: Option<&str>, script: &str) -> Result<Done, StepError> {
@@ -144,6 +169,38 @@ impl Live<'_> {
             "the source resumes protection at epoch {} after op {}",
             info.epoch, info.applied
         )))
+    }
+}
+
+/// The point a fenced replica goes back to, with why; `None`: it stays as it is.
+fn choose_point(
+    r: &doppel_apply::Replica,
+    choice: &PointChoice,
+    now_us: u64,
+) -> Result<Option<(u64, String)>, StepError> {
+    use doppel_apply::history::when::{When, rfc3339, unfinished_resync};
+    let applied = r.info().applied;
+    let Some(s) = r.history_summary()? else {
+        return match &choice.at {
+            Some(at) if at != "now" => {
+                Err(StepError::Point(format!("--at {at}: the replica keeps no history (history = \"off\")")))
+            }
+            _ => Ok(None),
+        };
+    };
+    if let Some(at) = &choice.at {
+        let when = When::parse(at, now_us).map_err(|e| StepError::Point(e.to_string()))?;
+        let point = when.resolve(&s).map_err(|e| StepError::Point(e.to_string()))?;
+        let time = s.time_of(point).map_or_else(|| "the oldest point held".into(), rfc3339);
+        return Ok((point < applied).then(|| (point, format!("--at {at}: {time}"))));
+    }
+    match unfinished_resync(&s) {
+        Some((_, true)) if !choice.force => Err(StepError::Point(
+            "no consistent point yet: the first mirror of this replica has not finished (the replica is partial); --force fails over to it as it is".into(),
+        )),
+        Some((_, true)) => Ok(None),
+        Some((point, false)) => Ok((point < applied).then(|| (point, "the point before an unfinished resync".into()))),
+        None => Ok(None),
     }
 }
 
@@ -224,7 +281,18 @@ impl Manager {
         jobs: Option<Vec<String>>,
         cause: &str,
     ) -> Result<Report, FailoverError> {
-        self.failover_locked(source, jobs, cause, None).await
+        self.failover_locked(source, jobs, cause, None, PointChoice::default()).await
+    }
+
+    /// [`Manager::failover`] to a chosen point (`doppel failover --at`).
+    pub async fn failover_to(
+        &self,
+        source: &str,
+        jobs: Option<Vec<String>>,
+        cause: &str,
+        choice: PointChoice,
+    ) -> Result<Report, FailoverError> {
+        self.failover_locked(source, jobs, cause, None, choice).await
     }
 
     pub(crate) async fn failover_locked(
@@ -233,8 +301,14 @@ impl Manager {
         jobs: Option<Vec<String>>,
         cause: &str,
         last_seen_us: Option<u64>,
+        choice: PointChoice,
     ) -> Result<Report, FailoverError> {
-        self.exclusive(source, RunKind::Failover, self.run_failover(source, jobs, cause, last_seen_us)).await
+        self.exclusive(
+            source,
+            RunKind::Failover,
+            self.run_failover(source, jobs, cause, last_seen_us, choice),
+        )
+        .await
     }
 
     /// Runs `work`, a failover or failback (`what`) of `source`, as the only one of the
@@ -269,8 +343,18 @@ impl Manager {
         jobs: Option<Vec<String>>,
         cause: &str,
         last_seen_us: Option<u64>,
+        choice: PointChoice,
     ) -> Result<Report, FailoverError> {
         let jobs = self.pick_jobs(source, jobs)?;
+        if let Some(at) = &choice.at {
+            let when = doppel_apply::history::when::When::parse(at, self.clock.now_us())
+                .map_err(|e| FailoverError::NotReady(e.to_string()))?;
+            if when.per_job() && jobs.len() != 1 {
+                return Err(FailoverError::NotReady(format!(
+                    "--at {at} names a point of one job: give exactly one --job"
+                )));
+            }
+        }
         let pol = self.policy(source)?.clone();
         let store = FileStore(paths(&self.config.data, source).0);
         let p = store.load()?;
@@ -281,10 +365,22 @@ impl Manager {
             cause: cause.to_string(),
             ..Progress::default()
         });
+        if resumed
+            && p.at != choice.at
+            && (p.at.is_some() || choice.at.as_deref().is_some_and(|a| a != "now"))
+        {
+            return Err(FailoverError::NotReady(format!(
+                "a failover of {source} to {} is under way: run it again with {}",
+                p.at.as_deref().map_or("the latest consistent point".to_string(), |a| format!("--at {a}")),
+                p.at.as_deref().map_or("no --at".to_string(), |a| format!("--at {a}")),
+            )));
+        }
+        p.at.clone_from(&choice.at);
         p.jobs.extend(jobs.iter().cloned());
         p.finished_us = None;
         p.failed = None;
-        let live = Live { m: self, source, jobs: joined(&p.jobs), reverse: HashMap::new() };
+        let live =
+            Live { m: self, source, choice: choice.clone(), jobs: joined(&p.jobs), reverse: HashMap::new() };
         let mut run = Runner::new(source, RunKind::Failover, (&live, &store, &self.events, &*self.clock), p);
         run.save()?;
         self.events.record(run.event("failover-started").detail(format!(
@@ -370,7 +466,7 @@ impl Manager {
         let plan_jobs: Vec<FailbackJob> =
             jobs.iter().map(|j| FailbackJob { job: j.clone(), streaming: reverse.contains_key(j) }).collect();
         let plan = failback_plan(&pol, &plan_jobs, &p, release);
-        let live = Live { m: self, source, jobs: joined(&p.jobs), reverse };
+        let live = Live { m: self, source, choice: PointChoice::default(), jobs: joined(&p.jobs), reverse };
         let mut run = Runner::new(source, RunKind::Failback, (&live, &store, &self.events, &*self.clock), p);
         run.save()?;
         self.events.record(run.event("failback-started").detail(format!("jobs {}", jobs.join(", "))));

@@ -107,7 +107,7 @@ pub fn compare(
             }
             Op::SetAttr { path, .. } => (path, "attributes differ"),
             Op::Rename { to, .. } => (to, "name differs"),
-            Op::Fsync { .. } | Op::Fallocate { .. } => continue,
+            Op::Fsync { .. } | Op::Fallocate { .. } | Op::Point { .. } => continue,
         };
         let v = per_path.entry(path.clone()).or_default();
         if !v.contains(&what) {

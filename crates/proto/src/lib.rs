@@ -31,5 +31,5 @@ pub use frame::{FrameError, MAX_FRAME_DEFAULT, decode_frame, encode_frame};
 pub use message::{
     Batch, Codec, Entry, EntryKind, Hello, ListScope, Message, PROTOCOL_VERSION, Refusal, Welcome,
 };
-pub use op::{Attrs, Op, OpRecord, RenameFlags, Timestamp, Xattr};
+pub use op::{Attrs, Op, OpRecord, PointKind, RenameFlags, Timestamp, Xattr};
 pub use path::{PathError, RelPath, WirePath};

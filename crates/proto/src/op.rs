@@ -225,6 +225,24 @@ pub enum Op {
         /// Length of the range.
         len: u64,
     },
+    /// A point worth naming in the replica's history; changes nothing in the tree. (Last in
+    /// the enum, so every older op keeps its encoding.)
+    Point {
+        /// What the point is.
+        kind: PointKind,
+    },
+}
+
+/// What makes a point of the op stream worth naming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointKind {
+    /// A difference mirror (a resync) starts: the point before it is the last consistent one
+    /// until the matching [`PointKind::Resynced`].
+    PreResync,
+    /// The resync ended: the replica is consistent again.
+    Resynced,
+    /// An operator's named bookmark (`doppel history bookmark`).
+    Bookmark(String),
 }
 
 impl Op {
@@ -244,6 +262,7 @@ impl Op {
             | Op::Fallocate { path, .. } => Some(path),
             Op::Rename { to, .. } => Some(to),
             Op::Fsync { path } => path.as_ref(),
+            Op::Point { .. } => None,
         }
     }
 
@@ -280,6 +299,7 @@ impl Op {
             Op::Fsync { .. } => "fsync",
             Op::Mknod { .. } => "mknod",
             Op::Fallocate { .. } => "fallocate",
+            Op::Point { .. } => "point",
         }
     }
 

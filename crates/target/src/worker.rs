@@ -176,7 +176,8 @@ impl<C: Clock> Worker<C> {
             if !self.apply_with_retry(rec) {
                 return false;
             }
-            let fsync = matches!(rec.op, Op::Fsync { .. });
+            // A named point is made durable at once too: an operator waits on a bookmark.
+            let fsync = matches!(rec.op, Op::Fsync { .. } | Op::Point { .. });
             self.policy.op_applied(self.replica.applied(), rec.op.data_len() as u64, fsync);
         }
         self.slot.status.applied.store(self.replica.applied(), Ordering::Relaxed);

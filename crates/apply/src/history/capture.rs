@@ -114,7 +114,7 @@ impl Taker<'_> {
                 self.content(path, *offset, len)
             }
             Op::SetAttr { path, attrs } => self.attrs(path, attrs),
-            Op::Fsync { .. } => Ok(()),
+            Op::Fsync { .. } | Op::Point { .. } => Ok(()),
         };
         match r {
             Err(e) if !stops(&e) => Ok(()),

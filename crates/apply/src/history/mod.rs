@@ -18,6 +18,7 @@ pub mod record;
 pub mod restore;
 pub mod rollback;
 pub mod view;
+pub mod when;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -99,7 +100,13 @@ impl History {
         if self.journal.last() == Some((seq, op_hash)) {
             return Ok(());
         }
-        let mark = matches!(op, Op::Fsync { .. }).then_some(Mark::Fsync);
+        let mark = match op {
+            Op::Fsync { .. } => Some(Mark::Fsync),
+            Op::Point { kind: doppel_proto::PointKind::PreResync } => Some(Mark::PreResync),
+            Op::Point { kind: doppel_proto::PointKind::Resynced } => Some(Mark::Resynced),
+            Op::Point { kind: doppel_proto::PointKind::Bookmark(n) } => Some(Mark::Bookmark(n.clone())),
+            _ => None,
+        };
         let draft =
             Draft { set: UndoSet { seq, time_us, op_hash, mark, undo: Vec::new() }, data: Vec::new() };
         let mut t = Taker { root, journal: &mut self.journal, reader: &mut self.reader, draft, asides: 0 };

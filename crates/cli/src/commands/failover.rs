@@ -26,9 +26,12 @@ pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
     let sock = target_socket(home)?;
     let (source, jobs) = (a.source.clone(), a.jobs.clone());
     let req = if back {
+        if a.at.is_some() || a.force {
+            bail!("--at and --force are for failover: a failback hands back the replica as it is");
+        }
         ControlRequest::Failback { source, jobs }
     } else {
-        ControlRequest::Failover { source, jobs }
+        ControlRequest::Failover { source, jobs, at: a.at.clone(), force: a.force }
     };
     let cmd = req.op();
     eprintln!("{cmd} of {} started; the steps are logged by the target (`doppel events`)", a.source);

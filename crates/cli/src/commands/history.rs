@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use doppel_apply::history::restore::{Restored, restore};
 use doppel_apply::history::view::{PointView, Summary, summary};
+use doppel_apply::history::when::{When, rfc3339, window};
 use doppel_apply::history::{attic_of, dir_of};
 
-use crate::cli::{HistoryCommand, HistoryListArgs, HistoryRestoreArgs, ReplicaArg};
+use crate::cli::{HistoryBookmarkArgs, HistoryCommand, HistoryListArgs, HistoryRestoreArgs, ReplicaArg};
 use crate::config::FileConfig;
 
 /// Where the target of a home records the data directory it runs with.
@@ -23,6 +24,22 @@ pub fn run(c: HistoryCommand, file: &FileConfig, home: &Path) -> Result<()> {
     match c {
         HistoryCommand::List(a) => list(a, file, home),
         HistoryCommand::Restore(a) => restore_cmd(a, file, home),
+        HistoryCommand::Bookmark(a) => bookmark(a, home),
+    }
+}
+
+fn bookmark(a: HistoryBookmarkArgs, home: &Path) -> Result<()> {
+    doppel_apply::history::when::check_bookmark_name(&a.name)
+        .map_err(|e| anyhow!("bookmark {:?}: {e}", a.name))?;
+    let sock = super::status::running_job(home, &a.job)?;
+    let req = crate::control::ControlRequest::Bookmark { name: a.name.clone() };
+    match crate::control::call(&sock, &req, std::time::Duration::from_secs(30))? {
+        crate::control::ControlResponse::Bookmarked { seq } => {
+            println!("{}: bookmark {} at seq:{seq}", a.job, a.name);
+            Ok(())
+        }
+        crate::control::ControlResponse::Error { message } => bail!("bookmark {}: {message}", a.name),
+        other => bail!("unexpected answer to bookmark: {other:?}"),
     }
 }
 
@@ -85,91 +102,12 @@ fn place(r: &ReplicaArg, file: &FileConfig, home: &Path) -> Result<Place> {
     Ok(place)
 }
 
-/// A point, as `--at`, `--since` and `--until` give it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum When {
-    /// The newest point.
-    Now,
-    /// A moment (µs since the epoch).
-    Time(u64),
-    /// `seq:N`.
-    Seq(u64),
-    /// A bookmark's name.
-    Bookmark(String),
-}
-
-/// Parses WHEN (`now_us` for relative times).
-pub fn parse_when(s: &str, now_us: u64) -> Result<When> {
-    if s == "now" {
-        return Ok(When::Now);
-    }
-    if let Some(n) = s.strip_prefix("seq:") {
-        return Ok(When::Seq(n.parse().map_err(|_| anyhow!("bad point {s:?}: seq:N needs a number"))?));
-    }
-    if let Some(ago) = s.strip_prefix('-') {
-        let secs = crate::config::parse_duration(ago).map_err(|e| anyhow!("bad point {s:?}: {e}"))?;
-        return Ok(When::Time(now_us.saturating_sub(secs.as_micros() as u64)));
-    }
-    if s.starts_with(|c: char| c.is_ascii_digit()) {
-        let t: jiff::Timestamp =
-            s.parse().map_err(|e| anyhow!("bad point {s:?}: not an RFC 3339 time with its offset ({e})"))?;
-        return Ok(When::Time(u64::try_from(t.as_microsecond()).unwrap_or(0)));
-    }
-    check_bookmark_name(s).map_err(|e| anyhow!("bad point {s:?}: {e}"))?;
-    Ok(When::Bookmark(s.to_string()))
-}
-
-/// Bookmark names: `[A-Za-z0-9._-]`, not starting with `-` or a digit, not `now`.
-pub fn check_bookmark_name(s: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s != "now"
-        && !s.starts_with(|c: char| c == '-' || c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
-        bail!(
-            "a bookmark name is letters, digits, '.', '_' and '-', not starting with '-' or a digit, and not \"now\""
-        );
-    }
-    Ok(())
-}
-
-fn rfc3339(us: u64) -> String {
-    jiff::Timestamp::from_microsecond(us as i64).map(|t| t.to_string()).unwrap_or_else(|_| us.to_string())
-}
-
-fn window(s: &Summary) -> String {
-    match (s.oldest, s.newest) {
-        (Some((o, _)), Some((n, nt))) => {
-            let ot = s.times.first().map_or(0, |t| t.1);
-            format!("points {o} (before {}) to {n} ({})", rfc3339(ot), rfc3339(nt))
-        }
-        _ => "no history yet".into(),
-    }
-}
-
-/// The point WHEN names in `s`.
 fn resolve(w: &When, s: &Summary) -> Result<u64> {
-    let newest = s.newest.map_or(0, |n| n.0);
-    match w {
-        When::Now => Ok(newest),
-        When::Seq(n) => {
-            let oldest = s.oldest.map_or(newest, |o| o.0);
-            if *n < oldest || *n > newest {
-                bail!("seq:{n} is outside the history held ({})", window(s));
-            }
-            Ok(*n)
-        }
-        When::Time(t) => s
-            .point_at(*t)
-            .ok_or_else(|| anyhow!("{} is before the history held ({})", rfc3339(*t), window(s))),
-        When::Bookmark(b) => s
-            .points
-            .iter()
-            .rev()
-            .find(|p| matches!(&p.mark, doppel_apply::history::record::Mark::Bookmark(n) if n == b))
-            .map(|p| p.seq)
-            .ok_or_else(|| anyhow!("no bookmark {b:?} in the history held ({})", window(s))),
-    }
+    Ok(w.resolve(s)?)
+}
+
+fn parse_when(s: &str, now_us: u64) -> Result<When> {
+    Ok(When::parse(s, now_us)?)
 }
 
 fn now_us() -> u64 {
@@ -302,29 +240,5 @@ fn remove_partial(to: &Path, created: bool) {
                 std::fs::remove_file(&p)
             };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn when_parses_every_form_and_refuses_the_rest_saying_why() {
-        let now = 10_000_000_000;
-        assert_eq!(parse_when("now", now).unwrap(), When::Now);
-        assert_eq!(parse_when("seq:42", now).unwrap(), When::Seq(42));
-        assert_eq!(parse_when("-15m", now).unwrap(), When::Time(now - 900_000_000));
-        assert_eq!(parse_when("-2h", now).unwrap(), When::Time(now - 7_200_000_000));
-        assert_eq!(
-            parse_when("2026-12-04T17:05:00Z", now).unwrap(),
-            parse_when("2026-12-04T18:05:00+01:00", now).unwrap()
-        );
-        assert_eq!(parse_when("before-upgrade", now).unwrap(), When::Bookmark("before-upgrade".into()));
-        for bad in ["seq:x", "2026-12-04T17:05:00", "-5 parsecs", "a b", "9lives"] {
-            assert!(parse_when(bad, now).is_err(), "{bad}");
-        }
-        assert!(check_bookmark_name("now").is_err());
-        assert!(check_bookmark_name("-x").is_err());
     }
 }

@@ -105,8 +105,10 @@ fn handler(agent: &Agent) -> control::Handler {
     let src = agent.status_source();
     let verifier = agent.verifier();
     let limit = agent.limit();
+    let bookmarker = agent.bookmarker();
     Arc::new(move |req| {
         let (src, verifier, limit) = (src.clone(), verifier.clone(), limit.clone());
+        let bookmarker = bookmarker.clone();
         Box::pin(async move {
             match req {
                 ControlRequest::Status => ControlResponse::Status(StatusReport {
@@ -116,6 +118,10 @@ fn handler(agent: &Agent) -> control::Handler {
                 ControlRequest::Limit { rate } => match set_limit(&limit, &rate) {
                     Ok(()) => ControlResponse::Limit { rate_limit: src.snapshot().rate_limit },
                     Err(e) => ControlResponse::error(e),
+                },
+                ControlRequest::Bookmark { name } => match bookmarker.bookmark(&name) {
+                    Ok(seq) => ControlResponse::Bookmarked { seq },
+                    Err(e) => ControlResponse::error(e.to_string()),
                 },
                 ControlRequest::Verify { repair } => match verifier.verify(repair).await {
                     Ok(report) => ControlResponse::Verify(report),

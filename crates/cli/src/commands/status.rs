@@ -363,7 +363,7 @@ fn print_sources(sources: &[SourceRow]) {
 }
 
 /// The socket of `job`, which must be running.
-fn running_job(home: &Path, job: &str) -> Result<std::path::PathBuf> {
+pub(super) fn running_job(home: &Path, job: &str) -> Result<std::path::PathBuf> {
     let sock = control::job_socket(home, job);
     if !sock.exists() {
         bail!("job {job} is not running here: start it with `doppel protect` first");

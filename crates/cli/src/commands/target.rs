@@ -196,8 +196,14 @@ async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlRespon
             sources: m.status().into_iter().map(SourceRow::from).collect(),
             ..StatusReport::default()
         }),
-        ControlRequest::Failover { source, jobs } => {
-            report(m.failover(&source, some(jobs), "manual: doppel failover").await)
+        ControlRequest::Failover { source, jobs, at, force } => {
+            let cause = match &at {
+                Some(a) => format!("manual: doppel failover --at {a}"),
+                None => "manual: doppel failover".into(),
+            };
+            report(
+                m.failover_to(&source, some(jobs), &cause, doppel_failover::PointChoice { at, force }).await,
+            )
         }
         ControlRequest::Failback { source, jobs } => report(m.failback(&source, some(jobs)).await),
         ControlRequest::Reload => match r.reload() {
@@ -213,9 +219,12 @@ async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlRespon
             Ok(events) => ControlResponse::Events { events },
             Err(e) => ControlResponse::error(e.to_string()),
         },
-        other @ (ControlRequest::Verify { .. } | ControlRequest::Limit { .. }) => ControlResponse::error(
-            format!("{} is served by the job's control socket on the source, not by the target", other.op()),
-        ),
+        other @ (ControlRequest::Verify { .. }
+        | ControlRequest::Limit { .. }
+        | ControlRequest::Bookmark { .. }) => ControlResponse::error(format!(
+            "{} is served by the job's control socket on the source, not by the target",
+            other.op()
+        )),
     }
 }
 
