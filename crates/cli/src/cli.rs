@@ -52,9 +52,35 @@ pub enum Command {
     /// without dropping other sources; an invalid file keeps the running configuration. SIGHUP
     /// does the same.
     Reload,
+    /// On the target: rehearse a failover: each job's replica at a point, as a writable view
+    /// started in seconds, with the source's test scripts run against it, while replication
+    /// goes on; `--end` ends it and discards the views.
+    TestFailover(TestFailoverArgs),
     /// A replica's point-in-time history: list the window and its points, restore any point.
     #[command(subcommand)]
     History(HistoryCommand),
+}
+
+/// `doppel test-failover`.
+#[derive(Args, Debug)]
+pub struct TestFailoverArgs {
+    /// The source.
+    #[arg(value_name = "SOURCE")]
+    pub source: String,
+    /// Only this job (repeatable) [default: every job of the source].
+    #[arg(long = "job", value_name = "JOB")]
+    pub jobs: Vec<String>,
+    /// The point (`now`, an RFC 3339 time, `-15m`, `seq:N` or a bookmark with one `--job`)
+    /// [default: each job's latest consistent point].
+    #[arg(long, value_name = "WHEN")]
+    pub at: Option<String>,
+    /// End the running test: its end scripts run, then its views and everything written in
+    /// them go.
+    #[arg(long, conflicts_with_all = ["jobs", "at"])]
+    pub end: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `doppel history ...`.

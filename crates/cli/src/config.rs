@@ -114,6 +114,12 @@ pub struct AllowSection {
     /// Scripts run per job at failback cutover, to stop the workload on the replica.
     #[serde(default)]
     pub stop_workload: Vec<String>,
+    /// Scripts run per job when a test failover starts, against its view (`DOPPEL_TEST=1`).
+    #[serde(default)]
+    pub test_failover: Vec<String>,
+    /// Scripts run per job when a test failover ends, before its view is discarded.
+    #[serde(default)]
+    pub test_failover_end: Vec<String>,
     /// Bandwidth of each job's failback stream (`50Mbit`, `unlimited`).
     pub failback_limit: Option<String>,
     /// Set-uid/set-gid bits: `allow` (default), `strip` or `refuse`.
@@ -221,6 +227,8 @@ impl AllowSection {
         p.pre_failover = self.pre_failover.clone();
         p.failover = self.failover.clone();
         p.stop_workload = self.stop_workload.clone();
+        p.test_failover = self.test_failover.clone();
+        p.test_failover_end = self.test_failover_end.clone();
         if let Some(r) = &self.failback_limit {
             p.failback_limit =
                 parse_rate(r).map_err(|e| anyhow!("source {}: failback_limit: {e}", self.name))?;

@@ -60,6 +60,20 @@ pub enum ControlRequest {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         force: bool,
     },
+    /// Start (or, with `end`, end) a test failover of a source (target).
+    TestFailover {
+        /// The source.
+        source: String,
+        /// Only these jobs (all when empty).
+        #[serde(default)]
+        jobs: Vec<String>,
+        /// The point (default: each job's latest consistent point).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
+        /// End the running test instead.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        end: bool,
+    },
     /// Put a bookmark into the job's op stream (agent).
     Bookmark {
         /// Its name.
@@ -80,8 +94,17 @@ pub enum ControlRequest {
 
 impl ControlRequest {
     /// Every `op`, as it appears on the wire.
-    pub const OPS: [&'static str; 8] =
-        ["status", "verify", "limit", "failover", "failback", "events", "reload", "bookmark"];
+    pub const OPS: [&'static str; 9] = [
+        "status",
+        "verify",
+        "limit",
+        "failover",
+        "failback",
+        "events",
+        "reload",
+        "bookmark",
+        "test_failover",
+    ];
 
     /// This request's `op`.
     pub fn op(&self) -> &'static str {
@@ -94,6 +117,7 @@ impl ControlRequest {
             ControlRequest::Events => "events",
             ControlRequest::Reload => "reload",
             ControlRequest::Bookmark { .. } => "bookmark",
+            ControlRequest::TestFailover { .. } => "test_failover",
         }
     }
 }
@@ -129,6 +153,14 @@ pub enum ControlResponse {
         restarted: Vec<String>,
         /// Sources whose limits changed (in force at once; failover policies are replaced too).
         changed: Vec<String>,
+    },
+    /// To [`ControlRequest::TestFailover`]: the test started, or the one ended (`None`: no
+    /// test was running).
+    Test {
+        /// The test.
+        test: Option<doppel_failover::rehearsal::TestReport>,
+        /// It was ended.
+        ended: bool,
     },
     /// To [`ControlRequest::Bookmark`]: its place in the op stream.
     Bookmarked {

@@ -12,6 +12,9 @@
 //! - [`hooks`]: running the operator's scripts, and taking over and releasing addresses.
 //! - [`events`]: the event log `doppel events` shows: every step, with times.
 //! - [`manager`]: the [`Manager`], which ties these together for one target.
+//! - [`rehearsal`]: test failover: each job's replica at a point as a writable view, with
+//!   the test scripts run against it, while replication goes on.
+//! - [`testview`]: such a view: a FUSE file system serving the point, under an overlay.
 //! - [`reverse`]: the DR side of a failback: the replica sent back to its source with the
 //!   ordinary pipeline, over connections the source opens.
 //!
@@ -26,9 +29,11 @@ pub mod monitor;
 pub mod policy;
 pub mod probe;
 pub mod progress;
+pub mod rehearsal;
 pub mod reverse;
 pub mod runner;
 pub mod steps;
+pub mod testview;
 pub mod verdict;
 
 pub use events::{Event, EventLog};

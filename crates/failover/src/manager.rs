@@ -198,6 +198,8 @@ pub struct Manager {
     /// One failover or failback at a time per source.
     pub(crate) ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) reverse: Mutex<HashMap<(String, String), Arc<ReverseJob>>>,
+    /// Running test failovers, by source.
+    pub(crate) tests: Mutex<HashMap<String, crate::rehearsal::Rehearsal>>,
     pub(crate) me: Weak<Manager>,
 }
 
@@ -227,6 +229,7 @@ impl Manager {
             watches: Mutex::default(),
             ops: Mutex::default(),
             reverse: Mutex::default(),
+            tests: Mutex::default(),
             me: me.clone(),
         });
         target.set_failback_handler(m.clone());

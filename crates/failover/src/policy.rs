@@ -53,6 +53,11 @@ pub struct SourcePolicy {
     /// Bandwidth of each job's failback stream, in bytes per second (0: unlimited): the
     /// stream shares the production link with whatever else runs there.
     pub failback_limit: u64,
+    /// Run per job when a test failover starts, against its view (`DOPPEL_REPLICA`,
+    /// `DOPPEL_TEST=1`).
+    pub test_failover: Vec<String>,
+    /// Run per job when a test failover ends, before its view goes.
+    pub test_failover_end: Vec<String>,
 }
 
 impl SourcePolicy {
@@ -72,6 +77,8 @@ impl SourcePolicy {
             failover: Vec::new(),
             stop_workload: Vec::new(),
             failback_limit: 0,
+            test_failover: Vec::new(),
+            test_failover_end: Vec::new(),
         }
     }
 }

@@ -252,7 +252,11 @@ impl Manager {
         }
     }
 
-    fn pick_jobs(&self, source: &str, jobs: Option<Vec<String>>) -> Result<Vec<String>, FailoverError> {
+    pub(crate) fn pick_jobs(
+        &self,
+        source: &str,
+        jobs: Option<Vec<String>>,
+    ) -> Result<Vec<String>, FailoverError> {
         self.policy(source)?;
         let all = self.target.jobs_of(source);
         if all.is_empty() {
@@ -346,6 +350,8 @@ impl Manager {
         choice: PointChoice,
     ) -> Result<Report, FailoverError> {
         let jobs = self.pick_jobs(source, jobs)?;
+        // A real failover ends a test of the source first.
+        self.end_test_locked(source, "a real failover started").await?;
         if let Some(at) = &choice.at {
             let when = doppel_apply::history::when::When::parse(at, self.clock.now_us())
                 .map_err(|e| FailoverError::NotReady(e.to_string()))?;

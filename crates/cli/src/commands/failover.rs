@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::cli::{EventsArgs, FailoverArgs};
+use crate::cli::{EventsArgs, FailoverArgs, TestFailoverArgs};
 use crate::control::{self, ControlRequest, ControlResponse};
 
 /// Scripts may start virtual machines or databases: the command waits as long as they may run.
@@ -45,6 +45,51 @@ pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
         return Ok(());
     }
     println!("{}", doppel_failover::render(&report));
+    Ok(())
+}
+
+/// `doppel test-failover`.
+pub fn test(a: TestFailoverArgs, home: &Path) -> Result<()> {
+    let sock = target_socket(home)?;
+    let req = ControlRequest::TestFailover {
+        source: a.source.clone(),
+        jobs: a.jobs.clone(),
+        at: a.at.clone(),
+        end: a.end,
+    };
+    let (test, ended) = match control::call(&sock, &req, LONG)? {
+        ControlResponse::Test { test, ended } => (test, ended),
+        ControlResponse::Error { message } => bail!("test failover of {}: {message}", a.source),
+        other => bail!("the target gave no answer on the test: {other:?}"),
+    };
+    if a.json {
+        let v = match &test {
+            Some(t) => serde_json::to_value(t)?,
+            None => serde_json::json!({"source": a.source, "jobs": []}),
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match (test, ended) {
+        (None, _) => println!("no test failover of {} is running", a.source),
+        (Some(t), true) => println!("test failover of {} ended: {} views discarded", t.source, t.jobs.len()),
+        (Some(t), false) => {
+            println!(
+                "test failover of {} running (end it with `doppel test-failover {} --end`):",
+                t.source, t.source
+            );
+            for j in &t.jobs {
+                println!(
+                    "  {}: {}  (seq:{}, {}, {})",
+                    j.job,
+                    j.view.display(),
+                    j.point.seq,
+                    j.point.time,
+                    j.point.kind
+                );
+            }
+        }
+    }
     Ok(())
 }
 

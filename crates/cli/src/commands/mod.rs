@@ -42,6 +42,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Failback(a) => failover::run(a, true, &home),
         Command::Events(a) => failover::events(a, &home),
         Command::History(c) => history::run(c, &file, &home),
+        Command::TestFailover(a) => failover::test(a, &home),
     }
 }
 

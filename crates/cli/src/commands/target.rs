@@ -86,7 +86,10 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
         mc.cutover_timeout = Duration::from_secs(t.max(1));
     }
     let manager = Manager::new(target.clone(), mc, policies);
+    // Test failovers a killed target left: their end scripts run and their views go.
+    manager.end_all_tests("the target was restarted").await;
     tokio::spawn(manager.clone().run());
+    let stopping = manager.clone();
     let reloader = Arc::new(Reloader { config, flags: a.allow.clone(), manager: manager.clone() });
     reload_on_hangup(reloader.clone())?;
     let handler: control::Handler = Arc::new(move |req| {
@@ -96,6 +99,8 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     tokio::spawn(control::serve(run.join("target.sock"), handler, target.shutdown.clone()));
     tracing::info!(%addr, identity = %me.id, data = %data.display(), sources = target.allowed().len(), "target listening");
     doppel_target::serve(target.clone(), &me, listener).await?;
+    // A test failover does not outlive the target: it is ended cleanly.
+    stopping.end_all_tests("the target stopped").await;
     let _ = std::fs::remove_file(run.join("target.addr"));
     Ok(())
 }
@@ -206,6 +211,18 @@ async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlRespon
             )
         }
         ControlRequest::Failback { source, jobs } => report(m.failback(&source, some(jobs)).await),
+        ControlRequest::TestFailover { source, jobs, at, end: false } => {
+            match m.test_failover(&source, some(jobs), at).await {
+                Ok(r) => ControlResponse::Test { test: Some(r), ended: false },
+                Err(e) => ControlResponse::error(e.to_string()),
+            }
+        }
+        ControlRequest::TestFailover { source, end: true, .. } => {
+            match m.end_test(&source, "ended by the operator (doppel test-failover --end)").await {
+                Ok(r) => ControlResponse::Test { test: r, ended: true },
+                Err(e) => ControlResponse::error(e.to_string()),
+            }
+        }
         ControlRequest::Reload => match r.reload() {
             Ok(r) => ControlResponse::Reloaded {
                 added: r.added,

@@ -23,6 +23,13 @@ fn requests() -> Vec<ControlRequest> {
             force: true,
         },
         ControlRequest::Bookmark { name: "before-upgrade".into() },
+        ControlRequest::TestFailover {
+            source: "web".into(),
+            jobs: vec![],
+            at: Some("seq:9".into()),
+            end: false,
+        },
+        ControlRequest::TestFailover { source: "web".into(), jobs: vec![], at: None, end: true },
         ControlRequest::Failback { source: "db".into(), jobs: vec!["c".into()] },
         ControlRequest::Events,
         ControlRequest::Reload,
@@ -136,6 +143,24 @@ fn responses() -> Vec<ControlResponse> {
             restarted: vec!["web".into()],
             changed: vec!["mail".into()],
         },
+        ControlResponse::Bookmarked { seq: 42 },
+        ControlResponse::Test {
+            test: Some(doppel_failover::rehearsal::TestReport {
+                source: "web".into(),
+                jobs: vec![doppel_failover::rehearsal::TestJob {
+                    job: "data".into(),
+                    view: "/srv/doppel/tests/web/data/view".into(),
+                    point: doppel_failover::rehearsal::PointInfo {
+                        time: "2026-12-04T17:05:00Z".into(),
+                        seq: 41,
+                        kind: "fsync".into(),
+                    },
+                }],
+                started_us: 1,
+            }),
+            ended: false,
+        },
+        ControlResponse::Test { test: None, ended: true },
         ControlResponse::error("verify failed: the job is stopping"),
     ]
 }
