@@ -249,6 +249,9 @@ pub struct SourceRow {
     pub error: Option<String>,
     /// Jobs.
     pub jobs: Vec<SourceJobRow>,
+    /// The test failover running, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<doppel_failover::rehearsal::TestReport>,
 }
 
 /// One job of a [`SourceRow`].
@@ -303,6 +306,7 @@ impl From<doppel_failover::SourceStatus> for SourceRow {
                     }),
                 })
                 .collect(),
+            test: None,
         }
     }
 }

@@ -164,4 +164,13 @@ fn ransomware_on_a_remote_replica_is_undone_by_restoring_the_point_before_it() {
     let mut agent = target.protect(&home, "agent", &src, &["--name", "www", "--capture", "inotify"]);
     let replica = target.data.join("replicas/web1/www");
     restore_checks(dir.path(), &src, &replica, &target.proc.home, "web1/www", &mut agent);
+    // The target's status shows the window held and the disk it takes.
+    let st = replica_status(&target.proc.home);
+    let h = &st["history"];
+    assert!(
+        h["oldest_point"].is_u64() && h["bytes"].as_u64().unwrap() > 0 && h["keep_secs"] == 86400,
+        "{st}"
+    );
+    let (_, text, _) = run(&target.proc.home, &["status"]);
+    assert!(text.contains("HISTORY: points "), "{text}");
 }

@@ -98,6 +98,8 @@ fn a_test_failover_shows_its_point_writably_while_replication_goes_on_and_leaves
     assert_eq!(marked.trim(), format!("start job 1 seq:{seq} {}", view.display()));
     let d = diff(&at_point, &snapshot(&view, Compare::default()));
     assert!(d.is_empty(), "the view is not the replica at its point:\n{d}");
+    let (_, text, _) = run(&th, &["status"]);
+    assert!(text.contains(&format!("TEST FAILOVER: job at seq:{seq}")), "{text}");
     // A second test while one runs: refused.
     let (st, _, err) = run(&th, &["test-failover", "s"]);
     assert!(!st.success() && err.contains("is running"), "{err}");

@@ -228,6 +228,9 @@ pub struct ReplicaStatus {
     /// quota is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaUse>,
+    /// Its point-in-time history (`None`: kept off, or not opened since the target started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<doppel_apply::history::HistoryStatus>,
 }
 
 /// A source's use against its quota.
@@ -272,6 +275,8 @@ pub struct SlotStatus {
     pub stripped: PrivilegeCounters,
     /// See [`ReplicaStatus::policy_refused`].
     pub policy_refused: PrivilegeCounters,
+    /// See [`ReplicaStatus::history`] (updated after each commit).
+    pub history: Mutex<Option<doppel_apply::history::HistoryStatus>>,
 }
 
 impl SlotStatus {
@@ -421,6 +426,7 @@ impl Slot {
             stripped: s.stripped.snapshot(),
             policy_refused: s.policy_refused.snapshot(),
             quota: None,
+            history: *s.history.lock(),
         }
     }
 }

@@ -156,6 +156,7 @@ impl<C: Clock> Worker<C> {
         let durable = match r {
             Ok(seq) => {
                 self.slot.status.durable.store(seq, Ordering::Relaxed);
+                *self.slot.status.history.lock() = self.replica.history().map(|h| h.status());
                 if seq > before {
                     let _ = self.send(Message::Ack { seq });
                 }

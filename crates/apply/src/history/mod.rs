@@ -60,6 +60,25 @@ pub const DEFAULT_RETENTION: Retention = Retention {
     min: Duration::from_secs(3600),
 };
 
+/// What status shows of a history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryStatus {
+    /// The oldest point that can be restored (`None`: nothing journaled yet).
+    pub oldest_point: Option<u64>,
+    /// When that point ended (the capture time of the first op held), µs since the epoch.
+    pub oldest_time_us: u64,
+    /// The newest op journaled.
+    pub newest_seq: u64,
+    /// Bytes the history takes (journal and attic).
+    pub bytes: u64,
+    /// The window configured (`history`), in seconds.
+    pub keep_secs: u64,
+    /// The size limit or a shortage of space cut the window below `keep_secs`.
+    pub cut_below_keep: bool,
+    /// Space ran out with only the minimum window left: the replica waits.
+    pub paused: bool,
+}
+
 /// A replica's history, as the process applying its ops holds it.
 pub struct History {
     journal: Journal,
@@ -148,6 +167,27 @@ impl History {
         }
         self.last_plan = Some(plan);
         Ok(plan)
+    }
+
+    /// What status shows.
+    pub fn status(&self) -> HistoryStatus {
+        let segs = self.journal.segments();
+        let plan = self.last_plan.unwrap_or(Plan {
+            drop: 0,
+            freed: 0,
+            held: None,
+            cut_below_keep: false,
+            pause: false,
+        });
+        HistoryStatus {
+            oldest_point: segs.first().map(|s| s.seg.first_seq.saturating_sub(1)),
+            oldest_time_us: segs.first().map_or(0, |s| s.seg.first_time_us),
+            newest_seq: segs.last().map_or(0, |s| s.seg.last_seq),
+            bytes: self.journal.bytes(),
+            keep_secs: self.retention.keep.as_secs(),
+            cut_below_keep: plan.cut_below_keep,
+            paused: plan.pause,
+        }
     }
 
     /// The last retention decision.

@@ -281,7 +281,35 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
         if let Some(q) = &r.quota {
             println!("{:<16} {}", "", quota_line(q));
         }
+        if let Some(h) = &r.history {
+            println!("{:<16} {}", "", history_line(h));
+        }
     }
+}
+
+/// A replica's history: `HISTORY: points 41 (2026-12-04T17:05:00Z) to 9120, 1.2 GiB`, with a
+/// warning when the size limit cut the window below the time configured.
+fn history_line(h: &doppel_apply::history::HistoryStatus) -> String {
+    use doppel_apply::history::when::rfc3339;
+    let mut line = match h.oldest_point {
+        Some(p) => format!(
+            "HISTORY: points {p} (up to {}) to {}, {} on disk",
+            rfc3339(h.oldest_time_us),
+            h.newest_seq,
+            bytes(Some(h.bytes))
+        ),
+        None => "HISTORY: no points yet".to_string(),
+    };
+    if h.cut_below_keep {
+        line.push_str(&format!(
+            "; WARNING: the size limit cuts the window below the {} s configured",
+            h.keep_secs
+        ));
+    }
+    if h.paused {
+        line.push_str("; PAUSED: out of space with only the minimum window left");
+    }
+    line
 }
 
 /// A source's use against its quota: `QUOTA: 1.2 GiB of 10.0 GiB, 5321 of 100000 files`.
@@ -346,6 +374,18 @@ fn print_sources(sources: &[SourceRow]) {
         );
         if let Some(e) = &src.error {
             println!("{:<16} ERROR: {}", "", e.replace('\n', " "));
+        }
+        if let Some(t) = &src.test {
+            for j in &t.jobs {
+                println!(
+                    "{:<16} TEST FAILOVER: {} at seq:{} ({}) in {}",
+                    "",
+                    j.job,
+                    j.point.seq,
+                    j.point.time,
+                    j.view.display()
+                );
+            }
         }
         for j in &src.jobs {
             if let Some(fb) = &j.failback {

@@ -198,7 +198,14 @@ async fn answer(m: &Manager, r: &Reloader, req: ControlRequest) -> ControlRespon
     match req {
         ControlRequest::Status => ControlResponse::Status(StatusReport {
             replicas: m.target().status(),
-            sources: m.status().into_iter().map(SourceRow::from).collect(),
+            sources: m
+                .status()
+                .into_iter()
+                .map(|s| {
+                    let test = m.running_test(&s.source);
+                    SourceRow { test, ..SourceRow::from(s) }
+                })
+                .collect(),
             ..StatusReport::default()
         }),
         ControlRequest::Failover { source, jobs, at, force } => {

@@ -88,6 +88,15 @@ fn responses() -> Vec<ControlResponse> {
             quota_bytes: Some(1 << 30),
             quota_files: None,
         }),
+        history: Some(doppel_apply::history::HistoryStatus {
+            oldest_point: Some(3),
+            oldest_time_us: 1_764_867_900_000_000,
+            newest_seq: 7,
+            bytes: 65536,
+            keep_secs: 86400,
+            cut_below_keep: true,
+            paused: false,
+        }),
     };
     let source = SourceRow {
         source: "web".into(),
@@ -109,6 +118,7 @@ fn responses() -> Vec<ControlResponse> {
                 pending_bytes: 20,
             }),
         }],
+        test: None,
     };
     let report = doppel_failover::Report {
         source: "web".into(),
