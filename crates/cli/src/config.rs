@@ -616,6 +616,33 @@ mod tests {
     }
 
     #[test]
+    fn history_retention_reads_durations_sizes_shares_and_off() {
+        use doppel_apply::retention::SizeLimit;
+        use std::time::Duration;
+        let base = Some(doppel_apply::history::DEFAULT_RETENTION);
+        let text = |s: &str| SizeValue::Text(s.into());
+        assert_eq!(retention(base, None, None, None).unwrap(), base);
+        assert_eq!(retention(base, Some("off"), None, None).unwrap(), None);
+        let r = retention(None, Some("30d"), Some(&text("10%")), Some("2h")).unwrap().unwrap();
+        assert_eq!(
+            (r.keep, r.size, r.min),
+            (Duration::from_secs(30 * 86_400), SizeLimit::Percent(10.0), Duration::from_secs(7200))
+        );
+        let r = retention(base, None, Some(&text("5GiB")), None).unwrap().unwrap();
+        assert_eq!((r.keep, r.size), (Duration::from_secs(86_400), SizeLimit::Bytes(5 << 30)));
+        assert_eq!(
+            retention(base, None, Some(&text("unlimited")), None).unwrap().unwrap().size,
+            SizeLimit::Unlimited
+        );
+        for (k, s, m) in
+            [(Some("3 weeks"), None, None), (None, Some(text("-5%")), None), (None, None, Some("1x"))]
+        {
+            let e = format!("{:#}", retention(base, k, s.as_ref(), m).unwrap_err());
+            assert!(e.starts_with("history"), "{e}");
+        }
+    }
+
+    #[test]
     fn limits_are_checked() {
         let limits = |extra: &str| {
             let text = format!("[target]\n[[target.allow]]\nname = \"s\"\nid = \"x\"\n{extra}\n");
