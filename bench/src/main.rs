@@ -14,6 +14,8 @@
 //!   log until the workload answers on the DR side; then a failback of a 2 GiB tree of which
 //!   the workload changed 1 % on the DR side, against rsync (a full copy, and its delta
 //!   transfer over the stale tree).
+//! - `history`: the point-in-time history: apply throughput with it on and off, history
+//!   bytes per byte overwritten, restore against `cp -a`, test-failover start time.
 //! - `many`: many sources, each its own identity, tree and agent, to one target: the initial
 //!   mirror of all, then per-source lag under a steady load, without and beside a noisy source.
 
@@ -28,6 +30,7 @@ mod failover_report;
 mod fio;
 mod fuse;
 mod fuse_report;
+mod history;
 mod lag;
 mod linkcheck;
 mod lsyncd;
@@ -79,9 +82,48 @@ enum Command {
     Failover(FailoverArgs),
     /// Many sources (each its own identity, tree and agent) replicating to one target.
     Many(ManyArgs),
+    /// Point-in-time history: apply with it on and off, bytes kept, restore vs `cp -a`,
+    /// test-failover start for a small and a large replica.
+    History(HistoryArgs),
     /// Serve a file over HTTP/1.0 (the workload the `failover` mode starts on the replica).
     #[command(hide = true)]
     ServeFile(ServeArgs),
+}
+
+/// Options of `history`.
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// Scratch directory (replicas, restores, views). Only what the benchmark created in it
+    /// is removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench")]
+    pub dir: PathBuf,
+    /// Runs of each measurement (medians reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Size of the file the overwrites go to.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub file: u64,
+    /// Bytes overwritten per run.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub overwrite: u64,
+    /// New files per run of the create-heavy workload.
+    #[arg(long, default_value_t = 20_000)]
+    pub files: u64,
+    /// Size of the restored tree.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub tree: u64,
+    /// Size of the small replica of the test-failover start.
+    #[arg(long, default_value = "40M", value_parser = parse_size)]
+    pub small_view: u64,
+    /// Size of the large replica of the test-failover start.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub large_view: u64,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Options of `serve-file`.
@@ -281,6 +323,9 @@ pub struct CoreArgs {
     /// Number of small files the updates go round-robin over.
     #[arg(long, default_value_t = 5000)]
     pub pool: usize,
+    /// `--history` of the agent's embedded target (`off` measures without history).
+    #[arg(long, value_name = "DURATION")]
+    pub history: Option<String>,
     /// Keep the scratch directory (the generated tree is then reused by the next run).
     #[arg(long)]
     pub keep: bool,
@@ -317,6 +362,7 @@ fn main() {
         Command::Wan(args) => wan::main(&args),
         Command::Failover(args) => failover::main(&args),
         Command::Many(args) => many::main(&args),
+        Command::History(args) => history::main(&args),
         Command::ServeFile(args) => serve::main(&args),
     };
     if let Err(e) = result {

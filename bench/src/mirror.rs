@@ -83,7 +83,7 @@ pub fn run(
         results.rsync_synced.push(synced);
 
         let timeout = Duration::from_secs(600) + r.wall * 20;
-        let (agent, r, status) = time_doppel(doppel, scratch, i, timeout)?;
+        let (agent, r, status) = time_doppel(doppel, scratch, i, timeout, args.history.as_deref())?;
         eprintln!(
             "[bench] {n}: doppel {} (capture {}, {} files / {:.2} GiB hashed, {} ops)",
             describe(&r),
@@ -125,13 +125,15 @@ fn time_doppel(
     scratch: &Scratch,
     i: usize,
     timeout: Duration,
+    history: Option<&str>,
 ) -> Result<(Running, Run, JobStatus)> {
     let (src, dst, home) = (scratch.src(), scratch.doppel_dst(i), scratch.doppel_home(i));
     remove_if_present(&dst)?;
     remove_if_present(&home)?;
     prepare_cold()?;
     let meter = Meter::start()?;
-    let mut agent = Agent::start(doppel, &home, &src, &dst)?;
+    let extra: Vec<&str> = history.map(|h| vec!["--history", h]).unwrap_or_default();
+    let mut agent = Agent::start_with(doppel, &home, &src, &dst, &extra)?;
     let (wall, status) = agent.wait_caught_up(POLL, timeout)?;
     let cpu = agent.cpu()?;
     let run = Run { wall, cpu, others: meter.others(cpu)? };

@@ -18,16 +18,40 @@ use rustix::fs::{AtFlags, OFlags, Stat};
 use super::journal::Journal;
 use super::record::{Draft, Undo};
 
-/// A file kept open for reading old bytes between consecutive writes to it.
+/// A file kept open for reading old bytes between consecutive writes to it, and the last
+/// parent directory resolved (a burst of creates in one directory resolves it once).
 #[derive(Default)]
 pub struct Reader {
     held: Option<(RelPath, OwnedFd, Handle)>,
+    dir: Option<(RelPath, std::sync::Arc<OwnedFd>, Handle)>,
 }
 
 impl Reader {
     /// Forgets the held file (after an op that changes names).
     pub fn clear(&mut self) {
         self.held = None;
+    }
+
+    /// Forgets the cached directory too (after an op that may move or remove one).
+    pub fn clear_dirs(&mut self) {
+        self.dir = None;
+    }
+
+    /// The directory at `path` (resolved beneath the root, or cached) and its handle.
+    fn dir(&mut self, root: &Beneath, path: RelPath) -> io::Result<(std::sync::Arc<OwnedFd>, Handle)> {
+        if let Some((p, fd, h)) = &self.dir
+            && *p == path
+        {
+            return Ok((fd.clone(), h.clone()));
+        }
+        let fd = std::sync::Arc::new(root.dir(&path)?);
+        let h = Handle::of(fd.as_fd(), b"")?;
+        self.dir = Some((path, fd.clone(), h.clone()));
+        Ok((fd, h))
+    }
+
+    fn holds(&self, path: &RelPath) -> bool {
+        matches!(&self.held, Some((p, _, _)) if p == path)
     }
 
     fn get(&mut self, root: &Beneath, path: &RelPath) -> io::Result<(&OwnedFd, &Handle)> {
@@ -83,7 +107,7 @@ fn kind(st: &Stat) -> u32 {
 
 /// A name's parent directory, resolved beneath the root, and facts about it.
 struct Parent<'p> {
-    fd: OwnedFd,
+    fd: std::sync::Arc<OwnedFd>,
     name: &'p [u8],
     handle: Handle,
     here: Option<Stat>,
@@ -95,6 +119,9 @@ impl Taker<'_> {
     pub fn take(&mut self, op: &Op) -> io::Result<()> {
         if op.changes_names() {
             self.reader.clear();
+        }
+        if matches!(op, Op::Rename { .. } | Op::Rmdir { .. }) {
+            self.reader.clear_dirs();
         }
         let r = match op {
             Op::Create { path, .. } | Op::Mkdir { path, .. } | Op::Mknod { path, .. } => {
@@ -122,9 +149,10 @@ impl Taker<'_> {
         }
     }
 
-    fn parent<'p>(&self, path: &'p RelPath) -> io::Result<Parent<'p>> {
-        let (fd, name) = self.root.parent(path)?;
-        let handle = Handle::of(fd.as_fd(), b"")?;
+    fn parent<'p>(&mut self, path: &'p RelPath) -> io::Result<Parent<'p>> {
+        let (dir, _) = path.split_last().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let name = path.name();
+        let (fd, handle) = self.reader.dir(self.root, dir)?;
         let here = lstat_at(fd.as_fd(), name)?;
         Ok(Parent { fd, name, handle, here })
     }
@@ -139,7 +167,7 @@ impl Taker<'_> {
     }
 
     fn dir_times(&mut self, p: &Parent<'_>) -> io::Result<()> {
-        let st = rustix::fs::fstat(&p.fd)?;
+        let st = rustix::fs::fstat(&*p.fd)?;
         self.draft.set.undo.push(Undo::Attrs { obj: p.handle.clone(), old: times_of(&st) });
         Ok(())
     }
@@ -244,17 +272,27 @@ impl Taker<'_> {
     fn content(&mut self, path: &WirePath, off: u64, len: u64) -> io::Result<()> {
         let rel = RelPath::try_from(path)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        if !self.reader.holds(&rel) && !rel.is_root() {
+            // Nothing to read when the op starts at or past the end (appends, new files,
+            // growing truncates): the name's facts come from its directory, no open.
+            let p = self.parent(&rel)?;
+            let Some(st) = p.here.filter(|st| kind(st) == libc::S_IFREG) else { return Ok(()) };
+            if off >= st.st_size as u64 {
+                let obj = Handle::of(p.fd.as_fd(), p.name)?;
+                self.draft.set.undo.push(Undo::Attrs { obj: obj.clone(), old: times_of(&st) });
+                self.draft.set.undo.push(Undo::Content { obj, old_size: st.st_size as u64, ranges: Vec::new() });
+                return Ok(());
+            }
+        }
         let (fd, h) = self.reader.get(self.root, &rel)?;
         let st = rustix::fs::fstat(fd)?;
         let old_size = st.st_size as u64;
         let end = off.saturating_add(len).min(old_size);
         let mut ranges = Vec::new();
         let mut at = off.min(end);
-        let mut buf = vec![0u8; (end - at).min(1 << 20) as usize];
         while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            read_exact_at(fd, &mut buf[..n], at)?;
-            ranges.push(self.draft.range(at, &buf[..n]));
+            let n = ((end - at) as usize).min(1 << 20);
+            ranges.push(self.draft.read_range(at, n, |buf| read_exact_at(fd, buf, at))?);
             at += n as u64;
         }
         let (obj, times) = (h.clone(), times_of(&st));
@@ -266,8 +304,18 @@ impl Taker<'_> {
     fn attrs(&mut self, path: &WirePath, a: &Attrs) -> io::Result<()> {
         let rel = RelPath::try_from(path)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let fd = self.root.open_at(&rel, OFlags::PATH, 0)?;
-        let st = rustix::fs::fstat(&fd)?;
+        let (fd, st) = if rel.is_root() {
+            let fd = self.root.open_at(&rel, OFlags::PATH, 0)?;
+            let st = rustix::fs::fstat(&fd)?;
+            (fd, st)
+        } else {
+            // Through the (cached) parent: a burst of attribute changes in one directory
+            // resolves it once.
+            let p = self.parent(&rel)?;
+            let Some(st) = p.here else { return Ok(()) };
+            let fd = rustix::fs::openat(&*p.fd, p.name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+            (fd, st)
+        };
         let obj = Handle::of(fd.as_fd(), b"")?;
         let mut old = Attrs::default();
         if a.mode.is_some() || a.uid.is_some() || a.gid.is_some() {

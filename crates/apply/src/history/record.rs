@@ -148,26 +148,39 @@ pub struct Draft {
 }
 
 impl Draft {
-    /// Adds old bytes; returns the range to record.
-    pub fn range(&mut self, off: u64, bytes: &[u8]) -> Range {
-        let len = bytes.len() as u64;
-        if bytes.iter().all(|&b| b == 0) {
-            return Range { off, len, zero: true, data_at: 0 };
+    /// Old bytes read in place: `read` fills `len` bytes at the end of the data part; an
+    /// all-zero read is kept as a flag instead. Returns the range to record.
+    pub fn read_range(
+        &mut self,
+        off: u64,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Range> {
+        let start = self.data.len();
+        self.data.resize(start + len, 0);
+        read(&mut self.data[start..])?;
+        if self.data[start..].iter().all(|&b| b == 0) {
+            self.data.truncate(start);
+            return Ok(Range { off, len: len as u64, zero: true, data_at: 0 });
         }
-        let data_at = self.data.len() as u64;
-        self.data.extend_from_slice(bytes);
-        Range { off, len, zero: false, data_at }
+        Ok(Range { off, len: len as u64, zero: false, data_at: start as u64 })
     }
 
-    /// The frame on disk.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The frame's prefix and header; the data part follows them on disk as it is.
+    pub fn encode_head(&self) -> Vec<u8> {
         let header = postcard::to_stdvec(&self.set).expect("an undo set serializes");
-        let mut out = Vec::with_capacity(PREFIX + header.len() + self.data.len());
+        let mut out = Vec::with_capacity(PREFIX + header.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&(header.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.data.len() as u64).to_le_bytes());
         out.extend_from_slice(&check(&header, &self.data));
         out.extend_from_slice(&header);
+        out
+    }
+
+    /// The whole frame in one buffer (tests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_head();
         out.extend_from_slice(&self.data);
         out
     }
@@ -215,8 +228,17 @@ impl Prefix {
     }
 }
 
-/// A short hash of an op's encoding.
+/// A short hash of an op, telling a replay of the same op from another op that got the same
+/// sequence. A write is hashed without its data: the set of a write holds the range's bytes
+/// *before* it, which do not depend on what is written, so any write of that range and length
+/// may share it (and hashing every written byte would cost as much as journaling them).
 pub fn op_hash(op: &doppel_proto::Op) -> u64 {
-    let bytes = postcard::to_stdvec(op).expect("an op serializes");
-    u64::from_le_bytes(blake3::hash(&bytes).as_bytes()[..8].try_into().expect("8 bytes"))
+    let h = match op {
+        doppel_proto::Op::Write { path, offset, data } => {
+            postcard::to_io(&(path, offset, data.len() as u64), blake3::Hasher::new())
+        }
+        op => postcard::to_io(op, blake3::Hasher::new()),
+    }
+    .expect("an op serializes into a hasher");
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
