@@ -256,7 +256,10 @@ fn run(args: &HistoryArgs, dir: &Path) -> Result<String> {
     drop(t);
 
     // Test-failover start: small and large replica.
-    let _ = writeln!(s, "| test-failover start (view of the newest point mounted, root listed) | ms |\n|---|---:|");
+    let _ = writeln!(
+        s,
+        "| test-failover start (view of the newest point mounted, root listed) | ms |\n|---|---:|"
+    );
     for (name, size) in [("small", args.small_view), ("large", args.large_view)] {
         let mut r = Rig::new(dir, &format!("view-{name}"), true)?;
         let n = (size / (8 * MIB)).max(1);

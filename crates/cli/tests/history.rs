@@ -150,6 +150,21 @@ fn ransomware_on_an_embedded_replica_is_undone_by_restoring_the_point_before_it(
         &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "inotify"],
     );
     restore_checks(dir.path(), &src, &replica, &home, "src", &mut agent);
+    // A restore that runs out of space: non-zero, the cause named, nothing left behind.
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "cannot mount a small tmpfs (tests run as root)");
+    let (st, _, err) =
+        run(&home, &["history", "restore", "src", "--at", "now", "--to", small.to_str().unwrap()]);
+    let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+    let _ = std::process::Command::new("umount").arg(&small).status();
+    assert!(!st.success() && err.contains("No space left on device"), "{err}");
+    assert!(left.is_empty(), "a failed restore left {} entries", left.len());
     assert!(agent.stop().success(), "{}", agent.log());
 }
 

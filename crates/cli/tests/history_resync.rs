@@ -91,18 +91,34 @@ fn a_failover_during_a_resync_starts_from_the_pre_resync_point_with_a_sound_data
         let s = job_status(&home, "job");
         (s["state"] == "overflow").then_some(()).ok_or(s.to_string())
     });
+    // A bookmark now would not mark a consistent point: refused, saying why.
+    let (st, _, err) = run(&home, &["history", "bookmark", "job", "during-overflow"]);
+    assert!(!st.success() && err.contains("overflow"), "{err}");
     for _ in 0..20 {
         i += 1;
         assert!(sql.transaction(i, Duration::from_secs(30)), "transaction {i}");
+    }
+    // Enough changed that the resync takes a while at the rate below.
+    for k in 0..16u64 {
+        let f = std::fs::OpenOptions::new().write(true).open(src.join(format!("data{}.bin", k % 4))).unwrap();
+        f.write_all_at(&noise(500 + k, 1 << 20), (k / 4) << 20).unwrap();
     }
     // Slow, so the resync is still running when the agent dies.
     let (st, _, err) = run(&home, &["limit", "job", "2Mbit"]);
     assert!(st.success(), "{err}");
     proxy.restore();
-    wait_until(Duration::from_secs(120), "the resync to start on the target", || {
+    wait_until(Duration::from_secs(120), "the resync under way on the target", || {
         let h = history(&th);
-        resyncing(&h).then_some(()).ok_or(h.to_string())
+        let pre = h["points"].as_array().unwrap().iter().rev().find(|p| p["kind"] == "pre-resync");
+        let newest = h["window"]["newest"]["seq"].as_u64().unwrap_or(0);
+        // Some of the resync's changes applied, not all.
+        match pre {
+            Some(p) if resyncing(&h) && newest > p["seq"].as_u64().unwrap() + 4 => Ok(()),
+            _ => Err(h.to_string()),
+        }
     });
+    // The source dies mid-resync: nothing more reaches the target.
+    proxy.cut();
     agent.kill();
     drop(sql);
     assert!(resyncing(&history(&th)), "the resync ended before the agent was killed");

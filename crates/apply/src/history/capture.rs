@@ -280,7 +280,11 @@ impl Taker<'_> {
             if off >= st.st_size as u64 {
                 let obj = Handle::of(p.fd.as_fd(), p.name)?;
                 self.draft.set.undo.push(Undo::Attrs { obj: obj.clone(), old: times_of(&st) });
-                self.draft.set.undo.push(Undo::Content { obj, old_size: st.st_size as u64, ranges: Vec::new() });
+                self.draft.set.undo.push(Undo::Content {
+                    obj,
+                    old_size: st.st_size as u64,
+                    ranges: Vec::new(),
+                });
                 return Ok(());
             }
         }
@@ -313,7 +317,12 @@ impl Taker<'_> {
             // resolves it once.
             let p = self.parent(&rel)?;
             let Some(st) = p.here else { return Ok(()) };
-            let fd = rustix::fs::openat(&*p.fd, p.name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, rustix::fs::Mode::empty())?;
+            let fd = rustix::fs::openat(
+                &*p.fd,
+                p.name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?;
             (fd, st)
         };
         let obj = Handle::of(fd.as_fd(), b"")?;

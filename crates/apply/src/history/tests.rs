@@ -228,6 +228,32 @@ fn a_replayed_op_reuses_its_set_and_a_torn_tail_is_cut() {
 }
 
 #[test]
+fn a_pinned_point_survives_a_retention_cut_that_would_drop_everything() {
+    use crate::retention::{Retention, SizeLimit};
+    use std::time::Duration;
+    let mut f = Fixture::new();
+    f.replica.history().unwrap().journal().set_segment_bytes(1);
+    f.workload();
+    let point = 6;
+    let mut view = PointView::open(&f.root, &dir_of(&f.state), point, f.seq).unwrap();
+    let h = f.replica.history().unwrap();
+    h.set_retention(Retention { keep: Duration::ZERO, size: SizeLimit::Bytes(0), min: Duration::ZERO });
+    let plan = h.retain(f.base + f.seq * 1000 + 1, 0, u64::MAX).unwrap();
+    assert!(plan.pause, "bytes were wanted that the pin holds");
+    let first = h.journal().segments()[0].seg.first_seq;
+    assert!(first <= point + 1, "a segment the view needs was dropped (first left {first})");
+    let out = tempfile::tempdir_in(f.dir.path()).unwrap();
+    restore(&mut view, &[], out.path(), &mut |_| {}).unwrap();
+    let d = diff(&f.shots[point as usize], &snapshot(out.path(), Compare::default()));
+    assert!(d.is_empty(), "{d}");
+    // Without the pin the same cut takes everything but the newest segment.
+    drop(view);
+    let h = f.replica.history().unwrap();
+    h.retain(f.base + f.seq * 1000 + 1, 0, u64::MAX).unwrap();
+    assert!(h.journal().segments().len() <= 1);
+}
+
+#[test]
 fn retention_drops_old_segments_and_their_attic_never_the_minimum_window() {
     use crate::retention::{Retention, SizeLimit};
     use std::time::Duration;
