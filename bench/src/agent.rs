@@ -103,13 +103,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts protecting `src` into the local directory `dst`, with state in `home`; its log
-    /// (stdout and stderr) goes to `HOME.log`, next to `home` rather than inside it.
-    pub fn start(bin: &Path, home: &Path, src: &Path, dst: &Path) -> Result<Agent> {
-        Agent::start_with(bin, home, src, dst, &[])
-    }
-
-    /// [`Agent::start`] with more arguments for `doppel protect` (`--capture fuse`, say).
+    /// Starts protecting `src` into the local directory `dst`, with state in `home` and more
+    /// arguments for `doppel protect` (`--capture fuse`, say); its log (stdout and stderr)
+    /// goes to `HOME.log`, next to `home` rather than inside it.
     pub fn start_with(bin: &Path, home: &Path, src: &Path, dst: &Path, extra: &[&str]) -> Result<Agent> {
         let mut args = vec![OsString::from("--to"), dst.as_os_str().to_owned()];
         args.extend(extra.iter().map(OsString::from));
