@@ -175,6 +175,31 @@ fn the_window_moves_on_by_time_a_closed_segment_at_a_time() {
     assert!(e.agent.stop().success(), "{}", e.agent.log());
 }
 
+/// `--history 3s`: a deleted file is held (in the attic) for the points before its delete; once
+/// the delete is older than the window, while small changes go on, its space comes back.
+#[test]
+#[ignore = "bug: time retention only ever drops closed segments, and a segment closes only when its \
+            record file passes 64 MiB (bytes moved to the attic do not count); with small changes going on \
+            the one open segment always holds a fresh record, so nothing in it ever expires by time"]
+fn a_deleted_file_is_let_go_once_its_delete_is_older_than_the_window() {
+    let mut e = Embedded::start(
+        &[("gone.bin", 8 * MIB), ("kept.bin", MIB)],
+        &["--history", "3s", "--history-min", "1s"],
+    );
+    std::fs::remove_file(e.src.join("gone.bin")).unwrap();
+    e.converge();
+    let deleted = Instant::now();
+    let v = e.list();
+    assert!(bytes(&v) >= 8 * MIB, "the deleted file is held for the points before its delete: {v}");
+    let v = wait_until(Duration::from_secs(20), "the deleted file's space to come back", || {
+        e.nudge();
+        let v = e.list();
+        (bytes(&v) < MIB).then_some(v.clone()).ok_or(format!("{:?} after the delete: {v}", deleted.elapsed()))
+    });
+    assert!(deleted.elapsed() > Duration::from_secs(3), "let go before the window passed: {v}");
+    assert!(e.agent.stop().success(), "{}", e.agent.log());
+}
+
 /// `--history-size 1MiB` with no protected minimum: while 1 MiB overwrites go on (48 MiB of
 /// old bytes in all) the history on disk stays far below what was overwritten, and once they
 /// stop it is back within the limit.
