@@ -47,7 +47,7 @@ fn check_db(db: &Path) -> (String, u64) {
 }
 
 /// Transactions at most; the commits stop earlier when they take longer than this.
-const TRANSACTIONS: u64 = 300;
+const TRANSACTIONS: u64 = 500;
 const COMMIT_BUDGET: Duration = Duration::from_secs(12);
 const POINTS: usize = 20;
 /// Points restored while transactions go on.
