@@ -62,13 +62,18 @@ impl Sqlite {
 
     /// Runs transaction `i`; waits (up to `timeout`) for its commit to be confirmed.
     pub fn transaction(&mut self, i: u64, timeout: Duration) -> bool {
+        self.transaction_at(i, "EXTRA", timeout)
+    }
+
+    /// [`Sqlite::transaction`] at `PRAGMA synchronous=SYNC` (`FULL` is what WAL needs).
+    pub fn transaction_at(&mut self, i: u64, sync: &str, timeout: Duration) -> bool {
         // With a rollback journal, a commit is the journal's unlink, which SQLite makes durable
         // (syncs the directory) only at `synchronous=EXTRA`; at the default `FULL` a local disk
         // may lose the last commit too, so the transaction asks for what the tests assert. (Set
         // here rather than when the shell starts: a pragma then would open the database while
         // the test reads it.)
         let sql = format!(
-            "PRAGMA synchronous=EXTRA; BEGIN; INSERT INTO t(id, v, pad) VALUES({i}, 'v{i}', randomblob(700)); \
+            "PRAGMA synchronous={sync}; BEGIN; INSERT INTO t(id, v, pad) VALUES({i}, 'v{i}', randomblob(700)); \
              UPDATE t SET v = 'u{i}' WHERE id = {}; COMMIT; SELECT 'C', {i};\n",
             i / 2
         );
