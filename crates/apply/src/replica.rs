@@ -72,6 +72,9 @@ pub struct Replica {
     dirty: Dirty,
     history: Option<History>,
     last_retain: Option<std::time::Instant>,
+    /// The tree's allocated bytes, walked for a percentage history limit when no quota
+    /// count exists, when, and the bytes written since.
+    measured: Option<(std::time::Instant, u64, u64)>,
 }
 
 impl Replica {
@@ -149,6 +152,7 @@ impl Replica {
             dirty: Dirty::everything(),
             history: open_history(root, state_dir, crate::history::DEFAULT_RETENTION)?,
             last_retain: None,
+            measured: None,
         })
     }
 
@@ -235,6 +239,9 @@ impl Replica {
             r => r?,
         };
         self.applied = rec.seq;
+        if let Some((_, _, written)) = &mut self.measured {
+            *written += rec.op.data_len() as u64;
+        }
         self.progress.record(rec.seq)?;
         Ok(outcome)
     }
@@ -337,12 +344,38 @@ impl Replica {
             return Ok(());
         }
         self.last_retain = Some(std::time::Instant::now());
-        let replica_bytes = self.account.as_ref().and_then(|a| a.used()).map_or(0, |u| u.bytes);
+        let size = h.retention().size;
+        let replica_bytes = match size {
+            crate::retention::SizeLimit::Percent(_) => self.replica_bytes(),
+            _ => 0,
+        };
+        let Some(h) = &mut self.history else { return Ok(()) };
+        h.size_segments_for(size.bytes(replica_bytes));
         let plan = h.retain(now_us(), replica_bytes, 0)?;
         if plan.cut_below_keep {
             tracing::warn!(replica = %self.root.path().display(), "history size limit cuts the window below the time configured");
         }
         Ok(())
+    }
+
+    /// The replica's allocated bytes, for a percentage history limit: the quota's count when
+    /// there is one (exact, kept up to date), else a walk of the tree, repeated every ten
+    /// minutes at most (a share of the size need not follow every op) unless much was written.
+    fn replica_bytes(&mut self) -> u64 {
+        if let Some(u) = self.account.as_ref().and_then(|a| a.used()) {
+            return u.bytes;
+        }
+        // Measured again after ten minutes, or once the bytes written since are a quarter of
+        // what was measured (a tree being filled, as during its first mirror).
+        let fresh = self.measured.filter(|(t, b, written)| {
+            t.elapsed() < std::time::Duration::from_secs(600) && written.saturating_mul(4) <= *b
+        });
+        if let Some((_, b, _)) = fresh {
+            return b;
+        }
+        let bytes = crate::quota::walk(self.root.path()).map_or(0, |u| u.bytes);
+        self.measured = Some((std::time::Instant::now(), bytes, 0));
+        bytes
     }
 
     /// Space ran out applying `rec`: frees history (oldest first, never the minimum window).

@@ -93,3 +93,36 @@ fn failover_to_a_bookmark_rolls_the_replica_back_and_a_rerun_with_another_point_
     let (st, _, err) = run(&home, &["history", "bookmark", "job", "later"]);
     assert!(!st.success() && err.to_lowercase().contains("job"), "{err}");
 }
+
+#[test]
+fn a_failover_during_the_first_mirror_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        big_file(&src.join(format!("big{i}.bin")), 16 << 20, 60 + i);
+    }
+    let home = dir.path().join("source-home");
+    let sid = init(&home);
+    let target = start_target(dir.path(), &[("s", &sid)], 0);
+    let th = target.proc.home.clone();
+    // Slow, so the first mirror is still running when the source dies.
+    let mut agent =
+        target.protect(&home, "agent", &src, &["--name", "job", "--capture", "inotify", "--limit", "4Mbit"]);
+    wait_until(Duration::from_secs(60), "the first mirror under way on the target", || {
+        let (_, out, err) = run(&th, &["history", "list", "s/job", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|_| format!("{out}{err}"))?;
+        let newest = v["window"]["newest"]["seq"].as_u64().unwrap_or(0);
+        (v["points"].to_string().contains("pre-resync")
+            && !v["points"].to_string().contains("resynced")
+            && newest > 4)
+            .then_some(())
+            .ok_or(v.to_string())
+    });
+    agent.kill();
+    let (st, _, err) = run(&th, &["failover", "s"]);
+    assert!(!st.success() && err.contains("no consistent point yet"), "{err}");
+    assert_eq!(replica_status(&th)["failed_over"], false, "a refused failover fenced the replica");
+    let (st, out, err) = run(&th, &["failover", "s", "--force"]);
+    assert!(st.success(), "forced failover failed: {out}{err}");
+}

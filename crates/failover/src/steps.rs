@@ -96,6 +96,8 @@ impl Live<'_> {
             .m
             .target
             .with_replica(self.source, job, move |r| -> Result<(u64, String), StepError> {
+                // A point that cannot be used is refused before anything changes.
+                choose_point(r, &choice, now)?;
                 let epoch = r.fence()?;
                 let applied = r.info().applied;
                 let mut detail =

@@ -179,7 +179,7 @@ impl Taker<'_> {
     /// Moves the object at `p` into the attic, noting it.
     fn aside(&mut self, p: &Parent<'_>, path: &RelPath) -> io::Result<Handle> {
         let handle = Handle::of(p.fd.as_fd(), p.name)?;
-        let (attic, _) = self.journal.attic_for(self.draft.set.seq)?;
+        let (attic, _) = self.journal.attic_for(self.draft.set.seq, self.draft.set.time_us)?;
         let name = format!("{}-{}", self.draft.set.seq, self.asides);
         self.asides += 1;
         let bytes = p.here.as_ref().map_or(0, |st| st.st_blocks as u64 * 512);

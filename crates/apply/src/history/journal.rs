@@ -111,6 +111,7 @@ pub struct Journal {
     attic_unsynced: Option<OwnedFd>,
     last: Option<(u64, u64)>,
     segment_bytes: u64,
+    segment_age_us: u64,
 }
 
 impl Journal {
@@ -185,12 +186,20 @@ impl Journal {
             attic_unsynced: None,
             last,
             segment_bytes: SEGMENT_BYTES,
+            segment_age_us: u64::MAX,
         })
     }
 
-    /// Starts new segments past `bytes` (tests use small ones).
+    /// Starts new segments past `bytes`, journal and attic together (tests use small ones).
     pub fn set_segment_bytes(&mut self, bytes: u64) {
         self.segment_bytes = bytes.max(1);
+    }
+
+    /// Starts a new segment once the open one's first set is older than `age_us`: retention
+    /// drops whole segments by the age of their newest set, so the open one (whose newest set
+    /// is always fresh) must close now and then for a time window to be honoured.
+    pub fn set_segment_age(&mut self, age_us: u64) {
+        self.segment_age_us = age_us.max(1);
     }
 
     /// The journal's directory.
@@ -215,8 +224,8 @@ impl Journal {
 
     /// The attic directory of the segment the next set goes to, created if needed, and the
     /// segment's first sequence (what [`Journal::append`] will use for `seq`).
-    pub fn attic_for(&mut self, seq: u64) -> io::Result<(OwnedFd, u64)> {
-        self.roll_if_full(seq)?;
+    pub fn attic_for(&mut self, seq: u64, time_us: u64) -> io::Result<(OwnedFd, u64)> {
+        self.roll_if_full(seq, time_us)?;
         let first = self.segments.last().filter(|_| self.active.is_some()).map_or(seq, |s| s.seg.first_seq);
         let dir = self.attic.join(first.to_string());
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -233,11 +242,16 @@ impl Journal {
         }
     }
 
-    fn roll_if_full(&mut self, seq: u64) -> io::Result<()> {
+    fn roll_if_full(&mut self, seq: u64, time_us: u64) -> io::Result<()> {
         // A segment is named by its first sequence: one never starts at a sequence the newest
         // one already starts at (a mark journaled right after its op).
-        let same_start = self.segments.last().is_some_and(|s| s.seg.first_seq == seq);
-        if self.active.as_ref().is_some_and(|(_, len)| *len >= self.segment_bytes) && !same_start {
+        let newest = self.segments.last();
+        let same_start = newest.is_some_and(|s| s.seg.first_seq == seq);
+        let full = newest.is_some_and(|s| {
+            s.seg.bytes >= self.segment_bytes
+                || (s.sets > 0 && time_us.saturating_sub(s.seg.first_time_us) >= self.segment_age_us)
+        });
+        if self.active.is_some() && full && !same_start {
             // The closed segment is synced with the next commit (`unsynced` stays set).
             let (f, _) = self.active.take().expect("checked");
             f.sync_data()?;
@@ -260,7 +274,7 @@ impl Journal {
     /// Appends a set (one `write`), before its op is carried out.
     pub fn append(&mut self, draft: &Draft) -> io::Result<()> {
         let seq = draft.set.seq;
-        self.roll_if_full(seq)?;
+        self.roll_if_full(seq, draft.set.time_us)?;
         let head = draft.encode_head();
         let (file, len) = self.active.as_mut().expect("rolled");
         write_all_vectored_at(file, &head, &draft.data, *len)?;

@@ -79,6 +79,13 @@ pub struct HistoryStatus {
     pub paused: bool,
 }
 
+/// How long a segment stays open: an eighth of the window kept (so a time cut is at most an
+/// eighth late), between a second and an hour.
+fn segment_age(r: &Retention) -> u64 {
+    let us = u64::try_from((r.keep / 8).as_micros()).unwrap_or(u64::MAX);
+    us.clamp(1_000_000, 3_600_000_000)
+}
+
 /// A replica's history, as the process applying its ops holds it.
 pub struct History {
     journal: Journal,
@@ -91,14 +98,24 @@ impl History {
     /// Opens the history of the replica at `root` whose state is in `state_dir`.
     pub fn open(root: &Path, state_dir: &Path, retention: Retention) -> Result<History, ApplyError> {
         let dir = dir_of(state_dir);
-        let journal = Journal::open(&dir, &attic_of(root, state_dir))
+        let mut journal = Journal::open(&dir, &attic_of(root, state_dir))
             .map_err(|e| ApplyError::State { path: dir.clone(), source: e })?;
+        journal.set_segment_age(segment_age(&retention));
         Ok(History { journal, reader: Reader::default(), retention, last_plan: None })
     }
 
     /// Changes the retention (a reload).
     pub fn set_retention(&mut self, r: Retention) {
         self.retention = r;
+        self.journal.set_segment_age(segment_age(&r));
+    }
+
+    /// Sizes segments for a size limit of `limit` bytes: retention drops whole segments, so a
+    /// segment is at most a quarter of the limit (at least 1 MiB), and at most
+    /// [`journal::SEGMENT_BYTES`].
+    pub fn size_segments_for(&mut self, limit: Option<u64>) {
+        let bytes = limit.map_or(journal::SEGMENT_BYTES, |l| (l / 4).clamp(1 << 20, journal::SEGMENT_BYTES));
+        self.journal.set_segment_bytes(bytes);
     }
 
     /// The retention in force.
