@@ -314,6 +314,12 @@ impl Account {
         Ok(())
     }
 
+    /// Forgets the count: the next [`Account::ensure_counted`] walks again (after a change no
+    /// op measured, such as a rollback).
+    pub fn forget_count(&self) {
+        self.counted.store(false, Ordering::Release);
+    }
+
     /// Whether `need` more fits (always, without a limit).
     pub fn admit(&self, need: Usage) -> Result<(), OverQuota> {
         check(self.usage(), need, self.limits())

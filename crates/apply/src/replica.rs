@@ -13,7 +13,7 @@ use crate::history::History;
 use crate::metered::{self, Before};
 use crate::ops::{OpenFile, apply_op_with};
 use crate::privilege::{Decision, Privilege, PrivilegePolicy, Rule};
-use crate::quota::Account;
+use crate::quota::{Account, Usage};
 use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
 
 /// The formats of a replica's state directory (`checkpoint.json`, `progress`, the stopped
@@ -235,7 +235,12 @@ impl Replica {
             self.dirty_on_disk = true;
         }
         let outcome = match self.apply_policed(rec) {
-            Err(e) if e.is_no_space() && self.free_history(rec)? => self.apply_policed(rec)?,
+            Err(e)
+                if (e.is_no_space() || matches!(e, ApplyError::OverQuota { .. }))
+                    && self.free_history(rec)? =>
+            {
+                self.apply_policed(rec)?
+            }
             r => r?,
         };
         self.applied = rec.seq;
@@ -257,10 +262,14 @@ impl Replica {
         };
         let devices = self.privileges.devices == Rule::Allow;
         let metered = self.metered(rec.seq, &op)?;
+        if self.history.is_some() {
+            self.admit_history(rec.seq, &op)?;
+        }
         if let Some(h) = &mut self.history {
             // After the quota check (an op over quota moves nothing aside) and its measure of
-            // the tree: the quota counts the tree, and what goes to the attic leaves it.
-            h.before(&self.root, rec.seq, rec.time_us, &op)?;
+            // the tree; what the history takes is charged to the quota as well.
+            let took = h.before(&self.root, rec.seq, rec.time_us, &op)?;
+            self.charge(took, Usage::default());
         }
         let applied = apply_op_with(&self.root, &mut self.open, &mut self.progress, rec.seq, &op, devices);
         if let (Ok(()), Some((account, before))) = (&applied, metered) {
@@ -349,9 +358,11 @@ impl Replica {
             crate::retention::SizeLimit::Percent(_) => self.replica_bytes(),
             _ => 0,
         };
+        let over = self.over_quota_bytes();
         let Some(h) = &mut self.history else { return Ok(()) };
         h.size_segments_for(size.bytes(replica_bytes));
-        let plan = h.retain(now_us(), replica_bytes, 0)?;
+        let (plan, freed) = h.retain(now_us(), replica_bytes, over)?;
+        self.charge(Usage::default(), freed);
         if plan.cut_below_keep {
             tracing::warn!(replica = %self.root.path().display(), "history size limit cuts the window below the time configured");
         }
@@ -363,7 +374,9 @@ impl Replica {
     /// minutes at most (a share of the size need not follow every op) unless much was written.
     fn replica_bytes(&mut self) -> u64 {
         if let Some(u) = self.account.as_ref().and_then(|a| a.used()) {
-            return u.bytes;
+            // The quota counts the history too.
+            let history = self.history.as_mut().map_or(0, |h| h.journal().bytes());
+            return u.bytes.saturating_sub(history);
         }
         // Measured again after ten minutes, or once the bytes written since are a quarter of
         // what was measured (a tree being filled, as during its first mirror).
@@ -378,23 +391,62 @@ impl Replica {
         bytes
     }
 
-    /// Space ran out applying `rec`: frees history (oldest first, never the minimum window).
+    /// Space or quota ran out applying `rec`: frees history (oldest first, never the minimum
+    /// window).
     /// Whether anything was freed (the op is worth retrying).
     fn free_history(&mut self, rec: &OpRecord) -> Result<bool, ApplyError> {
-        let Some(h) = &mut self.history else { return Ok(false) };
+        if self.history.is_none() {
+            return Ok(false);
+        }
         let need = match &rec.op {
             doppel_proto::Op::Write { data, .. } => data.len() as u64,
             _ => 0,
         }
         .max(1 << 20);
-        let plan = h.retain(now_us(), 0, need)?;
+        let need = need.max(self.over_quota_bytes());
+        let Some(h) = &mut self.history else { return Ok(false) };
+        let (plan, freed) = h.retain(now_us(), 0, need)?;
+        self.charge(Usage::default(), freed);
         if plan.pause {
             tracing::error!(
                 replica = %self.root.path().display(),
-                "out of space and only the minimum history window is left: the replica pauses"
+                "out of space (or quota) and only the minimum history window is left: the replica pauses"
             );
         }
         Ok(plan.freed > 0)
+    }
+
+    /// Checks that the old bytes `op` will put into the history fit the source's quota,
+    /// dropping the oldest history first if they do not (never the minimum window): an
+    /// overwrite takes nothing more in the tree, but as much again in the history.
+    fn admit_history(&mut self, seq: u64, op: &doppel_proto::Op) -> Result<(), ApplyError> {
+        let Some(account) = self.account.clone().filter(|a| a.used().is_some()) else { return Ok(()) };
+        let need = Usage { bytes: op.data_len() as u64, files: 0 };
+        if account.admit(need).is_ok() {
+            return Ok(());
+        }
+        let want = need.bytes + self.over_quota_bytes();
+        if let Some(h) = &mut self.history {
+            let (_, freed) = h.retain(now_us(), 0, want)?;
+            self.charge(Usage::default(), freed);
+        }
+        account.admit(need).map_err(|over| ApplyError::OverQuota { seq, kind: op.kind(), over })
+    }
+
+    /// Records a change of the source's use (history taken or freed), when its use is counted.
+    fn charge(&self, added: Usage, freed: Usage) {
+        if let Some(a) = self.account.as_ref().filter(|a| a.used().is_some()) {
+            a.record(added, freed);
+        }
+    }
+
+    /// Bytes the source is over its byte quota by (0 without one).
+    fn over_quota_bytes(&self) -> u64 {
+        let Some(a) = &self.account else { return 0 };
+        match (a.used(), a.limits().bytes) {
+            (Some(u), Some(limit)) => u.bytes.saturating_sub(limit),
+            _ => 0,
+        }
     }
 
     /// Fences the replica for a failover: makes what was applied durable, starts a new epoch
@@ -458,6 +510,10 @@ impl Replica {
         let attic = crate::history::attic_of(self.root.path(), &self.state_dir);
         let undone = crate::history::rollback::roll_back(&self.root, &dir, &attic, point).map_err(state)?;
         self.history = Some(History::open(self.root.path(), &self.state_dir, retention)?);
+        if let Some(a) = &self.account {
+            // Counted again from the tree and history as the rollback left them.
+            a.forget_count();
+        }
         self.applied = point;
         self.progress.record(point)?;
         self.dirty = Dirty::everything();

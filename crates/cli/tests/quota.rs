@@ -188,3 +188,58 @@ fn max_jobs_refuses_a_job_past_the_limit_until_a_reload_raises_it() {
     wait_converged(&second_src, &data.join("replicas/small/two"), Duration::from_secs(90), &mut second);
     assert!(first.running(), "{}", first.log());
 }
+
+/// The history counts against the quota: overwrites that would take it over are met by
+/// dropping the oldest history (the source goes on replicating), unless `history_min`
+/// protects it, when the source pauses over quota as on a full disk.
+#[test]
+fn history_is_charged_to_the_quota_and_trimmed_before_a_source_pauses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = (Source::new(dir.path(), "small"), Source::new(dir.path(), "keeper"));
+    for s in [&a, &b] {
+        big_file(&s.src.join("disk.img"), 8 * MIB, 3);
+    }
+    let config = format!(
+        "[target]\n\
+         [[target.allow]]\nname = \"small\"\nid = \"{}\"\nquota_bytes = \"24MiB\"\nhistory_min = \"0s\"\n\
+         [[target.allow]]\nname = \"keeper\"\nid = \"{}\"\nquota_bytes = \"24MiB\"\nhistory_min = \"1h\"\n",
+        a.id(),
+        b.id()
+    );
+    let data = dir.path().join("data");
+    let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &data, None);
+    let th = target.proc.home.clone();
+    for s in [&mut a, &mut b] {
+        let mut agent = s.start(&target, "job");
+        wait_converged(&s.src, &s.replica(&data), Duration::from_secs(60), &mut agent);
+        s.agent = Some(agent);
+    }
+    // Four whole overwrites, each replicated before the next: 32 MiB of history for an 8 MiB
+    // tree under a 24 MiB quota.
+    let mut paused = false;
+    for round in 0..4 {
+        for s in [&a, &b] {
+            big_file(&s.src.join("disk.img"), 8 * MIB, 10 + round);
+        }
+        wait_converged(&a.src, &a.replica(&data), Duration::from_secs(120), a.agent.as_mut().unwrap());
+        wait_until(Duration::from_secs(120), "keeper to replicate the round or pause", || {
+            let r = rows(&th, "keeper").remove(0);
+            paused = r["state"].as_str().unwrap_or_default().contains("over quota");
+            if paused {
+                return Ok(());
+            }
+            compare_trees(&b.src, &b.replica(&data), Compare::default())
+        });
+    }
+    assert!(paused, "keeper's protected history should have taken it over its quota");
+    // Trimmed: the source converged every round, its use stays within the quota, the history
+    // was cut.
+    let row = rows(&th, "small").remove(0);
+    let used = row["quota"]["used_bytes"].as_u64().unwrap();
+    assert!(used <= 24 * MIB + MIB, "use {used} over the 24 MiB quota: {row}");
+    let history = row["history"]["bytes"].as_u64().unwrap();
+    assert!(history < 16 * MIB, "history {history} bytes kept over the quota: {row}");
+    // Protected by history_min: paused over quota, nothing lost.
+    let row = wait_over_quota(&th, &b, "bytes");
+    assert!(row["history"]["bytes"].as_u64().unwrap() > 8 * MIB, "{row}");
+}

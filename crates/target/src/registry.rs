@@ -496,11 +496,20 @@ impl Target {
         accounts
             .entry(source.to_string())
             .or_insert_with(|| {
-                let root = match &self.config.layout {
-                    Layout::DataDir(d) => d.join("replicas").join(source),
-                    Layout::Embedded { replica, .. } => replica.clone(),
+                // The replicas and their history (journals and attics, with the small state
+                // files beside them) count against the quota.
+                let roots = match &self.config.layout {
+                    Layout::DataDir(d) => vec![d.join("replicas").join(source), d.join("state").join(source)],
+                    Layout::Embedded { replica, state } => {
+                        let attic = doppel_apply::history::attic_of(replica, state);
+                        let mut roots = vec![replica.clone(), state.clone()];
+                        if !attic.starts_with(state) {
+                            roots.push(attic);
+                        }
+                        roots
+                    }
                 };
-                Arc::new(Account::new(vec![root], limits))
+                Arc::new(Account::new(roots, limits))
             })
             .clone()
     }

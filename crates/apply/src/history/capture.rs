@@ -82,6 +82,11 @@ pub struct Taker<'a> {
     pub draft: Draft,
     /// Objects moved aside so far by this set.
     pub asides: usize,
+    /// What the objects moved aside take, as the quota's measure of the op counted them
+    /// freed (an unlink, a rmdir, a rename's victim): they stay, in the attic.
+    pub kept: crate::quota::Usage,
+    /// The op is one whose removals the quota's measure counts as freed.
+    pub counted_freed: bool,
 }
 
 fn times_of(st: &Stat) -> Attrs {
@@ -123,6 +128,11 @@ impl Taker<'_> {
         if matches!(op, Op::Rename { .. } | Op::Rmdir { .. }) {
             self.reader.clear_dirs();
         }
+        // The quota's measure counts an unlink's, a rmdir's and a rename victim's inode as
+        // freed, and a symlink over an old one as no change (one inode for another): with the
+        // old one kept in the attic, each of these takes its footprint more than measured.
+        self.counted_freed = matches!(op, Op::Unlink { .. } | Op::Rmdir { .. } | Op::Symlink { .. })
+            || matches!(op, Op::Rename { flags, .. } if !flags.exchange);
         let r = match op {
             Op::Create { path, .. } | Op::Mkdir { path, .. } | Op::Mknod { path, .. } => {
                 self.create(path, matches!(op, Op::Mkdir { .. }), false)
@@ -183,6 +193,13 @@ impl Taker<'_> {
         let name = format!("{}-{}", self.draft.set.seq, self.asides);
         self.asides += 1;
         let bytes = p.here.as_ref().map_or(0, |st| st.st_blocks as u64 * 512);
+        if self.counted_freed
+            && let Some(st) = &p.here
+        {
+            let f = crate::quota::Footprint::of(st).freed();
+            self.kept.bytes += f.bytes;
+            self.kept.files += f.files;
+        }
         // Recorded first: a kill right after the move leaves the set that says where it went.
         self.draft.set.undo.push(Undo::Aside { path: path.as_bytes().to_vec(), attic: name.clone() });
         rustix::fs::renameat_with(&p.fd, p.name, &attic, name.as_str(), rustix::fs::RenameFlags::NOREPLACE)?;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags};
 
 use super::record::{self, Draft, PREFIX, Prefix, UndoSet};
+use crate::quota::Usage;
 use crate::retention::Segment;
 
 /// A segment is closed and a new one started past this size by default.
@@ -112,6 +113,10 @@ pub struct Journal {
     last: Option<(u64, u64)>,
     segment_bytes: u64,
     segment_age_us: u64,
+    /// Allocated bytes of the open segment file, as last counted.
+    active_blocks: u64,
+    /// What the journal took since the last [`Journal::take_growth`] (for the quota).
+    grown: Usage,
 }
 
 impl Journal {
@@ -177,6 +182,10 @@ impl Journal {
             }
             None => None,
         };
+        let active_blocks = match &active {
+            Some((f, _)) => f.metadata()?.blocks() * 512,
+            None => 0,
+        };
         Ok(Journal {
             dir: dir.to_path_buf(),
             attic: attic.to_path_buf(),
@@ -187,6 +196,8 @@ impl Journal {
             last,
             segment_bytes: SEGMENT_BYTES,
             segment_age_us: u64::MAX,
+            active_blocks,
+            grown: Usage::default(),
         })
     }
 
@@ -228,8 +239,13 @@ impl Journal {
         self.roll_if_full(seq, time_us)?;
         let first = self.segments.last().filter(|_| self.active.is_some()).map_or(seq, |s| s.seg.first_seq);
         let dir = self.attic.join(first.to_string());
+        let new = !dir.exists();
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         let fd = rustix::fs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        if new {
+            self.grown.files += 1;
+            self.grown.bytes += rustix::fs::fstat(&fd)?.st_blocks as u64 * 512;
+        }
         self.attic_unsynced = Some(fd.try_clone()?);
         Ok((fd, first))
     }
@@ -265,6 +281,8 @@ impl Journal {
                 sets: 0,
             });
             self.active = Some((file, 0));
+            self.active_blocks = 0;
+            self.grown.files += 1;
             // The new name must survive with the data.
             File::open(&self.dir)?.sync_all()?;
         }
@@ -280,6 +298,9 @@ impl Journal {
         write_all_vectored_at(file, &head, &draft.data, *len)?;
         let frame_len = (head.len() + draft.data.len()) as u64;
         *len += frame_len;
+        let blocks = file.metadata()?.blocks() * 512;
+        self.grown.bytes += blocks.saturating_sub(self.active_blocks);
+        self.active_blocks = blocks;
         let info = self.segments.last_mut().expect("an active segment is listed");
         if info.sets == 0 {
             info.seg.first_time_us = draft.set.time_us;
@@ -310,23 +331,34 @@ impl Journal {
         Ok(())
     }
 
-    /// Drops the `n` oldest segments with their attic; returns the bytes freed.
-    pub fn drop_oldest(&mut self, n: usize) -> io::Result<u64> {
+    /// What the journal took (allocated bytes, inodes) since this was last asked.
+    pub fn take_growth(&mut self) -> Usage {
+        std::mem::take(&mut self.grown)
+    }
+
+    /// Drops the `n` oldest segments with their attic; returns what that frees, as a walk of
+    /// the history would no longer count it.
+    pub fn drop_oldest(&mut self, n: usize) -> io::Result<Usage> {
         let n = n.min(self.segments.len());
-        let mut freed = 0;
+        let mut freed = Usage::default();
         for info in self.segments.drain(..n) {
             let first = info.seg.first_seq;
             let attic = self.attic.join(first.to_string());
+            let a = freed_by_removing(&attic);
             match fs::remove_dir_all(&attic) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
-            fs::remove_file(self.dir.join(segment_name(first)))?;
-            freed += info.seg.bytes;
+            let seg = self.dir.join(segment_name(first));
+            let blocks = fs::metadata(&seg).map_or(0, |m| m.blocks() * 512);
+            fs::remove_file(&seg)?;
+            freed.bytes += a.bytes + blocks;
+            freed.files += a.files + 1;
         }
         if self.segments.is_empty() {
             self.active = None;
+            self.active_blocks = 0;
         }
         File::open(&self.dir)?.sync_all()?;
         Ok(freed)
@@ -344,7 +376,7 @@ impl Journal {
 
     /// Drops every segment: the history is emptied (history turned off, or a rollback
     /// consumed it).
-    pub fn clear(&mut self) -> io::Result<u64> {
+    pub fn clear(&mut self) -> io::Result<Usage> {
         self.drop_oldest(self.segments.len())
     }
 
@@ -373,6 +405,39 @@ fn write_all_vectored_at(file: &File, a: &[u8], b: &[u8], off: u64) -> io::Resul
         }
     }
     Ok(())
+}
+
+/// What removing the tree at `dir` frees: each directory, and each inode all of whose names
+/// are in it (one also named in the replica lives on).
+fn freed_by_removing(dir: &Path) -> Usage {
+    use std::collections::HashMap;
+    let Ok(top) = fs::symlink_metadata(dir) else { return Usage::default() };
+    let mut freed = Usage { bytes: top.blocks() * 512, files: 1 };
+    let mut linked: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else { continue };
+            if m.is_dir() {
+                freed.bytes += m.blocks() * 512;
+                freed.files += 1;
+                stack.push(e.path());
+            } else if m.nlink() <= 1 {
+                freed.bytes += m.blocks() * 512;
+                freed.files += 1;
+            } else {
+                linked.entry((m.dev(), m.ino())).or_insert((0, m.nlink(), m.blocks() * 512)).0 += 1;
+            }
+        }
+    }
+    for (seen, nlink, bytes) in linked.into_values() {
+        if seen >= nlink {
+            freed.bytes += bytes;
+            freed.files += 1;
+        }
+    }
+    freed
 }
 
 /// Allocated bytes of everything beneath `dir` (0 if it is missing).

@@ -30,6 +30,7 @@ pub use doppel_fs::handle::Handle;
 use doppel_proto::Op;
 
 use crate::error::ApplyError;
+use crate::quota::Usage;
 use crate::retention::{Facts, Plan, Retention, SizeLimit};
 use capture::{Reader, Taker};
 use journal::Journal;
@@ -131,10 +132,13 @@ impl History {
     /// Takes and journals the undo of op `seq` before it is carried out. A replay of an op
     /// whose set is already journaled (after a kill) takes nothing again: the set describes
     /// the state before its first attempt.
-    pub fn before(&mut self, root: &Beneath, seq: u64, time_us: u64, op: &Op) -> Result<(), ApplyError> {
+    ///
+    /// Returns what the history took meanwhile, for the source's quota: the journal's growth,
+    /// and what was moved aside that the quota's measure of the op counts as freed.
+    pub fn before(&mut self, root: &Beneath, seq: u64, time_us: u64, op: &Op) -> Result<Usage, ApplyError> {
         let op_hash = record::op_hash(op);
         if self.journal.last() == Some((seq, op_hash)) {
-            return Ok(());
+            return Ok(Usage::default());
         }
         let mark = match op {
             Op::Fsync { .. } => Some(Mark::Fsync),
@@ -145,22 +149,21 @@ impl History {
         };
         let draft =
             Draft { set: UndoSet { seq, time_us, op_hash, mark, undo: Vec::new() }, data: Vec::new() };
-        let mut t = Taker { root, journal: &mut self.journal, reader: &mut self.reader, draft, asides: 0 };
+        let mut t = Taker {
+            root,
+            journal: &mut self.journal,
+            reader: &mut self.reader,
+            draft,
+            asides: 0,
+            kept: Usage::default(),
+            counted_freed: false,
+        };
         let io = |e: io::Error| ApplyError::Io { seq, kind: op.kind(), path: "(history)".into(), source: e };
         t.take(op).map_err(io)?;
-        let draft = t.draft;
-        self.journal.append(&draft).map_err(io)
-    }
-
-    /// Journals a named point after op `seq` (no undo: it changes nothing).
-    pub fn mark(&mut self, seq: u64, time_us: u64, mark: Mark) -> Result<(), ApplyError> {
-        let draft = Draft {
-            set: UndoSet { seq, time_us, op_hash: 0, mark: Some(mark), undo: Vec::new() },
-            data: Vec::new(),
-        };
-        self.journal
-            .append(&draft)
-            .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
+        let (draft, kept) = (t.draft, t.kept);
+        self.journal.append(&draft).map_err(io)?;
+        let grown = self.journal.take_growth();
+        Ok(Usage { bytes: kept.bytes + grown.bytes, files: kept.files + grown.files })
     }
 
     /// Makes the journal durable (before the replica's own commit).
@@ -172,18 +175,27 @@ impl History {
 
     /// Applies retention: drops the segments it lets go (by time, by size, and `need_bytes`
     /// more when space ran out). Returns the plan (whether the replica must pause).
-    pub fn retain(&mut self, now_us: u64, replica_bytes: u64, need_bytes: u64) -> Result<Plan, ApplyError> {
+    ///
+    /// Returns the plan and what dropping its segments freed (for the quota).
+    pub fn retain(
+        &mut self,
+        now_us: u64,
+        replica_bytes: u64,
+        need_bytes: u64,
+    ) -> Result<(Plan, Usage), ApplyError> {
         let segs: Vec<_> = self.journal.segments().iter().map(|s| s.seg).collect();
         let pin = view::pins(self.journal.dir());
         let plan = self.retention.plan(&segs, Facts { now_us, replica_bytes, need_bytes, pin });
+        let mut freed = Usage::default();
         if plan.drop > 0 {
             tracing::debug!(drop = plan.drop, freed = plan.freed, "history retention drops segments");
-            self.journal
+            freed = self
+                .journal
                 .drop_oldest(plan.drop)
                 .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })?;
         }
         self.last_plan = Some(plan);
-        Ok(plan)
+        Ok((plan, freed))
     }
 
     /// What status shows.

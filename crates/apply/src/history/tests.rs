@@ -238,7 +238,7 @@ fn a_pinned_point_survives_a_retention_cut_that_would_drop_everything() {
     let mut view = PointView::open(&f.root, &dir_of(&f.state), point, f.seq).unwrap();
     let h = f.replica.history().unwrap();
     h.set_retention(Retention { keep: Duration::ZERO, size: SizeLimit::Bytes(0), min: Duration::ZERO });
-    let plan = h.retain(f.base + f.seq * 1000 + 1, 0, u64::MAX).unwrap();
+    let (plan, _) = h.retain(f.base + f.seq * 1000 + 1, 0, u64::MAX).unwrap();
     assert!(plan.pause, "bytes were wanted that the pin holds");
     let first = h.journal().segments()[0].seg.first_seq;
     assert!(first <= point + 1, "a segment the view needs was dropped (first left {first})");
@@ -271,7 +271,7 @@ fn retention_drops_old_segments_and_their_attic_never_the_minimum_window() {
         size: SizeLimit::Bytes(0),
         min: Duration::from_micros(5000),
     });
-    let plan = h.retain(now, 0, u64::MAX).unwrap();
+    let (plan, _) = h.retain(now, 0, u64::MAX).unwrap();
     assert!(plan.pause, "bytes still needed with only the minimum window left");
     let left = h.journal().segments().to_vec();
     assert!(left.iter().all(|s| s.seg.newest_time_us >= now - 5000), "{left:?}");
@@ -285,4 +285,40 @@ fn retention_drops_old_segments_and_their_attic_never_the_minimum_window() {
     assert!(PointView::open(&f.root, &dir_of(&f.state), oldest - 1, f.seq).is_err());
     let attics = std::fs::read_dir(attic_of(&f.root, &f.state)).unwrap().count();
     assert!(attics <= left.len(), "{attics} attic dirs for {} segments", left.len());
+}
+
+#[test]
+fn the_quota_counts_the_history_as_a_walk_finds_it() {
+    use crate::quota::{Account, Limits, Usage};
+    use crate::retention::{Retention, SizeLimit};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let mut f = Fixture::new();
+    let roots = vec![f.dir.path().join("replicas/src"), f.dir.path().join("state/src")];
+    let account = Arc::new(Account::new(roots.clone(), Limits { bytes: Some(1 << 40), files: None }));
+    f.replica.set_account(account.clone());
+    f.replica.history().unwrap().journal().set_segment_bytes(64 << 10);
+    let walk = || {
+        roots
+            .iter()
+            .map(|r| crate::quota::walk(r).unwrap())
+            .fold(Usage::default(), |a, b| Usage { bytes: a.bytes + b.bytes, files: a.files + b.files })
+    };
+    f.workload();
+    let used = account.used().expect("counted");
+    let fresh = walk();
+    assert_eq!(used.files, fresh.files, "inodes: running {used:?}, walk {fresh:?}");
+    assert!(used.bytes.abs_diff(fresh.bytes) <= 16 << 10, "bytes: running {used:?}, walk {fresh:?}");
+    // Retention frees what it drops, in the count too.
+    let h = f.replica.history().unwrap();
+    h.set_retention(Retention { keep: Duration::ZERO, size: SizeLimit::Bytes(0), min: Duration::ZERO });
+    let (_, freed) = h.retain(f.base + f.seq * 1000 + 1, 0, 0).unwrap();
+    account.record(Usage::default(), freed);
+    let used = account.used().unwrap();
+    let fresh = walk();
+    assert_eq!(used.files, fresh.files, "after retention: running {used:?}, walk {fresh:?}");
+    assert!(
+        used.bytes.abs_diff(fresh.bytes) <= 16 << 10,
+        "after retention: running {used:?}, walk {fresh:?}"
+    );
 }
