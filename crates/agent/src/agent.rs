@@ -359,6 +359,7 @@ impl Agent {
     /// Live status handle (for a status server that outlives `run`'s borrow).
     pub fn status_source(&self) -> StatusSource {
         StatusSource {
+            embedded: self.embedded.clone(),
             status: self.status.clone(),
             spool: self.spool.clone(),
             job: self.job.name.clone(),
@@ -463,6 +464,7 @@ fn is_stopping(e: &AgentError) -> bool {
 /// Everything needed to report a job's status.
 #[derive(Clone)]
 pub struct StatusSource {
+    embedded: Option<Arc<Target>>,
     status: Arc<JobStatus>,
     spool: Arc<Spool>,
     job: String,
@@ -473,7 +475,9 @@ pub struct StatusSource {
 impl StatusSource {
     /// A snapshot.
     pub fn snapshot(&self) -> JobStatusSnapshot {
-        self.status.snapshot(&self.job, &self.root, &self.dest, &self.spool)
+        let mut s = self.status.snapshot(&self.job, &self.root, &self.dest, &self.spool);
+        s.history = self.embedded.as_ref().and_then(|t| t.status().into_iter().find_map(|r| r.history));
+        s
     }
 }
 

@@ -154,6 +154,10 @@ pub struct JobStatusSnapshot {
     pub files_hashed: u64,
     /// Bytes compared (hashed) since the agent started.
     pub bytes_hashed: u64,
+    /// The history of the replica, for a job protected to a local directory (its embedded
+    /// target keeps it; a remote target's status shows its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<doppel_apply::history::HistoryStatus>,
 }
 
 impl JobStatus {
@@ -231,6 +235,7 @@ impl JobStatus {
             rate_limit: self.rate_limit.load(Ordering::Relaxed),
             files_hashed: files,
             bytes_hashed: bytes,
+            history: None,
         }
     }
 }

@@ -150,6 +150,11 @@ fn ransomware_on_an_embedded_replica_is_undone_by_restoring_the_point_before_it(
         &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "inotify"],
     );
     restore_checks(dir.path(), &src, &replica, &home, "src", &mut agent);
+    // The source's status shows the embedded replica's history.
+    let st = job_status(&home, "src");
+    assert!(st["history"]["bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    let (_, text, _) = run(&home, &["status"]);
+    assert!(text.contains("HISTORY: points "), "{text}");
     // A restore that runs out of space: non-zero, the cause named, nothing left behind.
     let small = dir.path().join("small");
     std::fs::create_dir(&small).unwrap();

@@ -251,6 +251,11 @@ fn print_jobs(jobs: &[JobRow]) {
         if let Some(detail) = j.detail.filter(|d| !d.is_empty() && *d != "-") {
             println!("{:<16} {detail}", "");
         }
+        if let JobRow::Running(s) = row
+            && let Some(h) = &s.history
+        {
+            println!("{:<16} {}", "", history_line(h));
+        }
     }
 }
 
@@ -319,7 +324,7 @@ fn quota_line(q: &doppel_target::QuotaUse) -> String {
         None => format!("{} (no limit)", show(used)),
     };
     format!(
-        "QUOTA (the source's replicas together): {}, {} files",
+        "QUOTA (the source's replicas and their history together): {}, {} files",
         of(q.used_bytes, q.quota_bytes, &bytes),
         of(q.used_files, q.quota_files, &n)
     )

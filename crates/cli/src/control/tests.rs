@@ -63,6 +63,7 @@ fn snapshot() -> JobStatusSnapshot {
         rate_limit: 1_000_000,
         files_hashed: 10,
         bytes_hashed: 655_360,
+        history: None,
     }
 }
 
