@@ -368,6 +368,7 @@ pub fn main(args: &ManyArgs) -> Result<()> {
     let pid = target.0.id();
     let base = footprint(pid)?;
     let cpu0 = crate::cpu::of_process(pid)?;
+    let busy0 = crate::cpu::machine_busy()?;
     let started = Instant::now();
     let mut agents = Vec::new();
     for s in &sources {
@@ -387,6 +388,7 @@ pub fn main(args: &ManyArgs) -> Result<()> {
     let each = wait_all_equal(&sources, started)?;
     let mirror = started.elapsed();
     let mirror_cpu = crate::cpu::of_process(pid)? - cpu0;
+    let mirror_busy = crate::cpu::machine_busy()? - busy0;
     let held = footprint(pid)?;
     eprintln!("[bench] all {} replicas equal after {:.1} s", args.sources, mirror.as_secs_f64());
     let quiet = phase(args, &sources, pid, false)?;
@@ -432,6 +434,13 @@ pub fn main(args: &ManyArgs) -> Result<()> {
         100.0 * rate / disk
     );
     r += &format!("| target CPU | {:.1} s |\n", mirror_cpu.as_secs_f64());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    r += &format!(
+        "| the machine's CPU busy meanwhile (all cores: the agents, their file reads, the target) | {:.1} s of {:.1} s available ({:.0} %) |\n",
+        mirror_busy.as_secs_f64(),
+        mirror.as_secs_f64() * cores,
+        100.0 * mirror_busy.as_secs_f64() / (mirror.as_secs_f64() * cores)
+    );
     r += &format!(
         "| target RSS / threads: started, all connected, after the loads | {} / {}, {} / {}, {} / {} |\n",
         mib(base.rss),
