@@ -69,7 +69,10 @@ pub async fn receive(
     let connector = Connector::remote(addr, &me, *target_id, Vec::new())
         .map_err(|e| FailbackError::Config(e.to_string()))?;
     let state = lock.dir.join("failback-target");
-    let target = Target::new(TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() }));
+    let mut cfg = TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() });
+    // The source's own tree receiving its replica back keeps no history (and no attic beside it).
+    cfg.history = None;
+    let target = Target::new(cfg);
     let mut backoff = Duration::from_millis(200);
     let handover = loop {
         let attempt = tokio::select! {

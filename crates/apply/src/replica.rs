@@ -81,6 +81,15 @@ impl Replica {
     /// Opens the replica whose tree is `root` (created if missing) and whose state lives in
     /// `state_dir`, recovering from whatever way the previous process ended.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Replica, ApplyError> {
+        Replica::open_with_history(root, state_dir, Some(crate::history::DEFAULT_RETENTION))
+    }
+
+    /// [`Replica::open`] keeping `history` (`None`: none, and nothing of it is created).
+    pub fn open_with_history(
+        root: &Path,
+        state_dir: &Path,
+        history: Option<crate::retention::Retention>,
+    ) -> Result<Replica, ApplyError> {
         // Root only: the state directory, and whatever is created on the way to the tree, is
         // 0700, so a replica is never reachable by local users through a directory made here.
         // The tree's own root is data: it gets the mode the source gives it.
@@ -150,7 +159,13 @@ impl Replica {
             // What a previous process applied and did not commit is in the page cache, not in
             // this process's notes: the first commit syncs the whole file system.
             dirty: Dirty::everything(),
-            history: open_history(root, state_dir, crate::history::DEFAULT_RETENTION)?,
+            history: match history {
+                Some(r) => open_history(root, state_dir, r)?,
+                None => {
+                    drop_history(root, state_dir)?;
+                    None
+                }
+            },
             last_retain: None,
             measured: None,
         })
@@ -161,11 +176,13 @@ impl Replica {
         match (retention, &mut self.history) {
             (Some(r), Some(h)) => h.set_retention(r),
             (Some(r), None) => self.history = open_history(self.root.path(), &self.state_dir, r)?,
-            (None, Some(h)) => {
-                h.journal()
-                    .clear()
-                    .map_err(|e| ApplyError::State { path: self.state_dir.clone(), source: e })?;
+            (None, Some(_)) => {
                 self.history = None;
+                drop_history(self.root.path(), &self.state_dir)?;
+                if let Some(a) = &self.account {
+                    // What the history took is gone: counted again from what is left.
+                    a.forget_count();
+                }
             }
             (None, None) => {}
         }
@@ -543,6 +560,19 @@ fn open_history(
         return Ok(None);
     }
     History::open(root, state_dir, r).map(Some)
+}
+
+/// Removes a history kept before it was turned off: kept on, it would miss the ops applied
+/// meanwhile, and a view of its points would be wrong.
+fn drop_history(root: &Path, state_dir: &Path) -> Result<(), ApplyError> {
+    for dir in [crate::history::attic_of(root, state_dir), crate::history::dir_of(state_dir)] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "history turned off: what it held is removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ApplyError::State { path: dir, source: e }),
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn now_us() -> u64 {

@@ -370,8 +370,7 @@ impl Slot {
                     let account = target.account(&self.source);
                     let history = target.history_of(&self.source);
                     let opened = tokio::task::spawn_blocking(move || {
-                        let mut r = Replica::open(&tree, &state)?;
-                        r.set_history(history)?;
+                        let mut r = Replica::open_with_history(&tree, &state, history)?;
                         r.set_privileges(privileges);
                         r.set_account(account);
                         Ok(r)

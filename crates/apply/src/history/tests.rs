@@ -322,3 +322,20 @@ fn the_quota_counts_the_history_as_a_walk_finds_it() {
         "after retention: running {used:?}, walk {fresh:?}"
     );
 }
+
+#[test]
+fn history_turned_off_then_on_holds_no_stale_points() {
+    let mut f = Fixture::new();
+    f.workload();
+    f.replica.set_history(None).unwrap();
+    assert!(!dir_of(&f.state).exists(), "the history of before was kept");
+    f.write("b.locked", 0, b"while off");
+    f.replica.set_history(Some(super::DEFAULT_RETENTION)).unwrap();
+    f.write("b.locked", 0, b"back on!!");
+    let s = super::view::summary(&dir_of(&f.state), &attic_of(&f.root, &f.state)).unwrap();
+    assert_eq!(s.oldest.map(|o| o.0), Some(f.seq - 1), "{s:?}");
+    let (_keep, to) = f.restore_at(f.seq - 1, &[]);
+    let d = diff(&f.shots[(f.seq - 1) as usize], &snapshot(&to, Compare::default()));
+    assert!(d.is_empty(), "{d}");
+    assert!(PointView::open(&f.root, &dir_of(&f.state), f.seq - 2, f.seq).is_err());
+}
