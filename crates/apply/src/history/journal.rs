@@ -102,6 +102,35 @@ pub fn scan(file: &File, from: u64, mut f: impl FnMut(Found)) -> io::Result<u64>
     Ok(at)
 }
 
+/// Reads the headers of a segment's sets from `from` on, seeking over their data (a listing
+/// or a view must not read every old byte held): stops at the end, or at a frame that is not
+/// complete in the file (still being written) or whose header does not decode. Whole frames
+/// are trusted without their checksum: a torn tail exists only after a kill, and the writer
+/// cuts it off when it opens the journal again ([`scan`] checks them there).
+pub fn scan_headers(file: &File, from: u64, mut f: impl FnMut(Found)) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut r = io::BufReader::with_capacity(64 << 10, file);
+    r.seek(SeekFrom::Start(from))?;
+    let mut at = from;
+    let mut header = Vec::new();
+    while at + PREFIX as u64 <= len {
+        let mut p = [0u8; PREFIX];
+        r.read_exact(&mut p)?;
+        let Some(prefix) = Prefix::decode(&p) else { break };
+        if at + prefix.frame_len() > len {
+            break;
+        }
+        header.resize(prefix.header_len as usize, 0);
+        r.read_exact(&mut header)?;
+        let Ok(set) = postcard::from_bytes::<UndoSet>(&header) else { break };
+        r.seek_relative(prefix.data_len as i64)?;
+        let data_at = at + PREFIX as u64 + u64::from(prefix.header_len);
+        f(Found { set, at, data_at, frame_len: prefix.frame_len() });
+        at += prefix.frame_len();
+    }
+    Ok(at)
+}
+
 /// The journal of one replica, as its writer (the process applying ops) holds it.
 pub struct Journal {
     dir: PathBuf,
@@ -117,6 +146,9 @@ pub struct Journal {
     active_blocks: u64,
     /// What the journal took since the last [`Journal::take_growth`] (for the quota).
     grown: Usage,
+    /// The set of this sequence moved objects into the open segment's attic: it must be
+    /// appended to that segment (they go together), even if that makes the segment full.
+    attic_taken_for: Option<u64>,
 }
 
 impl Journal {
@@ -198,6 +230,7 @@ impl Journal {
             segment_age_us: u64::MAX,
             active_blocks,
             grown: Usage::default(),
+            attic_taken_for: None,
         })
     }
 
@@ -236,7 +269,10 @@ impl Journal {
     /// The attic directory of the segment the next set goes to, created if needed, and the
     /// segment's first sequence (what [`Journal::append`] will use for `seq`).
     pub fn attic_for(&mut self, seq: u64, time_us: u64) -> io::Result<(OwnedFd, u64)> {
-        self.roll_if_full(seq, time_us)?;
+        if self.attic_taken_for != Some(seq) {
+            self.roll_if_full(seq, time_us)?;
+        }
+        self.attic_taken_for = Some(seq);
         let first = self.segments.last().filter(|_| self.active.is_some()).map_or(seq, |s| s.seg.first_seq);
         let dir = self.attic.join(first.to_string());
         let new = !dir.exists();
@@ -292,7 +328,9 @@ impl Journal {
     /// Appends a set (one `write`), before its op is carried out.
     pub fn append(&mut self, draft: &Draft) -> io::Result<()> {
         let seq = draft.set.seq;
-        self.roll_if_full(seq, draft.set.time_us)?;
+        if self.attic_taken_for.take() != Some(seq) {
+            self.roll_if_full(seq, draft.set.time_us)?;
+        }
         let head = draft.encode_head();
         let (file, len) = self.active.as_mut().expect("rolled");
         write_all_vectored_at(file, &head, &draft.data, *len)?;

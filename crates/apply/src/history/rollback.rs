@@ -36,7 +36,7 @@ pub fn in_progress(dir: &Path) -> Option<(u64, u64)> {
 /// else may write the replica meanwhile. Returns how many sets were undone.
 pub fn roll_back(root: &Beneath, dir: &Path, attic: &Path, point: u64) -> io::Result<u64> {
     let mut sets: Vec<(u64, Found)> = Vec::new();
-    for first in journal::list_segments(dir)? {
+    for first in after(dir, point)? {
         let file = journal::Journal::open_segment(dir, first)?;
         journal::scan(&file, 0, |f| {
             if f.set.seq > point {
@@ -67,7 +67,7 @@ pub fn roll_back(root: &Beneath, dir: &Path, attic: &Path, point: u64) -> io::Re
 /// Removes every set after `point` from the journal (and their segments' attics when whole
 /// segments go).
 fn cut(dir: &Path, attic: &Path, point: u64) -> io::Result<()> {
-    for first in journal::list_segments(dir)? {
+    for first in after(dir, point)? {
         let path = dir.join(journal::segment_name(first));
         let file = fs::OpenOptions::new().read(true).write(true).open(&path)?;
         let mut keep_to = None;
@@ -89,6 +89,18 @@ fn cut(dir: &Path, attic: &Path, point: u64) -> io::Result<()> {
         }
     }
     File::open(dir)?.sync_all()
+}
+
+/// The segments that may hold sets after `point` (a segment followed by one that starts at or
+/// before `point + 1` holds none).
+fn after(dir: &Path, point: u64) -> io::Result<Vec<u64>> {
+    let firsts = journal::list_segments(dir)?;
+    Ok(firsts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| firsts.get(i + 1).is_none_or(|&next| next > point + 1))
+        .map(|(_, &f)| f)
+        .collect())
 }
 
 fn rel(p: &[u8]) -> io::Result<RelPath> {

@@ -143,6 +143,26 @@ fn every_point_of_a_workload_restores_exactly_while_the_replica_stays_at_now() {
 }
 
 #[test]
+fn every_point_restores_exactly_when_the_journal_is_many_segments() {
+    let mut f = Fixture::new();
+    // Segments of a few sets each: views skip the ones wholly before their point.
+    f.replica.history().unwrap().journal().set_segment_bytes(4096);
+    f.workload();
+    assert!(super::journal::list_segments(&dir_of(&f.state)).unwrap().len() > 5);
+    for point in 0..=f.seq {
+        let (_keep, to) = f.restore_at(point, &[]);
+        let d = diff(&f.shots[point as usize], &snapshot(&to, Compare::default()));
+        assert!(d.is_empty(), "point {point}:\n{d}");
+    }
+    // A rollback across segments too.
+    f.replica.commit().unwrap();
+    let attic = attic_of(&f.root, &f.state);
+    super::rollback::roll_back(f.replica.root(), &dir_of(&f.state), &attic, 9).unwrap();
+    let d = diff(&f.shots[9], &snapshot(&f.root, Compare::default()));
+    assert!(d.is_empty(), "{d}");
+}
+
+#[test]
 fn one_path_restores_alone_with_its_old_bytes_under_its_old_name() {
     let mut f = Fixture::new();
     f.workload();

@@ -121,10 +121,13 @@ pub struct Point {
     pub mark: Mark,
 }
 
-/// The window a history holds and its named points.
+/// The window a history holds and its named points. Only these are kept in memory: a busy
+/// day holds tens of millions of sets, whose times are read from the journal when a time must
+/// be resolved ([`Summary::point_at`]).
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
-    /// The oldest point that can be restored and its time (`None`: no history yet).
+    /// The oldest point that can be restored, and the capture time of the first op held
+    /// (`None`: no history yet).
     pub oldest: Option<(u64, u64)>,
     /// The newest set journaled and its time.
     pub newest: Option<(u64, u64)>,
@@ -134,48 +137,66 @@ pub struct Summary {
     pub bytes: u64,
     /// Sets journaled.
     pub sets: u64,
-    /// Every set's sequence and capture time, in sequence order.
-    pub times: Vec<(u64, u64)>,
+    /// The journal's directory and its segments (first sequences), to read times from.
+    dir: PathBuf,
+    firsts: Vec<u64>,
+}
+
+/// The point just before the first op, in sequence order, captured after `t_us` (`None`: no
+/// op was): ordered by sequence, so an op whose time went back (a source clock stepped back)
+/// after a later one never comes before it.
+pub fn first_after(times: impl IntoIterator<Item = (u64, u64)>, t_us: u64) -> Option<u64> {
+    times.into_iter().find(|(_, t)| *t > t_us).map(|(seq, _)| seq - 1)
 }
 
 impl Summary {
-    /// The latest point at or before time `t_us`: the point just before the first op (in
-    /// sequence order) captured after `t_us`. Ordered by sequence, so an op whose time went
-    /// back (a source clock stepped back) after a later one never comes before it. `None` if
-    /// `t_us` is before the window's first op.
-    pub fn point_at(&self, t_us: u64) -> Option<u64> {
-        let first = *self.times.first()?;
-        if t_us < first.1 {
-            return None;
+    /// The latest point at or before time `t_us` (see [`first_after`]); `None` if `t_us` is
+    /// before the window's first op.
+    pub fn point_at(&self, t_us: u64) -> io::Result<Option<u64>> {
+        let Some((_, first_time)) = self.oldest else { return Ok(None) };
+        if t_us < first_time {
+            return Ok(None);
         }
-        Some(match self.times.iter().find(|(_, t)| *t > t_us) {
-            Some((seq, _)) => seq - 1,
-            None => self.newest.map_or(0, |n| n.0),
-        })
+        for &first in &self.firsts {
+            let file = journal::Journal::open_segment(&self.dir, first)?;
+            let mut times = Vec::new();
+            journal::scan_headers(&file, 0, |f| times.push((f.set.seq, f.set.time_us)))?;
+            if let Some(p) = first_after(times, t_us) {
+                return Ok(Some(p));
+            }
+        }
+        Ok(Some(self.newest.map_or(0, |n| n.0)))
     }
 
     /// The capture time of the op that made point `seq`, if it is held.
     pub fn time_of(&self, seq: u64) -> Option<u64> {
-        self.times.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| self.times[i].1)
+        let first = *self.firsts.iter().rev().find(|f| **f <= seq)?;
+        let file = journal::Journal::open_segment(&self.dir, first).ok()?;
+        let mut time = None;
+        journal::scan_headers(&file, 0, |f| {
+            if f.set.seq == seq && time.is_none() {
+                time = Some(f.set.time_us);
+            }
+        })
+        .ok()?;
+        time
     }
 }
 
 /// Reads a history's window and named points from its directory (whether or not a process
-/// is applying to the replica).
+/// is applying to the replica), headers only.
 pub fn summary(dir: &Path, attic: &Path) -> io::Result<Summary> {
-    let mut s = Summary::default();
+    let mut s = Summary { dir: dir.to_path_buf(), ..Summary::default() };
     for first in journal::list_segments(dir)? {
         let file = journal::Journal::open_segment(dir, first)?;
         s.bytes += file.metadata()?.len() + journal::du(&attic.join(first.to_string()));
-        journal::scan(&file, 0, |f| {
+        s.firsts.push(first);
+        journal::scan_headers(&file, 0, |f| {
             if s.oldest.is_none() {
                 s.oldest = Some((f.set.seq.saturating_sub(1), f.set.time_us));
             }
             s.newest = Some((f.set.seq, f.set.time_us));
             s.sets += 1;
-            if s.times.last().is_none_or(|(seq, _)| *seq < f.set.seq) {
-                s.times.push((f.set.seq, f.set.time_us));
-            }
             if let Some(m) = &f.set.mark {
                 s.points.push(Point { seq: f.set.seq, time_us: f.set.time_us, mark: m.clone() });
             }
@@ -296,19 +317,24 @@ impl PointView {
     /// Takes in the sets journaled since the last look.
     fn refresh(&mut self) -> io::Result<()> {
         let firsts = journal::list_segments(&self.dir)?;
-        for first in firsts {
+        for (i, &first) in firsts.iter().enumerate() {
             let from = match self.tail {
                 Some((seg, off)) if seg == first => off,
                 Some((seg, _)) if seg > first => continue,
                 _ => 0,
             };
+            // Every set of a segment comes before the next segment's first: one followed by a
+            // segment starting at or before the point holds nothing after it.
+            if from == 0 && firsts.get(i + 1).is_some_and(|&next| next <= self.point + 1) {
+                continue;
+            }
             if !self.segments.contains_key(&first) {
                 self.segments.insert(first, journal::Journal::open_segment(&self.dir, first)?);
             }
             let file = &self.segments[&first];
             let point = self.point;
             let index = &mut self.index;
-            let end = journal::scan(file, from, |found| {
+            let end = journal::scan_headers(file, from, |found| {
                 if found.set.seq > point {
                     index.add(first, &found);
                 }

@@ -124,7 +124,7 @@ impl When {
                 }
                 Ok(*n)
             }
-            When::Time(t) => s.point_at(*t).ok_or_else(|| WhenError::Outside {
+            When::Time(t) => s.point_at(*t).ok().flatten().ok_or_else(|| WhenError::Outside {
                 what: rfc3339(*t),
                 side: "before",
                 window: window(s),
@@ -149,7 +149,7 @@ pub fn rfc3339(us: u64) -> String {
 pub fn window(s: &Summary) -> String {
     match (s.oldest, s.newest) {
         (Some((o, _)), Some((n, nt))) => {
-            let ot = s.times.first().map_or(0, |t| t.1);
+            let ot = s.oldest.map_or(0, |o| o.1);
             format!("points {o} (before {}) to {n} ({})", rfc3339(ot), rfc3339(nt))
         }
         _ => "no history yet".into(),
@@ -172,17 +172,22 @@ pub fn unfinished_resync(s: &Summary) -> Option<(u64, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::view::Point;
+    use crate::history::journal::Journal;
+    use crate::history::record::{Draft, UndoSet};
 
-    fn summary(times: &[(u64, u64)], points: Vec<Point>) -> Summary {
-        Summary {
-            oldest: times.first().map(|t| (t.0 - 1, t.1)),
-            newest: times.last().copied(),
-            points,
-            bytes: 0,
-            sets: times.len() as u64,
-            times: times.to_vec(),
+    /// A journal of sets at `times` (sequence, time), with `marks`, read back as a summary.
+    fn summary(times: &[(u64, u64)], marks: &[(u64, Mark)]) -> (tempfile::TempDir, Summary) {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, attic) = (d.path().join("h"), d.path().join("a"));
+        let mut j = Journal::open(&dir, &attic).unwrap();
+        j.set_segment_bytes(200);
+        for &(seq, time_us) in times {
+            let mark = marks.iter().find(|(s, _)| *s == seq).map(|(_, m)| m.clone());
+            let set = UndoSet { seq, time_us, op_hash: seq, mark, undo: Vec::new() };
+            j.append(&Draft { set, data: Vec::new() }).unwrap();
         }
+        let s = crate::history::view::summary(&dir, &attic).unwrap();
+        (d, s)
     }
 
     #[test]
@@ -207,7 +212,7 @@ mod tests {
     #[test]
     fn a_time_is_the_point_before_the_first_op_after_it_even_when_the_clock_stepped_back() {
         // Op 3's clock stepped back to before op 2.
-        let s = summary(&[(1, 100), (2, 200), (3, 150), (4, 300)], vec![]);
+        let (_d, s) = summary(&[(1, 100), (2, 200), (3, 150), (4, 300)], &[]);
         assert_eq!(When::Time(250).resolve(&s), Ok(3), "op 4 is the first after 250");
         // 160: op 2 (200) is the first op after it in sequence order; op 3 (150) came later.
         assert_eq!(When::Time(160).resolve(&s), Ok(1));
@@ -220,13 +225,13 @@ mod tests {
 
     #[test]
     fn an_unfinished_resync_is_found_and_the_first_mirror_is_told_apart() {
-        let p = |seq, mark| Point { seq, time_us: seq * 10, mark };
         let times: Vec<_> = (1..=9).map(|s| (s, s * 10)).collect();
-        let s = summary(&times, vec![p(1, Mark::PreResync)]);
+        let (_d, s) = summary(&times, &[(1, Mark::PreResync)]);
         assert_eq!(unfinished_resync(&s), Some((1, true)));
-        let s = summary(&times, vec![p(1, Mark::PreResync), p(4, Mark::Resynced), p(6, Mark::PreResync)]);
+        let (_d, s) = summary(&times, &[(1, Mark::PreResync), (4, Mark::Resynced), (6, Mark::PreResync)]);
         assert_eq!(unfinished_resync(&s), Some((6, false)));
-        let s = summary(&times, vec![p(1, Mark::PreResync), p(4, Mark::Resynced)]);
+        let (_d, s) = summary(&times, &[(1, Mark::PreResync), (4, Mark::Resynced)]);
         assert_eq!(unfinished_resync(&s), None);
+        assert_eq!(s.time_of(4), Some(40));
     }
 }

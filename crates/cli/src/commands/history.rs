@@ -134,7 +134,7 @@ fn list(a: HistoryListArgs, file: &FileConfig, home: &Path) -> Result<()> {
         let pt = |seq: u64, t: u64| serde_json::json!({"seq": seq, "time": rfc3339(t)});
         let window = match (s.oldest, s.newest) {
             (Some((o, _)), Some((n, nt))) => serde_json::json!({
-                "oldest": pt(o, s.times.first().map_or(0, |t| t.1)),
+                "oldest": pt(o, s.oldest.map_or(0, |o| o.1)),
                 "newest": pt(n, nt),
             }),
             _ => serde_json::Value::Null,
