@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use doppel_testkit::Node;
+use doppel_testkit::diff_snapshots;
 
 /// The standard tree plus more files, so "half are renamed" means something.
 fn tree(src: &Path) {
@@ -45,20 +44,6 @@ fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-fn diff(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
-    let mut out = String::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(x) if x == v => {}
-            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        out += &format!("{k}: not wanted\n");
-    }
-    out
-}
-
 /// The checks both destinations share. `replica_name` is `JOB` or `SOURCE/JOB`; `home` runs
 /// the history commands.
 fn restore_checks(dir: &Path, src: &Path, replica: &Path, home: &Path, replica_name: &str, agent: &mut Proc) {
@@ -67,14 +52,17 @@ fn restore_checks(dir: &Path, src: &Path, replica: &Path, home: &Path, replica_n
     let t = now_rfc3339();
     ransomware(src);
     wait_converged(src, replica, Duration::from_secs(120), agent);
-    assert!(!diff(&manifest, &snapshot(replica, Compare::default())).is_empty(), "the ransomware replicated");
+    assert!(
+        !diff_snapshots(&manifest, &snapshot(replica, Compare::default())).is_empty(),
+        "the ransomware replicated"
+    );
 
     // The whole tree at T, while replication keeps running.
     let out = dir.join("restored");
     let (st, _, err) =
         run(home, &["history", "restore", replica_name, "--at", &t, "--to", out.to_str().unwrap()]);
     assert!(st.success(), "restore failed: {err}");
-    let d = diff(&manifest, &snapshot(&out, Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&out, Compare::default()));
     assert!(d.is_empty(), "the restored tree is not the tree at {t}:\n{d}");
 
     // One file alone, with its old bytes and attributes, under its old name.
@@ -111,7 +99,7 @@ fn restore_checks(dir: &Path, src: &Path, replica: &Path, home: &Path, replica_n
         run(home, &["history", "restore", replica_name, "--at", &t, "--to", out.to_str().unwrap()]);
     assert!(!st.success() && err.contains("is not empty"), "{err}");
     assert!(
-        diff(&manifest, &snapshot(&out, Compare::default())).is_empty(),
+        diff_snapshots(&manifest, &snapshot(&out, Compare::default())).is_empty(),
         "a refused restore changed the directory"
     );
     let early = dir.join("early");

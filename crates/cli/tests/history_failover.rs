@@ -4,26 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use doppel_testkit::Node;
-
-fn diff(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
-    let mut out = String::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(x) if x == v => {}
-            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        out += &format!("{k}: not wanted\n");
-    }
-    out
-}
+use doppel_testkit::diff_snapshots;
 
 fn events_text(target_home: &Path) -> String {
     let (st, out, err) = run(target_home, &["events", "--json"]);
@@ -73,18 +58,18 @@ fn failover_to_a_bookmark_rolls_the_replica_back_and_a_rerun_with_another_point_
     // Fail over to the bookmark: fenced and rolled back, then the script stops the run.
     let (st, out, err) = run(&th, &["failover", "s", "--at", "before-upgrade", "--job", "job"]);
     assert!(!st.success(), "the failover script should have failed: {out}{err}");
-    let d = diff(&manifest, &snapshot(&replica, Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&replica, Compare::default()));
     assert!(d.is_empty(), "the replica is not back at the bookmark:\n{d}");
     // Another point while that run is unfinished: refused, naming the point in use.
     let (st, _, err) = run(&th, &["failover", "s", "--at", "now"]);
     assert!(!st.success() && err.contains("to --at before-upgrade is under way"), "{err}");
-    let d = diff(&manifest, &snapshot(&replica, Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&replica, Compare::default()));
     assert!(d.is_empty(), "a refused rerun changed the replica:\n{d}");
     // The same point again, once the cause is fixed: it completes.
     std::fs::write(&go, b"").unwrap();
     let (st, out, err) = run(&th, &["failover", "s", "--at", "before-upgrade", "--job", "job"]);
     assert!(st.success(), "failover failed: {out}{err}");
-    let d = diff(&manifest, &snapshot(&replica, Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&replica, Compare::default()));
     assert!(d.is_empty(), "{d}");
     let ev = events_text(&th);
     assert!(ev.contains("rolled back to seq:") && ev.contains("--at before-upgrade"), "{ev}");

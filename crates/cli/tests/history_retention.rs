@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use doppel_testkit::Node;
+use doppel_testkit::diff_snapshots;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -70,20 +69,6 @@ fn overwrite(path: &Path, off: u64, len: u64, seed: u64) {
 fn restore(home: &Path, replica: &str, at: &str, to: &Path) -> (bool, String) {
     let (st, _, err) = run(home, &["history", "restore", replica, "--at", at, "--to", to.to_str().unwrap()]);
     (st.success(), err)
-}
-
-fn diff(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
-    let mut out = String::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(x) if x == v => {}
-            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        out += &format!("{k}: not wanted\n");
-    }
-    out
 }
 
 /// An embedded job protecting `dir/src` to `dir/replica` with `history` flags.
@@ -165,7 +150,7 @@ fn the_window_moves_on_by_time_a_closed_segment_at_a_time() {
     let t = now_us();
     let (ok, err) = restore(&e.home, "src", &rfc3339(t), &e.dir.path().join("at-t"));
     assert!(ok, "restore within the window failed: {err}");
-    let d = diff(&manifest, &snapshot(&e.dir.path().join("at-t"), Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&e.dir.path().join("at-t"), Compare::default()));
     assert!(d.is_empty(), "the tree restored at {} is not the tree then:\n{d}", rfc3339(t));
     let gone = e.dir.path().join("gone");
     let (ok, err) = restore(&e.home, "src", &rfc3339(oldest1), &gone);
@@ -254,7 +239,7 @@ fn history_min_protects_recent_points_from_the_size_limit() {
     let to = e.dir.path().join("first");
     let (ok, err) = restore(&e.home, "src", &rfc3339(t), &to);
     assert!(ok, "{err}");
-    let d = diff(&manifest, &snapshot(&to, Compare::default()));
+    let d = diff_snapshots(&manifest, &snapshot(&to, Compare::default()));
     assert!(d.is_empty(), "the first point did not restore exactly:\n{d}");
     assert!(e.agent.stop().success(), "{}", e.agent.log());
 }
@@ -282,7 +267,7 @@ fn a_percentage_size_limit_keeps_a_history_smaller_than_that_share_of_the_replic
     let to = e.dir.path().join("first");
     let (ok, err) = restore(&e.home, "src", &rfc3339(t), &to);
     assert!(ok, "{err}");
-    assert!(diff(&manifest, &snapshot(&to, Compare::default())).is_empty());
+    assert!(diff_snapshots(&manifest, &snapshot(&to, Compare::default())).is_empty());
     assert!(e.agent.stop().success(), "{}", e.agent.log());
 }
 
@@ -396,14 +381,14 @@ fn a_target_killed_mid_apply_keeps_every_point_from_before_the_kill() {
         let to = dir.path().join(format!("point{n}"));
         let (ok, err) = restore(&target_home, "web1/www", at, &to);
         assert!(ok, "restore at {at} failed: {err}");
-        let d = diff(manifest, &snapshot(&to, Compare::default()));
+        let d = diff_snapshots(manifest, &snapshot(&to, Compare::default()));
         assert!(d.is_empty(), "point {n} ({at}, before the kill) did not restore exactly:\n{d}");
     }
     let now = snapshot(&replica, Compare::default());
     let to = dir.path().join("now");
     let (ok, err) = restore(&target_home, "web1/www", "now", &to);
     assert!(ok, "{err}");
-    let d = diff(&now, &snapshot(&to, Compare::default()));
+    let d = diff_snapshots(&now, &snapshot(&to, Compare::default()));
     assert!(d.is_empty(), "now did not restore the replica as it is:\n{d}");
     assert!(agent.stop().success(), "{}", agent.log());
     drop(target);

@@ -5,27 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use doppel_testkit::Node;
+use doppel_testkit::diff_snapshots;
 use serde_json::Value;
-
-fn diff(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
-    let mut out = String::new();
-    for (k, v) in want {
-        match got.get(k) {
-            Some(x) if x == v => {}
-            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        out += &format!("{k}: not wanted\n");
-    }
-    out
-}
 
 /// Allocated bytes beneath `dir` on its own file system (mounted views are not data written).
 fn allocated(dir: &Path) -> u64 {
@@ -96,7 +81,7 @@ fn a_test_failover_shows_its_point_writably_while_replication_goes_on_and_leaves
     assert!(grew < 1 << 20, "starting the test wrote {grew} bytes for a 64 MiB replica");
     let marked = std::fs::read_to_string(&marks).unwrap();
     assert_eq!(marked.trim(), format!("start job 1 seq:{seq} {}", view.display()));
-    let d = diff(&at_point, &snapshot(&view, Compare::default()));
+    let d = diff_snapshots(&at_point, &snapshot(&view, Compare::default()));
     assert!(d.is_empty(), "the view is not the replica at its point:\n{d}");
     let (_, text, _) = run(&th, &["status"]);
     assert!(text.contains(&format!("TEST FAILOVER: job at seq:{seq}")), "{text}");
@@ -114,7 +99,7 @@ fn a_test_failover_shows_its_point_writably_while_replication_goes_on_and_leaves
     wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
     // The kernel may have cached what it read: drop caches so the view is read again.
     std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
-    let d = diff(&at_point, &snapshot(&view, Compare::default()));
+    let d = diff_snapshots(&at_point, &snapshot(&view, Compare::default()));
     assert!(d.is_empty(), "the view moved off its point:\n{d}");
 
     // Writes in the view stay there.

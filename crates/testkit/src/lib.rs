@@ -173,6 +173,24 @@ fn hash_file(p: &Path) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// The differences between two snapshots (say a tree recorded at some moment and a tree
+/// restored from that moment), one line each; empty when they are equal.
+pub fn diff_snapshots(want: &BTreeMap<String, Node>, got: &BTreeMap<String, Node>) -> String {
+    let mut out = String::new();
+    for (k, v) in want {
+        match got.get(k) {
+            Some(x) if x == v => {}
+            x => {
+                let _ = writeln!(out, "{k}: want {v:?}, got {x:?}");
+            }
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        let _ = writeln!(out, "{k}: not wanted");
+    }
+    out
+}
+
 /// Compares two trees; `Err` lists every difference (at most 20), for assertion messages.
 pub fn compare_trees(source: &Path, replica: &Path, opts: Compare) -> Result<(), String> {
     let a = snapshot(source, opts);

@@ -75,9 +75,24 @@ pub struct Found {
 /// Reads the sets of a segment file from `from` on, each whole and checked, calling `f` on
 /// each; stops at the end or at the first frame that is incomplete or does not check (a tail
 /// still being written, or torn by a kill). Returns the offset where it stopped.
-pub fn scan(file: &File, from: u64, mut f: impl FnMut(Found)) -> io::Result<u64> {
+pub fn scan(file: &File, from: u64, f: impl FnMut(Found)) -> io::Result<u64> {
+    frames(file, from, true, f)
+}
+
+/// Reads the headers of a segment's sets from `from` on, seeking over their data (a listing
+/// or a view must not read every old byte held): stops at the end, or at a frame that is not
+/// complete in the file (still being written) or whose header does not decode. Whole frames
+/// are trusted without their checksum: a torn tail exists only after a kill, and the writer
+/// cuts it off when it opens the journal again ([`scan`] checks them there).
+pub fn scan_headers(file: &File, from: u64, f: impl FnMut(Found)) -> io::Result<u64> {
+    frames(file, from, false, f)
+}
+
+/// The frames of a segment from `from` on; with `check`, each one's data is read and its
+/// checksum checked, else the data is skipped.
+fn frames(file: &File, from: u64, check: bool, mut f: impl FnMut(Found)) -> io::Result<u64> {
     let len = file.metadata()?.len();
-    let mut r = io::BufReader::with_capacity(256 << 10, file);
+    let mut r = io::BufReader::with_capacity(if check { 256 << 10 } else { 64 << 10 }, file);
     r.seek(SeekFrom::Start(from))?;
     let mut at = from;
     let mut buf = Vec::new();
@@ -88,42 +103,17 @@ pub fn scan(file: &File, from: u64, mut f: impl FnMut(Found)) -> io::Result<u64>
         if at + prefix.frame_len() > len {
             break;
         }
-        buf.resize(prefix.header_len as usize + prefix.data_len as usize, 0);
+        let header_len = prefix.header_len as usize;
+        buf.resize(header_len + if check { prefix.data_len as usize } else { 0 }, 0);
         r.read_exact(&mut buf)?;
-        let (header, data) = buf.split_at(prefix.header_len as usize);
-        if record::check(header, data) != prefix.check {
+        let (header, data) = buf.split_at(header_len);
+        if check && record::check(header, data) != prefix.check {
             break;
         }
         let Ok(set) = postcard::from_bytes::<UndoSet>(header) else { break };
-        let data_at = at + PREFIX as u64 + u64::from(prefix.header_len);
-        f(Found { set, at, data_at, frame_len: prefix.frame_len() });
-        at += prefix.frame_len();
-    }
-    Ok(at)
-}
-
-/// Reads the headers of a segment's sets from `from` on, seeking over their data (a listing
-/// or a view must not read every old byte held): stops at the end, or at a frame that is not
-/// complete in the file (still being written) or whose header does not decode. Whole frames
-/// are trusted without their checksum: a torn tail exists only after a kill, and the writer
-/// cuts it off when it opens the journal again ([`scan`] checks them there).
-pub fn scan_headers(file: &File, from: u64, mut f: impl FnMut(Found)) -> io::Result<u64> {
-    let len = file.metadata()?.len();
-    let mut r = io::BufReader::with_capacity(64 << 10, file);
-    r.seek(SeekFrom::Start(from))?;
-    let mut at = from;
-    let mut header = Vec::new();
-    while at + PREFIX as u64 <= len {
-        let mut p = [0u8; PREFIX];
-        r.read_exact(&mut p)?;
-        let Some(prefix) = Prefix::decode(&p) else { break };
-        if at + prefix.frame_len() > len {
-            break;
+        if !check {
+            r.seek_relative(prefix.data_len as i64)?;
         }
-        header.resize(prefix.header_len as usize, 0);
-        r.read_exact(&mut header)?;
-        let Ok(set) = postcard::from_bytes::<UndoSet>(&header) else { break };
-        r.seek_relative(prefix.data_len as i64)?;
         let data_at = at + PREFIX as u64 + u64::from(prefix.header_len);
         f(Found { set, at, data_at, frame_len: prefix.frame_len() });
         at += prefix.frame_len();

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use doppel_proto::{Attrs, Op, OpRecord, RenameFlags, Timestamp, WirePath, Xattr};
-use doppel_testkit::{Compare, Node, snapshot};
+use doppel_testkit::{Compare, Node, diff_snapshots, snapshot};
 
 use super::restore::restore;
 use super::view::PointView;
@@ -114,20 +114,6 @@ impl Fixture {
     }
 }
 
-fn diff(a: &BTreeMap<String, Node>, b: &BTreeMap<String, Node>) -> String {
-    let mut out = String::new();
-    for (k, v) in a {
-        match b.get(k) {
-            Some(x) if x == v => {}
-            x => out += &format!("{k}: want {v:?}, got {x:?}\n"),
-        }
-    }
-    for k in b.keys().filter(|k| !a.contains_key(*k)) {
-        out += &format!("{k}: extra\n");
-    }
-    out
-}
-
 #[test]
 fn every_point_of_a_workload_restores_exactly_while_the_replica_stays_at_now() {
     let mut f = Fixture::new();
@@ -136,7 +122,7 @@ fn every_point_of_a_workload_restores_exactly_while_the_replica_stays_at_now() {
     for point in 0..=f.seq {
         let (_keep, to) = f.restore_at(point, &[]);
         let got = snapshot(&to, Compare::default());
-        let d = diff(&f.shots[point as usize], &got);
+        let d = diff_snapshots(&f.shots[point as usize], &got);
         assert!(d.is_empty(), "point {point}:\n{d}");
     }
     assert_eq!(snapshot(&f.root, Compare::default()), now, "restores changed the replica");
@@ -151,14 +137,14 @@ fn every_point_restores_exactly_when_the_journal_is_many_segments() {
     assert!(super::journal::list_segments(&dir_of(&f.state)).unwrap().len() > 5);
     for point in 0..=f.seq {
         let (_keep, to) = f.restore_at(point, &[]);
-        let d = diff(&f.shots[point as usize], &snapshot(&to, Compare::default()));
+        let d = diff_snapshots(&f.shots[point as usize], &snapshot(&to, Compare::default()));
         assert!(d.is_empty(), "point {point}:\n{d}");
     }
     // A rollback across segments too.
     f.replica.commit().unwrap();
     let attic = attic_of(&f.root, &f.state);
     super::rollback::roll_back(f.replica.root(), &dir_of(&f.state), &attic, 9).unwrap();
-    let d = diff(&f.shots[9], &snapshot(&f.root, Compare::default()));
+    let d = diff_snapshots(&f.shots[9], &snapshot(&f.root, Compare::default()));
     assert!(d.is_empty(), "{d}");
 }
 
@@ -201,7 +187,7 @@ fn a_view_opened_before_more_ops_still_shows_its_point() {
     f.apply(Op::Unlink { path: w("b.locked") });
     let out = tempfile::tempdir_in(f.dir.path()).unwrap();
     restore(&mut view, &[], out.path(), &mut |_| {}).unwrap();
-    let d = diff(&want, &snapshot(out.path(), Compare::default()));
+    let d = diff_snapshots(&want, &snapshot(out.path(), Compare::default()));
     assert!(d.is_empty(), "{d}");
 }
 
@@ -214,11 +200,11 @@ fn rollback_takes_the_replica_itself_back_and_keeps_the_history_before_the_point
     let attic = attic_of(&f.root, &f.state);
     let undone = super::rollback::roll_back(f.replica.root(), &dir_of(&f.state), &attic, point).unwrap();
     assert_eq!(undone, f.seq - point);
-    let d = diff(&f.shots[point as usize], &snapshot(&f.root, Compare::default()));
+    let d = diff_snapshots(&f.shots[point as usize], &snapshot(&f.root, Compare::default()));
     assert!(d.is_empty(), "{d}");
     // Points before it are still there.
     let (_keep, to) = f.restore_at(5, &[]);
-    let d = diff(&f.shots[5], &snapshot(&to, Compare::default()));
+    let d = diff_snapshots(&f.shots[5], &snapshot(&to, Compare::default()));
     assert!(d.is_empty(), "{d}");
 }
 
@@ -264,7 +250,7 @@ fn a_pinned_point_survives_a_retention_cut_that_would_drop_everything() {
     assert!(first <= point + 1, "a segment the view needs was dropped (first left {first})");
     let out = tempfile::tempdir_in(f.dir.path()).unwrap();
     restore(&mut view, &[], out.path(), &mut |_| {}).unwrap();
-    let d = diff(&f.shots[point as usize], &snapshot(out.path(), Compare::default()));
+    let d = diff_snapshots(&f.shots[point as usize], &snapshot(out.path(), Compare::default()));
     assert!(d.is_empty(), "{d}");
     // Without the pin the same cut takes everything but the newest segment.
     drop(view);
@@ -300,7 +286,7 @@ fn retention_drops_old_segments_and_their_attic_never_the_minimum_window() {
     let oldest = left[0].seg.first_seq - 1;
     // The points still held restore exactly; older ones are refused.
     let (_keep, to) = f.restore_at(oldest, &[]);
-    let d = diff(&f.shots[oldest as usize], &snapshot(&to, Compare::default()));
+    let d = diff_snapshots(&f.shots[oldest as usize], &snapshot(&to, Compare::default()));
     assert!(d.is_empty(), "{d}");
     assert!(PointView::open(&f.root, &dir_of(&f.state), oldest - 1, f.seq).is_err());
     let attics = std::fs::read_dir(attic_of(&f.root, &f.state)).unwrap().count();
@@ -355,7 +341,7 @@ fn history_turned_off_then_on_holds_no_stale_points() {
     let s = super::view::summary(&dir_of(&f.state), &attic_of(&f.root, &f.state)).unwrap();
     assert_eq!(s.oldest.map(|o| o.0), Some(f.seq - 1), "{s:?}");
     let (_keep, to) = f.restore_at(f.seq - 1, &[]);
-    let d = diff(&f.shots[(f.seq - 1) as usize], &snapshot(&to, Compare::default()));
+    let d = diff_snapshots(&f.shots[(f.seq - 1) as usize], &snapshot(&to, Compare::default()));
     assert!(d.is_empty(), "{d}");
     assert!(PointView::open(&f.root, &dir_of(&f.state), f.seq - 2, f.seq).is_err());
 }
