@@ -26,6 +26,12 @@ struct Rig {
     args: Vec<String>,
 }
 
+impl Drop for Rig {
+    fn drop(&mut self) {
+        detach_stale_mount(&self.src);
+    }
+}
+
 impl Rig {
     fn new(extra: &[&str]) -> Rig {
         let dir = tempfile::tempdir().unwrap();
@@ -233,7 +239,7 @@ fn write_order_survives_link_cuts_and_agent_kills() {
     println!("records on the replica at each cut: {seen:?}; {total} written");
     assert!(seen.windows(2).any(|w| w[1] > w[0]), "replication made no progress between cuts: {seen:?}");
     assert!(agent.log().contains("after an unclean stop"), "{}", agent.log());
-    drop(rig.dir);
+    drop(rig);
 }
 
 /// With the kernel's write-back cache (`fuse_writeback = true`) writes reach the agent in
@@ -303,7 +309,7 @@ fn writeback_cache_keeps_every_fsync_boundary_at_link_cuts_and_agent_kills() {
     println!("{total} records written; on the replica at each cut: {seen:?}");
     assert!(seen.windows(2).any(|w| w[1] > w[0]), "replication made no progress between cuts: {seen:?}");
     assert!(cuts.iter().any(|(_, _, s)| !s.is_empty()), "no fsync returned");
-    drop(rig.dir);
+    drop(rig);
 }
 
 /// A config file whose section for the job "job" turns the write-back cache on (the command
@@ -420,6 +426,7 @@ fn a_killed_agent_compares_only_its_dirty_extents() {
     big_file(&src.join("disk.img"), BIG, 7);
     Tree::at(&src).standard();
     let args = ["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "fuse"];
+    let _mounts = StaleMountGuard(src.clone());
     let mut agent = Proc::start(&home, "agent1", &args);
     wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
     // Random 4 KiB writes into the first 48 MiB of a 512 MiB image.

@@ -135,12 +135,18 @@ fn a_minute_without_link_resumes_by_itself_and_resends_little() {
 
 /// Source tree, proxy, target; watch or fuse capture; a tiny spool.
 struct Outage {
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     src: PathBuf,
     home: PathBuf,
     target: TargetProc,
     proxy: Proxy,
     args: Vec<String>,
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        detach_stale_mount(&self.src);
+    }
 }
 
 impl Outage {
@@ -164,7 +170,7 @@ impl Outage {
         if fuse {
             args.extend(["--capture", "fuse"].iter().map(|s| s.to_string()));
         }
-        Outage { dir, src, home, target, proxy, args }
+        Outage { _dir: dir, src, home, target, proxy, args }
     }
 
     fn replica(&self) -> PathBuf {
@@ -222,7 +228,7 @@ fn overflow_without_a_full_remirror(fuse: bool) {
     // on the wire is what changed, at block granularity, not the 128 MiB tree.
     assert!(sent < changed * 2 + mib(4), "sent {sent} bytes for {changed} changed");
     assert_eq!(job_status(&o.home, "job")["state"], "replicating");
-    drop(o.dir);
+    drop(o);
 }
 
 #[test]

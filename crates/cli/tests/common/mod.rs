@@ -280,6 +280,33 @@ pub fn churn(src: &Path) {
     fs::remove_dir_all(src.join("moved-sub/deeper")).unwrap();
 }
 
+/// Lazily detaches a capture mount a test's agent left at `path` (an agent killed with SIGKILL
+/// cannot unmount, and a stale mount keeps the test's temporary directory from going).
+pub fn detach_stale_mount(path: &Path) {
+    let mounted = || {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))
+    };
+    // Agents restarted over a stale mount may have stacked several: detach each.
+    for _ in 0..16 {
+        if !mounted() || rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).is_err() {
+            break;
+        }
+    }
+}
+
+/// Detaches what a test's agents left mounted at its path when dropped: declare it after the
+/// temporary directory and before the agents (dropped after them, before the directory).
+pub struct StaleMountGuard(pub PathBuf);
+
+impl Drop for StaleMountGuard {
+    fn drop(&mut self) {
+        detach_stale_mount(&self.0);
+    }
+}
+
 /// Whether a live doppel capture mount serves `path` (a FUSE file system answers `statfs`
 /// there; a stale or detached one does not).
 pub fn capture_mount_live(path: &Path) -> bool {
