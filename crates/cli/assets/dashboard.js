@@ -318,7 +318,11 @@ window.addEventListener("unhandledrejection", (e) => {
     one(q.used_files, q.quota_files, (n) => num(n) + " files", "files");
     if (!worst) return h("td", { class: "muted" }, "-");
     const f = worst.f;
-    const td = h("td", { class: "quota" + (f > 1 ? " over" : f === null ? " muted" : ""), title: lines.join("\n") }, worst.text);
+    const td = h(
+      "td",
+      { class: "quota" + (f > 1 ? " over" : f === null ? " muted" : ""), title: lines.join("\n") },
+      worst.text,
+    );
     if (f !== null) {
       const fill = h("div", { class: f > 1 ? "t-bad" : f > 0.9 ? "t-warn" : "" });
       fill.style.width = Math.min(100, Math.round(f * 100)) + "%";
@@ -344,10 +348,31 @@ window.addEventListener("unhandledrejection", (e) => {
       );
     }
     if (src.missed > 0 && src.failover_in_secs == null) {
-      bits.push(h("span", { class: "muted small", title: `${src.missed} checks missed in a row; ${src.threshold} count as failed` }, `${src.missed}/${src.threshold} missed`));
+      bits.push(
+        h(
+          "span",
+          { class: "muted small", title: `${src.missed} checks missed in a row; ${src.threshold} count as failed` },
+          `${src.missed}/${src.threshold} missed`,
+        ),
+      );
     }
     if (src.error) bits.push(h("span", { class: "pill t-bad", title: src.error }, "error"));
     return h("td", { class: "failover" }, bits);
+  }
+
+  // The failback stream of `job` of `src`, while one runs.
+  function failbackPill(src, job) {
+    const fb = ((src.jobs || []).find((j) => j.job === job) || {}).failback;
+    if (!fb) return null;
+    return h(
+      "span",
+      {
+        class: "pill t-warn",
+        data: { failback: fb.state },
+        title: `failback ${fb.state}: ${bytes(fb.bytes_sent)} sent, ${bytes(fb.pending_bytes)} not yet applied; source ${fb.connected ? "connected" : "not connected"}`,
+      },
+      "failback " + bytes(fb.pending_bytes),
+    );
   }
 
   function renderSources(st) {
@@ -366,7 +391,8 @@ window.addEventListener("unhandledrejection", (e) => {
     const groups = sources.map((src) => {
       const reps = (bySource.get(src.source) || []).slice();
       for (const j of src.jobs || []) {
-        if (!reps.some((r) => r.job === j.job)) reps.push({ source: src.source, job: j.job, state: "", missing: true, failed_over: j.failed_over });
+        if (!reps.some((r) => r.job === j.job))
+          reps.push({ source: src.source, job: j.job, state: "", missing: true, failed_over: j.failed_over });
       }
       reps.sort((a, b) => a.job.localeCompare(b.job));
       return { src, reps, sev: sourceSeverity(src, reps) };
@@ -397,7 +423,13 @@ window.addEventListener("unhandledrejection", (e) => {
               )
             : null;
           tr.append(
-            h("td", { class: "c-src", rowspan: span, title: src.source }, h("span", { class: "name" }, src.source), " ", test),
+            h(
+              "td",
+              { class: "c-src", rowspan: span, title: src.source },
+              h("span", { class: "name" }, src.source),
+              " ",
+              test,
+            ),
             h(
               "td",
               { rowspan: span, class: "c-state" },
@@ -418,28 +450,59 @@ window.addEventListener("unhandledrejection", (e) => {
             h("td", { class: "c-job", title: r.job }, r.job),
             h(
               "td",
-              { title: `applied ${num(r.applied)}, durable ${num(r.durable)}, epoch ${r.epoch ?? "-"}` + (r.refused ? `; ${num(r.refused)} ops refused` : "") },
-              r.failed_over && word === "unseen" ? null : pill(word, r.state && r.state.startsWith("paused") ? r.state : null),
+              {
+                title:
+                  `applied ${num(r.applied)}, durable ${num(r.durable)}, epoch ${r.epoch ?? "-"}` +
+                  (r.refused ? `; ${num(r.refused)} ops refused` : ""),
+              },
+              r.failed_over && word === "unseen"
+                ? null
+                : pill(word, r.state && r.state.startsWith("paused") ? r.state : null),
               r.failed_over ? h("span", { class: "pill t-over" }, "failed over") : null,
+              failbackPill(src, r.job),
               r.fenced_refusals
-                ? h("span", { class: "muted small", title: r.fenced_refusals + " connections of the fenced source refused" }, "⊘" + r.fenced_refusals)
+                ? h(
+                    "span",
+                    { class: "muted small", title: r.fenced_refusals + " connections of the fenced source refused" },
+                    "⊘" + r.fenced_refusals,
+                  )
                 : null,
             ),
             h(
               "td",
               { class: "link" },
-              h("span", { class: "dot " + (r.connected ? "on" : "off"), title: r.connected ? "connected" : "not connected" }),
-              r.missing ? "-" : r.connected ? "up" : r.last_seen_secs != null ? dur(r.last_seen_secs) + " ago" : "never",
+              h("span", {
+                class: "dot " + (r.connected ? "on" : "off"),
+                title: r.connected ? "connected" : "not connected",
+              }),
+              r.missing
+                ? "-"
+                : r.connected
+                  ? "up"
+                  : r.last_seen_secs != null
+                    ? dur(r.last_seen_secs) + " ago"
+                    : "never",
             ),
             r.connected
-              ? h("td", { class: "num " + lagClass(lag), title: "capture-to-apply delay of the last op applied" }, lag != null ? dur(lag) : "-")
+              ? h(
+                  "td",
+                  { class: "num " + lagClass(lag), title: "capture-to-apply delay of the last op applied" },
+                  lag != null ? dur(lag) : "-",
+                )
               : h(
                   "td",
-                  { class: "num muted", title: "not connected: the lag of the last op applied before the link went down" },
+                  {
+                    class: "num muted",
+                    title: "not connected: the lag of the last op applied before the link went down",
+                  },
                   lag != null ? dur(lag) : "-",
                 ),
             h("td", { class: "chart" }, sparkline(key)),
-            h("td", { class: "num", title: "received " + bytes(r.bytes_received) + " since the target started" }, r.missing ? "-" : rate(tput)),
+            h(
+              "td",
+              { class: "num", title: "received " + bytes(r.bytes_received) + " since the target started" },
+              r.missing ? "-" : rate(tput),
+            ),
             historyCell(r.history),
           );
         }
@@ -449,7 +512,11 @@ window.addEventListener("unhandledrejection", (e) => {
     }
     for (const b of Array.from(table.tBodies)) b.remove();
     if (bodies.length === 0) {
-      const body = h("tbody", { class: "none" }, h("tr", null, h("td", { colspan: 11, class: "muted" }, "no source matches")));
+      const body = h(
+        "tbody",
+        { class: "none" },
+        h("tr", null, h("td", { colspan: 11, class: "muted" }, "no source matches")),
+      );
       table.append(body);
     } else table.append(...bodies);
   }
@@ -478,8 +545,15 @@ window.addEventListener("unhandledrejection", (e) => {
           h(
             "td",
             { class: "link" },
-            h("span", { class: "dot " + (j.connected ? "on" : "off"), title: j.connected ? "connected" : "not connected" }),
-            j.connected ? (j.ack_latency_ms != null ? j.ack_latency_ms.toFixed(j.ack_latency_ms < 10 ? 1 : 0) + " ms" : "up") : "down",
+            h("span", {
+              class: "dot " + (j.connected ? "on" : "off"),
+              title: j.connected ? "connected" : "not connected",
+            }),
+            j.connected
+              ? j.ack_latency_ms != null
+                ? j.ack_latency_ms.toFixed(j.ack_latency_ms < 10 ? 1 : 0) + " ms"
+                : "up"
+              : "down",
           ),
           h("td", { class: "num " + lagClass(lag) }, lag != null ? dur(lag) : "-"),
           h("td", { class: "chart" }, sparkline(j.job)),
@@ -505,11 +579,7 @@ window.addEventListener("unhandledrejection", (e) => {
             j.bytes_sent != null ? rate(tput) : "-",
           ),
           h("td", { class: "num", title: "captured " + num(j.last_captured_seq) }, num(j.last_acked_seq)),
-          h(
-            "td",
-            { title: j.dirty_regions ? j.dirty_regions + " dirty regions" : null },
-            j.sync ? pill(j.sync) : "-",
-          ),
+          h("td", { title: j.dirty_regions ? j.dirty_regions + " dirty regions" : null }, j.sync ? pill(j.sync) : "-"),
           h("td", { class: "muted" }, j.capture || "-"),
           historyCell(j.history),
           h("td", { class: "dest", title: j.dest || null }, j.dest || "-"),
@@ -526,7 +596,12 @@ window.addEventListener("unhandledrejection", (e) => {
   function chip(of, label, n, cls, word) {
     const el = h(
       "button",
-      { type: "button", class: "chip " + cls, title: word ? "filter: " + word : null, data: { of, chip: word, count: n } },
+      {
+        type: "button",
+        class: "chip " + cls,
+        title: word ? "filter: " + word : null,
+        data: { of, chip: word, count: n },
+      },
       h("b", null, n),
       " ",
       label,
@@ -548,10 +623,12 @@ window.addEventListener("unhandledrejection", (e) => {
       const c = {};
       for (const s of sources) c[s.state] = (c[s.state] || 0) + 1;
       out.push(h("span", { class: "group" }, "Sources ", h("b", null, sources.length)));
-      out.push(chip("sources", "alive", c.alive || 0, (c.alive ? "t-ok" : "zero"), "alive"));
+      out.push(chip("sources", "alive", c.alive || 0, c.alive ? "t-ok" : "zero", "alive"));
       out.push(chip("sources", "silent", c.silent || 0, c.silent ? "t-warn" : "zero", "silent"));
       out.push(chip("sources", "failed", c.failed || 0, c.failed ? "t-bad" : "zero", "failed"));
-      out.push(chip("sources", "failed over", c["failed-over"] || 0, c["failed-over"] ? "t-over" : "zero", "failed-over"));
+      out.push(
+        chip("sources", "failed over", c["failed-over"] || 0, c["failed-over"] ? "t-over" : "zero", "failed-over"),
+      );
       for (const k of ["failing-over", "failing-back", "stopped", "never-seen"]) {
         if (c[k]) out.push(chip("sources", k, c[k], "t-" + tone(k), k));
       }
@@ -574,7 +651,8 @@ window.addEventListener("unhandledrejection", (e) => {
     let worst = null;
     // Replicas not connected keep the lag of their last op: not a current lag.
     for (const r of st.replicas || []) {
-      if (r.connected && r.apply_lag_seconds != null && (!worst || r.apply_lag_seconds > worst.lag)) worst = { lag: r.apply_lag_seconds, key: r.source + "/" + r.job };
+      if (r.connected && r.apply_lag_seconds != null && (!worst || r.apply_lag_seconds > worst.lag))
+        worst = { lag: r.apply_lag_seconds, key: r.source + "/" + r.job };
     }
     for (const j of st.jobs || []) {
       if (j.lag_seconds != null && (!worst || j.lag_seconds > worst.lag)) worst = { lag: j.lag_seconds, key: j.job };
@@ -582,7 +660,11 @@ window.addEventListener("unhandledrejection", (e) => {
     out.push(
       h(
         "span",
-        { class: "group worst " + (worst ? lagClass(worst.lag) : ""), title: worst ? worst.key : null, data: { worstLag: worst ? worst.lag : null } },
+        {
+          class: "group worst " + (worst ? lagClass(worst.lag) : ""),
+          title: worst ? worst.key : null,
+          data: { worstLag: worst ? worst.lag : null },
+        },
         "Worst lag ",
         h("b", null, worst ? dur(worst.lag) : "-"),
         worst ? h("span", { class: "muted small" }, " " + worst.key) : null,
@@ -616,7 +698,11 @@ window.addEventListener("unhandledrejection", (e) => {
           h("time", { datetime: new Date(e.time_us / 1000).toISOString() }, clock(e.time_us / 1000)),
           h("span", { class: "pill t-" + eventTone(e) }, e.kind),
           h("span", { class: "who" }, e.source + (e.job ? "/" + e.job : "")),
-          e.step ? h("span", { class: "step" }, e.step + (e.status ? " " + e.status : "")) : e.status ? h("span", { class: "step" }, e.status) : null,
+          e.step
+            ? h("span", { class: "step" }, e.step + (e.status ? " " + e.status : ""))
+            : e.status
+              ? h("span", { class: "step" }, e.status)
+              : null,
           e.millis != null ? h("span", { class: "muted small" }, " " + dur(e.millis / 1000)) : null,
           e.detail ? h("div", { class: "detail", title: e.detail }, e.detail) : null,
         ),
@@ -645,7 +731,8 @@ window.addEventListener("unhandledrejection", (e) => {
     if (isTarget && !selecting("sources")) renderSources(st);
     if (hasJobs && !selecting("jobs")) renderJobs(st);
     renderSummary(st);
-    const bad = (st.sources || []).filter((s) => ["silent", "failed", "failing-over"].includes(s.state)).length +
+    const bad =
+      (st.sources || []).filter((s) => ["silent", "failed", "failing-over"].includes(s.state)).length +
       (st.jobs || []).filter((j) => tone(j.state) === "bad").length;
     document.title = bad ? `(${bad}) doppel` : "doppel";
   }
@@ -665,9 +752,7 @@ window.addEventListener("unhandledrejection", (e) => {
       const [url, msg] = state.failures.entries().next().value;
       banner.replaceChildren(
         h("b", null, msg.auth ? "Not authorised. " : "Cannot reach the doppel API. "),
-        msg.auth
-          ? "Open this page once as /?token=TOKEN (the token in the node's http_token_file). "
-          : "",
+        msg.auth ? "Open this page once as /?token=TOKEN (the token in the node's http_token_file). " : "",
         `GET ${url}: ${msg.text}. `,
         state.lastOk
           ? `Showing the data of ${clock(state.lastOk)} (${dur((Date.now() - state.lastOk) / 1000)} ago); retrying.`
@@ -711,7 +796,8 @@ window.addEventListener("unhandledrejection", (e) => {
         take(data);
         state.failures.delete(url);
       } catch (e) {
-        const text = e && e.name === "AbortError" ? "no answer in " + FETCH_TIMEOUT / 1000 + " s" : String((e && e.message) || e);
+        const text =
+          e && e.name === "AbortError" ? "no answer in " + FETCH_TIMEOUT / 1000 + " s" : String((e && e.message) || e);
         state.failures.set(url, { text, auth: e instanceof HttpError && (e.status === 401 || e.status === 403) });
       }
       try {
