@@ -315,6 +315,14 @@ pub struct ProtectArgs {
     /// only what differs), wait for `doppel failback` there, then protect as usual.
     #[arg(long)]
     pub failback: bool,
+    /// Run this command (through /bin/sh -c, with DOPPEL_JOB, DOPPEL_EVENT and DOPPEL_DETAIL)
+    /// when a job's lag passes --rpo, its link stays down, or sync mode degrades; again when
+    /// each ends (`notify` in the config).
+    #[arg(long, value_name = "COMMAND")]
+    pub notify: Option<String>,
+    /// The recovery point objective for --notify: a lag above it is news (`30s`, `5m`; `rpo`).
+    #[arg(long, value_name = "DURATION")]
+    pub rpo: Option<String>,
     #[command(flatten)]
     pub http: HttpArgs,
 }

@@ -52,6 +52,13 @@ pub struct FileConfig {
     pub http: Option<String>,
     /// Its token file (`--http-token-file`).
     pub http_token_file: Option<PathBuf>,
+    /// Command `doppel protect` runs when a job's lag passes `rpo`, its link is down or sync
+    /// mode degrades (`--notify`).
+    pub notify: Option<String>,
+    /// The recovery point objective of `doppel protect`'s jobs (`30s`, `5m`; `--rpo`).
+    pub rpo: Option<String>,
+    /// Seconds a condition must last before `notify` hears of it [default: 10].
+    pub alert_after_secs: Option<u64>,
 }
 
 /// `[target]`.
@@ -87,6 +94,21 @@ pub struct TargetSection {
     pub http: Option<String>,
     /// Its token file (`--http-token-file`).
     pub http_token_file: Option<PathBuf>,
+    /// The recovery point objective of every source without its own (`30s`, `5m`): each
+    /// source's `notify` hears when a replica's lag passes it.
+    pub rpo: Option<String>,
+    /// Seconds a condition (lag, disconnect, quota) must last before `notify` hears of it
+    /// [default: 10].
+    pub alert_after_secs: Option<u64>,
+}
+
+/// The timing of notices, with `alert_after_secs` as their hold.
+pub fn alert_timing(after: Option<u64>) -> doppel_failover::alerts::AlertTiming {
+    let mut t = doppel_failover::alerts::AlertTiming::default();
+    if let Some(s) = after {
+        t.hold = std::time::Duration::from_secs(s);
+    }
+    t
 }
 
 /// The HTTP endpoint asked for by the flags, else by the config file's `http` and
@@ -142,6 +164,9 @@ pub struct AllowSection {
     pub test_failover_end: Vec<String>,
     /// Bandwidth of each job's failback stream (`50Mbit`, `unlimited`).
     pub failback_limit: Option<String>,
+    /// The recovery point objective (`30s`, `5m`): `notify` hears when a replica's lag passes
+    /// it [default: `[target]` rpo].
+    pub rpo: Option<String>,
     /// Set-uid/set-gid bits: `allow` (default), `strip` or `refuse`.
     pub setid: Option<String>,
     /// Owners other than root, and ACLs: `allow` (default), `strip` or `refuse`.
@@ -249,6 +274,9 @@ impl AllowSection {
         p.stop_workload = self.stop_workload.clone();
         p.test_failover = self.test_failover.clone();
         p.test_failover_end = self.test_failover_end.clone();
+        if let Some(r) = &self.rpo {
+            p.rpo = Some(parse_duration(r).with_context(|| format!("source {}: rpo", self.name))?);
+        }
         if let Some(r) = &self.failback_limit {
             p.failback_limit =
                 parse_rate(r).map_err(|e| anyhow!("source {}: failback_limit: {e}", self.name))?;

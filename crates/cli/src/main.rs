@@ -7,6 +7,7 @@ mod config;
 mod control;
 mod home;
 mod http;
+mod notices;
 mod overview;
 
 use clap::Parser;

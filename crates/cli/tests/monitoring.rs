@@ -139,3 +139,65 @@ fn metrics_and_api_follow_two_sources() {
     assert!(keys.contains(&"web1/www"), "{lag}");
     drop(a1);
 }
+
+/// The lines a notify script appended to `log` (`EVENT SUBJECT`).
+fn notices(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+fn wait_notice(log: &Path, line: &str) {
+    wait_until(Duration::from_secs(60), &format!("the notice {line:?}"), || {
+        let all = notices(log);
+        all.iter().any(|l| l == line).then_some(()).ok_or(format!("{all:?}"))
+    });
+}
+
+/// For administrators without Prometheus: the target's notify command hears that a source went
+/// over its quota and that it disconnected; the agent's, that its link went down and came back.
+#[test]
+fn notify_hears_of_quota_disconnects_and_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("web-home");
+    let id = init(&home);
+    let (tlog, alog) = (dir.path().join("target-notices"), dir.path().join("agent-notices"));
+    let say = |log: &Path, who: &str| format!("echo \"$DOPPEL_EVENT ${who}\" >> {}", log.display());
+    let tscript = script(&dir.path().join("t.sh"), &say(&tlog, "DOPPEL_SOURCE"));
+    let ascript = script(&dir.path().join("a.sh"), &say(&alog, "DOPPEL_JOB"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = format!(
+        "[target]\nalert_after_secs = 1\n[[target.allow]]\nname = \"web\"\nid = \"{id}\"\nnotify = \"{tscript}\"\n\
+         quota_bytes = \"4MiB\"\ninterval_secs = 1\nmissed = 600\n"
+    );
+    let data = dir.path().join("target-data");
+    let mut target = start_target_config(dir.path(), &config, &listen, &data, None);
+    let aconf = dir.path().join("agent.toml");
+    std::fs::write(&aconf, format!("notify = \"{ascript}\"\nalert_after_secs = 1\n")).unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).file("small", b"fits\n");
+    let conf = aconf.to_str().unwrap();
+    let mut agent =
+        target.protect(&home, "agent", &src, &["--name", "www", "--heartbeat", "1", "--config", conf]);
+    wait_converged(&src, &data.join("replicas/web/www"), Duration::from_secs(60), &mut agent);
+    assert_eq!(notices(&tlog), Vec::<String>::new(), "nothing to say while all is well");
+
+    big_file(&src.join("big"), 6 << 20, 1);
+    wait_notice(&tlog, "over-quota web");
+
+    // The target goes away: the agent's link is down; it comes back: the link is up again.
+    target.proc.kill();
+    wait_notice(&alog, "disconnected www");
+    let target = start_target_config(dir.path(), &config, &listen, &data, None);
+    wait_notice(&alog, "reconnected www");
+
+    // The source dies: the target's notify hears it.
+    agent.kill();
+    wait_notice(&tlog, "disconnected web");
+    let all = notices(&tlog);
+    assert_eq!(
+        all.iter().filter(|l| *l == "disconnected web").count(),
+        1,
+        "one notice, not one per check: {all:?}"
+    );
+    drop(target);
+}

@@ -21,6 +21,7 @@
 //! The source side of a failback lives with the agent (`doppel_agent::failback`): it runs on
 //! the source, under the job's lock, and ends by handing the job to an ordinary agent.
 
+pub mod alerts;
 pub mod clock;
 pub mod events;
 pub mod hooks;

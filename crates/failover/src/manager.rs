@@ -63,6 +63,8 @@ pub struct ManagerConfig {
     pub script_timeout: Duration,
     /// Longest time the final sync of a failback cutover may take.
     pub cutover_timeout: Duration,
+    /// When the notify command hears of lag, disconnects and quotas.
+    pub alerts: crate::alerts::AlertTiming,
 }
 
 impl ManagerConfig {
@@ -72,6 +74,7 @@ impl ManagerConfig {
             data: data.to_path_buf(),
             script_timeout: Duration::from_secs(600),
             cutover_timeout: Duration::from_secs(600),
+            alerts: crate::alerts::AlertTiming::default(),
         }
     }
 }
@@ -200,6 +203,8 @@ pub struct Manager {
     pub(crate) reverse: Mutex<HashMap<(String, String), Arc<ReverseJob>>>,
     /// Running test failovers, by source.
     pub(crate) tests: Mutex<HashMap<String, crate::rehearsal::Rehearsal>>,
+    /// What the notify command was told of lag, disconnects and quotas.
+    pub(crate) alerts: Mutex<crate::alerts::Alerts>,
     pub(crate) me: Weak<Manager>,
 }
 
@@ -219,6 +224,7 @@ impl Manager {
     ) -> Arc<Manager> {
         let by_name = Self::by_name(&target, policies);
         let events = EventLog::new(&config.data.join("events.jsonl"));
+        let alerts = Mutex::new(crate::alerts::Alerts::new(config.alerts));
         let m = Arc::new_cyclic(|me| Manager {
             target: target.clone(),
             config,
@@ -230,6 +236,7 @@ impl Manager {
             ops: Mutex::default(),
             reverse: Mutex::default(),
             tests: Mutex::default(),
+            alerts,
             me: me.clone(),
         });
         target.set_failback_handler(m.clone());

@@ -59,11 +59,51 @@ impl Manager {
             names.sort();
             for name in names {
                 self.check(&name).await;
+                self.alert(&name);
             }
         }
         let reverse: Vec<_> = self.reverse.lock().drain().map(|(_, r)| r).collect();
         for r in reverse {
             let _ = r.stop().await;
+        }
+    }
+
+    /// Feeds the notices' state machine what the target sees of `source` (lag past its RPO, a
+    /// replica disconnected without a clean stop, its quota reached) and sends the notices.
+    fn alert(&self, source: &str) {
+        use crate::alerts::Condition;
+        let Some(pol) = self.policies().get(source).cloned() else { return };
+        if pol.notify.is_none() {
+            return;
+        }
+        let now = self.clock.now_us();
+        let replicas: Vec<_> =
+            self.target.jobs_of(source).iter().map(|j| self.target.slot(source, j).snapshot()).collect();
+        let gone: Vec<&str> = replicas.iter().filter(|r| !r.connected).map(|r| r.job.as_str()).collect();
+        let disconnected = !gone.is_empty()
+            && self.target.last_seen_us(source) > 0
+            && !self.target.source_stopped(source)
+            && self.watched(source);
+        let worst =
+            replicas.iter().filter(|r| r.connected).filter_map(|r| r.apply_lag_seconds).fold(0.0, f64::max);
+        let late = pol.rpo.is_some_and(|rpo| worst > rpo.as_secs_f64());
+        let quota = self.target.over_quota(source);
+        let conditions = [
+            (Condition::Disconnected, disconnected, format!("jobs not connected: {}", gone.join(", "))),
+            (
+                Condition::Lag,
+                late,
+                format!("replication lag {worst:.1} s, above the RPO of {:?}", pol.rpo.unwrap_or_default()),
+            ),
+            (Condition::OverQuota, quota.is_some(), quota.unwrap_or_default()),
+        ];
+        for (condition, holds, detail) in conditions {
+            let notice = self.alerts.lock().observe(now, source, condition, holds);
+            if let Some(n) = notice {
+                let detail = if n.raised { detail } else { String::new() };
+                self.events.record(Event::new(source, n.event).detail(detail.clone()));
+                self.notify(source, n.event, &detail);
+            }
         }
     }
 

@@ -58,6 +58,8 @@ pub struct SourcePolicy {
     pub test_failover: Vec<String>,
     /// Run per job when a test failover ends, before its view goes.
     pub test_failover_end: Vec<String>,
+    /// The recovery point objective: the notify command hears when a replica's lag passes it.
+    pub rpo: Option<Duration>,
 }
 
 impl SourcePolicy {
@@ -79,6 +81,7 @@ impl SourcePolicy {
             failback_limit: 0,
             test_failover: Vec::new(),
             test_failover_end: Vec::new(),
+            rpo: None,
         }
     }
 }

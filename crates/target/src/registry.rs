@@ -241,6 +241,17 @@ pub struct ReplicaStatus {
     pub history: Option<doppel_apply::history::HistoryStatus>,
 }
 
+impl ReplicaStatus {
+    /// Whether the replica's source is over its quota, in words: applying waits for room, or
+    /// the use reached the quota.
+    pub fn over_quota(&self) -> Option<String> {
+        match &self.state {
+            ReplicaState::Paused(why) if why.contains("over quota") => Some(why.clone()),
+            _ => self.quota.as_ref()?.reached(),
+        }
+    }
+}
+
 /// A source's use against its quota.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaUse {
@@ -252,6 +263,28 @@ pub struct QuotaUse {
     pub quota_bytes: Option<u64>,
     /// `quota_files`.
     pub quota_files: Option<u64>,
+}
+
+impl QuotaUse {
+    /// Whether the quota is reached (the source's writes are refused), in words.
+    pub fn reached(&self) -> Option<String> {
+        let full =
+            |used: Option<u64>, limit: Option<u64>| matches!((used, limit), (Some(u), Some(l)) if u >= l);
+        if full(self.used_bytes, self.quota_bytes) {
+            return Some(format!(
+                "{} used of a quota of {}",
+                crate::iec(self.used_bytes.unwrap_or(0)),
+                crate::iec(self.quota_bytes.unwrap_or(0))
+            ));
+        }
+        full(self.used_files, self.quota_files).then(|| {
+            format!(
+                "{} files used of a quota of {}",
+                self.used_files.unwrap_or(0),
+                self.quota_files.unwrap_or(0)
+            )
+        })
+    }
 }
 
 /// Shared, lock-free-ish counters of one replica.
@@ -761,6 +794,18 @@ impl Target {
             r.quota = self.quota_use(&r.source);
         }
         v
+    }
+
+    /// Whether `source` is over its quota, in words (`None`: it is not, or has none).
+    pub fn over_quota(&self, source: &str) -> Option<String> {
+        let jobs = self.jobs_of(source);
+        let snaps = jobs.iter().map(|j| self.slot(source, j).snapshot());
+        snaps
+            .map(|mut r| {
+                r.quota = self.quota_use(source);
+                r
+            })
+            .find_map(|r| r.over_quota())
     }
 
     /// `source`'s use against its quota, if it has one.

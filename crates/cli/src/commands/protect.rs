@@ -14,6 +14,7 @@ use crate::control::{self, ControlRequest, ControlResponse, ReceivingJob, Status
 
 pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let failback = a.failback;
+    let notices = notice_options(&a, &file)?;
     let http = match crate::config::http_options(&a.http, file.http.as_ref(), file.http_token_file.as_ref()) {
         Some(o) => Some(crate::http::bind(&o).await?),
         None => None,
@@ -35,6 +36,10 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
     }
     let shutdown = super::on_signals()?;
     let stop_control = CancellationToken::new();
+    if let Some(o) = notices {
+        let jobs = agents.iter().map(Agent::status_source).collect();
+        tokio::spawn(crate::notices::watch(jobs, o, shutdown.clone()));
+    }
     let mut runs = tokio::task::JoinSet::new();
     for agent in agents {
         let name = agent.job().name.clone();
@@ -88,6 +93,22 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
     let r = join(runs, &shutdown).await;
     stop_control.cancel();
     r
+}
+
+/// `--notify` and `--rpo`, else the config's `notify` and `rpo` (`None`: no notify command).
+fn notice_options(a: &ProtectArgs, file: &FileConfig) -> Result<Option<crate::notices::NoticeOptions>> {
+    let Some(command) = a.notify.clone().or_else(|| file.notify.clone()) else {
+        if a.rpo.is_some() {
+            bail!("--rpo needs --notify (the command told when the lag passes it)");
+        }
+        return Ok(None);
+    };
+    let rpo = match a.rpo.as_ref().or(file.rpo.as_ref()) {
+        Some(r) => Some(crate::config::parse_duration(r).context("rpo")?),
+        None => None,
+    };
+    let timing = crate::config::alert_timing(file.alert_after_secs);
+    Ok(Some(crate::notices::NoticeOptions { command, rpo, timing }))
 }
 
 /// Waits for every job; the first error stops the others and is returned.

@@ -86,6 +86,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     if let Some(t) = section.cutover_timeout_secs {
         mc.cutover_timeout = Duration::from_secs(t.max(1));
     }
+    mc.alerts = crate::config::alert_timing(section.alert_after_secs);
     let manager = Manager::new(target.clone(), mc, policies);
     // Test failovers a killed target left: their end scripts run and their views go.
     manager.end_all_tests("the target was restarted").await;
@@ -139,7 +140,13 @@ fn sources(section: &TargetSection, flags: &[String]) -> Result<(Vec<AllowedSour
             a = a.with_history(h);
         }
         allowed.push(a);
-        policies.push(s.policy()?);
+        let mut p = s.policy()?;
+        if p.rpo.is_none()
+            && let Some(r) = &section.rpo
+        {
+            p.rpo = Some(crate::config::parse_duration(r).context("[target] rpo")?);
+        }
+        policies.push(p);
     }
     for s in flags {
         let (name, id) = s.split_once('=').ok_or_else(|| anyhow!("--allow {s:?}: expected NAME=ID"))?;

@@ -7,7 +7,7 @@
 //! series it scrapes). A state is a set of series, one per state, 1 for the current one:
 //! `doppel_source_state{state="failed-over"} == 1` is an alert that cannot miss a series.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use doppel_agent::JobStatusSnapshot;
 use doppel_apply::history::HistoryStatus;
@@ -149,10 +149,9 @@ pub fn render(all: &Everything, events: &[Event]) -> Result<String, MetricsError
     for r in &all.replicas {
         replica(&mut x, r)?;
     }
-    let quotas: BTreeMap<&str, &doppel_target::QuotaUse> =
-        all.replicas.iter().filter_map(|r| Some((r.source.as_str(), r.quota.as_ref()?))).collect();
     for s in &all.sources {
-        source(&mut x, s, quotas.get(s.source.as_str()).copied(), events)?;
+        let replicas: Vec<&ReplicaStatus> = all.replicas.iter().filter(|r| r.source == s.source).collect();
+        source(&mut x, s, &replicas, events)?;
     }
     x.text()
 }
@@ -363,7 +362,7 @@ fn replica(x: &mut Exposition, r: &ReplicaStatus) -> Result<(), MetricsError> {
 fn source(
     x: &mut Exposition,
     s: &SourceRow,
-    quota: Option<&doppel_target::QuotaUse>,
+    replicas: &[&ReplicaStatus],
     events: &[Event],
 ) -> Result<(), MetricsError> {
     let l = [("source", s.source.as_str())];
@@ -392,8 +391,9 @@ fn source(
         &l,
         flag(s.test.is_some()),
     )?;
-    if let Some(q) = quota {
-        source_quota(x, &l, q)?;
+    if let Some(q) = replicas.iter().find_map(|r| r.quota.as_ref()) {
+        let over = replicas.iter().any(|r| r.over_quota().is_some());
+        source_quota(x, &l, q, over)?;
     }
     let done: Vec<&Event> =
         events.iter().filter(|e| e.source == s.source && e.kind == "failover-done").collect();
@@ -422,7 +422,12 @@ fn source(
     Ok(())
 }
 
-fn source_quota(x: &mut Exposition, l: Labels, q: &doppel_target::QuotaUse) -> Result<(), MetricsError> {
+fn source_quota(
+    x: &mut Exposition,
+    l: Labels,
+    q: &doppel_target::QuotaUse,
+    over: bool,
+) -> Result<(), MetricsError> {
     let pairs = [
         (q.used_bytes, "source_quota_used_bytes", "Bytes the source's replicas take against its quota."),
         (q.quota_bytes, "source_quota_limit_bytes", "The source's quota in bytes."),
@@ -434,13 +439,11 @@ fn source_quota(x: &mut Exposition, l: Labels, q: &doppel_target::QuotaUse) -> R
             x.gauge(name, help, l, v as f64)?;
         }
     }
-    let over = |used: Option<u64>, limit: Option<u64>| matches!((used, limit), (Some(u), Some(l)) if u >= l);
-    let full = over(q.used_bytes, q.quota_bytes) || over(q.used_files, q.quota_files);
     x.gauge(
         "source_over_quota",
         "1 while the source has reached its quota (its writes are refused).",
         l,
-        flag(full),
+        flag(over),
     )
 }
 
