@@ -67,7 +67,15 @@ fn page(cmd: clap::Command, version: &str, dir: &Path, written: &mut Vec<PathBuf
 /// Writes the completion scripts of bash, zsh and fish.
 fn completions(dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut cmd = command();
+    // The generators list hidden subcommands too: offer only the visible ones.
+    let full = crate::cli::Cli::command();
+    let mut cmd = clap::Command::new("doppel")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default())
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned())
+        .bin_name("doppel");
+    cmd.build();
     [Shell::Bash, Shell::Zsh, Shell::Fish]
         .into_iter()
         .map(|shell| {
