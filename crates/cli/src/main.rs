@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod control;
 mod home;
+mod systemd;
 
 use clap::Parser;
 
