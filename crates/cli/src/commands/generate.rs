@@ -53,9 +53,7 @@ fn man(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn page(cmd: clap::Command, version: &str, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
-    let man = clap_mangen::Man::new(cmd.clone())
-        .source(format!("doppel {version}"))
-        .manual("doppel manual");
+    let man = clap_mangen::Man::new(cmd.clone()).source(format!("doppel {version}")).manual("doppel manual");
     let path = man.generate_to(dir).with_context(|| format!("cannot write a page into {}", dir.display()))?;
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
