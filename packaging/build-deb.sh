@@ -89,7 +89,7 @@ install -d "$pkg/etc/doppel"
     echo "#   systemctl enable --now doppel-protect   (on a protected source)"
     echo "# The uncommented original: /usr/share/doc/doppel/examples/doppel.toml"
     echo "#"
-    sed -E 's/^([^#[:space:]])/# \1/' "$root/examples/doppel.toml"
+    sed -E 's/^([[:space:]]*[^#[:space:]])/# \1/' "$root/examples/doppel.toml"
 } >"$pkg/etc/doppel/doppel.toml"
 chmod 0644 "$pkg/etc/doppel/doppel.toml"
 
