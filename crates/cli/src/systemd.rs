@@ -116,3 +116,23 @@ pub fn spawn(readiness: Readiness, shutdown: CancellationToken) {
         stopping();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_ready_when_they_accept_not_when_a_stale_file_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("target.sock");
+        let ready = Readiness::sockets(vec![path.clone()], "listening".into());
+        assert!(!(ready.ready)(), "no socket yet");
+        // A socket file nobody listens on any more (a killed process's).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        assert!(!(ready.ready)(), "a stale socket file is not a ready service");
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!((ready.ready)());
+    }
+}

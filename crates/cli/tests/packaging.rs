@@ -196,7 +196,8 @@ fn deb_installs_man_pages_completions_units_and_a_binary_that_replicates() {
     if !require(rustix::process::geteuid().is_root(), "installing a .deb needs root") {
         return;
     }
-    let Some([_, _, analyze, _]) = require_tools(["dpkg-deb", "dpkg", "systemd-analyze", "zcat"]) else {
+    let Some([_, _, analyze, _, man]) = require_tools(["dpkg-deb", "dpkg", "systemd-analyze", "zcat", "man"])
+    else {
         return;
     };
     // The package depends on fuse3 (the fuse capture); dpkg -i does not fetch dependencies.
@@ -240,10 +241,10 @@ fn deb_installs_man_pages_completions_units_and_a_binary_that_replicates() {
         let text = ok(Command::new("zcat").arg(&page));
         assert!(text.lines().any(|l| l.starts_with(&format!(".TH {name} 1"))), "{page}: no .TH header");
     }
-    // `man doppel-protect` finds and renders the page, where man is installed.
-    if let Ok(man) = doppel_testkit::skip::which("man") {
-        let text = ok(Command::new(man).args(["-P", "cat", "doppel-protect"]).env("MANWIDTH", "100"));
-        assert!(text.contains("doppel-protect") && text.contains("--capture"), "{text}");
+    // `man doppel` and `man doppel-protect` find and render the installed pages.
+    for (page, option) in [("doppel", "--config"), ("doppel-protect", "--capture")] {
+        let text = ok(Command::new(&man).args(["-P", "cat", page]).env("MANWIDTH", "100"));
+        assert!(text.contains(page) && text.contains(option), "man {page}:\n{text}");
     }
     let bash = fs::read_to_string("/usr/share/bash-completion/completions/doppel").unwrap();
     assert!(bash.contains("complete") && bash.contains("test-failover"), "bash completions");
