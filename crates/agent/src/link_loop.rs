@@ -492,6 +492,7 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             Message::Ack { seq } => {
                 spool.ack(seq).map_err(|e| End::Retry(LinkError::Protocol(e.to_string())))?;
                 window.acked(seq);
+                status.acked_at_us.store(doppel_link::framed::now_us(), Ordering::Relaxed);
                 if status.sync_degraded.load(Ordering::Relaxed) && seq >= spool.stats().last_seq {
                     status.sync_degraded.store(false, Ordering::Relaxed);
                     tracing::warn!("sync replication restored: the target caught up");

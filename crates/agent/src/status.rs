@@ -75,6 +75,8 @@ pub struct JobStatus {
     pub bytes_received: ByteCounter,
     /// Ops the target refused.
     pub refused: AtomicU64,
+    /// When the target last acknowledged ops, µs since the epoch (0: not since start).
+    pub acked_at_us: AtomicU64,
     /// Completed connections (handshakes).
     pub connections: AtomicU64,
     /// The watch back-end in use.
@@ -122,6 +124,10 @@ pub struct JobStatusSnapshot {
     pub last_captured_seq: u64,
     /// Last sequence acknowledged by the target.
     pub last_acked_seq: u64,
+    /// When the target last acknowledged ops, seconds since the epoch (`None`: not since the
+    /// agent started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_acked_unix: Option<f64>,
     /// Bytes of ops waiting for an ack (memory and disk).
     pub pending_bytes: u64,
     /// Bytes of pending ops spilled to disk.
@@ -213,6 +219,10 @@ impl JobStatus {
             capture: self.backend.lock().clone(),
             last_captured_seq: s.last_seq,
             last_acked_seq: s.acked,
+            last_acked_unix: match self.acked_at_us.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t as f64 / 1e6),
+            },
             pending_bytes: s.memory_bytes + s.disk_bytes,
             spooled_bytes: s.disk_bytes,
             lag_seconds: s.oldest_pending_us.map(|t| now.saturating_sub(t) as f64 / 1e6).unwrap_or(0.0),

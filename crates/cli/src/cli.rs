@@ -24,6 +24,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create this node's identity (key pair and certificate) if it has none.
@@ -223,6 +225,21 @@ pub struct TargetArgs {
     /// Heartbeat interval in seconds; a source silent for three intervals is presumed dead.
     #[arg(long, value_name = "SECS")]
     pub heartbeat: Option<u64>,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// The HTTP endpoint of `target` and `protect`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HttpArgs {
+    /// Serve Prometheus metrics (/metrics), the status API (/api/status, /api/events) and the
+    /// dashboard (/) on ADDR, e.g. 127.0.0.1:9740 (`http` in the config).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// A file whose first line is the token every HTTP request must carry (`Authorization:
+    /// Bearer TOKEN`); required for an address other than loopback (`http_token_file`).
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// Capture modes.
@@ -301,6 +318,8 @@ pub struct ProtectArgs {
     /// only what differs), wait for `doppel failback` there, then protect as usual.
     #[arg(long)]
     pub failback: bool,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// `doppel status`.

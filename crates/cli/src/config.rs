@@ -48,6 +48,10 @@ pub struct FileConfig {
     /// Jobs of this source.
     #[serde(default)]
     pub job: Vec<JobSection>,
+    /// The HTTP endpoint of `doppel protect` (`--http`).
+    pub http: Option<String>,
+    /// Its token file (`--http-token-file`).
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// `[target]`.
@@ -79,6 +83,22 @@ pub struct TargetSection {
     pub history_size: Option<SizeValue>,
     /// A window of history no size limit and no shortage of space cuts (`1h`).
     pub history_min: Option<String>,
+    /// The HTTP endpoint of `doppel target` (`--http`).
+    pub http: Option<String>,
+    /// Its token file (`--http-token-file`).
+    pub http_token_file: Option<PathBuf>,
+}
+
+/// The HTTP endpoint asked for by the flags, else by the config file's `http` and
+/// `http_token_file` (`None`: off).
+pub fn http_options(
+    flags: &crate::cli::HttpArgs,
+    addr: Option<&String>,
+    token_file: Option<&PathBuf>,
+) -> Option<crate::http::HttpOptions> {
+    let addr = flags.http.as_ref().or(addr)?.clone();
+    let token_file = flags.http_token_file.as_ref().or(token_file).cloned();
+    Some(crate::http::HttpOptions { addr, token_file })
 }
 
 /// `[[target.allow]]`: a source, and what to do when it fails.

@@ -24,3 +24,15 @@ pub fn resolve(flag: Option<PathBuf>, config: Option<PathBuf>) -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/state/doppel")
 }
+
+/// Writes `path` aside then renames it: whoever reads it (scripts, tests) sees the whole
+/// content or no file, never a part.
+pub fn write_atomically(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}

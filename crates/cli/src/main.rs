@@ -6,6 +6,8 @@ mod commands;
 mod config;
 mod control;
 mod home;
+mod http;
+mod overview;
 mod systemd;
 
 use clap::Parser;

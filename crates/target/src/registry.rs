@@ -212,6 +212,14 @@ pub struct ReplicaStatus {
     pub refused: u64,
     /// Seconds since the source was last heard from.
     pub last_seen_secs: Option<u64>,
+    /// When the last op was applied, seconds since the epoch (`None`: none since the target
+    /// started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_unix: Option<f64>,
+    /// How long the last op applied took from its capture on the source to its apply here, in
+    /// seconds: the replication lag as the target sees it (the two clocks' skew included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_lag_seconds: Option<f64>,
     /// The replica's epoch.
     pub epoch: u64,
     /// The workload failed over to this replica.
@@ -261,6 +269,10 @@ pub struct SlotStatus {
     pub refused: AtomicU64,
     /// Last time the source was heard from, µs since the epoch.
     pub last_seen_us: AtomicU64,
+    /// When the last batch was applied, µs since the epoch (0: none since start).
+    pub applied_at_us: AtomicU64,
+    /// The source's capture time of the last op applied, µs since the epoch.
+    pub applied_op_time_us: AtomicU64,
     /// See [`ReplicaStatus::state`].
     pub state: Mutex<ReplicaState>,
     /// See [`ReplicaStatus::epoch`].
@@ -293,6 +305,14 @@ impl SlotStatus {
         self.durable.store(applied, Ordering::Relaxed);
         self.set_state(ReplicaState::Replicating);
         self.seen();
+    }
+
+    /// Records that ops up to `applied` were applied now, the last of them captured at
+    /// `op_time_us` on the source.
+    pub fn applied_now(&self, applied: u64, op_time_us: u64) {
+        self.applied.store(applied, Ordering::Relaxed);
+        self.applied_op_time_us.store(op_time_us, Ordering::Relaxed);
+        self.applied_at_us.store(now_us(), Ordering::Relaxed);
     }
 
     /// Records that the source was heard from now.
@@ -409,6 +429,8 @@ impl Slot {
     pub fn snapshot(&self) -> ReplicaStatus {
         let s = &self.status;
         let seen = s.last_seen_us.load(Ordering::Relaxed);
+        let (at, op_time) =
+            (s.applied_at_us.load(Ordering::Relaxed), s.applied_op_time_us.load(Ordering::Relaxed));
         ReplicaStatus {
             source: self.source.clone(),
             job: self.job.clone(),
@@ -419,6 +441,8 @@ impl Slot {
             bytes_received: s.bytes_received.get(),
             refused: s.refused.load(Ordering::Relaxed),
             last_seen_secs: (seen > 0).then(|| now_us().saturating_sub(seen) / 1_000_000),
+            last_applied_unix: (at > 0).then(|| at as f64 / 1e6),
+            apply_lag_seconds: (at > 0 && op_time > 0).then(|| at.saturating_sub(op_time) as f64 / 1e6),
             epoch: s.epoch.load(Ordering::Relaxed),
             failed_over: s.failed_over.load(Ordering::Relaxed),
             fenced_refusals: s.fenced_refusals.load(Ordering::Relaxed),

@@ -181,7 +181,9 @@ impl<C: Clock> Worker<C> {
             let fsync = matches!(rec.op, Op::Fsync { .. } | Op::Point { .. });
             self.policy.op_applied(self.replica.applied(), rec.op.data_len() as u64, fsync);
         }
-        self.slot.status.applied.store(self.replica.applied(), Ordering::Relaxed);
+        if let Some(last) = recs.last() {
+            self.slot.status.applied_now(self.replica.applied(), last.time_us);
+        }
         if let Some(c) = self.policy.after_batch(self.clock.now(), !rx.is_empty()) {
             self.commit(c);
         }

@@ -14,6 +14,15 @@ use crate::control::{self, ControlRequest, ControlResponse, ReceivingJob, Status
 
 pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> {
     let failback = a.failback;
+    let http = match crate::config::http_options(&a.http, file.http.as_ref(), file.http_token_file.as_ref()) {
+        Some(o) => Some(crate::http::bind(&o).await?),
+        None => None,
+    };
+    let stop_http = CancellationToken::new();
+    if let Some(h) = http {
+        tokio::spawn(super::target::serve_http(h, home.clone(), stop_http.clone()));
+    }
+    let _stop_http = stop_http.drop_guard();
     let mut jobs = jobs(a, &file)?;
     share_target_limits(&mut jobs, &file)?;
     if failback {

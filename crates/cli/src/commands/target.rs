@@ -60,6 +60,11 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     if let Some(t) = section.handshake_timeout_secs {
         cfg.handshake_timeout = Duration::from_secs(t.max(1));
     }
+    let http =
+        match crate::config::http_options(&a.http, section.http.as_ref(), section.http_token_file.as_ref()) {
+            Some(o) => Some(crate::http::bind(&o).await?),
+            None => None,
+        };
     let listener = bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let target = Target::new(cfg);
@@ -73,11 +78,7 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     }
     let run = control::run_dir(&home);
     std::fs::create_dir_all(&run)?;
-    // Written aside then renamed: whoever reads it (scripts, tests) sees the whole address or
-    // no file, never an empty one.
-    let tmp = run.join("target.addr.tmp");
-    std::fs::write(&tmp, addr.to_string())?;
-    std::fs::rename(&tmp, run.join("target.addr"))?;
+    crate::home::write_atomically(&run.join("target.addr"), addr.to_string().as_bytes())?;
     let mut mc = ManagerConfig::new(&data);
     if let Some(t) = section.script_timeout_secs {
         mc.script_timeout = Duration::from_secs(t.max(1));
@@ -97,6 +98,9 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
         Box::pin(async move { answer(&m, &r, req).await })
     });
     tokio::spawn(control::serve(run.join("target.sock"), handler, target.shutdown.clone()));
+    if let Some(h) = http {
+        tokio::spawn(serve_http(h, home.clone(), target.shutdown.clone()));
+    }
     let ready =
         crate::systemd::Readiness::sockets(vec![run.join("target.sock")], format!("listening on {addr}"));
     crate::systemd::spawn(ready, target.shutdown.clone());
@@ -106,6 +110,17 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     stopping.end_all_tests("the target stopped").await;
     let _ = std::fs::remove_file(run.join("target.addr"));
     Ok(())
+}
+
+/// Serves the HTTP endpoint; its failure is logged, not fatal (replication goes on).
+pub(super) async fn serve_http(
+    h: crate::http::Bound,
+    home: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if let Err(e) = crate::http::serve(h, home, stop).await {
+        tracing::error!("{e:#}");
+    }
 }
 
 /// The allowed sources and their failover policies, from the config file's `[[target.allow]]`
