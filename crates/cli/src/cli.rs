@@ -61,6 +61,9 @@ pub enum Command {
     /// A replica's point-in-time history: list the window and its points, restore any point.
     #[command(subcommand)]
     History(HistoryCommand),
+    /// Write manual pages or shell completions (for packagers).
+    #[command(subcommand, hide = true)]
+    Generate(crate::commands::generate::GenerateCommand),
 }
 
 /// `doppel test-failover`.

@@ -9,6 +9,7 @@ mod home;
 mod http;
 mod notices;
 mod overview;
+mod systemd;
 
 use clap::Parser;
 

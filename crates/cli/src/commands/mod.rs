@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod failover;
+pub mod generate;
 mod history;
 mod protect;
 mod status;
@@ -43,6 +44,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Events(a) => failover::events(a, &home),
         Command::History(c) => history::run(c, &file, &home),
         Command::TestFailover(a) => failover::test(a, &home),
+        Command::Generate(c) => generate::run(c),
     }
 }
 

@@ -41,6 +41,7 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
         tokio::spawn(crate::notices::watch(jobs, o, shutdown.clone()));
     }
     let mut runs = tokio::task::JoinSet::new();
+    let ready = crate::systemd::Readiness::agents(&agents, &home);
     for agent in agents {
         let name = agent.job().name.clone();
         let sock = control::job_socket(&home, &name);
@@ -48,6 +49,7 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
         let token = shutdown.clone();
         runs.spawn(async move { (name, agent.run(token).await.map_err(anyhow::Error::from)) });
     }
+    crate::systemd::spawn(ready, shutdown.clone());
     let r = join(runs, &shutdown).await;
     stop_control.cancel();
     r

@@ -102,6 +102,9 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     if let Some(h) = http {
         tokio::spawn(serve_http(h, home.clone(), target.shutdown.clone()));
     }
+    let ready =
+        crate::systemd::Readiness::sockets(vec![run.join("target.sock")], format!("listening on {addr}"));
+    crate::systemd::spawn(ready, target.shutdown.clone());
     tracing::info!(%addr, identity = %me.id, data = %data.display(), sources = target.allowed().len(), "target listening");
     doppel_target::serve(target.clone(), &me, listener).await?;
     // A test failover does not outlive the target: it is ended cleanly.
