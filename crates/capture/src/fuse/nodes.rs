@@ -136,6 +136,22 @@ impl Node {
         Ok(fd)
     }
 
+    /// Whether this node stands for the object whose metadata is `st` (same device and inode
+    /// number). An inode number identifies an object only while it lives: once the node's
+    /// object is gone, the file system may give its number to a new one. A node holding its
+    /// descriptor pins its object, so its number cannot have been reused; one whose descriptor
+    /// was evicted reopens by file handle, which names the object with its generation and
+    /// fails (`ESTALE`) for a dead one.
+    pub fn is(&self, st: &Stat) -> bool {
+        if self.key != (st.st_dev, st.st_ino) || self.kind != st.st_mode & libc::S_IFMT {
+            return false;
+        }
+        match self.fd() {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::ESTALE),
+        }
+    }
+
     /// Current metadata of the underlying object.
     pub fn stat(&self) -> io::Result<Stat> {
         rustix::fs::fstat(self.fd()?).map_err(io::Error::from)
@@ -468,6 +484,25 @@ impl Nodes {
             }
             n
         };
+        let known = match known {
+            Some(node) if !node.is(st) => {
+                // A dead object whose inode number the file system gave to this new one: the
+                // kernel may still hold the old node (a file open after its unlink, a removed
+                // directory some process is in), but it must not stand for the new object.
+                let mut t = self.tables.write();
+                // The lookup counted above is taken back under the write lock, as `forget`
+                // counts, so a node the kernel forgot meanwhile does not linger.
+                let left = node.lookups.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                if t.by_key.get(&key) == Some(&node.id) {
+                    t.by_key.remove(&key);
+                }
+                if left == 0 {
+                    t.by_id.remove(&node.id);
+                }
+                None
+            }
+            known => known,
+        };
         if let Some(node) = known {
             {
                 let mut places = node.places.lock();
@@ -663,5 +698,52 @@ mod tests {
         assert!(!matches!(gone.evict(), Evicted::Busy));
         let e = gone.fd().err().map(|e| e.raw_os_error());
         assert_eq!(e, Some(Some(libc::ESTALE)));
+    }
+
+    /// An inode number names an object only while it lives: a new object given the number of
+    /// a dead one that the kernel still holds (open after its unlink, evicted from the
+    /// descriptor cache) gets a node of its own, never the dead one's (whose descriptor would
+    /// reach the dead object, and whose kernel inode the new name would share).
+    #[test]
+    fn a_reused_inode_number_gets_a_new_node() {
+        let d = tempfile::tempdir().unwrap();
+        let nodes = table(d.path(), 16);
+        if !doppel_testkit::require(nodes.cache().handles(), "file handles are not available here") {
+            return;
+        }
+        let root = nodes.get(ROOT).unwrap();
+        let rfd = root.fd().unwrap();
+        let mut reused = None;
+        for i in 0..50 {
+            let old = format!("old{i}");
+            std::fs::create_dir(d.path().join(&old)).unwrap();
+            let st = stat_at(&rfd, old.as_bytes()).unwrap();
+            let dead = nodes.found(&root, old.as_bytes(), &st).unwrap();
+            nodes.cache().shrink(0, true);
+            std::fs::remove_dir(d.path().join(&old)).unwrap();
+            nodes.unnamed(ROOT, old.as_bytes(), Some((st.st_dev, st.st_ino)));
+            let new = format!("new{i}");
+            std::fs::create_dir(d.path().join(&new)).unwrap();
+            let st2 = stat_at(&rfd, new.as_bytes()).unwrap();
+            if st2.st_ino == st.st_ino {
+                reused = Some((dead, new, st2));
+                break;
+            }
+        }
+        let Some((dead, new, st2)) = reused else {
+            // The file system never gave a number back at once here: nothing to check.
+            eprintln!("skipping: no inode number was reused");
+            return;
+        };
+        let node = nodes.found(&root, new.as_bytes(), &st2).unwrap();
+        assert_ne!(node.id, dead.id, "the new object got the dead one's node");
+        let now = node.stat().unwrap();
+        assert_eq!((now.st_dev, now.st_ino), (st2.st_dev, st2.st_ino));
+        assert_eq!(nodes.path(&node).unwrap().to_wire().0, new.as_bytes());
+        // The dead node stays until the kernel forgets it, then goes.
+        assert!(nodes.get(dead.id).is_some());
+        nodes.forget(dead.id, 1);
+        assert!(nodes.get(dead.id).is_none());
+        assert_eq!(nodes.found(&root, new.as_bytes(), &st2).unwrap().id, node.id, "known from now on");
     }
 }

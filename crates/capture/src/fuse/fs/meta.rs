@@ -51,10 +51,29 @@ impl<S: CaptureSink> DoppelFs<S> {
         let _ns = self.locks.shared();
         let _file = node.data.lock();
         let path = self.nodes.path(&node);
+        // `chown(f, -1, -1)` changes no owner but drops set-id bits and capabilities like any
+        // chown; with `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves that to the daemon and sends
+        // a request changing nothing (the change time at most), which is done as such a chown.
+        let chown = c.uid.is_some()
+            || c.gid.is_some()
+            || (c.mode.is_none() && c.size.is_none() && c.atime.is_none() && c.mtime.is_none());
+        // Which set-id bits the caller's chown drops: the daemon's own chown (as root) drops
+        // set-group-id only of a group-executable file, the caller's also where the caller is
+        // outside the file's group. (The empty request is also how the write-back cache drops
+        // privileges before a write, by the same rule and with no permission check. So a
+        // `chown(f, -1, -1)` by someone other than the owner, which the kernel refuses natively
+        // when it would drop bits, cannot be told apart and drops them here.)
+        let kills = match (chown && !node.is_dir(), caller) {
+            (true, Some(caller)) => {
+                let st = node.stat().map_err(errno)?;
+                caller.chown_kills(st.st_mode, st.st_gid)
+            }
+            _ => 0,
+        };
         // A truncate or chown drops privileges (see `privs`): an open descriptor to look.
         let privfd = if self.killpriv.load(Ordering::Relaxed)
             && node.kind == libc::S_IFREG
-            && (c.size.is_some() || c.uid.is_some() || c.gid.is_some())
+            && (c.size.is_some() || chown)
         {
             let nfd = node.fd().map_err(errno)?;
             let fd = self
@@ -94,11 +113,18 @@ impl<S: CaptureSink> DoppelFs<S> {
         }
         let mut attrs = Attrs::default();
         let nfd = node.fd().map_err(errno)?;
-        if c.uid.is_some() || c.gid.is_some() {
+        if chown {
             let uid = c.uid.map(rustix::fs::Uid::from_raw);
             let gid = c.gid.map(rustix::fs::Gid::from_raw);
             rustix::fs::chownat(&nfd, "", uid, gid, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
+        }
+        if kills & libc::S_ISGID != 0 {
+            let now = rustix::fs::fstat(&nfd).map_err(errno)?.st_mode;
+            if now & libc::S_ISGID != 0 {
+                let mode = now & 0o7777 & !libc::S_ISGID;
+                rustix::fs::chmod(nfd.proc_path(), Mode::from_raw_mode(mode)).map_err(errno)?;
+            }
         }
         if let Some(mode) = c.mode {
             rustix::fs::chmod(nfd.proc_path(), Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
@@ -108,7 +134,7 @@ impl<S: CaptureSink> DoppelFs<S> {
             rustix::fs::utimensat(&nfd, "", &t, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
-        if c.mode.is_some() || c.uid.is_some() || c.gid.is_some() {
+        if c.mode.is_some() || chown {
             node.privs.store(crate::fuse::nodes::PRIVS_UNKNOWN, Ordering::Relaxed);
         }
         if let Some(fd) = &privfd {
@@ -123,9 +149,7 @@ impl<S: CaptureSink> DoppelFs<S> {
             attrs.uid = Some(st.st_uid);
             attrs.gid = Some(st.st_gid);
         }
-        if (c.mode.is_some() || c.uid.is_some() || c.gid.is_some() || privfd.is_some())
-            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
-        {
+        if (c.mode.is_some() || chown || privfd.is_some()) && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
             attrs.mode = Some(st.st_mode & 0o7777);
         }
         if c.atime.is_some() {

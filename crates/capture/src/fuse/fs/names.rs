@@ -21,6 +21,31 @@ pub(super) enum Make {
     Symlink { target: Vec<u8> },
 }
 
+/// The path of `name` in the directory at `dir`. Ops carry paths of at most 4,095 bytes from
+/// the root: a name that would make a longer one (reachable only through a working directory
+/// deep in the tree) is refused as too long, as the kernel refuses such a path.
+fn joined(dir: &RelPath, name: &[u8]) -> Result<RelPath, Errno> {
+    dir.join(name).map_err(|e| match e {
+        doppel_proto::PathError::TooLong(_) => Errno::ENAMETOOLONG,
+        _ => Errno::EINVAL,
+    })
+}
+
+/// The mode a new object `st`, made with `want` (the caller's mode, after its umask), must be
+/// given, if it has another (see `privs`): exactly the permission bits asked for (the daemon's
+/// own umask may have removed some); a non-directory also the set-id bits asked for (the
+/// kernel drops them when the daemon gives the object to its caller); a directory keeps the
+/// set-id and sticky bits it got (a set-group-id parent's, and `mkdir` takes no set-id bits).
+fn settled_mode(want: u32, st: &Stat) -> Option<u32> {
+    let now = st.st_mode & 0o7777;
+    let target = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        (now & 0o7000) | (want & 0o777)
+    } else {
+        want & 0o7777
+    };
+    (target != now).then_some(target)
+}
+
 impl<S: CaptureSink> DoppelFs<S> {
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &[u8]) -> Result<(u64, Stat), Errno> {
         let _ns = self.locks.shared();
@@ -50,9 +75,11 @@ impl<S: CaptureSink> DoppelFs<S> {
         if owner != (0, 0) {
             attrs.uid = Some(owner.0);
             attrs.gid = Some(owner.1);
-            if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-                attrs.mode = Some(st.st_mode & 0o7777);
-            }
+        }
+        // The mode the object has, whatever the umask of whoever applies the ops (and a
+        // directory's set-group-id bit, inherited from its parent).
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            attrs.mode = Some(st.st_mode & 0o7777);
         }
         let mut ops = vec![Op::SetAttr { path: path.to_wire(), attrs }];
         ops.extend(Self::mtime_op(parent, ppath));
@@ -69,7 +96,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let _ns = self.locks.names();
         let p = self.node(parent)?;
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
-        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let path = joined(&ppath, name)?;
         let owner = Self::owner(req, &p)?;
         let pfd = p.fd().map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
@@ -94,7 +121,15 @@ impl<S: CaptureSink> DoppelFs<S> {
             rustix::fs::chownat(&pfd, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(errno)?;
         }
-        let st = stat_at(&pfd, name).map_err(errno)?;
+        let mut st = stat_at(&pfd, name).map_err(errno)?;
+        let want = match what {
+            Make::Dir { mode } | Make::Node { mode, .. } => Some(mode),
+            Make::Symlink { .. } => None,
+        };
+        if let Some(mode) = want.and_then(|want| settled_mode(want, &st)) {
+            rustix::fs::chmodat(&pfd, name, Mode::from_raw_mode(mode), AtFlags::empty()).map_err(errno)?;
+            st = stat_at(&pfd, name).map_err(errno)?;
+        }
         let node = self.nodes.found(&p, name, &st).map_err(errno)?;
         let mut ops = vec![first];
         ops.extend(self.created_ops(&path, &st, owner, &p, &ppath));
@@ -113,7 +148,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let _ns = self.locks.names();
         let p = self.node(parent)?;
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
-        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let path = joined(&ppath, name)?;
         let owner = Self::owner(req, &p)?;
         let pfd = p.fd().map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
@@ -138,7 +173,11 @@ impl<S: CaptureSink> DoppelFs<S> {
             let (uid, gid) = (rustix::fs::Uid::from_raw(owner.0), rustix::fs::Gid::from_raw(owner.1));
             rustix::fs::fchown(&fd, Some(uid), Some(gid)).map_err(errno)?;
         }
-        let st = rustix::fs::fstat(&fd).map_err(errno)?;
+        let mut st = rustix::fs::fstat(&fd).map_err(errno)?;
+        if created && let Some(mode) = settled_mode(mode, &st) {
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(errno)?;
+            st = rustix::fs::fstat(&fd).map_err(errno)?;
+        }
         let node = self.nodes.found(&p, name, &st).map_err(errno)?;
         let ops = if created {
             let mut v = vec![Op::Create { path: path.to_wire(), mode: st.st_mode & 0o7777 }];
@@ -179,7 +218,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let _ns = self.locks.names();
         let p = self.node(parent)?;
         let ppath = self.nodes.path(&p).ok_or(Errno::ENOENT)?;
-        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let path = joined(&ppath, name)?;
         let pfd = p.fd().map_err(errno)?;
         let st = stat_at(&pfd, name).map_err(errno)?;
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
@@ -205,8 +244,8 @@ impl<S: CaptureSink> DoppelFs<S> {
         let (p, np) = (self.node(parent)?, self.node(newparent)?);
         let (ppath, nppath) =
             (self.nodes.path(&p).ok_or(Errno::ENOENT)?, self.nodes.path(&np).ok_or(Errno::ENOENT)?);
-        let from = ppath.join(name).map_err(|_| Errno::EINVAL)?;
-        let to = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
+        let from = joined(&ppath, name)?;
+        let to = joined(&nppath, newname)?;
         let (pfd, npfd) = (p.fd().map_err(errno)?, np.fd().map_err(errno)?);
         let moved = stat_at(&pfd, name).map_err(errno)?;
         let replaced = stat_at(&npfd, newname).ok().map(|s| (s.st_dev, s.st_ino));
@@ -253,7 +292,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let node = self.node(ino)?;
         let np = self.node(newparent)?;
         let nppath = self.nodes.path(&np).ok_or(Errno::ENOENT)?;
-        let path = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
+        let path = joined(&nppath, newname)?;
         let existing = self.nodes.path(&node);
         let (fd, npfd) = (node.fd().map_err(errno)?, np.fd().map_err(errno)?);
         let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&nppath)])?;

@@ -16,6 +16,18 @@
 //! attributes) as an op. For truncates and `O_TRUNC` opens the kernel's hint does not reach
 //! the daemon (the `fuser` interface does not carry it), so the caller's uid stands in for it:
 //! a caller other than root is taken to lack `CAP_FSETID`.
+//!
+//! **Modes of new objects.** The kernel applies the caller's umask to the mode of a `creat`,
+//! `mkdir` or `mknod` before the request reaches the daemon. The daemon creates the object
+//! itself, and its own umask (a property of the whole process, `022` for most, which the rest
+//! of the agent relies on for its own files) is then applied a second time: `0620` asked with
+//! umask `0` gave `0600`, a directory made `0777` for others to write in came out `0755` and
+//! refused them. Creating as root and then giving the object to its caller (`chown`) also
+//! makes the kernel drop the set-id bits of a non-directory, which a caller's own
+//! `creat(…, 04755)` keeps. So the daemon compares the mode it got with the mode asked for and
+//! sets it where they differ (`names::settled_mode`); no application can reach the new name
+//! before that (it is not in the kernel's cache until the reply, and lookups wait for the
+//! namespace lock the creation holds).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
@@ -33,12 +45,43 @@ const CAPS: &str = "security.capability";
 pub(super) struct Caller {
     /// Group id (set-group-id is dropped for callers outside the file's group).
     pub gid: u32,
+    /// Process id, to find the caller's supplementary groups (0: unknown).
+    pub pid: u32,
 }
 
 impl Caller {
     /// The caller of `req`.
     pub(super) fn of(req: &fuser::Request) -> Caller {
-        Caller { gid: req.gid() }
+        Caller { gid: req.gid(), pid: req.pid() }
+    }
+
+    /// Whether the caller is in group `gid`, as the kernel's `in_group_p` decides: its group
+    /// or one of its supplementary groups (read from `/proc/PID/status`; a caller that cannot
+    /// be looked at counts as outside).
+    pub(super) fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        if self.pid == 0 {
+            return false;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else { return false };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|x| x.parse::<u32>() == Ok(gid)))
+    }
+
+    /// The set-id bits of a non-directory with `st_mode` `mode` and group `gid` that a
+    /// `chown` by this caller (lacking `CAP_FSETID`) drops, as the kernel's
+    /// `setattr_should_drop_suidgid` decides: set-user-id always, set-group-id if the file is
+    /// group-executable or the caller is outside its group.
+    pub(super) fn chown_kills(&self, mode: u32, gid: u32) -> u32 {
+        let mut kill = mode & libc::S_ISUID;
+        if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !self.in_group(gid)) {
+            kill |= libc::S_ISGID;
+        }
+        kill
     }
 
     /// The caller of `req` if it must be taken to lack `CAP_FSETID` (anyone but root).
@@ -81,7 +124,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let mut mode = st.st_mode & 0o7777;
         if let Some(caller) = kill {
             let mut drop = libc::S_ISUID;
-            if mode & libc::S_IXGRP != 0 || caller.gid != st.st_gid {
+            if mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid) {
                 drop |= libc::S_ISGID;
             }
             if mode & drop != 0 {
