@@ -536,11 +536,12 @@ impl Capture {
 
     fn verify(&mut self, listing: Vec<Entry>, repair: bool) -> Result<VerifyReport, AgentError> {
         let t = Instant::now();
-        let (mut report, paths) = doppel_mirror::verify::compare(
+        let (mut report, paths) = doppel_mirror::verify::compare_with(
             self.rec.root(),
             self.rec.selection().clone(),
             listing.clone(),
             self.rec.guard(),
+            self.rec.stats().tree.clone(),
         )?;
         tracing::info!(
             seconds = t.elapsed().as_secs_f64(),

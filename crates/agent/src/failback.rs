@@ -54,6 +54,18 @@ pub async fn receive(
     home: &std::path::Path,
     shutdown: CancellationToken,
 ) -> Result<Outcome, FailbackError> {
+    receive_with(job, home, shutdown, |_| {}).await
+}
+
+/// [`receive`], first handing `watch` the embedded target that applies the replica to the
+/// tree (its status tells what was received and applied, for a progress display; its
+/// `shutdown` is cancelled when the failback ends, whichever way).
+pub async fn receive_with(
+    job: &JobConfig,
+    home: &std::path::Path,
+    shutdown: CancellationToken,
+    watch: impl FnOnce(&std::sync::Arc<Target>),
+) -> Result<Outcome, FailbackError> {
     let Destination::Remote { addr, target_id } = &job.dest else {
         return Err(FailbackError::Config(format!(
             "job {}: a failback comes from a remote target, not from {}",
@@ -73,6 +85,7 @@ pub async fn receive(
     // The source's own tree receiving its replica back keeps no history (and no attic beside it).
     cfg.history = None;
     let target = Target::new(cfg);
+    watch(&target);
     let mut backoff = Duration::from_millis(200);
     let handover = loop {
         let attempt = tokio::select! {

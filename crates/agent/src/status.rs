@@ -160,6 +160,20 @@ pub struct JobStatusSnapshot {
     pub files_hashed: u64,
     /// Bytes compared (hashed) since the agent started.
     pub bytes_hashed: u64,
+    /// The whole-tree comparison under way (a difference mirror, a verify, a local scan):
+    /// regular files the job's selection holds, as its walk counted them (absent while the
+    /// walk counts, and when no comparison runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_total_files: Option<u64>,
+    /// Bytes of those files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_total_bytes: Option<u64>,
+    /// Files of the comparison under way compared so far (absent when none runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_done_files: Option<u64>,
+    /// Bytes compared so far: read and hashed, or found unchanged by their metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_done_bytes: Option<u64>,
     /// The history of the replica, for a job protected to a local directory (its embedded
     /// target keeps it; a remote target's status shows its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,12 +205,13 @@ impl JobStatus {
         let s = spool.stats();
         let now = doppel_target::registry::now_us();
         let window = self.window.lock().clone();
-        let (files, bytes) = self
-            .reconcile
-            .lock()
+        let stats = self.reconcile.lock().clone();
+        let (files, bytes) = stats
             .as_ref()
             .map(|r| (r.files_hashed.load(Ordering::Relaxed), r.bytes_hashed.load(Ordering::Relaxed)))
             .unwrap_or_default();
+        let tree = stats.as_ref().and_then(|r| r.tree.get());
+        let total = tree.and_then(|t| t.total);
         // Conditions that last take precedence over the step the job is at.
         let stalled = self.stalled.lock().clone();
         let (state, detail) = if self.overflow.active() {
@@ -245,6 +260,10 @@ impl JobStatus {
             rate_limit: self.rate_limit.load(Ordering::Relaxed),
             files_hashed: files,
             bytes_hashed: bytes,
+            mirror_total_files: total.map(|t| t.0),
+            mirror_total_bytes: total.map(|t| t.1),
+            mirror_done_files: tree.map(|t| t.files_done),
+            mirror_done_bytes: tree.map(|t| t.bytes_done),
             history: None,
         }
     }

@@ -30,6 +30,7 @@ pub mod quota;
 pub mod replica;
 pub mod retention;
 pub mod state;
+pub mod unreplicated;
 
 pub use error::ApplyError;
 pub use privilege::{Privilege, PrivilegePolicy, Rule};

@@ -48,6 +48,8 @@ pub enum Outcome {
     Stripped(Vec<Privilege>),
     /// Refused and skipped for good, with the reason (also logged).
     Refused(String),
+    /// It touches only names the replica does not have (refused before): skipped quietly.
+    Skipped,
     /// Refused by the source's privilege policy, and skipped for good.
     RefusedByPolicy {
         /// The privilege the op used.
@@ -75,6 +77,8 @@ pub struct Replica {
     /// The tree's allocated bytes, walked for a percentage history limit when no quota
     /// count exists, when, and the bytes written since.
     measured: Option<(std::time::Instant, u64, u64)>,
+    /// Names the target refused to make, and the ops on them it skips.
+    unreplicated: crate::unreplicated::Unreplicated,
 }
 
 impl Replica {
@@ -168,6 +172,7 @@ impl Replica {
             },
             last_retain: None,
             measured: None,
+            unreplicated: crate::unreplicated::Unreplicated::load(state_dir),
         })
     }
 
@@ -268,8 +273,26 @@ impl Replica {
         Ok(outcome)
     }
 
-    /// Applies `rec` as the privilege policy decides.
+    /// The names the replica does not have (refused before).
+    pub fn unreplicated(&self) -> &crate::unreplicated::Unreplicated {
+        &self.unreplicated
+    }
+
+    /// Applies `rec` as the privilege policy decides; ops on names refused before are
+    /// skipped, and a name refused now is remembered.
     fn apply_policed(&mut self, rec: &OpRecord) -> Result<Outcome, ApplyError> {
+        if self.unreplicated.judge(&rec.op) == crate::unreplicated::Verdict::Skip {
+            return Ok(Outcome::Skipped);
+        }
+        let outcome = self.apply_allowed(rec)?;
+        if let Outcome::Refused(reason) | Outcome::RefusedByPolicy { reason, .. } = &outcome {
+            self.unreplicated.refused(&rec.op, reason);
+        }
+        Ok(outcome)
+    }
+
+    /// Applies `rec` as the privilege policy decides.
+    fn apply_allowed(&mut self, rec: &OpRecord) -> Result<Outcome, ApplyError> {
         let (op, stripped) = match self.privileges.decide(&rec.op) {
             Decision::Refuse { privilege, reason } => {
                 tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused by the privilege policy");

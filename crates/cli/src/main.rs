@@ -9,6 +9,7 @@ mod home;
 mod http;
 mod notices;
 mod overview;
+mod progress;
 mod systemd;
 
 use clap::Parser;
@@ -25,10 +26,12 @@ fn main() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Around the progress bars while any is drawn.
+        .with_writer(progress::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    progress::set_quiet(args.quiet);
     // The fuse capture daemon needs a descriptor per file open through its mount.
     let nofile = doppel_capture::fuse::raise_open_file_limit();
     tracing::debug!(nofile, "open-file limit");

@@ -1,8 +1,7 @@
 //! The target's per-source privilege policy end to end: a real `doppel target` whose allow
 //! list gives three sources `allow`, `strip` and `refuse`, and a real `doppel protect` on each,
 //! replicating the same set-uid file, file with a capability (`setcap`) and chowned file.
-//! Device nodes are not captured by the watch back-ends; the target-level test
-//! `hostile::privilege_policy_per_source` sends them as crafted ops.
+//! Device nodes, FIFOs and sockets have their own test, `special_files.rs`.
 
 mod common;
 

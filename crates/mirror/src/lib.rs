@@ -23,5 +23,5 @@ pub mod verify;
 pub use error::MirrorError;
 pub use events::EventQueue;
 pub use index::{Index, IndexEntry};
-pub use reconcile::{OpSink, ReconcileStats, Reconciler};
+pub use reconcile::{OpSink, ReconcileStats, Reconciler, TreeCounts, TreeProgress};
 pub use verify::{Difference, VerifyReport};

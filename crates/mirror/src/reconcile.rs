@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use doppel_fs::{Meta, Selection};
 use doppel_proto::{Attrs, Entry, EntryKind, Op, RelPath, RenameFlags};
@@ -58,6 +58,87 @@ pub struct ReconcileStats {
     pub ops: AtomicU64,
     /// Payload bytes in emitted ops.
     pub bytes_emitted: AtomicU64,
+    /// The whole-tree comparison under way, for progress displays (shared with a verify's
+    /// reconciler, so the job's status shows that comparison too).
+    pub tree: Arc<TreeProgress>,
+}
+
+/// How far the whole-tree comparison under way (a difference mirror, a verify, a local scan)
+/// has come: the regular files and bytes its walk found, and how many of them were compared.
+/// Bytes count as compared when read and hashed, or at once when a file's metadata shows it
+/// unchanged.
+#[derive(Debug, Default)]
+pub struct TreeProgress {
+    running: AtomicBool,
+    counted: AtomicBool,
+    files: AtomicU64,
+    bytes: AtomicU64,
+    files_done: AtomicU64,
+    bytes_done: AtomicU64,
+}
+
+/// A look at a [`TreeProgress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeCounts {
+    /// Regular files and their bytes in the tree (`None` while the walk still counts them).
+    pub total: Option<(u64, u64)>,
+    /// Regular files compared so far.
+    pub files_done: u64,
+    /// Bytes of them compared so far.
+    pub bytes_done: u64,
+}
+
+impl TreeProgress {
+    /// The comparison under way, if one is.
+    pub fn get(&self) -> Option<TreeCounts> {
+        if !self.running.load(Ordering::Acquire) {
+            return None;
+        }
+        let total = self
+            .counted
+            .load(Ordering::Acquire)
+            .then(|| (self.files.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed)));
+        Some(TreeCounts {
+            total,
+            files_done: self.files_done.load(Ordering::Relaxed),
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+        })
+    }
+
+    fn start(&self) {
+        self.counted.store(false, Ordering::Release);
+        for c in [&self.files, &self.bytes, &self.files_done, &self.bytes_done] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.running.store(true, Ordering::Release);
+    }
+
+    fn counted(&self, files: u64, bytes: u64) {
+        self.files.store(files, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.counted.store(true, Ordering::Release);
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.bytes_done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn file_done(&self) {
+        self.files_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.running.store(false, Ordering::Release);
+    }
+}
+
+/// Ends the tree's progress when dropped (errors included).
+struct TreeRun(Arc<TreeProgress>);
+
+impl Drop for TreeRun {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 impl ReconcileStats {
@@ -78,6 +159,9 @@ pub struct Reconciler {
     /// moved its directory's mtime.
     recheck_dirs: BTreeSet<RelPath>,
     needs_scan: BTreeSet<RelPath>,
+    /// Bytes of the file being compared counted in the tree's progress (`None`: not in a
+    /// whole-tree comparison).
+    tree_bytes: Option<u64>,
     stats: Arc<ReconcileStats>,
     guard: Option<Arc<dyn Guard>>,
 }
@@ -101,6 +185,7 @@ impl Reconciler {
             touched_dirs: BTreeSet::new(),
             recheck_dirs: BTreeSet::new(),
             needs_scan: BTreeSet::new(),
+            tree_bytes: None,
             stats: Arc::default(),
             guard: None,
         }
@@ -109,6 +194,12 @@ impl Reconciler {
     /// Takes `guard`'s locks while reading (for trees under a capture mount).
     pub fn with_guard(mut self, guard: Arc<dyn Guard>) -> Reconciler {
         self.guard = Some(guard);
+        self
+    }
+
+    /// Reports whole-tree comparisons into `tree` (a verify's into its job's).
+    pub fn with_tree_progress(mut self, tree: Arc<TreeProgress>) -> Reconciler {
+        self.stats = Arc::new(ReconcileStats { tree, ..ReconcileStats::default() });
         self
     }
 
@@ -194,14 +285,27 @@ impl Reconciler {
     /// synced, every indexed name no longer on the source (or no longer selected) is removed.
     pub fn sync_tree(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         self.recheck_parent(path);
-        let mut seen: Vec<RelPath> = Vec::new();
+        // The whole tree's comparison reports its progress; the root is compared only so.
+        let whole = path.is_root() && self.tree_bytes.is_none();
+        let _run = whole.then(|| {
+            self.stats.tree.start();
+            TreeRun(self.stats.tree.clone())
+        });
+        let mut seen: Vec<(RelPath, Option<u64>)> = Vec::new();
+        let (mut files, mut bytes) = (0u64, 0u64);
         let walked = doppel_fs::walk::walk(&self.root, path, &self.selection, &mut |e| {
-            seen.push(e.path);
+            let size = (e.meta.kind == EntryKind::File).then_some(e.meta.size);
+            files += size.is_some() as u64;
+            bytes += size.unwrap_or(0);
+            seen.push((e.path, size));
             Ok(())
         });
         walked.map_err(io_err(&self.root.join(path.as_path())))?;
+        if whole {
+            self.stats.tree.counted(files, bytes);
+        }
         // Remove first: frees space on the target and clears names that change type.
-        let keep: BTreeSet<&RelPath> = seen.iter().collect();
+        let keep: BTreeSet<&RelPath> = seen.iter().map(|(p, _)| p).collect();
         let gone: Vec<RelPath> = self.index.subtree(path).into_iter().filter(|p| !keep.contains(p)).collect();
         // Looked at again (not just removed): under a live mount the name may be back.
         for p in gone.iter().rev() {
@@ -209,9 +313,20 @@ impl Reconciler {
                 self.sync_path(p, sink)?;
             }
         }
-        for p in &seen {
+        for (p, size) in &seen {
             ReconcileStats::add(&self.stats.entries_seen, 1);
-            self.sync_path(p, sink)?;
+            if whole {
+                self.tree_bytes = Some(0);
+            }
+            let r = self.sync_path(p, sink);
+            if let Some(read) = self.tree_bytes.take().filter(|_| whole) {
+                // What was not read (unchanged, linked, shrunk) counts as compared now.
+                if let Some(size) = size {
+                    self.stats.tree.add_bytes(size.saturating_sub(read));
+                    self.stats.tree.file_done();
+                }
+            }
+            r?;
         }
         Ok(())
     }
@@ -338,16 +453,23 @@ impl Reconciler {
                 Some(libc_mode::FIFO)
             } else if t.is_socket() {
                 Some(libc_mode::SOCK)
+            } else if t.is_char_device() {
+                Some(libc_mode::CHR)
+            } else if t.is_block_device() {
+                Some(libc_mode::BLK)
             } else {
                 None
             }
         });
         let Ok(Some(ft)) = ft else {
-            tracing::debug!(%path, "device nodes are not replicated");
+            tracing::debug!(%path, "vanished, or of a type with no name");
             return Ok(());
         };
         if old.is_none() {
-            self.emit(sink, Op::Mknod { path: path.to_wire(), mode: ft | meta.mode, rdev: 0 })?;
+            // Device nodes go as they are: the target's privilege policy decides (by default
+            // it refuses them, and lists the name as not replicated).
+            let rdev = if ft == libc_mode::CHR || ft == libc_mode::BLK { meta.rdev } else { 0 };
+            self.emit(sink, Op::Mknod { path: path.to_wire(), mode: ft | meta.mode, rdev })?;
         }
         let mut e = IndexEntry::from_meta(meta);
         self.sync_attrs(path, old.as_ref(), meta, &mut e, false, sink)?;
@@ -560,6 +682,8 @@ impl Reconciler {
 
 mod libc_mode {
     pub const FIFO: u32 = 0o010000;
+    pub const CHR: u32 = 0o020000;
+    pub const BLK: u32 = 0o060000;
     pub const SOCK: u32 = 0o140000;
 }
 

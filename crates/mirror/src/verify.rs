@@ -74,7 +74,19 @@ pub fn compare(
     listing: Vec<Entry>,
     guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
 ) -> Result<(VerifyReport, Vec<RelPath>), MirrorError> {
-    let mut rec = Reconciler::new(root, selection, Index::new());
+    compare_with(root, selection, listing, guard, Default::default())
+}
+
+/// [`compare`], reporting how far it has come into `tree` (its job's, so the job's status
+/// shows the verify's progress).
+pub fn compare_with(
+    root: &Path,
+    selection: Selection,
+    listing: Vec<Entry>,
+    guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
+    tree: std::sync::Arc<crate::reconcile::TreeProgress>,
+) -> Result<(VerifyReport, Vec<RelPath>), MirrorError> {
+    let mut rec = Reconciler::new(root, selection, Index::new()).with_tree_progress(tree);
     if let Some(g) = guard {
         rec = rec.with_guard(g);
     }

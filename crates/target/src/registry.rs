@@ -5,6 +5,7 @@
 //! the old connection die) cancels the old session and waits for it to hand the replica back,
 //! so two sessions can never write to one replica.
 
+use doppel_apply::unreplicated::UnreplicatedName;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -239,6 +240,20 @@ pub struct ReplicaStatus {
     /// Its point-in-time history (`None`: kept off, or not opened since the target started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<doppel_apply::history::HistoryStatus>,
+    /// Names the source has that the replica does not (refused: a device node the policy
+    /// refuses, say), the first [`UNREPLICATED_SHOWN`] of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreplicated: Vec<UnreplicatedName>,
+    /// How many such names in all.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreplicated_count: u64,
+}
+
+/// Unreplicated names a status shows.
+pub const UNREPLICATED_SHOWN: usize = 20;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ReplicaStatus {
@@ -322,6 +337,8 @@ pub struct SlotStatus {
     pub policy_refused: PrivilegeCounters,
     /// See [`ReplicaStatus::history`] (updated after each commit).
     pub history: Mutex<Option<doppel_apply::history::HistoryStatus>>,
+    /// See [`ReplicaStatus::unreplicated`] and its count (updated after each batch).
+    pub unreplicated: Mutex<(Vec<UnreplicatedName>, u64)>,
 }
 
 impl SlotStatus {
@@ -462,6 +479,8 @@ impl Slot {
     pub fn snapshot(&self) -> ReplicaStatus {
         let s = &self.status;
         let seen = s.last_seen_us.load(Ordering::Relaxed);
+        // One lock: two in one expression would hold the first while taking the second.
+        let (unreplicated, unreplicated_count) = s.unreplicated.lock().clone();
         let (at, op_time) =
             (s.applied_at_us.load(Ordering::Relaxed), s.applied_op_time_us.load(Ordering::Relaxed));
         ReplicaStatus {
@@ -483,6 +502,8 @@ impl Slot {
             policy_refused: s.policy_refused.snapshot(),
             quota: None,
             history: *s.history.lock(),
+            unreplicated,
+            unreplicated_count,
         }
     }
 }

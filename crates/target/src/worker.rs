@@ -184,6 +184,11 @@ impl<C: Clock> Worker<C> {
         if let Some(last) = recs.last() {
             self.slot.status.applied_now(self.replica.applied(), last.time_us);
         }
+        let unreplicated = self.replica.unreplicated();
+        if !unreplicated.is_empty() || self.slot.status.unreplicated.lock().1 > 0 {
+            let shown = unreplicated.list(crate::registry::UNREPLICATED_SHOWN);
+            *self.slot.status.unreplicated.lock() = (shown, unreplicated.len() as u64);
+        }
         if let Some(c) = self.policy.after_batch(self.clock.now(), !rx.is_empty()) {
             self.commit(c);
         }
@@ -195,7 +200,7 @@ impl<C: Clock> Worker<C> {
     fn apply_with_retry(&mut self, rec: &OpRecord) -> bool {
         loop {
             match self.replica.apply(rec) {
-                Ok(Outcome::Applied | Outcome::Duplicate) => break,
+                Ok(Outcome::Applied | Outcome::Duplicate | Outcome::Skipped) => break,
                 Ok(Outcome::Stripped(privileges)) => {
                     privileges.into_iter().for_each(|p| self.slot.status.stripped.add(p));
                     break;

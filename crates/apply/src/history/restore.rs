@@ -23,11 +23,65 @@ pub struct Restored {
     pub objects: u64,
     /// File bytes written.
     pub bytes: u64,
+    /// File bytes read, holes and zeros included (how far through [`measure`]'s bytes).
+    pub read: u64,
+}
+
+/// What a restore of the same `paths` will write, from the point's metadata alone (no file
+/// content is read): its objects, and in `bytes` (and `read`) the sizes of its files. A
+/// progress display's total.
+pub fn measure(view: &mut PointView, paths: &[Vec<u8>]) -> io::Result<Restored> {
+    let mut m = Measure { view, links: std::collections::HashSet::new(), total: Restored::default() };
+    if paths.is_empty() {
+        let root = m.view.root()?;
+        m.children(&root)?;
+        return Ok(m.total);
+    }
+    for p in paths {
+        // A path missing at the point is the restore's error to report.
+        if let Some(obj) = m.view.resolve(p)? {
+            m.object(&obj)?;
+        }
+    }
+    Ok(m.total)
+}
+
+/// Counts what [`Run`] writes, in the same order and with the same rules.
+struct Measure<'a> {
+    view: &'a mut PointView,
+    links: std::collections::HashSet<Handle>,
+    total: Restored,
+}
+
+impl Measure<'_> {
+    fn children(&mut self, dir: &Handle) -> io::Result<()> {
+        for (_, obj) in self.view.read_dir(dir)? {
+            self.object(&obj)?;
+        }
+        Ok(())
+    }
+
+    fn object(&mut self, obj: &Handle) -> io::Result<()> {
+        let meta = self.view.meta(obj)?;
+        if meta.kind != libc::S_IFDIR && meta.nlink > 1 && !self.links.insert(obj.clone()) {
+            return Ok(());
+        }
+        match meta.kind {
+            libc::S_IFDIR => self.children(obj)?,
+            libc::S_IFREG => {
+                self.total.bytes += meta.size;
+                self.total.read += meta.size;
+            }
+            _ => {}
+        }
+        self.total.objects += 1;
+        Ok(())
+    }
 }
 
 /// Restores into `to` (an existing, empty directory): the whole tree when `paths` is empty,
-/// else each path (with the directories leading to it). `progress` hears the bytes written so
-/// far. A path that did not exist at the point is an error naming it.
+/// else each path (with the directories leading to it). `progress` hears the objects and bytes
+/// written so far (against [`measure`]'s total). A path that did not exist at the point is an error naming it.
 pub fn restore(
     view: &mut PointView,
     paths: &[Vec<u8>],
@@ -139,6 +193,7 @@ impl Run<'_> {
                 self.done.bytes += n as u64;
             }
             off += n as u64;
+            self.done.read += n as u64;
             (self.progress)(self.done);
         }
         f.set_len(meta.size)?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use doppel_proto::{Attrs, Op, OpRecord, RenameFlags, Timestamp, WirePath, Xattr};
 use doppel_testkit::{Compare, Node, diff_snapshots, snapshot};
 
-use super::restore::restore;
+use super::restore::{Restored, measure, restore};
 use super::view::PointView;
 use super::{attic_of, dir_of};
 use crate::Replica;
@@ -61,7 +61,16 @@ impl Fixture {
         std::fs::create_dir(&to).unwrap();
         let mut view = PointView::open(&self.root, &dir_of(&self.state), point, self.seq).unwrap();
         let paths: Vec<Vec<u8>> = paths.iter().map(|p| p.as_bytes().to_vec()).collect();
-        restore(&mut view, &paths, &to, &mut |_| {}).unwrap();
+        // The total a progress display gets first is exactly what the restore then does.
+        let total = measure(&mut view, &paths).unwrap();
+        let mut last = Restored::default();
+        let done = restore(&mut view, &paths, &to, &mut |r| {
+            assert!(r.objects >= last.objects && r.read >= last.read && r.read <= total.read);
+            last = r;
+        })
+        .unwrap();
+        assert_eq!((done.objects, done.read), (total.objects, total.read), "point {point} {paths:?}");
+        assert!(done.bytes <= total.bytes);
         (out, to)
     }
 

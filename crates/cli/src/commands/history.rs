@@ -2,17 +2,17 @@
 //! files, whether or not the process applying to it runs (a restore pins what it reads, so
 //! retention in a running target leaves it alone).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use doppel_apply::history::restore::{Restored, restore};
+use doppel_apply::history::restore::{Restored, measure, restore};
 use doppel_apply::history::view::{PointView, Summary, summary};
 use doppel_apply::history::when::{When, rfc3339, window};
 use doppel_apply::history::{attic_of, dir_of};
 
 use crate::cli::{HistoryBookmarkArgs, HistoryCommand, HistoryListArgs, HistoryRestoreArgs, ReplicaArg};
 use crate::config::FileConfig;
+use crate::progress::{Counts, Progress};
 
 /// Where the target of a home records the data directory it runs with.
 pub fn data_note(home: &Path) -> PathBuf {
@@ -178,19 +178,13 @@ fn restore_cmd(a: HistoryRestoreArgs, file: &FileConfig, home: &Path) -> Result<
         let newest = s.newest.map_or(0, |n| n.0);
         let mut view = PointView::open(&p.root, &p.history(), point, newest)?;
         let paths: Vec<Vec<u8>> = a.paths.iter().map(|p| p.trim_matches('/').as_bytes().to_vec()).collect();
-        let tty = std::io::stderr().is_terminal();
-        let mut last = std::time::Instant::now();
-        let mut progress = |r: Restored| {
-            if tty && last.elapsed() >= std::time::Duration::from_millis(200) {
-                last = std::time::Instant::now();
-                eprint!("\r{} objects, {} restored", r.objects, doppel_apply::quota::iec(r.bytes));
-            }
-        };
-        let done = restore(&mut view, &paths, &a.to, &mut progress)
-            .with_context(|| format!("restoring {} at seq:{point} into {}", p.name, a.to.display()))?;
-        if tty {
-            eprintln!();
-        }
+        let context = || format!("restoring {} at seq:{point} into {}", p.name, a.to.display());
+        let mut bar = Progress::new("restore", "objects");
+        let total = measure(&mut view, &paths).with_context(context)?;
+        bar.set_total(Some(Counts::new(total.objects, total.read)));
+        let mut progress = |r: Restored| bar.update(Counts::new(r.objects, r.read));
+        let done = restore(&mut view, &paths, &a.to, &mut progress).with_context(context)?;
+        drop(bar);
         eprintln!(
             "restored {} at seq:{point} ({}) into {}: {} objects, {}",
             p.name,

@@ -40,6 +40,7 @@ pub async fn run(a: ProtectArgs, file: FileConfig, home: PathBuf) -> Result<()> 
         let jobs = agents.iter().map(Agent::status_source).collect();
         tokio::spawn(crate::notices::watch(jobs, o, shutdown.clone()));
     }
+    tokio::spawn(crate::progress::watch_jobs(&agents, shutdown.clone()));
     let mut runs = tokio::task::JoinSet::new();
     let ready = crate::systemd::Readiness::agents(&agents, &home);
     for agent in agents {
@@ -74,7 +75,13 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
                     phase.clone(),
                 ));
                 tracing::info!(job = %name, "failback: asking the target for the job's replica");
-                let outcome = doppel_agent::failback::receive(&job, &home, shutdown.clone()).await;
+                let outcome = doppel_agent::failback::receive_with(
+                    &job,
+                    &home,
+                    shutdown.clone(),
+                    crate::progress::failback(&name),
+                )
+                .await;
                 phase.cancel();
                 let _ = serving.await;
                 match outcome? {

@@ -75,6 +75,12 @@ fn notes(j: &JobStatusSnapshot) -> Vec<String> {
     if j.rate_limit > 0 {
         notes.push(format!("limit {}", doppel_link::ratelimit::format_rate(j.rate_limit)));
     }
+    if let Some(bytes) = j.mirror_done_bytes {
+        use crate::progress::Counts;
+        let done = Counts::new(j.mirror_done_files.unwrap_or(0), bytes);
+        let total = j.mirror_total_files.zip(j.mirror_total_bytes).map(|(f, b)| Counts::new(f, b));
+        notes.push(crate::progress::compared(done, total));
+    }
     notes
 }
 
@@ -165,6 +171,16 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
         }
         if let Some(h) = &r.history {
             println!("{:<16} {}", "", history_line(h));
+        }
+        if r.unreplicated_count > 0 {
+            println!("{:<16} NOT REPLICATED: {} names the source has:", "", r.unreplicated_count);
+            for n in &r.unreplicated {
+                println!("{:<18} {}: {}", "", n.path, n.reason);
+            }
+            let more = r.unreplicated_count.saturating_sub(r.unreplicated.len() as u64);
+            if more > 0 {
+                println!("{:<18} ... and {more} more", "");
+            }
         }
     }
 }
@@ -296,7 +312,15 @@ pub(super) fn running_job(home: &Path, job: &str) -> Result<std::path::PathBuf> 
 pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
     let sock = running_job(home, &a.job)?;
     let req = ControlRequest::Verify { repair: a.repair };
-    let report = match control::call(&sock, &req, Duration::from_secs(24 * 3600))? {
+    // While the job compares, its status (on a second connection) tells how far it is.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let answer = std::thread::scope(|scope| {
+        scope.spawn(|| crate::progress::watch_verify(&a.job, || job_status(&sock), &done));
+        let answer = control::call(&sock, &req, Duration::from_secs(24 * 3600));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        answer
+    });
+    let report = match answer? {
         ControlResponse::Verify(r) => r,
         ControlResponse::Error { message } => bail!("verify failed: {message}"),
         other => bail!("verify failed: unexpected answer {other:?}"),
@@ -307,21 +331,29 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
         for d in &report.differences {
             println!("{}: {}", d.path, d.what);
         }
-        let compared = report.entries_compared;
+        let compared = format!(
+            "{} entries compared, {} read",
+            crate::progress::thousands(report.entries_compared),
+            doppel_target::iec(report.bytes_compared)
+        );
         match (report.differences.len(), a.repair) {
-            (0, _) => println!("replica matches the source ({compared} entries compared)"),
-            (n, true) => {
-                println!("{n} differences found and queued for repair ({compared} entries compared)")
-            }
-            (n, false) => {
-                println!("{n} differences found ({compared} entries compared); run with --repair to fix them")
-            }
+            (0, _) => println!("replica matches the source ({compared})"),
+            (n, true) => println!("{n} differences found and queued for repair ({compared})"),
+            (n, false) => println!("{n} differences found ({compared}); run with --repair to fix them"),
         }
     }
     if !a.repair && !report.differences.is_empty() {
         return Err(anyhow!("replica differs from the source"));
     }
     Ok(())
+}
+
+/// The job's status from its control socket, if it answers.
+fn job_status(sock: &Path) -> Option<JobStatusSnapshot> {
+    match control::call(sock, &ControlRequest::Status, Duration::from_secs(5)) {
+        Ok(ControlResponse::Status(r)) => r.jobs.into_iter().next(),
+        _ => None,
+    }
 }
 
 fn n(v: Option<u64>) -> String {

@@ -64,6 +64,10 @@ fn snapshot() -> JobStatusSnapshot {
         rate_limit: 1_000_000,
         files_hashed: 10,
         bytes_hashed: 655_360,
+        mirror_total_files: None,
+        mirror_total_bytes: None,
+        mirror_done_files: None,
+        mirror_done_bytes: None,
         history: None,
     }
 }
@@ -101,6 +105,11 @@ fn responses() -> Vec<ControlResponse> {
             cut_below_keep: true,
             paused: false,
         }),
+        unreplicated: vec![doppel_apply::unreplicated::UnreplicatedName {
+            path: "dev/null".into(),
+            reason: "devices are refused by this source's privilege policy".into(),
+        }],
+        unreplicated_count: 1,
     };
     let source = SourceRow {
         source: "web".into(),

@@ -351,6 +351,12 @@ fn replica(x: &mut Exposition, r: &ReplicaStatus) -> Result<(), MetricsError> {
         &l,
         r.fenced_refusals as f64,
     )?;
+    x.gauge(
+        "replica_unreplicated_names",
+        "Names the source has that the replica does not (refused: device nodes the policy refuses, say).",
+        &l,
+        r.unreplicated_count as f64,
+    )?;
     x.gauge("replica_epoch", "The replica's epoch (bumped by each failover).", &l, r.epoch as f64)?;
     x.gauge("replica_failed_over", "1 while the workload runs on this replica.", &l, flag(r.failed_over))?;
     if let Some(h) = &r.history {

@@ -78,6 +78,10 @@ impl Reconciler {
             if n == 0 {
                 break;
             }
+            if let Some(read) = &mut self.tree_bytes {
+                *read += n as u64;
+                self.stats.tree.add_bytes(n as u64);
+            }
             let data = &buf[..n];
             let h = hash_block(data);
             blocks.push(h);

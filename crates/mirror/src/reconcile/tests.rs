@@ -371,3 +371,48 @@ fn a_name_created_and_removed_between_flushes_still_moves_its_directory_time() {
     q.flush(&mut r.rec, &mut ops).unwrap();
     assert!(ops.is_empty(), "{ops:?}");
 }
+
+/// Records the tree's progress each time an op is emitted.
+struct Watching(Arc<TreeProgress>, Vec<Option<TreeCounts>>);
+
+impl OpSink for Watching {
+    fn emit(&mut self, _op: Op) -> Result<(), MirrorError> {
+        self.1.push(self.0.get());
+        Ok(())
+    }
+}
+
+/// A whole-tree comparison reports the tree's regular files and bytes once walked, counts
+/// what it compared (read, or unchanged) up to exactly that total, and ends with the walk.
+#[test]
+fn whole_tree_comparison_reports_progress() {
+    let mut r = Rig::new();
+    r.tree().file("a", &noise(1, 200_000)).file("d/b", &noise(2, 70_000)).file("d/c", b"").symlink("l", "a");
+    let tree = r.rec.stats().tree.clone();
+    assert_eq!(tree.get(), None, "nothing runs yet");
+    let mut sink = Watching(tree.clone(), Vec::new());
+    r.rec.sync_tree(&RelPath::root(), &mut sink).unwrap();
+    let total = Some((3, 270_000));
+    assert!(sink.1.iter().all(|c| c.is_some_and(|c| c.total == total)), "{:?}", sink.1);
+    let done: Vec<u64> = sink.1.iter().map(|c| c.unwrap().bytes_done).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]) && done.iter().any(|&b| b > 0 && b < 270_000), "{done:?}");
+    assert_eq!(tree.get(), None, "ended with the comparison");
+
+    // Unchanged files count as compared without being read.
+    let hashed = r.rec.stats().bytes_hashed.load(Ordering::Relaxed);
+    let mut sink = Watching(tree.clone(), Vec::new());
+    r.tree().file("new", b"12345");
+    r.rec.sync_tree(&RelPath::root(), &mut sink).unwrap();
+    let last = sink.1.last().copied().flatten().unwrap();
+    assert_eq!(last.total, Some((4, 270_005)));
+    assert!(last.bytes_done >= 270_000, "unchanged files counted before the new one: {:?}", sink.1);
+    let done = (tree.files_done.load(Ordering::Relaxed), tree.bytes_done.load(Ordering::Relaxed));
+    assert_eq!(done, (4, 270_005));
+    assert_eq!(r.rec.stats().bytes_hashed.load(Ordering::Relaxed) - hashed, 5);
+
+    // A subtree's comparison (a new directory in watch mode) is not the whole tree's.
+    let mut sink = Watching(tree.clone(), Vec::new());
+    r.tree().file("e/f", b"x");
+    r.rec.sync_tree(&p("e"), &mut sink).unwrap();
+    assert!(!sink.1.is_empty() && sink.1.iter().all(Option::is_none), "{:?}", sink.1);
+}
