@@ -285,7 +285,10 @@ impl Replica {
             return Ok(Outcome::Skipped);
         }
         let outcome = self.apply_allowed(rec)?;
-        if let Outcome::Refused(reason) | Outcome::RefusedByPolicy { reason, .. } = &outcome {
+        // Only a device node the policy refuses is kept aside: other refusals (hostile names,
+        // privileged attributes) go on being refused op by op, as they always were.
+        if let Outcome::RefusedByPolicy { privilege: crate::privilege::Privilege::Devices, reason } = &outcome
+        {
             self.unreplicated.refused(&rec.op, reason);
         }
         Ok(outcome)

@@ -101,7 +101,9 @@ impl Unreplicated {
             | Op::Link { path, .. } => path,
             _ => return false,
         };
-        if self.names.len() >= MAX_NAMES {
+        // A name that is not a valid path beneath the root is never kept: ops naming it must go
+        // on being refused as hostile.
+        if doppel_proto::RelPath::try_from(path).is_err() || self.names.len() >= MAX_NAMES {
             return false;
         }
         self.names.insert(path.0.clone(), reason.to_string());
