@@ -819,13 +819,11 @@ impl Target {
 
     /// Whether `source` is over its quota, in words (`None`: it is not, or has none).
     pub fn over_quota(&self, source: &str) -> Option<String> {
-        let jobs = self.jobs_of(source);
-        let snaps = jobs.iter().map(|j| self.slot(source, j).snapshot());
-        snaps
-            .map(|mut r| {
-                r.quota = self.quota_use(source);
-                r
-            })
+        // The use is the source's: counted once, not once per replica.
+        let quota = self.quota_use(source);
+        self.jobs_of(source)
+            .iter()
+            .map(|j| ReplicaStatus { quota, ..self.slot(source, j).snapshot() })
             .find_map(|r| r.over_quota())
     }
 
