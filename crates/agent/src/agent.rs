@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use doppel_capture::fuse::{FuseCapture, FuseOptions};
 use doppel_capture::open_watch;
+use doppel_capture::vm::{VmCapture, VmOptions};
 use doppel_fs::Selection;
 use doppel_link::{Identity, RateLimiter};
 use doppel_mirror::{Index, Reconciler};
@@ -23,7 +24,7 @@ use crate::capture_loop::{Capture, Source};
 use crate::config::{CaptureMode, Destination, JobConfig};
 use crate::connect::Connector;
 use crate::error::{AgentError, RequestError, io_at};
-use crate::fuse_sink::{FuseSink, MountGuard};
+use crate::fuse_sink::{FuseSink, MountGuard, VmGuard};
 use crate::link_loop::{Link, VerifyRequest};
 use crate::overflow::Overflow;
 use crate::resume::{Left, LinkPlanner, Mode, StartPlan};
@@ -123,18 +124,25 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let _span = job_span(&job.name).entered();
         valid_name(&job.name).map_err(|e| AgentError::Config(format!("job name {e}")))?;
-        if job.capture == CaptureMode::Fuse && !(job.include.is_empty() && job.exclude.is_empty()) {
-            // The mount sequences every change made through it, renames across the rules'
-            // boundary included: it cannot leave names out, so it must not pretend to.
-            return Err(AgentError::Config(
-                "include and exclude rules are not supported with the fuse capture (every write \
-                 through the mount is replicated): protect a directory that holds only what must \
-                 be replicated, or use the watch capture"
-                    .into(),
-            ));
+        if job.capture.sequences_writes() && !(job.include.is_empty() && job.exclude.is_empty()) {
+            // The capture sequences every write it sees, renames across the rules' boundary
+            // included: it cannot leave names out, so it must not pretend to.
+            return Err(AgentError::Config(format!(
+                "include and exclude rules are not supported with the {} capture (every write it \
+                 sees is replicated): protect a directory that holds only what must be \
+                 replicated, or use the watch capture",
+                job.capture.name()
+            )));
         }
         if job.capture == CaptureMode::Fuse {
             recover_stale_mount(&job.root)?;
+        }
+        if let CaptureMode::Vm(_) = &job.capture {
+            // The job's tree is doppel's own directory of the disks' raw views.
+            fs::create_dir_all(home).map_err(io_at(home))?;
+            let views = canonical(home, "state directory")?.join("vm").join(&job.name);
+            fs::create_dir_all(&views).map_err(io_at(&views))?;
+            job.root = views;
         }
         job.root = canonical(&job.root, "protected directory")?;
         if !job.root.is_dir() {
@@ -176,7 +184,9 @@ impl Agent {
             tracing::warn!(job = %job.name, "ops that were only in memory died with the previous process; they will be found again");
         }
         let index_path = dir.join("index.bin");
-        let loaded = if state.replica_id.is_some() { Index::load(&index_path)? } else { None };
+        // A vm job keeps no index (see `Source::Vm` at stop): it always compares at start.
+        let vm = matches!(job.capture, CaptureMode::Vm(_));
+        let loaded = if state.replica_id.is_some() && !vm { Index::load(&index_path)? } else { None };
         if loaded.is_none() {
             state.replica_id = None;
         }
@@ -198,7 +208,7 @@ impl Agent {
         // The dirty set: in fuse mode the activity log; in watch mode the names recorded while
         // the spool was full. Whatever it holds at start must be compared with the replica.
         let dirty_path =
-            dir.join(if job.capture == CaptureMode::Fuse { "activity.log" } else { "dirty.log" });
+            dir.join(if job.capture.sequences_writes() { "activity.log" } else { "dirty.log" });
         let (dirty, left) = ActivityLog::open(&dirty_path).map_err(io_at(&dirty_path))?;
         let dirty = Arc::new(dirty);
         let plan = StartPlan::decide(Left::found(
@@ -207,27 +217,45 @@ impl Agent {
             saved.map(|s| s.saved_at_us),
             left,
         ));
-        let (source, rec) = match job.capture {
+        let sink = || {
+            Arc::new(FuseSink {
+                spool: spool.clone(),
+                activity: dirty.clone(),
+                status: status.clone(),
+                sync: job.sync,
+                sync_timeout: job.sync_timeout,
+                overflow: overflow.clone(),
+            })
+        };
+        let (source, rec) = match &job.capture {
             CaptureMode::Watch(backend) => {
-                let watch = open_watch(&job.root, backend)
+                let watch = open_watch(&job.root, *backend)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 (Source::Watch(watch), Reconciler::new(&job.root, selection, index))
             }
             CaptureMode::Fuse => {
-                let sink = Arc::new(FuseSink {
-                    spool: spool.clone(),
-                    activity: dirty.clone(),
-                    status: status.clone(),
-                    sync: job.sync,
-                    sync_timeout: job.sync_timeout,
-                    overflow: overflow.clone(),
-                });
                 let opts = FuseOptions { writeback: job.fuse_writeback, ..FuseOptions::default() };
-                let mount = FuseCapture::mount(&job.root, sink, opts)
+                let mount = FuseCapture::mount(&job.root, sink(), opts)
                     .map_err(|e| AgentError::Io { path: job.root.clone(), source: e })?;
                 let rec = Reconciler::new(&mount.underlying(), selection, index)
                     .with_guard(Arc::new(MountGuard(mount.locks())));
                 (Source::Fuse(Some(mount)), rec)
+            }
+            CaptureMode::Vm(guest) => {
+                let opts = VmOptions {
+                    qmp: guest.qmp.clone(),
+                    disks: guest.disks.clone(),
+                    disks_dir: job.root.clone(),
+                    socket: dir.join("nbd.sock"),
+                    tag: format!("doppel-{}", job.name),
+                    sync: job.sync,
+                    qmp_timeout: std::time::Duration::from_secs(10),
+                };
+                let vm = VmCapture::attach(opts, sink())
+                    .map_err(|e| AgentError::Io { path: guest.qmp.clone(), source: e })?;
+                let guard = VmGuard { locks: vm.locks(), views: vm.views() };
+                let rec = Reconciler::new(&job.root, selection, index).with_guard(Arc::new(guard));
+                (Source::Vm(Some(vm)), rec)
             }
         };
         let planner = LinkPlanner::new(&plan);

@@ -119,6 +119,8 @@ pub enum Source {
     Watch(Box<dyn EventSource>),
     /// A capture mount (unmounted at stop, before the final checkpoint).
     Fuse(Option<FuseCapture>),
+    /// A guest's disks, captured at the hypervisor (detached at stop).
+    Vm(Option<doppel_capture::vm::VmCapture>),
 }
 
 /// Everything the capture thread owns.
@@ -217,6 +219,10 @@ impl Capture {
                 }
                 if features.is_empty() { "fuse".into() } else { format!("fuse ({})", features.join(", ")) }
             }
+            Source::Vm(v) => {
+                let disks: Vec<String> = v.iter().flat_map(|v| v.disks()).map(|d| d.name).collect();
+                format!("vm (QEMU active mirror: {})", disks.join(", "))
+            }
         };
         *self.status.backend.lock() = backend;
         let mut streaming = !self.watching();
@@ -273,7 +279,12 @@ impl Capture {
                     events.clear();
                     w.read(&mut events, wait).map_err(io(self.rec.root()))?;
                 }
-                Source::Fuse(_) => {
+                Source::Fuse(_) | Source::Vm(_) => {
+                    if let Source::Vm(Some(v)) = &self.source
+                        && let Some(why) = v.lost()
+                    {
+                        return Err(AgentError::CaptureLost(why));
+                    }
                     if last_cool.elapsed() >= Duration::from_secs(2) {
                         self.dirty
                             .cool(self.spool.stats().acked, COOL_AFTER)
@@ -394,6 +405,16 @@ impl Capture {
                 }
                 self.rec.index = stat_index(self.rec.root(), self.rec.selection())?;
                 self.checkpoint_as_of(detached_at)?;
+                self.dirty.clear().map_err(io(&self.index_path))?;
+            }
+            Source::Vm(vm) => {
+                // The guest writes on uncaptured once the mirror is gone, and nothing on its
+                // disks' views says what changed: the next start compares them whole with the
+                // replica (only differing blocks travel), so no index is kept.
+                if let Some(v) = vm.take() {
+                    v.detach().map_err(io(self.rec.root()))?;
+                }
+                self.spool.persist()?;
                 self.dirty.clear().map_err(io(&self.index_path))?;
             }
         }

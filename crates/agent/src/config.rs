@@ -44,12 +44,41 @@ impl std::fmt::Display for Destination {
 }
 
 /// How a job captures changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureMode {
     /// Watch events and block-hash deltas.
     Watch(WatchBackend),
     /// An in-place pass-through mount that sees every write, in order.
     Fuse,
+    /// A QEMU guest's disks, captured at the hypervisor (see `doppel_capture::vm`). The job's
+    /// root is then doppel's own directory of the disks' raw views (`HOME/vm/JOB`).
+    Vm(VmSource),
+}
+
+/// The guest of a `vm` job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSource {
+    /// The guest's QMP socket.
+    pub qmp: std::path::PathBuf,
+    /// Drive or block node names to protect; empty: every writable drive.
+    pub disks: Vec<String>,
+}
+
+impl CaptureMode {
+    /// Whether the capture sequences every write itself, with its bytes and in order (fuse,
+    /// vm), as opposed to watching for hints and reading files afterwards.
+    pub fn sequences_writes(&self) -> bool {
+        matches!(self, CaptureMode::Fuse | CaptureMode::Vm(_))
+    }
+
+    /// The mode's name, as the config spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CaptureMode::Watch(_) => "watch",
+            CaptureMode::Fuse => "fuse",
+            CaptureMode::Vm(_) => "vm",
+        }
+    }
 }
 
 /// Everything one job needs.

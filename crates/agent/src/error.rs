@@ -41,6 +41,10 @@ pub enum AgentError {
     /// The target refused this source for a reason retrying cannot fix.
     #[error("target refused: {0}")]
     Refused(doppel_proto::Refusal),
+    /// The capture stopped seeing changes behind the agent's back (the guest of a vm job is
+    /// gone, or QEMU ended its mirror): the job stops, and its next start compares.
+    #[error("capture lost: {0}; the job stops, and its next start compares the disks with the replica")]
+    CaptureLost(String),
     /// The TLS client configuration for a remote target could not be built.
     #[error(transparent)]
     Tls(#[from] doppel_link::tls::TlsSetupError),

@@ -115,3 +115,29 @@ impl Guard for MountGuard {
         Box::new(self.0.lock_file((dev, ino)))
     }
 }
+
+/// The vm capture's locks, as the mirror takes them, and the views it vouches for.
+pub struct VmGuard {
+    /// The capture's locks.
+    pub locks: Arc<Locks>,
+    /// (device, inode) of each live raw view of the guest's disks.
+    pub views: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Guard for VmGuard {
+    fn entry(&self) -> Box<dyn Held + '_> {
+        Box::new(self.locks.shared_recursive())
+    }
+
+    fn file(&self, dev: u64, ino: u64) -> Box<dyn Held + '_> {
+        Box::new(self.locks.lock_file((dev, ino)))
+    }
+
+    fn vouch(&self, dev: u64, ino: u64) -> Result<(), String> {
+        if self.views.contains(&(dev, ino)) {
+            Ok(())
+        } else {
+            Err("not a live view of the guest's disks (QEMU's export is gone): not read as a disk".into())
+        }
+    }
+}

@@ -46,7 +46,7 @@ pub mod status;
 
 pub use agent::{Agent, BookmarkError, Bookmarker, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};
-pub use config::{CaptureMode, Destination, JobConfig};
+pub use config::{CaptureMode, Destination, JobConfig, VmSource};
 pub use connect::Connector;
 pub use error::{AgentError, RequestError};
 pub use sender::Compression;

@@ -53,7 +53,8 @@ impl From<&CaptureMode> for Mode {
     fn from(c: &CaptureMode) -> Mode {
         match c {
             CaptureMode::Watch(_) => Mode::Watch,
-            CaptureMode::Fuse => Mode::Fuse,
+            // The guest's disks behave as files written through a capture mount.
+            CaptureMode::Fuse | CaptureMode::Vm(_) => Mode::Fuse,
         }
     }
 }

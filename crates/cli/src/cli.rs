@@ -279,9 +279,19 @@ pub struct ProtectArgs {
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
     /// How changes are captured.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "vm")]
     pub capture: Option<CaptureMode>,
-    /// fsync on the source waits until the target has everything before it (fuse capture).
+    /// Protect a QEMU guest's disks, captured at the hypervisor, instead of a directory: the
+    /// guest's QMP socket (`-qmp unix:PATH,server=on,wait=off`). The replica holds one raw
+    /// image per disk, `DISK.raw` (`vm` in the config).
+    #[arg(long, value_name = "QMP_SOCKET", conflicts_with = "src")]
+    pub vm: Option<PathBuf>,
+    /// With --vm: protect only this drive or block node (repeatable) [default: every writable
+    /// drive] (`vm_disks`).
+    #[arg(long, value_name = "NAME", requires = "vm")]
+    pub vm_disk: Vec<String>,
+    /// fsync on the source waits until the target has everything before it (fuse capture);
+    /// with --vm, every guest write waits until the target has it.
     #[arg(long)]
     pub sync: bool,
     /// Seconds an fsync may wait for the target in sync mode before the job degrades to async.

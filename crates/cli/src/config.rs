@@ -407,8 +407,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub struct JobSection {
     /// Job name.
     pub name: String,
-    /// Protected directory.
-    pub path: PathBuf,
+    /// Protected directory (or `vm`).
+    pub path: Option<PathBuf>,
+    /// A QEMU guest to protect at the hypervisor instead of a directory: its QMP socket.
+    pub vm: Option<PathBuf>,
+    /// With `vm`: the drives or block nodes to protect [default: every writable drive].
+    #[serde(default)]
+    pub vm_disks: Vec<String>,
     /// Destination: `HOST:PORT` or a local directory.
     pub to: String,
     /// Target identity (else from `[pins]`).
@@ -560,7 +565,22 @@ pub fn retention(
 /// A job from its config section.
 pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Result<JobConfig> {
     let dest = destination(&s.to, s.target_id.as_deref(), pins).with_context(|| format!("job {}", s.name))?;
-    let mut job = JobConfig::new(&s.name, s.path.clone(), dest);
+    let mut job = match (&s.path, &s.vm) {
+        (Some(path), None) => JobConfig::new(&s.name, path.clone(), dest),
+        (None, Some(qmp)) => {
+            if s.capture.is_some() {
+                bail!("job {}: `capture` does not apply to a `vm` job (its writes are captured by QEMU)", s.name);
+            }
+            let mut j = JobConfig::new(&s.name, PathBuf::new(), dest);
+            j.capture = CaptureMode::Vm(doppel_agent::VmSource { qmp: qmp.clone(), disks: s.vm_disks.clone() });
+            j
+        }
+        (Some(_), Some(_)) => bail!("job {}: give either `path` (a directory) or `vm` (a guest's QMP socket), not both", s.name),
+        (None, None) => bail!("job {}: give `path`, the directory to protect, or `vm`, a guest's QMP socket", s.name),
+    };
+    if !s.vm_disks.is_empty() && s.vm.is_none() {
+        bail!("job {}: `vm_disks` needs `vm`", s.name);
+    }
     job.include = s.include.clone();
     job.exclude = s.exclude.clone();
     if let Some(c) = &s.capture {
@@ -573,8 +593,8 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
     if let Some(t) = s.sync_timeout_secs {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
     }
-    if job.sync && job.capture != CaptureMode::Fuse {
-        bail!("job {}: sync = true needs capture = \"fuse\"", s.name);
+    if job.sync && !job.capture.sequences_writes() {
+        bail!("job {}: sync = true needs capture = \"fuse\" (or a `vm` job)", s.name);
     }
     job.fuse_writeback = s.fuse_writeback.unwrap_or(false);
     if job.fuse_writeback && job.capture != CaptureMode::Fuse {

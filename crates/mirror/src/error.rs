@@ -20,6 +20,14 @@ pub enum MirrorError {
     /// The spool is full: the caller records what is left as dirty instead.
     #[error("the spool is full")]
     Overflow,
+    /// The capture does not vouch for a file (see `Guard::vouch`).
+    #[error("{path}: {reason}")]
+    Unvouched {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The comparison was abandoned (the replica it compared with is gone).
     #[error("comparison interrupted")]
     Interrupted,

@@ -30,6 +30,13 @@ pub trait Guard: Send + Sync {
     fn entry(&self) -> Box<dyn Held + '_>;
     /// Held while one block of the file `(dev, ino)` is read and its op emitted.
     fn file(&self, dev: u64, ino: u64) -> Box<dyn Held + '_>;
+    /// Whether the file `(dev, ino)`, just opened, may be read as the source's content. The vm
+    /// capture vouches only for QEMU's live views of the guest's disks: a view whose export
+    /// vanished uncovers the empty file beneath it, which read as the disk would empty the
+    /// replica's image.
+    fn vouch(&self, _dev: u64, _ino: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where emitted ops go (the spool, or a report for verify).

@@ -206,16 +206,23 @@ fn receiving(job: &str, dest: &str) -> control::Handler {
     })
 }
 
-fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
-    let Some(src) = a.src else {
+fn jobs(mut a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
+    let vm = a.vm.take();
+    if let Some(qmp) = &vm {
+        // The job's tree is doppel's directory of the guest's disk views, under --home.
+        a.src = Some(qmp.clone());
+        if a.name.is_none() {
+            a.name = qmp.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+    }
+    let Some(src) = a.src.take() else {
         if file.job.is_empty() {
             bail!("nothing to protect: give a directory and --to DEST, or add [[job]] entries to the config");
         }
         return file.job.iter().map(|s| job_from_section(s, &file.pins)).collect();
     };
-    let to =
-        a.to.ok_or_else(|| anyhow!("--to DEST is required: a local directory or HOST:PORT of a target"))?;
-    let name = match a.name {
+    let to = a.to.take().ok_or_else(|| anyhow!("--to DEST is required: a local directory or HOST:PORT of a target"))?;
+    let name = match a.name.take() {
         Some(n) => n,
         None => std::fs::canonicalize(&src)
             .with_context(|| format!("protected directory {}", src.display()))?
@@ -224,6 +231,16 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
             .ok_or_else(|| anyhow!("cannot name a job after {}: pass --name", src.display()))?,
     };
     let dest = destination(&to, a.target_id.as_deref(), &file.pins)?;
+    if let Some(qmp) = vm {
+        let mut job = JobConfig::new(&name, PathBuf::new(), dest);
+        job.capture = doppel_agent::CaptureMode::Vm(doppel_agent::VmSource { qmp, disks: a.vm_disk.clone() });
+        job.sync = a.sync;
+        if let Some(t) = a.sync_timeout {
+            job.sync_timeout = std::time::Duration::from_secs(t.max(1));
+        }
+        link_settings(&mut job, &a)?;
+        return Ok(vec![job]);
+    }
     let mut job = match file.job.iter().find(|j| j.name == name) {
         Some(s) => {
             let mut j = job_from_section(s, &file.pins)?;
@@ -233,8 +250,8 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
         }
         None => JobConfig::new(&name, src, dest),
     };
-    job.include.extend(a.include);
-    job.exclude.extend(a.exclude);
+    job.include.extend(a.include.iter().cloned());
+    job.exclude.extend(a.exclude.iter().cloned());
     if let Some(c) = a.capture {
         job.capture = match c {
             CaptureMode::Watch => doppel_agent::CaptureMode::Watch(doppel_capture::WatchBackend::Auto),
@@ -243,6 +260,23 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
             CaptureMode::Fuse => doppel_agent::CaptureMode::Fuse,
         };
     }
+    link_settings(&mut job, &a)?;
+    job.sync |= a.sync;
+    job.fuse_writeback |= a.fuse_writeback;
+    if let Some(t) = a.sync_timeout {
+        job.sync_timeout = std::time::Duration::from_secs(t.max(1));
+    }
+    if job.sync && job.capture != doppel_agent::CaptureMode::Fuse {
+        bail!("--sync needs --capture fuse: only the fuse capture sees fsync calls");
+    }
+    if a.fuse_writeback && job.capture != doppel_agent::CaptureMode::Fuse {
+        bail!("--fuse-writeback needs --capture fuse: it is a mode of the fuse mount");
+    }
+    Ok(vec![job])
+}
+
+/// The settings of the command line that every kind of job takes: link, spool, history.
+fn link_settings(job: &mut JobConfig, a: &ProtectArgs) -> Result<()> {
     if let Some(r) = &a.limit {
         job.bandwidth = Schedule::constant(doppel_link::ratelimit::parse_rate(r).map_err(|e| anyhow!(e))?);
     }
@@ -256,21 +290,10 @@ fn jobs(a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
     if let Some(h) = a.heartbeat {
         job.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
-    job.sync |= a.sync;
-    job.fuse_writeback |= a.fuse_writeback;
     let size = a.history_size.clone().map(crate::config::SizeValue::Text);
     job.history =
         crate::config::retention(job.history, a.history.as_deref(), size.as_ref(), a.history_min.as_deref())?;
-    if let Some(t) = a.sync_timeout {
-        job.sync_timeout = std::time::Duration::from_secs(t.max(1));
-    }
-    if job.sync && job.capture != doppel_agent::CaptureMode::Fuse {
-        bail!("--sync needs --capture fuse: only the fuse capture sees fsync calls");
-    }
-    if a.fuse_writeback && job.capture != doppel_agent::CaptureMode::Fuse {
-        bail!("--fuse-writeback needs --capture fuse: it is a mode of the fuse mount");
-    }
-    Ok(vec![job])
+    Ok(())
 }
 
 /// Gives every job going to a target with a `[bandwidth."HOST:PORT"]` section the same limiter,

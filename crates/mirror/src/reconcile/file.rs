@@ -7,7 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use doppel_fs::Meta;
 use doppel_proto::{BLOCK_SIZE, Entry, EntryKind, Op, RelPath, hash_block};
 
-use super::{OpSink, ReconcileStats, Reconciler, io_err, vanished};
+use super::{Guard, OpSink, ReconcileStats, Reconciler, io_err, vanished};
 use crate::error::MirrorError;
 use crate::index::{IndexEntry, REPLICA_GROUP};
 
@@ -62,6 +62,7 @@ impl Reconciler {
             Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
             Err(e) => return Err(io_err(&full)(e)),
         };
+        vouch(self.guard.as_deref(), &file, &full)?;
         if old.is_none() {
             self.emit(sink, Op::Create { path: path.to_wire(), mode: meta.mode })?;
         }
@@ -199,6 +200,7 @@ impl Reconciler {
             Err(e) if vanished(&e) => return Ok(()),
             Err(e) => return Err(io_err(&full)(e)),
         };
+        vouch(guard.as_deref(), &file, &full)?;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len.max(1) - 1) / BLOCK_SIZE;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -287,4 +289,12 @@ impl Delta<'_> {
         self.changed = true;
         r.emit(sink, Op::Write { path: self.path.to_wire(), offset, data })
     }
+}
+
+/// Asks the guard whether `file` (at `full`) may be read as the source's content.
+fn vouch(guard: Option<&dyn Guard>, file: &File, full: &std::path::Path) -> Result<(), MirrorError> {
+    let Some(g) = guard else { return Ok(()) };
+    let md = file.metadata().map_err(io_err(full))?;
+    g.vouch(std::os::unix::fs::MetadataExt::dev(&md), std::os::unix::fs::MetadataExt::ino(&md))
+        .map_err(|reason| MirrorError::Unvouched { path: full.to_path_buf(), reason })
 }
