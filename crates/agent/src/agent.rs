@@ -207,8 +207,7 @@ impl Agent {
         let overflow = status.overflow.clone();
         // The dirty set: in fuse mode the activity log; in watch mode the names recorded while
         // the spool was full. Whatever it holds at start must be compared with the replica.
-        let dirty_path =
-            dir.join(if job.capture.sequences_writes() { "activity.log" } else { "dirty.log" });
+        let dirty_path = dir.join(if job.capture.sequences_writes() { "activity.log" } else { "dirty.log" });
         let (dirty, left) = ActivityLog::open(&dirty_path).map_err(io_at(&dirty_path))?;
         let dirty = Arc::new(dirty);
         let plan = StartPlan::decide(Left::found(

@@ -5,7 +5,6 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use doppel_capture::fuse::{CaptureSink, Dirty};
 use doppel_capture::vm::{Qmp, VmCapture, VmOptions};
 use doppel_proto::Op;
+use doppel_testkit::qsd::StorageDaemon;
 use doppel_testkit::{noise, wait_until};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -45,64 +45,30 @@ impl CaptureSink for Recorder {
     }
 }
 
-fn prerequisites() -> bool {
-    let ok = ["qemu-storage-daemon", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    doppel_testkit::require(
-        ok && doppel_testkit::require_fuse(),
-        "the vm capture tests need qemu-storage-daemon, qemu-io and FUSE",
-    )
-}
-
-/// A qemu-storage-daemon holding `disk.raw` as node `disk0`, with a writable NBD export for
-/// the "guest" (qemu-io) and a QMP socket for doppel.
+/// The daemon holding the "guest's" disk, and where doppel's side lives.
 struct Host {
     dir: PathBuf,
-    child: Child,
+    daemon: StorageDaemon,
 }
 
 impl Host {
     fn start(dir: &Path, image: &[u8]) -> Host {
         std::fs::write(dir.join("disk.raw"), image).unwrap();
-        let child = Command::new("qemu-storage-daemon")
-            .current_dir(dir)
-            .args(["--blockdev", "driver=file,node-name=file0,filename=disk.raw,discard=unmap"])
-            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0,discard=unmap"])
-            .args(["--nbd-server", "addr.type=unix,addr.path=guest.sock"])
-            .args(["--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"])
-            .args(["--chardev", "socket,path=qmp.sock,server=on,wait=off,id=m"])
-            .args(["--monitor", "chardev=m,mode=control"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let host = Host { dir: dir.to_path_buf(), child };
-        wait_until(Duration::from_secs(20), "qemu-storage-daemon's sockets", || {
-            (host.dir.join("qmp.sock").exists() && host.dir.join("guest.sock").exists())
-                .then_some(())
-                .ok_or_else(|| "not yet".to_string())
-        });
-        host
+        Host { dir: dir.to_path_buf(), daemon: StorageDaemon::start(dir, &dir.join("disk.raw"), "raw") }
     }
 
-    /// A guest write: `qemu-io` through the daemon's export.
+    /// A guest write, through the daemon.
     fn guest(&self, cmd: &str) -> std::process::Output {
-        let url = format!("nbd+unix:///guest?socket={}", self.dir.join("guest.sock").display());
-        Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &url]).output().unwrap()
+        self.daemon.io(cmd)
     }
 
     fn qmp(&self, cmd: &str, args: Value) -> Value {
-        Qmp::connect(&self.dir.join("qmp.sock"), Duration::from_secs(10)).unwrap().execute(cmd, args).unwrap()
+        Qmp::connect(&self.daemon.qmp(), Duration::from_secs(10)).unwrap().execute(cmd, args).unwrap()
     }
 
     fn opts(&self, sync: bool) -> VmOptions {
         VmOptions {
-            qmp: self.dir.join("qmp.sock"),
+            qmp: self.daemon.qmp(),
             disks: vec!["disk0".into()],
             disks_dir: self.dir.join("disks"),
             socket: self.dir.join("doppel.sock"),
@@ -113,11 +79,8 @@ impl Host {
     }
 }
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn prerequisites() -> bool {
+    doppel_testkit::qsd::available()
 }
 
 /// The ops in a form short enough to print.

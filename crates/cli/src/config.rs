@@ -569,14 +569,22 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
         (Some(path), None) => JobConfig::new(&s.name, path.clone(), dest),
         (None, Some(qmp)) => {
             if s.capture.is_some() {
-                bail!("job {}: `capture` does not apply to a `vm` job (its writes are captured by QEMU)", s.name);
+                bail!(
+                    "job {}: `capture` does not apply to a `vm` job (its writes are captured by QEMU)",
+                    s.name
+                );
             }
             let mut j = JobConfig::new(&s.name, PathBuf::new(), dest);
-            j.capture = CaptureMode::Vm(doppel_agent::VmSource { qmp: qmp.clone(), disks: s.vm_disks.clone() });
+            j.capture =
+                CaptureMode::Vm(doppel_agent::VmSource { qmp: qmp.clone(), disks: s.vm_disks.clone() });
             j
         }
-        (Some(_), Some(_)) => bail!("job {}: give either `path` (a directory) or `vm` (a guest's QMP socket), not both", s.name),
-        (None, None) => bail!("job {}: give `path`, the directory to protect, or `vm`, a guest's QMP socket", s.name),
+        (Some(_), Some(_)) => {
+            bail!("job {}: give either `path` (a directory) or `vm` (a guest's QMP socket), not both", s.name)
+        }
+        (None, None) => {
+            bail!("job {}: give `path`, the directory to protect, or `vm`, a guest's QMP socket", s.name)
+        }
     };
     if !s.vm_disks.is_empty() && s.vm.is_none() {
         bail!("job {}: `vm_disks` needs `vm`", s.name);

@@ -11,6 +11,7 @@
 
 pub mod netns;
 pub mod proxy;
+pub mod qsd;
 pub mod skip;
 
 pub use proxy::Proxy;

@@ -221,7 +221,9 @@ fn jobs(mut a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
         }
         return file.job.iter().map(|s| job_from_section(s, &file.pins)).collect();
     };
-    let to = a.to.take().ok_or_else(|| anyhow!("--to DEST is required: a local directory or HOST:PORT of a target"))?;
+    let to =
+        a.to.take()
+            .ok_or_else(|| anyhow!("--to DEST is required: a local directory or HOST:PORT of a target"))?;
     let name = match a.name.take() {
         Some(n) => n,
         None => std::fs::canonicalize(&src)

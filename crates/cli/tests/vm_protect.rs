@@ -1,0 +1,145 @@
+//! `doppel protect --vm`: a QEMU block layer (a `qemu-storage-daemon`, the part of QEMU that
+//! holds a guest's disks) protected at the hypervisor, to a remote target over TLS. Writes
+//! reach the replica image in order; a killed doppel never fails the guest's I/O and its
+//! restart sends only what changed; a clean stop leaves the guest as it was; in sync mode a
+//! write the guest saw complete is already in the replica, and a dead target stalls the
+//! guest only for the sync timeout.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use doppel_capture::vm::Qmp;
+use doppel_testkit::qsd::StorageDaemon;
+use doppel_testkit::{noise, wait_until};
+use serde_json::{Value, json};
+
+fn qmp(d: &StorageDaemon, cmd: &str) -> Value {
+    Qmp::connect(&d.qmp(), Duration::from_secs(10)).unwrap().execute(cmd, json!({})).unwrap()
+}
+
+fn protect_vm(t: &TargetProc, home: &Path, log: &str, d: &StorageDaemon, extra: &[&str]) -> Proc {
+    let qmp = d.qmp();
+    let mut argv = vec!["protect", "--vm", qmp.to_str().unwrap(), "--vm-disk", "disk0", "--name", "vm1"];
+    argv.extend_from_slice(&["--to", &t.addr, "--target-id", &t.id]);
+    argv.extend_from_slice(extra);
+    Proc::start(home, log, &argv)
+}
+
+fn replica_image(t: &TargetProc) -> PathBuf {
+    t.data.join("replicas/src/vm1/disk0.raw")
+}
+
+fn wait_image_equal(d: &StorageDaemon, replica: &Path, agent: &mut Proc) {
+    let want = d.disk_bytes();
+    wait_until(Duration::from_secs(120), "the replica image to equal the guest's disk", || {
+        if !agent.running() {
+            panic!("agent exited early; log:\n{}", agent.log());
+        }
+        match std::fs::read(replica) {
+            Ok(got) if got == want => Ok(()),
+            Ok(got) => Err(format!(
+                "{} of {} bytes, first difference at {:?}",
+                got.len(),
+                want.len(),
+                got.iter().zip(&want).position(|(a, b)| a != b)
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+}
+
+#[test]
+fn a_guest_disk_is_replicated_at_the_hypervisor_and_survives_kills_and_stops_without_a_full_copy() {
+    if !doppel_testkit::qsd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src_home, image) = (dir.path().join("src-home"), dir.path().join("disk.raw"));
+    std::fs::write(&image, noise(7, 64 << 20)).unwrap();
+    let d = StorageDaemon::start(dir.path(), &image, "raw");
+    let id = init(&src_home);
+    let t = start_target(dir.path(), &[("src", &id)], 0);
+    let replica = replica_image(&t);
+
+    let mut agent = protect_vm(&t, &src_home, "agent", &d, &[]);
+    wait_image_equal(&d, &replica, &mut agent);
+    d.write("write -P 0x11 1M 256k");
+    d.write("write -P 0x12 1M 4k");
+    wait_image_equal(&d, &replica, &mut agent);
+
+    // SIGKILL: the guest writes on (its I/O does not fail), the restart sends only that.
+    agent.kill();
+    d.write("write -P 0x22 9M 256k");
+    let mut agent = protect_vm(&t, &src_home, "agent2", &d, &[]);
+    wait_image_equal(&d, &replica, &mut agent);
+    let sent = bytes_sent(&src_home, "vm1");
+    assert!(sent < 8 << 20, "after a kill only the changes travel, not the 64 MiB disk: {sent} bytes");
+    let jobs = qmp(&d, "query-block-jobs");
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "one mirror job, the dead doppel's is gone: {jobs}");
+
+    // A clean stop removes doppel from the guest entirely.
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_eq!(qmp(&d, "query-block-jobs"), json!([]), "no mirror job after a stop");
+    let exports = qmp(&d, "query-block-exports");
+    assert_eq!(exports.as_array().unwrap().len(), 1, "only the guest's own export is left: {exports}");
+    let nodes = qmp(&d, "query-named-block-nodes");
+    assert!(!nodes.to_string().contains("doppel-vm1"), "no node of doppel's is left: {nodes}");
+    d.write("write -P 0x33 20M 64k");
+    let mut agent = protect_vm(&t, &src_home, "agent3", &d, &[]);
+    wait_image_equal(&d, &replica, &mut agent);
+    assert!(bytes_sent(&src_home, "vm1") < 8 << 20);
+    let status = job_status(&src_home, "vm1");
+    assert!(status["capture"].as_str().unwrap_or("").starts_with("vm"), "{status}");
+    agent.stop();
+}
+
+#[test]
+fn in_sync_mode_a_completed_guest_write_is_already_in_the_replica_and_a_dead_target_stalls_it_boundedly() {
+    if !doppel_testkit::qsd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src_home, image) = (dir.path().join("src-home"), dir.path().join("disk.qcow2"));
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("32M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let d = StorageDaemon::start(dir.path(), &image, "qcow2");
+    d.write("write -P 0x5a 0 4M");
+    let id = init(&src_home);
+    let mut t = start_target(dir.path(), &[("src", &id)], 0);
+    let replica = replica_image(&t);
+    let mut agent = protect_vm(&t, &src_home, "agent", &d, &["--sync", "--sync-timeout", "3"]);
+    wait_image_equal(&d, &replica, &mut agent);
+    assert_eq!(job_status(&src_home, "vm1")["sync"], "on");
+
+    for i in 0..6u64 {
+        let at = (4 + i) << 20;
+        d.write(&format!("write -P {} {at} 64k", 0x40 + i));
+        // No waiting: the write completed for the guest, so the target already has it.
+        let f = std::fs::File::open(&replica).unwrap();
+        let mut buf = vec![0u8; 65536];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, at).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x40 + i as u8), "write {i} acknowledged before the replica had it");
+    }
+
+    t.proc.kill();
+    let started = Instant::now();
+    d.write("write -P 0x77 12M 64k");
+    let stalled = started.elapsed();
+    assert!(stalled < Duration::from_secs(30), "a dead target stalled the guest for {stalled:?}");
+    wait_until(Duration::from_secs(30), "sync mode to degrade", || {
+        let s = job_status(&src_home, "vm1");
+        (s["sync"] == "degraded").then_some(()).ok_or(format!("sync is {}", s["sync"]))
+    });
+    let started = Instant::now();
+    d.write("write -P 0x78 13M 64k");
+    assert!(started.elapsed() < Duration::from_secs(5), "degraded: writes no longer wait for the target");
+    agent.stop();
+}
