@@ -252,6 +252,7 @@ impl Agent {
                 };
                 let vm = VmCapture::attach(opts, sink())
                     .map_err(|e| AgentError::Io { path: guest.qmp.clone(), source: e })?;
+                crate::vm_disks::record(&dir, &vm.disks())?;
                 let guard = VmGuard { locks: vm.locks(), views: vm.views() };
                 let rec = Reconciler::new(&job.root, selection, index).with_guard(Arc::new(guard));
                 (Source::Vm(Some(vm)), rec)

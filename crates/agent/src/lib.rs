@@ -25,6 +25,8 @@
 //! - [`failback`]: the source side of a failback: the tree brought in line with the replica
 //!   by an embedded target fed from the DR side, then handed back.
 //! - [`handover`]: taking a job back after a failback (its tree now equals the replica).
+//! - [`vm_disks`]: what a `vm` job remembers of its guest's disks, and the staging of its
+//!   failback.
 //! - [`error`]: what can stop a job.
 
 pub mod activity;
@@ -43,6 +45,7 @@ pub mod resume;
 pub mod sender;
 pub mod state;
 pub mod status;
+pub mod vm_disks;
 
 pub use agent::{Agent, BookmarkError, Bookmarker, Limit, Settler, StatusSource, Verifier};
 pub use bandwidth::{Rule, Schedule};

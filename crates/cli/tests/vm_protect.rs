@@ -143,3 +143,60 @@ fn in_sync_mode_a_completed_guest_write_is_already_in_the_replica_and_a_dead_tar
     assert!(started.elapsed() < Duration::from_secs(5), "degraded: writes no longer wait for the target");
     agent.stop();
 }
+
+#[test]
+fn a_vm_job_fails_back_with_only_the_changed_blocks_and_then_protects_the_guest_again() {
+    if !doppel_testkit::qsd::available() {
+        return;
+    }
+    const SIZE: usize = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (src_home, image) = (dir.path().join("src-home"), dir.path().join("disk.raw"));
+    std::fs::write(&image, noise(8, SIZE)).unwrap();
+    let mut d = StorageDaemon::start(dir.path(), &image, "raw");
+    let sid = init(&src_home);
+    let config = format!("[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\n");
+    let t = start_target_config(dir.path(), &config, "127.0.0.1:0", &dir.path().join("data"), None);
+    let th = dir.path().join("target-home");
+    let replica = t.data.join("replicas/s/vm1/disk0.raw");
+    let mut agent = protect_vm(&t, &src_home, "agent", &d, &["--heartbeat", "1"]);
+    wait_image_equal(&d, &replica, &mut agent);
+
+    // Failover: the old source is fenced, its guest dies, the guest runs on the DR side and
+    // writes 1 MiB there.
+    let (st, out, err) = run(&th, &["failover", "s"]);
+    assert!(st.success(), "{out}{err}");
+    assert!(!agent.wait(Duration::from_secs(60)).success(), "the fenced agent kept running");
+    d.kill();
+    let f = std::fs::OpenOptions::new().write(true).open(&replica).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise(9, 1 << 20), 10 << 20).unwrap();
+    drop(f);
+
+    let mut back = protect_vm(&t, &src_home, "back", &d, &["--heartbeat", "1", "--failback"]);
+    wait_until(Duration::from_secs(120), "the source to hold the replica", || {
+        assert!(back.running(), "{}", back.log());
+        let s = source_status(&th, "s");
+        (s["jobs"][0]["failback"]["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    let mirrored = source_status(&th, "s")["jobs"][0]["failback"]["bytes_sent"].as_u64().unwrap();
+    assert!(
+        mirrored > 1 << 20 && mirrored < 4 << 20,
+        "failback sent {mirrored} bytes for 1 MiB changed of {SIZE}"
+    );
+    let (st, out, err) = run(&th, &["failback", "s"]);
+    assert!(st.success(), "{out}{err}\nSOURCE LOG:\n{}", back.log());
+    wait_until(Duration::from_secs(60), "the guest's image to hold the replica", || {
+        assert!(back.running(), "{}", back.log());
+        (std::fs::read(&image).unwrap() == std::fs::read(&replica).unwrap())
+            .then_some(())
+            .ok_or("not yet".to_string())
+    });
+    assert!(!dir.path().join("src-home/vm/vm1/disk0.raw").exists(), "the staged copy is removed");
+
+    // The guest starts again at home: protection resumes on its own.
+    d.restart();
+    d.write("write -P 0x66 30M 64k");
+    wait_image_equal(&d, &replica, &mut back);
+    assert!(bytes_sent(&src_home, "vm1") < 8 << 20, "the resumed job re-sent the disk");
+    assert_eq!(back.stop().code(), Some(0), "{}", back.log());
+}

@@ -509,10 +509,11 @@ impl<S: CaptureSink> nbd::Export for DiskExport<S> {
     }
 
     fn idle(&self) {
-        if self.sync && self.unsynced.load(Ordering::Relaxed) {
-            if let Err(e) = self.barrier() {
-                tracing::warn!(error = %e, "could not sequence a durability barrier");
-            }
+        if self.sync
+            && self.unsynced.load(Ordering::Relaxed)
+            && let Err(e) = self.barrier()
+        {
+            tracing::warn!(error = %e, "could not sequence a durability barrier");
         }
     }
 

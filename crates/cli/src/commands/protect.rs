@@ -67,6 +67,16 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
         runs.spawn(async move {
             let name = job.name.clone();
             let r = async {
+                let mut job = job;
+                // A vm job's disks are staged as raw files for the failback to patch.
+                let staged = match &job.capture {
+                    doppel_agent::CaptureMode::Vm(guest) => {
+                        let s = doppel_agent::vm_disks::stage(&home, &name, &guest.qmp)?;
+                        job.root = s.root().to_path_buf();
+                        Some(s)
+                    }
+                    _ => None,
+                };
                 let sock = control::job_socket(&home, &name);
                 let phase = CancellationToken::new();
                 let serving = tokio::spawn(control::serve(
@@ -84,12 +94,23 @@ async fn run_failback(jobs: Vec<JobConfig>, home: PathBuf) -> Result<()> {
                 .await;
                 phase.cancel();
                 let _ = serving.await;
-                match outcome? {
+                let outcome = outcome?;
+                match outcome {
                     Outcome::Stopped => return Ok(()),
                     Outcome::HandedBack(a) => {
                         tracing::info!(job = %name, epoch = a.epoch, "failback complete: protecting again")
                     }
                     Outcome::NotFailedOver => {}
+                }
+                if let (Some(s), doppel_agent::CaptureMode::Vm(guest)) = (staged, &job.capture) {
+                    match outcome {
+                        Outcome::HandedBack(_) => s.write_back()?,
+                        _ => s.discard()?,
+                    }
+                    tracing::info!(job = %name, "the guest's disks hold the replica: start the guest here");
+                    if !doppel_agent::vm_disks::wait_for_guest(&guest.qmp, &shutdown).await {
+                        return Ok(());
+                    }
                 }
                 let agent = Agent::new(job, &home)?;
                 tokio::spawn(control::serve(sock, handler(&agent), stop_control.clone()));
