@@ -261,3 +261,55 @@ fn an_unknown_disk_name_is_a_clear_error() {
     let e = VmCapture::attach(opts, Arc::new(Recorder::default())).err().expect("refused");
     assert!(e.to_string().contains("no disk or block node named \"nope\""), "{e}");
 }
+
+#[test]
+fn writes_to_several_disks_form_one_stream_in_the_order_they_completed() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.qcow2"));
+    std::fs::write(&a, vec![0u8; 4 << 20]).unwrap();
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&b)
+        .arg("8M")
+        .status();
+    assert!(st.unwrap().success());
+    let daemon = StorageDaemon::start_many(dir.path(), &[(&a, "raw"), (&b, "qcow2")]);
+    let sink = Arc::new(Recorder::default());
+    let opts = VmOptions {
+        qmp: daemon.qmp(),
+        disks: vec!["disk0".into(), "disk1".into()],
+        disks_dir: dir.path().join("disks"),
+        socket: dir.path().join("doppel.sock"),
+        tag: "doppel-test".into(),
+        sync: false,
+        qmp_timeout: Duration::from_secs(10),
+    };
+    let cap = VmCapture::attach(opts, sink.clone()).unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.path().join("disks/disk1.raw")).unwrap().len(),
+        8 << 20,
+        "a qcow2 disk's view is raw"
+    );
+    for (disk, pattern) in [(0, 0x61), (1, 0x62), (0, 0x63), (1, 0x64)] {
+        let out = daemon.io_on(disk, &format!("write -P {pattern} 0 4k"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let got: Vec<(String, u8)> = sink
+        .ops
+        .lock()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Write { path, data, .. } => Some((path.display(), data[0])),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(String, u8)> =
+        [("disk0.raw", 0x61), ("disk1.raw", 0x62), ("disk0.raw", 0x63), ("disk1.raw", 0x64)]
+            .map(|(p, b)| (p.to_string(), b))
+            .into();
+    assert_eq!(got, want);
+    cap.detach().unwrap();
+}

@@ -28,20 +28,22 @@ pub fn available() -> bool {
 /// A running daemon. Killed on drop.
 pub struct StorageDaemon {
     dir: PathBuf,
-    image: PathBuf,
-    format: String,
+    /// Image and format of each disk: node `disk0`, `disk1`...
+    images: Vec<(PathBuf, String)>,
     child: Option<Child>,
 }
 
 impl StorageDaemon {
     /// Starts a daemon in `dir` on `image` (`raw` or `qcow2`), with `discard=unmap`.
     pub fn start(dir: &Path, image: &Path, format: &str) -> StorageDaemon {
-        let mut d = StorageDaemon {
-            dir: dir.to_path_buf(),
-            image: image.to_path_buf(),
-            format: format.into(),
-            child: None,
-        };
+        StorageDaemon::start_many(dir, &[(image, format)])
+    }
+
+    /// A daemon holding several disks: `images[i]` is node `disk{i}`, written through
+    /// [`StorageDaemon::io_on`]`(i, ..)`.
+    pub fn start_many(dir: &Path, images: &[(&Path, &str)]) -> StorageDaemon {
+        let images = images.iter().map(|(p, f)| (p.to_path_buf(), f.to_string())).collect();
+        let mut d = StorageDaemon { dir: dir.to_path_buf(), images, child: None };
         d.restart();
         d
     }
@@ -50,19 +52,26 @@ impl StorageDaemon {
     pub fn restart(&mut self) {
         let _ = std::fs::remove_file(self.qmp());
         let _ = std::fs::remove_file(self.guest_socket());
-        let file = format!("driver=file,node-name=file0,filename={},discard=unmap", self.image.display());
-        let fmt = format!("driver={},node-name=disk0,file=file0,discard=unmap", self.format);
         let nbd = format!("addr.type=unix,addr.path={}", self.guest_socket().display());
         let qmp = format!("socket,path={},server=on,wait=off,id=m", self.qmp().display());
-        let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &file, "--blockdev", &fmt, "--nbd-server", &nbd])
-            .args(["--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on"])
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.args(["--nbd-server", &nbd]); // before the exports that need it
+        for (i, (image, format)) in self.images.iter().enumerate() {
+            let file = format!("driver=file,node-name=file{i},filename={},discard=unmap", image.display());
+            let fmt = format!("driver={format},node-name=disk{i},file=file{i},discard=unmap");
+            let export = format!("type=nbd,id={0},node-name=disk{i},name={0},writable=on", export_name(i));
+            cmd.args(["--blockdev", &file, "--blockdev", &fmt, "--export", &export]);
+        }
+        let child = cmd
             .args(["--chardev", &qmp, "--monitor", "chardev=m,mode=control"])
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon starts");
         self.child = Some(child);
         crate::wait_until(Duration::from_secs(30), "qemu-storage-daemon's sockets", || {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("qemu-storage-daemon exited: {st}");
+            }
             (self.qmp().exists() && self.guest_socket().exists())
                 .then_some(())
                 .ok_or_else(|| "not yet".to_string())
@@ -80,7 +89,12 @@ impl StorageDaemon {
 
     /// A guest write: runs `qemu-io -c CMD` (e.g. `write -P 0x55 1M 64k`) on the disk.
     pub fn io(&self, cmd: &str) -> Output {
-        let url = format!("nbd+unix:///guest?socket={}", self.guest_socket().display());
+        self.io_on(0, cmd)
+    }
+
+    /// [`StorageDaemon::io`] on disk `i`.
+    pub fn io_on(&self, i: usize, cmd: &str) -> Output {
+        let url = format!("nbd+unix:///{}?socket={}", export_name(i), self.guest_socket().display());
         Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &url]).output().expect("qemu-io runs")
     }
 
@@ -112,6 +126,11 @@ impl StorageDaemon {
             let _ = c.wait();
         }
     }
+}
+
+/// The NBD export of disk `i` for the "guest".
+fn export_name(i: usize) -> String {
+    if i == 0 { "guest".into() } else { format!("guest{i}") }
 }
 
 impl Drop for StorageDaemon {
