@@ -32,6 +32,10 @@
 #   VM_IMAGE     qemu backend: the image, relative to the replica [default: the only *.qcow2,
 #                *.img or *.raw at the replica's top]
 #   QEMU_ARGS    extra QEMU arguments for the qemu backend [default: -m 2048 -smp 2]
+#   QEMU_ACCEL   qemu backend: kvm or tcg (QEMU's emulator: slow, but it runs anywhere)
+#                [default: kvm if /dev/kvm opens for reading and writing, tcg otherwise; a
+#                host whose /dev/kvm opens but runs no guest (a nested setup without
+#                virtualization extensions) needs QEMU_ACCEL=tcg]
 #   ONLY_JOB     start the VM for this job only, for a source with several jobs [default: any]
 #   RUN_DIR      root-only directory for the pid file and the rewritten XML [default: /run]
 # Paths and names are limited to letters, digits and . _ / + @ : - (no spaces, quotes or
@@ -203,12 +207,25 @@ qemu)
     fi
     r=$(image "$img") || exit 1
     case "$img" in *.qcow2) fmt=qcow2 ;; *) fmt=raw ;; esac
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    # The pid file outlives a QEMU that was killed or a host that rebooted: the VM runs only
+    # if that process is this VM's QEMU.
+    if [ -f "$pidfile" ] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null &&
+        tr '\000' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-name $VM_NAME "; then
         echo "VM $VM_NAME is already running"
         exit 0
     fi
+    case ${QEMU_ACCEL:-auto} in
+    kvm) accel=-enable-kvm ;;
+    tcg) accel="-accel tcg" ;;
+    auto)
+        # KVM where this host has it (the device exists, and permissions and the container's
+        # device rules let this process open it), TCG elsewhere.
+        if (: <>/dev/kvm) 2>/dev/null; then accel=-enable-kvm; else accel="-accel tcg"; fi
+        ;;
+    *) die "QEMU_ACCEL must be kvm or tcg" ;;
+    esac
     # shellcheck disable=SC2086
-    qemu-system-x86_64 -name "$VM_NAME" -enable-kvm ${QEMU_ARGS:--m 2048 -smp 2} \
+    qemu-system-x86_64 -name "$VM_NAME" $accel ${QEMU_ARGS:--m 2048 -smp 2} \
         -drive "file=$r,format=$fmt,if=virtio,cache=none" \
         -display none -daemonize -pidfile "$pidfile"
     ;;

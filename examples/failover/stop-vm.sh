@@ -3,8 +3,12 @@
 #
 #   stop_workload = ["VM_NAME=web1 /etc/doppel/failover/stop-vm.sh"]
 #
-# Asks the guest to shut down (ACPI), waits up to SHUTDOWN_SECS, then pulls the plug. The
-# disk images are final once this returns: the failback's last sync sends them home.
+# libvirt: asks the guest to shut down (ACPI), waits up to SHUTDOWN_SECS, then pulls the plug.
+# qemu (started by start-vm.sh): stops QEMU with SIGTERM, which writes out what QEMU holds and
+# exits without asking the guest, as a power cut would (the guest's journaling file systems
+# and its applications' fsyncs carry it, as they did at the failover); SIGKILL after
+# SHUTDOWN_SECS. The disk images are final once this returns: the failback's last sync sends
+# them home.
 # Settings as for start-vm.sh: VM_NAME (required: the job's name, which the source chooses,
 # could name another VM of this host), VM_BACKEND, ONLY_JOB, RUN_DIR; and SHUTDOWN_SECS
 # [default: 120].
@@ -50,7 +54,10 @@ libvirt)
     ;;
 qemu)
     pidfile="$RUN_DIR/doppel-vm-$VM_NAME.pid"
-    if [ -f "$pidfile" ] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null; then
+    # Only this VM's QEMU: a pid file left by a killed QEMU or before a reboot may name
+    # another process by now.
+    if [ -f "$pidfile" ] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null &&
+        tr '\000' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "-name $VM_NAME "; then
         kill -TERM "$pid"
         i=0
         while kill -0 "$pid" 2>/dev/null; do

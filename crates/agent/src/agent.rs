@@ -250,8 +250,15 @@ impl Agent {
                     sync: job.sync,
                     qmp_timeout: std::time::Duration::from_secs(10),
                 };
-                let vm = VmCapture::attach(opts, sink())
-                    .map_err(|e| AgentError::Io { path: guest.qmp.clone(), source: e })?;
+                let vm = VmCapture::attach(opts, sink()).map_err(|e| {
+                    let hint = match e.kind() {
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                            " (is the guest running, with -qmp unix:PATH,server=on,wait=off?)"
+                        }
+                        _ => "",
+                    };
+                    AgentError::Config(format!("cannot attach to the guest: {e}{hint}"))
+                })?;
                 crate::vm_disks::record(&dir, &vm.disks())?;
                 let guard = VmGuard { locks: vm.locks(), views: vm.views() };
                 let rec = Reconciler::new(&job.root, selection, index).with_guard(Arc::new(guard));

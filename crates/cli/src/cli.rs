@@ -288,7 +288,7 @@ pub struct ProtectArgs {
     pub vm: Option<PathBuf>,
     /// With --vm: protect only this drive or block node (repeatable) [default: every writable
     /// drive] (`vm_disks`).
-    #[arg(long, value_name = "NAME", requires = "vm")]
+    #[arg(long, value_name = "NAME")]
     pub vm_disk: Vec<String>,
     /// fsync on the source waits until the target has everything before it (fuse capture);
     /// with --vm, every guest write waits until the target has it.

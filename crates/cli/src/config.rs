@@ -667,7 +667,13 @@ mod tests {
     #[test]
     fn full_config_parses() {
         let c = parse(include_str!("../../../examples/doppel.toml")).unwrap();
-        assert_eq!(c.job.len(), 2);
+        assert_eq!(c.job.len(), 3);
+        let vm = job_from_section(&c.job[2], &c.pins).unwrap();
+        assert_eq!(
+            vm.capture,
+            CaptureMode::Vm(doppel_agent::VmSource { qmp: "/run/doppel-web1.qmp".into(), disks: vec![] })
+        );
+        assert!(vm.sync);
         let t = c.target.unwrap();
         assert_eq!(
             (t.max_handshakes, t.max_handshakes_per_address, t.handshake_timeout_secs),
@@ -689,6 +695,28 @@ mod tests {
             let st = std::process::Command::new("sh").arg("-n").arg(&shipped).status().unwrap();
             assert!(st.success(), "{shipped} does not parse");
         }
+    }
+
+    #[test]
+    fn a_job_is_a_directory_or_a_guest_never_both_nor_neither() {
+        let job = |extra: &str| {
+            let c = parse(&format!("[[job]]\nname = \"j\"\nto = \"/tmp/r\"\n{extra}")).unwrap();
+            job_from_section(&c.job[0], &c.pins).map_err(|e| format!("{e:#}"))
+        };
+        assert!(job("path = \"/srv\"\n").is_ok());
+        let e = job("").unwrap_err();
+        assert!(e.contains("give `path`, the directory to protect, or `vm`"), "{e}");
+        let e = job("path = \"/srv\"\nvm = \"/run/q.sock\"\n").unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = job("vm = \"/run/q.sock\"\ncapture = \"fuse\"\n").unwrap_err();
+        assert!(e.contains("`capture` does not apply to a `vm` job"), "{e}");
+        let e = job("path = \"/srv\"\nvm_disks = [\"disk0\"]\n").unwrap_err();
+        assert!(e.contains("`vm_disks` needs `vm`"), "{e}");
+        let j = job("vm = \"/run/q.sock\"\nvm_disks = [\"disk0\", \"disk1\"]\nsync = true\n").unwrap();
+        assert_eq!(
+            j.capture,
+            CaptureMode::Vm(doppel_agent::VmSource { qmp: "/run/q.sock".into(), disks: vec!["disk0".into(), "disk1".into()] })
+        );
     }
 
     #[test]

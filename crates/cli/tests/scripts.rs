@@ -580,7 +580,8 @@ fn start_vm_refuses_anything_but_regular_images_inside_the_replica() {
 fn start_vm_qemu_boots_the_replicas_image_only() {
     let rig = Rig::new("emergency");
     Tree::at(&rig.replica()).file("disk.qcow2", &qcow2(false, false)).file("notes.txt", b"not an image");
-    rig.ok("VM_NAME=vm1 VM_BACKEND=qemu", "start-vm.sh", &[]);
+    // KVM named explicitly: the default depends on whether this machine's /dev/kvm opens.
+    rig.ok("VM_NAME=vm1 VM_BACKEND=qemu QEMU_ACCEL=kvm", "start-vm.sh", &[]);
     let pid = rig.run.join("doppel-vm-vm1.pid").display().to_string();
     let drive = format!("file={}/disk.qcow2,format=qcow2,if=virtio,cache=none", rig.real_replica());
     assert_eq!(
@@ -603,6 +604,16 @@ fn start_vm_qemu_boots_the_replicas_image_only() {
             &pid
         ])]
     );
+    // Where KVM is not usable, QEMU's emulator: the same line with `-accel tcg`.
+    let tcg = Rig::new("emergency");
+    Tree::at(&tcg.replica()).file("disk.qcow2", &qcow2(false, false));
+    tcg.ok("VM_NAME=vm1 VM_BACKEND=qemu QEMU_ACCEL=tcg", "start-vm.sh", &[]);
+    let call = &tcg.calls()[0];
+    assert_eq!(call[3..5], ["-accel".to_string(), "tcg".to_string()], "{call:?}");
+    assert!(!call.contains(&"-enable-kvm".to_string()), "{call:?}");
+    let bad = Rig::new("emergency");
+    Tree::at(&bad.replica()).file("disk.qcow2", &qcow2(false, false));
+    bad.refused("VM_NAME=vm1 VM_BACKEND=qemu QEMU_ACCEL=hvf", "start-vm.sh", &[], "QEMU_ACCEL must be kvm or tcg");
 
     let cases: &[(&str, &Setup, Env, &str)] = &[
         (

@@ -200,3 +200,21 @@ fn a_vm_job_fails_back_with_only_the_changed_blocks_and_then_protects_the_guest_
     assert!(bytes_sent(&src_home, "vm1") < 8 << 20, "the resumed job re-sent the disk");
     assert_eq!(back.stop().code(), Some(0), "{}", back.log());
 }
+
+#[test]
+fn a_vm_job_is_refused_clearly_when_misused_or_the_guest_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let (st, _, err) = run(&home, &["protect", "/srv", "--vm", "/run/q.sock", "--to", "/tmp/r"]);
+    assert!(!st.success() && err.contains("cannot be used with"), "{err}");
+    let (st, _, err) = run(&home, &["protect", "/srv", "--vm-disk", "disk0", "--to", "/tmp/r"]);
+    assert!(!st.success() && err.contains("needs --vm"), "{err}");
+    let missing = dir.path().join("no-such.qmp");
+    let replica = dir.path().join("replica");
+    let (st, _, err) =
+        run(&home, &["protect", "--vm", missing.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    assert!(!st.success(), "{err}");
+    assert!(err.contains("no-such.qmp") && err.contains("No such file"), "the error names the socket: {err}");
+    assert!(err.contains("is the guest running"), "{err}");
+    assert_eq!(err.matches("no-such.qmp").count(), 1, "said once: {err}");
+}

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod proxy;
 pub mod qsd;
 pub mod skip;
+pub mod vm;
 
 pub use proxy::Proxy;
 pub use skip::{require, require_fuse, require_ok, require_tools, skip_or_fail};

@@ -229,6 +229,9 @@ fn receiving(job: &str, dest: &str) -> control::Handler {
 
 fn jobs(mut a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
     let vm = a.vm.take();
+    if vm.is_none() && !a.vm_disk.is_empty() {
+        bail!("--vm-disk chooses disks of a guest: it needs --vm QMP_SOCKET");
+    }
     if let Some(qmp) = &vm {
         // The job's tree is doppel's directory of the guest's disk views, under --home.
         a.src = Some(qmp.clone());
