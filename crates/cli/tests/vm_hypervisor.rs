@@ -7,12 +7,14 @@
 //! sync timeout; the replica converges afterwards without a full copy, to the guest's exact disk.
 
 mod common;
+#[path = "common/vm.rs"]
+mod vm_common;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use doppel_testkit::vm::{Boot, CheckReport, Format, Guest, Mode, VmKit};
+use doppel_testkit::vm::{Boot, CheckReport, Console, Format, Guest, Mode, VmKit};
 use doppel_testkit::{Proxy, require_ok, wait_until};
 
 /// Under TCG a guest is slow: waits are generous.
@@ -30,6 +32,15 @@ struct Rig {
     target: TargetProc,
     proxy: Proxy,
     sync: bool,
+    /// `RUN_DIR` of the failover scripts and the DR VM's console.
+    run: PathBuf,
+    dr_serial: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        vm_common::kill_dr_vm(&self.run, "vm1");
+    }
 }
 
 impl Rig {
@@ -40,11 +51,17 @@ impl Rig {
         kit.make_disk_with_noise(&img, format, IMAGE, 11).unwrap();
         let home = base.join("source-home");
         let sid = init(&home);
-        let config = format!("[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\n");
+        let (run, dr_serial) = (base.join("run"), base.join("dr-console.log"));
+        std::fs::create_dir_all(&run).unwrap();
+        // The shipped script boots the VM from the replica's image (the only *.raw there).
+        let start = vm_common::start_vm_command(&kit, "vm1", &run, Mode::Serve, &dr_serial);
+        let config = format!(
+            "[[target.allow]]\nname = \"s\"\nid = \"{sid}\"\npolicy = \"manual\"\nfailover = [\"{start}\"]\n"
+        );
         let target = start_target_config(&base, &config, "127.0.0.1:0", &base.join("data"), None);
         let proxy = Proxy::start(&target.addr);
         let qmp = base.join("guest.qmp");
-        Rig { _dir: dir, base, kit, format, img, qmp, home, target, proxy, sync }
+        Rig { _dir: dir, base, kit, format, img, qmp, home, target, proxy, sync, run, dr_serial }
     }
 
     fn boot(&self) -> Guest {
@@ -191,7 +208,7 @@ fn sync_mode_every_acknowledged_write_survives_a_killed_doppel_and_a_cut_link() 
 }
 
 #[test]
-fn async_mode_qcow2_the_replica_is_a_clean_prefix_at_a_kill_and_converges_without_a_full_copy() {
+fn async_mode_qcow2_the_replica_is_a_clean_prefix_at_a_kill_converges_without_a_full_copy_and_boots_by_the_failover_script() {
     let Some(kit) = kit() else { return };
     let rig = Rig::new(kit, Format::Qcow2, false);
     let mut guest = rig.boot();
@@ -210,6 +227,19 @@ fn async_mode_qcow2_the_replica_is_a_clean_prefix_at_a_kill_and_converges_withou
     rig.pause_and_converge(&mut agent);
     let r = rig.check_replica("converged");
     assert!(r.last_record >= written + 10, "{r:?}");
-    agent.stop();
+
+    // The source dies; the operator fails over; start-vm.sh boots the replica's raw image.
     guest.kill();
+    agent.kill();
+    let th = rig.base.join("target-home");
+    let (st, out, err) = run(&th, &["failover", "s"]);
+    assert!(st.success(), "{out}{err}\nTARGET LOG:\n{}", rig.target.proc.log());
+    let dr = Console::at(&rig.dr_serial);
+    let found = dr.wait_report(LONG).unwrap();
+    assert!(found.clean && found.record_tail == 0 && found.sqlite_ok(), "{found:?}");
+    assert_eq!(found.last_record, r.last_record, "the failed-over VM boots the converged replica");
+    wait_until(LONG, "the failed-over VM to serve writes", || {
+        assert!(dr.failure().is_none(), "{}", dr.tail(20));
+        (dr.acked() > found.last_record + 5).then_some(()).ok_or(dr.tail(3))
+    });
 }
