@@ -186,7 +186,7 @@ impl Agent {
         let index_path = dir.join("index.bin");
         // A vm job keeps no index (see `Source::Vm` at stop): it always compares at start.
         let vm = matches!(job.capture, CaptureMode::Vm(_));
-        let loaded = if state.replica_id.is_some() && !vm { Index::load(&index_path)? } else { None };
+        let loaded = if state.replica_id.is_some() && !vm { load_index(&index_path)? } else { None };
         if loaded.is_none() {
             state.replica_id = None;
         }
@@ -489,6 +489,28 @@ impl Agent {
             (_, Ok(Err(e))) => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// The saved index, or `None` if there is none or it is unreadable: an unreadable index (a
+/// torn write, a disk error, a format from elsewhere) is set aside with a warning, and the job
+/// compares the whole tree with the replica as on first contact (only differences travel). A
+/// damaged index never keeps the job from starting.
+fn load_index(path: &Path) -> Result<Option<(Index, doppel_mirror::index::Saved)>, AgentError> {
+    match Index::load(path) {
+        Ok(found) => Ok(found),
+        Err(doppel_mirror::MirrorError::Index { reason, .. }) => {
+            let aside = path.with_extension("bin.unreadable");
+            fs::rename(path, &aside).map_err(io_at(path))?;
+            tracing::warn!(
+                index = %path.display(),
+                kept_as = %aside.display(),
+                %reason,
+                "the index is unreadable: comparing the whole tree with the replica to rebuild it"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
