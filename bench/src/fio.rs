@@ -143,9 +143,9 @@ pub fn lay_out(dir: &Path, file: &'static str, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Parses fio's JSON report (fio may print warnings before it: the JSON starts at the first
-/// `{`).
-fn parse(stdout: &[u8]) -> Result<FioResult> {
+/// fio's JSON report (fio may print warnings before it: the JSON starts at the first `{`),
+/// refused if it has no job or its job failed.
+pub(crate) fn report(stdout: &[u8]) -> Result<Value> {
     let start = stdout.iter().position(|&b| b == b'{').context("no JSON in fio's output")?;
     let v: Value = serde_json::from_slice(&stdout[start..])?;
     let job = &v["jobs"][0];
@@ -155,6 +155,13 @@ fn parse(stdout: &[u8]) -> Result<FioResult> {
     if let Some(e) = job["error"].as_i64().filter(|&e| e != 0) {
         bail!("fio reports error {e}");
     }
+    Ok(v)
+}
+
+/// Parses fio's JSON report.
+fn parse(stdout: &[u8]) -> Result<FioResult> {
+    let v = report(stdout)?;
+    let job = &v["jobs"][0];
     let mut r = FioResult::default();
     let mut runtime_ms = 0u64;
     for dir in ["read", "write"] {

@@ -575,7 +575,7 @@ struct Probes<'a> {
 
 /// Waits until the agent has acknowledged everything it captured; returns how long that took
 /// and the last status.
-fn wait_drained(agent: &mut Agent, timeout: Duration) -> Result<(Duration, agent::JobStatus)> {
+pub(crate) fn wait_drained(agent: &mut Agent, timeout: Duration) -> Result<(Duration, agent::JobStatus)> {
     let t = Instant::now();
     loop {
         agent.check_alive()?;

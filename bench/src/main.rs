@@ -18,6 +18,9 @@
 //!   bytes per byte overwritten, restore against `cp -a`, test-failover start time.
 //! - `many`: many sources, each its own identity, tree and agent, to one target: the initial
 //!   mirror of all, then per-source lag under a steady load, without and beside a noisy source.
+//! - `vm`: a VM's disk at QEMU's block layer (fio through a `qemu-storage-daemon`'s NBD export)
+//!   unprotected, with its image in a `--capture fuse` job root, and with hypervisor capture
+//!   (`protect --vm`): throughput side by side, replication lag, the replicas verified.
 
 mod agent;
 mod changes;
@@ -49,6 +52,8 @@ mod serve;
 mod stats;
 mod target;
 mod tree;
+mod vm;
+mod vm_report;
 mod wan;
 mod wan_lag;
 mod wan_mirror;
@@ -85,6 +90,9 @@ enum Command {
     /// Point-in-time history: apply with it on and off, bytes kept, restore vs `cp -a`,
     /// test-failover start for a small and a large replica.
     History(HistoryArgs),
+    /// A VM's disk at QEMU's block layer: unprotected, image in a fuse job root, hypervisor
+    /// capture (`protect --vm`), side by side.
+    Vm(VmArgs),
     /// Serve a file over HTTP/1.0 (the workload the `failover` mode starts on the replica).
     #[command(hide = true)]
     ServeFile(ServeArgs),
@@ -118,6 +126,43 @@ pub struct HistoryArgs {
     /// Size of the large replica of the test-failover start.
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     pub large_view: u64,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the markdown report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Options of `vm`.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Scratch directory (images, job root, replicas, homes, the daemons' sockets). Only what
+    /// the benchmark created in it is removed at the end.
+    #[arg(long, default_value = "/var/tmp/doppel-bench-vm")]
+    pub dir: PathBuf,
+    /// Alternating runs of every workload on each configuration (medians reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Size of each disk image (the last MiB is the probes').
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Seconds of each time-based fio run.
+    #[arg(long, default_value_t = 20)]
+    pub runtime: u64,
+    /// Milliseconds between two lag probes.
+    #[arg(long, default_value_t = 100)]
+    pub probe_ms: u64,
+    /// Also measure hypervisor capture to a `doppel target` on 127.0.0.1 (a fourth daemon).
+    #[arg(long)]
+    pub remote: bool,
+    /// `--history` of both agents' local destinations (`off`, `24h`...) [default: doppel's].
+    #[arg(long, value_name = "DURATION")]
+    pub history: Option<String>,
+    /// After the timed runs, profile the daemon and the agent (`perf record -g`) during one more
+    /// run of each workload on the fuse and vm configurations; the profiles go here.
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
     /// Keep the scratch directory.
     #[arg(long)]
     pub keep: bool,
@@ -363,6 +408,7 @@ fn main() {
         Command::Failover(args) => failover::main(&args),
         Command::Many(args) => many::main(&args),
         Command::History(args) => history::main(&args),
+        Command::Vm(args) => vm::main(&args),
         Command::ServeFile(args) => serve::main(&args),
     };
     if let Err(e) = result {

@@ -12,7 +12,8 @@
 //! Requests are read and carried out in the order they arrive, one connection per disk, so
 //! the order in which writes are sequenced is the order QEMU issued them (QEMU's mirror never
 //! has two overlapping writes in flight). Replies that must wait (sync mode) are sent by a
-//! second thread as the target acknowledges, in arrival order; the others at once.
+//! second thread as the target acknowledges, in arrival order; the others at once, by the
+//! reading thread.
 
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -416,8 +417,15 @@ fn requests(
                 (None, errno_of(&e))
             }
         };
-        if tx.send(Pending { handle: req.handle, ticket, error }).is_err() {
-            return Ok(());
+        match ticket {
+            // Nothing to wait for (async mode, errors): answered at once, from this thread,
+            // sparing a wake-up of the other per request (replies may come in any order).
+            None => w.lock().write_all(&simple_reply(error, req.handle))?,
+            Some(_) => {
+                if tx.send(Pending { handle: req.handle, ticket, error }).is_err() {
+                    return Ok(());
+                }
+            }
         }
     }
 }
