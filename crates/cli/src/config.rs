@@ -715,7 +715,10 @@ mod tests {
         let j = job("vm = \"/run/q.sock\"\nvm_disks = [\"disk0\", \"disk1\"]\nsync = true\n").unwrap();
         assert_eq!(
             j.capture,
-            CaptureMode::Vm(doppel_agent::VmSource { qmp: "/run/q.sock".into(), disks: vec!["disk0".into(), "disk1".into()] })
+            CaptureMode::Vm(doppel_agent::VmSource {
+                qmp: "/run/q.sock".into(),
+                disks: vec!["disk0".into(), "disk1".into()]
+            })
         );
     }
 

@@ -613,7 +613,12 @@ fn start_vm_qemu_boots_the_replicas_image_only() {
     assert!(!call.contains(&"-enable-kvm".to_string()), "{call:?}");
     let bad = Rig::new("emergency");
     Tree::at(&bad.replica()).file("disk.qcow2", &qcow2(false, false));
-    bad.refused("VM_NAME=vm1 VM_BACKEND=qemu QEMU_ACCEL=hvf", "start-vm.sh", &[], "QEMU_ACCEL must be kvm or tcg");
+    bad.refused(
+        "VM_NAME=vm1 VM_BACKEND=qemu QEMU_ACCEL=hvf",
+        "start-vm.sh",
+        &[],
+        "QEMU_ACCEL must be kvm or tcg",
+    );
 
     let cases: &[(&str, &Setup, Env, &str)] = &[
         (
