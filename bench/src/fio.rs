@@ -31,11 +31,15 @@ pub struct FioJob {
     pub new_file: bool,
     /// The file, relative to the directory the job runs in.
     pub file: &'static str,
+    /// `O_DIRECT` with this many requests in flight (`--ioengine=libaio --direct=1
+    /// --iodepth=N`), as a hypervisor with `cache=none` drives a disk image; `None`: buffered
+    /// `psync`.
+    pub direct_depth: Option<u32>,
 }
 
 impl FioJob {
-    /// The arguments, for a run in `dir`. Buffered I/O (`--direct=0`; a FUSE mount without
-    /// direct-I/O support would only emulate it), `psync`, and no cache invalidation by fio:
+    /// The arguments, for a run in `dir`. Buffered I/O (`--direct=0`, `psync`) unless the job
+    /// is a VM-like `O_DIRECT` one, and no cache invalidation by fio:
     /// the benchmark decides whether a run starts cold (drops the page cache) or warm.
     pub fn args(&self, dir: &Path) -> Vec<String> {
         let mut a = vec![
@@ -45,14 +49,16 @@ impl FioJob {
             format!("--rw={}", self.rw),
             format!("--bs={}", self.bs),
             format!("--size={}", self.size),
-            "--ioengine=psync".into(),
-            "--direct=0".into(),
             "--invalidate=0".into(),
             format!("--numjobs={}", self.numjobs),
             "--group_reporting".into(),
             "--output-format=json".into(),
             "--eta=never".into(),
         ];
+        match self.direct_depth {
+            None => a.extend(["--ioengine=psync".into(), "--direct=0".into()]),
+            Some(d) => a.extend(["--ioengine=libaio".into(), "--direct=1".into(), format!("--iodepth={d}")]),
+        }
         if self.new_file {
             a.push("--overwrite=0".into());
             a.push("--fallocate=none".into());
@@ -129,6 +135,7 @@ pub fn lay_out(dir: &Path, file: &'static str, size: u64) -> Result<()> {
         end_fsync: false,
         new_file: false,
         file,
+        direct_depth: None,
     };
     let out =
         Command::new("fio").args(job.args(dir)).arg("--create_only=1").output().context("running fio")?;
@@ -203,6 +210,7 @@ mod tests {
             end_fsync: false,
             new_file: false,
             file: "rand.dat",
+            direct_depth: None,
         };
         let c = job.command_line();
         for part in

@@ -290,6 +290,7 @@ fn read_job(
         end_fsync: false,
         new_file: false,
         file: READ_FILE,
+        direct_depth: None,
     }
 }
 
@@ -325,6 +326,20 @@ fn workloads(args: &FuseArgs) -> Vec<Metric> {
         ));
     }
     v.extend([
+        Metric::new(
+            "vm-randwrite-4k-qd16",
+            format!("VM-like: O_DIRECT random write 4 KiB, 16 in flight (libaio), {} s", args.runtime),
+            Unit::Iops,
+            Some(0.50),
+            vm_like(args, "randwrite", "4k").command_line(),
+        ),
+        Metric::new(
+            "vm-seqwrite-64k-qd16",
+            format!("VM-like: O_DIRECT sequential write 64 KiB, 16 in flight (libaio), {} s", args.runtime),
+            Unit::MibPerSec,
+            Some(0.50),
+            vm_like(args, "write", "64k").command_line(),
+        ),
         Metric::new(
             "randread-cold",
             format!("random read 4 KiB, 1 job, {} s, cold cache", args.runtime),
@@ -375,6 +390,24 @@ fn seq_write(args: &FuseArgs) -> FioJob {
         end_fsync: true,
         new_file: true,
         file: SEQ_FILE,
+        direct_depth: None,
+    }
+}
+
+/// What a hypervisor with `cache=none` does to an image file: `O_DIRECT` writes, 16 in flight,
+/// on the laid-out file, in place (the same workloads as mode `vm` measures at QEMU's layer).
+fn vm_like(args: &FuseArgs, rw: &'static str, bs: &'static str) -> FioJob {
+    FioJob {
+        name: if rw == "randwrite" { "vm-randwrite" } else { "vm-seqwrite" },
+        rw,
+        bs,
+        size: args.size,
+        runtime: Some(args.runtime),
+        numjobs: 1,
+        end_fsync: false,
+        new_file: false,
+        file: RAND_FILE,
+        direct_depth: Some(16),
     }
 }
 
@@ -389,6 +422,7 @@ fn rand_write(args: &FuseArgs, jobs: u32) -> FioJob {
         end_fsync: false,
         new_file: false,
         file: RAND_FILE,
+        direct_depth: None,
     }
 }
 
@@ -472,6 +506,13 @@ fn run(args: &FuseArgs, scratch: &Scratch, doppel: &Path) -> Result<FuseResults>
         if args.rand_jobs > 1 {
             for side in Side::BOTH {
                 let c = fio_run(&mut agent, &p, side, &rand_write(args, args.rand_jobs), Cache::Cold, None)?;
+                metrics[i].push(side, c);
+            }
+            i += 1;
+        }
+        for job in [vm_like(args, "randwrite", "4k"), vm_like(args, "write", "64k")] {
+            for side in Side::BOTH {
+                let c = fio_run(&mut agent, &p, side, &job, Cache::Cold, None)?;
                 metrics[i].push(side, c);
             }
             i += 1;
