@@ -93,6 +93,18 @@ fn a_guest_disk_is_replicated_at_the_hypervisor_and_survives_kills_and_stops_wit
     assert!(bytes_sent(&src_home, "vm1") < 8 << 20);
     let status = job_status(&src_home, "vm1");
     assert!(status["capture"].as_str().unwrap_or("").starts_with("vm"), "{status}");
+
+    // verify reads the disk through its view; damage to the replica is found and repaired.
+    let (st, out, err) = run(&src_home, &["verify", "vm1"]);
+    assert!(st.success() && out.contains("replica matches the source"), "{out}{err}");
+    let f = std::fs::OpenOptions::new().write(true).open(&replica).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", 40 << 20).unwrap();
+    drop(f);
+    let (st, out, _) = run(&src_home, &["verify", "vm1"]);
+    assert!(!st.success() && out.contains("disk0.raw"), "verify missed the damage: {out}");
+    let (st, out, err) = run(&src_home, &["verify", "vm1", "--repair"]);
+    assert!(st.success(), "{out}{err}");
+    wait_image_equal(&d, &replica, &mut agent);
     agent.stop();
 }
 
