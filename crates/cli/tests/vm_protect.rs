@@ -230,3 +230,29 @@ fn a_vm_job_is_refused_clearly_when_misused_or_the_guest_is_not_there() {
     assert!(err.contains("is the guest running"), "{err}");
     assert_eq!(err.matches("no-such.qmp").count(), 1, "said once: {err}");
 }
+
+#[test]
+fn a_guest_that_dies_under_protection_stops_the_job_with_a_clear_reason() {
+    if !doppel_testkit::qsd::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src_home, image) = (dir.path().join("src-home"), dir.path().join("disk.raw"));
+    std::fs::write(&image, noise(12, 8 << 20)).unwrap();
+    let mut d = StorageDaemon::start(dir.path(), &image, "raw");
+    let id = init(&src_home);
+    let t = start_target(dir.path(), &[("src", &id)], 0);
+    let mut agent = protect_vm(&t, &src_home, "agent", &d, &[]);
+    wait_image_equal(&d, &replica_image(&t), &mut agent);
+    d.kill();
+    let st = agent.wait(Duration::from_secs(30));
+    assert!(!st.success(), "the job went on without its guest");
+    let log = agent.log();
+    assert!(log.contains("capture lost") && log.contains("the guest is gone"), "{log}");
+    // The guest's view died with it; the next start replaces it.
+    d.restart();
+    let mut agent = protect_vm(&t, &src_home, "agent2", &d, &[]);
+    d.write("write -P 0x5c 1M 64k");
+    wait_image_equal(&d, &replica_image(&t), &mut agent);
+    agent.stop();
+}
