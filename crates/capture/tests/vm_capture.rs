@@ -83,6 +83,17 @@ fn prerequisites() -> bool {
     doppel_testkit::qsd::available()
 }
 
+/// A daemon holding `image` in a fresh directory, and an empty recorder; `None` where the
+/// prerequisites are missing (skipped, or failed under `DOPPEL_TEST_STRICT=1`).
+fn rig(image: &[u8]) -> Option<(tempfile::TempDir, Host, Arc<Recorder>)> {
+    if !prerequisites() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::start(dir.path(), image);
+    Some((dir, host, Arc::new(Recorder::default())))
+}
+
 /// The ops in a form short enough to print.
 fn summary(ops: &[Op]) -> Vec<String> {
     ops.iter()
@@ -105,13 +116,8 @@ fn writes(ops: &[Op]) -> Vec<(u64, usize, u8)> {
 
 #[test]
 fn every_guest_write_becomes_an_op_in_order_and_detaching_leaves_the_guest_as_it_was() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let image = noise(1, 8 << 20);
-    let host = Host::start(dir.path(), &image);
-    let sink = Arc::new(Recorder::default());
+    let Some((dir, host, sink)) = rig(&image) else { return };
     let cap = VmCapture::attach(host.opts(false), sink.clone()).unwrap();
     let view = dir.path().join("disks/disk0.raw");
     assert_eq!(std::fs::read(&view).unwrap(), image, "the raw view shows the disk as it is");
@@ -176,12 +182,7 @@ fn every_guest_write_becomes_an_op_in_order_and_detaching_leaves_the_guest_as_it
 
 #[test]
 fn sync_mode_makes_each_write_wait_for_the_target_and_closes_bursts_with_a_barrier() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let host = Host::start(dir.path(), &vec![0u8; 4 << 20]);
-    let sink = Arc::new(Recorder::default());
+    let Some((_dir, host, sink)) = rig(&vec![0u8; 4 << 20]) else { return };
     let cap = VmCapture::attach(host.opts(true), sink.clone()).unwrap();
     let out = host.guest("write -P 0x33 0 64k");
     assert!(out.status.success());
@@ -199,12 +200,7 @@ fn sync_mode_makes_each_write_wait_for_the_target_and_closes_bursts_with_a_barri
 
 #[test]
 fn a_failing_doppel_never_fails_the_guest_and_the_loss_is_reported() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let host = Host::start(dir.path(), &vec![0u8; 4 << 20]);
-    let sink = Arc::new(Recorder::default());
+    let Some((dir, host, sink)) = rig(&vec![0u8; 4 << 20]) else { return };
     let cap = VmCapture::attach(host.opts(false), sink.clone()).unwrap();
     sink.fail.store(true, Ordering::Relaxed);
     let out = host.guest("write -P 0x44 0 4k");
@@ -227,12 +223,7 @@ fn a_failing_doppel_never_fails_the_guest_and_the_loss_is_reported() {
 
 #[test]
 fn a_doppel_that_died_leaves_nothing_that_stops_the_next_one() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let host = Host::start(dir.path(), &vec![0u8; 4 << 20]);
-    let sink = Arc::new(Recorder::default());
+    let Some((dir, host, sink)) = rig(&vec![0u8; 4 << 20]) else { return };
     let cap = VmCapture::attach(host.opts(false), sink.clone()).unwrap();
     // As if killed: no detach, the NBD server's socket file gone with the process.
     std::mem::forget(cap);
@@ -251,14 +242,10 @@ fn a_doppel_that_died_leaves_nothing_that_stops_the_next_one() {
 
 #[test]
 fn an_unknown_disk_name_is_a_clear_error() {
-    if !prerequisites() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let host = Host::start(dir.path(), &vec![0u8; 1 << 20]);
+    let Some((_dir, host, sink)) = rig(&vec![0u8; 1 << 20]) else { return };
     let mut opts = host.opts(false);
     opts.disks = vec!["nope".into()];
-    let e = VmCapture::attach(opts, Arc::new(Recorder::default())).err().expect("refused");
+    let e = VmCapture::attach(opts, sink).err().expect("refused");
     assert!(e.to_string().contains("no disk or block node named \"nope\""), "{e}");
 }
 
