@@ -183,14 +183,15 @@ impl Agent {
         if recovery.discarded_after_gap {
             tracing::warn!(job = %job.name, "ops that were only in memory died with the previous process; they will be found again");
         }
-        let index_path = dir.join("index.bin");
+        let index_path = dir.join(INDEX_FILE);
         // A vm job keeps no index (see `Source::Vm` at stop): it always compares at start.
         let vm = matches!(job.capture, CaptureMode::Vm(_));
-        let loaded = if state.replica_id.is_some() && !vm { load_index(&index_path)? } else { None };
-        if loaded.is_none() {
+        let (mut index, saved) = open_index(&index_path, job.index_cache)?;
+        let saved = saved.filter(|_| state.replica_id.is_some() && !vm);
+        if saved.is_none() {
             state.replica_id = None;
+            index.clear()?;
         }
-        let (index, saved) = loaded.map(|(i, s)| (i, Some(s))).unwrap_or((Index::new(), None));
         let previous = state.clone();
         state.clean = false;
         state.save(&state_path)?;
@@ -198,6 +199,10 @@ impl Agent {
         let selection =
             Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
         let status = Arc::new(JobStatus::default());
+        let footprint = index.footprint();
+        status.index_entries.store(index.len()?, std::sync::atomic::Ordering::Relaxed);
+        status.index_disk_bytes.store(footprint.disk_bytes, std::sync::atomic::Ordering::Relaxed);
+        status.index_cache_bytes.store(footprint.cache_bytes, std::sync::atomic::Ordering::Relaxed);
         status.set_state(Phase::Starting);
         status.sync.store(job.sync, Ordering::Relaxed);
         let spool = Arc::new(spool);
@@ -492,15 +497,26 @@ impl Agent {
     }
 }
 
-/// The saved index, or `None` if there is none or it is unreadable: an unreadable index (a
-/// torn write, a disk error, a format from elsewhere) is set aside with a warning, and the job
-/// compares the whole tree with the replica as on first contact (only differences travel). A
-/// damaged index never keeps the job from starting.
-fn load_index(path: &Path) -> Result<Option<(Index, doppel_mirror::index::Saved)>, AgentError> {
-    match Index::load(path) {
-        Ok(found) => Ok(found),
+/// The file of a job's index store, in its directory.
+pub const INDEX_FILE: &str = "index.redb";
+
+/// Opens the job's index store, and what its last save recorded (`None` if nothing). An
+/// unreadable store (a torn disk, a layout from elsewhere) is set aside with a warning and a
+/// new one made: the job compares the whole tree with the replica as on first contact (only
+/// differences travel). A damaged index never keeps the job from starting.
+pub(crate) fn open_index(
+    path: &Path,
+    cache: usize,
+) -> Result<(Index, Option<doppel_mirror::index::Saved>), AgentError> {
+    // The whole-file format of earlier versions: its content is rebuilt by comparing.
+    let old = path.with_file_name("index.bin");
+    if old.exists() {
+        tracing::info!(index = %old.display(), "an index of an earlier format: comparing the tree to rebuild it");
+        fs::remove_file(&old).map_err(io_at(&old))?;
+    }
+    match Index::open(path, cache) {
         Err(doppel_mirror::MirrorError::Index { reason, .. }) => {
-            let aside = path.with_extension("bin.unreadable");
+            let aside = path.with_extension("redb.unreadable");
             fs::rename(path, &aside).map_err(io_at(path))?;
             tracing::warn!(
                 index = %path.display(),
@@ -508,9 +524,9 @@ fn load_index(path: &Path) -> Result<Option<(Index, doppel_mirror::index::Saved)
                 %reason,
                 "the index is unreadable: comparing the whole tree with the replica to rebuild it"
             );
-            Ok(None)
+            Ok((Index::open(path, cache)?.0, None))
         }
-        Err(e) => Err(e.into()),
+        r => Ok(r?),
     }
 }
 

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::activity::{ActivityLog, EXTENT, Region};
 use crate::error::{AgentError, RequestError};
+use crate::listing::Listing;
 use crate::overflow::Overflow;
 use crate::resume::StartPlan;
 use crate::state::JobState;
@@ -66,8 +67,8 @@ pub enum Command {
         replica_id: [u8; 16],
         /// The replica's epoch.
         epoch: u64,
-        /// The target's listing of the whole replica.
-        listing: Vec<Entry>,
+        /// The target's listing of the whole replica, arriving.
+        listing: Listing,
         /// Answered when numbering was reset.
         started: oneshot::Sender<()>,
     },
@@ -86,8 +87,9 @@ pub enum Command {
     MirrorSuspects {
         /// What was asked.
         suspects: Suspects,
-        /// The target's listing of the names (or of everything, for a whole-tree comparison).
-        names: Vec<Entry>,
+        /// The target's listing of the names (or of everything, for a whole-tree comparison),
+        /// arriving.
+        names: Listing,
         /// The target's listing of the ranges.
         ranges: Vec<Entry>,
         /// The replica's id.
@@ -104,8 +106,8 @@ pub enum Command {
     /// Compare the whole tree with `listing` and report; with `repair`, also bring the names
     /// that differ in line.
     Verify {
-        /// The target's listing of the whole replica.
-        listing: Vec<Entry>,
+        /// The target's listing of the whole replica, arriving.
+        listing: Listing,
         /// Queue repairs.
         repair: bool,
         /// The report, or why there is none.
@@ -403,7 +405,8 @@ impl Capture {
                 if !self.dirty.sticky().is_empty() {
                     return Ok(false);
                 }
-                self.rec.index = stat_index(self.rec.root(), self.rec.selection())?;
+                let (root, selection) = (self.rec.root().to_path_buf(), self.rec.selection().clone());
+                stat_index(&mut self.rec.index, &root, &selection)?;
                 self.checkpoint_as_of(detached_at)?;
                 self.dirty.clear().map_err(io(&self.index_path))?;
             }
@@ -430,7 +433,11 @@ impl Capture {
     fn checkpoint_as_of(&mut self, at: u64) -> Result<(), AgentError> {
         self.spool.persist()?;
         let seq = self.spool.stats().last_seq;
-        self.rec.index.save(&self.index_path, at, seq)?;
+        self.rec.index.save(at, seq)?;
+        let footprint = self.rec.index.footprint();
+        self.status.index_entries.store(self.rec.index.len()?, Ordering::Relaxed);
+        self.status.index_disk_bytes.store(footprint.disk_bytes, Ordering::Relaxed);
+        self.status.index_cache_bytes.store(footprint.cache_bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -439,6 +446,22 @@ impl Capture {
         match cmd {
             Command::MirrorAll { applied, replica_id, epoch, listing, started } => {
                 self.status.set_state(Phase::Mirroring);
+                // The index takes the listing in as it comes; until the state below says a
+                // mirror runs, a failed listing leaves the index as it was saved.
+                let t = Instant::now();
+                // Saved first, so a failed listing can roll back to exactly this.
+                self.checkpoint()?;
+                if let Err(e) = self.seed_all(listing) {
+                    tracing::warn!(error = %e, "difference mirror: no complete listing; the link retries");
+                    self.rec.index.rollback()?;
+                    return Ok(false);
+                }
+                let entries = self.rec.index.len()?;
+                tracing::info!(
+                    entries,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "difference mirror: replica listed"
+                );
                 // The index is about to describe another replica: forget the old one first,
                 // so a crash mid-mirror leads to a fresh mirror.
                 {
@@ -450,9 +473,8 @@ impl Capture {
                 self.spool.reset(applied)?;
                 self.overflow.leave();
                 let _ = started.send(());
-                tracing::info!(entries = listing.len(), "difference mirror: comparing the whole tree");
+                tracing::info!("difference mirror: comparing the whole tree");
                 let regions = self.dirty.sticky();
-                self.rec.seed_all(listing);
                 let t = Instant::now();
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
@@ -502,14 +524,23 @@ impl Capture {
             }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
                 self.status.set_state(Phase::Mirroring);
+                self.checkpoint()?;
+                let seeded = if suspects.whole_tree {
+                    self.seed_all(names)
+                } else {
+                    self.seed_paths(&suspects.names, names)
+                };
+                if let Err(e) = seeded {
+                    tracing::warn!(error = %e, "comparing suspects: no complete listing; the link retries");
+                    self.rec.index.rollback()?;
+                    return Ok(false);
+                }
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 sink.emit(Op::Point { kind: PointKind::PreResync })?;
                 if suspects.whole_tree {
-                    self.rec.seed_all(names);
                     self.rec.sync_tree(&RelPath::root(), &mut sink)?;
                 } else {
-                    self.rec.seed_paths(&suspects.names, names);
                     for p in &suspects.names {
                         self.rec.sync_entry(p, &mut sink)?;
                     }
@@ -555,37 +586,56 @@ impl Capture {
         self.dirty.compared(regions);
     }
 
-    fn verify(&mut self, listing: Vec<Entry>, repair: bool) -> Result<VerifyReport, AgentError> {
+    /// Replaces the whole index by `listing`, as it arrives.
+    fn seed_all(&mut self, mut listing: Listing) -> Result<(), AgentError> {
+        self.rec.seed_all(&mut listing)?;
+        listing.finish()
+    }
+
+    /// Replaces the entries of `paths` by `listing`, as it arrives.
+    fn seed_paths(&mut self, paths: &[RelPath], mut listing: Listing) -> Result<(), AgentError> {
+        self.rec.seed_paths(paths, &mut listing)?;
+        listing.finish()
+    }
+
+    fn verify(&mut self, mut listing: Listing, repair: bool) -> Result<VerifyReport, AgentError> {
         let t = Instant::now();
-        let (mut report, paths) = doppel_mirror::verify::compare_with(
+        let scratch = self.index_path.parent().unwrap_or(std::path::Path::new("/")).to_path_buf();
+        let compared = doppel_mirror::verify::compare_with(
             self.rec.root(),
             self.rec.selection().clone(),
-            listing.clone(),
+            &mut listing,
             self.rec.guard(),
             self.rec.stats().tree.clone(),
-        )?;
+            &scratch,
+        );
+        // Compared with part of the replica, the rest would read as missing: no report.
+        listing.finish()?;
+        let (mut report, differing) = compared?;
         tracing::info!(
             seconds = t.elapsed().as_secs_f64(),
             compared = report.entries_compared,
             differences = report.differences.len(),
             "verify: tree compared"
         );
-        if repair && !paths.is_empty() {
-            let wanted: std::collections::BTreeSet<&RelPath> = paths.iter().collect();
-            let subset: Vec<Entry> = listing
-                .into_iter()
-                .filter(|e| RelPath::try_from(&e.path).is_ok_and(|p| wanted.contains(&p)))
-                .collect();
-            self.rec.seed_paths(&paths, subset);
+        if repair && !differing.is_empty() {
+            // The index learns what the replica holds at each differing name, then those
+            // names are compared again through it.
+            for (p, on_replica) in &differing {
+                self.rec.index.remove(p)?;
+                if let Some(e) = on_replica {
+                    self.rec.index.insert(p, e)?;
+                }
+            }
             let spool = self.spool.clone();
             let mut sink = SpoolSink::comparing(&spool, &self.stop);
             sink.emit(Op::Point { kind: PointKind::PreResync })?;
-            for p in &paths {
+            for (p, _) in &differing {
                 self.rec.sync_entry(p, &mut sink)?;
             }
             self.rec.finish(&mut sink)?;
             sink.emit(Op::Point { kind: PointKind::Resynced })?;
-            report.repaired = paths.iter().map(|p| p.to_string()).collect();
+            report.repaired = differing.iter().map(|(p, _)| p.to_string()).collect();
         }
         Ok(report)
     }
@@ -654,17 +704,23 @@ fn covering<'a>(entries: &'a [Entry], path: &RelPath, first: u64) -> Option<&'a 
         .max_by_key(|e| e.first_block)
 }
 
-/// An index of stat fields only (no block hashes): what a stopped `fuse` job compares against
-/// at its next start to find the names changed while nothing captured them.
+/// Makes `index` one of stat fields only (no block hashes): what a stopped `fuse` job compares
+/// against at its next start to find the names changed while nothing captured them.
 pub(crate) fn stat_index(
+    index: &mut Index,
     root: &std::path::Path,
     selection: &doppel_fs::Selection,
-) -> Result<Index, AgentError> {
-    let mut index = Index::new();
-    doppel_fs::walk::walk(root, &RelPath::root(), selection, &mut |w| {
-        index.insert(w.path, IndexEntry::from_meta(&w.meta));
-        Ok(())
-    })
-    .map_err(io(root))?;
-    Ok(index)
+) -> Result<(), AgentError> {
+    index.clear()?;
+    let mut failed = None;
+    let walked = doppel_fs::walk::walk(root, &RelPath::root(), selection, &mut |w| {
+        index.insert(&w.path, &IndexEntry::from_meta(&w.meta)).map_err(|e| {
+            failed = Some(e);
+            std::io::Error::other("index store failed")
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    walked.map_err(io(root))
 }

@@ -107,6 +107,9 @@ pub struct JobConfig {
     pub fuse_writeback: bool,
     /// Spool limits.
     pub spool: SpoolLimits,
+    /// Memory the index's page cache may use (the index itself lives on disk, whatever the
+    /// tree's size).
+    pub index_cache: usize,
     /// How batches are compressed.
     pub compression: Compression,
     /// The job's bandwidth schedule.
@@ -140,6 +143,7 @@ impl JobConfig {
             sync_timeout: Duration::from_secs(10),
             fuse_writeback: false,
             spool: SpoolLimits::default(),
+            index_cache: doppel_mirror::index::DEFAULT_CACHE_BYTES,
             // Compressing for an in-process pipe only burns CPU.
             compression: if local { Compression::Off } else { Compression::Auto },
             bandwidth: Schedule::default(),

@@ -42,6 +42,9 @@ pub enum AgentError {
     #[error("target refused: {0}")]
     Refused(doppel_proto::Refusal),
     /// The capture stopped seeing changes behind the agent's back (the guest of a vm job is
+    /// A replica listing did not arrive whole.
+    #[error("the replica listing is incomplete: {0}")]
+    Listing(String),
     /// gone, or QEMU ended its mirror): the job stops, and its next start compares.
     #[error("capture lost: {0}; the job stops, and its next start compares the disks with the replica")]
     CaptureLost(String),

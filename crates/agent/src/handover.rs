@@ -56,11 +56,12 @@ pub fn adopt_replica(job: &JobConfig, lock: &JobLock, a: Adopted) -> Result<(), 
     let selection =
         Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
     let saved_at = doppel_link::framed::now_us();
-    let index = crate::capture_loop::stat_index(&root, &selection)?;
+    let (mut index, _) = crate::agent::open_index(&dir.join(crate::agent::INDEX_FILE), job.index_cache)?;
+    crate::capture_loop::stat_index(&mut index, &root, &selection)?;
     let (spool, _) = Spool::open(&dir.join("spool"), job.spool)?;
     spool.reset(a.applied_seq)?;
     spool.close();
-    index.save(&dir.join("index.bin"), saved_at, a.applied_seq)?;
+    index.save(saved_at, a.applied_seq)?;
     for stale in ["activity.log", "dirty.log"] {
         match fs::remove_file(dir.join(stale)) {
             Ok(()) => {}

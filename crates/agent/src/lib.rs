@@ -18,6 +18,8 @@
 //! - [`resume`]: the resume plan: what the job does after any break, decided from facts alone.
 //! - [`link_loop`]: the link: connect, handshake, decide between resuming and comparing,
 //!   stream batches in a window, take acks, reconnect after any break.
+//! - [`listing`]: replica listings passed from the link to the capture thread a chunk at a
+//!   time, never held whole.
 //! - [`connect`]: reaching a destination (a remote target over TLS, or an embedded one).
 //! - [`activity`]: the on-disk log of regions that may differ (fuse mode).
 //! - [`agent`]: [`Agent`], which wires these together and shuts them down cleanly.
@@ -40,6 +42,7 @@ pub mod failback;
 pub mod fuse_sink;
 pub mod handover;
 pub mod link_loop;
+pub mod listing;
 pub mod overflow;
 pub mod resume;
 pub mod sender;

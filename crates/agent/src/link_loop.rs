@@ -8,6 +8,7 @@
 //! jitter and resumes from the acknowledged sequence, so nothing acknowledged is sent again
 //! and nothing unacknowledged is lost.
 
+use crate::listing::{FeedError, ListingFeed};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -334,7 +335,7 @@ impl Link {
         self.status.set_state(Phase::Mirroring);
         tracing::info!("the replica is new or unknown to this agent: comparing the whole tree");
         self.list_id += 1;
-        let listing = request_list(out, lists, self.list_id, ListScope::All).await?;
+        let (feed, listing) = crate::listing::channel();
         let (tx, rx) = oneshot::channel();
         self.command(Command::MirrorAll {
             applied: w.applied_seq,
@@ -343,6 +344,7 @@ impl Link {
             listing,
             started: tx,
         })?;
+        feed_list(out, lists, self.list_id, ListScope::All, feed).await?;
         rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
         self.planner.mirroring_all();
         Ok(())
@@ -372,19 +374,21 @@ impl Link {
         } else {
             ListScope::Paths(suspects.names.iter().map(|p| p.to_wire()).collect())
         };
-        self.list_id += 1;
-        let names = request_list(out, lists, self.list_id, names_scope).await?;
+        // Ranges are few and small: listed whole; names may be the whole tree: streamed.
         let ranges_scope =
             ListScope::Ranges(suspects.ranges.iter().map(|(p, o, l)| (p.to_wire(), *o, *l)).collect());
         self.list_id += 1;
         let ranges = request_list(out, lists, self.list_id, ranges_scope).await?;
+        self.list_id += 1;
+        let (feed, names) = crate::listing::channel();
         self.command(Command::MirrorSuspects {
             suspects,
             names,
             ranges,
             replica_id: w.replica_id,
             epoch: w.epoch,
-        })
+        })?;
+        feed_list(out, lists, self.list_id, names_scope, feed).await
     }
 
     /// Waits for the spool to drain (so the listing reflects everything captured so far),
@@ -404,15 +408,16 @@ impl Link {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.list_id += 1;
-        let listing = request_list(out, lists, self.list_id, ListScope::All).await.map_err(|e| match e {
-            End::Retry(e) => RequestError::Link(e),
-            End::Fatal(r) => RequestError::Refused(r),
-            End::Stopped => RequestError::SessionStopped,
-        })?;
+        let (feed, listing) = crate::listing::channel();
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Verify { listing, repair, reply: tx })
             .map_err(|_| RequestError::CaptureStopped)?;
+        feed_list(out, lists, self.list_id, ListScope::All, feed).await.map_err(|e| match e {
+            End::Retry(e) => RequestError::Link(e),
+            End::Fatal(r) => RequestError::Refused(r),
+            End::Stopped => RequestError::SessionStopped,
+        })?;
         rx.await.map_err(|_| RequestError::CaptureStopped)?
     }
 
@@ -436,6 +441,26 @@ fn jitter() -> f64 {
     u16::from_le_bytes(b) as f64 / u16::MAX as f64
 }
 
+/// Asks for listing `id` of `scope` and passes it to the capture thread through `feed`, a
+/// chunk at a time, as it arrives.
+async fn feed_list(
+    out: &mpsc::Sender<Message>,
+    lists: &mut mpsc::Receiver<Message>,
+    id: u64,
+    scope: ListScope,
+    feed: ListingFeed,
+) -> Result<(), End> {
+    out.send(Message::ListRequest { id, scope }).await.map_err(|_| End::Retry(LinkError::Closed))?;
+    feed.forward(lists, id).await.map_err(|e| match e {
+        FeedError::Closed => End::Retry(LinkError::Closed),
+        FeedError::Target(e) => {
+            End::Retry(LinkError::Protocol(format!("the target could not list the replica: {e}")))
+        }
+    })
+}
+
+/// Asks for listing `id` of `scope` and gathers it whole (for listings bounded by what was
+/// asked, such as byte ranges).
 async fn request_list(
     out: &mpsc::Sender<Message>,
     lists: &mut mpsc::Receiver<Message>,

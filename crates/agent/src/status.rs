@@ -101,6 +101,12 @@ pub struct JobStatus {
     pub overflow: Arc<crate::overflow::Overflow>,
     /// Why the target paused applying, while it does (shown as the state).
     pub stalled: Mutex<Option<String>>,
+    /// Names in the index, as of its last checkpoint.
+    pub index_entries: AtomicU64,
+    /// The index store's size on disk, as of its last checkpoint.
+    pub index_disk_bytes: AtomicU64,
+    /// The bound of the index's cache in memory.
+    pub index_cache_bytes: AtomicU64,
 }
 
 /// A status snapshot, as `doppel status --json` prints it.
@@ -178,6 +184,15 @@ pub struct JobStatusSnapshot {
     /// target keeps it; a remote target's status shows its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<doppel_apply::history::HistoryStatus>,
+    /// Names in the job's index (as of its last checkpoint).
+    #[serde(default)]
+    pub index_entries: u64,
+    /// The index's size on disk.
+    #[serde(default)]
+    pub index_disk_bytes: u64,
+    /// The most memory the index's cache may use.
+    #[serde(default)]
+    pub index_cache_bytes: u64,
 }
 
 impl JobStatus {
@@ -265,6 +280,9 @@ impl JobStatus {
             mirror_done_files: tree.map(|t| t.files_done),
             mirror_done_bytes: tree.map(|t| t.bytes_done),
             history: None,
+            index_entries: self.index_entries.load(Ordering::Relaxed),
+            index_disk_bytes: self.index_disk_bytes.load(Ordering::Relaxed),
+            index_cache_bytes: self.index_cache_bytes.load(Ordering::Relaxed),
         }
     }
 }

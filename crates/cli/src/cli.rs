@@ -321,6 +321,10 @@ pub struct ProtectArgs {
     /// (`4GiB`, `500MB`).
     #[arg(long, value_name = "SIZE")]
     pub spool_limit: Option<String>,
+    /// Memory the job's index may use as a cache (`16MiB` by default): the index of every
+    /// file's block hashes lives on disk, so the agent's memory does not grow with the tree.
+    #[arg(long, value_name = "SIZE")]
+    pub index_cache: Option<String>,
     /// Heartbeat interval in seconds; a target silent for three intervals is presumed dead.
     #[arg(long, value_name = "SECS")]
     pub heartbeat: Option<u64>,

@@ -444,6 +444,8 @@ pub struct JobSection {
     pub spool_memory_mib: Option<u64>,
     /// Spool disk limit in MiB.
     pub spool_disk_mib: Option<u64>,
+    /// Memory the index's cache may use (`16MiB`, or bytes); the index itself is on disk.
+    pub index_cache: Option<SizeValue>,
     /// Heartbeat interval in seconds.
     pub heartbeat_secs: Option<u64>,
     /// History kept by the embedded target of a `to = DIR` job (`24h`, `off`).
@@ -625,6 +627,9 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
     }
     if let Some(d) = s.spool_disk_mib {
         job.spool.disk = d << 20;
+    }
+    if let Some(c) = &s.index_cache {
+        job.index_cache = c.bytes().with_context(|| format!("job {}: index_cache", s.name))? as usize;
     }
     if let Some(h) = s.heartbeat_secs {
         job.heartbeat = std::time::Duration::from_secs(h.max(1));

@@ -241,7 +241,7 @@ fn a_source_heartbeat_shorter_than_the_targets_keeps_an_idle_link_up(watch: Watc
     assert!(!agent.log().contains("presumed dead"), "{}", agent.log());
 }
 
-/// A damaged index (here: garbage in `index.bin`) is set aside with a warning; the job starts,
+/// A damaged index (here: garbage in its store, `index.redb`) is set aside with a warning; the job starts,
 /// compares the whole tree with the replica and sends only what differs.
 #[test]
 fn an_unreadable_index_never_stops_the_job_and_is_rebuilt_by_comparing() {
@@ -249,7 +249,7 @@ fn an_unreadable_index_never_stops_the_job_and_is_rebuilt_by_comparing() {
     let mut a = agent(&r, "agent1");
     wait_converged(&r.src, &r.replica, Duration::from_secs(180), &mut a);
     assert!(a.stop().success(), "{}", a.log());
-    let index = r.home.join("jobs/job/index.bin");
+    let index = r.home.join("jobs/job/index.redb");
     assert!(index.exists());
     std::fs::write(&index, b"\x07garbage, not an index").unwrap();
     Tree::at(&r.src).file("made-while-down", b"hello");
@@ -258,7 +258,7 @@ fn an_unreadable_index_never_stops_the_job_and_is_rebuilt_by_comparing() {
     let log = a.log();
     assert!(log.contains("the index is unreadable"), "{log}");
     assert!(log.contains("comparing the whole tree"), "{log}");
-    assert!(r.home.join("jobs/job/index.bin.unreadable").exists(), "the damaged index is kept aside");
+    assert!(r.home.join("jobs/job/index.redb.unreadable").exists(), "the damaged index is kept aside");
     let sent = bytes_sent(&r.home, "job");
     assert!(sent < 1 << 20, "rebuilding the index sent {sent} bytes: more than the differences");
 }

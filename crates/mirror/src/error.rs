@@ -31,6 +31,9 @@ pub enum MirrorError {
     /// The comparison was abandoned (the replica it compared with is gone).
     #[error("comparison interrupted")]
     Interrupted,
+    /// The index store failed while in use (an I/O error, or a damaged page).
+    #[error("the index store failed: {0}")]
+    Store(String),
     /// The index file is unreadable.
     #[error("index {path} is unreadable: {reason}")]
     Index {

@@ -5,18 +5,28 @@
 //! name was last read. Comparing those stat fields with a fresh `lstat` tells, without reading
 //! a byte, whether a name may have changed; comparing block hashes tells which blocks did.
 //!
-//! The index is saved to disk only together with a spool checkpoint (see the agent), so that a
-//! saved index never describes ops that could be lost: after a restart, every change it does
-//! not describe shows up as a stat difference.
+//! The index lives on disk, in a [redb] store, with a bounded page cache in memory: a file
+//! server with millions of names needs a few MiB of the agent's memory for it, not a KiB per
+//! name. Every change since the last [`Index::save`] sits in one open write transaction (redb
+//! spills its dirty pages to the file, not to memory); `save` commits it durably. The index is
+//! saved only together with a spool checkpoint (see the agent), so that a saved index never
+//! describes ops that could be lost: after a crash the store opens as of the last save, and
+//! every change it does not describe shows up as a stat difference.
+//!
+//! Keys are paths with `/` mapped to NUL (which no name holds), so the store's order is the
+//! order of a tree walk (a directory, then its contents, names bytewise): a whole-tree
+//! comparison merges the walk with the index in one pass, holding neither.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Ordering;
 use std::fs;
-use std::io::Write;
-use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use doppel_fs::Meta;
 use doppel_proto::{BlockHash, Entry, EntryKind, RelPath, Timestamp, Xattr};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MirrorError;
@@ -25,6 +35,12 @@ use crate::error::MirrorError;
 /// replica (from a listing): they never match a source inode, yet tell which replica names
 /// share an inode.
 pub const REPLICA_GROUP: u64 = 1 << 63;
+
+/// The memory the index's page cache may use unless the job says otherwise.
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
+
+/// The least cache the store is given (below this redb mostly rereads its own pages).
+const MIN_CACHE_BYTES: usize = 1 << 20;
 
 /// What the index knows about one name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,26 +116,22 @@ impl IndexEntry {
             && self.uid == meta.uid
             && self.gid == meta.gid
     }
+
+    /// Whether this entry names a source inode that other names may share.
+    fn linkable(&self) -> bool {
+        self.kind == EntryKind::File && self.ino != 0
+    }
 }
 
-#[derive(Serialize, Deserialize)]
-struct OnDisk {
-    version: u32,
-    saved_at_us: u64,
-    captured_seq: u64,
-    entries: Vec<(Vec<u8>, IndexEntry)>,
-}
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+/// `inode (8 bytes, big-endian) ++ key` of every linkable entry: the names of one inode.
+const INODES: TableDefinition<&[u8], ()> = TableDefinition::new("inodes");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-const VERSION: u32 = 1;
+/// The store's layout; another value is refused (and the index rebuilt by the agent).
+const VERSION: u64 = 2;
 
-/// The index of one job.
-#[derive(Debug, Default, Clone)]
-pub struct Index {
-    entries: BTreeMap<RelPath, IndexEntry>,
-    by_ino: HashMap<u64, BTreeSet<RelPath>>,
-}
-
-/// What [`Index::load`] returns besides the index.
+/// What [`Index::open`] returns besides the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Saved {
     /// When it was saved (µs since the epoch): entries modified within the file system's
@@ -129,204 +141,380 @@ pub struct Saved {
     pub captured_seq: u64,
 }
 
-fn subtree_end(prefix: &RelPath) -> Bound<RelPath> {
-    // Children of `p` are `p/...`; `p0` is the first key past them ('0' follows '/').
-    let mut end = prefix.as_bytes().to_vec();
-    end.push(b'0');
-    match RelPath::new(end) {
-        Ok(p) => Bound::Excluded(p),
-        Err(_) => Bound::Unbounded,
+/// The store key of `path`.
+fn key(path: &RelPath) -> Vec<u8> {
+    path.as_bytes().iter().map(|&b| if b == b'/' { 0 } else { b }).collect()
+}
+
+/// The path of store key `k`.
+fn path_of(k: &[u8]) -> Result<RelPath, MirrorError> {
+    let bytes: Vec<u8> = k.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
+    RelPath::new(bytes).map_err(|e| MirrorError::Store(format!("a key is not a path: {e}")))
+}
+
+/// Orders paths as a tree walk visits them (and as the index stores them): a directory, then
+/// everything beneath it, then its next sibling.
+pub fn walk_order(a: &RelPath, b: &RelPath) -> Ordering {
+    let m = |x: &u8| if *x == b'/' { 0 } else { *x };
+    a.as_bytes().iter().map(m).cmp(b.as_bytes().iter().map(m))
+}
+
+/// The first key past everything beneath (and including) `prefix`; `None` for the root.
+fn subtree_end(prefix: &RelPath) -> Option<Vec<u8>> {
+    (!prefix.is_root()).then(|| {
+        let mut k = key(prefix);
+        k.push(1);
+        k
+    })
+}
+
+fn ino_key(ino: u64, k: &[u8]) -> Vec<u8> {
+    let mut v = ino.to_be_bytes().to_vec();
+    v.extend_from_slice(k);
+    v
+}
+
+fn store<E: Into<redb::Error>>(e: E) -> MirrorError {
+    MirrorError::Store(e.into().to_string())
+}
+
+fn encode(e: &IndexEntry) -> Vec<u8> {
+    postcard::to_stdvec(e).expect("index entries serialize")
+}
+
+fn decode(v: &[u8]) -> Result<IndexEntry, MirrorError> {
+    postcard::from_bytes(v).map_err(|e| MirrorError::Store(format!("an entry is unreadable: {e}")))
+}
+
+/// The index of one job (or a throwaway one, for a verify).
+pub struct Index {
+    db: Database,
+    /// Everything changed since the last save; `None` only if beginning one failed.
+    txn: Option<WriteTransaction>,
+    path: PathBuf,
+    cache_bytes: usize,
+    /// A throwaway index: never durable, removed when dropped.
+    scratch: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 impl Index {
-    /// An empty index.
-    pub fn new() -> Index {
-        Index::default()
+    /// Opens (or creates) the index stored at `path`, with a page cache of `cache_bytes`.
+    /// Returns what its last save recorded, `None` if it was never saved. A store that is
+    /// damaged or of another layout is a [`MirrorError::Index`].
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<(Index, Option<Saved>), MirrorError> {
+        let bad = |reason: String| MirrorError::Index { path: path.to_path_buf(), reason };
+        let cache_bytes = cache_bytes.max(MIN_CACHE_BYTES);
+        // Every page's checksum is verified at open (a pass over the file, once per start): a
+        // store damaged on disk is refused here, not met halfway through a comparison.
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .set_check_integrity_on_open(true)
+            .create(path)
+            .map_err(|e| bad(store(e).to_string()))?;
+        let mut index = Index { db, txn: None, path: path.to_path_buf(), cache_bytes, scratch: None };
+        index.begin()?;
+        let saved = index.saved().map_err(|e| bad(e.to_string()))?;
+        Ok((index, saved))
     }
 
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.entries.len()
+    /// A throwaway index in a temporary directory beneath `dir` (removed when dropped): what
+    /// a verify compares against.
+    pub fn scratch_in(dir: &Path, cache_bytes: usize) -> Result<Index, MirrorError> {
+        let io = |source| MirrorError::Io { path: dir.to_path_buf(), source };
+        let tmp = tempfile::Builder::new().prefix(".index-").tempdir_in(dir).map_err(io)?;
+        let (mut index, _) = Index::open(&tmp.path().join("index.redb"), cache_bytes)?;
+        index.scratch = Some(tmp);
+        index.txn = None;
+        index.begin()?;
+        Ok(index)
     }
 
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// A throwaway index in the system's temporary directory (tests, tools).
+    pub fn temporary() -> Result<Index, MirrorError> {
+        Index::scratch_in(&std::env::temp_dir(), MIN_CACHE_BYTES)
     }
 
-    /// The entry for `path`.
-    pub fn get(&self, path: &RelPath) -> Option<&IndexEntry> {
-        self.entries.get(path)
-    }
-
-    /// Sets the entry for `path`.
-    pub fn insert(&mut self, path: RelPath, e: IndexEntry) {
-        if let Some(old) = self.entries.get(&path) {
-            let ino = old.ino;
-            self.unlink_ino(ino, &path);
+    fn begin(&mut self) -> Result<(), MirrorError> {
+        let mut t = self.db.begin_write().map_err(store)?;
+        if self.scratch.is_some() {
+            t.set_durability(Durability::None).map_err(|e| MirrorError::Store(e.to_string()))?;
+        } else {
+            // After a kill, the store reopens at once instead of walking every page.
+            t.set_quick_repair(true);
         }
-        if e.kind == EntryKind::File && e.ino != 0 {
-            self.by_ino.entry(e.ino).or_default().insert(path.clone());
-        }
-        self.entries.insert(path, e);
-    }
-
-    fn unlink_ino(&mut self, ino: u64, path: &RelPath) {
-        if let Some(set) = self.by_ino.get_mut(&ino) {
-            set.remove(path);
-            if set.is_empty() {
-                self.by_ino.remove(&ino);
-            }
-        }
-    }
-
-    /// Removes the entry for `path` alone.
-    pub fn remove(&mut self, path: &RelPath) -> Option<IndexEntry> {
-        let e = self.entries.remove(path)?;
-        self.unlink_ino(e.ino, path);
-        Some(e)
-    }
-
-    /// The paths of `prefix` and everything beneath it, in order.
-    pub fn subtree(&self, prefix: &RelPath) -> Vec<RelPath> {
-        if prefix.is_root() {
-            return self.entries.keys().cloned().collect();
-        }
-        let mut out = Vec::new();
-        if self.entries.contains_key(prefix) {
-            out.push(prefix.clone());
-        }
-        // `p/\x01` sorts before every child of `p` (names cannot contain NUL).
-        if let Ok(start) = prefix.join(b"\x01") {
-            let range = (Bound::Included(start), subtree_end(prefix));
-            out.extend(self.entries.range(range).map(|(k, _)| k.clone()).filter(|k| k.starts_with(prefix)));
-        }
-        out
-    }
-
-    /// Moves `from` and everything beneath it to `to`, replacing whatever `to` held.
-    pub fn rename_subtree(&mut self, from: &RelPath, to: &RelPath) {
-        for p in self.subtree(to) {
-            self.remove(&p);
-        }
-        for p in self.subtree(from) {
-            if let Some(e) = self.remove(&p) {
-                let np = p.rebase(from, to).expect("path is beneath the renamed prefix");
-                self.insert(np, e);
-            }
-        }
-    }
-
-    /// Another name of source inode `ino` in the index, if any.
-    pub fn other_name(&self, ino: u64, except: &RelPath) -> Option<RelPath> {
-        self.by_ino.get(&ino)?.iter().find(|p| *p != except).cloned()
-    }
-
-    /// All names sharing the replica inode recorded as `ino`.
-    pub fn names_of(&self, ino: u64) -> Vec<RelPath> {
-        self.by_ino.get(&ino).map(|s| s.iter().cloned().collect()).unwrap_or_default()
-    }
-
-    /// Mutable access to an entry.
-    pub fn get_mut(&mut self, path: &RelPath) -> Option<&mut IndexEntry> {
-        self.entries.get_mut(path)
-    }
-
-    /// Iterates over all entries in path order.
-    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &IndexEntry)> {
-        self.entries.iter()
-    }
-
-    /// Removes everything.
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.by_ino.clear();
-    }
-
-    /// Saves atomically (temporary file, fsync, rename).
-    pub fn save(&self, path: &Path, saved_at_us: u64, captured_seq: u64) -> Result<(), MirrorError> {
-        let disk = OnDisk {
-            version: VERSION,
-            saved_at_us,
-            captured_seq,
-            entries: self.entries.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect(),
-        };
-        let bytes = postcard::to_stdvec(&disk).expect("index serializes");
-        let tmp = path.with_extension("tmp");
-        let io = |e| MirrorError::Io { path: path.to_path_buf(), source: e };
-        let mut f = fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::rename(&tmp, path).map_err(io)?;
+        self.txn = Some(t);
         Ok(())
     }
 
-    /// Loads a saved index; `None` if there is none.
-    pub fn load(path: &Path) -> Result<Option<(Index, Saved)>, MirrorError> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(MirrorError::Io { path: path.to_path_buf(), source: e }),
+    fn w(&self) -> Result<&WriteTransaction, MirrorError> {
+        self.txn.as_ref().ok_or_else(|| MirrorError::Store("the index store failed earlier".into()))
+    }
+
+    fn saved(&self) -> Result<Option<Saved>, MirrorError> {
+        let meta = self.w()?.open_table(META).map_err(store)?;
+        let get = |k: &str| meta.get(k).map(|v| v.map(|v| v.value())).map_err(store);
+        let Some(version) = get("version")? else { return Ok(None) };
+        if version != VERSION {
+            return Err(MirrorError::Store(format!("layout {version} (this build reads {VERSION})")));
+        }
+        Ok(Some(Saved {
+            saved_at_us: get("saved_at_us")?.unwrap_or(0),
+            captured_seq: get("captured_seq")?.unwrap_or(0),
+        }))
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> Result<u64, MirrorError> {
+        self.w()?.open_table(ENTRIES).map_err(store)?.len().map_err(store)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> Result<bool, MirrorError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The entry for `path`.
+    pub fn get(&self, path: &RelPath) -> Result<Option<IndexEntry>, MirrorError> {
+        let t = self.w()?.open_table(ENTRIES).map_err(store)?;
+        let v = t.get(key(path).as_slice()).map_err(store)?;
+        v.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Sets the entry for `path`.
+    pub fn insert(&mut self, path: &RelPath, e: &IndexEntry) -> Result<(), MirrorError> {
+        let k = key(path);
+        let w = self.w()?;
+        let mut entries = w.open_table(ENTRIES).map_err(store)?;
+        let mut inodes = w.open_table(INODES).map_err(store)?;
+        let old = entries.insert(k.as_slice(), encode(e).as_slice()).map_err(store)?;
+        if let Some(old) = old.map(|v| decode(v.value())).transpose()?
+            && old.linkable()
+        {
+            inodes.remove(ino_key(old.ino, &k).as_slice()).map_err(store)?;
+        }
+        if e.linkable() {
+            inodes.insert(ino_key(e.ino, &k).as_slice(), ()).map_err(store)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry for `path` alone.
+    pub fn remove(&mut self, path: &RelPath) -> Result<Option<IndexEntry>, MirrorError> {
+        let k = key(path);
+        let w = self.w()?;
+        let mut entries = w.open_table(ENTRIES).map_err(store)?;
+        let Some(old) =
+            entries.remove(k.as_slice()).map_err(store)?.map(|v| decode(v.value())).transpose()?
+        else {
+            return Ok(None);
         };
-        let bad = |reason: String| MirrorError::Index { path: path.to_path_buf(), reason };
-        let disk: OnDisk = postcard::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
-        if disk.version != VERSION {
-            return Err(bad(format!("version {} (this build reads {VERSION})", disk.version)));
+        if old.linkable() {
+            w.open_table(INODES).map_err(store)?.remove(ino_key(old.ino, &k).as_slice()).map_err(store)?;
         }
-        let mut index = Index::new();
-        for (k, v) in disk.entries {
-            let p = RelPath::new(k).map_err(|e| bad(e.to_string()))?;
-            index.insert(p, v);
+        Ok(Some(old))
+    }
+
+    /// Changes the entry for `path` in place; returns whether there was one.
+    pub fn update(&mut self, path: &RelPath, f: impl FnOnce(&mut IndexEntry)) -> Result<bool, MirrorError> {
+        let Some(mut e) = self.get(path)? else { return Ok(false) };
+        f(&mut e);
+        self.insert(path, &e)?;
+        Ok(true)
+    }
+
+    /// Up to `limit` paths of `prefix` and everything beneath it, in walk order, starting
+    /// after `after` (from the subtree's start when `None`).
+    pub fn first_paths(
+        &self,
+        prefix: &RelPath,
+        after: Option<&RelPath>,
+        limit: usize,
+    ) -> Result<Vec<RelPath>, MirrorError> {
+        let t = self.w()?.open_table(ENTRIES).map_err(store)?;
+        let start = key(prefix);
+        let from = after.map(key).filter(|a| a.as_slice() >= start.as_slice());
+        let end = subtree_end(prefix);
+        let lower = match &from {
+            Some(a) => std::ops::Bound::Excluded(a.as_slice()),
+            None => std::ops::Bound::Included(start.as_slice()),
+        };
+        let upper = match &end {
+            Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in t.range((lower, upper)).map_err(store)?.take(limit) {
+            out.push(path_of(item.map_err(store)?.0.value())?);
         }
-        Ok(Some((index, Saved { saved_at_us: disk.saved_at_us, captured_seq: disk.captured_seq })))
+        Ok(out)
+    }
+
+    /// Up to `limit` of the last paths of `prefix` and everything beneath it, deepest first
+    /// (reverse walk order).
+    pub fn last_paths(&self, prefix: &RelPath, limit: usize) -> Result<Vec<RelPath>, MirrorError> {
+        let t = self.w()?.open_table(ENTRIES).map_err(store)?;
+        let start = key(prefix);
+        let end = subtree_end(prefix);
+        let upper = match &end {
+            Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let range = (std::ops::Bound::Included(start.as_slice()), upper);
+        let mut out = Vec::new();
+        for item in t.range(range).map_err(store)?.rev().take(limit) {
+            out.push(path_of(item.map_err(store)?.0.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Whether `prefix` has anything beneath it in the index.
+    pub fn has_children(&self, prefix: &RelPath) -> Result<bool, MirrorError> {
+        Ok(self.first_paths(prefix, Some(prefix), 1)?.first().is_some_and(|p| p != prefix))
+    }
+
+    /// Moves `from` and everything beneath it to `to`, replacing whatever `to` held.
+    pub fn rename_subtree(&mut self, from: &RelPath, to: &RelPath) -> Result<(), MirrorError> {
+        loop {
+            let doomed = self.last_paths(to, 1024)?;
+            if doomed.is_empty() {
+                break;
+            }
+            for p in doomed {
+                self.remove(&p)?;
+            }
+        }
+        loop {
+            let moving = self.first_paths(from, None, 1024)?;
+            if moving.is_empty() {
+                return Ok(());
+            }
+            for p in moving {
+                if let Some(e) = self.remove(&p)? {
+                    let np = p.rebase(from, to).expect("path is beneath the renamed prefix");
+                    self.insert(&np, &e)?;
+                }
+            }
+        }
+    }
+
+    /// All names sharing the inode recorded as `ino` (a source inode, or a replica group).
+    pub fn names_of(&self, ino: u64) -> Result<Vec<RelPath>, MirrorError> {
+        let t = self.w()?.open_table(INODES).map_err(store)?;
+        let lo = ino.to_be_bytes();
+        let mut out = Vec::new();
+        let range = t.range(lo.as_slice()..).map_err(store)?;
+        for item in range {
+            let item = item.map_err(store)?;
+            let k = item.0.value();
+            if k[..8] != lo {
+                break;
+            }
+            out.push(path_of(&k[8..])?);
+        }
+        Ok(out)
+    }
+
+    /// Another name of source inode `ino` in the index, if any.
+    pub fn other_name(&self, ino: u64, except: &RelPath) -> Result<Option<RelPath>, MirrorError> {
+        Ok(self.names_of(ino)?.into_iter().find(|p| p != except))
+    }
+
+    /// Removes everything.
+    pub fn clear(&mut self) -> Result<(), MirrorError> {
+        let w = self.w()?;
+        w.delete_table(ENTRIES).map_err(store)?;
+        w.delete_table(INODES).map_err(store)?;
+        Ok(())
+    }
+
+    /// Seeds the index with a listing entry: a big file's later pieces extend the blocks of
+    /// the entry its first piece made.
+    pub fn seed(&mut self, e: &Entry) -> Result<(), MirrorError> {
+        let Ok(p) = RelPath::try_from(&e.path) else { return Ok(()) };
+        if e.first_block > 0
+            && let Some(mut prev) = self.get(&p)?
+            && prev.blocks.len() as u64 == e.first_block
+        {
+            prev.blocks.extend_from_slice(&e.blocks);
+            return self.insert(&p, &prev);
+        }
+        self.insert(&p, &IndexEntry::from_listing(e))
+    }
+
+    /// Commits every change durably, recording when and up to which op.
+    pub fn save(&mut self, saved_at_us: u64, captured_seq: u64) -> Result<(), MirrorError> {
+        {
+            let mut meta = self.w()?.open_table(META).map_err(store)?;
+            for (k, v) in [("version", VERSION), ("saved_at_us", saved_at_us), ("captured_seq", captured_seq)]
+            {
+                meta.insert(k, v).map_err(store)?;
+            }
+        }
+        self.commit()
+    }
+
+    fn commit(&mut self) -> Result<(), MirrorError> {
+        let t = self.txn.take().ok_or_else(|| MirrorError::Store("the index store failed earlier".into()))?;
+        t.commit().map_err(store)?;
+        self.begin()
+    }
+
+    /// Forgets every change since the last save.
+    pub fn rollback(&mut self) -> Result<(), MirrorError> {
+        if let Some(t) = self.txn.take() {
+            t.abort().map_err(store)?;
+        }
+        self.begin()
+    }
+
+    /// A frozen view of the index as it is now, unaffected by later changes (for a verify,
+    /// which needs the replica's entries after comparing has overwritten them). Commits, so
+    /// only for throwaway indexes.
+    pub fn snapshot(&mut self) -> Result<Snapshot, MirrorError> {
+        debug_assert!(self.scratch.is_some(), "snapshots commit: throwaway indexes only");
+        self.commit()?;
+        Ok(Snapshot(self.db.begin_read().map_err(store)?))
+    }
+
+    /// The store's size on disk, and the most memory its cache may use.
+    pub fn footprint(&self) -> IndexFootprint {
+        IndexFootprint {
+            disk_bytes: fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+            cache_bytes: self.cache_bytes as u64,
+        }
+    }
+}
+
+/// Where an index's bytes are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexFootprint {
+    /// Size of the store's file.
+    pub disk_bytes: u64,
+    /// The bound of its page cache in memory.
+    pub cache_bytes: u64,
+}
+
+/// A frozen view of an index (see [`Index::snapshot`]).
+pub struct Snapshot(ReadTransaction);
+
+impl Snapshot {
+    /// The entry for `path` as it was.
+    pub fn get(&self, path: &RelPath) -> Result<Option<IndexEntry>, MirrorError> {
+        let t = match self.0.open_table(ENTRIES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(store(e)),
+        };
+        let v = t.get(key(path).as_slice()).map_err(store)?;
+        v.map(|v| decode(v.value())).transpose()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
-
-    fn file(ino: u64) -> IndexEntry {
-        IndexEntry {
-            kind: EntryKind::File,
-            size: 0,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
-            ctime: Timestamp::default(),
-            ino,
-            link_target: vec![],
-            blocks: vec![],
-            xattrs: vec![],
-        }
-    }
-
-    #[test]
-    fn subtrees_renames_and_inodes() {
-        let mut i = Index::new();
-        for (k, ino) in [("a", 1), ("a/b", 2), ("a/b/c", 3), ("a-x", 4), ("ab", 5), ("z", 3)] {
-            i.insert(p(k), file(ino));
-        }
-        let names = |v: Vec<RelPath>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
-        assert_eq!(names(i.subtree(&p("a"))), ["a", "a/b", "a/b/c"]);
-        assert_eq!(i.other_name(3, &p("z")), Some(p("a/b/c")));
-        i.rename_subtree(&p("a"), &p("q/r"));
-        assert_eq!(names(i.subtree(&RelPath::root())), ["a-x", "ab", "q/r", "q/r/b", "q/r/b/c", "z"]);
-        assert_eq!(i.other_name(3, &p("z")), Some(p("q/r/b/c")));
-        i.remove(&p("z"));
-        assert_eq!(i.names_of(3), vec![p("q/r/b/c")]);
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("index");
-        i.save(&f, 42, 7).unwrap();
-        let (j, saved) = Index::load(&f).unwrap().unwrap();
-        assert_eq!(saved, Saved { saved_at_us: 42, captured_seq: 7 });
-        assert_eq!(names(j.subtree(&RelPath::root())), names(i.subtree(&RelPath::root())));
-        assert!(Index::load(&d.path().join("none")).unwrap().is_none());
-    }
-}
+mod tests;

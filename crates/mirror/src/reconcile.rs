@@ -4,7 +4,7 @@
 //! far is applied. Every method keeps it, so any sequence of calls converges: events only
 //! decide *which* names get looked at and whether a rename can be sent as a rename.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use doppel_fs::{Meta, Selection};
 use doppel_proto::{Attrs, Entry, EntryKind, Op, RelPath, RenameFlags};
 
 use crate::error::MirrorError;
-use crate::index::{Index, IndexEntry};
+use crate::index::{Index, IndexEntry, walk_order};
 
 mod file;
 
@@ -263,7 +263,7 @@ impl Reconciler {
     pub fn sync_entry(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         self.recheck_parent(path);
         let is_new_dir = self.sync_path(path, sink)?;
-        if is_new_dir && self.index.get(path).is_some() {
+        if is_new_dir && self.index.get(path)?.is_some() {
             self.sync_tree(path, sink)?;
         }
         Ok(())
@@ -283,13 +283,16 @@ impl Reconciler {
         let _held = guard.as_ref().map(|g| g.entry());
         let meta = self.lstat(path)?;
         let is_new_dir = meta.is_some_and(|m| m.kind == EntryKind::Dir)
-            && !self.index.get(path).is_some_and(|e| e.kind == EntryKind::Dir);
+            && !self.index.get(path)?.is_some_and(|e| e.kind == EntryKind::Dir);
         self.sync_with(path, meta, sink)?;
         Ok(is_new_dir)
     }
 
     /// Brings the whole subtree at `path` in line: every selected name on the source is
     /// synced, every indexed name no longer on the source (or no longer selected) is removed.
+    ///
+    /// One pass merges the source's walk with the index (both in walk order), so neither
+    /// side is held in memory: a name the index has and the walk passed by is gone.
     pub fn sync_tree(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
         self.recheck_parent(path);
         // The whole tree's comparison reports its progress; the root is compared only so.
@@ -298,44 +301,86 @@ impl Reconciler {
             self.stats.tree.start();
             TreeRun(self.stats.tree.clone())
         });
-        let mut seen: Vec<(RelPath, Option<u64>)> = Vec::new();
-        let (mut files, mut bytes) = (0u64, 0u64);
-        let walked = doppel_fs::walk::walk(&self.root, path, &self.selection, &mut |e| {
-            let size = (e.meta.kind == EntryKind::File).then_some(e.meta.size);
-            files += size.is_some() as u64;
-            bytes += size.unwrap_or(0);
-            seen.push((e.path, size));
-            Ok(())
-        });
-        walked.map_err(io_err(&self.root.join(path.as_path())))?;
-        if whole {
-            self.stats.tree.counted(files, bytes);
-        }
-        // Remove first: frees space on the target and clears names that change type.
-        let keep: BTreeSet<&RelPath> = seen.iter().map(|(p, _)| p).collect();
-        let gone: Vec<RelPath> = self.index.subtree(path).into_iter().filter(|p| !keep.contains(p)).collect();
-        // Looked at again (not just removed): under a live mount the name may be back.
-        for p in gone.iter().rev() {
-            if self.index.get(p).is_some() {
-                self.sync_path(p, sink)?;
-            }
-        }
-        for (p, size) in &seen {
-            ReconcileStats::add(&self.stats.entries_seen, 1);
+        let (root, selection) = (self.root.clone(), self.selection.clone());
+        let done = AtomicBool::new(false);
+        let tree = self.stats.tree.clone();
+        std::thread::scope(|s| {
             if whole {
-                self.tree_bytes = Some(0);
+                // Counting runs beside the comparison, so a progress display learns the total
+                // without the comparison waiting for a walk of its own.
+                s.spawn(|| count_tree(&root, &selection, &tree, &done));
             }
-            let r = self.sync_path(p, sink);
-            if let Some(read) = self.tree_bytes.take().filter(|_| whole) {
-                // What was not read (unchanged, linked, shrunk) counts as compared now.
-                if let Some(size) = size {
-                    self.stats.tree.add_bytes(size.saturating_sub(read));
-                    self.stats.tree.file_done();
-                }
+            let r = self.merge_tree(&root, path, &selection, whole, sink);
+            done.store(true, Ordering::Relaxed);
+            r
+        })
+    }
+
+    /// The merge of [`Reconciler::sync_tree`].
+    fn merge_tree(
+        &mut self,
+        root: &Path,
+        path: &RelPath,
+        selection: &Selection,
+        whole: bool,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let mut indexed = Merge::new(path);
+        let mut failed = None;
+        let walked = doppel_fs::walk::walk(root, path, selection, &mut |e| {
+            let r = self.gone_before(&mut indexed, Some(&e.path), sink).and_then(|()| {
+                let size = (e.meta.kind == EntryKind::File).then_some(e.meta.size);
+                self.sync_walked(&e.path, size, whole, sink)
+            });
+            r.map_err(|err| {
+                failed = Some(err);
+                io::Error::other("comparison stopped")
+            })
+        });
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        walked.map_err(io_err(&root.join(path.as_path())))?;
+        self.gone_before(&mut indexed, None, sink)
+    }
+
+    /// Looks again at the indexed names the walk has passed by (before `until`, or all that
+    /// are left): gone from the source, unless a live mount brought them back meanwhile.
+    fn gone_before(
+        &mut self,
+        indexed: &mut Merge,
+        until: Option<&RelPath>,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        while let Some(p) = indexed.next_before(&self.index, until)? {
+            if self.index.get(&p)?.is_some() {
+                self.sync_path(&p, sink)?;
             }
-            r?;
         }
         Ok(())
+    }
+
+    /// Syncs one name the walk found, counting it in the tree's progress.
+    fn sync_walked(
+        &mut self,
+        p: &RelPath,
+        size: Option<u64>,
+        whole: bool,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        ReconcileStats::add(&self.stats.entries_seen, 1);
+        if whole {
+            self.tree_bytes = Some(0);
+        }
+        let r = self.sync_path(p, sink);
+        if let Some(read) = self.tree_bytes.take().filter(|_| whole) {
+            // What was not read (unchanged, linked, shrunk) counts as compared now.
+            if let Some(size) = size {
+                self.stats.tree.add_bytes(size.saturating_sub(read));
+                self.stats.tree.file_done();
+            }
+        }
+        r.map(|_| ())
     }
 
     /// Syncs `path` given its current metadata (`None`: absent). Never scans directories.
@@ -346,7 +391,7 @@ impl Reconciler {
         sink: &mut dyn OpSink,
     ) -> Result<(), MirrorError> {
         let meta = meta.filter(|m| self.selection.selects(path, m.kind == EntryKind::Dir));
-        let mut old = self.index.get(path).cloned();
+        let mut old = self.index.get(path)?;
         let Some(meta) = meta else {
             if old.is_some() {
                 self.remove(path, sink)?;
@@ -379,7 +424,7 @@ impl Reconciler {
     /// ancestors (which are then scanned later). Returns false if the source parent is gone.
     fn ensure_parent(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<bool, MirrorError> {
         let Some((parent, _)) = path.split_last() else { return Ok(true) };
-        if parent.is_root() || self.index.get(&parent).is_some_and(|e| e.kind == EntryKind::Dir) {
+        if parent.is_root() || self.index.get(&parent)?.is_some_and(|e| e.kind == EntryKind::Dir) {
             return Ok(true);
         }
         let Some(meta) = self.lstat(&parent)?.filter(|m| m.kind == EntryKind::Dir) else {
@@ -388,14 +433,14 @@ impl Reconciler {
         if !self.ensure_parent(&parent, sink)? {
             return Ok(false);
         }
-        if self.index.get(&parent).is_some() {
+        if self.index.get(&parent)?.is_some() {
             self.remove(&parent, sink)?;
         }
         self.emit(sink, Op::Mkdir { path: parent.to_wire(), mode: meta.mode })?;
         let mut e = IndexEntry::from_meta(&meta);
         // Attributes are settled when the directory itself is synced by the scan below.
         e.mtime = Default::default();
-        self.index.insert(parent.clone(), e);
+        self.index.insert(&parent, &e)?;
         self.needs_scan.insert(parent);
         Ok(true)
     }
@@ -416,7 +461,7 @@ impl Reconciler {
         if old.as_ref().is_none_or(|o| o.mtime != meta.mtime) {
             self.touched_dirs.insert(path.clone());
         }
-        self.index.insert(path.clone(), e);
+        self.index.insert(path, &e)?;
         Ok(())
     }
 
@@ -441,7 +486,7 @@ impl Reconciler {
         e.link_target = target;
         let old = if changed { None } else { old };
         self.sync_attrs(path, old.as_ref(), meta, &mut e, changed, sink)?;
-        self.index.insert(path.clone(), e);
+        self.index.insert(path, &e)?;
         Ok(())
     }
 
@@ -480,7 +525,7 @@ impl Reconciler {
         }
         let mut e = IndexEntry::from_meta(meta);
         self.sync_attrs(path, old.as_ref(), meta, &mut e, false, sink)?;
-        self.index.insert(path.clone(), e);
+        self.index.insert(path, &e)?;
         Ok(())
     }
 
@@ -531,17 +576,23 @@ impl Reconciler {
 
     /// Removes `path` and everything beneath it from the replica (deepest first).
     pub fn remove(&mut self, path: &RelPath, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
-        for p in self.index.subtree(path).into_iter().rev() {
-            let Some(e) = self.index.remove(&p) else { continue };
-            let op = if e.kind == EntryKind::Dir {
-                Op::Rmdir { path: p.to_wire() }
-            } else {
-                Op::Unlink { path: p.to_wire() }
-            };
-            if p.is_root() {
-                continue;
+        loop {
+            let batch = self.index.last_paths(path, 1024)?;
+            if batch.is_empty() {
+                break;
             }
-            self.emit(sink, op)?;
+            for p in batch {
+                let Some(e) = self.index.remove(&p)? else { continue };
+                let op = if e.kind == EntryKind::Dir {
+                    Op::Rmdir { path: p.to_wire() }
+                } else {
+                    Op::Unlink { path: p.to_wire() }
+                };
+                if p.is_root() {
+                    continue;
+                }
+                self.emit(sink, op)?;
+            }
         }
         self.touched_dirs.remove(path);
         Ok(())
@@ -556,18 +607,16 @@ impl Reconciler {
         to: &RelPath,
         sink: &mut dyn OpSink,
     ) -> Result<bool, MirrorError> {
-        let Some(old) = self.index.get(from).cloned() else { return Ok(false) };
+        let Some(old) = self.index.get(from)? else { return Ok(false) };
         if from == to || to.starts_with(from) || from.is_root() || to.is_root() {
             return Ok(false);
         }
         if !self.selection.selects(to, old.kind == EntryKind::Dir) {
             return Ok(false);
         }
-        if let Some(dest) = self.index.get(to) {
+        if let Some(dest) = self.index.get(to)? {
             let dest_is_dir = dest.kind == EntryKind::Dir;
-            if dest_is_dir != (old.kind == EntryKind::Dir)
-                || (dest_is_dir && self.index.subtree(to).len() > 1)
-            {
+            if dest_is_dir != (old.kind == EntryKind::Dir) || (dest_is_dir && self.index.has_children(to)?) {
                 return Ok(false);
             }
         }
@@ -578,15 +627,17 @@ impl Reconciler {
             sink,
             Op::Rename { from: from.to_wire(), to: to.to_wire(), flags: RenameFlags::default() },
         )?;
-        self.index.rename_subtree(from, to);
+        self.index.rename_subtree(from, to)?;
         // A rename moves the ctime of what moved; nothing else about it changed.
-        if let Some(meta) = self.lstat(to)?
-            && let Some(e) = self.index.get_mut(to)
-            && e.ino == meta.ino
-            && e.mtime == meta.mtime
-            && (e.kind != EntryKind::File || e.size == meta.size)
-        {
-            e.ctime = meta.ctime;
+        if let Some(meta) = self.lstat(to)? {
+            self.index.update(to, |e| {
+                if e.ino == meta.ino
+                    && e.mtime == meta.mtime
+                    && (e.kind != EntryKind::File || e.size == meta.size)
+                {
+                    e.ctime = meta.ctime;
+                }
+            })?;
         }
         Ok(true)
     }
@@ -604,7 +655,7 @@ impl Reconciler {
         let guard = self.guard.clone();
         for dir in dirs {
             let _held = guard.as_ref().map(|g| g.entry());
-            let Some(e) = self.index.get(&dir) else { continue };
+            let Some(e) = self.index.get(&dir)? else { continue };
             if e.kind != EntryKind::Dir {
                 continue;
             }
@@ -621,36 +672,32 @@ impl Reconciler {
             };
             ReconcileStats::add(&self.stats.ops, 1);
             sink.emit(op)?;
-            if let Some(e) = self.index.get_mut(&dir) {
+            self.index.update(&dir, |e| {
                 e.mtime = meta.mtime;
                 e.ctime = meta.ctime;
-            }
+            })?;
         }
         Ok(())
     }
 
     /// Replaces the whole index by what a replica listing describes (before a difference
     /// mirror of the whole tree).
-    pub fn seed_all(&mut self, listing: impl IntoIterator<Item = Entry>) {
-        self.index.clear();
-        self.seed(listing);
+    pub fn seed_all(&mut self, listing: impl IntoIterator<Item = Entry>) -> Result<(), MirrorError> {
+        self.index.clear()?;
+        listing.into_iter().try_for_each(|e| self.index.seed(&e))
     }
 
     /// Replaces the index entries of `paths` by what a listing of them describes (absent
     /// from the listing: absent from the replica).
-    pub fn seed_paths(&mut self, paths: &[RelPath], listing: impl IntoIterator<Item = Entry>) {
+    pub fn seed_paths(
+        &mut self,
+        paths: &[RelPath],
+        listing: impl IntoIterator<Item = Entry>,
+    ) -> Result<(), MirrorError> {
         for p in paths {
-            self.index.remove(p);
+            self.index.remove(p)?;
         }
-        self.seed(listing);
-    }
-
-    fn seed(&mut self, listing: impl IntoIterator<Item = Entry>) {
-        for e in listing {
-            if let Ok(p) = RelPath::try_from(&e.path) {
-                self.index.insert(p, IndexEntry::from_listing(&e));
-            }
-        }
+        listing.into_iter().try_for_each(|e| self.index.seed(&e))
     }
 
     /// Names that may differ from the index: new, changed or removed since it was recorded,
@@ -662,28 +709,107 @@ impl Reconciler {
         let margin_us = 100_000;
         let racy_after = saved_at_us.saturating_sub(margin_us) as i128 * 1000;
         let ns = |t: doppel_proto::Timestamp| t.secs as i128 * 1_000_000_000 + t.nanos as i128;
-        let mut out = BTreeSet::new();
-        let mut seen = BTreeSet::new();
-        doppel_fs::walk::walk(&self.root, &RelPath::root(), &self.selection, &mut |w| {
-            let suspect = match self.index.get(&w.path) {
-                None => true,
-                Some(e) => {
-                    !e.unchanged(&w.meta) || ns(w.meta.mtime) >= racy_after || ns(w.meta.ctime) >= racy_after
+        let mut out = Vec::new();
+        let mut indexed = Merge::new(&RelPath::root());
+        let mut failed = None;
+        let walked = doppel_fs::walk::walk(&self.root, &RelPath::root(), &self.selection, &mut |w| {
+            let r = (|| {
+                // Indexed names the walk passed by are gone from the source.
+                while let Some(p) = indexed.next_before(&self.index, Some(&w.path))? {
+                    out.push(p);
                 }
-            };
-            if suspect {
-                out.insert(w.path.clone());
+                let suspect = match self.index.get(&w.path)? {
+                    None => true,
+                    Some(e) => {
+                        !e.unchanged(&w.meta)
+                            || ns(w.meta.mtime) >= racy_after
+                            || ns(w.meta.ctime) >= racy_after
+                    }
+                };
+                if suspect {
+                    out.push(w.path);
+                }
+                Ok(())
+            })();
+            r.map_err(|err: MirrorError| {
+                failed = Some(err);
+                io::Error::other("comparison stopped")
+            })
+        });
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        walked.map_err(io_err(&self.root))?;
+        while let Some(p) = indexed.next_before(&self.index, None)? {
+            out.push(p);
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// The index's side of a merge with a tree walk: the indexed names of one subtree in walk
+/// order, read from the store a chunk at a time.
+struct Merge {
+    tree: RelPath,
+    chunk: VecDeque<RelPath>,
+    /// The last name read from the store (`None`: none yet).
+    read_to: Option<RelPath>,
+    exhausted: bool,
+}
+
+impl Merge {
+    const CHUNK: usize = 256;
+
+    fn new(tree: &RelPath) -> Merge {
+        Merge { tree: tree.clone(), chunk: VecDeque::new(), read_to: None, exhausted: false }
+    }
+
+    /// The next indexed name that sorts before `until` (all of them when `None`); the name
+    /// `until` itself is passed over. Names are read ahead: the caller checks that a name is
+    /// still indexed (changes made meanwhile only remove names ahead of the walk, or add names
+    /// at or before it).
+    fn next_before(
+        &mut self,
+        index: &Index,
+        until: Option<&RelPath>,
+    ) -> Result<Option<RelPath>, MirrorError> {
+        loop {
+            if self.chunk.is_empty() && !self.exhausted {
+                let more = index.first_paths(&self.tree, self.read_to.as_ref(), Self::CHUNK)?;
+                self.exhausted = more.len() < Self::CHUNK;
+                self.read_to = more.last().cloned().or(self.read_to.take());
+                self.chunk.extend(more);
             }
-            seen.insert(w.path);
-            Ok(())
-        })
-        .map_err(io_err(&self.root))?;
-        for (p, _) in self.index.iter() {
-            if !seen.contains(p) {
-                out.insert(p.clone());
+            let Some(front) = self.chunk.front() else { return Ok(None) };
+            match until.map(|u| walk_order(front, u)) {
+                None | Some(std::cmp::Ordering::Less) => return Ok(self.chunk.pop_front()),
+                Some(std::cmp::Ordering::Equal) => {
+                    self.chunk.pop_front();
+                }
+                Some(std::cmp::Ordering::Greater) => return Ok(None),
             }
         }
-        Ok(out.into_iter().collect())
+    }
+}
+
+/// Counts the regular files and bytes of the tree into `tree`'s progress (stops early once
+/// `done`).
+fn count_tree(root: &Path, selection: &Selection, tree: &TreeProgress, done: &AtomicBool) {
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let walked = doppel_fs::walk::walk(root, &RelPath::root(), selection, &mut |e| {
+        if done.load(Ordering::Relaxed) {
+            return Err(io::Error::other("comparison over"));
+        }
+        if e.meta.kind == EntryKind::File {
+            files += 1;
+            bytes += e.meta.size;
+        }
+        Ok(())
+    });
+    if walked.is_ok() {
+        tree.counted(files, bytes);
     }
 }
 

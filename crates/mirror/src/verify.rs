@@ -13,8 +13,8 @@ use doppel_proto::{Attrs, Entry, Op, RelPath, WirePath, Xattr};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MirrorError;
-use crate::index::Index;
-use crate::reconcile::Reconciler;
+use crate::index::{Index, IndexEntry, Snapshot};
+use crate::reconcile::{OpSink, Reconciler};
 
 /// One name that differs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,52 +54,41 @@ fn privileged_xattr(x: &Xattr) -> bool {
 
 /// Whether setting `a` on the replica's entry `e` would change only privileged parts: set-id
 /// bits, owners, privileged attributes.
-fn privileged_only(a: &Attrs, e: &Entry) -> bool {
+fn privileged_only(a: &Attrs, e: &IndexEntry) -> bool {
     let mode = a.mode.is_none_or(|m| (m ^ e.mode) & 0o7777 & !SETID == 0);
     let plain = |x: &[Xattr]| x.iter().filter(|x| !privileged_xattr(x)).cloned().collect::<Vec<_>>();
     let xattrs = a.xattrs.as_ref().is_none_or(|x| plain(x) == plain(&e.xattrs));
     mode && xattrs && a.mtime.is_none_or(|t| t == e.mtime)
 }
 
-/// An entry's metadata, without its block hashes (not needed to compare attributes).
-fn without_blocks(e: &Entry) -> Entry {
-    Entry { blocks: Vec::new(), ..e.clone() }
-}
+/// The names that differ, as [`compare`] found them, each with what the replica holds there
+/// (`None`: nothing): what a repair seeds the job's index with before comparing them again.
+pub type Differing = Vec<(RelPath, Option<IndexEntry>)>;
 
 /// Compares the tree at `root` with a replica `listing`. Returns the report and the names that
 /// differ.
 pub fn compare(
     root: &Path,
     selection: Selection,
-    listing: Vec<Entry>,
+    listing: impl IntoIterator<Item = Entry>,
     guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
-) -> Result<(VerifyReport, Vec<RelPath>), MirrorError> {
-    compare_with(root, selection, listing, guard, Default::default())
+) -> Result<(VerifyReport, Differing), MirrorError> {
+    let scratch = std::env::temp_dir();
+    compare_with(root, selection, listing, guard, Default::default(), &scratch)
 }
 
-/// [`compare`], reporting how far it has come into `tree` (its job's, so the job's status
-/// shows the verify's progress).
-pub fn compare_with(
-    root: &Path,
-    selection: Selection,
-    listing: Vec<Entry>,
-    guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
-    tree: std::sync::Arc<crate::reconcile::TreeProgress>,
-) -> Result<(VerifyReport, Vec<RelPath>), MirrorError> {
-    let mut rec = Reconciler::new(root, selection, Index::new()).with_tree_progress(tree);
-    if let Some(g) = guard {
-        rec = rec.with_guard(g);
-    }
-    let on_replica: BTreeMap<WirePath, Entry> =
-        listing.iter().filter(|e| e.first_block == 0).map(|e| (e.path.clone(), without_blocks(e))).collect();
-    rec.seed_all(listing);
-    let mut ops: Vec<Op> = Vec::new();
-    rec.sync_tree(&RelPath::root(), &mut ops)?;
-    rec.finish(&mut ops)?;
-    let stats = rec.stats();
-    let mut per_path: BTreeMap<WirePath, Vec<&'static str>> = BTreeMap::new();
-    let mut written: BTreeMap<WirePath, u64> = BTreeMap::new();
-    for op in &ops {
+/// Takes the ops a comparison would emit and keeps only what they say differs, per name:
+/// nothing grows with the tree or with the bytes that differ.
+#[derive(Default)]
+struct Differences {
+    per_path: BTreeMap<WirePath, Vec<&'static str>>,
+    written: BTreeMap<WirePath, u64>,
+    /// Attribute changes, judged once the comparison is over (privileged only or not).
+    attrs: Vec<(WirePath, Attrs)>,
+}
+
+impl OpSink for Differences {
+    fn emit(&mut self, op: Op) -> Result<(), MirrorError> {
         let (path, what) = match op {
             Op::Create { path, .. }
             | Op::Mkdir { path, .. }
@@ -108,27 +97,67 @@ pub fn compare_with(
             Op::Link { path, .. } => (path, "hard link missing on the replica"),
             Op::Unlink { path } | Op::Rmdir { path } => (path, "only on the replica"),
             Op::Write { path, data, .. } => {
-                *written.entry(path.clone()).or_default() += data.len() as u64;
+                *self.written.entry(path.clone()).or_default() += data.len() as u64;
                 (path, "content differs")
             }
             Op::Truncate { path, .. } => (path, "size differs"),
-            Op::SetAttr { path, attrs }
-                if on_replica.get(path).is_some_and(|e| privileged_only(attrs, e)) =>
-            {
-                (path, PRIVILEGED)
+            Op::SetAttr { path, attrs } => {
+                self.attrs.push((path.clone(), attrs));
+                (path, "attributes differ")
             }
-            Op::SetAttr { path, .. } => (path, "attributes differ"),
             Op::Rename { to, .. } => (to, "name differs"),
-            Op::Fsync { .. } | Op::Fallocate { .. } | Op::Point { .. } => continue,
+            Op::Fsync { .. } | Op::Fallocate { .. } | Op::Point { .. } => return Ok(()),
         };
-        let v = per_path.entry(path.clone()).or_default();
+        let v = self.per_path.entry(path).or_default();
         if !v.contains(&what) {
             v.push(what);
         }
+        Ok(())
     }
+}
+
+impl Differences {
+    /// Names whose only difference is privileged attributes (judged against the replica's
+    /// entries as the listing gave them) say so.
+    fn judge_privileged(&mut self, replica: &Snapshot) -> Result<(), MirrorError> {
+        for (path, attrs) in std::mem::take(&mut self.attrs) {
+            let Ok(p) = RelPath::try_from(&path) else { continue };
+            if replica.get(&p)?.is_some_and(|e| privileged_only(&attrs, &e))
+                && let Some(v) = self.per_path.get_mut(&path)
+                && let Some(w) = v.iter_mut().find(|w| **w == "attributes differ")
+            {
+                *w = PRIVILEGED;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`compare`], reporting how far it has come into `tree` (its job's, so the job's status
+/// shows the verify's progress), with its throwaway index in a directory beneath `scratch`.
+pub fn compare_with(
+    root: &Path,
+    selection: Selection,
+    listing: impl IntoIterator<Item = Entry>,
+    guard: Option<std::sync::Arc<dyn crate::reconcile::Guard>>,
+    tree: std::sync::Arc<crate::reconcile::TreeProgress>,
+    scratch: &Path,
+) -> Result<(VerifyReport, Differing), MirrorError> {
+    let index = Index::scratch_in(scratch, crate::index::DEFAULT_CACHE_BYTES)?;
+    let mut rec = Reconciler::new(root, selection, index).with_tree_progress(tree);
+    if let Some(g) = guard {
+        rec = rec.with_guard(g);
+    }
+    rec.seed_all(listing)?;
+    let replica = rec.index.snapshot()?;
+    let mut diff = Differences::default();
+    rec.sync_tree(&RelPath::root(), &mut diff)?;
+    rec.finish(&mut diff)?;
+    diff.judge_privileged(&replica)?;
+    let stats = rec.stats();
     let mut differences = Vec::new();
-    let mut paths = Vec::new();
-    for (path, whats) in per_path {
+    let mut differing = Vec::new();
+    for (path, whats) in diff.per_path {
         let mut what = whats.join(", ");
         // A name removed and created again differs in type; attribute changes of a name
         // created here are part of creating it.
@@ -137,13 +166,14 @@ pub fn compare_with(
         } else if whats.contains(&"missing on the replica") {
             what = "missing on the replica".into();
         }
-        if let Some(n) = written.get(&path) {
+        if let Some(n) = diff.written.get(&path) {
             what = what.replace("content differs", &format!("content differs ({n} bytes)"));
         }
         let name = if path.0.is_empty() { ".".to_string() } else { path.display() };
         differences.push(Difference { path: name, what });
         if let Ok(p) = RelPath::try_from(&path) {
-            paths.push(p);
+            let on_replica = replica.get(&p)?;
+            differing.push((p, on_replica));
         }
     }
     let report = VerifyReport {
@@ -152,5 +182,5 @@ pub fn compare_with(
         differences,
         repaired: Vec::new(),
     };
-    Ok((report, paths))
+    Ok((report, differing))
 }

@@ -316,6 +316,9 @@ fn link_settings(job: &mut JobConfig, a: &ProtectArgs) -> Result<()> {
     if let Some(h) = a.heartbeat {
         job.heartbeat = std::time::Duration::from_secs(h.max(1));
     }
+    if let Some(c) = &a.index_cache {
+        job.index_cache = crate::config::parse_size(c)? as usize;
+    }
     let size = a.history_size.clone().map(crate::config::SizeValue::Text);
     job.history =
         crate::config::retention(job.history, a.history.as_deref(), size.as_ref(), a.history_min.as_deref())?;

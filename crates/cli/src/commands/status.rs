@@ -75,6 +75,14 @@ fn notes(j: &JobStatusSnapshot) -> Vec<String> {
     if j.rate_limit > 0 {
         notes.push(format!("limit {}", doppel_link::ratelimit::format_rate(j.rate_limit)));
     }
+    if j.index_disk_bytes > 0 {
+        notes.push(format!(
+            "index {} names, {} on disk, cache {}",
+            crate::progress::thousands(j.index_entries),
+            indicatif::BinaryBytes(j.index_disk_bytes),
+            indicatif::BinaryBytes(j.index_cache_bytes)
+        ));
+    }
     if let Some(bytes) = j.mirror_done_bytes {
         use crate::progress::Counts;
         let done = Counts::new(j.mirror_done_files.unwrap_or(0), bytes);

@@ -68,6 +68,9 @@ fn snapshot() -> JobStatusSnapshot {
         mirror_total_bytes: None,
         mirror_done_files: None,
         mirror_done_bytes: None,
+        index_entries: 0,
+        index_disk_bytes: 0,
+        index_cache_bytes: 0,
         history: None,
     }
 }

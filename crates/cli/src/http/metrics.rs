@@ -250,6 +250,19 @@ fn running_job(x: &mut Exposition, j: &JobStatusSnapshot) -> Result<(), MetricsE
         &l,
         j.dirty_regions as f64,
     )?;
+    x.gauge(
+        "job_index_entries",
+        "Names in the job's index (at its last checkpoint).",
+        &l,
+        j.index_entries as f64,
+    )?;
+    x.gauge("job_index_disk_bytes", "Size of the job's index store on disk.", &l, j.index_disk_bytes as f64)?;
+    x.gauge(
+        "job_index_cache_bytes",
+        "The most memory the job's index cache may use.",
+        &l,
+        j.index_cache_bytes as f64,
+    )?;
     x.gauge("job_window_bytes", "Bytes allowed in flight.", &l, j.window_bytes as f64)?;
     x.gauge(
         "job_ack_latency_seconds",

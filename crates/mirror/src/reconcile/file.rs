@@ -27,16 +27,16 @@ impl Reconciler {
         if let Some(o) = &mut old
             && o.ino & REPLICA_GROUP != 0
             && meta.nlink > 1
-            && self.index.other_name(meta.ino, path).is_none()
+            && self.index.other_name(meta.ino, path)?.is_none()
         {
             // The first source name of this inode meets a hard-link group seen on the replica:
             // the group becomes this inode's. Names of the group that are not names of this
             // inode on the source are split off when they are reached.
             let group = o.ino;
-            for name in self.index.names_of(group) {
-                if let Some(mut e) = self.index.remove(&name) {
+            for name in self.index.names_of(group)? {
+                if let Some(mut e) = self.index.remove(&name)? {
                     e.ino = meta.ino;
-                    self.index.insert(name, e);
+                    self.index.insert(&name, &e)?;
                 }
             }
             o.ino = meta.ino;
@@ -49,10 +49,10 @@ impl Reconciler {
         if let Some(o) = &old
             && o.ino != meta.ino
             && o.ino != 0
-            && self.index.names_of(o.ino).len() > 1
+            && self.index.names_of(o.ino)?.len() > 1
         {
             self.emit(sink, Op::Unlink { path: path.to_wire() })?;
-            self.index.remove(path);
+            self.index.remove(path)?;
             old = None;
         }
         let full = self.root.join(path.as_path());
@@ -132,15 +132,14 @@ impl Reconciler {
         e.blocks = blocks;
         self.sync_attrs(path, old.as_ref(), meta, &mut e, changed, sink)?;
         // Other names of the same inode on the replica saw the same bytes.
-        for other in self.index.names_of(meta.ino) {
-            if other != *path
-                && let Some(o) = self.index.get_mut(&other)
-            {
+        let others = if meta.nlink > 1 { self.index.names_of(meta.ino)? } else { Vec::new() };
+        for other in others.iter().filter(|o| *o != path) {
+            self.index.update(other, |o| {
                 o.size = e.size;
                 o.blocks = e.blocks.clone();
-            }
+            })?;
         }
-        self.index.insert(path.clone(), e);
+        self.index.insert(path, &e)?;
         Ok(())
     }
 
@@ -153,27 +152,27 @@ impl Reconciler {
         meta: &Meta,
         sink: &mut dyn OpSink,
     ) -> Result<bool, MirrorError> {
-        let Some(other) = self.index.other_name(meta.ino, path) else { return Ok(false) };
+        let Some(other) = self.index.other_name(meta.ino, path)? else { return Ok(false) };
         let Some(other_meta) = self.lstat(&other)? else { return Ok(false) };
         if other_meta.ino != meta.ino || other_meta.kind != EntryKind::File {
             return Ok(false);
         }
-        let Some(shared) = self.index.get(&other).cloned() else { return Ok(false) };
+        let Some(shared) = self.index.get(&other)? else { return Ok(false) };
         if old.is_some_and(|o| o.ino == meta.ino) {
             if !shared.unchanged(meta) {
                 // Already linked, but the shared content changed and the other name has not
                 // been looked at yet: compare through this name (which updates all names).
                 return Ok(false);
             }
-            self.index.insert(path.clone(), shared);
+            self.index.insert(path, &shared)?;
             return Ok(true);
         }
         if old.is_some() {
             self.emit(sink, Op::Unlink { path: path.to_wire() })?;
-            self.index.remove(path);
+            self.index.remove(path)?;
         }
         self.emit(sink, Op::Link { path: path.to_wire(), existing: other.to_wire() })?;
-        self.index.insert(path.clone(), shared);
+        self.index.insert(path, &shared)?;
         Ok(true)
     }
 }

@@ -24,7 +24,7 @@ impl Rig {
         let dst = dir.path().join("dst");
         std::fs::create_dir_all(&src).unwrap();
         let replica = Replica::open(&dst, &dir.path().join("state")).unwrap();
-        let rec = Reconciler::new(&src, Selection::all(), Index::new());
+        let rec = Reconciler::new(&src, Selection::all(), Index::temporary().unwrap());
         Rig { _dir: dir, src, dst, replica, rec, seq: 0 }
     }
 
@@ -215,8 +215,8 @@ fn difference_mirror_against_a_divergent_replica_sends_only_differences() {
     std::fs::set_permissions(dst.join("a.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     // A new reconciler with no index, seeded from the replica's listing.
     let listing = r.listing(&ListScope::All);
-    let mut rec = Reconciler::new(&r.src, Selection::all(), Index::new());
-    rec.seed_all(listing);
+    let mut rec = Reconciler::new(&r.src, Selection::all(), Index::temporary().unwrap());
+    rec.seed_all(listing).unwrap();
     r.rec = rec;
     let (_, sent) = r.rescan();
     r.assert_equal();
@@ -249,7 +249,7 @@ fn selection_rules_apply_and_removal_follows_exclusion() {
     r.rec = Reconciler::new(
         &r.src,
         Selection::new(&[], &["*.tmp".into(), "cache/".into()]).unwrap(),
-        Index::new(),
+        Index::temporary().unwrap(),
     );
     r.rescan();
     let names: Vec<String> = doppel_testkit::snapshot(&r.dst, Compare::default()).into_keys().collect();
@@ -276,7 +276,7 @@ fn suspects_after_a_crash_are_exactly_the_changed_names() {
     // A targeted mirror of the suspects against the replica converges.
     let suspects = r.rec.suspects(old).unwrap();
     let listing = r.listing(&ListScope::Paths(suspects.iter().map(|p| p.to_wire()).collect()));
-    r.rec.seed_paths(&suspects, listing);
+    r.rec.seed_paths(&suspects, listing).unwrap();
     let mut ops = Vec::new();
     for s in &suspects {
         r.rec.sync_entry(s, &mut ops).unwrap();
@@ -372,17 +372,22 @@ fn a_name_created_and_removed_between_flushes_still_moves_its_directory_time() {
     assert!(ops.is_empty(), "{ops:?}");
 }
 
-/// Records the tree's progress each time an op is emitted.
+/// Records the tree's progress each time an op is emitted; the first op waits (with a
+/// deadline) for the count running beside the comparison, so every record shows a total.
 struct Watching(Arc<TreeProgress>, Vec<Option<TreeCounts>>);
 
 impl OpSink for Watching {
     fn emit(&mut self, _op: Op) -> Result<(), MirrorError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.0.get().is_some_and(|c| c.total.is_none()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         self.1.push(self.0.get());
         Ok(())
     }
 }
 
-/// A whole-tree comparison reports the tree's regular files and bytes once walked, counts
+/// A whole-tree comparison reports the tree's regular files and bytes once counted, counts
 /// what it compared (read, or unchanged) up to exactly that total, and ends with the walk.
 #[test]
 fn whole_tree_comparison_reports_progress() {
