@@ -421,3 +421,51 @@ fn whole_tree_comparison_reports_progress() {
     r.rec.sync_tree(&p("e"), &mut sink).unwrap();
     assert!(!sink.1.is_empty() && sink.1.iter().all(Option::is_none), "{:?}", sink.1);
 }
+
+/// The whole-tree merge of walk and index across many chunks of the index: names whose bytes
+/// sort around `/` ("a!", "a-x" next to "a/..."), whole directories gone, files turned into
+/// directories and back, all in one comparison.
+#[test]
+fn the_walk_and_index_merge_holds_across_chunks_and_odd_names() {
+    let mut r = Rig::new();
+    let t = r.tree();
+    for d in ["a", "a!", "a-x", "b"] {
+        for i in 0..300 {
+            t.file(&format!("{d}/f{i:03}"), format!("{d} {i}").as_bytes());
+        }
+    }
+    t.file("a0", b"after a");
+    r.rescan();
+    r.assert_equal();
+    let n = |p: &str| {
+        r.rec
+            .index
+            .first_paths(&RelPath::root(), None, usize::MAX)
+            .unwrap()
+            .iter()
+            .any(|x| x.to_string() == p)
+    };
+    assert!(n("a!/f299") && n("a-x/f000"));
+    std::fs::remove_dir_all(r.src.join("a!")).unwrap();
+    for i in (0..300).step_by(7) {
+        std::fs::remove_file(r.src.join(format!("a/f{i:03}"))).unwrap();
+        std::fs::remove_file(r.src.join(format!("b/f{i:03}"))).unwrap();
+    }
+    std::fs::remove_file(r.src.join("a-x/f100")).unwrap();
+    r.tree().file("a-x/f100/inside", b"now a directory");
+    std::fs::remove_dir_all(r.src.join("b")).unwrap();
+    r.tree().file("b", b"now a file");
+    r.rescan();
+    r.assert_equal();
+    // Nothing left to do, and the index holds exactly the tree.
+    let (ops, _) = r.rescan();
+    assert!(ops.is_empty(), "{} ops on an equal tree", ops.len());
+    let indexed = r.rec.index.len().unwrap();
+    let mut on_disk = 0;
+    doppel_fs::walk::walk(&r.src, &RelPath::root(), &Selection::all(), &mut |_| {
+        on_disk += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(indexed, on_disk);
+}
