@@ -15,6 +15,7 @@ mod systemd;
 use clap::Parser;
 
 fn main() {
+    bound_malloc_arenas();
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("DOPPEL_LOG").unwrap_or_else(|_| {
         // fuser answers the kernel's FUSE_INTERRUPT with ENOSYS on whichever cloned device
@@ -40,5 +41,19 @@ fn main() {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("doppel: error: {msg}");
         std::process::exit(1);
+    }
+}
+
+/// Caps glibc's malloc at two arenas. By default each thread that allocates gets an arena of
+/// its own (up to eight per core), and a record allocated by the capture thread but freed by
+/// the link's thread leaves its pages resident in the capture thread's arena: a mirror of
+/// 200,000 small files measured 120 MiB resident for 52 MiB of heap, and 76 MiB with two
+/// arenas (`crates/cli/tests/many_files.rs`). `MALLOC_ARENA_MAX` in the environment still wins.
+fn bound_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable; it is called before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }

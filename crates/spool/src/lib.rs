@@ -73,6 +73,17 @@ impl Default for SpoolLimits {
     }
 }
 
+/// What a record held in memory costs beyond its encoded bytes: its slot in the queue (a
+/// time and a `Bytes`, 40 bytes) and the allocator's header and rounding. Small files make
+/// records of a few dozen bytes, so counting only their bytes let a 64 MiB budget hold two
+/// or three times that in the process.
+const RECORD_OVERHEAD: usize = 64;
+
+/// The memory budget a record of `len` encoded bytes takes.
+fn mem_cost(len: usize) -> usize {
+    len + RECORD_OVERHEAD
+}
+
 /// Where a new record may go when memory is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -256,7 +267,7 @@ impl Spool {
             let len = record_len(&record);
             // A record larger than the whole memory budget still goes through memory when it
             // may not spill, or it would wait forever.
-            let mem_ok = g.mem_bytes + len <= self.limits.memory
+            let mem_ok = g.mem_bytes + mem_cost(len) <= self.limits.memory
                 || (g.mem_bytes == 0 && placement == Placement::WaitForMemory);
             let disk_ok = g.disk_bytes + len as u64 <= self.limits.disk;
             let to_disk = match (placement, mem_ok) {
@@ -324,7 +335,7 @@ impl Spool {
             if !matches!(g.segments.back(), Some(Segment { data: Data::Mem { .. }, .. })) {
                 g.segments.push_back(Segment { first: seq, data: Data::Mem { recs: VecDeque::new() } });
             }
-            g.mem_bytes += bytes.len();
+            g.mem_bytes += mem_cost(bytes.len());
             let Some(Segment { data: Data::Mem { recs }, .. }) = g.segments.back_mut() else {
                 unreachable!("a memory segment was just ensured")
             };
@@ -448,7 +459,7 @@ impl Spool {
             match &mut seg.data {
                 Data::Mem { recs } => {
                     for (_, r) in recs.drain(..n) {
-                        freed_mem += r.len();
+                        freed_mem += mem_cost(r.len());
                     }
                 }
                 Data::Disk { file, skip } => {
@@ -527,7 +538,7 @@ impl Spool {
                     let mut file = SegmentFile::create(&self.dir, seg.first).map_err(io_err(&self.dir))?;
                     for (t, r) in &recs {
                         file.append(r, *t).map_err(io_err(&file.path))?;
-                        g.mem_bytes -= r.len();
+                        g.mem_bytes -= mem_cost(r.len());
                     }
                     g.disk_bytes += file.end;
                     out.push_back(Segment { first: seg.first, data: Data::Disk { file, skip: 0 } });
