@@ -409,3 +409,38 @@ fn default_privileges_refuse_only_devices() {
     assert_eq!(f.apply(Op::Create { path: w("su"), mode: 0o4755 }), Outcome::Applied);
     assert_eq!(std::fs::metadata(f.root.join("su")).unwrap().mode() & 0o7777, 0o4755);
 }
+
+/// The mirror sends `Create`, `Write`, `SetAttr` for every new file; the create holds the file
+/// it made open for the two that follow. They must land on that file and on no other: a write
+/// to another name opens that name, and an op that changes names lets go of the held file.
+#[test]
+fn the_file_a_create_opened_serves_its_own_path_only() {
+    let mut f = Fixture::new();
+    let r = f.root.clone();
+    let mtime = Timestamp { secs: 1_000_000_000, nanos: 5 };
+    let attrs = |mode| Attrs { mode: Some(mode), mtime: Some(mtime), ..Attrs::default() };
+    f.apply(Op::Create { path: w("a"), mode: 0o600 });
+    f.apply(Op::Create { path: w("b"), mode: 0o600 });
+    // "b" is held: the write to "a" opens "a".
+    f.apply(Op::Write { path: w("a"), offset: 0, data: b"for a".to_vec() });
+    f.apply(Op::Write { path: w("b"), offset: 0, data: b"for b".to_vec() });
+    f.apply(Op::SetAttr { path: w("b"), attrs: attrs(0o640) });
+    f.apply(Op::Create { path: w("c"), mode: 0o600 });
+    f.apply(Op::Rename { from: w("c"), to: w("d"), flags: RenameFlags::default() });
+    let reason = f.refused(Op::Write { path: w("c"), offset: 0, data: b"for c".to_vec() });
+    assert!(reason.contains('c'), "{reason}");
+    f.apply(Op::Write { path: w("d"), offset: 0, data: b"for d".to_vec() });
+    f.apply(Op::SetAttr { path: w("a"), attrs: attrs(0o444) });
+    let want = [("a", &b"for a"[..], 0o444), ("b", b"for b", 0o640), ("d", b"for d", 0o600)];
+    for (name, content, mode) in want {
+        assert_eq!(std::fs::read(r.join(name)).unwrap(), content, "{name}");
+        let m = std::fs::metadata(r.join(name)).unwrap();
+        assert_eq!(m.mode() & 0o7777, mode, "{name}");
+    }
+    for name in ["a", "b"] {
+        let m = std::fs::metadata(r.join(name)).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 5), "{name}");
+    }
+    assert!(!r.join("c").exists());
+    assert_eq!(f.replica.commit().unwrap(), f.seq);
+}
