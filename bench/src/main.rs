@@ -21,6 +21,9 @@
 //! - `vm`: a VM's disk at QEMU's block layer (fio through a `qemu-storage-daemon`'s NBD export)
 //!   unprotected, with its image in a `--capture fuse` job root, and with hypervisor capture
 //!   (`protect --vm`): throughput side by side, replication lag, the replicas verified.
+//! - `files`: a file server's many small files: the initial mirror of a million files of 0-99
+//!   bytes by doppel (to a target on 127.0.0.1 and to a directory) against rsync (local and to
+//!   its daemon), doppel's peak memory, and a pass rewriting 1 % of the files.
 
 mod agent;
 mod changes;
@@ -30,6 +33,9 @@ mod delay;
 mod failback;
 mod failover;
 mod failover_report;
+mod files;
+mod files_report;
+mod files_tree;
 mod fio;
 mod fuse;
 mod fuse_report;
@@ -93,6 +99,9 @@ enum Command {
     /// A VM's disk at QEMU's block layer: unprotected, image in a fuse job root, hypervisor
     /// capture (`protect --vm`), side by side.
     Vm(VmArgs),
+    /// Many small files: initial mirror (remote, local) vs rsync (local, daemon), peak memory,
+    /// a change pass over 1 % of the files.
+    Files(files::FilesArgs),
     /// Serve a file over HTTP/1.0 (the workload the `failover` mode starts on the replica).
     #[command(hide = true)]
     ServeFile(ServeArgs),
@@ -409,6 +418,7 @@ fn main() {
         Command::Many(args) => many::main(&args),
         Command::History(args) => history::main(&args),
         Command::Vm(args) => vm::main(&args),
+        Command::Files(args) => files::main(&args),
         Command::ServeFile(args) => serve::main(&args),
     };
     if let Err(e) = result {
