@@ -94,11 +94,13 @@ fn job_span(name: &str) -> tracing::Span {
     tracing::info_span!("job", job = %name)
 }
 
-/// The formats of a job's directory (`state.json`, `index.bin`, the spool's segments and
+/// The formats of a job's directory (`state.json`, `index.redb`, the spool's segments and
 /// `acked`, `activity.log`/`dirty.log`; the embedded target's state directory inside it has
-/// its own stamp). Version 1: the first release's.
+/// its own stamp). Version 1: the first release's, with the whole-file `index.bin`; version 2:
+/// the index in a redb store (a version 1 index is taken over by `open_index`, under the
+/// job's lock). A release of format 1 refuses a directory of format 2, which it cannot read.
 pub const JOB_FORMAT: doppel_fs::format::Format =
-    doppel_fs::format::Format { kind: "doppel-job", current: 1, oldest: 1 };
+    doppel_fs::format::Format { kind: "doppel-job", current: 2, oldest: 1 };
 
 /// `HOME/jobs/JOB`.
 pub fn job_dir(home: &Path, job: &str) -> PathBuf {
@@ -508,26 +510,47 @@ pub(crate) fn open_index(
     path: &Path,
     cache: usize,
 ) -> Result<(Index, Option<doppel_mirror::index::Saved>), AgentError> {
-    // The whole-file format of earlier versions: its content is rebuilt by comparing.
+    let (mut index, saved) = match Index::open(path, cache) {
+        Err(doppel_mirror::MirrorError::Index { reason, .. }) => {
+            set_aside(path, &reason)?;
+            (Index::open(path, cache)?.0, None)
+        }
+        r => r?,
+    };
+    // The whole-file index of job format 1: taken over once, then removed.
     let old = path.with_file_name("index.bin");
-    if old.exists() {
-        tracing::info!(index = %old.display(), "an index of an earlier format: comparing the tree to rebuild it");
+    if !old.exists() {
+        return Ok((index, saved));
+    }
+    let imported = match index.import_whole_file(&old) {
+        Ok(s) => s,
+        Err(doppel_mirror::MirrorError::Index { reason, .. }) => {
+            set_aside(&old, &reason)?;
+            index.clear()?;
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if imported.is_some() {
+        tracing::info!(from = %old.display(), to = %path.display(), entries = index.len()?, "index taken over from the earlier format");
         fs::remove_file(&old).map_err(io_at(&old))?;
     }
-    match Index::open(path, cache) {
-        Err(doppel_mirror::MirrorError::Index { reason, .. }) => {
-            let aside = path.with_extension("redb.unreadable");
-            fs::rename(path, &aside).map_err(io_at(path))?;
-            tracing::warn!(
-                index = %path.display(),
-                kept_as = %aside.display(),
-                %reason,
-                "the index is unreadable: comparing the whole tree with the replica to rebuild it"
-            );
-            Ok((Index::open(path, cache)?.0, None))
-        }
-        r => Ok(r?),
-    }
+    Ok((index, imported.or(saved)))
+}
+
+/// Moves an unreadable index out of the way (kept for inspection), with a warning.
+fn set_aside(path: &Path, reason: &str) -> Result<(), AgentError> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".unreadable");
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside).map_err(io_at(path))?;
+    tracing::warn!(
+        index = %path.display(),
+        kept_as = %aside.display(),
+        %reason,
+        "the index is unreadable: comparing the whole tree with the replica to rebuild it"
+    );
+    Ok(())
 }
 
 fn is_stopping(e: &AgentError) -> bool {

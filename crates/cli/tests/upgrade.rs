@@ -99,6 +99,9 @@ fn state_of_format_1_is_taken_over_without_a_remirror() {
     fs::write(src.join("after-upgrade.txt"), b"written by the new build's watch\n").unwrap();
     wait_converged(&src, &replica, Duration::from_secs(60), &mut agent);
     assert_no_remirror(&agent.log());
+    // Format 1's whole-file index was taken over by the index store, then removed.
+    assert!(agent.log().contains("index taken over from the earlier format"), "{}", agent.log());
+    assert!(!home.join("jobs/www/index.bin").exists() && home.join("jobs/www/index.redb").exists());
     assert_eq!(replica_id_of(&checkpoint), before, "the replica kept its identity");
     assert!(agent.stop().success(), "clean stop; log:\n{}", agent.log());
 
@@ -114,8 +117,8 @@ fn state_of_format_1_is_taken_over_without_a_remirror() {
 
     // Every state directory now carries the current format's stamp.
     for (stamp, want) in [
-        ("source-home/jobs/www/FORMAT", "doppel-job 1\n"),
-        ("source-home/jobs/local/FORMAT", "doppel-job 1\n"),
+        ("source-home/jobs/www/FORMAT", "doppel-job 2\n"),
+        ("source-home/jobs/local/FORMAT", "doppel-job 2\n"),
         ("source-home/jobs/local/embedded-target/FORMAT", "doppel-replica 1\n"),
         ("target-data/FORMAT", "doppel-target 1\n"),
         ("target-data/state/s1/www/FORMAT", "doppel-replica 1\n"),
@@ -133,15 +136,15 @@ fn a_state_directory_of_a_newer_format_is_refused_naming_both_versions() {
     let local = d.join("local").to_string_lossy().into_owned();
     set_dest(&home, "local", &local);
     let job_dir = home.join("jobs/local");
-    fs::write(job_dir.join("FORMAT"), "doppel-job 2\n").unwrap();
+    fs::write(job_dir.join("FORMAT"), "doppel-job 3\n").unwrap();
     let state_before = fs::read(job_dir.join("state.json")).unwrap();
     let src = d.join("src").to_string_lossy().into_owned();
     let (st, _, err) = run(&home, &["protect", &src, "--to", &local, "--name", "local"]);
     assert!(!st.success(), "a newer format must be refused");
     assert!(
-        err.contains("doppel-job format 2 was written by a newer doppel") && err.contains("formats 1 to 1"),
+        err.contains("doppel-job format 3 was written by a newer doppel") && err.contains("formats 1 to 2"),
         "the error names both versions: {err}"
     );
     assert_eq!(fs::read(job_dir.join("state.json")).unwrap(), state_before, "nothing was changed");
-    assert_eq!(fs::read_to_string(job_dir.join("FORMAT")).unwrap(), "doppel-job 2\n");
+    assert_eq!(fs::read_to_string(job_dir.join("FORMAT")).unwrap(), "doppel-job 3\n");
 }

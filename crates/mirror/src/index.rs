@@ -465,6 +465,37 @@ impl Index {
         self.begin()
     }
 
+    /// Takes over the whole-file index of job format 1 (`index.bin`: postcard, every entry),
+    /// saving it as this store's content with the old save's time and sequence, so an upgrade
+    /// in place compares nothing it would not have compared before. `None` if there is no such
+    /// file; a file that cannot be read is a [`MirrorError::Index`].
+    pub fn import_whole_file(&mut self, old: &Path) -> Result<Option<Saved>, MirrorError> {
+        #[derive(Deserialize)]
+        struct OnDisk {
+            version: u32,
+            saved_at_us: u64,
+            captured_seq: u64,
+            entries: Vec<(Vec<u8>, IndexEntry)>,
+        }
+        let bytes = match fs::read(old) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(MirrorError::Io { path: old.to_path_buf(), source: e }),
+        };
+        let bad = |reason: String| MirrorError::Index { path: old.to_path_buf(), reason };
+        let disk: OnDisk = postcard::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        if disk.version != 1 {
+            return Err(bad(format!("whole-file index version {} (this build takes over 1)", disk.version)));
+        }
+        self.clear()?;
+        for (k, e) in disk.entries {
+            let p = RelPath::new(k).map_err(|e| bad(e.to_string()))?;
+            self.insert(&p, &e)?;
+        }
+        self.save(disk.saved_at_us, disk.captured_seq)?;
+        Ok(Some(Saved { saved_at_us: disk.saved_at_us, captured_seq: disk.captured_seq }))
+    }
+
     /// Forgets every change since the last save.
     pub fn rollback(&mut self) -> Result<(), MirrorError> {
         if let Some(t) = self.txn.take() {
