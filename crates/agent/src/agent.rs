@@ -201,10 +201,7 @@ impl Agent {
         let selection =
             Selection::new(&job.include, &job.exclude).map_err(|e| AgentError::Config(e.to_string()))?;
         let status = Arc::new(JobStatus::default());
-        let footprint = index.footprint();
-        status.index_entries.store(index.len()?, std::sync::atomic::Ordering::Relaxed);
-        status.index_disk_bytes.store(footprint.disk_bytes, std::sync::atomic::Ordering::Relaxed);
-        status.index_cache_bytes.store(footprint.cache_bytes, std::sync::atomic::Ordering::Relaxed);
+        status.show_index(&index)?;
         status.set_state(Phase::Starting);
         status.sync.store(job.sync, Ordering::Relaxed);
         let spool = Arc::new(spool);

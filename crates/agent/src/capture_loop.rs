@@ -434,10 +434,7 @@ impl Capture {
         self.spool.persist()?;
         let seq = self.spool.stats().last_seq;
         self.rec.index.save(at, seq)?;
-        let footprint = self.rec.index.footprint();
-        self.status.index_entries.store(self.rec.index.len()?, Ordering::Relaxed);
-        self.status.index_disk_bytes.store(footprint.disk_bytes, Ordering::Relaxed);
-        self.status.index_cache_bytes.store(footprint.cache_bytes, Ordering::Relaxed);
+        self.status.show_index(&self.rec.index)?;
         Ok(())
     }
 

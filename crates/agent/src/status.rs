@@ -210,6 +210,15 @@ impl JobStatus {
         *self.state.lock()
     }
 
+    /// Records the index's size for status (at start and at each checkpoint).
+    pub fn show_index(&self, index: &doppel_mirror::Index) -> Result<(), doppel_mirror::MirrorError> {
+        let footprint = index.footprint();
+        self.index_entries.store(index.len()?, Ordering::Relaxed);
+        self.index_disk_bytes.store(footprint.disk_bytes, Ordering::Relaxed);
+        self.index_cache_bytes.store(footprint.cache_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Sets the detail line.
     pub fn set_detail(&self, s: impl Into<String>) {
         *self.detail.lock() = s.into();

@@ -523,7 +523,7 @@ impl Index {
 }
 
 /// Where an index's bytes are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexFootprint {
     /// Size of the store's file.
     pub disk_bytes: u64,
