@@ -39,22 +39,51 @@ pub enum BatchError {
 }
 
 /// Packs encoded records (consecutive, starting at `first_seq`). `level` is the zstd level, or
-/// `None` to send raw.
+/// `None` to send raw. A one-off: a sender packing batch after batch keeps a [`Packer`].
 pub fn pack_batch(first_seq: u64, records: &[impl AsRef<[u8]>], level: Option<i32>) -> Batch {
-    let raw_len: usize = records.iter().map(|r| 4 + r.as_ref().len()).sum();
-    let mut raw = Vec::with_capacity(raw_len);
-    for r in records {
-        raw.extend_from_slice(&(r.as_ref().len() as u32).to_le_bytes());
-        raw.extend_from_slice(r.as_ref());
-    }
-    let (codec, payload) = match level {
-        Some(level) => match zstd::bulk::compress(&raw, level) {
-            Ok(c) if (c.len() as f64) <= raw.len() as f64 * WORTHWHILE => (Codec::Zstd, c),
+    Packer::default().pack(first_seq, records, level)
+}
+
+/// Packs batches with one zstd context kept from batch to batch.
+///
+/// Making a context allocates and clears its tables (more at higher levels): with small files
+/// the batches are small and many, and a context per batch took a third of the sender's time
+/// spent compressing (perf, 100,000 files of 0-99 bytes).
+#[derive(Default)]
+pub struct Packer {
+    /// The context and the level it is set to.
+    zstd: Option<(zstd::bulk::Compressor<'static>, i32)>,
+}
+
+impl Packer {
+    /// [`pack_batch`] with this packer's context.
+    pub fn pack(&mut self, first_seq: u64, records: &[impl AsRef<[u8]>], level: Option<i32>) -> Batch {
+        let raw_len: usize = records.iter().map(|r| 4 + r.as_ref().len()).sum();
+        let mut raw = Vec::with_capacity(raw_len);
+        for r in records {
+            raw.extend_from_slice(&(r.as_ref().len() as u32).to_le_bytes());
+            raw.extend_from_slice(r.as_ref());
+        }
+        let (codec, payload) = match level.map(|l| self.compress(&raw, l)) {
+            Some(Some(c)) if (c.len() as f64) <= raw.len() as f64 * WORTHWHILE => (Codec::Zstd, c),
             _ => (Codec::Raw, raw),
-        },
-        None => (Codec::Raw, raw),
-    };
-    Batch { first_seq, count: records.len() as u32, codec, raw_len: raw_len as u32, payload }
+        };
+        Batch { first_seq, count: records.len() as u32, codec, raw_len: raw_len as u32, payload }
+    }
+
+    /// `raw` compressed at `level`, or `None` if zstd fails (the batch then goes raw).
+    fn compress(&mut self, raw: &[u8], level: i32) -> Option<Vec<u8>> {
+        match &mut self.zstd {
+            Some((c, l)) if *l == level => {}
+            Some((c, l)) => {
+                c.set_compression_level(level).ok()?;
+                *l = level;
+            }
+            None => self.zstd = Some((zstd::bulk::Compressor::new(level).ok()?, level)),
+        }
+        let (c, _) = self.zstd.as_mut()?;
+        c.compress(raw).ok()
+    }
 }
 
 /// Largest decoded batch a receiver accepts. A sender packs about 1 MiB of records (plus at
@@ -76,19 +105,45 @@ const MIN_RECORD_LEN: usize = 4;
 /// the header before the vector is sized, so a lying `count` or a payload of empty records
 /// costs nothing.
 pub fn unpack_batch(batch: &Batch, max_raw: u32) -> Result<Vec<OpRecord>, BatchError> {
-    if batch.raw_len > max_raw {
-        return Err(BatchError::TooLarge { raw_len: batch.raw_len, max: max_raw });
-    }
-    let decoded;
-    let raw: &[u8] = match batch.codec {
-        Codec::Raw => &batch.payload,
-        Codec::Zstd => {
-            // The output buffer is exactly `raw_len`: a frame decoding to more fails.
-            decoded = zstd::bulk::decompress(&batch.payload, batch.raw_len as usize)
-                .map_err(|e| BatchError::Codec(e.to_string()))?;
-            &decoded
+    Unpacker::default().unpack(batch, max_raw)
+}
+
+/// Unpacks batches with one zstd context kept from batch to batch (see [`Packer`]).
+#[derive(Default)]
+pub struct Unpacker {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Unpacker {
+    /// [`unpack_batch`] with this unpacker's context.
+    pub fn unpack(&mut self, batch: &Batch, max_raw: u32) -> Result<Vec<OpRecord>, BatchError> {
+        if batch.raw_len > max_raw {
+            return Err(BatchError::TooLarge { raw_len: batch.raw_len, max: max_raw });
         }
-    };
+        let decoded;
+        let raw: &[u8] = match batch.codec {
+            Codec::Raw => &batch.payload,
+            Codec::Zstd => {
+                decoded = self.decompress(&batch.payload, batch.raw_len as usize)?;
+                &decoded
+            }
+        };
+        decode_records(batch, raw)
+    }
+
+    /// The output buffer is exactly `raw_len`: a frame decoding to more fails.
+    fn decompress(&mut self, payload: &[u8], raw_len: usize) -> Result<Vec<u8>, BatchError> {
+        let codec = |e: std::io::Error| BatchError::Codec(e.to_string());
+        let d = match &mut self.zstd {
+            Some(d) => d,
+            None => self.zstd.insert(zstd::bulk::Decompressor::new().map_err(codec)?),
+        };
+        d.decompress(payload, raw_len).map_err(codec)
+    }
+}
+
+/// The records of a decoded payload, checked against the batch's header.
+fn decode_records(batch: &Batch, raw: &[u8]) -> Result<Vec<OpRecord>, BatchError> {
     if raw.len() != batch.raw_len as usize {
         return Err(BatchError::Codec(format!("decoded {} bytes, header said {}", raw.len(), batch.raw_len)));
     }
@@ -170,6 +225,30 @@ mod tests {
         let out = unpack_batch(&b, 1 << 24).unwrap();
         assert_eq!(out.len(), 5);
         assert_eq!(out[4].seq, 14);
+    }
+
+    /// One packer and one unpacker carry batch after batch across level changes, raw batches
+    /// and a batch that does not decode, each decoding to exactly what was packed.
+    #[test]
+    fn kept_contexts_roundtrip_across_levels_and_failures() {
+        let (mut packer, mut unpacker) = (Packer::default(), Unpacker::default());
+        let mut first = 1;
+        for level in [Some(3), Some(3), Some(9), None, Some(1), Some(19), Some(1)] {
+            let r = recs(first, 4, format!("level {level:?} ").repeat(200).as_bytes());
+            let b = packer.pack(first, &r, level);
+            assert_eq!(b.codec == Codec::Zstd, level.is_some(), "level {level:?}");
+            assert_eq!(b, pack_batch(first, &r, level), "a kept context packs as a fresh one");
+            let out = unpacker.unpack(&b, 1 << 24).unwrap();
+            assert_eq!(out.iter().map(|o| o.encode()).collect::<Vec<_>>(), r, "level {level:?}");
+            let mut bad = b.clone();
+            if bad.codec == Codec::Zstd {
+                let n = bad.payload.len();
+                bad.payload[n / 2] ^= 0xff;
+                bad.payload.truncate(n - 3);
+                assert!(unpacker.unpack(&bad, 1 << 24).is_err(), "a damaged frame at level {level:?}");
+            }
+            first += 4;
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod message;
 pub mod op;
 pub mod path;
 
-pub use batch::{BatchError, MAX_BATCH_RAW, pack_batch, unpack_batch};
+pub use batch::{BatchError, MAX_BATCH_RAW, Packer, Unpacker, pack_batch, unpack_batch};
 pub use block::{BLOCK_SIZE, BlockHash, block_count, hash_block};
 pub use echo::{
     ECHO_MAX, Echoed, TEXT_MAX, Truncated, TruncatedText, truncated, truncated_debug, truncated_text,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, LinkError};
 use doppel_proto::{
     Batch, Hello, MAX_BATCH_RAW, Message, OpRecord, PROTOCOL_VERSION, Refusal, Truncated, TruncatedText,
-    Welcome, truncated_debug, unpack_batch,
+    Unpacker, Welcome, truncated_debug,
 };
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -416,6 +416,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     budget: &Budget,
 ) -> Result<Option<Handover>, LinkError> {
     let mut counted = received.get();
+    let mut unpacker = Unpacker::default();
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => return Ok(None),
@@ -441,7 +442,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     _ = cancel.cancelled() => return Ok(None),
                     h = budget.take(kib) => h,
                 };
-                let records = unpack_batch(&b, MAX_BATCH_RAW)
+                let records = unpacker
+                    .unpack(&b, MAX_BATCH_RAW)
                     .map_err(|e| LinkError::Protocol(format!("bad batch at seq {}: {e}", b.first_seq)))?;
                 Work::Records(records, held)
             }
