@@ -160,6 +160,9 @@ struct Inner {
     mem_bytes: usize,
     disk_bytes: u64,
     closed: bool,
+    /// The lowest `next_seq` a waiter in [`Spool::wait_for`] waits for: an append below it
+    /// wakes nobody (a waker per record cost a system call per record on each side).
+    wake_at: u64,
 }
 
 /// The spool of one job.
@@ -227,6 +230,7 @@ impl Spool {
                 mem_bytes: 0,
                 disk_bytes,
                 closed: false,
+                wake_at: u64::MAX,
             }),
             space: Condvar::new(),
             acked: Condvar::new(),
@@ -296,8 +300,15 @@ impl Spool {
             let bytes = Bytes::from(record.encode());
             self.push(&mut g, record.seq, time_us, bytes, to_disk)?;
             g.next_seq += 1;
+            let wake = g.next_seq >= g.wake_at;
+            if wake {
+                // Every waiter wakes and the unsatisfied ones register again.
+                g.wake_at = u64::MAX;
+            }
             drop(g);
-            self.appended.notify_waiters();
+            if wake {
+                self.appended.notify_waiters();
+            }
             return Ok(record.seq);
         }
     }
@@ -408,10 +419,11 @@ impl Spool {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let g = self.lock();
+                let mut g = self.lock();
                 if g.next_seq > seq || g.closed {
                     return;
                 }
+                g.wake_at = g.wake_at.min(seq.saturating_add(1));
             }
             notified.await;
         }

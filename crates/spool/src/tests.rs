@@ -176,6 +176,26 @@ async fn wait_for_wakes_on_append() {
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), t).await.unwrap().unwrap(), 1);
 }
 
+/// A waiter for a later record is not woken by the appends before it (one wake per record
+/// cost a system call per record), and is woken by the one it waits for.
+#[tokio::test]
+async fn wait_for_sleeps_through_appends_before_its_record() {
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = Spool::open(d.path(), SpoolLimits::default()).unwrap();
+    let s = std::sync::Arc::new(s);
+    let s2 = s.clone();
+    let mut t = tokio::spawn(async move { s2.wait_for(10).await });
+    tokio::task::yield_now().await;
+    for i in 1..=9 {
+        s.append(op(i, 1), 0, Placement::Spill, true).unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(s.lock().wake_at, 11, "the waiter is registered for record 10 after {i} appends");
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(50), &mut t).await.is_err(), "woke before record 10");
+    s.append(op(10, 1), 0, Placement::Spill, true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), t).await.expect("woken by record 10").unwrap();
+}
+
 #[test]
 fn disk_placement_writes_through_and_survives_without_persist() {
     let d = tempfile::tempdir().unwrap();
