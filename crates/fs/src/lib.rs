@@ -17,6 +17,7 @@ pub mod format;
 pub mod handle;
 pub mod hash;
 pub mod meta;
+pub mod readahead;
 pub mod select;
 pub mod walk;
 pub mod xattr;

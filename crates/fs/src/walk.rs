@@ -12,6 +12,7 @@ use std::path::Path;
 use doppel_proto::{EntryKind, RelPath};
 
 use crate::meta::Meta;
+use crate::readahead::ReadAhead;
 use crate::select::Selection;
 
 /// One visited entry.
@@ -33,69 +34,108 @@ pub fn walk(
     selection: &Selection,
     visit: &mut dyn FnMut(WalkEntry) -> io::Result<()>,
 ) -> io::Result<()> {
+    walk_reading_ahead(root, start, selection, None, visit)
+}
+
+/// [`walk`], telling `ahead` what each directory holds and each name the walk reaches, so it
+/// can read the files ahead of the visits that read them.
+pub fn walk_reading_ahead(
+    root: &Path,
+    start: &RelPath,
+    selection: &Selection,
+    ahead: Option<&ReadAhead>,
+    visit: &mut dyn FnMut(WalkEntry) -> io::Result<()>,
+) -> io::Result<()> {
     let meta = match Meta::lstat(&root.join(start.as_path())) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let root_dev = Meta::lstat(root)?.dev;
-    walk_inner(root, root_dev, WalkEntry { path: start.clone(), meta }, selection, visit)
+    let walk = Walk { root, root_dev: Meta::lstat(root)?.dev, selection, ahead };
+    walk.inner(WalkEntry { path: start.clone(), meta }, visit)
 }
 
-fn walk_inner(
-    root: &Path,
+struct Walk<'a> {
+    root: &'a Path,
     root_dev: u64,
-    entry: WalkEntry,
-    selection: &Selection,
-    visit: &mut dyn FnMut(WalkEntry) -> io::Result<()>,
-) -> io::Result<()> {
-    let is_dir = entry.meta.kind == EntryKind::Dir;
-    if !entry.path.is_root() && !selection.selects(&entry.path, is_dir) {
-        return Ok(());
-    }
-    if is_dir && entry.meta.dev != root_dev {
-        tracing::debug!(path = %entry.path, "skipping mount point");
-        return Ok(());
-    }
-    let path = entry.path.clone();
-    visit(entry)?;
-    if !is_dir {
-        return Ok(());
-    }
-    let dir = root.join(path.as_path());
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
-    };
-    let mut names: Vec<Vec<u8>> = Vec::new();
-    for de in rd {
-        match de {
-            Ok(de) => names.push(de.file_name().as_bytes().to_vec()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    selection: &'a Selection,
+    ahead: Option<&'a ReadAhead>,
+}
+
+impl Walk<'_> {
+    fn inner(&self, entry: WalkEntry, visit: &mut dyn FnMut(WalkEntry) -> io::Result<()>) -> io::Result<()> {
+        let is_dir = entry.meta.kind == EntryKind::Dir;
+        if !entry.path.is_root() && !self.selection.selects(&entry.path, is_dir) {
+            return Ok(());
         }
+        if is_dir && entry.meta.dev != self.root_dev {
+            tracing::debug!(path = %entry.path, "skipping mount point");
+            return Ok(());
+        }
+        let path = entry.path.clone();
+        visit(entry)?;
+        if !is_dir {
+            return Ok(());
+        }
+        let dir = self.root.join(path.as_path());
+        let Some(names) = self.list(&dir)? else { return Ok(()) };
+        for name in names {
+            if let Some(a) = self.ahead {
+                a.reached();
+            }
+            self.child(&path, &name, visit)?;
+        }
+        Ok(())
     }
-    names.sort_unstable();
-    for name in names {
-        let child = match path.join(&name) {
+
+    /// The names in `dir`, sorted (`None`: it is gone), told to the read-ahead.
+    fn list(&self, dir: &Path) -> io::Result<Option<Vec<Vec<u8>>>> {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        };
+        let mut names: Vec<(Vec<u8>, bool)> = Vec::new();
+        for de in rd {
+            match de {
+                // The entry's type costs nothing (no stat) where the file system records it.
+                Ok(de) => names
+                    .push((de.file_name().as_bytes().to_vec(), de.file_type().is_ok_and(|t| t.is_file()))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        names.sort_unstable();
+        let plain = names.iter().map(|(n, _)| n.clone()).collect();
+        if let Some(a) = self.ahead {
+            a.listed(dir, names);
+        }
+        Ok(Some(plain))
+    }
+
+    fn child(
+        &self,
+        path: &RelPath,
+        name: &[u8],
+        visit: &mut dyn FnMut(WalkEntry) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let child = match path.join(name) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(dir = %path, error = %e, "skipping an entry whose name cannot be replicated");
-                continue;
+                return Ok(());
             }
         };
-        let meta = match Meta::lstat(&root.join(child.as_path())) {
+        let meta = match Meta::lstat(&self.root.join(child.as_path())) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        if selection.excluded_here(&child, meta.kind == EntryKind::Dir) {
-            continue;
+        if self.selection.excluded_here(&child, meta.kind == EntryKind::Dir) {
+            return Ok(());
         }
-        walk_inner(root, root_dev, WalkEntry { path: child, meta }, selection, visit)?;
+        self.inner(WalkEntry { path: child, meta }, visit)
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use doppel_fs::readahead::ReadAhead;
 use doppel_fs::{Meta, Selection};
 use doppel_proto::{Attrs, Entry, EntryKind, Op, RelPath, RenameFlags};
 
@@ -304,13 +305,25 @@ impl Reconciler {
         let (root, selection) = (self.root.clone(), self.selection.clone());
         let done = AtomicBool::new(false);
         let tree = self.stats.tree.clone();
+        // With nothing indexed beneath it, every file is read: read them ahead of the
+        // comparison.
+        let ahead = (!self.index.has_children(path)?).then(ReadAhead::new);
         std::thread::scope(|s| {
             if whole {
                 // Counting runs beside the comparison, so a progress display learns the total
                 // without the comparison waiting for a walk of its own.
                 s.spawn(|| count_tree(&root, &selection, &tree, &done));
             }
-            let r = self.merge_tree(&root, path, &selection, whole, sink);
+            // Finished however the comparison ends (a panic too), or the scope waits forever.
+            let _finish = ahead.as_ref().map(|a| {
+                let spawned =
+                    std::thread::Builder::new().name("read-ahead".into()).spawn_scoped(s, || a.run());
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "no thread to read ahead of the comparison");
+                }
+                a.finish_on_drop()
+            });
+            let r = self.merge_tree(&root, path, &selection, whole, ahead.as_ref(), sink);
             done.store(true, Ordering::Relaxed);
             r
         })
@@ -323,11 +336,12 @@ impl Reconciler {
         path: &RelPath,
         selection: &Selection,
         whole: bool,
+        ahead: Option<&ReadAhead>,
         sink: &mut dyn OpSink,
     ) -> Result<(), MirrorError> {
         let mut indexed = Merge::new(path);
         let mut failed = None;
-        let walked = doppel_fs::walk::walk(root, path, selection, &mut |e| {
+        let walked = doppel_fs::walk::walk_reading_ahead(root, path, selection, ahead, &mut |e| {
             let r = self.gone_before(&mut indexed, Some(&e.path), sink).and_then(|()| {
                 let size = (e.meta.kind == EntryKind::File).then_some(e.meta.size);
                 self.sync_walked(&e.path, size, whole, sink)
