@@ -113,7 +113,7 @@ impl Replica {
         STATE_FORMAT.take_over(state_dir, |_| Ok(()))?;
         let beneath =
             Beneath::open(root).map_err(|e| ApplyError::State { path: root.to_path_buf(), source: e })?;
-        let (progress, seen) = Progress::open(state_dir)?;
+        let (mut progress, seen) = Progress::open(state_dir)?;
         let mut needs_resync = false;
         let (durable, applied) = match read_checkpoint(state_dir)? {
             None => {

@@ -298,7 +298,7 @@ impl Run {
             }
             Mode::ReplayedAfterKill => {
                 drop(self.replica.take());
-                let (progress, seen) = Progress::open(&self.state).unwrap();
+                let (mut progress, seen) = Progress::open(&self.state).unwrap();
                 assert_eq!(seen, Some(self.seq), "the marker recorded the op");
                 progress.record(self.seq - 1).unwrap();
                 drop(progress);
