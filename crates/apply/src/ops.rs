@@ -440,15 +440,20 @@ fn set_attrs(c: &Ctx<'_>, open: &OpenFile, path: &RelPath, a: &Attrs) -> Result<
     let is_link = file_type(st.st_mode) == libc::S_IFLNK;
     let here = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW;
     // Owner first: changing it clears set-id bits, which the mode then restores.
+    let mut chowned = false;
     if a.uid.is_some() || a.gid.is_some() {
         let uid = a.uid.filter(|&u| u != st.st_uid).map(rustix::fs::Uid::from_raw);
         let gid = a.gid.filter(|&g| g != st.st_gid).map(rustix::fs::Gid::from_raw);
         if uid.is_some() || gid.is_some() {
             rustix::fs::chownat(fd, "", uid, gid, here).map_err(|e| c.fail(path, e.into()))?;
+            chowned = true;
         }
     }
+    // A mode the file already has (a file just created with it) is not set again: a `chmod`
+    // through /proc costs a path lookup and an inode update per file.
     if let Some(mode) = a.mode
         && !is_link
+        && (chowned || mode & 0o7777 != st.st_mode & 0o7777)
     {
         chmod_fd(fd, mode).map_err(|e| c.fail(path, e))?;
     }
