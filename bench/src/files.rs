@@ -57,6 +57,13 @@ pub struct FilesArgs {
     /// builds); it is timed anyway after that.
     #[arg(long, default_value_t = 120)]
     pub quiet_wait: u64,
+    /// Where the copies go (rsync's destinations, doppel's replicas and the remote target's
+    /// state), on another file system than the tree as on a second machine; the agents' own
+    /// state stays beside the tree [default: the scratch directory]. With both on one file
+    /// system, the agent's file-system-wide watch gets an event for every write the target
+    /// makes, which a real remote target does not cost it.
+    #[arg(long)]
+    pub copies: Option<PathBuf>,
     /// Keep the scratch directory (the generated tree is then reused by the next run).
     #[arg(long)]
     pub keep: bool,
@@ -203,6 +210,14 @@ impl Env<'_> {
     /// A per-run output in the scratch directory, under a name it removes (`doppel-dst-*`,
     /// `doppel-home-*`, `rsync-dst*`).
     fn out(&self, name: &str) -> PathBuf {
+        match &self.args.copies {
+            Some(dir) => dir.join(name),
+            None => self.scratch.src().with_file_name(name),
+        }
+    }
+
+    /// A doppel agent's home: beside the tree, whatever `--copies` says.
+    fn agent_home(&self, name: &str) -> PathBuf {
         self.scratch.src().with_file_name(name)
     }
 
@@ -230,11 +245,16 @@ impl Env<'_> {
         let outputs: &[&str] = match tool {
             Tool::Rsync => &["rsync-dst"],
             Tool::RsyncDaemon => &["rsync-dst-daemon", "rsync-dst-daemon-work"],
-            Tool::DoppelLocal => &["doppel-dst-local", "doppel-home-local", "doppel-home-local.log"],
+            Tool::DoppelLocal => &["doppel-dst-local"],
             Tool::DoppelRemote => &["doppel-home-remote"],
         };
         for name in outputs {
             remove_if_present(&self.out(name))?;
+        }
+        for name in
+            ["doppel-home-local", "doppel-home-local.log", "doppel-source-home", "doppel-source-home.log"]
+        {
+            remove_if_present(&self.agent_home(name))?;
         }
         Ok(run)
     }
@@ -286,7 +306,7 @@ impl Env<'_> {
 
     /// doppel into an empty local directory, with a fresh home; then the change pass.
     fn doppel_local(&self, pass: u64) -> Result<ToolRun> {
-        let (dst, home) = (self.out("doppel-dst-local"), self.out("doppel-home-local"));
+        let (dst, home) = (self.out("doppel-dst-local"), self.agent_home("doppel-home-local"));
         remove_if_present(&dst)?;
         remove_if_present(&home)?;
         let extra = self.extra(&[]);
@@ -301,7 +321,8 @@ impl Env<'_> {
     fn doppel_remote(&self, pass: u64) -> Result<ToolRun> {
         let work = self.out("doppel-home-remote");
         remove_if_present(&work)?;
-        let home = work.join("source-home");
+        let home = self.agent_home("doppel-source-home");
+        remove_if_present(&home)?;
         let source_id = target::identity(&self.doppel, &home)?;
         let mut t = LocalTarget::start(&self.doppel, &work, &source_id)?;
         let replica = work.join("target-data/replicas").join(SOURCE).join(JOB);
