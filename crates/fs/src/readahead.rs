@@ -44,6 +44,19 @@ struct State {
     done: bool,
 }
 
+impl State {
+    /// Takes the next listed name without reading it; false if none is listed.
+    fn skip_one(&mut self) -> bool {
+        let Some(l) = self.listings.front_mut() else { return false };
+        l.next += 1;
+        if l.next == l.names.len() {
+            self.listings.pop_front();
+        }
+        self.taken += 1;
+        true
+    }
+}
+
 /// The walk's side and the reader's side of one read-ahead.
 #[derive(Default)]
 pub struct ReadAhead {
@@ -105,16 +118,15 @@ impl ReadAhead {
             if s.done {
                 return None;
             }
+            // Behind the walk: what it has reached it has read, so those names are dropped
+            // unread (and the listings held stay those the walk itself holds).
+            while s.taken < s.reached && s.skip_one() {}
             if s.taken.saturating_sub(s.reached) < LEAD
                 && let Some(l) = s.listings.front_mut()
             {
                 let (name, regular) = l.names[l.next].clone();
-                l.next += 1;
                 let dir = l.dir.clone();
-                if l.next == l.names.len() {
-                    s.listings.pop_front();
-                }
-                s.taken += 1;
+                s.skip_one();
                 return Some((dir, regular.then_some(name)));
             }
             self.changed.wait(&mut s);
@@ -193,6 +205,22 @@ mod tests {
             ra.finish();
         });
         assert_eq!(taken.load(Ordering::SeqCst), n as u64);
+    }
+
+    /// A reader behind the walk skips what the walk has reached (it has been read), so the
+    /// listings held never outgrow the walk's own.
+    #[test]
+    fn a_reader_behind_the_walk_skips_to_it() {
+        let ra = ReadAhead::new();
+        let names = |d: &str| (0..100).map(|i| (format!("{d}{i:03}").into_bytes(), true)).collect();
+        ra.listed(Path::new("/a"), names("a"));
+        ra.listed(Path::new("/b"), names("b"));
+        for _ in 0..150 {
+            ra.reached();
+        }
+        let (dir, name) = ra.next().expect("a name");
+        assert_eq!((dir.as_path(), name.as_deref()), (Path::new("/b"), Some(&b"b050"[..])));
+        assert_eq!(ra.state.lock().listings.len(), 1, "the first listing is dropped");
     }
 
     /// Advice on names that are gone, are directories or FIFOs is ignored without harm.
