@@ -141,7 +141,9 @@ where
     target.mark_stopped(&source, &job, false);
     slot.status.connected_at(info.applied);
 
-    let (work_tx, work_rx) = mpsc::channel::<Work>(16);
+    // Four batches queued keep the apply worker busy (a source packs up to 1 MiB a batch);
+    // sixteen held up to 100 MiB of decoded small-file records per session for no gain.
+    let (work_tx, work_rx) = mpsc::channel::<Work>(4);
     let (out_tx, out_rx) = mpsc::channel::<worker::Outgoing>(64);
     let cancel = lease.cancel.clone();
     let worker = {
