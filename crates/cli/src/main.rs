@@ -56,4 +56,20 @@ fn bound_malloc_arenas() {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
+    // glibc gives freed memory back only from the top of an arena; a queue of small records
+    // freed in another order than it was allocated leaves free pages in the middle, resident.
+    // A mirror of 1,000,000 small files grew the agent by ~0.6 MiB/s with its queue at a steady
+    // 16 MiB. `malloc_trim` returns every whole free page (a few milliseconds), every 5 s.
+    let trim = std::thread::Builder::new().name("malloc-trim".into()).spawn(|| {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            // SAFETY: malloc_trim is thread-safe and only releases free memory.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    });
+    if let Err(e) = trim {
+        eprintln!("doppel: warning: no thread to return freed memory: {e}");
+    }
 }
