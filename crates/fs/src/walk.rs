@@ -106,11 +106,11 @@ impl Walk<'_> {
             }
         }
         names.sort_unstable();
-        let plain = names.iter().map(|(n, _)| n.clone()).collect();
         if let Some(a) = self.ahead {
-            a.listed(dir, names);
+            // Only a walk that reads ahead copies its names.
+            a.listed(dir, names.clone());
         }
-        Ok(Some(plain))
+        Ok(Some(names.into_iter().map(|(n, _)| n).collect()))
     }
 
     fn child(
