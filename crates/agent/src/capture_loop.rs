@@ -356,7 +356,7 @@ impl Capture {
             for ev in events {
                 queue.push(ev, &mut self.rec, &mut sink)?;
             }
-            queue.flush(&mut self.rec, &mut sink)?;
+            queue.flush_all(&mut self.rec, &mut sink)?;
             // Anything an event may have missed shows as a stat difference from the index.
             self.rec.sync_tree(&RelPath::root(), &mut sink)?;
             self.rec.finish(&mut sink)?;
@@ -387,7 +387,7 @@ impl Capture {
                 for ev in events {
                     queue.push(ev, &mut self.rec, &mut sink)?;
                 }
-                if queue.flush(&mut self.rec, &mut sink).is_err() {
+                if queue.flush_all(&mut self.rec, &mut sink).is_err() {
                     return Ok(false);
                 }
                 self.checkpoint()?;

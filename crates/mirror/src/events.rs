@@ -5,7 +5,7 @@
 //! are reconciled together when the queue is flushed, which coalesces the many events a single
 //! save produces into one look at the file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use doppel_capture::FsEvent;
@@ -23,10 +23,20 @@ enum Depth {
     Tree,
 }
 
+/// How long a name gone from the source together with its parent directory waits for the
+/// event that explains it (the rename or removal of an ancestor, normally read at the next
+/// flush) before it is taken as gone. Only a safety net: a removal reconciled first takes the
+/// name out of the index, which ends the wait at once.
+const ORPHAN_WAIT: Duration = Duration::from_secs(10);
+
 /// Names waiting to be reconciled.
 #[derive(Debug, Default)]
 pub struct EventQueue {
     dirty: BTreeMap<RelPath, Depth>,
+    /// Dirty names whose parent directory had vanished from the source when their turn came
+    /// (see [`Reconciler::orphaned`]), with when that was first seen. They stay dirty: the
+    /// ancestor's rename, when its event arrives, moves them to their new names.
+    orphans: HashMap<RelPath, Instant>,
     since: Option<Instant>,
     /// Wall-clock time of the oldest pending mark, µs since the epoch.
     since_us: Option<u64>,
@@ -82,6 +92,7 @@ impl EventQueue {
                     self.dirty.keys().filter(|k| k.starts_with(&from)).cloned().collect();
                 for k in moved {
                     let d = self.dirty.remove(&k).expect("key just listed");
+                    self.orphans.remove(&k);
                     self.mark(k.rebase(&from, &to).expect("beneath the old name"), d);
                 }
                 if rec.rename(&from, &to, sink)? {
@@ -108,37 +119,82 @@ impl EventQueue {
     }
 
     /// Reconciles every dirty name (parents before children; a subtree scan covers the names
-    /// beneath it), then lets the reconciler settle directory times.
+    /// beneath it), then lets the reconciler settle directory times. A name gone from the
+    /// source along with its parent directory stays dirty for the event that explains it (up to
+    /// [`ORPHAN_WAIT`]).
     pub fn flush(&mut self, rec: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        self.flush_waiting(rec, sink, ORPHAN_WAIT)
+    }
+
+    /// [`EventQueue::flush`] with no name left waiting: when the agent stops, or before a
+    /// comparison of the whole tree that settles whatever the events said.
+    pub fn flush_all(&mut self, rec: &mut Reconciler, sink: &mut dyn OpSink) -> Result<(), MirrorError> {
+        self.flush_waiting(rec, sink, Duration::ZERO)
+    }
+
+    fn flush_waiting(
+        &mut self,
+        rec: &mut Reconciler,
+        sink: &mut dyn OpSink,
+        wait: Duration,
+    ) -> Result<(), MirrorError> {
         let dirty = std::mem::take(&mut self.dirty);
         let (since, since_us) = (self.since.take(), self.since_us.take());
+        let mut orphans = std::mem::take(&mut self.orphans);
         let mut covered: Option<RelPath> = None;
         let mut pending = dirty.into_iter();
         while let Some((path, depth)) = pending.next() {
             if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
                 continue;
             }
-            let r = match depth {
+            let r = self.waits(&path, depth, wait, &mut orphans, rec).and_then(|waits| match depth {
+                _ if waits => Ok(()),
                 Depth::Tree => rec.sync_tree(&path, sink),
                 Depth::Entry => rec.sync_entry(&path, sink),
-            };
+            });
             if let Err(e) = r {
                 // Nothing is dropped: the name that failed and those not reached stay dirty.
                 self.dirty.insert(path, depth);
                 self.dirty.extend(pending);
+                self.orphans.extend(orphans);
                 self.since = since;
                 self.since_us = since_us;
                 return Err(e);
             }
-            if depth == Depth::Tree {
+            if depth == Depth::Tree && !self.dirty.contains_key(&path) {
                 covered = Some(path);
             }
+        }
+        if !self.dirty.is_empty() {
+            // Looked at again at the next flush, after the events read meanwhile.
+            self.since = Some(Instant::now());
+            self.since_us = since_us;
         }
         rec.finish(sink)
     }
 
+    /// Whether `path` waits for the event that explains its parent's disappearance (it is
+    /// then back in the dirty set, and in `self.orphans` with when the wait began).
+    fn waits(
+        &mut self,
+        path: &RelPath,
+        depth: Depth,
+        wait: Duration,
+        orphans: &mut HashMap<RelPath, Instant>,
+        rec: &Reconciler,
+    ) -> Result<bool, MirrorError> {
+        let first = orphans.remove(path);
+        if wait.is_zero() || first.is_some_and(|t| t.elapsed() >= wait) || !rec.orphaned(path)? {
+            return Ok(false);
+        }
+        self.dirty.insert(path.clone(), depth);
+        self.orphans.insert(path.clone(), first.unwrap_or_else(Instant::now));
+        Ok(true)
+    }
+
     /// Takes every dirty name out of the queue (to be recorded elsewhere).
     pub fn take_paths(&mut self) -> Vec<RelPath> {
+        self.orphans.clear();
         self.since = None;
         self.since_us = None;
         std::mem::take(&mut self.dirty).into_keys().collect()

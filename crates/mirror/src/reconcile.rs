@@ -270,6 +270,19 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Whether `path` is on the replica but gone from the source together with its parent
+    /// directory: an ancestor was removed or renamed, and the event that says which may not
+    /// have been read yet. Syncing it now would delete it from the replica, and if the ancestor
+    /// was renamed, the rename then carries the subtree without it while the name (and the
+    /// change that made it dirty) lives on at the new path on the source.
+    pub fn orphaned(&self, path: &RelPath) -> Result<bool, MirrorError> {
+        let Some((parent, _)) = path.split_last() else { return Ok(false) };
+        if self.lstat(path)?.is_some() || self.index.get(path)?.is_none() {
+            return Ok(false);
+        }
+        Ok(!self.lstat(&parent)?.is_some_and(|m| m.kind == EntryKind::Dir))
+    }
+
     /// Has the parent directory of `path` compared with the index when the round finishes.
     fn recheck_parent(&mut self, path: &RelPath) {
         if let Some((parent, _)) = path.split_last() {

@@ -162,6 +162,47 @@ fn renames_go_as_renames_through_the_event_queue() {
     r.assert_equal();
 }
 
+/// A file rewritten just before its directory is renamed, with the queue flushed between the
+/// file's event and the rename's (the rename not read yet): the file must neither be deleted
+/// from the replica nor lose its new content (files went missing so in
+/// crates/cli/tests/many_files.rs).
+#[test]
+fn a_change_flushed_before_its_directory_rename_is_read_is_not_lost() {
+    use doppel_capture::FsEvent;
+    let mut r = Rig::new();
+    r.tree().file("d/f", b"old content").file("d/g", b"untouched").file("gone/h", b"x");
+    r.rescan();
+    let t = r.tree();
+    t.file("d/f", b"new content, longer");
+    t.file("gone/h", b"changed before its directory was removed");
+    std::fs::rename(t.path("d"), t.path("e")).unwrap();
+    std::fs::remove_dir_all(t.path("gone")).unwrap();
+    let mut q = EventQueue::new();
+    let mut ops = Vec::new();
+    q.push(FsEvent::Closed(p("d/f")), &mut r.rec, &mut ops).unwrap();
+    q.push(FsEvent::Closed(p("gone/h")), &mut r.rec, &mut ops).unwrap();
+    q.flush(&mut r.rec, &mut ops).unwrap();
+    assert!(ops.iter().all(|o| !matches!(o, Op::Unlink { .. })), "{ops:?}");
+    assert!(!q.is_empty(), "the names whose directory vanished wait for its event");
+    q.push(FsEvent::Renamed { from: p("d"), to: p("e"), is_dir: true }, &mut r.rec, &mut ops).unwrap();
+    q.push(FsEvent::Removed { path: p("gone"), is_dir: true }, &mut r.rec, &mut ops).unwrap();
+    q.flush(&mut r.rec, &mut ops).unwrap();
+    assert!(q.is_empty(), "explained by the rename and the removal");
+    let renames = ops.iter().filter(|o| matches!(o, Op::Rename { .. })).count();
+    assert_eq!(renames, 1, "{ops:?}");
+    r.apply(ops);
+    r.assert_equal();
+
+    // Stopping flushes everything: a name still waiting is taken as gone.
+    t.file("e/f", b"changed again");
+    std::fs::remove_dir_all(t.path("e")).unwrap();
+    let mut ops = Vec::new();
+    q.push(FsEvent::Closed(p("e/f")), &mut r.rec, &mut ops).unwrap();
+    q.flush_all(&mut r.rec, &mut ops).unwrap();
+    assert!(q.is_empty());
+    assert!(ops.iter().any(|o| matches!(o, Op::Unlink { .. })), "{ops:?}");
+}
+
 #[test]
 fn atomic_save_of_a_temp_file_and_rename_chains() {
     let mut r = Rig::new();
