@@ -318,11 +318,9 @@ impl Reconciler {
         let (root, selection) = (self.root.clone(), self.selection.clone());
         let done = AtomicBool::new(false);
         let tree = self.stats.tree.clone();
-        // A first comparison of the whole tree (nothing indexed) reads every file: read them
-        // ahead of it. Not for a subtree compared while changes are captured: with it, files
-        // rewritten just before their directory was renamed went missing from the replica
-        // (crates/cli/tests/many_files.rs; cause not found yet, see architecture).
-        let ahead = (path.is_root() && !self.index.has_children(path)?).then(ReadAhead::new);
+        // With nothing indexed beneath it (a first comparison, a directory moved in), every
+        // file is read: read them ahead of the comparison.
+        let ahead = (!self.index.has_children(path)?).then(ReadAhead::new);
         std::thread::scope(|s| {
             if whole {
                 // Counting runs beside the comparison, so a progress display learns the total
