@@ -7,6 +7,7 @@
 //! `WatchdogSec`, kills and restarts the service (`Restart=on-failure`).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -65,9 +66,16 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// `STOPPING=1`.
+/// Whether `STOPPING=1` went out (it is sent once, by whichever notices the stop first).
+static STOPPING_SENT: AtomicBool = AtomicBool::new(false);
+
+/// `STOPPING=1`, once. Called where a signal starts the stop, not only from the task that
+/// watches the shutdown token: the service can finish and drop its runtime before that task
+/// runs again, and systemd then never hears that the stop was asked for.
 pub fn stopping() {
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    if enabled() && !STOPPING_SENT.swap(true, Ordering::SeqCst) {
+        notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
 }
 
 /// The interval of the watchdog pings: half of `WATCHDOG_USEC`, when systemd set it for this

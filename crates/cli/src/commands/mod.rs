@@ -65,6 +65,7 @@ fn on_signals() -> Result<CancellationToken> {
             _ = term.recv() => {}
         }
         tracing::info!("signal received, stopping");
+        crate::systemd::stopping();
         t.cancel();
     });
     Ok(token)
