@@ -166,6 +166,11 @@ impl Draft {
         Ok(Range { off, len: len as u64, zero: false, data_at: start as u64 })
     }
 
+    /// Old bytes known to be zero without reading them (a hole): kept as the flag alone.
+    pub fn zero_range(&self, off: u64, len: usize) -> Range {
+        Range { off, len: len as u64, zero: true, data_at: 0 }
+    }
+
     /// The frame's prefix and header; the data part follows them on disk as it is.
     pub fn encode_head(&self) -> Vec<u8> {
         let header = postcard::to_stdvec(&self.set).expect("an undo set serializes");
