@@ -33,8 +33,14 @@ use super::nodes::{Node, Nodes};
 use super::{CaptureSink, Dirty};
 
 /// How long the kernel may cache names and attributes. Everything that changes the tree goes
-/// through this daemon, which answers with fresh attributes each time, so caching is safe.
-const TTL: Duration = Duration::from_secs(1);
+/// through this daemon, which answers with fresh attributes each time, and the kernel drops
+/// what a change through the mount makes stale (a write: size and times; a write that drops
+/// set-id bits: the mode; links, renames, unlinks: counts and ctime), so caching is safe. With
+/// 1 s, a scan of an unchanged tree (`find`, a backup, a web server's `stat`s) paid a round
+/// trip per name whenever it came back after a second: 38,700 `lstat`s/s against 293,600/s
+/// with 60 s (15,000 files, native 220,000-330,000/s). Atimes the underlying file system moves
+/// on passthrough reads show through the mount up to this late.
+const TTL: Duration = Duration::from_secs(60);
 
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
