@@ -42,6 +42,12 @@ use super::{CaptureSink, Dirty};
 /// on passthrough reads show through the mount up to this late.
 const TTL: Duration = Duration::from_secs(60);
 
+/// [`TTL`] with the write-back cache: there, writes to a mount whose daemon died keep landing
+/// in the page cache, and seem to succeed, until the kernel needs the daemon again, which an
+/// expired attribute makes it do; with 60 s an application went on writing into a dead mount
+/// for a minute instead of reopening its files on the new one (`fuse_crash.rs`).
+const WRITEBACK_TTL: Duration = Duration::from_secs(1);
+
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -154,6 +160,11 @@ impl<S: CaptureSink> DoppelFs<S> {
                 None
             }
         }
+    }
+
+    /// How long the kernel may cache what this reply says (see [`TTL`], [`WRITEBACK_TTL`]).
+    fn ttl(&self) -> Duration {
+        if self.writeback.load(Ordering::Relaxed) { WRITEBACK_TTL } else { TTL }
     }
 
     /// The access mode the daemon opens the underlying file with for an application's
@@ -269,7 +280,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent, bytes(name)) {
-            Ok((id, st)) => reply.entry(&TTL, &attr(id, &st), fuser::Generation(0)),
+            Ok((id, st)) => reply.entry(&self.ttl(), &attr(id, &st), fuser::Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -286,7 +297,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
             _ => self.node(ino).and_then(|n| n.stat().map_err(errno)),
         };
         match st {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&self.ttl(), &attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
     }
@@ -311,7 +322,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
     ) {
         let change = meta::AttrChange { mode, uid, gid, size, atime, mtime };
         match self.do_setattr(ino, change, fh, privs::Caller::unprivileged(req)) {
-            Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+            Ok(st) => reply.attr(&self.ttl(), &attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
     }
@@ -535,7 +546,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
         match self.do_create(req, parent, bytes(name), mode & !umask, flags) {
             Ok((node, st, fh)) => {
                 let open = self.cached_open_flags(&node);
-                reply.created(&TTL, &attr(node.id, &st), fuser::Generation(0), fh, open)
+                reply.created(&self.ttl(), &attr(node.id, &st), fuser::Generation(0), fh, open)
             }
             Err(e) => reply.error(e),
         }
@@ -591,7 +602,7 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
 impl<S: CaptureSink> DoppelFs<S> {
     fn reply_entry(&self, r: Result<(u64, Stat), Errno>, reply: ReplyEntry) {
         match r {
-            Ok((id, st)) => reply.entry(&TTL, &attr(id, &st), fuser::Generation(0)),
+            Ok((id, st)) => reply.entry(&self.ttl(), &attr(id, &st), fuser::Generation(0)),
             Err(e) => reply.error(e),
         }
     }
