@@ -92,9 +92,17 @@ impl Qmp {
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut q = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer };
-        let greeting = q.read()?;
-        if greeting.get("QMP").is_none() {
-            return Err(q.protocol(&greeting));
+        // The greeting comes first, but an event may be delivered ahead of it (seen with
+        // QEMU 10 when the monitor was still busy with a client that died): skipped, as
+        // `execute` skips them.
+        loop {
+            let v = q.read()?;
+            if v.get("QMP").is_some() {
+                break;
+            }
+            if v.get("event").is_none() {
+                return Err(q.protocol(&v));
+            }
         }
         q.execute("qmp_capabilities", json!({}))?;
         Ok(q)
