@@ -38,6 +38,13 @@ pub trait Guard: Send + Sync {
     fn vouch(&self, _dev: u64, _ino: u64) -> Result<(), String> {
         Ok(())
     }
+    /// Whether the source's file times are its own. QEMU's FUSE export of a disk answers
+    /// every `stat` with the current time: there a file's mtime goes to the replica only with
+    /// the content it came with (created, or written), and a differing mtime alone is no
+    /// difference (verify called every such replica different once a second had passed).
+    fn times_kept(&self) -> bool {
+        true
+    }
 }
 
 /// Where emitted ops go (the spool, or a report for verify).
@@ -590,8 +597,9 @@ impl Reconciler {
                 a.xattrs = Some(e.xattrs.clone());
             }
         }
+        let times_kept = self.guard.as_ref().is_none_or(|g| g.times_kept());
         if meta.kind != EntryKind::Dir
-            && (created || content_changed || old.is_some_and(|o| o.mtime != meta.mtime))
+            && (created || content_changed || (times_kept && old.is_some_and(|o| o.mtime != meta.mtime)))
         {
             a.mtime = Some(meta.mtime);
         }

@@ -203,6 +203,52 @@ fn a_change_flushed_before_its_directory_rename_is_read_is_not_lost() {
     assert!(ops.iter().any(|o| matches!(o, Op::Unlink { .. })), "{ops:?}");
 }
 
+/// A source whose file times are made up (QEMU's FUSE export of a disk says "now" at every
+/// `stat`): a new mtime alone is no difference, one that comes with new content still travels.
+#[test]
+fn where_the_source_makes_up_file_times_an_mtime_alone_is_no_difference() {
+    struct MadeUpTimes;
+    struct Nothing;
+    impl Guard for MadeUpTimes {
+        fn entry(&self) -> Box<dyn Held + '_> {
+            Box::new(Nothing)
+        }
+        fn file(&self, _dev: u64, _ino: u64) -> Box<dyn Held + '_> {
+            Box::new(Nothing)
+        }
+        fn times_kept(&self) -> bool {
+            false
+        }
+    }
+    let mut r = Rig::new();
+    r.tree().file("disk.raw", &noise(1, 200_000));
+    r.rescan();
+    let disk = r.src.join("disk.raw");
+    let set_mtime = |secs: i64| {
+        let t = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec { tv_sec: secs, tv_nsec: 0 },
+            last_modification: rustix::fs::Timespec { tv_sec: secs, tv_nsec: 0 },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, &disk, &t, rustix::fs::AtFlags::empty()).unwrap();
+    };
+    set_mtime(2_000_000_000);
+    let index = std::mem::replace(&mut r.rec.index, Index::temporary().unwrap());
+    r.rec = Reconciler::new(&r.src, Selection::all(), index).with_guard(Arc::new(MadeUpTimes));
+    let (ops, _) = r.rescan();
+    assert!(ops.is_empty(), "an mtime alone: {ops:?}");
+    r.tree().file("disk.raw", &noise(2, 200_000));
+    set_mtime(2_000_000_100);
+    let (ops, _) = r.rescan();
+    assert!(ops.iter().any(|o| matches!(o, Op::Write { .. })), "{ops:?}");
+    assert!(
+        ops.iter().any(
+            |o| matches!(o, Op::SetAttr { attrs, .. } if attrs.mtime.is_some_and(|t| t.secs == 2_000_000_100))
+        ),
+        "the mtime travels with the content: {ops:?}"
+    );
+    r.assert_equal();
+}
+
 #[test]
 fn atomic_save_of_a_temp_file_and_rename_chains() {
     let mut r = Rig::new();
