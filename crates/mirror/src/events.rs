@@ -147,11 +147,12 @@ impl EventQueue {
             if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
                 continue;
             }
-            let r = self.waits(&path, depth, wait, &mut orphans, rec).and_then(|waits| match depth {
-                _ if waits => Ok(()),
-                Depth::Tree => rec.sync_tree(&path, sink),
-                Depth::Entry => rec.sync_entry(&path, sink),
-            });
+            let r = match self.waits(&path, depth, wait, &mut orphans, rec) {
+                Ok(true) => Ok(()),
+                Ok(false) if depth == Depth::Tree => rec.sync_tree(&path, sink),
+                Ok(false) => rec.sync_entry(&path, sink),
+                Err(e) => Err(e),
+            };
             if let Err(e) = r {
                 // Nothing is dropped: the name that failed and those not reached stay dirty.
                 self.dirty.insert(path, depth);
