@@ -140,14 +140,13 @@ impl EventQueue {
     ) -> Result<(), MirrorError> {
         let dirty = std::mem::take(&mut self.dirty);
         let (since, since_us) = (self.since.take(), self.since_us.take());
-        let mut orphans = std::mem::take(&mut self.orphans);
         let mut covered: Option<RelPath> = None;
         let mut pending = dirty.into_iter();
         while let Some((path, depth)) = pending.next() {
             if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
                 continue;
             }
-            let r = match self.waits(&path, depth, wait, &mut orphans, rec) {
+            let r = match self.waits(&path, depth, wait, rec) {
                 Ok(true) => Ok(()),
                 Ok(false) if depth == Depth::Tree => rec.sync_tree(&path, sink),
                 Ok(false) => rec.sync_entry(&path, sink),
@@ -157,7 +156,6 @@ impl EventQueue {
                 // Nothing is dropped: the name that failed and those not reached stay dirty.
                 self.dirty.insert(path, depth);
                 self.dirty.extend(pending);
-                self.orphans.extend(orphans);
                 self.since = since;
                 self.since_us = since_us;
                 return Err(e);
@@ -166,6 +164,9 @@ impl EventQueue {
                 covered = Some(path);
             }
         }
+        // A wait ends with its name: reconciled, or moved by a rename.
+        let dirty = &self.dirty;
+        self.orphans.retain(|k, _| dirty.contains_key(k));
         if !self.dirty.is_empty() {
             // Looked at again at the next flush, after the events read meanwhile.
             self.since = Some(Instant::now());
@@ -181,10 +182,9 @@ impl EventQueue {
         path: &RelPath,
         depth: Depth,
         wait: Duration,
-        orphans: &mut HashMap<RelPath, Instant>,
         rec: &Reconciler,
     ) -> Result<bool, MirrorError> {
-        let first = orphans.remove(path);
+        let first = self.orphans.get(path).copied();
         if wait.is_zero() || first.is_some_and(|t| t.elapsed() >= wait) || !rec.orphaned(path)? {
             return Ok(false);
         }
