@@ -314,7 +314,7 @@ impl Taker<'_> {
         while at < end {
             let n = ((end - at) as usize).min(1 << 20);
             let range = if n >= HOLE_CHECK_MIN && no_data(fd.as_fd(), at, at + n as u64) {
-                self.draft.zero_range(at, n)
+                Draft::zero_range(at, n)
             } else {
                 self.draft.read_range(at, n, |buf| read_exact_at(fd, buf, at))?
             };

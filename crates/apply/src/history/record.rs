@@ -161,13 +161,13 @@ impl Draft {
         read(&mut self.data[start..])?;
         if self.data[start..].iter().all(|&b| b == 0) {
             self.data.truncate(start);
-            return Ok(Range { off, len: len as u64, zero: true, data_at: 0 });
+            return Ok(Draft::zero_range(off, len));
         }
         Ok(Range { off, len: len as u64, zero: false, data_at: start as u64 })
     }
 
     /// Old bytes known to be zero without reading them (a hole): kept as the flag alone.
-    pub fn zero_range(&self, off: u64, len: usize) -> Range {
+    pub fn zero_range(off: u64, len: usize) -> Range {
         Range { off, len: len as u64, zero: true, data_at: 0 }
     }
 
