@@ -93,16 +93,10 @@ impl Qmp {
         let writer = stream.try_clone().map_err(io)?;
         let mut q = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer };
         // The greeting comes first, but an event may be delivered ahead of it (seen with
-        // QEMU 10 when the monitor was still busy with a client that died): skipped, as
-        // `execute` skips them.
-        loop {
-            let v = q.read()?;
-            if v.get("QMP").is_some() {
-                break;
-            }
-            if v.get("event").is_none() {
-                return Err(q.protocol(&v));
-            }
+        // QEMU 10 when the monitor was still busy with a client that died).
+        let greeting = q.read_reply()?;
+        if greeting.get("QMP").is_none() {
+            return Err(q.protocol(&greeting));
         }
         q.execute("qmp_capabilities", json!({}))?;
         Ok(q)
@@ -126,6 +120,17 @@ impl Qmp {
             .map_err(|_| QmpError::Protocol { path: self.path.clone(), answer: line.trim().to_string() })
     }
 
+    /// The next message that is not an event (events are not asked for, and nothing here
+    /// waits for one).
+    fn read_reply(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
     /// Runs `command` with `arguments`; returns its `return` value. Events that arrive
     /// meanwhile are skipped.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
@@ -133,23 +138,15 @@ impl Qmp {
             serde_json::to_vec(&json!({ "execute": command, "arguments": arguments })).expect("JSON encodes");
         req.push(b'\n');
         self.writer.write_all(&req).map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
-        loop {
-            let v = self.read()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Refused {
-                    command: command.into(),
-                    class: s("class"),
-                    desc: s("desc"),
-                });
-            }
-            if v.get("event").is_none() {
-                return Err(self.protocol(&v));
-            }
+        let v = self.read_reply()?;
+        if let Some(r) = v.get("return") {
+            return Ok(r.clone());
         }
+        if let Some(e) = v.get("error") {
+            let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            return Err(QmpError::Refused { command: command.into(), class: s("class"), desc: s("desc") });
+        }
+        Err(self.protocol(&v))
     }
 }
 
