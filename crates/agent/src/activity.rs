@@ -37,13 +37,19 @@ pub enum Region {
     Extent(Vec<u8>, u64),
     /// Everything beneath a directory (events were lost there).
     Tree(Vec<u8>),
+    /// The names made in directory `0` since `1` (microseconds since the epoch): after a
+    /// crash, every entry of the directory whose inode changed since then is compared (a new
+    /// name's inode has a change time no older than its making). One record for a directory
+    /// where files are being created stands for all of them, instead of one record (and one
+    /// `fdatasync`) per new name.
+    Children(Vec<u8>, u64),
 }
 
 impl Region {
     /// The regions covering a dirty mark.
     pub fn of(d: &Dirty<'_>) -> Vec<Region> {
         match d {
-            Dirty::Name(p) => vec![Region::Name(p.as_bytes().to_vec())],
+            Dirty::Name(p) | Dirty::New(p) => vec![Region::Name(p.as_bytes().to_vec())],
             Dirty::Extent { path, offset, len } => {
                 let first = offset / EXTENT;
                 let last = (offset + len.max(&1) - 1) / EXTENT;
@@ -55,9 +61,43 @@ impl Region {
     /// The path the region is about.
     pub fn path(&self) -> Option<RelPath> {
         match self {
-            Region::Name(p) | Region::Extent(p, _) | Region::Tree(p) => RelPath::new(p.clone()).ok(),
+            Region::Name(p) | Region::Extent(p, _) | Region::Tree(p) | Region::Children(p, _) => {
+                RelPath::new(p.clone()).ok()
+            }
         }
     }
+}
+
+/// The entries of directory `dir` (beneath `root`) whose inodes changed at or after
+/// `since_us`: what a [`Region::Children`] stands for after a crash. A directory that is gone
+/// has none (its own name, compared too, takes it off the replica).
+pub fn made_since(root: &Path, dir: &RelPath, since_us: u64) -> io::Result<Vec<RelPath>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let since_ns = i128::from(since_us) * 1000;
+    let entries = match std::fs::read_dir(root.join(dir.as_path())) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+        if ctime_ns >= since_ns {
+            let path = dir.join(entry.file_name().as_bytes()).map_err(io::Error::other)?;
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 struct Hot {
@@ -69,16 +109,18 @@ struct Hot {
     /// The group of records whose write makes this region's record durable (see
     /// [`Inner::durable`]).
     batch: u64,
-    /// When the file of this name was created (or emptied), if since the region became hot:
-    /// its comparison covers all of the file's content, so for a while (see
-    /// [`COVER_WINDOW`]) writes to the file need no extent of their own.
-    created: Option<Instant>,
 }
 
-/// How long after a file's creation its name stands for writes to it. Bounded so that a file
-/// written without pause for days is not compared whole after a crash because it was new
-/// once: after the window its writes mark extents again, and the name can cool.
+/// How long after a file's creation the region standing for its name stands for writes to
+/// it too. Bounded so that a file written without pause for days is not compared whole after
+/// a crash because it was new once: after the window its writes mark extents again, and the
+/// region can cool.
 pub const COVER_WINDOW: Duration = Duration::from_secs(10);
+
+/// How much older than the moment a [`Region::Children`] is recorded its `since` is: inode
+/// change times come from the kernel's coarse clock, which lags the precise one by up to a
+/// tick, and a small step of the clock must not hide a new name.
+const CHANGE_TIME_SLACK_US: u64 = 2_000_000;
 
 struct Inner {
     hot: HashMap<Region, Hot>,
@@ -94,6 +136,39 @@ struct Inner {
     syncing: bool,
     /// Groups whose write or sync failed: their marks are refused.
     failed: Vec<u64>,
+    /// The `since` of each directory's [`Region::Children`] (hot or lately hot).
+    children: HashMap<Vec<u8>, u64>,
+    /// Files lately created (or emptied): the region whose comparison takes in all of the
+    /// file, so writes to it within [`COVER_WINDOW`] need no extent (and no sync) of their own.
+    covered: HashMap<Vec<u8>, (Region, Instant)>,
+}
+
+impl Inner {
+    /// The region standing for names made in `dir`: the hot one, or a new one from now.
+    fn children_of(&mut self, dir: &[u8]) -> Region {
+        if let Some(&since) = self.children.get(dir) {
+            let r = Region::Children(dir.to_vec(), since);
+            if self.hot.contains_key(&r) {
+                return r;
+            }
+        }
+        let since = doppel_target::registry::now_us().saturating_sub(CHANGE_TIME_SLACK_US);
+        self.children.insert(dir.to_vec(), since);
+        Region::Children(dir.to_vec(), since)
+    }
+
+    /// The hot region covering writes to the lately created file `path`, if any.
+    fn covering(&self, path: &[u8]) -> Option<&Region> {
+        let (r, at) = self.covered.get(path)?;
+        (at.elapsed() < COVER_WINDOW && self.hot.contains_key(r)).then_some(r)
+    }
+
+    /// Forgets what refers to regions no longer hot.
+    fn prune(&mut self) {
+        let Inner { hot, children, covered, .. } = self;
+        children.retain(|d, s| hot.contains_key(&Region::Children(d.clone(), *s)));
+        covered.retain(|_, (r, at)| at.elapsed() < COVER_WINDOW && hot.contains_key(r));
+    }
 }
 
 /// The activity log of one job.
@@ -152,8 +227,15 @@ impl ActivityLog {
         let hot = left
             .iter()
             .map(|r| {
-                let h = Hot { last_seq: 0, pending: 0, touched: now, sticky: true, batch: 0, created: None };
+                let h = Hot { last_seq: 0, pending: 0, touched: now, sticky: true, batch: 0 };
                 (r.clone(), h)
+            })
+            .collect();
+        let children = left
+            .iter()
+            .filter_map(|r| match r {
+                Region::Children(d, since) => Some((d.clone(), *since)),
+                _ => None,
             })
             .collect();
         let inner = Inner {
@@ -165,6 +247,8 @@ impl ActivityLog {
             durable: 0,
             syncing: false,
             failed: Vec::new(),
+            children,
+            covered: HashMap::new(),
         };
         let log = ActivityLog { path: path.to_path_buf(), inner: Mutex::new(inner), synced: Condvar::new() };
         log.compact()?;
@@ -183,32 +267,46 @@ impl ActivityLog {
     }
 
     /// Marks the regions covering `dirty` as about to change, as [`ActivityLog::mark`] does,
-    /// and returns them. A write to a file whose name is hot because the file was created (or
-    /// emptied) lately is covered by that name, whose comparison takes in all of the file: no
-    /// extent (and no sync) of its own.
+    /// and returns them. A new name is covered by its directory's [`Region::Children`]. A
+    /// write to a file created (or emptied) lately is covered by the region standing for its
+    /// name, whose comparison takes in all of the file: no extent (and no sync) of its own.
     pub fn mark_dirty(&self, dirty: &[Dirty<'_>]) -> io::Result<Vec<Region>> {
         let mut g = self.lock();
         let mut regions = Vec::new();
         for d in dirty {
-            if let Dirty::Extent { path, .. } = d {
-                let name = Region::Name(path.as_bytes().to_vec());
-                if g.hot.get(&name).and_then(|h| h.created).is_some_and(|t| t.elapsed() < COVER_WINDOW) {
-                    regions.push(name);
-                    continue;
+            match d {
+                Dirty::Extent { path, .. } if let Some(r) = g.covering(path.as_bytes()) => {
+                    regions.push(r.clone());
                 }
+                Dirty::New(path) if let Some((dir, _)) = path.split_last() => {
+                    regions.push(g.children_of(dir.as_bytes()));
+                }
+                _ => regions.extend(Region::of(d)),
             }
-            regions.extend(Region::of(d));
         }
         let need = Self::add(&mut g, &regions);
         self.wait_durable(g, need)?;
         Ok(regions)
     }
 
-    /// The file at `path` was just created (or emptied): while its name stays hot, the name
-    /// covers its content for a while (see [`ActivityLog::mark_dirty`]).
+    /// The file at `path` was just created (or emptied): while the region standing for its
+    /// name (the name's own, else its directory's) stays hot, it covers the file's content for
+    /// a while (see [`ActivityLog::mark_dirty`]).
     pub fn created(&self, path: &[u8]) {
-        if let Some(h) = self.lock().hot.get_mut(&Region::Name(path.to_vec())) {
-            h.created = Some(Instant::now());
+        let mut g = self.lock();
+        let name = Region::Name(path.to_vec());
+        let region = if g.hot.contains_key(&name) {
+            name
+        } else {
+            // The directory of a relative path: what precedes its last '/', else the root.
+            let dir = &path[..path.iter().rposition(|&b| b == b'/').unwrap_or(0)];
+            match g.children.get(dir) {
+                Some(&since) => Region::Children(dir.to_vec(), since),
+                None => return,
+            }
+        };
+        if g.hot.contains_key(&region) {
+            g.covered.insert(path.to_vec(), (region, Instant::now()));
         }
     }
 
@@ -236,7 +334,7 @@ impl ActivityLog {
                     let batch = g.open;
                     g.hot.insert(
                         r.clone(),
-                        Hot { last_seq: 0, pending: 1, touched: now, sticky: false, batch, created: None },
+                        Hot { last_seq: 0, pending: 1, touched: now, sticky: false, batch },
                     );
                     needs(batch);
                 }
@@ -338,6 +436,7 @@ impl ActivityLog {
             g.hot.retain(|_, h| {
                 h.sticky || h.pending > 0 || h.last_seq > acked || now.duration_since(h.touched) < idle
             });
+            g.prune();
             // Rewriting costs two syncs and happens at most once per cooling pass; it keeps
             // what a crash would make us compare to what is really hot.
             before > g.hot.len()
@@ -408,6 +507,7 @@ impl ActivityLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use doppel_target::registry::now_us;
 
     fn name(s: &str) -> Region {
         Region::Name(s.as_bytes().to_vec())
@@ -481,6 +581,66 @@ mod tests {
         assert_eq!(e, vec![Region::Extent(b"old".to_vec(), 0)]);
         log.done(&m, None);
         log.done(&e, None);
+    }
+
+    #[test]
+    fn names_made_in_one_directory_share_one_record_and_cover_their_first_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a");
+        let (log, _) = ActivityLog::open(&path).unwrap();
+        let dir = RelPath::new("dir").unwrap();
+        let (a, b) = (RelPath::new("dir/a").unwrap(), RelPath::new("dir/b").unwrap());
+        let before = now_us();
+        let first = log.mark_dirty(&[Dirty::New(&a), Dirty::Name(&dir)]).unwrap();
+        let Region::Children(ref d0, since) = first[0] else { panic!("{first:?}") };
+        assert_eq!(d0, b"dir");
+        assert!(since <= before && since + 10_000_000 > before, "since {since}, now {before}");
+        log.created(a.as_bytes());
+        log.done(&first, Some(1));
+        let size = std::fs::metadata(&path).unwrap().len();
+        // The second name, and writes to the new file: the same record, nothing written.
+        let second = log.mark_dirty(&[Dirty::New(&b), Dirty::Name(&dir)]).unwrap();
+        assert_eq!(second, first);
+        let w = log.mark_dirty(&[Dirty::Extent { path: &a, offset: 5 * EXTENT, len: 10 }]).unwrap();
+        assert_eq!(w, vec![first[0].clone()]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "no record for the second name");
+        // b was not reported created: its writes mark extents.
+        let wb = log.mark_dirty(&[Dirty::Extent { path: &b, offset: 0, len: 1 }]).unwrap();
+        assert_eq!(wb, vec![Region::Extent(b"dir/b".to_vec(), 0)]);
+        drop(log);
+        let (_, left) = ActivityLog::open(&path).unwrap();
+        assert!(left.contains(&first[0]), "{left:?}");
+    }
+
+    #[test]
+    fn a_directory_region_stands_for_the_entries_changed_since_it() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("dir")).unwrap();
+        std::fs::write(d.path().join("dir/old"), b"x").unwrap();
+        let m = std::fs::metadata(d.path().join("dir/old")).unwrap();
+        let since = (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000 + 1;
+        // Change times come from a coarse clock: make names until one is past `since`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut made = Vec::new();
+        loop {
+            let name = format!("new{}", made.len());
+            std::fs::create_dir(d.path().join("dir").join(&name)).unwrap();
+            let m = std::fs::metadata(d.path().join("dir").join(&name)).unwrap();
+            let ctime_us = (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000;
+            made.push((format!("dir/{name}"), ctime_us >= since));
+            if ctime_us >= since {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the clock did not move");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let dir = RelPath::new("dir").unwrap();
+        let found: Vec<String> =
+            made_since(d.path(), &dir, since).unwrap().iter().map(|p| p.to_string()).collect();
+        let expected: Vec<String> = made.iter().filter(|(_, new)| *new).map(|(n, _)| n.clone()).collect();
+        assert_eq!(found, expected);
+        assert!(made_since(d.path(), &RelPath::new("gone").unwrap(), 0).unwrap().is_empty());
     }
 
     #[test]

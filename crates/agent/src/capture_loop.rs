@@ -51,6 +51,9 @@ pub struct Suspects {
     pub ranges: Vec<(RelPath, u64, u64)>,
     /// Events were lost: compare the whole tree (listing everything).
     pub whole_tree: bool,
+    /// Directories whose entries made since a time are to be compared (see
+    /// [`Region::Children`]); their names join [`Suspects::names`] once looked up.
+    pub children: Vec<(RelPath, u64)>,
     /// The dirty-set regions these came from, released once compared.
     pub regions: Vec<Region>,
 }
@@ -509,7 +512,8 @@ impl Capture {
             }
             Command::Resync { reply } => {
                 self.overflow.leave();
-                let s = suspects_of(self.dirty.sticky());
+                let mut s = suspects_of(self.dirty.sticky());
+                self.look_up_children(&mut s)?;
                 tracing::info!(
                     names = s.names.len(),
                     ranges = s.ranges.len(),
@@ -570,10 +574,22 @@ impl Capture {
         let mut s = suspects_of(left.regions);
         if let Some(t) = left.saved_at_us {
             s.names.extend(self.rec.suspects(t)?);
-            s.names.sort();
-            s.names.dedup();
         }
+        self.look_up_children(&mut s)?;
         Ok(s)
+    }
+
+    /// Adds to `s` the entries its directories' [`Region::Children`] stand for.
+    fn look_up_children(&self, s: &mut Suspects) -> Result<(), AgentError> {
+        let root = self.rec.root();
+        for (dir, since) in &s.children {
+            let found =
+                crate::activity::made_since(root, dir, *since).map_err(io(&root.join(dir.as_path())))?;
+            s.names.extend(found);
+        }
+        s.names.sort();
+        s.names.dedup();
+        Ok(())
     }
 
     /// `regions` have been compared with the replica: nothing the start plan asked for is
@@ -681,6 +697,10 @@ fn suspects_of(regions: Vec<Region>) -> Suspects {
         match (r, r.path()) {
             (Region::Tree(p), _) if p.is_empty() => s.whole_tree = true,
             (Region::Name(_) | Region::Tree(_), Some(p)) => s.names.push(p),
+            (Region::Children(_, since), Some(p)) => {
+                s.children.push((p.clone(), *since));
+                s.names.push(p);
+            }
             (Region::Extent(_, i), Some(p)) => s.ranges.push((p, i * EXTENT, EXTENT)),
             _ => {}
         }

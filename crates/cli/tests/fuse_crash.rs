@@ -479,3 +479,43 @@ fn a_killed_agent_compares_only_its_dirty_extents() {
     // less than the hot region itself.
     assert!(sent < HOT, "sent {sent} bytes");
 }
+
+/// Names made while the spool is full are dropped from it; what brings them to the replica is
+/// the activity log's record for their directory (one record for all of them, not one per
+/// name), compared once the link is back.
+#[test]
+fn names_made_while_the_spool_overflows_reach_the_replica_through_their_directorys_record() {
+    if !fuse_available() {
+        return;
+    }
+    let rig = Rig::new(&["--spool-limit", "1MiB"]);
+    std::fs::create_dir(rig.src.join("burst")).unwrap();
+    let mut agent = rig.start_agent(1);
+    wait_converged(&rig.src, &rig.replica(), Duration::from_secs(60), &mut agent);
+    rig.proxy.cut();
+    let burst = rig.src.join("burst");
+    let mut made = 0u64;
+    let mut make = |dir: &Path, n: u64| {
+        for _ in 0..n {
+            std::fs::write(dir.join(format!("f{made:05}")), noise(made, 16 << 10)).unwrap();
+            made += 1;
+        }
+    };
+    wait_until(Duration::from_secs(60), "the spool to overflow", || {
+        make(&burst, 8);
+        let s = job_status(&rig.home, "job");
+        (s["state"] == "overflow").then_some(()).ok_or(s.to_string())
+    });
+    // Dropped from here on: files, a directory with files, a symlink, a hard link.
+    make(&burst, 300);
+    std::fs::create_dir(burst.join("sub")).unwrap();
+    make(&burst.join("sub"), 20);
+    std::os::unix::fs::symlink("f00000", burst.join("link")).unwrap();
+    std::fs::hard_link(burst.join("f00001"), burst.join("hard")).unwrap();
+    let regions = job_status(&rig.home, "job")["dirty_regions"].as_u64().unwrap();
+    assert!(regions < 40, "{regions} dirty regions for {made} files in two directories");
+    rig.proxy.restore();
+    wait_converged(&rig.src, &rig.replica(), Duration::from_secs(120), &mut agent);
+    let log = agent.log();
+    assert!(log.contains("after the overflow: to compare with the replica"), "{log}");
+}

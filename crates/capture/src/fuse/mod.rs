@@ -62,8 +62,13 @@ pub enum Dirty<'a> {
         /// Number of bytes.
         len: u64,
     },
-    /// A name (created, removed, renamed, or its attributes changed).
+    /// A name (removed, renamed, or its attributes changed).
     Name(&'a RelPath),
+    /// A name about to be made (a file, directory, node, symlink or hard link that does not
+    /// exist yet). Told apart from [`Dirty::Name`] because a new name can be found again after
+    /// a crash by looking at its directory (its inode's change time is recent), so one record
+    /// for the directory can stand for every name made in it.
+    New(&'a RelPath),
 }
 
 /// Where the mount sends what it captures.

@@ -99,7 +99,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let path = joined(&ppath, name)?;
         let owner = Self::owner(req, &p)?;
         let pfd = p.fd().map_err(errno)?;
-        let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
+        let prep = self.prepare(&[Dirty::New(&path), Dirty::Name(&ppath)])?;
         let first = match &what {
             Make::Dir { mode } => {
                 rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(*mode & 0o7777)).map_err(errno)?;
@@ -151,7 +151,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let path = joined(&ppath, name)?;
         let owner = Self::owner(req, &p)?;
         let pfd = p.fd().map_err(errno)?;
-        let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
+        let prep = self.prepare(&[Dirty::New(&path), Dirty::Name(&ppath)])?;
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
         let base = OFlags::from_bits_retain((self.daemon_access(access) | keep) as u32)
@@ -295,7 +295,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let path = joined(&nppath, newname)?;
         let existing = self.nodes.path(&node);
         let (fd, npfd) = (node.fd().map_err(errno)?, np.fd().map_err(errno)?);
-        let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&nppath)])?;
+        let prep = self.prepare(&[Dirty::New(&path), Dirty::Name(&nppath)])?;
         rustix::fs::linkat(&fd, "", &npfd, newname, AtFlags::EMPTY_PATH).map_err(errno)?;
         let st = stat_at(&npfd, newname).map_err(errno)?;
         let linked = self.nodes.found(&np, newname, &st).map_err(errno)?;
