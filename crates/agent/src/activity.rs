@@ -68,13 +68,23 @@ impl Region {
     }
 }
 
-/// The entries of directory `dir` (beneath `root`) whose inodes changed at or after
-/// `since_us`: what a [`Region::Children`] stands for after a crash. A directory that is gone
-/// has none (its own name, compared too, takes it off the replica).
+/// The entries of directory `dir` (beneath `root`) made at or after `since_us`: what a
+/// [`Region::Children`] stands for after a crash. A directory that is gone has none (its own
+/// name, compared too, takes it off the replica).
+///
+/// An entry was made then if its inode was born then, or, for a hard link (an old inode with
+/// a new name), if the inode changed then. Where the file system keeps no birth time, any
+/// inode changed then counts. An older file merely written since is not taken (its writes
+/// have regions of their own): a busy disk image beside a directory's new files is not
+/// compared whole after a crash.
 pub fn made_since(root: &Path, dir: &RelPath, since_us: u64) -> io::Result<Vec<RelPath>> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let since_ns = i128::from(since_us) * 1000;
+    let ns = |t: std::time::SystemTime| match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
     let entries = match std::fs::read_dir(root.join(dir.as_path())) {
         Ok(entries) => entries,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
@@ -90,8 +100,12 @@ pub fn made_since(root: &Path, dir: &RelPath, since_us: u64) -> io::Result<Vec<R
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
-        if ctime_ns >= since_ns {
+        let changed = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()) >= since_ns;
+        let made = match meta.created() {
+            Ok(born) => ns(born) >= since_ns || (meta.nlink() > 1 && changed),
+            Err(_) => changed,
+        };
+        if made {
             let path = dir.join(entry.file_name().as_bytes()).map_err(io::Error::other)?;
             out.push(path);
         }
@@ -118,9 +132,14 @@ struct Hot {
 pub const COVER_WINDOW: Duration = Duration::from_secs(10);
 
 /// How much older than the moment a [`Region::Children`] is recorded its `since` is: inode
-/// change times come from the kernel's coarse clock, which lags the precise one by up to a
-/// tick, and a small step of the clock must not hide a new name.
+/// times come from the kernel's coarse clock, which lags the precise one by up to a tick, and
+/// a small step of the clock must not hide a new name.
 const CHANGE_TIME_SLACK_US: u64 = 2_000_000;
+
+/// Age past which names made in a directory go to a new [`Region::Children`] (one more record
+/// a minute for a busy directory): the old one then cools, and what a crash makes us compare
+/// stays bounded by the last minute or so, not by how long files have been made there.
+const CHILDREN_ROTATE_US: u64 = 60_000_000;
 
 struct Inner {
     hot: HashMap<Region, Hot>,
@@ -146,13 +165,14 @@ struct Inner {
 impl Inner {
     /// The region standing for names made in `dir`: the hot one, or a new one from now.
     fn children_of(&mut self, dir: &[u8]) -> Region {
+        let now = doppel_target::registry::now_us();
         if let Some(&since) = self.children.get(dir) {
             let r = Region::Children(dir.to_vec(), since);
-            if self.hot.contains_key(&r) {
+            if self.hot.contains_key(&r) && now < since + CHILDREN_ROTATE_US {
                 return r;
             }
         }
-        let since = doppel_target::registry::now_us().saturating_sub(CHANGE_TIME_SLACK_US);
+        let since = now.saturating_sub(CHANGE_TIME_SLACK_US);
         self.children.insert(dir.to_vec(), since);
         Region::Children(dir.to_vec(), since)
     }
@@ -289,14 +309,17 @@ impl ActivityLog {
         Ok(regions)
     }
 
-    /// The file at `path` was just created (or emptied): while the region standing for its
-    /// name (the name's own, else its directory's) stays hot, it covers the file's content for
-    /// a while (see [`ActivityLog::mark_dirty`]).
-    pub fn created(&self, path: &[u8]) {
+    /// The file at `path` was just created (`new`) or emptied: while the region standing for
+    /// its name (the name's own, else, for a new file, its directory's) stays hot, it covers
+    /// the file's content for a while (see [`ActivityLog::mark_dirty`]). An emptied file is
+    /// not a name made in its directory (see [`made_since`]): only its own name covers it.
+    pub fn created(&self, path: &[u8], new: bool) {
         let mut g = self.lock();
         let name = Region::Name(path.to_vec());
         let region = if g.hot.contains_key(&name) {
             name
+        } else if !new {
+            return;
         } else {
             // The directory of a relative path: what precedes its last '/', else the root.
             let dir = &path[..path.iter().rposition(|&b| b == b'/').unwrap_or(0)];
@@ -558,7 +581,7 @@ mod tests {
         let p = RelPath::new("dir/new").unwrap();
         let parent = RelPath::new("dir").unwrap();
         let marked = log.mark_dirty(&[Dirty::Name(&p), Dirty::Name(&parent)]).unwrap();
-        log.created(p.as_bytes());
+        log.created(p.as_bytes(), true);
         log.done(&marked, Some(1));
         let size = std::fs::metadata(&path).unwrap().len();
         // The first write and one far into the file: no extent, nothing written to the log.
@@ -595,7 +618,7 @@ mod tests {
         let Region::Children(ref d0, since) = first[0] else { panic!("{first:?}") };
         assert_eq!(d0, b"dir");
         assert!(since <= before && since + 10_000_000 > before, "since {since}, now {before}");
-        log.created(a.as_bytes());
+        log.created(a.as_bytes(), true);
         log.done(&first, Some(1));
         let size = std::fs::metadata(&path).unwrap().len();
         // The second name, and writes to the new file: the same record, nothing written.
@@ -613,11 +636,38 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_region_a_minute_old_gives_way_to_a_new_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (log, _) = ActivityLog::open(&d.path().join("a")).unwrap();
+        let (a, b) = (RelPath::new("dir/a").unwrap(), RelPath::new("dir/b").unwrap());
+        let first = log.mark_dirty(&[Dirty::New(&a)]).unwrap();
+        // Make it a minute older than it is.
+        let old = {
+            let mut g = log.lock();
+            let h = g.hot.remove(&first[0]).unwrap();
+            let Region::Children(dir, since) = &first[0] else { panic!("{first:?}") };
+            let old = Region::Children(dir.clone(), since - CHILDREN_ROTATE_US);
+            g.hot.insert(old.clone(), h);
+            g.children.insert(dir.clone(), since - CHILDREN_ROTATE_US);
+            old
+        };
+        let second = log.mark_dirty(&[Dirty::New(&b)]).unwrap();
+        let Region::Children(_, since) = second[0] else { panic!("{second:?}") };
+        assert!(since + CHILDREN_ROTATE_US / 2 > now_us(), "a new region from now: {second:?}");
+        // The old one cools on its own once its change is done.
+        log.done(&[old], Some(1));
+        log.done(&second, Some(2));
+        log.cool(1, Duration::ZERO).unwrap();
+        assert_eq!(log.len(), 1);
+    }
+
+    #[test]
     fn a_directory_region_stands_for_the_entries_changed_since_it() {
         use std::os::unix::fs::MetadataExt;
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("dir")).unwrap();
         std::fs::write(d.path().join("dir/old"), b"x").unwrap();
+        std::fs::write(d.path().join("x"), b"x").unwrap();
         let m = std::fs::metadata(d.path().join("dir/old")).unwrap();
         let since = (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000 + 1;
         // Change times come from a coarse clock: make names until one is past `since`.
@@ -635,10 +685,19 @@ mod tests {
             assert!(Instant::now() < deadline, "the clock did not move");
             std::thread::sleep(Duration::from_millis(1));
         }
+        // Changed since (written, given a new name) but older than `since`.
+        std::fs::write(d.path().join("dir/old"), b"written since").unwrap();
+        std::fs::hard_link(d.path().join("x"), d.path().join("dir/linked")).unwrap();
         let dir = RelPath::new("dir").unwrap();
         let found: Vec<String> =
             made_since(d.path(), &dir, since).unwrap().iter().map(|p| p.to_string()).collect();
-        let expected: Vec<String> = made.iter().filter(|(_, new)| *new).map(|(n, _)| n.clone()).collect();
+        let mut expected: Vec<String> = made.iter().filter(|(_, new)| *new).map(|(n, _)| n.clone()).collect();
+        expected.push("dir/linked".into());
+        if std::fs::metadata(d.path().join("dir/old")).unwrap().created().is_err() {
+            // No birth times here: every inode changed since counts.
+            expected.push("dir/old".into());
+        }
+        expected.sort();
         assert_eq!(found, expected);
         assert!(made_since(d.path(), &RelPath::new("gone").unwrap(), 0).unwrap().is_empty());
     }

@@ -57,7 +57,8 @@ impl CaptureSink for FuseSink {
         // A file new to the replica (or emptied): its name, hot now, stands for its content.
         for op in &ops {
             match op {
-                Op::Create { path, .. } | Op::Truncate { path, size: 0 } => self.activity.created(&path.0),
+                Op::Create { path, .. } => self.activity.created(&path.0, true),
+                Op::Truncate { path, size: 0 } => self.activity.created(&path.0, false),
                 _ => {}
             }
         }

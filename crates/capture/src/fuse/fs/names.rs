@@ -151,7 +151,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let path = joined(&ppath, name)?;
         let owner = Self::owner(req, &p)?;
         let pfd = p.fd().map_err(errno)?;
-        let prep = self.prepare(&[Dirty::New(&path), Dirty::Name(&ppath)])?;
+        let mut prep = self.prepare(&[Dirty::New(&path), Dirty::Name(&ppath)])?;
         let access = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
         let base = OFlags::from_bits_retain((self.daemon_access(access) | keep) as u32)
@@ -164,7 +164,14 @@ impl<S: CaptureSink> DoppelFs<S> {
         {
             Ok(fd) => (fd, true),
             Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
-                let trunc = if flags & libc::O_TRUNC != 0 { OFlags::TRUNC } else { OFlags::empty() };
+                let trunc = if flags & libc::O_TRUNC != 0 {
+                    // Emptying a file that exists changes it, not its directory's names: its
+                    // own name stands for that.
+                    prep = self.prepare(&[Dirty::Name(&path)])?;
+                    OFlags::TRUNC
+                } else {
+                    OFlags::empty()
+                };
                 (cache.retry(|| rustix::fs::openat(&pfd, name, base | trunc, perm)).map_err(errno)?, false)
             }
             Err(e) => return Err(errno(e)),
