@@ -37,11 +37,11 @@ pub enum Region {
     Extent(Vec<u8>, u64),
     /// Everything beneath a directory (events were lost there).
     Tree(Vec<u8>),
-    /// The names made in directory `0` since `1` (microseconds since the epoch): after a
-    /// crash, every entry of the directory whose inode changed since then is compared (a new
-    /// name's inode has a change time no older than its making). One record for a directory
-    /// where files are being created stands for all of them, instead of one record (and one
-    /// `fdatasync`) per new name.
+    /// The names made or removed in directory `0` since `1` (microseconds since the epoch):
+    /// after a crash, every entry of the source's directory made since then (see
+    /// [`made_since`]) is compared, and every name the replica's directory holds that the
+    /// source's does not. One record for a directory where files come and go stands for all
+    /// of them, instead of one record (and one `fdatasync`) per name.
     Children(Vec<u8>, u64),
 }
 
@@ -49,7 +49,7 @@ impl Region {
     /// The regions covering a dirty mark.
     pub fn of(d: &Dirty<'_>) -> Vec<Region> {
         match d {
-            Dirty::Name(p) | Dirty::New(p) => vec![Region::Name(p.as_bytes().to_vec())],
+            Dirty::Name(p) | Dirty::New(p) | Dirty::Gone(p) => vec![Region::Name(p.as_bytes().to_vec())],
             Dirty::Extent { path, offset, len } => {
                 let first = offset / EXTENT;
                 let last = (offset + len.max(&1) - 1) / EXTENT;
@@ -298,7 +298,7 @@ impl ActivityLog {
                 Dirty::Extent { path, .. } if let Some(r) = g.covering(path.as_bytes()) => {
                     regions.push(r.clone());
                 }
-                Dirty::New(path) if let Some((dir, _)) = path.split_last() => {
+                Dirty::New(path) | Dirty::Gone(path) if let Some((dir, _)) = path.split_last() => {
                     regions.push(g.children_of(dir.as_bytes()));
                 }
                 _ => regions.extend(Region::of(d)),
@@ -627,6 +627,9 @@ mod tests {
         let w = log.mark_dirty(&[Dirty::Extent { path: &a, offset: 5 * EXTENT, len: 10 }]).unwrap();
         assert_eq!(w, vec![first[0].clone()]);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size, "no record for the second name");
+        // A removal in the same directory: the same record.
+        let gone = RelPath::new("dir/old").unwrap();
+        assert_eq!(log.mark_dirty(&[Dirty::Gone(&gone)]).unwrap(), vec![first[0].clone()]);
         // b was not reported created: its writes mark extents.
         let wb = log.mark_dirty(&[Dirty::Extent { path: &b, offset: 0, len: 1 }]).unwrap();
         assert_eq!(wb, vec![Region::Extent(b"dir/b".to_vec(), 0)]);

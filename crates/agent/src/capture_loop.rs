@@ -100,6 +100,17 @@ pub enum Command {
         /// The replica's epoch.
         epoch: u64,
     },
+    /// Adds to `suspects` the names the replica's directories hold (`on_replica`, a listing of
+    /// [`Suspects::children`]) that the source's do not: removals a [`Region::Children`]
+    /// stands for.
+    Vanished {
+        /// What the previous run (or the overflow) left to compare.
+        suspects: Suspects,
+        /// The replica's entries directly beneath those directories.
+        on_replica: Vec<Entry>,
+        /// The answer.
+        reply: oneshot::Sender<Suspects>,
+    },
     /// Take in every change made so far (pending events, and anything a stat comparison with
     /// the index finds), queue its ops, and answer: the last step before a handover.
     Settle {
@@ -523,6 +534,11 @@ impl Capture {
                 let _ = reply.send(s);
                 Ok(false)
             }
+            Command::Vanished { mut suspects, on_replica, reply } => {
+                self.add_vanished(&mut suspects, on_replica)?;
+                let _ = reply.send(suspects);
+                Ok(false)
+            }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
                 self.status.set_state(Phase::Mirroring);
                 self.checkpoint()?;
@@ -577,6 +593,30 @@ impl Capture {
         }
         self.look_up_children(&mut s)?;
         Ok(s)
+    }
+
+    /// Adds to `s` the names of `on_replica` that are gone from the source.
+    fn add_vanished(&self, s: &mut Suspects, on_replica: Vec<Entry>) -> Result<(), AgentError> {
+        let root = self.rec.root();
+        for e in on_replica {
+            let Ok(p) = RelPath::try_from(&e.path) else { continue };
+            let full = root.join(p.as_path());
+            match std::fs::symlink_metadata(&full) {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    s.names.push(p)
+                }
+                Err(err) => return Err(AgentError::Io { path: full, source: err }),
+            }
+        }
+        s.names.sort();
+        s.names.dedup();
+        Ok(())
     }
 
     /// Adds to `s` the entries its directories' [`Region::Children`] stand for.

@@ -367,8 +367,18 @@ impl Link {
         }
         let (tx, rx) = oneshot::channel();
         self.command(if resync { Command::Resync { reply: tx } } else { Command::Suspects { reply: tx } })?;
-        let suspects =
-            rx.await.map_err(|_| End::Retry(LinkError::Protocol("the capture thread stopped".into())))?;
+        let stopped = || End::Retry(LinkError::Protocol("the capture thread stopped".into()));
+        let mut suspects = rx.await.map_err(|_| stopped())?;
+        if !suspects.whole_tree && !suspects.children.is_empty() {
+            // Names removed from directories whose region stands for them: what the replica
+            // holds there and the source does not.
+            let dirs = suspects.children.iter().map(|(d, _)| d.to_wire()).collect();
+            self.list_id += 1;
+            let on_replica = request_list(out, lists, self.list_id, ListScope::Children(dirs)).await?;
+            let (tx, rx) = oneshot::channel();
+            self.command(Command::Vanished { suspects, on_replica, reply: tx })?;
+            suspects = rx.await.map_err(|_| stopped())?;
+        }
         let names_scope = if suspects.whole_tree {
             ListScope::All
         } else {

@@ -130,6 +130,19 @@ pub fn list_in_pieces(
             }
             Ok(())
         }
+        ListScope::Children(dirs) => {
+            for w in dirs {
+                let Ok(dir) = RelPath::try_from(w) else { continue };
+                match children_of(root, &dir, emit) {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENOTDIR)
+                            || doppel_fs::beneath::is_escape(&e) => {}
+                    r => r?,
+                }
+            }
+            Ok(())
+        }
         ListScope::Ranges(ranges) => {
             for (w, offset, len) in ranges {
                 let Ok(path) = RelPath::try_from(w) else { continue };
@@ -141,6 +154,48 @@ pub fn list_in_pieces(
             Ok(())
         }
     }
+}
+
+/// Emits an entry without block hashes (nor link target or attributes) for each name
+/// directly beneath the directory `dir`.
+fn children_of(
+    root: &Beneath,
+    dir: &RelPath,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
+    let fd = root.open_at(dir, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&fd)? {
+        let name = entry?.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
+    names.sort();
+    for name in names {
+        let st = match rustix::fs::statat(&fd, name.as_c_str(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let meta = Meta::from_stat(&st);
+        let path = dir.join(name.as_bytes()).map_err(io::Error::other)?;
+        emit(Entry {
+            path: path.to_wire(),
+            kind: meta.kind,
+            size: if meta.kind == EntryKind::File { meta.size } else { 0 },
+            mode: meta.mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: meta.mtime,
+            link_target: Vec::new(),
+            link_group: None,
+            first_block: 0,
+            blocks: Vec::new(),
+            xattrs: Vec::new(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The entries of a regular file with the hashes of the blocks covering

@@ -491,6 +491,11 @@ fn names_made_while_the_spool_overflows_reach_the_replica_through_their_director
     let rig = Rig::new(&["--spool-limit", "1MiB"]);
     std::fs::create_dir(rig.src.join("burst")).unwrap();
     std::fs::write(rig.src.join("burst/existing"), b"before the cut").unwrap();
+    for i in 0..30 {
+        std::fs::write(rig.src.join(format!("burst/old{i:02}")), b"replicated, then removed").unwrap();
+    }
+    std::fs::create_dir_all(rig.src.join("burst/olddir/inner")).unwrap();
+    std::fs::write(rig.src.join("burst/olddir/inner/f"), b"x").unwrap();
     let mut agent = rig.start_agent(1);
     wait_converged(&rig.src, &rig.replica(), Duration::from_secs(60), &mut agent);
     rig.proxy.cut();
@@ -507,10 +512,16 @@ fn names_made_while_the_spool_overflows_reach_the_replica_through_their_director
         let s = job_status(&rig.home, "job");
         (s["state"] == "overflow").then_some(()).ok_or(s.to_string())
     });
-    // Dropped from here on: files, a directory with files, a symlink, a hard link, and an
-    // older file rewritten (not a name made: its own name's region brings it).
+    // Dropped from here on: files, a directory with files, a symlink, a hard link, an older
+    // file rewritten (not a name made: its own name's region brings it), and removals (found
+    // by listing the replica's directory).
     make(&burst, 300);
     std::fs::write(burst.join("existing"), noise(9, 20 << 10)).unwrap();
+    // Removals: files and a directory tree the replica has.
+    for i in 0..30 {
+        std::fs::remove_file(burst.join(format!("old{i:02}"))).unwrap();
+    }
+    std::fs::remove_dir_all(burst.join("olddir")).unwrap();
     std::fs::create_dir(burst.join("sub")).unwrap();
     make(&burst.join("sub"), 20);
     std::os::unix::fs::symlink("f00000", burst.join("link")).unwrap();

@@ -385,6 +385,7 @@ fn message() -> impl Strategy<Value = Message> {
     let scope = prop_oneof![
         Just(ListScope::All),
         vec(wire_path(), 0..4).prop_map(ListScope::Paths),
+        vec(wire_path(), 0..4).prop_map(ListScope::Children),
         vec((wire_path(), any::<u64>(), any::<u64>()), 0..4).prop_map(ListScope::Ranges),
     ];
     prop_oneof![
@@ -529,7 +530,9 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
 /// Every path a message carries (what the target turns into `RelPath`s).
 fn paths(m: &Message) -> Vec<&WirePath> {
     match m {
-        Message::ListRequest { scope: ListScope::Paths(p), .. } => p.iter().collect(),
+        Message::ListRequest { scope: ListScope::Paths(p) | ListScope::Children(p), .. } => {
+            p.iter().collect()
+        }
         Message::ListRequest { scope: ListScope::Ranges(r), .. } => r.iter().map(|(p, _, _)| p).collect(),
         Message::ListEntries { entries, .. } => entries.iter().map(|e| &e.path).collect(),
         _ => Vec::new(),

@@ -19,7 +19,7 @@ use crate::path::WirePath;
 
 /// The protocol spoken by this build. Peers with a different major version are refused in the
 /// handshake with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// First message of a connection, from the source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +170,9 @@ pub enum ListScope {
     /// Byte ranges of files: `(path, offset, len)`, widened to whole blocks. Each answer entry
     /// carries the blocks of one range, starting at [`Entry::first_block`].
     Ranges(Vec<(WirePath, u64, u64)>),
+    /// The entries directly beneath these directories, described without block hashes (names,
+    /// types and attributes): what an agent needs to find names gone from the source.
+    Children(Vec<WirePath>),
 }
 
 /// The type of a tree entry.

@@ -310,6 +310,22 @@ fn listing_describes_the_tree_with_block_hashes() {
     })
     .unwrap();
     assert_eq!(some, ["l"]);
+    // A directory's children: names and attributes, no hashes; not through a symlink, not
+    // out of the replica, nothing for a file or a missing directory.
+    let mut children = Vec::new();
+    let scope = doppel_proto::ListScope::Children(vec![w("d"), w("l"), w("../x"), w("d/big"), w("missing")]);
+    crate::listing::list(f.replica.root(), &scope, &mut |e| {
+        children.push(e);
+        Ok(())
+    })
+    .unwrap();
+    let names: Vec<String> = children.iter().map(|e| e.path.display()).collect();
+    assert_eq!(names, ["d/big", "d/big2"]);
+    assert!(
+        children
+            .iter()
+            .all(|e| e.blocks.is_empty() && e.size == 200_000 && e.kind == doppel_proto::EntryKind::File)
+    );
 }
 
 #[test]

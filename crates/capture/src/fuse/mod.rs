@@ -69,6 +69,10 @@ pub enum Dirty<'a> {
     /// a crash by looking at its directory (its inode's change time is recent), so one record
     /// for the directory can stand for every name made in it.
     New(&'a RelPath),
+    /// A name about to be removed. Like [`Dirty::New`], its directory's record can stand for
+    /// it: after a crash, names the replica's directory holds and the source's does not are
+    /// found by listing both.
+    Gone(&'a RelPath),
 }
 
 /// Where the mount sends what it captures.

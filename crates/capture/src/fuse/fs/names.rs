@@ -228,7 +228,7 @@ impl<S: CaptureSink> DoppelFs<S> {
         let path = joined(&ppath, name)?;
         let pfd = p.fd().map_err(errno)?;
         let st = stat_at(&pfd, name).map_err(errno)?;
-        let prep = self.prepare(&[Dirty::Name(&path), Dirty::Name(&ppath)])?;
+        let prep = self.prepare(&[Dirty::Gone(&path), Dirty::Name(&ppath)])?;
         let flags = if dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
         rustix::fs::unlinkat(&pfd, name, flags).map_err(errno)?;
         self.nodes.unnamed(p.id, name, Some((st.st_dev, st.st_ino)));
