@@ -106,10 +106,11 @@ pub enum Command {
     Vanished {
         /// What the previous run (or the overflow) left to compare.
         suspects: Suspects,
-        /// The replica's entries directly beneath those directories.
-        on_replica: Vec<Entry>,
-        /// The answer.
-        reply: oneshot::Sender<Suspects>,
+        /// The replica's entries directly beneath those directories, arriving (a directory
+        /// may hold millions: never gathered whole).
+        on_replica: Listing,
+        /// The answer; `None` if the listing did not arrive whole (the link retries).
+        reply: oneshot::Sender<Option<Suspects>>,
     },
     /// Take in every change made so far (pending events, and anything a stat comparison with
     /// the index finds), queue its ops, and answer: the last step before a handover.
@@ -535,8 +536,16 @@ impl Capture {
                 Ok(false)
             }
             Command::Vanished { mut suspects, on_replica, reply } => {
-                self.add_vanished(&mut suspects, on_replica)?;
-                let _ = reply.send(suspects);
+                match self.add_vanished(&mut suspects, on_replica) {
+                    Err(AgentError::Listing(e)) => {
+                        tracing::warn!(error = %e, "listing the replica's directories: incomplete; the link retries");
+                        let _ = reply.send(None);
+                    }
+                    r => {
+                        r?;
+                        let _ = reply.send(Some(suspects));
+                    }
+                }
                 Ok(false)
             }
             Command::MirrorSuspects { suspects, names, ranges, replica_id, epoch } => {
@@ -596,9 +605,9 @@ impl Capture {
     }
 
     /// Adds to `s` the names of `on_replica` that are gone from the source.
-    fn add_vanished(&self, s: &mut Suspects, on_replica: Vec<Entry>) -> Result<(), AgentError> {
+    fn add_vanished(&self, s: &mut Suspects, mut on_replica: Listing) -> Result<(), AgentError> {
         let root = self.rec.root();
-        for e in on_replica {
+        for e in &mut on_replica {
             let Ok(p) = RelPath::try_from(&e.path) else { continue };
             let full = root.join(p.as_path());
             match std::fs::symlink_metadata(&full) {
@@ -614,6 +623,7 @@ impl Capture {
                 Err(err) => return Err(AgentError::Io { path: full, source: err }),
             }
         }
+        on_replica.finish()?;
         s.names.sort();
         s.names.dedup();
         Ok(())

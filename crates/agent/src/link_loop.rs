@@ -374,10 +374,13 @@ impl Link {
             // holds there and the source does not.
             let dirs = suspects.children.iter().map(|(d, _)| d.to_wire()).collect();
             self.list_id += 1;
-            let on_replica = request_list(out, lists, self.list_id, ListScope::Children(dirs)).await?;
+            let (feed, on_replica) = crate::listing::channel();
             let (tx, rx) = oneshot::channel();
             self.command(Command::Vanished { suspects, on_replica, reply: tx })?;
-            suspects = rx.await.map_err(|_| stopped())?;
+            feed_list(out, lists, self.list_id, ListScope::Children(dirs), feed).await?;
+            suspects = rx.await.map_err(|_| stopped())?.ok_or_else(|| {
+                End::Retry(LinkError::Protocol("the replica's directories were not listed whole".into()))
+            })?;
         }
         let names_scope = if suspects.whole_tree {
             ListScope::All
