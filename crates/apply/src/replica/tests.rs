@@ -326,6 +326,14 @@ fn listing_describes_the_tree_with_block_hashes() {
             .iter()
             .all(|e| e.blocks.is_empty() && e.size == 200_000 && e.kind == doppel_proto::EntryKind::File)
     );
+    // The root's children.
+    let mut top = Vec::new();
+    crate::listing::list(f.replica.root(), &doppel_proto::ListScope::Children(vec![w("")]), &mut |e| {
+        top.push(e.path.display());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(top, ["d", "l"]);
 }
 
 #[test]
