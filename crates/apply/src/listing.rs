@@ -37,6 +37,22 @@ pub fn entries_for(
         _ => Vec::new(),
     };
     let base = Entry {
+        link_target,
+        link_group: (meta.kind == EntryKind::File && meta.nlink > 1).then_some(meta.ino),
+        xattrs,
+        ..bare_entry(path, meta)
+    };
+    if meta.kind != EntryKind::File {
+        return emit(base);
+    }
+    let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
+    hashed_pieces(&f, base, 0, meta.size.div_ceil(doppel_proto::BLOCK_SIZE), per, emit)
+}
+
+/// The entry of `path` with its metadata only: no link target, link group, attributes or
+/// block hashes.
+fn bare_entry(path: &RelPath, meta: &Meta) -> Entry {
+    Entry {
         path: path.to_wire(),
         kind: meta.kind,
         size: if meta.kind == EntryKind::File { meta.size } else { 0 },
@@ -44,17 +60,12 @@ pub fn entries_for(
         uid: meta.uid,
         gid: meta.gid,
         mtime: meta.mtime,
-        link_target,
-        link_group: (meta.kind == EntryKind::File && meta.nlink > 1).then_some(meta.ino),
+        link_target: Vec::new(),
+        link_group: None,
         first_block: 0,
         blocks: Vec::new(),
-        xattrs,
-    };
-    if meta.kind != EntryKind::File {
-        return emit(base);
+        xattrs: Vec::new(),
     }
-    let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
-    hashed_pieces(&f, base, 0, meta.size.div_ceil(doppel_proto::BLOCK_SIZE), per, emit)
 }
 
 /// Emits `base` with the hashes of `count` blocks of `f` from block `first`, in pieces of at
@@ -178,22 +189,8 @@ fn children_of(
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => return Err(e.into()),
         };
-        let meta = Meta::from_stat(&st);
         let path = dir.join(name.as_bytes()).map_err(io::Error::other)?;
-        emit(Entry {
-            path: path.to_wire(),
-            kind: meta.kind,
-            size: if meta.kind == EntryKind::File { meta.size } else { 0 },
-            mode: meta.mode,
-            uid: meta.uid,
-            gid: meta.gid,
-            mtime: meta.mtime,
-            link_target: Vec::new(),
-            link_group: None,
-            first_block: 0,
-            blocks: Vec::new(),
-            xattrs: Vec::new(),
-        })?;
+        emit(bare_entry(&path, &Meta::from_stat(&st)))?;
     }
     Ok(())
 }
@@ -218,19 +215,6 @@ fn range_entries(
     let last = (offset.saturating_add(len.max(1)) - 1) / bs;
     // Only blocks that exist: a range past the end names none.
     let count = (last + 1).min(meta.size.div_ceil(bs)).saturating_sub(first);
-    let base = Entry {
-        path: path.to_wire(),
-        kind: EntryKind::File,
-        size: meta.size,
-        mode: meta.mode,
-        uid: meta.uid,
-        gid: meta.gid,
-        mtime: meta.mtime,
-        link_target: Vec::new(),
-        link_group: None,
-        first_block: first,
-        blocks: Vec::new(),
-        xattrs: Vec::new(),
-    };
+    let base = Entry { first_block: first, ..bare_entry(path, &meta) };
     hashed_pieces(&f, base, first, count, per, emit)
 }
