@@ -673,28 +673,29 @@ mod tests {
         std::fs::write(d.path().join("x"), b"x").unwrap();
         let m = std::fs::metadata(d.path().join("dir/old")).unwrap();
         let since = (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000 + 1;
-        // Change times come from a coarse clock: make names until one is past `since`.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut made = Vec::new();
-        loop {
-            let name = format!("new{}", made.len());
-            std::fs::create_dir(d.path().join("dir").join(&name)).unwrap();
-            let m = std::fs::metadata(d.path().join("dir").join(&name)).unwrap();
-            let ctime_us = (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000;
-            made.push((format!("dir/{name}"), ctime_us >= since));
-            if ctime_us >= since {
-                break;
-            }
+        // Change times come from a coarse clock: wait (changing a probe outside the directory)
+        // until it is past `since`; everything made from then on is.
+        let ctime_us = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.ctime() as u64 * 1_000_000_000 + m.ctime_nsec() as u64) / 1000
+        };
+        let (probe, deadline) = (d.path().join("probe"), Instant::now() + Duration::from_secs(10));
+        std::fs::write(&probe, b"").unwrap();
+        while ctime_us(&probe) < since {
             assert!(Instant::now() < deadline, "the clock did not move");
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::yield_now();
+            std::fs::set_permissions(&probe, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         }
+        let made = ["dir/new0", "dir/new1"];
+        std::fs::create_dir(d.path().join(made[0])).unwrap();
+        std::fs::write(d.path().join(made[1]), b"new").unwrap();
         // Changed since (written, given a new name) but older than `since`.
         std::fs::write(d.path().join("dir/old"), b"written since").unwrap();
         std::fs::hard_link(d.path().join("x"), d.path().join("dir/linked")).unwrap();
         let dir = RelPath::new("dir").unwrap();
         let found: Vec<String> =
             made_since(d.path(), &dir, since).unwrap().iter().map(|p| p.to_string()).collect();
-        let mut expected: Vec<String> = made.iter().filter(|(_, new)| *new).map(|(n, _)| n.clone()).collect();
+        let mut expected: Vec<String> = made.iter().map(|n| n.to_string()).collect();
         expected.push("dir/linked".into());
         if std::fs::metadata(d.path().join("dir/old")).unwrap().created().is_err() {
             // No birth times here: every inode changed since counts.
