@@ -11,10 +11,15 @@
 //! Links break; every break is followed by a new connection that resumes where the last one
 //! stopped (the embedded target keeps its replica state, the DR side its spool).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use doppel_apply::listing::KnownBlocks;
+use doppel_fs::Meta;
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, Identity, LinkError};
-use doppel_proto::{Hello, Message, PROTOCOL_VERSION, Refusal};
+use doppel_mirror::index::{Index, Snapshot};
+use doppel_proto::{BlockHash, EntryKind, Hello, Message, PROTOCOL_VERSION, Refusal, RelPath};
 use doppel_target::{Layout, Target, TargetConfig};
 use tokio::io::BufReader;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +89,8 @@ pub async fn receive_with(
     let mut cfg = TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() });
     // The source's own tree receiving its replica back keeps no history (and no attic beside it).
     cfg.history = None;
+    let indexed = IndexedBlocks::open(&lock.dir, job.index_cache).map(Arc::new);
+    cfg.known_blocks = indexed.clone().map(|i| i as Arc<dyn KnownBlocks>);
     let target = Target::new(cfg);
     watch(&target);
     let mut backoff = Duration::from_millis(200);
@@ -124,6 +131,10 @@ pub async fn receive_with(
         backoff = (backoff * 2).min(Duration::from_secs(10));
     };
     target.shutdown.cancel();
+    // The handover opens the index again: its view here must be closed first.
+    if let Some(i) = &indexed {
+        i.close();
+    }
     let adopted =
         Adopted { replica_id: handover.replica_id, epoch: handover.epoch, applied_seq: handover.applied_seq };
     adopt_replica(job, &lock, adopted)?;
@@ -131,6 +142,77 @@ pub async fn receive_with(
     let _ = std::fs::remove_dir_all(&state);
     tracing::info!(job = %job.name, epoch = adopted.epoch, "job handed back: protection resumes");
     Ok(Outcome::HandedBack(adopted))
+}
+
+/// The job's own index, for the failback's listings: a file unchanged since the index was
+/// saved holds exactly the blocks the index records, and when the target had acknowledged
+/// every op that save accounts for, the replica received exactly that content. Such a file is
+/// listed from the index (vouched for, not read), so the failback's first pass reads only the
+/// files changed since, on both sides, instead of hashing the whole tree twice.
+struct IndexedBlocks {
+    /// The index and a read view of it as saved; `None` once closed.
+    view: parking_lot::Mutex<Option<(Index, Snapshot)>>,
+    saved_at_us: u64,
+}
+
+impl std::fmt::Debug for IndexedBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexedBlocks").field("saved_at_us", &self.saved_at_us).finish_non_exhaustive()
+    }
+}
+
+impl IndexedBlocks {
+    /// The index of the job whose directory is `dir`, if it can vouch for anything: it was
+    /// saved, and everything it accounts for was acknowledged by the target. Anything else
+    /// (no index, an unreadable one, ops saved but never acknowledged) means every file is
+    /// read, as on first contact.
+    fn open(dir: &Path, cache: usize) -> Option<IndexedBlocks> {
+        let path = dir.join(crate::agent::INDEX_FILE);
+        if !path.exists() {
+            return None;
+        }
+        let acked = match doppel_spool::acked_in(&dir.join("spool")) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "the spool's acknowledged sequence is unreadable: the failback reads every file");
+                return None;
+            }
+        };
+        let (index, saved) = match Index::open(&path, cache) {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(error = %e, "the job's index is unreadable: the failback reads every file");
+                return None;
+            }
+        };
+        let saved = saved?;
+        if saved.captured_seq > acked {
+            tracing::info!(
+                saved = saved.captured_seq,
+                acked,
+                "the index was saved with ops the target never acknowledged: the failback reads every file"
+            );
+            return None;
+        }
+        let snapshot = index.saved_view().ok()?;
+        Some(IndexedBlocks {
+            view: parking_lot::Mutex::new(Some((index, snapshot))),
+            saved_at_us: saved.saved_at_us,
+        })
+    }
+
+    /// Closes the index: nothing is vouched for from here on.
+    fn close(&self) {
+        self.view.lock().take();
+    }
+}
+
+impl KnownBlocks for IndexedBlocks {
+    fn blocks(&self, path: &RelPath, meta: &Meta) -> Option<Vec<BlockHash>> {
+        let view = self.view.lock();
+        let e = view.as_ref()?.1.get(path).ok()??;
+        (e.kind == EntryKind::File && e.settled(meta, self.saved_at_us)).then_some(e.blocks)
+    }
 }
 
 enum End {
@@ -141,7 +223,7 @@ enum End {
 /// One connection: asks for the job, then serves the DR side's stream into the tree.
 async fn session(
     connector: &Connector,
-    target: &std::sync::Arc<Target>,
+    target: &Arc<Target>,
     job: &str,
 ) -> Result<Option<doppel_target::Handover>, End> {
     let (sent, received) = (ByteCounter::default(), ByteCounter::default());
@@ -176,5 +258,63 @@ async fn session(
                 .map_err(End::Link)
         }
         other => Err(End::Link(LinkError::Protocol(format!("expected Hello, got {other:?}")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use doppel_mirror::index::IndexEntry;
+    use doppel_spool::{Spool, SpoolLimits};
+
+    use super::*;
+
+    /// A job directory whose index knows `file` (one block, as read now), saved as accounting
+    /// for op `captured` (a second from now, or at the file's change time when `racy`), and
+    /// whose spool says `acked` was acknowledged.
+    fn job(dir: &Path, file: &Path, captured: u64, acked: u64, racy: bool) -> Meta {
+        let meta = Meta::lstat(file).unwrap();
+        let (mut index, _) = Index::open(&dir.join(crate::agent::INDEX_FILE), 1 << 20).unwrap();
+        let mut e = IndexEntry::from_meta(&meta);
+        e.blocks = vec![doppel_proto::hash_block(&std::fs::read(file).unwrap())];
+        index.insert(&RelPath::new("f").unwrap(), &e).unwrap();
+        let ctime_us = (meta.ctime.secs * 1_000_000 + meta.ctime.nanos as i64 / 1000) as u64;
+        let saved_at = if racy { ctime_us } else { doppel_link::framed::now_us() + 1_000_000 };
+        index.save(saved_at, captured).unwrap();
+        let (spool, _) = Spool::open(&dir.join("spool"), SpoolLimits::default()).unwrap();
+        spool.reset(acked).unwrap();
+        meta
+    }
+
+    fn known(i: &IndexedBlocks, meta: &Meta) -> Option<Vec<BlockHash>> {
+        i.blocks(&RelPath::new("f").unwrap(), meta)
+    }
+
+    /// The index vouches for a file only when the file is unchanged since a save made well
+    /// after its last change, and the target acknowledged every op that save accounts for;
+    /// a closed view vouches for nothing.
+    #[test]
+    fn the_index_vouches_only_for_settled_files_it_saved_with_acknowledged_ops() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("f");
+        std::fs::write(&file, b"content").unwrap();
+        let dir = d.path().join("job");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(IndexedBlocks::open(&dir, 1 << 20).is_none(), "no index, nothing vouched");
+        let meta = job(&dir, &file, 5, 5, false);
+        let i = IndexedBlocks::open(&dir, 1 << 20).expect("a saved, acknowledged index");
+        assert_eq!(known(&i, &meta), Some(vec![doppel_proto::hash_block(b"content")]));
+        // Changed since (same size): the times differ, so the file must be read.
+        std::fs::write(&file, b"CONTENT").unwrap();
+        assert_eq!(known(&i, &Meta::lstat(&file).unwrap()), None);
+        i.close();
+        assert_eq!(known(&i, &meta), None);
+        drop(i);
+        // Saved with an op the target never acknowledged: nothing is vouched for.
+        let meta = job(&dir, &file, 6, 5, false);
+        assert!(IndexedBlocks::open(&dir, 1 << 20).is_none());
+        // Saved within the clock's granularity of the file's last change: racy, read it.
+        job(&dir, &file, 5, 5, true);
+        let i = IndexedBlocks::open(&dir, 1 << 20).unwrap();
+        assert_eq!(known(&i, &meta), None);
     }
 }

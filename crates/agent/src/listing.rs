@@ -130,6 +130,7 @@ mod tests {
             first_block: 0,
             blocks: vec![],
             xattrs: vec![],
+            vouched: false,
         }
     }
 

@@ -11,18 +11,28 @@ use std::os::fd::AsFd;
 use doppel_fs::meta::Meta;
 use doppel_fs::walk::walk;
 use doppel_fs::{Beneath, Selection};
-use doppel_proto::{Entry, EntryKind, ListScope, RelPath};
+use doppel_proto::{BLOCK_SIZE, BlockHash, Entry, EntryKind, ListScope, RelPath};
 use rustix::fs::OFlags;
+
+/// What a lister may already know of a regular file's blocks, so that it need not read the
+/// file: the source side of a failback knows its tree from its agent's index.
+pub trait KnownBlocks: Send + Sync + std::fmt::Debug {
+    /// The block hashes of the regular file `path`, whose metadata is now `meta`, when they
+    /// are known to describe it exactly and the side the listing goes to last received
+    /// exactly this content (the entries are then [`Entry::vouched`]); `None` to read it.
+    fn blocks(&self, path: &RelPath, meta: &Meta) -> Option<Vec<BlockHash>>;
+}
 
 /// Emits the entries of `path`: one, with its metadata (and a symlink's target, and
 /// attributes); a regular file's block hashes go with it, split over consecutive entries of at
 /// most `per` blocks with increasing `first_block`, hashed piece by piece (so no entry, and no
-/// memory, grows with the file) and without reading its holes.
-pub fn entries_for(
+/// memory, grows with the file) and without reading its holes, unless `known` knows them.
+fn entries_for(
     root: &Beneath,
     path: &RelPath,
     meta: &Meta,
     per: usize,
+    known: Option<&dyn KnownBlocks>,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
     let mut link_target = Vec::new();
@@ -45,8 +55,29 @@ pub fn entries_for(
     if meta.kind != EntryKind::File {
         return emit(base);
     }
+    let count = meta.size.div_ceil(BLOCK_SIZE);
+    if let Some(blocks) = known.and_then(|k| k.blocks(path, meta)).filter(|b| b.len() as u64 == count) {
+        return known_pieces(Entry { vouched: true, ..base }, blocks, per, emit);
+    }
     let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
-    hashed_pieces(&f, base, 0, meta.size.div_ceil(doppel_proto::BLOCK_SIZE), per, emit)
+    hashed_pieces(&f, base, 0, count, per, emit)
+}
+
+/// Emits `base` with `blocks` (known, not read), in pieces of at most `per` blocks (at least
+/// one entry, even for no blocks).
+fn known_pieces(
+    base: Entry,
+    blocks: Vec<BlockHash>,
+    per: usize,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
+    if blocks.len() <= per {
+        return emit(Entry { blocks, ..base });
+    }
+    for (i, piece) in blocks.chunks(per.max(1)).enumerate() {
+        emit(Entry { first_block: (i * per.max(1)) as u64, blocks: piece.to_vec(), ..base.clone() })?;
+    }
+    Ok(())
 }
 
 /// The entry of `path` with its metadata only: no link target, link group, attributes or
@@ -65,6 +96,7 @@ fn bare_entry(path: &RelPath, meta: &Meta) -> Entry {
         first_block: 0,
         blocks: Vec::new(),
         xattrs: Vec::new(),
+        vouched: false,
     }
 }
 
@@ -118,9 +150,21 @@ pub fn list_in_pieces(
     per: usize,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
+    list_knowing(root, scope, per, None, emit)
+}
+
+/// [`list_in_pieces`], taking the blocks of the files `known` knows from it instead of
+/// reading them.
+pub fn list_knowing(
+    root: &Beneath,
+    scope: &ListScope,
+    per: usize,
+    known: Option<&dyn KnownBlocks>,
+    emit: &mut dyn FnMut(Entry) -> io::Result<()>,
+) -> io::Result<()> {
     match scope {
         ListScope::All => walk(root.path(), &RelPath::root(), &Selection::all(), &mut |e| {
-            match entries_for(root, &e.path, &e.meta, per, emit) {
+            match entries_for(root, &e.path, &e.meta, per, known, emit) {
                 // Gone between the walk and the hash: the entry simply does not exist.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
                 r => r,
@@ -137,7 +181,7 @@ pub fn list_in_pieces(
                     Err(e) => return Err(e),
                 };
                 let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
-                entries_for(root, &path, &meta, per, emit)?;
+                entries_for(root, &path, &meta, per, known, emit)?;
             }
             Ok(())
         }

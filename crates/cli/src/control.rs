@@ -278,6 +278,10 @@ pub struct FailbackRow {
     pub bytes_sent: u64,
     /// Bytes not yet applied by the source.
     pub pending_bytes: u64,
+    /// Bytes of the replica read to compare it with the source (files unchanged on both sides
+    /// since the failover are not read).
+    #[serde(default)]
+    pub bytes_hashed: u64,
 }
 
 impl From<doppel_failover::SourceStatus> for SourceRow {
@@ -303,6 +307,7 @@ impl From<doppel_failover::SourceStatus> for SourceRow {
                         connected: f.connected,
                         bytes_sent: f.bytes_sent,
                         pending_bytes: f.pending_bytes,
+                        bytes_hashed: f.bytes_hashed,
                     }),
                 })
                 .collect(),

@@ -251,9 +251,11 @@ fn failback_sends_back_only_what_changed_and_protection_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let stopped = dir.path().join("workload-stopped");
     let stop = script(&dir.path().join("stop.sh"), &format!("echo \"$DOPPEL_JOB\" > {}", stopped.display()));
+    const STILL: u64 = 16 << 20;
     let mut l = Local::new(&format!("stop_workload = [\"{stop}\"]"), |src| {
         Tree::at(src).standard();
         big_file(&src.join("big.img"), BIG, 3);
+        big_file(&src.join("still.img"), STILL, 4);
     });
     let th = l.target_home();
     // The operator fails over while the source still runs: it is fenced and stops.
@@ -281,6 +283,12 @@ fn failback_sends_back_only_what_changed_and_protection_resumes() {
         (s["jobs"][0]["failback"]["state"] == "replicating").then_some(()).ok_or(s.to_string())
     });
     let mirrored = source_status(&th, "s")["jobs"][0]["failback"]["bytes_sent"].as_u64().unwrap();
+    // Files unchanged on both sides since the failover are not read on the DR side: the
+    // source's index vouched for them (its listing did not read them either). What the DR side
+    // read is the big file it changed, its new file and the file the old source changed.
+    let hashed = source_status(&th, "s")["jobs"][0]["failback"]["bytes_hashed"].as_u64().unwrap();
+    assert!(hashed >= BIG, "the changed big file must be read ({hashed} bytes read)");
+    assert!(hashed < BIG + (2 << 20), "the DR side read {hashed} bytes: unchanged files too");
     // Live changes while the failback streams.
     let mut f = std::fs::OpenOptions::new().append(true).open(replica.join("dr-new.bin")).unwrap();
     std::io::Write::write_all(&mut f, &noise(11, 100_000)).unwrap();

@@ -185,6 +185,8 @@ pub struct FailbackStatus {
     pub bytes_sent: u64,
     /// Bytes not yet applied by the source.
     pub pending_bytes: u64,
+    /// Bytes of the replica read to compare it with the source.
+    pub bytes_hashed: u64,
 }
 
 /// Failover and failback for every source of one target.
@@ -363,6 +365,7 @@ impl Manager {
                         connected: s.connected,
                         bytes_sent: s.bytes_sent,
                         pending_bytes: s.pending_bytes,
+                        bytes_hashed: s.bytes_hashed,
                     }
                 });
                 JobFailoverStatus { job, failed_over, epoch, failback }

@@ -336,12 +336,19 @@ fn hello() -> impl Strategy<Value = Hello> {
 fn entry() -> impl Strategy<Value = Entry> {
     (
         (wire_path(), 0..5u8, any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), timestamp()),
-        (bytes(16), any::<Option<u64>>(), any::<u64>(), vec(any::<[u8; 32]>(), 0..4), vec(xattr(), 0..3)),
+        (
+            bytes(16),
+            any::<Option<u64>>(),
+            any::<u64>(),
+            vec(any::<[u8; 32]>(), 0..4),
+            vec(xattr(), 0..3),
+            any::<bool>(),
+        ),
     )
         .prop_map(
             |(
                 (path, kind, size, mode, uid, gid, mtime),
-                (link_target, link_group, first_block, blocks, xattrs),
+                (link_target, link_group, first_block, blocks, xattrs, vouched),
             )| {
                 let kind =
                     [EntryKind::File, EntryKind::Dir, EntryKind::Symlink, EntryKind::Fifo, EntryKind::Other]
@@ -359,6 +366,7 @@ fn entry() -> impl Strategy<Value = Entry> {
                     first_block,
                     blocks,
                     xattrs,
+                    vouched,
                 }
             },
         )
@@ -868,6 +876,7 @@ fn the_worst_amplifications_stay_within_the_bound() {
         first_block: 0,
         blocks: Vec::new(),
         xattrs: Vec::new(),
+        vouched: false,
     };
     let entries = Message::ListEntries { id: 1, entries: vec![entry; 1 << 16] }.encode();
     for (name, bytes) in [("ListRequest of empty paths", paths), ("ListEntries of empty entries", entries)] {

@@ -36,6 +36,17 @@ use crate::error::MirrorError;
 /// share an inode.
 pub const REPLICA_GROUP: u64 = 1 << 63;
 
+/// The `ctime` of an entry seeded from a listing whose lister vouched for the file's content
+/// ([`Entry::vouched`]). No source file has a change time 1 ns past the epoch, so
+/// [`IndexEntry::unchanged`] is never true for it; kept in `ctime` (which a listing's entries
+/// otherwise leave at zero) so that the store's layout stays as it is.
+const VOUCHED_CTIME: Timestamp = Timestamp { secs: 0, nanos: 1 };
+
+/// How close to an index's save a file may have been modified for its times not to tell
+/// whether it changed after the save: Linux file systems stamp times from a coarse clock (a
+/// few milliseconds), 100 ms leaves a wide margin (the "racy" entries of git's index).
+pub const RACY_MARGIN_US: u64 = 100_000;
+
 /// The memory the index's page cache may use unless the job says otherwise.
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 
@@ -96,7 +107,7 @@ impl IndexEntry {
             uid: e.uid,
             gid: e.gid,
             mtime: e.mtime,
-            ctime: Timestamp::default(),
+            ctime: if e.vouched && e.kind == EntryKind::File { VOUCHED_CTIME } else { Timestamp::default() },
             ino: e.link_group.map(|g| g | REPLICA_GROUP).unwrap_or(0),
             link_target: e.link_target.clone(),
             blocks: e.blocks.clone(),
@@ -115,6 +126,28 @@ impl IndexEntry {
             && self.mode == meta.mode
             && self.uid == meta.uid
             && self.gid == meta.gid
+    }
+
+    /// Whether `meta` shows no change since this entry was recorded, and the entry was recorded
+    /// (or last confirmed) at least [`RACY_MARGIN_US`] before `saved_at_us`, when the index was
+    /// saved: a change made after the save within the same tick of the file system's clock
+    /// would leave the times as they were.
+    pub fn settled(&self, meta: &Meta, saved_at_us: u64) -> bool {
+        let racy_after = saved_at_us.saturating_sub(RACY_MARGIN_US) as i128 * 1000;
+        let ns = |t: Timestamp| t.secs as i128 * 1_000_000_000 + t.nanos as i128;
+        self.unchanged(meta) && ns(meta.mtime) < racy_after && ns(meta.ctime) < racy_after
+    }
+
+    /// Whether this entry came from a listing that vouched for the file's content, and the
+    /// single-named regular file `meta` describes has the same size and modification time: the
+    /// quick check rsync makes by default, here only where the other side vouched.
+    pub fn vouched_same(&self, meta: &Meta) -> bool {
+        self.ctime == VOUCHED_CTIME
+            && self.kind == EntryKind::File
+            && meta.kind == EntryKind::File
+            && meta.nlink == 1
+            && self.size == meta.size
+            && self.mtime == meta.mtime
     }
 
     /// Whether this entry names a source inode that other names may share.
@@ -510,6 +543,11 @@ impl Index {
     pub fn snapshot(&mut self) -> Result<Snapshot, MirrorError> {
         debug_assert!(self.scratch.is_some(), "snapshots commit: throwaway indexes only");
         self.commit()?;
+        Ok(Snapshot(self.db.begin_read().map_err(store)?))
+    }
+
+    /// A read-only view of the index as last saved (what was changed since is not in it).
+    pub fn saved_view(&self) -> Result<Snapshot, MirrorError> {
         Ok(Snapshot(self.db.begin_read().map_err(store)?))
     }
 

@@ -69,6 +69,9 @@ pub struct ReconcileStats {
     pub files_hashed: AtomicU64,
     /// Bytes read and hashed.
     pub bytes_hashed: AtomicU64,
+    /// Regular files taken as equal without being read: the other side vouched for their
+    /// content and their size and modification time match ([`IndexEntry::vouched_same`]).
+    pub files_vouched: AtomicU64,
     /// Ops emitted.
     pub ops: AtomicU64,
     /// Payload bytes in emitted ops.
@@ -446,6 +449,9 @@ impl Reconciler {
         if !path.is_root() && !self.ensure_parent(path, sink)? {
             return Ok(());
         }
+        if let Some(o) = old.as_ref().filter(|o| o.vouched_same(&meta) && self.guard.is_none()) {
+            return self.adopt_vouched(path, o, &meta, sink);
+        }
         match meta.kind {
             EntryKind::Dir => self.sync_dir(path, old, &meta, sink),
             EntryKind::File => self.sync_file(path, old, &meta, sink),
@@ -739,11 +745,6 @@ impl Reconciler {
     /// or modified so close to `saved_at_us` that their timestamps cannot tell (the "racy"
     /// entries of git's index). Used after a crash, when the index may be behind the replica.
     pub fn suspects(&self, saved_at_us: u64) -> Result<Vec<RelPath>, MirrorError> {
-        // Linux file systems stamp times from a coarse clock (a few milliseconds); 100 ms
-        // leaves a wide margin.
-        let margin_us = 100_000;
-        let racy_after = saved_at_us.saturating_sub(margin_us) as i128 * 1000;
-        let ns = |t: doppel_proto::Timestamp| t.secs as i128 * 1_000_000_000 + t.nanos as i128;
         let mut out = Vec::new();
         let mut indexed = Merge::new(&RelPath::root());
         let mut failed = None;
@@ -753,14 +754,7 @@ impl Reconciler {
                 while let Some(p) = indexed.next_before(&self.index, Some(&w.path))? {
                     out.push(p);
                 }
-                let suspect = match self.index.get(&w.path)? {
-                    None => true,
-                    Some(e) => {
-                        !e.unchanged(&w.meta)
-                            || ns(w.meta.mtime) >= racy_after
-                            || ns(w.meta.ctime) >= racy_after
-                    }
-                };
+                let suspect = !self.index.get(&w.path)?.is_some_and(|e| e.settled(&w.meta, saved_at_us));
                 if suspect {
                     out.push(w.path);
                 }

@@ -19,7 +19,7 @@ use crate::path::WirePath;
 
 /// The protocol spoken by this build. Peers with a different major version are refused in the
 /// handshake with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// First message of a connection, from the source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +219,11 @@ pub struct Entry {
     /// Extended attributes, sorted by name.
     #[serde(deserialize_with = "crate::op::xattrs")]
     pub xattrs: Vec<Xattr>,
+    /// The lister vouches that this regular file holds exactly what the other side last
+    /// received of it: its blocks come from the lister's index, and nothing changed the file
+    /// since (a failback's source, whose index the replica had acknowledged). A file there of
+    /// the same size and modification time then need not be read to be compared.
+    pub vouched: bool,
 }
 
 /// Every message of the link protocol.

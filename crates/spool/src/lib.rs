@@ -183,16 +183,23 @@ pub struct Spool {
 
 const ACKED_FILE: &str = "acked";
 
+/// The last sequence the target acknowledged, as recorded by the spool in `dir`, read without
+/// opening the spool (0 when nothing was acknowledged). The record is written without a sync,
+/// so after a machine crash it may be older than the truth, never newer.
+pub fn acked_in(dir: &Path) -> Result<u64, SpoolError> {
+    let path = dir.join(ACKED_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().parse::<u64>().unwrap_or(0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir` and recovers what is on disk.
     pub fn open(dir: &Path, limits: SpoolLimits) -> Result<(Spool, Recovery), SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let acked_path = dir.join(ACKED_FILE);
-        let acked = match fs::read_to_string(&acked_path) {
-            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io_err(&acked_path)(e)),
-        };
+        let acked = acked_in(dir)?;
         let mut firsts: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|e| e.ok())

@@ -115,6 +115,10 @@ pub struct TargetConfig {
     pub commit_interval: Duration,
     /// How much history replicas keep unless their source says otherwise.
     pub history: HistoryPolicy,
+    /// Block hashes of replica files known without reading them, for listings: set by the
+    /// source side of a failback, whose replica is its own tree and whose agent's index
+    /// describes it; `None` everywhere else (every listed file is read).
+    pub known_blocks: Option<std::sync::Arc<dyn doppel_apply::listing::KnownBlocks>>,
 }
 
 impl TargetConfig {
@@ -129,6 +133,7 @@ impl TargetConfig {
             handshakes: HandshakeLimits::default(),
             commit_interval: Duration::from_millis(100),
             history: Some(doppel_apply::history::DEFAULT_RETENTION),
+            known_blocks: None,
         }
     }
 }

@@ -149,7 +149,10 @@ where
     let worker = {
         let (slot, out_tx, cancel, interval) =
             (slot.clone(), out_tx.clone(), cancel.clone(), cfg.commit_interval);
-        let lists = target.source_budgets(&source).listing.clone();
+        let lists = worker::Listings {
+            budget: target.source_budgets(&source).listing.clone(),
+            known: cfg.known_blocks.clone(),
+        };
         let replica = lease.replica;
         let span = tracing::Span::current();
         worker::spawn(move || {

@@ -75,13 +75,21 @@ pub fn run(
     slot: Arc<Slot>,
     commit_interval: std::time::Duration,
     cancel: CancellationToken,
-    list_budget: Arc<tokio::sync::Semaphore>,
+    listings: Listings,
 ) -> Replica {
     let clock = SystemClock;
     let policy =
         GroupCommit::new(commit_interval, COMMIT_BYTES, replica.applied(), replica.durable(), clock.now());
-    let worker = Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock, list_budget };
+    let worker = Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock, listings };
     worker.run(&mut rx)
+}
+
+/// How a session's worker answers listings.
+pub struct Listings {
+    /// The source's listing budget (see [`Worker::list`]).
+    pub budget: Arc<tokio::sync::Semaphore>,
+    /// Block hashes known without reading the files (see [`crate::TargetConfig::known_blocks`]).
+    pub known: Option<Arc<dyn doppel_apply::listing::KnownBlocks>>,
 }
 
 /// What the worker takes on next.
@@ -100,7 +108,7 @@ struct Worker<C: Clock> {
     policy: GroupCommit,
     stall: Stall,
     clock: C,
-    list_budget: Arc<tokio::sync::Semaphore>,
+    listings: Listings,
 }
 
 impl<C: Clock> Worker<C> {
@@ -281,7 +289,7 @@ impl<C: Clock> Worker<C> {
                 .block_on(async {
                     tokio::select! {
                         _ = self.cancel.cancelled() => None,
-                        p = self.list_budget.clone().acquire_many_owned(kib) => p.ok(),
+                        p = self.listings.budget.clone().acquire_many_owned(kib) => p.ok(),
                     }
                 })
                 .ok_or_else(|| std::io::Error::other("session ended"))?;
@@ -289,7 +297,9 @@ impl<C: Clock> Worker<C> {
                 .blocking_send(Outgoing { msg: Message::ListEntries { id, entries }, _held: Some(held) })
                 .map_err(|_| std::io::Error::other("session closed"))
         };
-        let result = doppel_apply::listing::list(self.replica.root(), scope, &mut |e| {
+        let known = self.listings.known.as_deref();
+        let per = doppel_apply::listing::BLOCKS_PER_ENTRY;
+        let result = doppel_apply::listing::list_knowing(self.replica.root(), scope, per, known, &mut |e| {
             bytes += weight(&e);
             chunk.push(e);
             if chunk.len() >= LIST_CHUNK || bytes >= LIST_CHUNK_BYTES {

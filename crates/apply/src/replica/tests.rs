@@ -354,6 +354,60 @@ fn listings_split_huge_files_into_pieces() {
     assert_eq!((entries[1].first_block, entries[1].blocks.len()), (4, 2));
 }
 
+/// What a lister knows of files' blocks: a file it knows (the right number of blocks) is
+/// listed from that knowledge, vouched for and in pieces, without being read; a file whose
+/// known blocks do not fit its size is read; nothing else is vouched for.
+#[test]
+fn listings_take_known_blocks_instead_of_reading() {
+    #[derive(Debug)]
+    struct Knows;
+    impl crate::listing::KnownBlocks for Knows {
+        fn blocks(
+            &self,
+            path: &doppel_proto::RelPath,
+            _: &doppel_fs::Meta,
+        ) -> Option<Vec<doppel_proto::BlockHash>> {
+            match path.to_wire().display().as_str() {
+                "known" => Some((0..6).map(|i| [i; 32]).collect()),
+                "stale" => Some(vec![[9; 32]]),
+                _ => None,
+            }
+        }
+    }
+    let mut f = Fixture::new();
+    for name in ["known", "stale", "other"] {
+        f.apply(Op::Create { path: w(name), mode: 0o644 });
+        f.apply(Op::Truncate { path: w(name), size: 6 * doppel_proto::BLOCK_SIZE });
+    }
+    let mut entries = Vec::new();
+    crate::listing::list_knowing(
+        f.replica.root(),
+        &doppel_proto::ListScope::All,
+        4,
+        Some(&Knows),
+        &mut |e| {
+            entries.push(e);
+            Ok(())
+        },
+    )
+    .unwrap();
+    let zero = doppel_proto::hash_block(&[0; doppel_proto::BLOCK_SIZE as usize]);
+    let pieces = |name: &str| -> Vec<_> {
+        entries.iter().filter(|e| e.path.display() == name).map(|e| (e.first_block, e.vouched)).collect()
+    };
+    assert_eq!(pieces("known"), [(0, true), (4, true)]);
+    let known: Vec<_> =
+        entries.iter().filter(|e| e.path.display() == "known").flat_map(|e| e.blocks.clone()).collect();
+    assert_eq!(known, (0..6).map(|i| [i; 32]).collect::<Vec<_>>(), "the known blocks, not the file's");
+    for name in ["stale", "other"] {
+        assert_eq!(pieces(name), [(0, false), (4, false)], "{name}");
+        assert!(
+            entries.iter().filter(|e| e.path.display() == name).all(|e| e.blocks.iter().all(|b| *b == zero))
+        );
+    }
+    assert!(entries.iter().filter(|e| e.kind != doppel_proto::EntryKind::File).all(|e| !e.vouched));
+}
+
 /// The privilege policy on disk, for each rule: a set-uid file, a foreign owner, a `trusted.*`
 /// attribute and a device node arrive as sent (allow), without the privileged part (strip),
 /// or not at all (refuse), and the outcome says which.

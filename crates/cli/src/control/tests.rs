@@ -132,6 +132,7 @@ fn responses() -> Vec<ControlResponse> {
                 connected: true,
                 bytes_sent: 10,
                 pending_bytes: 20,
+                bytes_hashed: 30,
             }),
         }],
         test: None,

@@ -129,6 +129,7 @@ fn listing_pieces_extend_one_entry_and_snapshots_stay_put() {
         first_block: first,
         blocks,
         xattrs: vec![],
+        vouched: false,
     };
     i.seed(&piece(0, vec![h(1), h(2)])).unwrap();
     i.seed(&piece(2, vec![h(3)])).unwrap();

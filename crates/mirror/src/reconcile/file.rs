@@ -143,6 +143,24 @@ impl Reconciler {
         Ok(())
     }
 
+    /// A file whose content the listing's side vouched for ([`IndexEntry::vouched_same`]):
+    /// taken as equal without being read; only its attributes are compared. Its blocks are the
+    /// listing's, so later changes still travel as block deltas.
+    pub(super) fn adopt_vouched(
+        &mut self,
+        path: &RelPath,
+        old: &IndexEntry,
+        meta: &Meta,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        let mut e = IndexEntry::from_meta(meta);
+        e.blocks = old.blocks.clone();
+        self.sync_attrs(path, Some(old), meta, &mut e, false, sink)?;
+        ReconcileStats::add(&self.stats.files_vouched, 1);
+        self.index.insert(path, &e)?;
+        Ok(())
+    }
+
     /// For a file with several names: if another name of the same source inode is already on
     /// the replica, makes `path` a hard link to it. Returns whether it did (or needed nothing).
     fn try_link(

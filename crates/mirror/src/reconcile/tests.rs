@@ -556,3 +556,55 @@ fn the_walk_and_index_merge_holds_across_chunks_and_odd_names() {
     .unwrap();
     assert_eq!(indexed, on_disk);
 }
+
+/// A failback's quick check: a file the listing vouches for is taken as equal when its size
+/// and modification time match (it is not read, so a difference planted under the same time
+/// stays), and read like any other when the time differs; a file not vouched for is always
+/// read. Attributes are compared either way.
+#[test]
+fn vouched_entries_of_the_same_size_and_time_are_not_read() {
+    let mut r = Rig::new();
+    let old = |seed| noise(seed, 300_000);
+    r.tree().file("same", &old(1)).file("touched", &old(2)).file("plain", &old(3));
+    r.rescan();
+    for (name, seed, keep_time) in [("same", 11, true), ("touched", 12, false), ("plain", 13, true)] {
+        let before = std::fs::metadata(r.src.join(name)).unwrap().modified().unwrap();
+        std::fs::write(r.src.join(name), noise(seed, 300_000)).unwrap();
+        let f = std::fs::File::options().write(true).open(r.src.join(name)).unwrap();
+        let when = if keep_time { before } else { before + std::time::Duration::from_secs(5) };
+        f.set_modified(when).unwrap();
+    }
+    r.tree().chmod("same", 0o600);
+    let listing: Vec<Entry> = r
+        .listing(&ListScope::All)
+        .into_iter()
+        .map(|e| Entry { vouched: e.path != p("plain").to_wire(), ..e })
+        .collect();
+    let mut rec = Reconciler::new(&r.src, Selection::all(), Index::temporary().unwrap());
+    rec.seed_all(listing).unwrap();
+    r.rec = rec;
+    let (_, sent) = r.rescan();
+    let stats = r.rec.stats();
+    assert_eq!(stats.files_vouched.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.bytes_hashed.load(Ordering::Relaxed), 600_000, "only `touched` and `plain` are read");
+    assert_eq!(sent, 600_000);
+    assert_eq!(std::fs::read(r.dst.join("same")).unwrap(), old(1), "a vouched file was read");
+    for name in ["touched", "plain"] {
+        assert_eq!(
+            std::fs::read(r.dst.join(name)).unwrap(),
+            std::fs::read(r.src.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(r.dst.join("same")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o600, "the vouched file's mode was not compared");
+    // The vouched file's blocks are the listing's, which describe the replica: a later change
+    // sends every block that differs from what the replica holds.
+    let mut changed = std::fs::read(r.src.join("same")).unwrap();
+    changed[..7].copy_from_slice(b"changed");
+    std::fs::write(r.src.join("same"), &changed).unwrap();
+    r.rescan();
+    r.assert_equal();
+}
