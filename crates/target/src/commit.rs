@@ -12,6 +12,13 @@
 //!   committed at once: nothing is gained by making it wait.
 //! - After [`COMMIT_BYTES`] of data the group closes even if more is queued, which bounds what
 //!   a crash of the target can cost the source to resend.
+//! - When the queue runs dry with [`EAGER_BYTES`] or more applied since the last commit, the
+//!   group closes at once: a source streaming that much is waiting for acknowledgements (its
+//!   window is in flight), and holding the group open until the interval ends would idle both
+//!   ends. A comparison may run 16 MiB ahead of its acknowledgements, so waiting out the
+//!   100 ms interval capped a local mirror of big files at about 160 MiB/s. A trickle of
+//!   small writes never reaches it within an interval, so it does not bring back a
+//!   `syncfs` per write; a heavy stream commits at most once per [`EAGER_BYTES`].
 //! - After an `Fsync` op the group closes at once: a source waiting in sync mode, or an
 //!   application that asked for durability, must not wait for a timer.
 //! - A commit with ops already queued behind it writes its checkpoint marked dirty at once
@@ -24,6 +31,10 @@ use std::time::{Duration, Instant};
 
 /// Commit after this much op data even if more is queued.
 pub const COMMIT_BYTES: u64 = 64 << 20;
+
+/// Commit as soon as the queue is empty once this much op data was applied since the last
+/// commit, without waiting for the interval to end.
+pub const EAGER_BYTES: u64 = 4 << 20;
 
 /// How long a stalled replica waits before retrying the op that failed.
 pub const STALL_RETRY: Duration = Duration::from_secs(1);
@@ -143,7 +154,11 @@ impl GroupCommit {
             return Idle::WaitForWork;
         }
         let due = self.last_commit + self.interval;
-        if now < due { Idle::WaitUntil(due) } else { Idle::CommitNow(Commit::CLEAN) }
+        if now < due && self.bytes_since < EAGER_BYTES {
+            Idle::WaitUntil(due)
+        } else {
+            Idle::CommitNow(Commit::CLEAN)
+        }
     }
 
     /// A commit was made at `now`; `durable` is the sequence it made durable, `None` if it

@@ -38,6 +38,11 @@ fn idle_decisions() {
     p.committed(t0 + ms(120), Some(1));
     assert!(!p.pending());
     assert_eq!(p.idle(t0 + ms(121)), Idle::WaitForWork);
+    // A stream that ran dry with a few MiB applied commits at once, one byte less waits.
+    p.op_applied(2, EAGER_BYTES - 1, false);
+    assert_eq!(p.idle(t0 + ms(130)), Idle::WaitUntil(t0 + ms(220)));
+    p.op_applied(3, 1, false);
+    assert_eq!(p.idle(t0 + ms(130)), Idle::CommitNow(Commit::CLEAN));
 }
 
 /// A row of [`after_batch_decisions`]: ops applied as (data bytes, fsync), time of the
@@ -293,11 +298,25 @@ fn a_trickle_after_a_commit_waits_for_the_interval() {
 
 #[test]
 fn size_closes_a_group_before_the_interval() {
-    // 16 MiB every millisecond: every fourth batch reaches 64 MiB.
+    // Eight batches of 16 MiB queued at once: the first closes the quiet spell, every fourth
+    // after it reaches 64 MiB with more queued, and the last three run the queue dry.
     let arrivals: Vec<Arrival> =
-        (1..=8).map(|i| Arrival { at: ms(1000 + i), ops: vec![(16 * MIB, false)] }).collect();
+        (1..=8).map(|_| Arrival { at: ms(1001), ops: vec![(16 * MIB, false)] }).collect();
     let sim = Sim::new(arrivals).run();
-    assert_eq!(sim.commits(), vec![(ms(1001), 1, false), (ms(1005), 5, false), (ms(1105), 8, false)]);
+    assert_eq!(sim.commits(), vec![(ms(1001), 1, true), (ms(1001), 5, true), (ms(1001), 8, false)]);
+}
+
+#[test]
+fn a_stream_that_runs_dry_with_megabytes_applied_commits_at_once() {
+    // A source whose window is in flight waits for its acknowledgement: 8 MiB applied and
+    // nothing queued is committed at once; 1 MiB waits for the interval as before.
+    let sim = Sim::new(vec![
+        small(ms(1000)),
+        Arrival { at: ms(1010), ops: vec![(8 * MIB, false)] },
+        Arrival { at: ms(1020), ops: vec![(MIB, false)] },
+    ])
+    .run();
+    assert_eq!(sim.commits(), vec![(ms(1000), 1, false), (ms(1010), 2, false), (ms(1110), 3, false)]);
 }
 
 #[test]
