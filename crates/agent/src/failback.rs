@@ -91,6 +91,9 @@ pub async fn receive_with(
     cfg.history = None;
     let indexed = IndexedBlocks::open(&lock.dir, job.index_cache).map(Arc::new);
     cfg.known_blocks = indexed.clone().map(|i| i as Arc<dyn KnownBlocks>);
+    // Closed however this ends: sessions may outlive it a moment, and protection may resume
+    // in this process at once (which opens the index).
+    let _closing = indexed.clone().map(Closing);
     let target = Target::new(cfg);
     watch(&target);
     let mut backoff = Duration::from_millis(200);
@@ -204,6 +207,15 @@ impl IndexedBlocks {
     /// Closes the index: nothing is vouched for from here on.
     fn close(&self) {
         self.view.lock().take();
+    }
+}
+
+/// Closes an [`IndexedBlocks`] when dropped.
+struct Closing(Arc<IndexedBlocks>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
