@@ -367,7 +367,8 @@ pub async fn send(
         }
         let t = Instant::now();
         let level = compressor.level();
-        let batch = packer.pack(first, &records, level);
+        let mut batch = packer.pack(first, &records, level);
+        batch.ack_wanted = spool.pressed();
         let busy = t.elapsed();
         let compressed = level.is_none() || batch.codec == doppel_proto::Codec::Zstd;
         let n = records.len() as u64;

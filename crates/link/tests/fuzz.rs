@@ -696,6 +696,7 @@ fn build(b: &BadBatch) -> (doppel_proto::Batch, Option<Vec<OpRecord>>) {
                 codec: Codec::Zstd,
                 raw_len: *raw_len,
                 payload,
+                ack_wanted: false,
             };
             (batch, None)
         }
@@ -824,6 +825,7 @@ fn a_zstd_bomb_with_a_lying_count_holds_no_more_than_its_decoded_size() {
         codec: Codec::Zstd,
         raw_len: MAX_BATCH_RAW,
         payload,
+        ack_wanted: false,
     };
     let (r, used) = meter::measure(|| unpack_batch(&batch, MAX_BATCH_RAW));
     assert!(matches!(r, Err(BatchError::Record { index: 0, .. })), "{r:?}");

@@ -68,7 +68,14 @@ impl Packer {
             Some(Some(c)) if (c.len() as f64) <= raw.len() as f64 * WORTHWHILE => (Codec::Zstd, c),
             _ => (Codec::Raw, raw),
         };
-        Batch { first_seq, count: records.len() as u32, codec, raw_len: raw_len as u32, payload }
+        Batch {
+            first_seq,
+            count: records.len() as u32,
+            codec,
+            raw_len: raw_len as u32,
+            payload,
+            ack_wanted: false,
+        }
     }
 
     /// `raw` compressed at `level`, or `None` if zstd fails (the batch then goes raw).

@@ -146,6 +146,12 @@ pub struct Batch {
     /// The records (see [`crate::batch`]).
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The sender's producer is waiting, or soon will be, for acknowledgements to free its
+    /// memory (a comparison whose records queue up): the target commits a group with a few
+    /// MiB applied as soon as its queue runs dry instead of at the end of its interval. A
+    /// producer that is not held back (a fuse writer, whose records go to disk) leaves it
+    /// unset, and its stream is committed in fewer, larger groups.
+    pub ack_wanted: bool,
 }
 
 impl std::fmt::Debug for Batch {

@@ -428,6 +428,13 @@ impl Spool {
         Ok(out)
     }
 
+    /// Whether records in memory reach half of what a comparison may queue: its producer is
+    /// waiting for acknowledgements, or soon will be (see [`Placement::WaitForMemory`]).
+    /// Records written to disk (a fuse writer's) never press.
+    pub fn pressed(&self) -> bool {
+        self.lock().mem_bytes >= self.limits.memory / 8
+    }
+
     /// Waits until a record with sequence `seq` exists (or the spool is closed).
     pub async fn wait_for(&self, seq: u64) {
         loop {

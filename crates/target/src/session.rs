@@ -450,7 +450,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let records = unpacker
                     .unpack(&b, MAX_BATCH_RAW)
                     .map_err(|e| LinkError::Protocol(format!("bad batch at seq {}: {e}", b.first_seq)))?;
-                Work::Records(records, held)
+                Work::Records { records, held, ack_wanted: b.ack_wanted }
             }
             Ok(Message::ListRequest { id, scope }) => Work::List { id, scope },
             Ok(Message::Heartbeat { time_us }) => {

@@ -25,7 +25,14 @@ use crate::registry::{ReplicaState, Slot};
 /// Work for the apply loop, in stream order.
 pub enum Work {
     /// Records to apply, and the decode budget they hold until applied.
-    Records(Vec<OpRecord>, crate::session::Held),
+    Records {
+        /// The batch's records.
+        records: Vec<OpRecord>,
+        /// Their share of the decode budget.
+        held: crate::session::Held,
+        /// The source waits for acknowledgements ([`doppel_proto::Batch::ack_wanted`]).
+        ack_wanted: bool,
+    },
     /// A listing to produce (after everything before it is applied).
     List {
         /// Request id.
@@ -115,8 +122,8 @@ impl<C: Clock> Worker<C> {
     fn run(mut self, rx: &mut mpsc::Receiver<Work>) -> Replica {
         loop {
             match self.next(rx) {
-                Next::Work(Work::Records(recs, _held)) => {
-                    if !self.records(&recs, rx) {
+                Next::Work(Work::Records { records, held: _held, ack_wanted }) => {
+                    if !self.records(&records, ack_wanted, rx) {
                         // The session is over (broken stream or gone peer): keep what was
                         // applied durable, and make the reader stop too.
                         self.commit(Commit::CLEAN);
@@ -180,7 +187,7 @@ impl<C: Clock> Worker<C> {
 
     /// Applies a batch of records, then commits if the policy says the group is closed.
     /// Returns false if the session must end.
-    fn records(&mut self, recs: &[OpRecord], rx: &mpsc::Receiver<Work>) -> bool {
+    fn records(&mut self, recs: &[OpRecord], ack_wanted: bool, rx: &mpsc::Receiver<Work>) -> bool {
         for rec in recs {
             if !self.apply_with_retry(rec) {
                 return false;
@@ -197,7 +204,7 @@ impl<C: Clock> Worker<C> {
             let shown = unreplicated.list(crate::registry::UNREPLICATED_SHOWN);
             *self.slot.status.unreplicated.lock() = (shown, unreplicated.len() as u64);
         }
-        if let Some(c) = self.policy.after_batch(self.clock.now(), !rx.is_empty()) {
+        if let Some(c) = self.policy.after_batch(self.clock.now(), !rx.is_empty(), ack_wanted) {
             self.commit(c);
         }
         true

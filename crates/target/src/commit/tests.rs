@@ -38,11 +38,16 @@ fn idle_decisions() {
     p.committed(t0 + ms(120), Some(1));
     assert!(!p.pending());
     assert_eq!(p.idle(t0 + ms(121)), Idle::WaitForWork);
-    // A stream that ran dry with a few MiB applied commits at once, one byte less waits.
+    // A few MiB applied and a source that waits for its acknowledgement: committed as soon as
+    // the queue runs dry; one byte less, or a source waiting for nothing, waits for the interval.
     p.op_applied(2, EAGER_BYTES - 1, false);
+    assert_eq!(p.after_batch(t0 + ms(130), false, true), None);
     assert_eq!(p.idle(t0 + ms(130)), Idle::WaitUntil(t0 + ms(220)));
     p.op_applied(3, 1, false);
-    assert_eq!(p.idle(t0 + ms(130)), Idle::CommitNow(Commit::CLEAN));
+    assert_eq!(p.after_batch(t0 + ms(131), false, false), None);
+    assert_eq!(p.idle(t0 + ms(131)), Idle::WaitUntil(t0 + ms(220)));
+    assert_eq!(p.after_batch(t0 + ms(132), false, true), None);
+    assert_eq!(p.idle(t0 + ms(132)), Idle::CommitNow(Commit::CLEAN));
 }
 
 /// A row of [`after_batch_decisions`]: ops applied as (data bytes, fsync), time of the
@@ -74,7 +79,11 @@ fn after_batch_decisions() {
         for (seq, (len, fsync)) in ops.iter().enumerate() {
             p.op_applied(seq as u64 + 1, *len, *fsync);
         }
-        assert_eq!(p.after_batch(t0 + *at, *queued), *want, "case {i}: {ops:?} at +{at:?}, queued {queued}");
+        assert_eq!(
+            p.after_batch(t0 + *at, *queued, false),
+            *want,
+            "case {i}: {ops:?} at +{at:?}, queued {queued}"
+        );
     }
 }
 
@@ -83,11 +92,11 @@ fn a_commit_closes_the_group() {
     let t0 = Instant::now();
     let mut p = policy(t0);
     p.op_applied(1, COMMIT_BYTES, true);
-    assert!(p.after_batch(t0, false).is_some());
+    assert!(p.after_batch(t0, false, false).is_some());
     p.committed(t0 + ms(1), Some(1));
     // Size and barrier were counted for the closed group only.
     p.op_applied(2, 10, false);
-    assert_eq!(p.after_batch(t0 + ms(2), false), None);
+    assert_eq!(p.after_batch(t0 + ms(2), false, false), None);
     assert_eq!(p.durable(), 1);
 }
 
@@ -136,10 +145,12 @@ struct Arrival {
     at: Duration,
     /// Ops as (data bytes, fsync).
     ops: Vec<(u64, bool)>,
+    /// The batch's `ack_wanted`.
+    ack_wanted: bool,
 }
 
 fn small(at: Duration) -> Arrival {
-    Arrival { at, ops: vec![(4096, false)] }
+    Arrival { at, ops: vec![(4096, false)], ack_wanted: false }
 }
 
 /// What the simulated worker did.
@@ -235,7 +246,7 @@ impl Sim {
             self.policy.op_applied(self.seq, len, fsync);
         }
         let queued = self.queue.front().is_some_and(|n| self.t0 + n.at <= self.now);
-        if let Some(c) = self.policy.after_batch(self.now, queued) {
+        if let Some(c) = self.policy.after_batch(self.now, queued, a.ack_wanted) {
             self.commit(c);
         }
     }
@@ -299,24 +310,45 @@ fn a_trickle_after_a_commit_waits_for_the_interval() {
 #[test]
 fn size_closes_a_group_before_the_interval() {
     // Eight batches of 16 MiB queued at once: the first closes the quiet spell, every fourth
-    // after it reaches 64 MiB with more queued, and the last three run the queue dry.
+    // after it reaches 64 MiB with more queued, and the last three wait for the interval.
     let arrivals: Vec<Arrival> =
-        (1..=8).map(|_| Arrival { at: ms(1001), ops: vec![(16 * MIB, false)] }).collect();
+        (1..=8).map(|_| Arrival { at: ms(1001), ops: vec![(16 * MIB, false)], ack_wanted: false }).collect();
     let sim = Sim::new(arrivals).run();
-    assert_eq!(sim.commits(), vec![(ms(1001), 1, true), (ms(1001), 5, true), (ms(1001), 8, false)]);
+    assert_eq!(sim.commits(), vec![(ms(1001), 1, true), (ms(1001), 5, true), (ms(1101), 8, false)]);
 }
 
 #[test]
-fn a_stream_that_runs_dry_with_megabytes_applied_commits_at_once() {
-    // A source whose window is in flight waits for its acknowledgement: 8 MiB applied and
-    // nothing queued is committed at once; 1 MiB waits for the interval as before.
+fn a_source_waiting_for_its_acknowledgement_is_committed_when_the_queue_runs_dry() {
+    // 8 MiB from a source whose producer waits: committed at once; then 1 MiB, under
+    // EAGER_BYTES, waits for the interval.
     let sim = Sim::new(vec![
         small(ms(1000)),
-        Arrival { at: ms(1010), ops: vec![(8 * MIB, false)] },
-        Arrival { at: ms(1020), ops: vec![(MIB, false)] },
+        Arrival { at: ms(1010), ops: vec![(8 * MIB, false)], ack_wanted: true },
+        Arrival { at: ms(1030), ops: vec![(MIB, false)], ack_wanted: true },
     ])
     .run();
     assert_eq!(sim.commits(), vec![(ms(1000), 1, false), (ms(1010), 2, false), (ms(1110), 3, false)]);
+}
+
+/// 1 MiB every millisecond for 300 ms, with or without `ack_wanted`.
+fn stream(ack_wanted: bool) -> Vec<(Duration, u64, bool)> {
+    let arrivals: Vec<Arrival> =
+        (1..=300).map(|i| Arrival { at: ms(1000 + i), ops: vec![(MIB, false)], ack_wanted }).collect();
+    let commits = Sim::new(arrivals).run().commits();
+    assert_eq!(commits.last().map(|c| c.1), Some(300), "everything ends durable");
+    commits
+}
+
+#[test]
+fn only_a_source_that_waits_gets_early_commits() {
+    // A fuse writer's stream (its records go to disk, it waits for nothing): the first commit
+    // (a quiet spell), one per 64 MiB and the last, not one per 4 MiB.
+    let relaxed = stream(false);
+    assert!(relaxed.len() <= 6, "{} commits: {relaxed:?}", relaxed.len());
+    // The same stream from a comparison waiting for acknowledgements: committed every time the
+    // queue runs dry with 4 MiB applied.
+    let waiting = stream(true);
+    assert!(waiting.len() >= 70, "{} commits", waiting.len());
 }
 
 #[test]
@@ -324,7 +356,7 @@ fn an_fsync_closes_the_group_at_once() {
     let sim = Sim::new(vec![
         small(ms(1000)),
         small(ms(1010)),
-        Arrival { at: ms(1020), ops: vec![(4096, false), (0, true)] },
+        Arrival { at: ms(1020), ops: vec![(4096, false), (0, true)], ack_wanted: false },
         small(ms(1030)),
     ])
     .run();
