@@ -704,4 +704,31 @@ mod coalescing {
         assert!(start.elapsed() < COALESCE, "the batches waited {:?} to coalesce", start.elapsed());
         sender.abort();
     }
+
+    /// The first batch sent from a spool holding `n` records of 1 MiB placed as `placement`.
+    async fn first_batch(placement: Placement, n: u64) -> doppel_proto::Batch {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), SpoolLimits::default()).unwrap().0);
+        for i in 0..n {
+            let op = Op::Write { path: WirePath(b"big".to_vec()), offset: i << 20, data: vec![7; 1 << 20] };
+            spool.append(op, 0, placement, true).unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(1024);
+        let compressor = Compressor::new(Compression::Off, Arc::new(AtomicU64::new(0)));
+        let window = Arc::new(Window::new(256 << 20));
+        let sender = tokio::spawn(send(spool, tx, window, compressor, Arc::default(), 1));
+        let Some(Message::Batch(b)) = rx.recv().await else { panic!("not a batch") };
+        sender.abort();
+        b
+    }
+
+    /// A batch asks for an early acknowledgement while a comparison's records press on the
+    /// spool's memory (half of the 16 MiB it may queue), not for a few records, and never for
+    /// records on disk (a fuse writer's, which wait for nothing).
+    #[tokio::test]
+    async fn batches_say_when_their_producer_waits_for_acknowledgements() {
+        assert!(first_batch(Placement::WaitForMemory, 12).await.ack_wanted);
+        assert!(!first_batch(Placement::WaitForMemory, 2).await.ack_wanted);
+        assert!(!first_batch(Placement::Disk, 12).await.ack_wanted);
+    }
 }
