@@ -93,7 +93,7 @@ pub async fn receive_with(
     cfg.known_blocks = indexed.clone().map(|i| i as Arc<dyn KnownBlocks>);
     // Closed however this ends: sessions may outlive it a moment, and protection may resume
     // in this process at once (which opens the index).
-    let _closing = indexed.clone().map(Closing);
+    let closing = indexed.map(Closing);
     let target = Target::new(cfg);
     watch(&target);
     let mut backoff = Duration::from_millis(200);
@@ -135,9 +135,7 @@ pub async fn receive_with(
     };
     target.shutdown.cancel();
     // The handover opens the index again: its view here must be closed first.
-    if let Some(i) = &indexed {
-        i.close();
-    }
+    drop(closing);
     let adopted =
         Adopted { replica_id: handover.replica_id, epoch: handover.epoch, applied_seq: handover.applied_seq };
     adopt_replica(job, &lock, adopted)?;

@@ -71,11 +71,12 @@ fn known_pieces(
     per: usize,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
+    let per = per.max(1);
     if blocks.len() <= per {
         return emit(Entry { blocks, ..base });
     }
-    for (i, piece) in blocks.chunks(per.max(1)).enumerate() {
-        emit(Entry { first_block: (i * per.max(1)) as u64, blocks: piece.to_vec(), ..base.clone() })?;
+    for (i, piece) in blocks.chunks(per).enumerate() {
+        emit(Entry { first_block: (i * per) as u64, blocks: piece.to_vec(), ..base.clone() })?;
     }
     Ok(())
 }

@@ -284,7 +284,7 @@ impl Spool {
             // A record larger than the whole memory budget still goes through memory when it
             // may not spill, or it would wait forever.
             let budget = match placement {
-                Placement::WaitForMemory => self.limits.memory / 4,
+                Placement::WaitForMemory => self.comparison_budget(),
                 _ => self.limits.memory,
             };
             let mem_ok = g.mem_bytes + mem_cost(len) <= budget
@@ -432,7 +432,12 @@ impl Spool {
     /// waiting for acknowledgements, or soon will be (see [`Placement::WaitForMemory`]).
     /// Records written to disk (a fuse writer's) never press.
     pub fn pressed(&self) -> bool {
-        self.lock().mem_bytes >= self.limits.memory / 8
+        self.lock().mem_bytes >= self.comparison_budget() / 2
+    }
+
+    /// The memory records placed with [`Placement::WaitForMemory`] may fill before they wait.
+    fn comparison_budget(&self) -> usize {
+        self.limits.memory / 4
     }
 
     /// Waits until a record with sequence `seq` exists (or the spool is closed).
