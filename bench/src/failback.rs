@@ -143,7 +143,15 @@ fn one(
     copy_tree(&scratch.src(), &src)?;
     let net = NetBench::new().map_err(|e| anyhow!("creating network namespaces: {e}"))?;
     let mut target = remote::start_target(doppel, &net.b, &homes, &format!("{}:7340", net.b_ip), "")?;
-    let mut agent = remote::start_agent(doppel, &net.a, &homes, &src, &target, &["--heartbeat", "1"])?;
+    let capture = ["--capture", args.capture.as_str()];
+    let mut agent = remote::start_agent(
+        doppel,
+        &net.a,
+        &homes,
+        &src,
+        &target,
+        &[&["--heartbeat", "1"][..], &capture].concat(),
+    )?;
     agent.wait_caught_up(Duration::from_millis(100), Duration::from_secs(1800))?;
     let replica = homes.replica();
     verify(&src, &replica)?;
@@ -173,7 +181,7 @@ fn one(
         remove_if_present(&old)?;
     }
 
-    r.doppel = time_doppel(&net, doppel, &homes, &src, &mut target)?;
+    r.doppel = time_doppel(&net, doppel, &homes, &src, &mut target, &capture)?;
     verify(&src, &replica)?;
     target.stop();
     drop(net);
@@ -207,13 +215,20 @@ fn time_doppel(
     homes: &Homes,
     src: &Path,
     target: &mut crate::target::TargetProc,
+    capture: &[&str],
 ) -> Result<DoppelRun> {
     prepare_cold()?;
     let meter = cpu::Meter::start()?;
     let (before, target_cpu) = (counters(net)?, cpu::of_process(target.pid())?);
     let mut d = DoppelRun::default();
-    let mut agent =
-        remote::start_agent(bin, &net.a, homes, src, target, &["--heartbeat", "1", "--failback"])?;
+    let mut agent = remote::start_agent(
+        bin,
+        &net.a,
+        homes,
+        src,
+        target,
+        &[&["--heartbeat", "1", "--failback"][..], capture].concat(),
+    )?;
     loop {
         agent.check_alive()?;
         target.check_alive()?;

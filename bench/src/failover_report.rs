@@ -139,10 +139,11 @@ fn failback_tables(s: &mut String, args: &FailoverArgs, tree: &TreeInfo, runs: &
     let c = runs[0].changes;
     let _ = writeln!(
         s,
-        "#### Failback: {:.2} GiB tree ({} files), {:.1} % of it changed on the DR side, cold cache, veth without limit\n",
+        "#### Failback: {:.2} GiB tree ({} files), {:.1} % of it changed on the DR side, source job captured by `{}`, cold cache, veth without limit\n",
         tree.bytes() as f64 / GIB,
         tree.files(),
-        args.change_percent
+        args.change_percent,
+        args.capture
     );
     let _ = writeln!(
         s,

@@ -222,6 +222,10 @@ pub struct FailoverArgs {
     /// Share of the tree's bytes the workload changes on the DR side, in percent.
     #[arg(long, default_value_t = 1.0)]
     pub change_percent: f64,
+    /// The capture of the source's job in the failback measurement. A `fuse` job's index holds
+    /// no block hashes, so nothing is vouched for and the failback hashes both whole trees.
+    #[arg(long, default_value = "watch", value_parser = ["watch", "fuse"])]
+    pub capture: String,
     /// Keep the scratch directory: the generated tree (reused by the next run) and every run's
     /// trees, homes and logs (until the next run starts).
     #[arg(long)]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use doppel_capture::fuse::FuseCapture;
 use doppel_capture::{EventSource, FsEvent};
+use doppel_mirror::prehash::Prehash;
 use doppel_mirror::{EventQueue, Index, IndexEntry, MirrorError, OpSink, Reconciler, VerifyReport};
 use doppel_proto::{Entry, Op, PointKind, RelPath};
 use doppel_spool::{Placement, Spool, SpoolError};
@@ -491,8 +492,10 @@ impl Capture {
                 let spool = self.spool.clone();
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 sink.emit(Op::Point { kind: PointKind::PreResync })?;
-                match self.rec.sync_tree(&RelPath::root(), &mut sink).and_then(|_| self.rec.finish(&mut sink))
-                {
+                let compared =
+                    self.rec.sync_tree(&RelPath::root(), &mut sink).and_then(|_| self.rec.finish(&mut sink));
+                self.rec.set_prehashed(None);
+                match compared {
                     Err(MirrorError::Interrupted) => {
                         tracing::warn!("difference mirror interrupted: the replica changed; starting over");
                         self.state.lock().mirroring = None;
@@ -565,7 +568,9 @@ impl Capture {
                 let mut sink = SpoolSink::comparing(&spool, &self.stop);
                 sink.emit(Op::Point { kind: PointKind::PreResync })?;
                 if suspects.whole_tree {
-                    self.rec.sync_tree(&RelPath::root(), &mut sink)?;
+                    let compared = self.rec.sync_tree(&RelPath::root(), &mut sink);
+                    self.rec.set_prehashed(None);
+                    compared?;
                 } else {
                     for p in &suspects.names {
                         self.rec.sync_entry(p, &mut sink)?;
@@ -649,10 +654,35 @@ impl Capture {
         self.dirty.compared(regions);
     }
 
-    /// Replaces the whole index by `listing`, as it arrives.
+    /// Replaces the whole index by `listing`, as it arrives. Meanwhile the tree's files the
+    /// listing names are hashed on another thread, for the whole-tree comparison that follows
+    /// (which must [`Reconciler::set_prehashed`] `None` when done): the source's tree is read
+    /// while the target reads its replica, not after.
     fn seed_all(&mut self, mut listing: Listing) -> Result<(), AgentError> {
-        self.rec.seed_all(&mut listing)?;
-        listing.finish()
+        let prehash = self.prehash();
+        self.rec.seed_all((&mut listing).inspect(|e| {
+            if let Some(p) = &prehash {
+                p.offer(e);
+            }
+        }))?;
+        listing.finish()?;
+        let finished = prehash.map(Prehash::finish).transpose();
+        let prehashed = finished
+            .inspect_err(|e| tracing::warn!(error = %e, "the files hashed during the listing are lost: the comparison reads them"))
+            .ok()
+            .flatten();
+        self.rec.set_prehashed(prehashed);
+        Ok(())
+    }
+
+    /// A thread hashing the tree's files while the replica is listed (`None` if it cannot
+    /// start: the comparison then reads every file, as before).
+    fn prehash(&self) -> Option<Prehash> {
+        let scratch = self.index_path.parent().unwrap_or(std::path::Path::new("/"));
+        let cache = self.rec.index.footprint().cache_bytes as usize;
+        Prehash::start(self.rec.root(), scratch, cache, self.rec.stats())
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot hash ahead of the comparison"))
+            .ok()
     }
 
     /// Replaces the entries of `paths` by `listing`, as it arrives.

@@ -8,6 +8,8 @@
 //!   needed: differing blocks, appended bytes, renames as renames.
 //! - [`events`]: turns watch hints ([`doppel_capture::FsEvent`]) into reconciler work, in order,
 //!   with renames applied at once and content changes coalesced.
+//! - [`prehash`]: hashing the source's files while the other side lists its replica, so a
+//!   difference mirror against a full replica reads both trees at once, not one after the other.
 //! - [`verify`]: comparing without changing anything, and describing the differences.
 //! - [`error`]: what can fail.
 //!
@@ -17,6 +19,7 @@
 pub mod error;
 pub mod events;
 pub mod index;
+pub mod prehash;
 pub mod reconcile;
 pub mod verify;
 

@@ -16,6 +16,7 @@ use doppel_proto::{Attrs, Entry, EntryKind, Op, RelPath, RenameFlags};
 
 use crate::error::MirrorError;
 use crate::index::{Index, IndexEntry, walk_order};
+use crate::prehash::Prehashed;
 
 mod file;
 
@@ -160,7 +161,7 @@ impl Drop for TreeRun {
 }
 
 impl ReconcileStats {
-    fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -182,6 +183,8 @@ pub struct Reconciler {
     tree_bytes: Option<u64>,
     stats: Arc<ReconcileStats>,
     guard: Option<Arc<dyn Guard>>,
+    /// The source's files hashed while the replica was listed, for the comparison that follows.
+    prehashed: Option<Prehashed>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> MirrorError + '_ {
@@ -206,6 +209,7 @@ impl Reconciler {
             tree_bytes: None,
             stats: Arc::default(),
             guard: None,
+            prehashed: None,
         }
     }
 
@@ -219,6 +223,12 @@ impl Reconciler {
     pub fn with_tree_progress(mut self, tree: Arc<TreeProgress>) -> Reconciler {
         self.stats = Arc::new(ReconcileStats { tree, ..ReconcileStats::default() });
         self
+    }
+
+    /// Takes blocks from `prehashed` (the source's files hashed while the replica was listed)
+    /// instead of reading unchanged files whole; `None` once the comparison is over.
+    pub fn set_prehashed(&mut self, prehashed: Option<Prehashed>) {
+        self.prehashed = prehashed;
     }
 
     /// The guard, if any.

@@ -3,9 +3,10 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use doppel_fs::Meta;
-use doppel_proto::{BLOCK_SIZE, Entry, EntryKind, Op, RelPath, hash_block};
+use doppel_proto::{BLOCK_SIZE, BlockHash, Entry, EntryKind, Op, RelPath, hash_block};
 
 use super::{Guard, OpSink, ReconcileStats, Reconciler, io_err, vanished};
 use crate::error::MirrorError;
@@ -66,53 +67,22 @@ impl Reconciler {
         if old.is_none() {
             self.emit(sink, Op::Create { path: path.to_wire(), mode: meta.mode })?;
         }
-        let (old_blocks, old_size) = old.as_ref().map(|o| (o.blocks.clone(), o.size)).unwrap_or_default();
+        let before =
+            old.as_ref().map_or(Old { blocks: &[], size: 0 }, |o| Old { blocks: &o.blocks, size: o.size });
         let mut delta = Delta { path, run_at: 0, run: Vec::new(), changed: false };
-        let mut blocks = Vec::with_capacity(meta.size.div_ceil(BLOCK_SIZE) as usize);
+        // Hashed while the replica was listed: only blocks that differ are read.
+        let known = match &self.prehashed {
+            Some(p) if !before.blocks.is_empty() => p.blocks(path, meta)?,
+            _ => None,
+        };
+        let (blocks, size) = match known {
+            Some(known) => self.compare_known(&file, &full, meta, known, before, &mut delta, sink)?,
+            None => self.compare_read(&mut file, &full, meta, before, &mut delta, sink)?,
+        };
+        let old_size = before.size;
         let guard = self.guard.clone();
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        let mut size = 0u64;
-        loop {
-            let i = blocks.len() as u64;
-            let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
-            let n = doppel_fs::hash::read_full(&mut file, &mut buf).map_err(io_err(&full))?;
-            if n == 0 {
-                break;
-            }
-            if let Some(read) = &mut self.tree_bytes {
-                *read += n as u64;
-                self.stats.tree.add_bytes(n as u64);
-            }
-            let data = &buf[..n];
-            let h = hash_block(data);
-            blocks.push(h);
-            size += n as u64;
-            if old_blocks.get(i as usize) == Some(&h) {
-                delta.flush(self, sink)?;
-            } else {
-                let at = i * BLOCK_SIZE;
-                let mut skip = 0usize;
-                // An append into a short last block: when the old bytes are unchanged, only
-                // the new ones go.
-                if i + 1 == old_blocks.len() as u64 && old_size > at && old_size - at < n as u64 {
-                    let old_len = (old_size - at) as usize;
-                    if hash_block(&data[..old_len]) == old_blocks[i as usize] {
-                        skip = old_len;
-                    }
-                }
-                delta.add(self, sink, at + skip as u64, &data[skip..])?;
-                // Under a guard, each block's op must be sequenced while its lock is held.
-                if guard.is_some() {
-                    delta.flush(self, sink)?;
-                }
-            }
-            if n < buf.len() {
-                break;
-            }
-        }
         delta.flush(self, sink)?;
         ReconcileStats::add(&self.stats.files_hashed, 1);
-        ReconcileStats::add(&self.stats.bytes_hashed, size);
         let mut changed = delta.changed;
         if let Some(g) = &guard {
             // The size now, under the lock, is the one the replica must end with: writes and
@@ -140,6 +110,120 @@ impl Reconciler {
             })?;
         }
         self.index.insert(path, &e)?;
+        Ok(())
+    }
+
+    /// Reads the file whole, comparing each block with `old`'s; returns its blocks and size.
+    fn compare_read(
+        &mut self,
+        file: &mut File,
+        full: &Path,
+        meta: &Meta,
+        old: Old<'_>,
+        delta: &mut Delta<'_>,
+        sink: &mut dyn OpSink,
+    ) -> Result<(Vec<BlockHash>, u64), MirrorError> {
+        let mut blocks = Vec::with_capacity(meta.size.div_ceil(BLOCK_SIZE) as usize);
+        let guard = self.guard.clone();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut size = 0u64;
+        loop {
+            let i = blocks.len() as u64;
+            let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
+            let n = doppel_fs::hash::read_full(file, &mut buf).map_err(io_err(full))?;
+            if n == 0 {
+                break;
+            }
+            self.count_compared(n as u64);
+            ReconcileStats::add(&self.stats.bytes_hashed, n as u64);
+            let h = hash_block(&buf[..n]);
+            blocks.push(h);
+            size += n as u64;
+            self.compare_block(i, &buf[..n], h, old, delta, sink)?;
+            if n < buf.len() {
+                break;
+            }
+        }
+        Ok((blocks, size))
+    }
+
+    /// Like [`Self::compare_read`] for a file whose blocks were hashed while the replica was
+    /// listed (`known`): reads only the blocks that differ from `old`'s.
+    #[allow(clippy::too_many_arguments)]
+    fn compare_known(
+        &mut self,
+        file: &File,
+        full: &Path,
+        meta: &Meta,
+        mut known: Vec<BlockHash>,
+        old: Old<'_>,
+        delta: &mut Delta<'_>,
+        sink: &mut dyn OpSink,
+    ) -> Result<(Vec<BlockHash>, u64), MirrorError> {
+        let guard = self.guard.clone();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for i in 0..known.len() {
+            let at = i as u64 * BLOCK_SIZE;
+            let n = BLOCK_SIZE.min(meta.size - at) as usize;
+            self.count_compared(n as u64);
+            if old.blocks.get(i) == Some(&known[i]) {
+                delta.flush(self, sink)?;
+                continue;
+            }
+            let _held = guard.as_ref().map(|g| g.file(meta.dev, meta.ino));
+            let got = read_at_full(file, &mut buf[..n], at).map_err(io_err(full))?;
+            ReconcileStats::add(&self.stats.bytes_hashed, got as u64);
+            if got > 0 {
+                // What is read is what goes, and what the index records.
+                known[i] = hash_block(&buf[..got]);
+                self.compare_block(i as u64, &buf[..got], known[i], old, delta, sink)?;
+            }
+            if got < n {
+                // Shorter than its stat said: changed since, and that change's event follows.
+                known.truncate(i + usize::from(got > 0));
+                return Ok((known, at + got as u64));
+            }
+        }
+        Ok((known, meta.size))
+    }
+
+    /// Counts `n` bytes of the file under comparison as compared, in a whole-tree comparison.
+    fn count_compared(&mut self, n: u64) {
+        if let Some(read) = &mut self.tree_bytes {
+            *read += n;
+            self.stats.tree.add_bytes(n);
+        }
+    }
+
+    /// Compares block `i`, holding `data` hashed to `h`, with `old`'s, extending `delta` with
+    /// what differs.
+    fn compare_block(
+        &mut self,
+        i: u64,
+        data: &[u8],
+        h: BlockHash,
+        old: Old<'_>,
+        delta: &mut Delta<'_>,
+        sink: &mut dyn OpSink,
+    ) -> Result<(), MirrorError> {
+        if old.blocks.get(i as usize) == Some(&h) {
+            return delta.flush(self, sink);
+        }
+        let at = i * BLOCK_SIZE;
+        let mut skip = 0usize;
+        // An append into a short last block: when the old bytes are unchanged, only the new
+        // ones go.
+        if i + 1 == old.blocks.len() as u64 && old.size > at && old.size - at < data.len() as u64 {
+            let old_len = (old.size - at) as usize;
+            if hash_block(&data[..old_len]) == old.blocks[i as usize] {
+                skip = old_len;
+            }
+        }
+        delta.add(self, sink, at + skip as u64, &data[skip..])?;
+        // Under a guard, each block's op must be sequenced while its lock is held.
+        if self.guard.is_some() {
+            delta.flush(self, sink)?;
+        }
         Ok(())
     }
 
@@ -265,6 +349,13 @@ fn read_at_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
         }
     }
     Ok(got)
+}
+
+/// What the replica's file held, as the index says.
+#[derive(Clone, Copy)]
+struct Old<'a> {
+    blocks: &'a [BlockHash],
+    size: u64,
 }
 
 /// A run of contiguous changed bytes, emitted as write ops of at most [`MAX_WRITE`].

@@ -1,6 +1,8 @@
 //! The reconciler against a real replica: every test applies the emitted ops with
 //! `doppel-apply` and compares the trees.
 
+use std::time::{Duration, Instant};
+
 use doppel_apply::Replica;
 use doppel_proto::{ListScope, OpRecord};
 use doppel_testkit::{Compare, Tree, compare_trees, noise};
@@ -607,4 +609,46 @@ fn vouched_entries_of_the_same_size_and_time_are_not_read() {
     std::fs::write(r.src.join("same"), &changed).unwrap();
     r.rescan();
     r.assert_equal();
+}
+
+/// A difference mirror against a full replica hashes the source's files while the listing
+/// arrives, and the comparison then reads only the blocks that differ from the replica's; a
+/// file changed after it was hashed, or changed too close to the hashing's start for its
+/// times to tell, is read whole. The replica ends equal either way.
+#[test]
+fn files_hashed_while_the_replica_is_listed_are_read_only_where_they_differ() {
+    let mut r = Rig::new();
+    r.tree()
+        .file("big", &noise(1, 1 << 20))
+        .file("recent", &noise(2, 200_000))
+        .file("rewritten", &noise(3, 300_000));
+    r.rescan();
+    let mut big = noise(1, 1 << 20);
+    big[5 * 65_536 + 10..5 * 65_536 + 20].copy_from_slice(b"0123456789");
+    std::fs::write(r.src.join("big"), &big).unwrap();
+    std::fs::write(r.src.join("rewritten"), noise(4, 300_000)).unwrap();
+    // Older than the racy margin when the hashing starts, except `recent`'s change.
+    std::thread::sleep(Duration::from_micros(2 * crate::index::RACY_MARGIN_US));
+    std::fs::write(r.src.join("recent"), noise(5, 200_000)).unwrap();
+    let listing = r.listing(&ListScope::All);
+    let mut rec = Reconciler::new(&r.src, Selection::all(), Index::temporary().unwrap());
+    let scratch = tempfile::tempdir().unwrap();
+    let prehash = crate::prehash::Prehash::start(&r.src, scratch.path(), 1 << 20, rec.stats()).unwrap();
+    listing.iter().for_each(|e| prehash.offer(e));
+    let ahead = (1 << 20) + 300_000;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rec.stats().bytes_hashed.load(Ordering::Relaxed) < ahead {
+        assert!(Instant::now() < deadline, "the files were not hashed ahead within 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Changed after it was hashed: its hashes no longer count.
+    std::fs::write(r.src.join("rewritten"), noise(6, 300_000)).unwrap();
+    rec.seed_all(listing).unwrap();
+    rec.set_prehashed(Some(prehash.finish().unwrap()));
+    r.rec = rec;
+    let (_, sent) = r.rescan();
+    r.assert_equal();
+    let hashed = r.rec.stats().bytes_hashed.load(Ordering::Relaxed);
+    assert_eq!(hashed, ahead + 65_536 + 200_000 + 300_000, "big: one block; recent, rewritten: whole");
+    assert_eq!(sent, 65_536 + 200_000 + 300_000);
 }
