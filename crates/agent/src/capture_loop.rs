@@ -415,14 +415,19 @@ impl Capture {
                 // new opens already reach the tree uncaptured: the index is saved as of the
                 // detach, so anything touched since then is a "racy" suspect at the next start.
                 let detached_at = now_us();
+                // The reconciler reaches the tree through the mount's descriptor of it, which
+                // goes with the mount (and its number may name another file after): the
+                // index is made through a descriptor of its own.
+                let beneath = std::fs::File::open(self.rec.root()).map_err(io(self.rec.root()))?;
                 if let Some(m) = mount.take() {
                     m.unmount().map_err(io(self.rec.root()))?;
                 }
                 if !self.dirty.sticky().is_empty() {
                     return Ok(false);
                 }
-                let (root, selection) = (self.rec.root().to_path_buf(), self.rec.selection().clone());
-                stat_index(&mut self.rec.index, &root, &selection)?;
+                let tree =
+                    PathBuf::from(format!("/proc/self/fd/{}/.", std::os::fd::AsRawFd::as_raw_fd(&beneath)));
+                self.rec.restat_index(&tree)?;
                 self.checkpoint_as_of(detached_at)?;
                 self.dirty.clear().map_err(io(&self.index_path))?;
             }
@@ -801,8 +806,9 @@ fn covering<'a>(entries: &'a [Entry], path: &RelPath, first: u64) -> Option<&'a 
         .max_by_key(|e| e.first_block)
 }
 
-/// Makes `index` one of stat fields only (no block hashes): what a stopped `fuse` job compares
-/// against at its next start to find the names changed while nothing captured them.
+/// Makes `index` one of stat fields only (no block hashes): what a `fuse` job handed back by a
+/// failback compares against at its next start to find the names changed while nothing
+/// captured them (a running job's stop keeps what it can: [`Reconciler::restat_index`]).
 pub(crate) fn stat_index(
     index: &mut Index,
     root: &std::path::Path,

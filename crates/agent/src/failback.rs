@@ -196,6 +196,12 @@ impl IndexedBlocks {
             return None;
         }
         let snapshot = index.saved_view().ok()?;
+        tracing::info!(
+            saved_at_us = saved.saved_at_us,
+            captured = saved.captured_seq,
+            acked,
+            "the job's index vouches for the files unchanged since it was saved"
+        );
         Some(IndexedBlocks {
             view: parking_lot::Mutex::new(Some((index, snapshot))),
             saved_at_us: saved.saved_at_us,

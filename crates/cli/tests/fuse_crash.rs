@@ -480,6 +480,42 @@ fn a_killed_agent_compares_only_its_dirty_extents() {
     assert!(sent < HOT, "sent {sent} bytes");
 }
 
+/// A cleanly stopped fuse job keeps an index of the tree as of the stop: started again, it
+/// compares only the names changed while it was stopped, not the whole tree.
+#[test]
+fn a_cleanly_stopped_fuse_job_compares_only_what_changed_while_stopped() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+    let replica = dir.path().join("replica");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&src).unwrap();
+    const BIG: u64 = 32 << 20;
+    big_file(&src.join("disk.img"), BIG, 7);
+    Tree::at(&src).standard();
+    let args = ["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "fuse"];
+    let _mounts = StaleMountGuard(src.clone());
+    let mut agent = Proc::start(&home, "agent1", &args);
+    wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
+    // Changed while nothing captured them.
+    std::fs::write(src.join("stopped.txt"), noise(1, 100_000)).unwrap();
+    std::fs::write(src.join("dir1/b.bin"), noise(2, 50_000)).unwrap();
+    let mut agent = Proc::start(&home, "agent2", &args);
+    wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
+    let st = job_status(&home, "src");
+    let (compared, sent) = (st["bytes_hashed"].as_u64().unwrap(), st["bytes_sent"].as_u64().unwrap());
+    assert!(
+        compared < 1 << 20,
+        "compared {compared} bytes after a clean stop: the whole tree?\n{}",
+        agent.log()
+    );
+    assert!(sent < 1 << 20, "sent {sent} bytes");
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
+}
+
 /// Names made while the spool is full are dropped from it; what brings them to the replica is
 /// the activity log's record for their directory (one record for all of them, not one per
 /// name), compared once the link is back.

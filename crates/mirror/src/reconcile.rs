@@ -788,6 +788,44 @@ impl Reconciler {
     }
 }
 
+impl Reconciler {
+    /// Makes the index describe the tree's names by their current stat fields, keeping the
+    /// block hashes of entries whose stat shows no change since they were recorded (those
+    /// still describe the file): what a stopped `fuse` job keeps, to find at its next start
+    /// the names changed while nothing captured them, and for a failback to vouch for the
+    /// files it did not write (see the agent's failback). The tree is walked at `root` (the
+    /// reconciler's own root may reach it through a mount that is gone).
+    pub fn restat_index(&mut self, root: &Path) -> Result<(), MirrorError> {
+        let mut indexed = Merge::new(&RelPath::root());
+        let mut failed = None;
+        let selection = self.selection.clone();
+        let index = &mut self.index;
+        let walked = doppel_fs::walk::walk(root, &RelPath::root(), &selection, &mut |w| {
+            let r = (|| {
+                while let Some(gone) = indexed.next_before(index, Some(&w.path))? {
+                    index.remove(&gone)?;
+                }
+                if !index.get(&w.path)?.is_some_and(|e| e.unchanged(&w.meta)) {
+                    index.insert(&w.path, &IndexEntry::from_meta(&w.meta))?;
+                }
+                Ok(())
+            })();
+            r.map_err(|err: MirrorError| {
+                failed = Some(err);
+                io::Error::other("the index store failed")
+            })
+        });
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        walked.map_err(io_err(root))?;
+        while let Some(gone) = indexed.next_before(index, None)? {
+            index.remove(&gone)?;
+        }
+        Ok(())
+    }
+}
+
 /// The index's side of a merge with a tree walk: the indexed names of one subtree in walk
 /// order, read from the store a chunk at a time.
 struct Merge {

@@ -652,3 +652,29 @@ fn files_hashed_while_the_replica_is_listed_are_read_only_where_they_differ() {
     assert_eq!(hashed, ahead + 65_536 + 200_000 + 300_000, "big: one block; recent, rewritten: whole");
     assert_eq!(sent, 65_536 + 200_000 + 300_000);
 }
+
+/// A stopped fuse job's index: every name of the tree by its current stat, the block hashes
+/// kept only where the stat shows no change since they were recorded; names gone are gone.
+#[test]
+fn restating_the_index_keeps_the_blocks_of_unchanged_files_only() {
+    let mut r = Rig::new();
+    r.tree().file("kept", &noise(1, 200_000)).file("written", &noise(2, 200_000)).file("d/gone", b"x");
+    r.rescan();
+    let before = r.rec.index.get(&p("kept")).unwrap().unwrap();
+    assert_eq!(before.blocks.len(), 4);
+    std::fs::write(r.src.join("written"), noise(3, 200_000)).unwrap();
+    std::fs::remove_file(r.src.join("d/gone")).unwrap();
+    r.tree().file("d/new", b"new");
+    let src = r.src.clone();
+    r.rec.restat_index(&src).unwrap();
+    let index = &r.rec.index;
+    assert_eq!(index.get(&p("kept")).unwrap().unwrap(), before, "an unchanged file's entry is kept whole");
+    for name in ["written", "d/new", "d"] {
+        let e = index.get(&p(name)).unwrap().unwrap();
+        let meta = doppel_fs::Meta::from_std(&std::fs::symlink_metadata(r.src.join(name)).unwrap());
+        assert!(e.unchanged(&meta), "{name}: not the current stat");
+        assert!(e.blocks.is_empty(), "{name}: blocks that no longer describe it");
+    }
+    assert!(index.get(&p("d/gone")).unwrap().is_none(), "a removed name stayed");
+    assert_eq!(index.len().unwrap(), 5, "root, kept, written, d, d/new");
+}
