@@ -24,12 +24,25 @@ use super::record::{Draft, Undo};
 pub struct Reader {
     held: Option<(RelPath, OwnedFd, Handle)>,
     dir: Option<(RelPath, std::sync::Arc<OwnedFd>, Handle)>,
+    /// The handle of the last name a data op looked up through its directory: a new file's
+    /// write, then its attributes, look it up once.
+    named: Option<(RelPath, Handle)>,
 }
 
 impl Reader {
     /// Forgets the held file (after an op that changes names).
     pub fn clear(&mut self) {
         self.held = None;
+        self.named = None;
+    }
+
+    /// The handle of the object at `path`, if an op since the last change of names found it.
+    fn known_handle(&self, path: &RelPath) -> Option<Handle> {
+        match (&self.held, &self.named) {
+            (Some((p, _, h)), _) if p == path => Some(h.clone()),
+            (_, Some((p, h))) if p == path => Some(h.clone()),
+            _ => None,
+        }
     }
 
     /// Forgets the cached directory too (after an op that may move or remove one).
@@ -296,6 +309,7 @@ impl Taker<'_> {
             let Some(st) = p.here.filter(|st| kind(st) == libc::S_IFREG) else { return Ok(()) };
             if off >= st.st_size as u64 {
                 let obj = Handle::of(p.fd.as_fd(), p.name)?;
+                self.reader.named = Some((rel.clone(), obj.clone()));
                 self.draft.set.undo.push(Undo::Attrs { obj: obj.clone(), old: times_of(&st) });
                 self.draft.set.undo.push(Undo::Content {
                     obj,
@@ -339,6 +353,13 @@ impl Taker<'_> {
             // resolves it once.
             let p = self.parent(&rel)?;
             let Some(st) = p.here else { return Ok(()) };
+            // Known from the op before (a new file's write): no descriptor needed unless the
+            // extended attributes are read.
+            if let Some(obj) = self.reader.known_handle(&rel).filter(|_| a.xattrs.is_none()) {
+                let old = old_attrs(a, &st, None)?;
+                self.draft.set.undo.push(Undo::Attrs { obj, old });
+                return Ok(());
+            }
             let fd = rustix::fs::openat(
                 &*p.fd,
                 p.name,
@@ -348,24 +369,33 @@ impl Taker<'_> {
             (fd, st)
         };
         let obj = Handle::of(fd.as_fd(), b"")?;
-        let mut old = Attrs::default();
-        if a.mode.is_some() || a.uid.is_some() || a.gid.is_some() {
-            // A change of owner clears set-id bits: the mode is restored with the owner.
-            old.mode = Some(st.st_mode & 0o7777);
-        }
-        if a.uid.is_some() || a.gid.is_some() {
-            (old.uid, old.gid) = (Some(st.st_uid), Some(st.st_gid));
-        }
-        if a.atime.is_some() || a.mtime.is_some() {
-            let t = times_of(&st);
-            (old.atime, old.mtime) = (t.atime, t.mtime);
-        }
-        if a.xattrs.is_some() && kind(&st) != libc::S_IFLNK {
-            old.xattrs = Some(doppel_fs::xattr::read_fd(fd.as_fd())?);
-        }
+        let old = old_attrs(a, &st, Some(fd.as_fd()))?;
         self.draft.set.undo.push(Undo::Attrs { obj, old });
         Ok(())
     }
+}
+
+/// What `a` is about to change, as `st` (and, for extended attributes, `fd`) shows it now.
+fn old_attrs(a: &Attrs, st: &Stat, fd: Option<BorrowedFd<'_>>) -> io::Result<Attrs> {
+    let mut old = Attrs::default();
+    if a.mode.is_some() || a.uid.is_some() || a.gid.is_some() {
+        // A change of owner clears set-id bits: the mode is restored with the owner.
+        old.mode = Some(st.st_mode & 0o7777);
+    }
+    if a.uid.is_some() || a.gid.is_some() {
+        (old.uid, old.gid) = (Some(st.st_uid), Some(st.st_gid));
+    }
+    if a.atime.is_some() || a.mtime.is_some() {
+        let t = times_of(st);
+        (old.atime, old.mtime) = (t.atime, t.mtime);
+    }
+    if a.xattrs.is_some()
+        && kind(st) != libc::S_IFLNK
+        && let Some(fd) = fd
+    {
+        old.xattrs = Some(doppel_fs::xattr::read_fd(fd)?);
+    }
+    Ok(old)
 }
 
 fn empty_dir(p: &Parent<'_>) -> io::Result<bool> {

@@ -326,9 +326,12 @@ impl Journal {
         write_all_vectored_at(file, &head, &draft.data, *len)?;
         let frame_len = (head.len() + draft.data.len()) as u64;
         *len += frame_len;
-        let blocks = file.metadata()?.blocks() * 512;
-        self.grown.bytes += blocks.saturating_sub(self.active_blocks);
-        self.active_blocks = blocks;
+        // Within the blocks already allocated, an append allocates none: asked only past them.
+        if *len > self.active_blocks {
+            let blocks = file.metadata()?.blocks() * 512;
+            self.grown.bytes += blocks.saturating_sub(self.active_blocks);
+            self.active_blocks = blocks;
+        }
         let info = self.segments.last_mut().expect("an active segment is listed");
         if info.sets == 0 {
             info.seg.first_time_us = draft.set.time_us;
