@@ -8,6 +8,7 @@
 //! paths no longer lead to them), one `syncfs` is cheaper and always right, and is used.
 
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
 
 use doppel_fs::Beneath;
 use doppel_proto::{Op, RelPath, WirePath};
@@ -148,11 +149,58 @@ pub fn sync(root: &Beneath, plan: Plan) -> std::io::Result<()> {
     }
 }
 
-/// `fsync`s the file or directory `p`; anything else (a symlink, a FIFO, a device node, which
-/// are not opened for reading) through its directory, whose sync commits the inode's change
-/// with it on a journalling file system. A name gone since needs nothing: its directory's
-/// sync covers its removal.
+/// A [`Plan`] whose names are opened, so that it can be carried out on another thread while
+/// more ops are applied: a name renamed meanwhile is still the object the plan means.
+#[derive(Debug)]
+pub enum Opened {
+    /// Nothing to sync.
+    Nothing,
+    /// `syncfs` of the file system holding this directory.
+    Whole(OwnedFd),
+    /// `fsync` of each, in order.
+    Each(Vec<OwnedFd>),
+}
+
+impl Opened {
+    /// Opens what `plan` names beneath `root` (a name gone since needs nothing).
+    pub fn of(root: &Beneath, plan: Plan) -> std::io::Result<Opened> {
+        Ok(match plan {
+            Plan::Nothing => Opened::Nothing,
+            Plan::Whole => Opened::Whole(root.root_fd().try_clone_to_owned()?),
+            Plan::Names(names) => {
+                let mut fds = Vec::with_capacity(names.len());
+                for p in names {
+                    fds.extend(open_name(root, &p)?);
+                }
+                Opened::Each(fds)
+            }
+        })
+    }
+
+    /// Makes it durable.
+    pub fn sync(self) -> std::io::Result<()> {
+        match self {
+            Opened::Nothing => Ok(()),
+            Opened::Whole(fd) => rustix::fs::syncfs(&fd).map_err(Into::into),
+            Opened::Each(fds) => fds.iter().try_for_each(|fd| rustix::fs::fsync(fd).map_err(Into::into)),
+        }
+    }
+}
+
+/// `fsync`s the file or directory `p`; anything else through its directory (see
+/// [`open_name`]).
 fn sync_name(root: &Beneath, p: &RelPath) -> std::io::Result<()> {
+    match open_name(root, p)? {
+        Some(fd) => rustix::fs::fsync(&fd).map_err(Into::into),
+        None => Ok(()),
+    }
+}
+
+/// What to `fsync` for the name `p`: the file or directory itself; for anything else (a
+/// symlink, a FIFO, a device node, which are not opened for reading) its directory, whose sync
+/// commits the inode's change with it on a journalling file system. A name gone since needs
+/// nothing (`None`): its directory's sync covers its removal.
+fn open_name(root: &Beneath, p: &RelPath) -> std::io::Result<Option<OwnedFd>> {
     let gone = |e: &std::io::Error| {
         e.kind() == std::io::ErrorKind::NotFound
             || doppel_fs::beneath::is_escape(e)
@@ -161,14 +209,14 @@ fn sync_name(root: &Beneath, p: &RelPath) -> std::io::Result<()> {
     let st = match root.open_at(p, OFlags::PATH, 0).and_then(|fd| rustix::fs::fstat(&fd).map_err(Into::into))
     {
         Ok(st) => st,
-        Err(e) if gone(&e) => return Ok(()),
+        Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
     let kind = st.st_mode & libc::S_IFMT;
     let target = if kind == libc::S_IFREG || kind == libc::S_IFDIR { p.clone() } else { parent(p) };
     match root.open_at(&target, OFlags::RDONLY | OFlags::NONBLOCK, 0) {
-        Ok(fd) => rustix::fs::fsync(&fd).map_err(Into::into),
-        Err(e) if gone(&e) => Ok(()),
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if gone(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }

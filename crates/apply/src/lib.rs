@@ -34,4 +34,4 @@ pub mod unreplicated;
 
 pub use error::ApplyError;
 pub use privilege::{Privilege, PrivilegePolicy, Rule};
-pub use replica::{Outcome, Replica, ReplicaInfo};
+pub use replica::{Flush, Flushed, Outcome, Replica, ReplicaInfo};

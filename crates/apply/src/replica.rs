@@ -389,6 +389,41 @@ impl Replica {
         Ok(self.applied)
     }
 
+    /// Starts a commit of everything applied so far that runs beside the ops applied next:
+    /// what must reach the disk is gathered here, made durable by [`Flush::run`] on another
+    /// thread, and the commit ends with [`Replica::end_commit`]. The checkpoint it writes is
+    /// marked dirty (more ops follow; a clean one comes from [`Replica::commit`]). `None` when
+    /// nothing was applied since the last commit. Until it ends, nothing else may write the
+    /// replica's checkpoint: no other commit, no rollback, no change of identity.
+    pub fn begin_commit(&mut self) -> Result<Option<Flush>, ApplyError> {
+        if self.durable.applied == self.applied {
+            return Ok(None);
+        }
+        self.open.clear();
+        let history = self.history.as_mut().map(|h| h.take_sync()).transpose()?;
+        let data = crate::dirty::Opened::of(&self.root, self.dirty.take())
+            .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })?;
+        // Already marked dirty on disk: the first op after the last commit did it.
+        debug_assert!(self.dirty_on_disk);
+        let checkpoint = Checkpoint { applied: self.applied, dirty: true, ..self.durable };
+        Ok(Some(Flush {
+            history,
+            data,
+            root: self.root.path().to_path_buf(),
+            state_dir: self.state_dir.clone(),
+            checkpoint,
+        }))
+    }
+
+    /// Ends a commit whose [`Flush`] ran: returns the durable sequence, which may now be
+    /// acknowledged.
+    pub fn end_commit(&mut self, done: Flushed) -> Result<u64, ApplyError> {
+        let c = done.0;
+        self.durable = Checkpoint { dirty: false, ..c };
+        self.retain_now_and_then()?;
+        Ok(c.applied)
+    }
+
     /// Applies history retention at most once a second (after a commit).
     fn retain_now_and_then(&mut self) -> Result<(), ApplyError> {
         let Some(h) = &mut self.history else { return Ok(()) };
@@ -606,6 +641,33 @@ pub(crate) fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+/// A commit's writes to the disk, on their way ([`Replica::begin_commit`]).
+#[derive(Debug)]
+pub struct Flush {
+    history: Option<crate::history::journal::JournalSync>,
+    data: crate::dirty::Opened,
+    root: PathBuf,
+    state_dir: PathBuf,
+    checkpoint: Checkpoint,
+}
+
+/// A [`Flush`] that ran.
+#[derive(Debug)]
+pub struct Flushed(Checkpoint);
+
+impl Flush {
+    /// Makes the history, then the replica's changes, then the checkpoint saying so durable
+    /// (on any thread).
+    pub fn run(self) -> Result<Flushed, ApplyError> {
+        if let Some(h) = self.history {
+            h.run().map_err(|e| ApplyError::State { path: self.state_dir.clone(), source: e })?;
+        }
+        self.data.sync().map_err(|e| ApplyError::State { path: self.root.clone(), source: e })?;
+        write_checkpoint(&self.state_dir, &self.checkpoint)?;
+        Ok(Flushed(self.checkpoint))
+    }
 }
 
 #[cfg(test)]

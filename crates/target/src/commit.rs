@@ -169,12 +169,23 @@ impl GroupCommit {
     /// failed. Either way the group is closed: a failing commit is retried at the next
     /// decision, not in a loop.
     pub fn committed(&mut self, now: Instant, durable: Option<u64>) {
-        if let Some(seq) = durable {
-            self.durable = self.durable.max(seq);
-        }
+        self.began(now);
+        self.finished(durable);
+    }
+
+    /// A commit that runs beside the applying began at `now`: the group is closed (the ops
+    /// applied from here on form the next one), though nothing is durable yet.
+    pub fn began(&mut self, now: Instant) {
         self.last_commit = now;
         self.bytes_since = 0;
         self.barrier = false;
+    }
+
+    /// A commit ended: `durable` is the sequence it made durable, `None` if it failed.
+    pub fn finished(&mut self, durable: Option<u64>) {
+        if let Some(seq) = durable {
+            self.durable = self.durable.max(seq);
+        }
     }
 }
 

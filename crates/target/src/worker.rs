@@ -87,7 +87,8 @@ pub fn run(
     let clock = SystemClock;
     let policy =
         GroupCommit::new(commit_interval, COMMIT_BYTES, replica.applied(), replica.durable(), clock.now());
-    let worker = Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock, listings };
+    let worker =
+        Worker { replica, tx, slot, cancel, policy, stall: Stall::new(), clock, listings, flushing: None };
     worker.run(&mut rx)
 }
 
@@ -103,7 +104,16 @@ pub struct Listings {
 enum Next {
     Work(Work),
     Commit(Commit),
+    /// The commit running beside the applying ended.
+    Flushed(FlushResult),
     Closed,
+}
+
+type FlushResult = Result<doppel_apply::Flushed, ApplyError>;
+
+/// A commit whose writes run on a thread of their own while the worker applies on.
+struct InFlight {
+    done: tokio::sync::oneshot::Receiver<FlushResult>,
 }
 
 /// The apply loop's state: the replica, where its answers go, and the commit policy.
@@ -116,6 +126,8 @@ struct Worker<C: Clock> {
     stall: Stall,
     clock: C,
     listings: Listings,
+    /// The commit running beside the applying, if any (at most one).
+    flushing: Option<InFlight>,
 }
 
 impl<C: Clock> Worker<C> {
@@ -133,6 +145,7 @@ impl<C: Clock> Worker<C> {
                 }
                 Next::Work(Work::List { id, scope }) => self.list(id, &scope),
                 Next::Commit(c) => self.commit(c),
+                Next::Flushed(r) => self.flushed(r),
                 Next::Closed => break,
             }
         }
@@ -142,11 +155,21 @@ impl<C: Clock> Worker<C> {
 
     /// Takes the next piece of work, or the commit the policy says is due while the queue is
     /// empty.
-    fn next(&self, rx: &mut mpsc::Receiver<Work>) -> Next {
+    fn next(&mut self, rx: &mut mpsc::Receiver<Work>) -> Next {
         match rx.try_recv() {
             Ok(w) => return Next::Work(w),
             Err(mpsc::error::TryRecvError::Disconnected) => return Next::Closed,
             Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if let Some(f) = &mut self.flushing {
+            // Whichever comes first: more work, or the end of the commit (its ack).
+            let runtime = tokio::runtime::Handle::current();
+            return runtime.block_on(async {
+                tokio::select! {
+                    w = rx.recv() => w.map_or(Next::Closed, Next::Work),
+                    r = &mut f.done => Next::Flushed(r.unwrap_or_else(|_| Err(flush_lost()))),
+                }
+            });
         }
         let now = self.clock.now();
         match self.policy.idle(now) {
@@ -166,9 +189,68 @@ impl<C: Clock> Worker<C> {
 
     /// Makes everything applied durable and acknowledges it.
     fn commit(&mut self, c: Commit) {
-        let before = self.policy.durable();
+        self.settle();
         let r = if c.dirty { self.replica.commit_continuing() } else { self.replica.commit() };
-        let durable = match r {
+        let durable = self.acknowledge(r);
+        self.policy.committed(self.clock.now(), durable);
+    }
+
+    /// Starts a commit of everything applied whose writes run on a thread of their own while
+    /// the worker applies the ops queued behind it (so the apply never waits on the disk's
+    /// flush); its ack goes once they are done. At most one runs: a commit due before the
+    /// last one ended waits for it.
+    fn commit_beside(&mut self) {
+        self.settle();
+        match self.replica.begin_commit() {
+            Ok(Some(flush)) => {
+                let (tx, done) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new().name("doppel-flush".into()).spawn(move || {
+                    let _ = tx.send(flush.run());
+                });
+                match spawned {
+                    Ok(_) => {
+                        self.flushing = Some(InFlight { done });
+                        self.policy.began(self.clock.now());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no thread to commit beside the applying: committing here");
+                        self.policy.committed(self.clock.now(), None);
+                    }
+                }
+            }
+            Ok(None) => self.policy.committed(self.clock.now(), Some(self.replica.applied())),
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed");
+                self.policy.committed(self.clock.now(), None);
+            }
+        }
+    }
+
+    /// Waits for the commit running beside the applying, if any, and ends it.
+    fn settle(&mut self) {
+        if let Some(f) = self.flushing.take() {
+            let r = f.done.blocking_recv().unwrap_or_else(|_| Err(flush_lost()));
+            self.end_flush(r);
+        }
+    }
+
+    /// The commit running beside the applying ended with `r`.
+    fn flushed(&mut self, r: FlushResult) {
+        self.flushing = None;
+        self.end_flush(r);
+    }
+
+    fn end_flush(&mut self, r: FlushResult) {
+        let r = r.and_then(|done| self.replica.end_commit(done));
+        let durable = self.acknowledge(r);
+        self.policy.finished(durable);
+    }
+
+    /// Reports and acknowledges what a commit made durable; the durable sequence, `None` if
+    /// it failed.
+    fn acknowledge(&mut self, r: Result<u64, ApplyError>) -> Option<u64> {
+        let before = self.policy.durable();
+        match r {
             Ok(seq) => {
                 self.slot.status.durable.store(seq, Ordering::Relaxed);
                 *self.slot.status.history.lock() = self.replica.history().map(|h| h.status());
@@ -181,8 +263,7 @@ impl<C: Clock> Worker<C> {
                 tracing::error!(error = %e, "commit failed");
                 None
             }
-        };
-        self.policy.committed(self.clock.now(), durable);
+        }
     }
 
     /// Applies a batch of records, then commits if the policy says the group is closed.
@@ -204,8 +285,11 @@ impl<C: Clock> Worker<C> {
             let shown = unreplicated.list(crate::registry::UNREPLICATED_SHOWN);
             *self.slot.status.unreplicated.lock() = (shown, unreplicated.len() as u64);
         }
-        if let Some(c) = self.policy.after_batch(self.clock.now(), !rx.is_empty(), ack_wanted) {
-            self.commit(c);
+        match self.policy.after_batch(self.clock.now(), !rx.is_empty(), ack_wanted) {
+            // More is queued: the commit's writes run beside the applying of it.
+            Some(c) if c.dirty => self.commit_beside(),
+            Some(c) => self.commit(c),
+            None => {}
         }
         true
     }
@@ -319,6 +403,14 @@ impl<C: Clock> Worker<C> {
         }
         let error = result.err().map(|e| e.to_string());
         let _ = self.send(Message::ListEnd { id, error });
+    }
+}
+
+/// A commit whose thread died without an answer.
+fn flush_lost() -> ApplyError {
+    ApplyError::State {
+        path: std::path::PathBuf::from("(commit thread)"),
+        source: std::io::Error::other("the commit's thread ended without an answer"),
     }
 }
 

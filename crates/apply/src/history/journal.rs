@@ -349,17 +349,23 @@ impl Journal {
     /// Makes every appended set (and every move into the attic) durable: the first step of a
     /// replica commit.
     pub fn sync(&mut self) -> io::Result<()> {
+        self.take_sync()?.run()
+    }
+
+    /// What [`Journal::sync`] does, to be done on another thread while more sets are
+    /// appended (the open segment is synced through a descriptor of its own).
+    pub fn take_sync(&mut self) -> io::Result<JournalSync> {
+        let mut s = JournalSync::default();
         if let Some(fd) = self.attic_unsynced.take() {
-            rustix::fs::fsync(&fd)?;
-            File::open(&self.attic)?.sync_all()?;
+            s.attic = Some((fd, self.attic.clone()));
         }
         if self.unsynced {
             if let Some((f, _)) = &self.active {
-                f.sync_data()?;
+                s.active = Some(f.try_clone()?);
             }
             self.unsynced = false;
         }
-        Ok(())
+        Ok(s)
     }
 
     /// What the journal took (allocated bytes, inodes) since this was last asked.
@@ -419,6 +425,29 @@ impl Journal {
     /// The open file of the newest segment (for tests of torn tails).
     pub fn active_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.active.as_ref().map(|(f, _)| f.as_fd())
+    }
+}
+
+/// A journal's sync taken out of it ([`Journal::take_sync`]).
+#[derive(Debug, Default)]
+pub struct JournalSync {
+    /// The attic's directory of the set that moved something aside, and the attic itself.
+    attic: Option<(OwnedFd, PathBuf)>,
+    /// The open segment.
+    active: Option<File>,
+}
+
+impl JournalSync {
+    /// Makes the journal's sets (and the attic's entries) taken so far durable.
+    pub fn run(self) -> io::Result<()> {
+        if let Some((fd, attic)) = self.attic {
+            rustix::fs::fsync(&fd)?;
+            File::open(&attic)?.sync_all()?;
+        }
+        if let Some(f) = self.active {
+            f.sync_data()?;
+        }
+        Ok(())
     }
 }
 

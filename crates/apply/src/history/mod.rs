@@ -173,6 +173,13 @@ impl History {
             .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
     }
 
+    /// [`History::sync`], to be done on another thread ([`journal::JournalSync::run`]).
+    pub fn take_sync(&mut self) -> Result<journal::JournalSync, ApplyError> {
+        self.journal
+            .take_sync()
+            .map_err(|e| ApplyError::State { path: self.journal.dir().to_path_buf(), source: e })
+    }
+
     /// Applies retention: drops the segments it lets go (by time, by size, and `need_bytes`
     /// more when space ran out). Returns the plan (whether the replica must pause).
     ///

@@ -279,6 +279,34 @@ fn a_continuing_commit_is_durable_and_stays_marked_dirty() {
     assert_eq!(info.applied, 3);
 }
 
+/// A commit whose writes run on another thread while more ops are applied: it makes exactly
+/// the ops before it durable (its checkpoint marked dirty, as more follow), renames made
+/// meanwhile do not lose what it syncs, and the next plain commit covers the rest.
+#[test]
+fn a_commit_beside_the_applying_covers_the_ops_before_it() {
+    let mut f = Fixture::new();
+    assert!(f.replica.begin_commit().unwrap().is_none(), "nothing applied: nothing to commit");
+    for name in ["a", "b"] {
+        f.apply(Op::Create { path: w(name), mode: 0o644 });
+        f.apply(Op::Write { path: w(name), offset: 0, data: name.as_bytes().to_vec() });
+    }
+    let flush = f.replica.begin_commit().unwrap().expect("ops to commit");
+    let writes = std::thread::spawn(move || flush.run());
+    // Meanwhile: a rename of a file the commit syncs, and a new file.
+    f.apply(Op::Rename { from: w("a"), to: w("c"), flags: RenameFlags::default() });
+    f.apply(Op::Create { path: w("d"), mode: 0o644 });
+    let done = writes.join().unwrap().unwrap();
+    assert_eq!(f.replica.durable(), 0, "durable only once the commit ends");
+    assert_eq!(f.replica.end_commit(done).unwrap(), 4);
+    assert_eq!(f.replica.durable(), 4);
+    let c = crate::state::read_checkpoint(&f.state).unwrap().unwrap();
+    assert_eq!((c.applied, c.dirty), (4, true), "ops were applied after it");
+    assert_eq!(f.replica.commit().unwrap(), 6);
+    let c = crate::state::read_checkpoint(&f.state).unwrap().unwrap();
+    assert_eq!((c.applied, c.dirty), (6, false));
+    assert_eq!(std::fs::read(f.root.join("c")).unwrap(), b"a");
+}
+
 #[test]
 fn listing_describes_the_tree_with_block_hashes() {
     let mut f = Fixture::new();

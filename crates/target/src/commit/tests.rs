@@ -391,3 +391,21 @@ fn a_full_disk_stalls_retries_every_second_and_resumes() {
     assert_eq!(sim.commits().last().map(|c| c.1), Some(10));
     assert_eq!(sim.seq, 10);
 }
+
+/// A commit whose writes run beside the applying closes its group when it begins (the next
+/// group's size and interval count from there) and makes its ops durable only when it ends.
+#[test]
+fn a_commit_beside_the_applying_closes_its_group_when_it_begins() {
+    let t0 = Instant::now();
+    let mut p = policy(t0);
+    p.op_applied(1, COMMIT_BYTES, false);
+    assert_eq!(p.after_batch(t0 + ms(1), true, false), Some(Commit { dirty: true }));
+    p.began(t0 + ms(1));
+    p.op_applied(2, 10, false);
+    assert_eq!(p.after_batch(t0 + ms(2), true, false), None, "a new group, counted from the begin");
+    assert_eq!(p.durable(), 0, "nothing durable before the writes are done");
+    p.finished(Some(1));
+    assert_eq!(p.durable(), 1);
+    assert!(p.pending(), "what was applied meanwhile waits for the next commit");
+    assert_eq!(p.idle(t0 + ms(50)), Idle::WaitUntil(t0 + ms(101)));
+}
