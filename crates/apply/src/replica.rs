@@ -376,11 +376,17 @@ impl Replica {
             return Ok(self.applied);
         }
         self.open.clear();
-        if let Some(h) = &mut self.history {
-            h.sync()?;
+        let flushed = (|| {
+            if let Some(h) = &mut self.history {
+                h.sync()?;
+            }
+            crate::dirty::sync(&self.root, self.dirty.take())
+                .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })
+        })();
+        if let Err(e) = flushed {
+            self.commit_failed();
+            return Err(e);
         }
-        crate::dirty::sync(&self.root, self.dirty.take())
-            .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })?;
         let c = Checkpoint { applied: self.applied, dirty: more, ..self.durable };
         write_checkpoint(&self.state_dir, &c)?;
         self.durable = Checkpoint { dirty: false, ..c };
@@ -403,8 +409,9 @@ impl Replica {
         let history = self.history.as_mut().map(|h| h.take_sync()).transpose()?;
         let data = crate::dirty::Opened::of(&self.root, self.dirty.take())
             .map_err(|e| ApplyError::State { path: self.root.path().to_path_buf(), source: e })?;
-        // Already marked dirty on disk: the first op after the last commit did it.
-        debug_assert!(self.dirty_on_disk);
+        // The checkpoint it writes is marked dirty (the first op after the last commit
+        // already marked it so): ops applied meanwhile need no checkpoint write of their own.
+        self.dirty_on_disk = true;
         let checkpoint = Checkpoint { applied: self.applied, dirty: true, ..self.durable };
         Ok(Some(Flush {
             history,
@@ -413,6 +420,16 @@ impl Replica {
             state_dir: self.state_dir.clone(),
             checkpoint,
         }))
+    }
+
+    /// A commit failed (its [`Flush`], or [`Replica::commit`]): what it was to make durable
+    /// is no longer listed, so the next commit syncs everything (the whole file system, the
+    /// whole journal).
+    pub fn commit_failed(&mut self) {
+        self.dirty = Dirty::everything();
+        if let Some(h) = &mut self.history {
+            h.journal().mark_unsynced();
+        }
     }
 
     /// Ends a commit whose [`Flush`] ran: returns the durable sequence, which may now be

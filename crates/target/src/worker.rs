@@ -241,6 +241,9 @@ impl<C: Clock> Worker<C> {
     }
 
     fn end_flush(&mut self, r: FlushResult) {
+        if r.is_err() {
+            self.replica.commit_failed();
+        }
         let r = r.and_then(|done| self.replica.end_commit(done));
         let durable = self.acknowledge(r);
         self.policy.finished(durable);

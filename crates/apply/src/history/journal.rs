@@ -352,6 +352,11 @@ impl Journal {
         self.take_sync()?.run()
     }
 
+    /// A sync taken out failed: the next one syncs the open segment again.
+    pub fn mark_unsynced(&mut self) {
+        self.unsynced = true;
+    }
+
     /// What [`Journal::sync`] does, to be done on another thread while more sets are
     /// appended (the open segment is synced through a descriptor of its own).
     pub fn take_sync(&mut self) -> io::Result<JournalSync> {

@@ -307,6 +307,25 @@ fn a_commit_beside_the_applying_covers_the_ops_before_it() {
     assert_eq!(std::fs::read(f.root.join("c")).unwrap(), b"a");
 }
 
+/// A commit whose writes failed leaves no list of what it was to sync: the next commit syncs
+/// the whole file system rather than only the names changed since.
+#[test]
+fn after_a_failed_commit_the_next_one_syncs_everything() {
+    let mut f = Fixture::new();
+    // A replica just opened syncs everything once; then only what changed.
+    f.apply(Op::Create { path: w("first"), mode: 0o644 });
+    f.replica.commit().unwrap();
+    f.apply(Op::Create { path: w("a"), mode: 0o644 });
+    let flush = f.replica.begin_commit().unwrap().expect("an op to commit");
+    assert!(matches!(flush.data, crate::dirty::Opened::Each(_)), "{:?}", flush.data);
+    // Its writes never happened.
+    drop(flush);
+    f.replica.commit_failed();
+    f.apply(Op::Create { path: w("b"), mode: 0o644 });
+    let flush = f.replica.begin_commit().unwrap().expect("ops to commit");
+    assert!(matches!(flush.data, crate::dirty::Opened::Whole(_)), "{:?}", flush.data);
+}
+
 #[test]
 fn listing_describes_the_tree_with_block_hashes() {
     let mut f = Fixture::new();
