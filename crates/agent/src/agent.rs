@@ -174,6 +174,10 @@ impl Agent {
         // Before the lock file: a directory holding nothing yet is new, not of format 1.
         JOB_FORMAT.take_over(&dir, |_| Ok(()))?;
         let lock = take_lock(&dir, &job.name)?;
+        let stale = Index::remove_stale_scratch(&dir);
+        if stale > 0 {
+            tracing::info!(job = %job.name, stale, "removed throwaway indexes a killed agent left behind");
+        }
 
         let state_path = dir.join("state.json");
         let mut state = JobState::load(&state_path)?;

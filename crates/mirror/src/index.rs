@@ -47,6 +47,9 @@ const VOUCHED_CTIME: Timestamp = Timestamp { secs: 0, nanos: 1 };
 /// few milliseconds), 100 ms leaves a wide margin (the "racy" entries of git's index).
 pub const RACY_MARGIN_US: u64 = 100_000;
 
+/// How the directories of throwaway indexes begin.
+const SCRATCH_PREFIX: &str = ".index-";
+
 /// The memory the index's page cache may use unless the job says otherwise.
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 
@@ -260,12 +263,25 @@ impl Index {
     /// a verify compares against.
     pub fn scratch_in(dir: &Path, cache_bytes: usize) -> Result<Index, MirrorError> {
         let io = |source| MirrorError::Io { path: dir.to_path_buf(), source };
-        let tmp = tempfile::Builder::new().prefix(".index-").tempdir_in(dir).map_err(io)?;
+        let tmp = tempfile::Builder::new().prefix(SCRATCH_PREFIX).tempdir_in(dir).map_err(io)?;
         let (mut index, _) = Index::open(&tmp.path().join("index.redb"), cache_bytes)?;
         index.scratch = Some(tmp);
         index.txn = None;
         index.begin()?;
         Ok(index)
+    }
+
+    /// Removes the throwaway indexes ([`Index::scratch_in`]) a process that died (killed
+    /// during a verify or a difference mirror) left in `dir`; returns how many. Only for a
+    /// directory no other process uses (a job's, under its lock).
+    pub fn remove_stale_scratch(dir: &Path) -> usize {
+        let Ok(entries) = fs::read_dir(dir) else { return 0 };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().as_encoded_bytes().starts_with(SCRATCH_PREFIX.as_bytes()))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| fs::remove_dir_all(e.path()).is_ok())
+            .count()
     }
 
     /// A throwaway index in the system's temporary directory (tests, tools).

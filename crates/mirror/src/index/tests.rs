@@ -139,3 +139,21 @@ fn listing_pieces_extend_one_entry_and_snapshots_stay_put() {
     assert!(i.get(&p("big")).unwrap().is_none());
     assert_eq!(snap.get(&p("big")).unwrap().unwrap().blocks.len(), 3);
 }
+
+#[test]
+fn throwaway_indexes_a_killed_process_left_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = Index::scratch_in(dir.path(), 1 << 20).unwrap();
+    // A process killed while it held one: never dropped.
+    std::mem::forget(Index::scratch_in(dir.path(), 1 << 20).unwrap());
+    drop(live);
+    std::fs::create_dir(dir.path().join("spool")).unwrap();
+    std::fs::write(dir.path().join(".index-not-a-directory"), b"kept").unwrap();
+    assert_eq!(Index::remove_stale_scratch(dir.path()), 1);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [".index-not-a-directory", "spool"]);
+}
