@@ -17,6 +17,8 @@ const BIG: u64 = 256 << 20;
 /// appends to a log, about 25 times a second, until stopped.
 struct Workload {
     stop: Arc<AtomicBool>,
+    /// Iterations done so far.
+    done: Arc<std::sync::atomic::AtomicU64>,
     handle: Option<std::thread::JoinHandle<u64>>,
 }
 
@@ -29,6 +31,8 @@ impl Workload {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = done.clone();
         let handle = std::thread::spawn(move || {
             let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
@@ -40,12 +44,21 @@ impl Workload {
                     std::fs::OpenOptions::new().create(true).append(true).open(dir.join("app.log")).unwrap();
                 std::io::Write::write_all(&mut log, format!("record {n}\n").as_bytes()).unwrap();
                 n += 1;
+                counted.store(n, Ordering::Relaxed);
                 // Pacing of the load generator, not a wait for a condition.
                 std::thread::sleep(Duration::from_millis(40));
             }
             n
         });
-        Workload { stop, handle: Some(handle) }
+        Workload { stop, done, handle: Some(handle) }
+    }
+
+    /// Waits until the workload has made more than `n` writes (however fast the rest went).
+    fn wait_writes(&self, n: u64) {
+        wait_until(Duration::from_secs(60), "the workload to write", || {
+            let done = self.done.load(Ordering::Relaxed);
+            (done > n).then_some(()).ok_or(format!("{done} writes"))
+        });
     }
 
     fn stop(&mut self) -> u64 {
@@ -146,6 +159,8 @@ fn agent_and_target_killed_mid_stream_resume_without_a_full_remirror(watch: Watc
     });
     let c = wait_captured(&r.home, 0, 0);
     wait_captured(&r.home, c, 10);
+    // The workload went on across both kills (the steps above may take less than a second).
+    work.wait_writes(20);
     let writes = work.stop();
     assert!(writes > 20);
 
