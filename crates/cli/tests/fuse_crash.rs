@@ -411,24 +411,46 @@ fn sqlite_with_the_writeback_cache_is_consistent_at_every_cut_and_sync_keeps_com
     sqlite_under_cuts_with("wal", &["--fuse-writeback"]);
 }
 
+/// A fuse job over a disk image of `size` bytes and the standard tree, replicating to a local
+/// directory.
+struct ImageJob {
+    /// Declared first, so dropped first: a mount a failed test left goes before the directory.
+    _mounts: StaleMountGuard,
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    replica: PathBuf,
+    home: PathBuf,
+}
+
+impl ImageJob {
+    /// The job, and its first agent once the replica equals the tree.
+    fn mirrored(size: u64) -> (ImageJob, Proc) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
+        let (replica, home) = (dir.path().join("replica"), dir.path().join("home"));
+        std::fs::create_dir_all(&src).unwrap();
+        big_file(&src.join("disk.img"), size, 7);
+        Tree::at(&src).standard();
+        let job = ImageJob { _mounts: StaleMountGuard(src.clone()), _dir: dir, src, replica, home };
+        let mut agent = Proc::start(&job.home, "agent1", &job.args());
+        wait_converged(&job.src, &job.replica, Duration::from_secs(120), &mut agent);
+        (job, agent)
+    }
+
+    fn args(&self) -> [&str; 6] {
+        ["protect", self.src.to_str().unwrap(), "--to", self.replica.to_str().unwrap(), "--capture", "fuse"]
+    }
+}
+
 #[test]
 fn a_killed_agent_compares_only_its_dirty_extents() {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    let replica = dir.path().join("replica");
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&src).unwrap();
     const BIG: u64 = 512 << 20;
     const HOT: u64 = 48 << 20;
-    big_file(&src.join("disk.img"), BIG, 7);
-    Tree::at(&src).standard();
-    let args = ["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "fuse"];
-    let _mounts = StaleMountGuard(src.clone());
-    let mut agent = Proc::start(&home, "agent1", &args);
-    wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
+    let (job, mut agent) = ImageJob::mirrored(BIG);
+    let (src, replica, home, args) = (&job.src, &job.replica, &job.home, job.args());
     // Random 4 KiB writes into the first 48 MiB of a 512 MiB image.
     let stop = Arc::new(AtomicBool::new(false));
     let (s, img) = (stop.clone(), src.join("disk.img"));
@@ -487,18 +509,8 @@ fn a_cleanly_stopped_fuse_job_compares_only_what_changed_while_stopped() {
     if !fuse_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::canonicalize(dir.path()).unwrap().join("src");
-    let replica = dir.path().join("replica");
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&src).unwrap();
-    const BIG: u64 = 32 << 20;
-    big_file(&src.join("disk.img"), BIG, 7);
-    Tree::at(&src).standard();
-    let args = ["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap(), "--capture", "fuse"];
-    let _mounts = StaleMountGuard(src.clone());
-    let mut agent = Proc::start(&home, "agent1", &args);
-    wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);
+    let (job, mut agent) = ImageJob::mirrored(32 << 20);
+    let (src, replica, home, args) = (&job.src, &job.replica, &job.home, job.args());
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
     // Changed while nothing captured them.
     std::fs::write(src.join("stopped.txt"), noise(1, 100_000)).unwrap();
