@@ -450,7 +450,7 @@ fn a_killed_agent_compares_only_its_dirty_extents() {
     const BIG: u64 = 512 << 20;
     const HOT: u64 = 48 << 20;
     let (job, mut agent) = ImageJob::mirrored(BIG);
-    let (src, replica, home, args) = (&job.src, &job.replica, &job.home, job.args());
+    let (src, replica, home, args) = (job.src.clone(), job.replica.clone(), job.home.clone(), job.args());
     // Random 4 KiB writes into the first 48 MiB of a 512 MiB image.
     let stop = Arc::new(AtomicBool::new(false));
     let (s, img) = (stop.clone(), src.join("disk.img"));
@@ -510,7 +510,7 @@ fn a_cleanly_stopped_fuse_job_compares_only_what_changed_while_stopped() {
         return;
     }
     let (job, mut agent) = ImageJob::mirrored(32 << 20);
-    let (src, replica, home, args) = (&job.src, &job.replica, &job.home, job.args());
+    let (src, replica, home, args) = (job.src.clone(), job.replica.clone(), job.home.clone(), job.args());
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
     // Changed while nothing captured them.
     std::fs::write(src.join("stopped.txt"), noise(1, 100_000)).unwrap();
