@@ -214,7 +214,9 @@ impl<C: Clock> Worker<C> {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "no thread to commit beside the applying: committing here");
-                        self.policy.committed(self.clock.now(), None);
+                        // What the dropped flush was to sync is no longer listed: all of it.
+                        self.replica.commit_failed();
+                        self.commit(Commit { dirty: true });
                     }
                 }
             }
