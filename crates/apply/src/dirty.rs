@@ -137,16 +137,7 @@ impl Dirty {
 
 /// Carries out `plan` beneath `root`.
 pub fn sync(root: &Beneath, plan: Plan) -> std::io::Result<()> {
-    match plan {
-        Plan::Nothing => Ok(()),
-        Plan::Whole => rustix::fs::syncfs(root.root_fd()).map_err(Into::into),
-        Plan::Names(names) => {
-            for p in names {
-                sync_name(root, &p)?;
-            }
-            Ok(())
-        }
-    }
+    Opened::of(root, plan)?.sync()
 }
 
 /// A [`Plan`] whose names are opened, so that it can be carried out on another thread while
@@ -184,15 +175,6 @@ impl Opened {
             Opened::Whole(fd) => rustix::fs::syncfs(&fd).map_err(Into::into),
             Opened::Each(fds) => fds.iter().try_for_each(|fd| rustix::fs::fsync(fd).map_err(Into::into)),
         }
-    }
-}
-
-/// `fsync`s the file or directory `p`; anything else through its directory (see
-/// [`open_name`]).
-fn sync_name(root: &Beneath, p: &RelPath) -> std::io::Result<()> {
-    match open_name(root, p)? {
-        Some(fd) => rustix::fs::fsync(&fd).map_err(Into::into),
-        None => Ok(()),
     }
 }
 
