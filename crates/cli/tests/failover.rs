@@ -115,7 +115,8 @@ fn manual_policy_alerts_and_waits_for_the_operator() {
             _ => Err(st.to_string()),
         }
     });
-    assert!(countdown > 0.0 && countdown <= 2.0, "countdown {countdown}");
+    // At the threshold's very instant the source is still `silent`, with nothing left to count.
+    assert!((0.0..=2.0).contains(&countdown), "countdown {countdown}");
     wait_until(Duration::from_secs(30), "the notify command", || {
         let text = std::fs::read_to_string(&notes).unwrap_or_default();
         text.contains("source-failed s").then_some(()).ok_or(text)
