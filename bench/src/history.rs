@@ -49,6 +49,27 @@ impl Rig {
         Ok(Rig { root, state, replica, seq: 0 })
     }
 
+    /// A replica without history applying runs of new files on `lanes` threads.
+    fn lanes(dir: &Path, name: &str, lanes: usize) -> Result<Rig> {
+        let mut rig = Rig::new(dir, name, false)?;
+        rig.replica.set_lanes(lanes);
+        Ok(rig)
+    }
+
+    /// Applies `ops` as one batch, as the target's worker does (each run of new files ahead
+    /// on the replica's lanes, then every op in order).
+    fn apply_batch(&mut self, ops: Vec<Op>) -> Result<()> {
+        let time_us = now_us();
+        let recs: Vec<_> =
+            ops.into_iter().zip(self.seq + 1..).map(|(op, seq)| OpRecord { seq, time_us, op }).collect();
+        for i in 0..recs.len() {
+            self.replica.apply_ahead(&recs[i..]);
+            self.replica.apply(&recs[i])?;
+        }
+        self.seq += recs.len() as u64;
+        Ok(())
+    }
+
     fn apply(&mut self, op: Op) -> Result<()> {
         self.seq += 1;
         self.replica.apply(&OpRecord { seq: self.seq, time_us: now_us(), op })?;
@@ -57,6 +78,35 @@ impl Rig {
 
     fn commit(&mut self) -> Result<()> {
         self.replica.commit()?;
+        Ok(())
+    }
+
+    /// Commits what was applied on a thread of its own while the next batch applies, as the
+    /// target's worker does with more ops queued; `pending` is the commit still running
+    /// (ended first: at most one runs).
+    fn commit_beside(
+        &mut self,
+        pending: &mut Option<
+            std::thread::JoinHandle<Result<doppel_apply::Flushed, doppel_apply::ApplyError>>,
+        >,
+    ) -> Result<()> {
+        self.end_commit(pending)?;
+        if let Some(flush) = self.replica.begin_commit()? {
+            *pending = Some(std::thread::spawn(move || flush.run()));
+        }
+        Ok(())
+    }
+
+    fn end_commit(
+        &mut self,
+        pending: &mut Option<
+            std::thread::JoinHandle<Result<doppel_apply::Flushed, doppel_apply::ApplyError>>,
+        >,
+    ) -> Result<()> {
+        if let Some(h) = pending.take() {
+            let flushed = h.join().map_err(|_| anyhow::anyhow!("the commit thread panicked"))??;
+            self.replica.end_commit(flushed)?;
+        }
         Ok(())
     }
 
@@ -116,25 +166,34 @@ fn overwrite(rig: &mut Rig, file: u64, bytes: u64, seed: u64) -> Result<(f64, u6
     Ok((bytes as f64 / MIB as f64 / secs, rig.history_bytes() - before))
 }
 
-/// `files` new 4 KiB files with their mtime; returns files per second.
-fn create(rig: &mut Rig, files: u64, run: usize) -> Result<f64> {
+/// `files` new 4 KiB files with their mtime, in batches of 256 files, each committed beside
+/// the applying of the next (as a mirror of small files arrives at a target); returns files
+/// per second and this process's CPU time per file, in µs.
+fn create(rig: &mut Rig, files: u64, run: usize) -> Result<(f64, f64)> {
     let mut rng = Rng(7 + run as u64);
     let mut buf = vec![0u8; 4096];
     rig.apply(Op::Mkdir { path: w(&format!("c{run}")), mode: 0o755 })?;
-    let t = Instant::now();
-    for i in 0..files {
-        let p = format!("c{run}/f{i:06}");
-        rng.fill(&mut buf);
-        rig.apply(Op::Create { path: w(&p), mode: 0o644 })?;
-        rig.apply(Op::Write { path: w(&p), offset: 0, data: buf.clone() })?;
-        let mtime = Some(doppel_proto::Timestamp { secs: 1_700_000_000, nanos: 0 });
-        rig.apply(Op::SetAttr { path: w(&p), attrs: doppel_proto::Attrs { mtime, ..Default::default() } })?;
-        if i % 256 == 255 {
-            rig.commit()?;
-        }
-    }
     rig.commit()?;
-    Ok(files as f64 / t.elapsed().as_secs_f64())
+    let cpu = crate::cpu::of_process(std::process::id())?;
+    let t = Instant::now();
+    let mtime = Some(doppel_proto::Timestamp { secs: 1_700_000_000, nanos: 0 });
+    let mut pending = None;
+    for batch in (0..files).collect::<Vec<_>>().chunks(256) {
+        let mut ops = Vec::with_capacity(batch.len() * 3);
+        for i in batch {
+            let p = format!("c{run}/f{i:06}");
+            rng.fill(&mut buf);
+            ops.push(Op::Create { path: w(&p), mode: 0o644 });
+            ops.push(Op::Write { path: w(&p), offset: 0, data: buf.clone() });
+            ops.push(Op::SetAttr { path: w(&p), attrs: doppel_proto::Attrs { mtime, ..Default::default() } });
+        }
+        rig.apply_batch(ops)?;
+        rig.commit_beside(&mut pending)?;
+    }
+    rig.end_commit(&mut pending)?;
+    rig.commit()?;
+    let cpu = crate::cpu::of_process(std::process::id())? - cpu;
+    Ok((files as f64 / t.elapsed().as_secs_f64(), cpu.as_secs_f64() * 1e6 / files as f64))
 }
 
 fn cold() -> Result<()> {
@@ -159,11 +218,15 @@ fn run(args: &HistoryArgs, dir: &Path) -> Result<String> {
     let mut s = String::new();
     let _ = writeln!(s, "### History: cost on apply, bytes kept, restore and test-failover start\n");
     // Apply throughput, alternating on and off.
-    let (mut on, mut off) = (Rig::new(dir, "on", true)?, Rig::new(dir, "off", false)?);
+    let (mut on, mut off) = (Rig::new(dir, "on", true)?, Rig::lanes(dir, "off", 1)?);
+    let lanes =
+        args.apply_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let mut wide = Rig::lanes(dir, "lanes", lanes)?;
     for (rig, seed) in [(&mut on, 1), (&mut off, 1)] {
         big(rig, "disk.img", args.file, &mut Rng(seed))?;
     }
     let (mut ow_on, mut ow_off, mut cr_on, mut cr_off) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut cr_lanes, mut cpu_off, mut cpu_lanes) = (Vec::new(), Vec::new(), Vec::new());
     let mut hist_bytes = 0;
     for run in 0..args.runs {
         eprintln!("[bench] history run {}/{}", run + 1, args.runs);
@@ -176,9 +239,15 @@ fn run(args: &HistoryArgs, dir: &Path) -> Result<String> {
         crate::machine::sync();
         ow_off.push(overwrite(&mut off, args.file, args.overwrite, 100 + run as u64)?.0);
         crate::machine::sync();
-        cr_on.push(create(&mut on, args.files, run)?);
+        cr_on.push(create(&mut on, args.files, run)?.0);
         crate::machine::sync();
-        cr_off.push(create(&mut off, args.files, run)?);
+        let (rate, cpu) = create(&mut off, args.files, run)?;
+        cr_off.push(rate);
+        cpu_off.push(cpu);
+        crate::machine::sync();
+        let (rate, cpu) = create(&mut wide, args.files, run)?;
+        cr_lanes.push(rate);
+        cpu_lanes.push(cpu);
     }
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -203,10 +272,22 @@ fn run(args: &HistoryArgs, dir: &Path) -> Result<String> {
         med(&cr_on),
         med(&cr_on) / med(&cr_off)
     );
+    let _ = writeln!(
+        s,
+        "\nHistory off, the same new files applied on {lanes} threads at once (`[target] apply_threads = \
+         {lanes}`) against one: {:.0} files/s against {:.0} ({:.2}x); CPU time of the \
+         applying process per file {:.1} µs against {:.1}.",
+        med(&cr_lanes),
+        med(&cr_off),
+        med(&cr_lanes) / med(&cr_off),
+        med(&cpu_lanes),
+        med(&cpu_off)
+    );
     let per_byte = hist_bytes as f64 / (args.overwrite * args.runs as u64) as f64;
     let _ = writeln!(s, "\nHistory kept per byte overwritten: {per_byte:.3} bytes (goal: at most 1.1).\n");
     drop(on);
     drop(off);
+    drop(wide);
 
     // Restore of a tree against cp -a of the replica.
     let mut t = Rig::new(dir, "restore", true)?;

@@ -126,6 +126,10 @@ pub struct HistoryArgs {
     /// New files per run of the create-heavy workload.
     #[arg(long, default_value_t = 20_000)]
     pub files: u64,
+    /// Threads of the create workload's run on several threads (`[target] apply_threads`)
+    /// [default: the CPUs].
+    #[arg(long)]
+    pub apply_threads: Option<usize>,
     /// Size of the restored tree.
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub tree: u64,

@@ -5,6 +5,8 @@
 //!   enough state to resume exactly after a crash of the process or of the machine.
 //! - [`dirty`]: what changed since the last commit, so a commit `fsync`s only that (one
 //!   source's commit does not flush every source's data on a shared file system).
+//! - [`lanes`]: which ops of a batch may be applied on several threads at once (a run of new
+//!   files), and carrying them out.
 //! - [`ops`]: how each op is carried out beneath the replica root (never outside it, never
 //!   through a symlink).
 //! - [`privilege`]: what a source may do that grants privilege on the target (set-id bits,
@@ -22,6 +24,7 @@
 pub mod dirty;
 pub mod error;
 pub mod history;
+pub mod lanes;
 pub mod listing;
 mod metered;
 pub mod ops;

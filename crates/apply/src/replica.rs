@@ -79,6 +79,10 @@ pub struct Replica {
     measured: Option<(std::time::Instant, u64, u64)>,
     /// Names the target refused to make, and the ops on them it skips.
     unreplicated: crate::unreplicated::Unreplicated,
+    /// Threads a run of new files may be applied on ([`Replica::apply_ahead`]).
+    lanes: usize,
+    /// What became of ops applied ahead, by sequence, until [`Replica::apply`] takes them.
+    ahead: std::collections::HashMap<u64, Outcome>,
 }
 
 impl Replica {
@@ -173,7 +177,14 @@ impl Replica {
             last_retain: None,
             measured: None,
             unreplicated: crate::unreplicated::Unreplicated::load(state_dir),
+            lanes: 1,
+            ahead: std::collections::HashMap::new(),
         })
+    }
+
+    /// Sets how many threads a run of new files may be applied on (1: the caller's alone).
+    pub fn set_lanes(&mut self, lanes: usize) {
+        self.lanes = lanes.clamp(1, MAX_LANES);
     }
 
     /// Sets how much history to keep (`None`: none; what was kept is dropped).
@@ -252,10 +263,10 @@ impl Replica {
         if rec.seq != self.applied + 1 {
             return Err(ApplyError::Gap { expected: self.applied + 1, got: rec.seq });
         }
-        if !self.dirty_on_disk {
-            write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
-            self.dirty_on_disk = true;
+        if let Some(outcome) = self.ahead.remove(&rec.seq) {
+            return self.applied_one(rec, outcome);
         }
+        self.mark_dirty()?;
         let outcome = match self.apply_policed(rec) {
             Err(e)
                 if (e.is_no_space() || matches!(e, ApplyError::OverQuota { .. }))
@@ -265,12 +276,82 @@ impl Replica {
             }
             r => r?,
         };
+        self.applied_one(rec, outcome)
+    }
+
+    /// Marks the checkpoint dirty before the first op after a commit changes the tree.
+    fn mark_dirty(&mut self) -> Result<(), ApplyError> {
+        if !self.dirty_on_disk {
+            write_checkpoint(&self.state_dir, &Checkpoint { dirty: true, ..self.durable })?;
+            self.dirty_on_disk = true;
+        }
+        Ok(())
+    }
+
+    /// Counts `rec` applied, with `outcome`.
+    fn applied_one(&mut self, rec: &OpRecord, outcome: Outcome) -> Result<Outcome, ApplyError> {
         self.applied = rec.seq;
         if let Some((_, _, written)) = &mut self.measured {
             *written += rec.op.data_len() as u64;
         }
         self.progress.record(rec.seq)?;
         Ok(outcome)
+    }
+
+    /// Applies the run of new files `recs` starts with on several threads at once, when it is
+    /// long enough and this replica's way of applying allows it (see [`crate::lanes`]): each
+    /// op's outcome waits for [`Replica::apply`] to take it, in order, which counts it
+    /// applied then. What a lane could not carry out (space ran out) is left to
+    /// [`Replica::apply`] too, which retries it as it retries any op. Nothing happens when
+    /// `recs` does not start right after the last applied op.
+    pub fn apply_ahead(&mut self, recs: &[OpRecord]) {
+        let Some(first) = recs.first() else { return };
+        if first.seq != self.applied + 1 || self.ahead.contains_key(&first.seq) || !self.lanes_allowed() {
+            return;
+        }
+        let contiguous = recs.iter().zip(first.seq..).take_while(|(r, s)| r.seq == *s).count();
+        let planned = crate::lanes::plan(recs[..contiguous].iter().map(|r| &r.op), self.lanes);
+        // The run ends before the first op the privilege policy refuses.
+        let decided: Vec<_> = recs[..planned.len()]
+            .iter()
+            .map_while(|r| match self.privileges.decide(&r.op) {
+                Decision::Apply { op, stripped } => Some((op, stripped)),
+                Decision::Refuse { .. } => None,
+            })
+            .collect();
+        if decided.len() < crate::lanes::MIN_RUN || self.mark_dirty().is_err() {
+            return;
+        }
+        self.open.clear();
+        let ops: Vec<&doppel_proto::Op> = decided.iter().map(|(op, _)| op.as_ref()).collect();
+        let devices = self.privileges.devices == Rule::Allow;
+        let results = crate::lanes::run(&self.root, first.seq, &ops, &planned[..ops.len()], devices);
+        for ((rec, (op, stripped)), result) in recs.iter().zip(decided).zip(results) {
+            let outcome = match result {
+                Some(Ok(())) => {
+                    self.dirty.note(&op);
+                    if stripped.is_empty() { Outcome::Applied } else { Outcome::Stripped(stripped) }
+                }
+                Some(Err(ApplyError::Refused { reason, .. })) => {
+                    tracing::warn!(seq = rec.seq, op = rec.op.kind(), %reason, "op refused");
+                    Outcome::Refused(reason)
+                }
+                // Not carried out: left to `apply`.
+                _ => continue,
+            };
+            self.ahead.insert(rec.seq, outcome);
+        }
+    }
+
+    /// Whether ops may be applied ahead on several threads: not with a history (each op's
+    /// undo is taken from the state the op before it left, in stream order), a quota
+    /// measured op by op, or names refused before (an op on one is skipped by what came
+    /// before it).
+    fn lanes_allowed(&self) -> bool {
+        self.lanes > 1
+            && self.history.is_none()
+            && self.unreplicated.is_empty()
+            && self.account.as_ref().is_none_or(|a| !a.limits().any())
     }
 
     /// The names the replica does not have (refused before).
@@ -372,6 +453,9 @@ impl Replica {
     }
 
     fn commit_with(&mut self, more: bool) -> Result<u64, ApplyError> {
+        // Ops applied ahead and not taken (the session ended first) are applied again when
+        // they come again: each is exact to replay.
+        self.ahead.clear();
         if self.durable.applied == self.applied && (!self.dirty_on_disk || more) {
             return Ok(self.applied);
         }
@@ -402,6 +486,7 @@ impl Replica {
     /// nothing was applied since the last commit. Until it ends, nothing else may write the
     /// replica's checkpoint: no other commit, no rollback, no change of identity.
     pub fn begin_commit(&mut self) -> Result<Option<Flush>, ApplyError> {
+        self.ahead.clear();
         if self.durable.applied == self.applied {
             return Ok(None);
         }
@@ -652,6 +737,9 @@ fn drop_history(root: &Path, state_dir: &Path) -> Result<(), ApplyError> {
     }
     Ok(())
 }
+
+/// Threads a run of new files is applied on, at most.
+const MAX_LANES: usize = 16;
 
 pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()

@@ -90,6 +90,9 @@ pub struct TargetSection {
     pub history_size: Option<SizeValue>,
     /// A window of history no size limit and no shortage of space cuts (`1h`).
     pub history_min: Option<String>,
+    /// Threads each replica without history applies a run of new files on (default 1: every
+    /// op on the session's own thread).
+    pub apply_threads: Option<usize>,
     /// The HTTP endpoint of `doppel target` (`--http`).
     pub http: Option<String>,
     /// Its token file (`--http-token-file`).

@@ -277,3 +277,64 @@ fn an_unreadable_index_never_stops_the_job_and_is_rebuilt_by_comparing() {
     let sent = bytes_sent(&r.home, "job");
     assert!(sent < 1 << 20, "rebuilding the index sent {sent} bytes: more than the differences");
 }
+
+/// Threads of `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// A target whose replica keeps no history applies a mirror's new files on several threads
+/// (`apply_threads`). SIGKILLed while those threads run and restarted, it resumes at its
+/// progress marker, applies the rest of the run again (each op exact to replay), and the
+/// replica ends equal to the source: bytes, modes and times.
+#[test]
+fn a_target_killed_while_it_applies_new_files_on_several_threads_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for d in 0..20 {
+        let sub = src.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for i in 0..1000 {
+            let f = sub.join(format!("f{i:04}"));
+            std::fs::write(&f, noise(d * 1000 + i, (i % 100) as usize)).unwrap();
+            std::fs::set_permissions(
+                &f,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600 + (i as u32 % 4) * 0o40),
+            )
+            .unwrap();
+        }
+    }
+    let home = dir.path().join("source-home");
+    let id = init(&home);
+    let config = format!(
+        "[target]\napply_threads = 4\n\n[[target.allow]]\nname = \"s1\"\nid = \"{id}\"\nhistory = \"off\"\n"
+    );
+    let data = dir.path().join("target-data");
+    let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &data, None);
+    let replica = data.join("replicas/s1/job");
+    let args = ["--name", "job", "--capture", "inotify"];
+    let mut a = target.protect(&home, "agent", &src, &args);
+
+    // Killed while its apply threads run (they live only while a run is applied).
+    let pid = target.proc.child.id();
+    wait_until(Duration::from_secs(120), "the target to apply new files on several threads", || {
+        let lanes = threads_named(pid, "doppel-lane");
+        (lanes > 0).then_some(()).ok_or(format!("acked {}", job_status(&home, "job")["last_acked_seq"]))
+    });
+    let port: u16 = target.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let mut old = target;
+    old.proc.kill();
+    let compares = |a: &Proc| a.log().matches("comparing the whole tree").count();
+    let compared_before = compares(&a);
+    let files_then = std::fs::read_dir(&replica).map_or(0, |d| d.count());
+    let target = start_target_config(dir.path(), &config, &format!("127.0.0.1:{port}"), &data, None);
+    wait_converged(&src, &replica, Duration::from_secs(300), &mut a);
+    let log = target.proc.log();
+    assert!(!log.contains("un-synced changes"), "a killed process is not an unclean shutdown:\n{log}");
+    assert_eq!(compares(&a), compared_before, "a whole-tree comparison after the kill:\n{}", a.log());
+    println!("the target was killed with {files_then} of 20 directories made");
+}

@@ -119,6 +119,9 @@ pub struct TargetConfig {
     /// source side of a failback, whose replica is its own tree and whose agent's index
     /// describes it; `None` everywhere else (every listed file is read).
     pub known_blocks: Option<std::sync::Arc<dyn doppel_apply::listing::KnownBlocks>>,
+    /// Threads each replica without history applies a run of new files on (`None`: one, the
+    /// session's own; see [`doppel_apply::lanes`]).
+    pub apply_threads: Option<usize>,
 }
 
 impl TargetConfig {
@@ -134,6 +137,7 @@ impl TargetConfig {
             commit_interval: Duration::from_millis(100),
             history: Some(doppel_apply::history::DEFAULT_RETENTION),
             known_blocks: None,
+            apply_threads: None,
         }
     }
 }

@@ -439,8 +439,12 @@ impl Slot {
                     let privileges = target.privileges_of(&self.source);
                     let account = target.account(&self.source);
                     let history = target.history_of(&self.source);
+                    let lanes = target.config.apply_threads;
                     let opened = tokio::task::spawn_blocking(move || {
                         let mut r = Replica::open_with_history(&tree, &state, history)?;
+                        if let Some(n) = lanes {
+                            r.set_lanes(n);
+                        }
                         r.set_privileges(privileges);
                         r.set_account(account);
                         Ok(r)

@@ -274,7 +274,10 @@ impl<C: Clock> Worker<C> {
     /// Applies a batch of records, then commits if the policy says the group is closed.
     /// Returns false if the session must end.
     fn records(&mut self, recs: &[OpRecord], ack_wanted: bool, rx: &mpsc::Receiver<Work>) -> bool {
-        for rec in recs {
+        for (i, rec) in recs.iter().enumerate() {
+            // A run of new files starting here is applied on several threads first; each of
+            // its ops is then only counted, in order, below.
+            self.replica.apply_ahead(&recs[i..]);
             if !self.apply_with_retry(rec) {
                 return false;
             }

@@ -569,3 +569,5 @@ fn the_file_a_create_opened_serves_its_own_path_only() {
     assert!(!r.join("c").exists());
     assert_eq!(f.replica.commit().unwrap(), f.seq);
 }
+
+mod lanes;

@@ -60,6 +60,10 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
     if let Some(t) = section.handshake_timeout_secs {
         cfg.handshake_timeout = Duration::from_secs(t.max(1));
     }
+    cfg.apply_threads = match section.apply_threads {
+        Some(0) => bail!("[target] apply_threads must be at least 1"),
+        n => n,
+    };
     let http =
         match crate::config::http_options(&a.http, section.http.as_ref(), section.http_token_file.as_ref()) {
             Some(o) => Some(crate::http::bind(&o).await?),
