@@ -16,6 +16,7 @@ use fuser::{Errno, FileHandle, FopenFlags, INodeNo, ReplyOpen};
 use rustix::fs::{Mode, OFlags};
 
 use super::{DoppelFs, Handle, OpenFile, errno};
+use crate::fuse::locks::WriteGuard;
 use crate::fuse::{CaptureSink, Dirty};
 
 impl<S: CaptureSink> DoppelFs<S> {
@@ -126,10 +127,16 @@ impl<S: CaptureSink> DoppelFs<S> {
         }
         let seq = {
             let _ns = self.locks.shared();
-            let _file = f.node.data.lock();
+            let mut _file = WriteGuard::Range(f.node.data.lock_range(offset, data.len() as u64));
+            // Set-id bits or capabilities: the write drops them (an attribute change too, so
+            // it takes the whole file).
+            let mut had_privs = self.has_privs(&f.node, f.file.as_fd());
+            if had_privs {
+                drop(_file);
+                _file = WriteGuard::Whole(f.node.data.lock());
+                had_privs = self.has_privs(&f.node, f.file.as_fd());
+            }
             let path = self.nodes.path(&f.node);
-            // Set-id bits or capabilities: the write drops them (an attribute change too).
-            let had_privs = self.has_privs(&f.node, f.file.as_fd());
             let prep = match &path {
                 Some(p) => {
                     let extent = Dirty::Extent { path: p, offset, len: data.len() as u64 };
