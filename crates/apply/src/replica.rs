@@ -306,7 +306,7 @@ impl Replica {
     /// `recs` does not start right after the last applied op.
     pub fn apply_ahead(&mut self, recs: &[OpRecord]) {
         let Some(first) = recs.first() else { return };
-        if first.seq != self.applied + 1 || self.ahead.contains_key(&first.seq) || !self.lanes_allowed() {
+        if !self.lanes_allowed() || first.seq != self.applied + 1 || self.ahead.contains_key(&first.seq) {
             return;
         }
         let contiguous = recs.iter().zip(first.seq..).take_while(|(r, s)| r.seq == *s).count();
