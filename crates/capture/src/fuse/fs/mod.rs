@@ -263,6 +263,12 @@ impl<S: CaptureSink> Filesystem for DoppelFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // Direct I/O submitted asynchronously (a VM's image with `cache=none`, libaio, io_uring)
+        // reaches the daemon as it was queued, many requests at once, instead of each
+        // submission waiting for the one before: without it a queue depth of 16 is served as 1.
+        // Their order is unchanged: the kernel had them in flight together, and each is
+        // sequenced when its effect lands (`locks::FileState`).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         if config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2).is_ok() {
             self.killpriv.store(true, Ordering::Relaxed);
         }
