@@ -245,8 +245,13 @@ impl Link {
                 Err(e) => Err(End::Retry(LinkError::Protocol(format!("link task failed: {e}")))),
             },
         };
+        let mut overflow_tick = tokio::time::interval(Duration::from_millis(250));
+        overflow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = match outcome {
             // The decision is made and streaming runs: serve verify requests until the end.
+            // The overflow is looked at on a tick that always runs: a branch enabled only while
+            // the overflow is active would be decided when each wait begins, and an overflow
+            // entered during a wait (the spool filling while the link is up) would never end.
             Ok(()) if !stop.is_cancelled() => loop {
                 tokio::select! {
                     _ = stop.cancelled() => break Ok(()),
@@ -259,7 +264,7 @@ impl Link {
                         let answer = self.verify_once(req.repair, &out_tx, &mut list_rx).await;
                         let _ = req.reply.send(answer);
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(250)), if self.overflow.active() => {
+                    _ = overflow_tick.tick() => {
                         // The overflow ends once everything queued before it is acknowledged.
                         let s = self.spool.stats();
                         if resync_due(self.overflow.active(), s.acked, s.last_seq)

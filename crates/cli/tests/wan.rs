@@ -241,6 +241,39 @@ fn spool_overflow_in_fuse_mode_sends_only_what_changed() {
     overflow_without_a_full_remirror(true);
 }
 
+/// The spool fills while the link stays up (writers faster than the job's bandwidth limit):
+/// the overflow ends once the link has caught up, in the same connection. It used to be looked
+/// at only when a wait for the link's events began, so one entered during such a wait lasted
+/// until the next reconnection: with the link up, forever.
+fn overflow_while_connected(fuse: bool) {
+    if fuse && !fuse_available() {
+        return;
+    }
+    let mut o = Outage::new(fuse);
+    o.args.extend(["--limit", "16MB"].map(String::from));
+    let mut agent = o.agent("agent");
+    wait_converged(&o.src, &o.replica(), Duration::from_secs(120), &mut agent);
+    let changed = o.churn();
+    wait_converged(&o.src, &o.replica(), Duration::from_secs(120), &mut agent);
+    let log = agent.log();
+    assert!(log.contains("spool full: no longer queueing ops"), "the spool never overflowed:\n{log}");
+    assert!(log.contains("leaving overflow"), "{log}");
+    let s = job_status(&o.home, "job");
+    assert_eq!(s["state"], "replicating", "{s}");
+    assert_eq!(s["connections"], 1, "the overflow ended only through a reconnection: {s}");
+    println!("{changed} bytes changed; {} sent in all", s["bytes_sent"]);
+}
+
+#[test]
+fn an_overflow_while_the_link_is_up_ends_once_it_catches_up() {
+    overflow_while_connected(false);
+}
+
+#[test]
+fn an_overflow_while_the_link_is_up_ends_once_it_catches_up_in_fuse_mode() {
+    overflow_while_connected(true);
+}
+
 #[test]
 fn an_agent_killed_in_overflow_still_honours_its_dirty_set() {
     let o = Outage::new(false);
