@@ -58,6 +58,8 @@ fn a_failover_during_a_resync_starts_from_the_pre_resync_point_with_a_sound_data
         "--spool-limit",
         "4MiB",
     ];
+    // What the killed agent's mount leaves at `src` goes before the directory does.
+    let _mount = StaleMountGuard(src.clone());
     let mut agent = Proc::start(&home, "agent", &argv);
     let replica = target.data.join("replicas/s/job");
     wait_converged(&src, &replica, Duration::from_secs(120), &mut agent);

@@ -48,6 +48,8 @@ fn run_case(capture: &str, devices: &str) {
     let target = start_target_config(dir.path(), &config, "127.0.0.1:0", &data, None);
     let src = dir.path().join("src");
     Tree::at(&src).file("plain", b"plain\n");
+    // What the killed agent's mount leaves at `src` goes before the directory does.
+    let _mount = StaleMountGuard(std::fs::canonicalize(&src).unwrap());
     if capture == "watch" {
         make_specials(&src);
     }
