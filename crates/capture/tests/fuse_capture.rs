@@ -5,12 +5,12 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use doppel_capture::fuse::{CaptureSink, Dirty, FuseCapture, FuseOptions};
 use doppel_proto::{Op, OpRecord};
 use doppel_testkit::{Compare, Tree, compare_trees, noise};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// Records ops in sequence order; counts dirty marks.
 #[derive(Default)]
@@ -476,10 +476,10 @@ fn source_dir() -> (tempfile::TempDir, PathBuf) {
 #[derive(Default)]
 struct InFlight {
     rec: Recorder,
-    now: parking_lot::Mutex<usize>,
+    now: Mutex<usize>,
     most: AtomicU64,
-    arrived: parking_lot::Condvar,
-    held: std::sync::atomic::AtomicBool,
+    arrived: Condvar,
+    held: AtomicBool,
 }
 
 impl CaptureSink for InFlight {
