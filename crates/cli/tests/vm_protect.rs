@@ -73,6 +73,14 @@ fn a_guest_disk_is_replicated_at_the_hypervisor_and_survives_kills_and_stops_wit
     // SIGKILL: the guest writes on (its I/O does not fail), the restart sends only that.
     agent.kill();
     d.write("write -P 0x22 9M 256k");
+    // That write failed the dead doppel's mirror job, which QEMU ends on its own. Nothing
+    // reads the guest's disk through the daemon's NBD export until it has: QEMU 10.0.2's
+    // daemon hung for good in a drain (a core spinning, its monitor silent) in one run of
+    // about twenty, with such a read begun as the job ended.
+    wait_until(Duration::from_secs(30), "QEMU to end the dead doppel's mirror job", || {
+        let jobs = qmp(&d, "query-block-jobs");
+        (jobs == json!([])).then_some(()).ok_or_else(|| jobs.to_string())
+    });
     let mut agent = protect_vm(&t, &src_home, "agent2", &d, &[]);
     wait_image_equal(&d, &replica, &mut agent);
     let sent = bytes_sent(&src_home, "vm1");

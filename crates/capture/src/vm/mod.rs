@@ -124,11 +124,21 @@ impl VmCapture {
             monitor: None,
             detached: false,
         };
-        for a in &cap.disks {
+        let started = cap.disks.iter().try_for_each(|a| {
             mirror(&mut q, &cap.opts, a)?;
             tracing::info!(disk = %a.disk.name, size = a.disk.size, format = %a.disk.format, file = %a.disk.file,
                 "guest disk attached: every write is mirrored to doppel");
+            Ok::<_, io::Error>(())
+        });
+        if let Err(e) = started {
+            // Undone on this connection: QEMU serves one monitor client at a time, so a
+            // second one (the drop's) would wait for this one until it timed out.
+            if let Err(d) = cap.detach_inner(Some(q)) {
+                tracing::warn!(error = %d, "could not undo a partial attach to the guest");
+            }
+            return Err(e);
         }
+        drop(q);
         cap.monitor = Some(cap.spawn_monitor()?);
         Ok(cap)
     }
@@ -180,10 +190,11 @@ impl VmCapture {
     /// Cancels the mirror jobs (without pivoting), removes the NBD nodes and the views, and
     /// stops the NBD server.
     pub fn detach(mut self) -> io::Result<()> {
-        self.detach_inner()
+        self.detach_inner(None)
     }
 
-    fn detach_inner(&mut self) -> io::Result<()> {
+    /// Detaches over `q`, or over a connection of its own.
+    fn detach_inner(&mut self, q: Option<Qmp>) -> io::Result<()> {
         if self.detached {
             return Ok(());
         }
@@ -192,7 +203,11 @@ impl VmCapture {
         if let Some(m) = self.monitor.take() {
             let _ = m.join();
         }
-        let result = match Qmp::connect(&self.opts.qmp, self.opts.qmp_timeout) {
+        let q = match q {
+            Some(q) => Ok(q),
+            None => Qmp::connect(&self.opts.qmp, self.opts.qmp_timeout),
+        };
+        let result = match q {
             Ok(mut q) => {
                 let mut first_err = None;
                 for a in &self.disks {
@@ -217,7 +232,7 @@ impl VmCapture {
 
 impl Drop for VmCapture {
     fn drop(&mut self) {
-        if let Err(e) = self.detach_inner() {
+        if let Err(e) = self.detach_inner(None) {
             tracing::warn!(error = %e, "could not detach from the guest cleanly");
         }
     }
@@ -384,12 +399,18 @@ fn cancel_job(q: &mut Qmp, id: &str, force: bool) -> io::Result<()> {
             return Ok(());
         };
         let status = job.get("status").and_then(Value::as_str).unwrap_or("");
+        // A job that fails (a dead doppel's) ends and dismisses itself on its own: it can
+        // vanish between the query and the command, which then finds no such job.
+        let ending = |e: &QmpError| matches!(e.class(), Some("GenericError" | "DeviceNotActive"));
         if status == "concluded" {
-            q.execute("job-dismiss", json!({ "id": id }))?;
+            match q.execute("job-dismiss", json!({ "id": id })) {
+                Err(e) if !ending(&e) => return Err(e.into()),
+                _ => {}
+            }
         } else if !asked {
             match q.execute("block-job-cancel", json!({ "device": id, "force": force })) {
                 Ok(_) => asked = true,
-                Err(e) if e.class() == Some("GenericError") => asked = true, // already ending
+                Err(e) if ending(&e) => asked = true,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -569,4 +590,75 @@ fn serve<S: CaptureSink>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    /// A monitor that answers each command with the next of `replies`, and records the
+    /// commands it was sent.
+    fn scripted_monitor(dir: &Path, replies: Vec<Value>) -> (PathBuf, JoinHandle<Vec<String>>) {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            writeln!(conn, "{}", json!({"QMP": {"version": {}, "capabilities": []}})).unwrap();
+            let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+            let mut seen = Vec::new();
+            for reply in std::iter::once(json!({"return": {}})).chain(replies) {
+                let Some(Ok(line)) = lines.next() else { break };
+                let v: Value = serde_json::from_str(&line).unwrap();
+                seen.push(v["execute"].as_str().unwrap().to_string());
+                writeln!(conn, "{reply}").unwrap();
+            }
+            seen
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn a_dead_doppels_job_that_vanishes_before_its_cancel_counts_as_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = json!({"device": "doppel-vm1-disk0", "status": "running"});
+        let gone = |class: &str| json!({"error": {"class": class, "desc": "Block job 'doppel-vm1-disk0' not found"}});
+        let replies = vec![
+            json!({"return": [job]}),
+            gone("DeviceNotActive"),
+            json!({"return": [{"device": "doppel-vm1-disk0", "status": "concluded"}]}),
+            gone("GenericError"),
+            json!({"return": []}),
+        ];
+        let (path, server) = scripted_monitor(dir.path(), replies);
+        let mut q = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        cancel_job(&mut q, "doppel-vm1-disk0", true).expect("a job that ended by itself is not an error");
+        drop(q);
+        let seen = server.join().unwrap();
+        let want = [
+            "qmp_capabilities",
+            "query-block-jobs",
+            "block-job-cancel",
+            "query-block-jobs",
+            "job-dismiss",
+            "query-block-jobs",
+        ];
+        assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn a_refused_cancel_of_a_live_job_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let replies = vec![
+            json!({"return": [{"device": "j", "status": "running"}]}),
+            json!({"error": {"class": "CommandNotFound", "desc": "The command block-job-cancel has not been found"}}),
+        ];
+        let (path, _server) = scripted_monitor(dir.path(), replies);
+        let mut q = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        let e = cancel_job(&mut q, "j", true).unwrap_err();
+        assert!(
+            e.to_string().contains("block-job-cancel") && e.to_string().contains("CommandNotFound"),
+            "{e}"
+        );
+    }
 }
