@@ -36,6 +36,17 @@ pub enum QmpError {
         /// QEMU's description.
         desc: String,
     },
+    /// QEMU did not answer in time: its monitor serves one client at a time (another one is
+    /// connected), or QEMU itself is stuck.
+    #[error(
+        "QEMU's monitor at {path} did not answer within {waited:?} (another client holds it, or QEMU is stuck)"
+    )]
+    Silent {
+        /// The socket.
+        path: PathBuf,
+        /// How long it was waited for.
+        waited: Duration,
+    },
     /// Something that is not QMP came back.
     #[error("QMP socket {path}: unexpected answer {answer}")]
     Protocol {
@@ -70,6 +81,7 @@ impl From<QmpError> for io::Error {
             QmpError::Io { source, path } => {
                 io::Error::new(source.kind(), format!("QMP socket {}: {source}", path.display()))
             }
+            QmpError::Silent { .. } => io::Error::new(io::ErrorKind::TimedOut, e.to_string()),
             other => io::Error::other(other.to_string()),
         }
     }
@@ -78,6 +90,7 @@ impl From<QmpError> for io::Error {
 /// A QMP session (capabilities negotiated).
 pub struct Qmp {
     path: PathBuf,
+    timeout: Duration,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -91,7 +104,7 @@ impl Qmp {
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut q = Qmp { path: path.to_path_buf(), reader: BufReader::new(stream), writer };
+        let mut q = Qmp { path: path.to_path_buf(), timeout, reader: BufReader::new(stream), writer };
         // The greeting comes first, but an event may be delivered ahead of it (seen with
         // QEMU 10 when the monitor was still busy with a client that died).
         let greeting = q.read_reply()?;
@@ -108,10 +121,13 @@ impl Qmp {
 
     fn read(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        let n = self.reader.read_line(&mut line).map_err(|source| match source.kind() {
+            // What a read past its timeout returns.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                QmpError::Silent { path: self.path.clone(), waited: self.timeout }
+            }
+            _ => QmpError::Io { path: self.path.clone(), source },
+        })?;
         if n == 0 {
             let source = io::Error::new(io::ErrorKind::UnexpectedEof, "QEMU closed the monitor");
             return Err(QmpError::Io { path: self.path.clone(), source });
@@ -249,6 +265,27 @@ mod tests {
         assert_eq!(disks[0].format, "qcow2");
         assert_eq!(disks[1].name, "virtio-disk1");
         assert_eq!(disks[1].file, "/v/b.raw");
+    }
+
+    #[test]
+    fn a_monitor_that_never_answers_is_named_as_silent_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        // Accepted by the kernel (the backlog) but never served, as when QEMU is busy with
+        // another client or stuck.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let started = std::time::Instant::now();
+        let Err(e) = Qmp::connect(&path, Duration::from_millis(300)) else {
+            panic!("a silent monitor connected")
+        };
+        assert!(started.elapsed() >= Duration::from_millis(300), "gave up early: {:?}", started.elapsed());
+        let text = e.to_string();
+        assert!(
+            matches!(e, QmpError::Silent { .. }) && text.contains("did not answer within 300ms"),
+            "{text}"
+        );
+        assert!(text.contains("qmp.sock"), "{text}");
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::TimedOut);
     }
 
     #[test]
