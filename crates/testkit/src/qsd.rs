@@ -136,5 +136,57 @@ fn export_name(i: usize) -> String {
 impl Drop for StorageDaemon {
     fn drop(&mut self) {
         self.kill();
+        detach_mounts_beneath(&self.dir);
+    }
+}
+
+/// Lazily detaches every mount beneath `dir`: the daemon's FUSE exports (the disks' raw views)
+/// outlive a killed daemon as dead mounts, which keep a test's temporary directory from going
+/// (a test that failed midway never stopped doppel's attach cleanly).
+fn detach_mounts_beneath(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut beneath: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .filter(|m| m.starts_with(dir) && m != dir)
+        .collect();
+    // Deepest first, and each as often as it is stacked.
+    beneath.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in beneath {
+        let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mounted_at(path: &Path) -> bool {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))
+    }
+
+    #[test]
+    fn mounts_beneath_a_directory_are_detached_and_those_elsewhere_are_not() {
+        if !crate::require(rustix::process::geteuid().is_root(), "mounting a tmpfs needs root") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (inner, deeper, outside) =
+            (dir.path().join("a"), dir.path().join("a/b"), tempfile::tempdir().unwrap());
+        std::fs::create_dir(&inner).unwrap();
+        let tmpfs = |at: &Path| {
+            rustix::mount::mount("none", at, "tmpfs", rustix::mount::MountFlags::empty(), None).unwrap()
+        };
+        tmpfs(&inner);
+        std::fs::create_dir(&deeper).unwrap();
+        tmpfs(&deeper);
+        tmpfs(outside.path());
+        detach_mounts_beneath(dir.path());
+        assert!(!mounted_at(&inner) && !mounted_at(&deeper), "a mount beneath the directory is left");
+        assert!(mounted_at(outside.path()), "a mount elsewhere was detached");
+        rustix::mount::unmount(outside.path(), rustix::mount::UnmountFlags::DETACH).unwrap();
     }
 }
