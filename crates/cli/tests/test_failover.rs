@@ -28,11 +28,11 @@ fn allocated(dir: &Path) -> u64 {
 }
 
 fn mounts_beneath(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    doppel_testkit::mount_points()
         .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|p| Path::new(p).starts_with(dir))
+        .into_iter()
+        .filter(|p| p.starts_with(dir))
+        .map(|p| p.to_string_lossy().into_owned())
         .collect()
 }
 

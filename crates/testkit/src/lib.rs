@@ -8,6 +8,7 @@
 //! - [`proxy`]: a TCP proxy whose link can be cut and restored.
 //! - [`netns`]: two hosts in network namespaces, with bandwidth, loss and link control.
 //! - [`skip`]: missing prerequisites skip a test, or fail it under `DOPPEL_TEST_STRICT=1`.
+//! - [`mount_points`]: what is mounted where, for tests that must leave no mount behind.
 
 pub mod netns;
 pub mod proxy;
@@ -214,6 +215,13 @@ pub fn compare_trees(source: &Path, replica: &Path, opts: Compare) -> Result<(),
         let _ = writeln!(s, "  {d}");
     }
     Err(s)
+}
+
+/// The mount points of this process's mount namespace, in `/proc/self/mountinfo` order (a
+/// path mounted over several times is listed as often).
+pub fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().filter_map(|l| l.split(' ').nth(4).map(PathBuf::from)).collect())
 }
 
 /// Polls `cond` until it returns `Ok`, or fails after `timeout` with the last error and `what`.

@@ -144,10 +144,9 @@ impl Drop for StorageDaemon {
 /// outlive a killed daemon as dead mounts, which keep a test's temporary directory from going
 /// (a test that failed midway never stopped doppel's attach cleanly).
 fn detach_mounts_beneath(dir: &Path) {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut beneath: Vec<PathBuf> = mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+    let mut beneath: Vec<PathBuf> = crate::mount_points()
+        .unwrap_or_default()
+        .into_iter()
         .filter(|m| m.starts_with(dir) && m != dir)
         .collect();
     // Deepest first, and each as often as it is stacked.
@@ -162,10 +161,7 @@ mod tests {
     use super::*;
 
     fn mounted_at(path: &Path) -> bool {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))
+        crate::mount_points().unwrap().iter().any(|m| m == path)
     }
 
     #[test]

@@ -284,12 +284,7 @@ pub fn churn(src: &Path) {
 /// Lazily detaches a capture mount a test's agent left at `path` (an agent killed with SIGKILL
 /// cannot unmount, and a stale mount keeps the test's temporary directory from going).
 pub fn detach_stale_mount(path: &Path) {
-    let mounted = || {
-        fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == path))
-    };
+    let mounted = || doppel_testkit::mount_points().unwrap_or_default().iter().any(|m| m == path);
     // Agents restarted over a stale mount may have stacked several: detach each.
     for _ in 0..16 {
         if !mounted() || rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).is_err() {
