@@ -267,9 +267,18 @@ fn writeback_cache_keeps_every_fsync_boundary_at_link_cuts_and_agent_kills() {
     for round in 1..=6 {
         rig.cut_and_kill(&writer, &mut rng, &mut agent);
         let synced = writer.synced.lock().clone();
+        let on_replica = records_with(&rig.replica(), FILES, true).len();
         cuts.push((round, records_with(&rig.replica(), FILES, true), synced));
         rig.proxy.restore();
         agent = rig.start_agent(round);
+        // Written-back pages reach the agent only at an `fdatasync` or when the kernel writes
+        // them back, so a round's records may all still be in the page cache at its cut: the
+        // next cut waits until the restarted agent has carried some to the replica, or the
+        // cuts could all find what the first one did and check nothing new.
+        wait_until(Duration::from_secs(60), "the restarted agent to add records to the replica", || {
+            let now = records_with(&rig.replica(), FILES, true).len();
+            (now > on_replica).then_some(()).ok_or(format!("{now} records, {on_replica} at the cut"))
+        });
     }
     writer.stop();
     let total = writer.written();
