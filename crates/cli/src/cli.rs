@@ -66,6 +66,18 @@ pub enum Command {
     Generate(crate::commands::generate::GenerateCommand),
 }
 
+impl Command {
+    /// Whether the command's whole work is printing (or asking a daemon and printing its
+    /// answer), so that it may end when the reader of its output goes away. Not the daemons,
+    /// nor a restore, which writes files.
+    pub fn only_prints(&self) -> bool {
+        !matches!(
+            self,
+            Command::Target(_) | Command::Protect(_) | Command::History(HistoryCommand::Restore(_))
+        )
+    }
+}
+
 /// `doppel test-failover`.
 #[derive(Args, Debug)]
 pub struct TestFailoverArgs {

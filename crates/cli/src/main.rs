@@ -17,6 +17,9 @@ use clap::Parser;
 fn main() {
     bound_malloc_arenas();
     let args = cli::Cli::parse();
+    if args.command.only_prints() {
+        end_quietly_when_the_reader_goes();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("DOPPEL_LOG").unwrap_or_else(|_| {
         // fuser answers the kernel's FUSE_INTERRUPT with ENOSYS on whichever cloned device
         // the interrupt arrived, where the kernel no longer knows the request, and logs the
@@ -41,6 +44,17 @@ fn main() {
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("doppel: error: {msg}");
         std::process::exit(1);
+    }
+}
+
+/// Lets a command whose whole work is printing end as `ls` does when the reader of its output
+/// goes away (`doppel status | head`): Rust starts with SIGPIPE ignored, so the next `println!`
+/// on the closed pipe panicked with a backtrace. The daemons and a restore keep it ignored: a
+/// reader going away must not stop a job or a restore midway.
+fn end_quietly_when_the_reader_goes() {
+    // SAFETY: restoring a signal's default disposition, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

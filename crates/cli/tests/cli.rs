@@ -165,3 +165,26 @@ fn verify_reports_and_repairs_differences() {
     let (st, out, _) = run(&home, &["verify", "src"]);
     assert!(st.success() && out.contains("replica matches the source"), "{out}");
 }
+
+#[test]
+fn a_report_whose_reader_goes_away_ends_as_other_tools_do_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    init(&home);
+    for args in [&["status"][..], &["id"][..]] {
+        // `doppel status | head -0`: the reader is gone before the first line is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(doppel())
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "doppel {args:?} panicked on a closed pipe:\n{err}");
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "doppel {args:?}: {:?}\n{err}", out.status);
+    }
+}
