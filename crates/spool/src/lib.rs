@@ -168,6 +168,8 @@ struct Inner {
     /// The lowest `next_seq` a waiter in [`Spool::wait_for`] waits for: an append below it
     /// wakes nobody (a waker per record cost a system call per record on each side).
     wake_at: u64,
+    /// The last sequence held by the acknowledged segment kept as [`SPARE_FILE`], if one is.
+    spare: Option<u64>,
 }
 
 /// The spool of one job.
@@ -182,6 +184,14 @@ pub struct Spool {
 }
 
 const ACKED_FILE: &str = "acked";
+
+/// An acknowledged segment file kept to be written over by the next segment instead of a new
+/// file. Writing into a new file allocates every page of the page cache and every block anew
+/// (and deleting the old one frees them): 3.0-3.4 GB/s for 1 MiB records here, 6.4-6.9 GB/s
+/// over a recycled file, whose pages are still cached and blocks still allocated. The spool
+/// writes every byte a `fuse` job captures, on the path of the application's write. Not named
+/// like a segment, so recovery never reads it.
+const SPARE_FILE: &str = "spare-segment";
 
 /// The last sequence the target acknowledged, as recorded by the spool in `dir`, read without
 /// opening the spool (0 when nothing was acknowledged). The record is written without a sync,
@@ -199,6 +209,12 @@ impl Spool {
     /// Opens (or creates) the spool in `dir` and recovers what is on disk.
     pub fn open(dir: &Path, limits: SpoolLimits) -> Result<(Spool, Recovery), SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // A spare left by an earlier process holds records of sequences no longer known here.
+        let spare = dir.join(SPARE_FILE);
+        match fs::remove_file(&spare) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&spare)(e)),
+            _ => {}
+        }
         let acked = acked_in(dir)?;
         let mut firsts: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
@@ -243,6 +259,7 @@ impl Spool {
                 disk_bytes,
                 closed: false,
                 wake_at: u64::MAX,
+                spare: None,
             }),
             space: Condvar::new(),
             acked: Condvar::new(),
@@ -348,7 +365,7 @@ impl Spool {
                 _ => true,
             };
             if need_new {
-                let file = SegmentFile::create(&self.dir, seq).map_err(io_err(&self.dir))?;
+                let file = self.new_segment(g, seq)?;
                 g.segments.push_back(Segment { first: seq, data: Data::Disk { file, skip: 0 } });
             }
             let Some(Segment { data: Data::Disk { file, .. }, .. }) = g.segments.back_mut() else {
@@ -465,8 +482,10 @@ impl Spool {
             return Ok(());
         }
         g.acked = seq;
-        self.drop_prefix(&mut g)?;
+        // Recorded before the files go: a crash in between must not find the records gone
+        // and the old acknowledgement, which reads as records lost in memory (a gap).
         self.write_acked(seq)?;
+        self.drop_prefix(&mut g)?;
         drop(g);
         self.space.notify_all();
         self.acked.notify_all();
@@ -517,10 +536,54 @@ impl Spool {
                 break;
             }
             if let Some(Segment { data: Data::Disk { file, .. }, .. }) = g.segments.pop_front() {
-                fs::remove_file(&file.path).map_err(io_err(&file.path))?;
+                self.retire(g, file, acked)?;
             }
         }
         Ok(())
+    }
+
+    /// A file for the segment starting at `first`: the spare written over when there is one
+    /// and every record it held comes before `first` (recovery then stops at the first of its
+    /// old records, whose sequence does not follow), else a new file.
+    fn new_segment(&self, g: &mut Inner, first: u64) -> Result<SegmentFile, SpoolError> {
+        let spare = self.dir.join(SPARE_FILE);
+        match g.spare.take() {
+            Some(last) if last < first => match SegmentFile::reuse(&spare, &self.dir, first) {
+                Ok(file) => return Ok(file),
+                Err(e) => tracing::debug!(error = %e, "spool: spare segment not reused"),
+            },
+            Some(_) => self.drop_spare_file()?,
+            None => {}
+        }
+        SegmentFile::create(&self.dir, first).map_err(io_err(&self.dir))
+    }
+
+    /// An acknowledged segment file: kept as the spare if there is none (and it is not
+    /// oversized), else deleted.
+    fn retire(&self, g: &mut Inner, file: SegmentFile, last: u64) -> Result<(), SpoolError> {
+        if g.spare.is_none() && file.end <= 2 * self.limits.segment {
+            let spare = self.dir.join(SPARE_FILE);
+            if fs::rename(&file.path, &spare).is_ok() {
+                g.spare = Some(last);
+                return Ok(());
+            }
+        }
+        fs::remove_file(&file.path).map_err(io_err(&file.path))
+    }
+
+    fn drop_spare(&self, g: &mut Inner) -> Result<(), SpoolError> {
+        if g.spare.take().is_some() {
+            self.drop_spare_file()?;
+        }
+        Ok(())
+    }
+
+    fn drop_spare_file(&self) -> Result<(), SpoolError> {
+        let spare = self.dir.join(SPARE_FILE);
+        match fs::remove_file(&spare) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&spare)(e)),
+            _ => Ok(()),
+        }
     }
 
     fn write_acked(&self, seq: u64) -> Result<(), SpoolError> {
@@ -541,6 +604,8 @@ impl Spool {
                 fs::remove_file(&file.path).map_err(io_err(&file.path))?;
             }
         }
+        // Numbering may start lower now: a spare's old records could then pass for new ones.
+        self.drop_spare(&mut g)?;
         g.mem_bytes = 0;
         g.disk_bytes = 0;
         g.acked = applied;

@@ -51,6 +51,17 @@ impl SegmentFile {
         Ok(SegmentFile { path, file, offsets: Vec::new(), lens: Vec::new(), times: Vec::new(), end: 0 })
     }
 
+    /// Makes the acknowledged segment file at `spare` the new, empty segment starting at
+    /// `first`, to be written over from its start. Its old records stay behind the end until
+    /// overwritten; every one has a lower sequence than `first`, so recovery stops at the
+    /// first of them.
+    pub fn reuse(spare: &Path, dir: &Path, first: u64) -> io::Result<SegmentFile> {
+        let path = dir.join(name_for(first));
+        std::fs::rename(spare, &path)?;
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        Ok(SegmentFile { path, file, offsets: Vec::new(), lens: Vec::new(), times: Vec::new(), end: 0 })
+    }
+
     /// Appends one encoded record.
     pub fn append(&mut self, rec: &[u8], time_us: u64) -> io::Result<()> {
         let mut buf = Vec::with_capacity(HEADER_LEN + rec.len());
@@ -104,6 +115,7 @@ impl SegmentFile {
         file.seek(SeekFrom::Start(0))?;
         let mut reader = io::BufReader::with_capacity(1 << 20, &mut file);
         let mut pos = 0u64;
+        let mut stale = false;
         loop {
             let mut header = [0u8; HEADER_LEN];
             if pos + HEADER_LEN as u64 > len || reader.read_exact(&mut header).is_err() {
@@ -119,6 +131,8 @@ impl SegmentFile {
             }
             let Ok(rec) = OpRecord::decode(&payload) else { break };
             if rec.seq != first + seg.offsets.len() as u64 {
+                // A recycled segment's old records (lower sequences) after the new ones.
+                stale = rec.seq < first;
                 break;
             }
             seg.offsets.push(pos);
@@ -127,7 +141,10 @@ impl SegmentFile {
             pos += HEADER_LEN as u64 + rlen as u64;
         }
         drop(reader);
-        if pos < len {
+        if pos < len && stale {
+            tracing::debug!(segment = %path.display(), kept = pos, size = len, "recycled spool segment: old records after the end dropped");
+            seg.file.set_len(pos)?;
+        } else if pos < len {
             tracing::warn!(segment = %path.display(), kept = pos, size = len, "spool segment has a torn tail; truncating");
             seg.file.set_len(pos)?;
         }

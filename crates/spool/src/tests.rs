@@ -224,3 +224,79 @@ fn wait_acked_times_out_or_wakes() {
     s.ack(seq).unwrap();
     assert!(t.join().unwrap());
 }
+
+#[test]
+fn an_acknowledged_segment_is_written_over_by_the_next_and_its_old_records_never_return() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let spare = d.path().join(SPARE_FILE);
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    {
+        let (s, _) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
+        // Segments of 4096 bytes: about 35 records of 100 bytes each.
+        for i in 1..=100 {
+            s.append(op(i, 100), i, Placement::Disk, false).unwrap();
+        }
+        let first = d.path().join(segment::name_for(1));
+        let first_ino = ino(&first);
+        s.ack(100).unwrap();
+        // One acknowledged file is kept (the first one retired), the others are deleted.
+        assert_eq!(ino(&spare), first_ino);
+        let segs = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"));
+        assert_eq!(segs.count(), 0);
+        // The next segment is that file, written over from its start; three short records
+        // leave most of its 35 old ones behind the new end.
+        for i in 101..=103 {
+            s.append(op(i, 10), i, Placement::Disk, false).unwrap();
+        }
+        assert!(!spare.exists());
+        assert_eq!(ino(&d.path().join(segment::name_for(101))), first_ino);
+        assert_eq!(seqs(&s.read(101, usize::MAX).unwrap().1), vec![101, 102, 103]);
+    }
+    // A kill now: recovery finds the three new records and none of the old ones.
+    let (s, rec) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
+    assert_eq!(rec, Recovery { acked: 100, last_seq: 103, discarded_after_gap: false });
+    let recs = s.read(101, usize::MAX).unwrap().1;
+    assert_eq!(seqs(&recs), vec![101, 102, 103]);
+    assert!(
+        recs.iter()
+            .all(|r| matches!(&OpRecord::decode(r).unwrap().op, Op::Write { data, .. } if data.len() == 10))
+    );
+    assert_eq!(s.append(op(104, 10), 104, Placement::Disk, false).unwrap(), 104);
+}
+
+#[test]
+fn a_reset_that_numbers_lower_does_not_write_over_a_spare() {
+    let d = tempfile::tempdir().unwrap();
+    let spare = d.path().join(SPARE_FILE);
+    let (s, _) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
+    for i in 1..=100 {
+        s.append(op(i, 100), i, Placement::Disk, false).unwrap();
+    }
+    s.ack(100).unwrap();
+    assert!(spare.exists());
+    // A new replica: numbering starts again at 1, below the spare's old records. Records of
+    // the same size as the old ones: written over the spare, old record 4 would follow new
+    // record 3 where recovery looks for it.
+    s.reset(0).unwrap();
+    assert!(!spare.exists());
+    for i in 1..=3 {
+        assert_eq!(s.append(op(i, 100), i, Placement::Disk, false).unwrap(), i);
+    }
+    drop(s);
+    let (s, rec) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
+    assert_eq!(rec.last_seq, 3);
+    assert_eq!(seqs(&s.read(1, usize::MAX).unwrap().1), vec![1, 2, 3]);
+}
+
+#[test]
+fn a_spare_left_by_an_earlier_process_is_deleted_at_open() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SPARE_FILE), b"old records").unwrap();
+    let (s, rec) = Spool::open(d.path(), limits(0, 1 << 20)).unwrap();
+    assert_eq!(rec.last_seq, 0);
+    assert!(!d.path().join(SPARE_FILE).exists());
+    assert_eq!(s.append(op(1, 10), 1, Placement::Disk, false).unwrap(), 1);
+}
