@@ -205,16 +205,21 @@ pub fn acked_in(dir: &Path) -> Result<u64, SpoolError> {
     }
 }
 
+/// Deletes the spare segment file in `dir`, if there is one.
+fn remove_spare(dir: &Path) -> Result<(), SpoolError> {
+    let spare = dir.join(SPARE_FILE);
+    match fs::remove_file(&spare) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&spare)(e)),
+        _ => Ok(()),
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir` and recovers what is on disk.
     pub fn open(dir: &Path, limits: SpoolLimits) -> Result<(Spool, Recovery), SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         // A spare left by an earlier process holds records of sequences no longer known here.
-        let spare = dir.join(SPARE_FILE);
-        match fs::remove_file(&spare) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&spare)(e)),
-            _ => {}
-        }
+        remove_spare(dir)?;
         let acked = acked_in(dir)?;
         let mut firsts: Vec<u64> = fs::read_dir(dir)
             .map_err(io_err(dir))?
@@ -552,7 +557,7 @@ impl Spool {
                 Ok(file) => return Ok(file),
                 Err(e) => tracing::debug!(error = %e, "spool: spare segment not reused"),
             },
-            Some(_) => self.drop_spare_file()?,
+            Some(_) => remove_spare(&self.dir)?,
             None => {}
         }
         SegmentFile::create(&self.dir, first).map_err(io_err(&self.dir))
@@ -569,21 +574,6 @@ impl Spool {
             }
         }
         fs::remove_file(&file.path).map_err(io_err(&file.path))
-    }
-
-    fn drop_spare(&self, g: &mut Inner) -> Result<(), SpoolError> {
-        if g.spare.take().is_some() {
-            self.drop_spare_file()?;
-        }
-        Ok(())
-    }
-
-    fn drop_spare_file(&self) -> Result<(), SpoolError> {
-        let spare = self.dir.join(SPARE_FILE);
-        match fs::remove_file(&spare) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&spare)(e)),
-            _ => Ok(()),
-        }
     }
 
     fn write_acked(&self, seq: u64) -> Result<(), SpoolError> {
@@ -605,7 +595,9 @@ impl Spool {
             }
         }
         // Numbering may start lower now: a spare's old records could then pass for new ones.
-        self.drop_spare(&mut g)?;
+        if g.spare.take().is_some() {
+            remove_spare(&self.dir)?;
+        }
         g.mem_bytes = 0;
         g.disk_bytes = 0;
         g.acked = applied;

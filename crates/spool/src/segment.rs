@@ -141,11 +141,12 @@ impl SegmentFile {
             pos += HEADER_LEN as u64 + rlen as u64;
         }
         drop(reader);
-        if pos < len && stale {
-            tracing::debug!(segment = %path.display(), kept = pos, size = len, "recycled spool segment: old records after the end dropped");
-            seg.file.set_len(pos)?;
-        } else if pos < len {
-            tracing::warn!(segment = %path.display(), kept = pos, size = len, "spool segment has a torn tail; truncating");
+        if pos < len {
+            if stale {
+                tracing::debug!(segment = %path.display(), kept = pos, size = len, "recycled spool segment: old records after the end dropped");
+            } else {
+                tracing::warn!(segment = %path.display(), kept = pos, size = len, "spool segment has a torn tail; truncating");
+            }
             seg.file.set_len(pos)?;
         }
         seg.end = pos;
