@@ -1,6 +1,16 @@
 //! The `doppel` binary: parses the command line, sets up logging, and hands over to the
 //! command. Everything else lives in the library crates.
 
+/// `println!` that returns a failed write of the output (a full disk, a closed pipe while
+/// SIGPIPE is ignored) as an error naming it, where `println!` panics.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("cannot write the output: {e}"))
+    }};
+}
+
 mod cli;
 mod commands;
 mod config;

@@ -188,3 +188,23 @@ fn a_report_whose_reader_goes_away_ends_as_other_tools_do_without_a_panic() {
         assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "doppel {args:?}: {:?}\n{err}", out.status);
     }
 }
+
+#[test]
+fn a_report_written_to_a_full_disk_is_one_error_line_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("h");
+    init(&home);
+    // `doppel status > file` on a full file system.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = std::process::Command::new(doppel())
+        .arg("--home")
+        .arg(&home)
+        .arg("status")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(one_line_error(&err).contains("cannot write the output: No space left on device"), "{err}");
+}

@@ -41,10 +41,10 @@ pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
         other => bail!("the target gave no report: {other:?}"),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?)?;
         return Ok(());
     }
-    println!("{}", doppel_failover::render(&report));
+    outln!("{}", doppel_failover::render(&report))?;
     Ok(())
 }
 
@@ -67,26 +67,27 @@ pub fn test(a: TestFailoverArgs, home: &Path) -> Result<()> {
             Some(t) => serde_json::to_value(t)?,
             None => serde_json::json!({"source": a.source, "jobs": []}),
         };
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     match (test, ended) {
-        (None, _) => println!("no test failover of {} is running", a.source),
-        (Some(t), true) => println!("test failover of {} ended: {} views discarded", t.source, t.jobs.len()),
+        (None, _) => outln!("no test failover of {} is running", a.source)?,
+        (Some(t), true) => outln!("test failover of {} ended: {} views discarded", t.source, t.jobs.len())?,
         (Some(t), false) => {
-            println!(
+            outln!(
                 "test failover of {} running (end it with `doppel test-failover {} --end`):",
-                t.source, t.source
-            );
+                t.source,
+                t.source
+            )?;
             for j in &t.jobs {
-                println!(
+                outln!(
                     "  {}: {}  (seq:{}, {}, {})",
                     j.job,
                     j.view.display(),
                     j.point.seq,
                     j.point.time,
                     j.point.kind
-                );
+                )?;
             }
         }
     }
@@ -110,9 +111,9 @@ pub fn events(a: EventsArgs, home: &Path) -> Result<()> {
     }
     for e in &events {
         if a.json {
-            println!("{}", serde_json::to_string(e)?);
+            outln!("{}", serde_json::to_string(e)?)?;
         } else {
-            println!("{}", render_event(e));
+            outln!("{}", render_event(e))?;
         }
     }
     Ok(())

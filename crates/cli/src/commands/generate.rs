@@ -32,7 +32,7 @@ pub fn run(c: GenerateCommand) -> Result<()> {
         GenerateCommand::Completions { dir } => completions(&dir),
     }?;
     for f in written {
-        println!("{}", f.display());
+        outln!("{}", f.display())?;
     }
     Ok(())
 }

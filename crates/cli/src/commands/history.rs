@@ -35,7 +35,7 @@ fn bookmark(a: HistoryBookmarkArgs, home: &Path) -> Result<()> {
     let req = crate::control::ControlRequest::Bookmark { name: a.name.clone() };
     match crate::control::call(&sock, &req, std::time::Duration::from_secs(30))? {
         crate::control::ControlResponse::Bookmarked { seq } => {
-            println!("{}: bookmark {} at seq:{seq}", a.job, a.name);
+            outln!("{}: bookmark {} at seq:{seq}", a.job, a.name)?;
             Ok(())
         }
         crate::control::ControlResponse::Error { message } => bail!("bookmark {}: {message}", a.name),
@@ -153,19 +153,19 @@ fn list(a: HistoryListArgs, file: &FileConfig, home: &Path) -> Result<()> {
         let out = serde_json::json!({
             "replica": p.name, "window": window, "points": points, "bytes": s.bytes, "sets": s.sets, "note": NOTE,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    println!("{}: {}", p.name, window(&s));
-    println!("history on disk: {}", doppel_apply::quota::iec(s.bytes));
+    outln!("{}: {}", p.name, window(&s))?;
+    outln!("history on disk: {}", doppel_apply::quota::iec(s.bytes))?;
     for pt in points {
         let name = match &pt.mark {
             doppel_apply::history::record::Mark::Bookmark(n) => format!(" {n}"),
             _ => String::new(),
         };
-        println!("  seq:{:<10} {}  {}{name}", pt.seq, rfc3339(pt.time_us), pt.mark.kind());
+        outln!("  seq:{:<10} {}  {}{name}", pt.seq, rfc3339(pt.time_us), pt.mark.kind())?;
     }
-    println!("({NOTE})");
+    outln!("({NOTE})")?;
     Ok(())
 }
 

@@ -26,11 +26,11 @@ pub fn run(args: Cli) -> Result<()> {
             if created {
                 eprintln!("created identity in {}", home.join("identity").display());
             }
-            println!("{}", me.id);
+            outln!("{}", me.id)?;
             Ok(())
         }
         Command::Id => {
-            println!("{}", Identity::load(&home)?.id);
+            outln!("{}", Identity::load(&home)?.id)?;
             Ok(())
         }
         Command::Target(a) => runtime()?.block_on(target::run(a, file, args.config.clone(), home)),

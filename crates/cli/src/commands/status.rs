@@ -95,38 +95,43 @@ fn notes(j: &JobStatusSnapshot) -> Vec<String> {
 pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
     let all = crate::overview::gather(home);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&all)?)?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::to_value(&all)?)?)?;
         return Ok(());
     }
     if all.jobs.is_empty() && all.replicas.is_empty() && all.sources.is_empty() {
-        println!("no jobs or replicas under {}", home.display());
+        outln!("no jobs or replicas under {}", home.display())?;
         return Ok(());
     }
-    print_jobs(&all.jobs);
+    print_jobs(&all.jobs)?;
     if !all.replicas.is_empty() {
         if !all.jobs.is_empty() {
-            println!();
+            outln!()?;
         }
-        print_replicas(&all.replicas);
+        print_replicas(&all.replicas)?;
     }
     if !all.sources.is_empty() {
-        println!();
-        print_sources(&all.sources);
+        outln!()?;
+        print_sources(&all.sources)?;
     }
     Ok(())
 }
 
-fn print_jobs(jobs: &[JobRow]) {
+fn print_jobs(jobs: &[JobRow]) -> Result<()> {
     if jobs.is_empty() {
-        return;
+        return Ok(());
     }
-    println!(
+    outln!(
         "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  DESTINATION",
-        "JOB", "STATE", "CAPTURED", "ACKED", "PENDING", "LAG"
-    );
+        "JOB",
+        "STATE",
+        "CAPTURED",
+        "ACKED",
+        "PENDING",
+        "LAG"
+    )?;
     for row in jobs {
         let j = row.line();
-        println!(
+        outln!(
             "{:<16} {:<13} {:>10} {:>10} {:>10} {:>8}  {}",
             j.job,
             j.state,
@@ -135,29 +140,36 @@ fn print_jobs(jobs: &[JobRow]) {
             bytes(j.pending),
             j.lag.map(|l| format!("{l:.1}s")).unwrap_or_else(|| "-".into()),
             j.dest.unwrap_or("-"),
-        );
+        )?;
         if !j.notes.is_empty() {
-            println!("{:<16} {}", "", j.notes.join(", "));
+            outln!("{:<16} {}", "", j.notes.join(", "))?;
         }
         if let Some(detail) = j.detail.filter(|d| !d.is_empty() && *d != "-") {
-            println!("{:<16} {detail}", "");
+            outln!("{:<16} {detail}", "")?;
         }
         if let JobRow::Running(s) = row
             && let Some(h) = &s.history
         {
-            println!("{:<16} {}", "", history_line(h));
+            outln!("{:<16} {}", "", history_line(h))?;
         }
     }
+    Ok(())
 }
 
-fn print_replicas(replicas: &[ReplicaStatus]) {
-    println!(
+fn print_replicas(replicas: &[ReplicaStatus]) -> Result<()> {
+    outln!(
         "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  SEEN",
-        "SOURCE", "JOB", "STATE", "APPLIED", "DURABLE", "RECEIVED", "EPOCH"
-    );
+        "SOURCE",
+        "JOB",
+        "STATE",
+        "APPLIED",
+        "DURABLE",
+        "RECEIVED",
+        "EPOCH"
+    )?;
     for r in replicas {
         let state = if r.failed_over { "failed-over".into() } else { r.state.to_string() };
-        println!(
+        outln!(
             "{:<16} {:<16} {:<13} {:>10} {:>10} {:>10} {:>6}  {}",
             r.source,
             r.job,
@@ -167,30 +179,31 @@ fn print_replicas(replicas: &[ReplicaStatus]) {
             bytes(Some(r.bytes_received)),
             r.epoch,
             r.last_seen_secs.map(|t| format!("{t}s ago")).unwrap_or_else(|| "never".into()),
-        );
+        )?;
         if r.fenced_refusals > 0 {
-            println!("{:<16} FENCED: refused {} connections of the old source", "", r.fenced_refusals);
+            outln!("{:<16} FENCED: refused {} connections of the old source", "", r.fenced_refusals)?;
         }
         if let Some(line) = privilege_line(r) {
-            println!("{:<16} {line}", "");
+            outln!("{:<16} {line}", "")?;
         }
         if let Some(q) = &r.quota {
-            println!("{:<16} {}", "", quota_line(q));
+            outln!("{:<16} {}", "", quota_line(q))?;
         }
         if let Some(h) = &r.history {
-            println!("{:<16} {}", "", history_line(h));
+            outln!("{:<16} {}", "", history_line(h))?;
         }
         if r.unreplicated_count > 0 {
-            println!("{:<16} NOT REPLICATED: {} names the source has:", "", r.unreplicated_count);
+            outln!("{:<16} NOT REPLICATED: {} names the source has:", "", r.unreplicated_count)?;
             for n in &r.unreplicated {
-                println!("{:<18} {}: {}", "", n.path, n.reason);
+                outln!("{:<18} {}: {}", "", n.path, n.reason)?;
             }
             let more = r.unreplicated_count.saturating_sub(r.unreplicated.len() as u64);
             if more > 0 {
-                println!("{:<18} ... and {more} more", "");
+                outln!("{:<18} ... and {more} more", "")?;
             }
         }
     }
+    Ok(())
 }
 
 /// A replica's history: `HISTORY: points 41 (2026-12-04T17:05:00Z) to 9120, 1.2 GiB`, with a
@@ -250,8 +263,8 @@ fn privilege_line(r: &ReplicaStatus) -> Option<String> {
     (!parts.is_empty()).then(|| format!("PRIVILEGES: {}", parts.join("; ")))
 }
 
-fn print_sources(sources: &[SourceRow]) {
-    println!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED");
+fn print_sources(sources: &[SourceRow]) -> Result<()> {
+    outln!("{:<16} {:<7} {:<13} {:>8} {:>7}  NEXT", "SOURCE", "POLICY", "STATE", "SILENT", "MISSED")?;
     for src in sources {
         use doppel_failover::{Policy, SourceState};
         let state = serde_json::to_value(src.state)
@@ -274,38 +287,44 @@ fn print_sources(sources: &[SourceRow]) {
             }
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{:<16} {:<7} {:<13} {:>7.0}s {:>3}/{:<3}  {next}",
-            src.source, policy, state, src.silent_secs, src.missed, src.threshold,
-        );
+            src.source,
+            policy,
+            state,
+            src.silent_secs,
+            src.missed,
+            src.threshold,
+        )?;
         if let Some(e) = &src.error {
-            println!("{:<16} ERROR: {}", "", e.replace('\n', " "));
+            outln!("{:<16} ERROR: {}", "", e.replace('\n', " "))?;
         }
         if let Some(t) = &src.test {
             for j in &t.jobs {
-                println!(
+                outln!(
                     "{:<16} TEST FAILOVER: {} at seq:{} ({}) in {}",
                     "",
                     j.job,
                     j.point.seq,
                     j.point.time,
                     j.view.display()
-                );
+                )?;
             }
         }
         for j in &src.jobs {
             if let Some(fb) = &j.failback {
-                println!(
+                outln!(
                     "{:<16} job {}: failback {} ({} sent, {} pending)",
                     "",
                     j.job,
                     fb.state,
                     bytes(Some(fb.bytes_sent)),
                     bytes(Some(fb.pending_bytes))
-                );
+                )?;
             }
         }
     }
+    Ok(())
 }
 
 /// The socket of `job`, which must be running.
@@ -334,10 +353,10 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
         other => bail!("verify failed: unexpected answer {other:?}"),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?);
+        outln!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?)?;
     } else {
         for d in &report.differences {
-            println!("{}: {}", d.path, d.what);
+            outln!("{}: {}", d.path, d.what)?;
         }
         let compared = format!(
             "{} entries compared, {} read",
@@ -345,9 +364,9 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
             doppel_target::iec(report.bytes_compared)
         );
         match (report.differences.len(), a.repair) {
-            (0, _) => println!("replica matches the source ({compared})"),
-            (n, true) => println!("{n} differences found and queued for repair ({compared})"),
-            (n, false) => println!("{n} differences found ({compared}); run with --repair to fix them"),
+            (0, _) => outln!("replica matches the source ({compared})")?,
+            (n, true) => outln!("{n} differences found and queued for repair ({compared})")?,
+            (n, false) => outln!("{n} differences found ({compared}); run with --repair to fix them")?,
         }
     }
     if !a.repair && !report.differences.is_empty() {
@@ -383,7 +402,7 @@ pub fn limit(a: LimitArgs, home: &Path) -> Result<()> {
         ControlResponse::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer to limit: {other:?}"),
     };
-    println!("{}: bandwidth limit {}", a.job, doppel_link::ratelimit::format_rate(rate));
+    outln!("{}: bandwidth limit {}", a.job, doppel_link::ratelimit::format_rate(rate))?;
     Ok(())
 }
 

@@ -328,11 +328,11 @@ pub fn reload(home: &std::path::Path) -> Result<()> {
     match control::call(&sock, &ControlRequest::Reload, Duration::from_secs(60))? {
         ControlResponse::Reloaded { added, removed, restarted, changed } => {
             let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
-            println!("configuration reloaded");
-            println!("  added:      {}", list(&added));
-            println!("  removed:    {}", list(&removed));
-            println!("  reconnected (identity or privileges changed): {}", list(&restarted));
-            println!("  limits changed: {}", list(&changed));
+            outln!("configuration reloaded")?;
+            outln!("  added:      {}", list(&added))?;
+            outln!("  removed:    {}", list(&removed))?;
+            outln!("  reconnected (identity or privileges changed): {}", list(&restarted))?;
+            outln!("  limits changed: {}", list(&changed))?;
             Ok(())
         }
         ControlResponse::Error { message } => bail!("reload failed: {message}"),
