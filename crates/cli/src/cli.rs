@@ -330,7 +330,8 @@ pub struct ProtectArgs {
     #[arg(long, value_name = "LEVEL")]
     pub compression: Option<String>,
     /// Largest spool on disk before the job records dirty names instead of queueing ops
-    /// (`4GiB`, `500MB`).
+    /// (`4GiB`, `500MB`). One acknowledged 64 MiB segment file is kept besides, to be written
+    /// over by the next (faster than a new file).
     #[arg(long, value_name = "SIZE")]
     pub spool_limit: Option<String>,
     /// Memory the job's index may use as a cache (`16MiB` by default): the index of every
