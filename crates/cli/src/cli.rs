@@ -89,7 +89,7 @@ pub struct TestFailoverArgs {
     pub jobs: Vec<String>,
     /// The point (`now`, an RFC 3339 time, `-15m`, `seq:N` or a bookmark with one `--job`)
     /// [default: each job's latest consistent point].
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub at: Option<String>,
     /// End the running test: its end scripts run, then its views and everything written in
     /// them go.
@@ -143,10 +143,10 @@ pub struct HistoryListArgs {
     #[command(flatten)]
     pub replica: ReplicaArg,
     /// Only points at or after WHEN.
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub since: Option<String>,
     /// Only points at or before WHEN.
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub until: Option<String>,
     /// Only the newest N points.
     #[arg(long, value_name = "N")]
@@ -164,7 +164,7 @@ pub struct HistoryRestoreArgs {
     pub replica: ReplicaArg,
     /// The point: `now`, an RFC 3339 time (`2026-12-04T17:05:00Z`), a time ago (`-15m`,
     /// `-2h`, `-30s`, `-1d`), `seq:N`, or a bookmark; the latest point at or before it.
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub at: String,
     /// Where to write it: a new or empty directory.
     #[arg(long, value_name = "DIR")]
@@ -186,7 +186,7 @@ pub struct FailoverArgs {
     /// Failover: take the replicas back to this point first (`now`, an RFC 3339 time, `-15m`,
     /// `seq:N` or a bookmark with one `--job`) [default: the latest consistent point: the one
     /// before a resync that has not ended, else now].
-    #[arg(long, value_name = "WHEN")]
+    #[arg(long, value_name = "WHEN", allow_hyphen_values = true)]
     pub at: Option<String>,
     /// Failover: go ahead even when no consistent point exists yet (the first mirror has not
     /// finished: the replica is partial).

@@ -143,6 +143,15 @@ fn ransomware_on_an_embedded_replica_is_undone_by_restoring_the_point_before_it(
     assert!(st["history"]["bytes"].as_u64().unwrap_or(0) > 0, "{st}");
     let (_, text, _) = run(&home, &["status"]);
     assert!(text.contains("HISTORY: points "), "{text}");
+    // A time ago as the README writes it (`--at -2h`), not only `--at=-2h`: `-0s` is the
+    // latest point, the one `now` restores.
+    let (ago, now) = (dir.path().join("ago"), dir.path().join("now"));
+    for (at, to) in [("-0s", &ago), ("now", &now)] {
+        let (st, _, err) =
+            run(&home, &["history", "restore", "src", "--at", at, "--to", to.to_str().unwrap()]);
+        assert!(st.success(), "restore --at {at}: {err}");
+    }
+    compare_trees(&now, &ago, Compare::default()).unwrap();
     // A restore that runs out of space: non-zero, the cause named, nothing left behind.
     let small = dir.path().join("small");
     std::fs::create_dir(&small).unwrap();
