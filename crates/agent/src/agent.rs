@@ -53,6 +53,8 @@ pub struct Agent {
     overflow: Arc<Overflow>,
     final_message: FinalMessage,
     _lock: OwnedFd,
+    /// A lock on a local destination directory, held while the job runs.
+    _dest_lock: Option<OwnedFd>,
 }
 
 /// The job's bandwidth limit: its schedule, and an override set at run time.
@@ -181,9 +183,22 @@ impl Agent {
 
         let state_path = dir.join("state.json");
         let mut state = JobState::load(&state_path)?;
+        let dest_lock = match &job.dest {
+            Destination::Local(replica) => Some(lock_destination(replica)?),
+            _ => None,
+        };
         let dest = job.dest.to_string();
         if state.dest != dest {
+            if let Destination::Local(replica) = &job.dest
+                && !job.seeded
+                && holds_files(replica)?
+            {
+                return Err(AgentError::DestinationNotEmpty { dest: replica.clone() });
+            }
             state = JobState { dest, ..JobState::default() };
+            // Claimed before anything is written there: a restart, even in the middle of the
+            // first mirror, finds the directory is this job's replica.
+            state.save(&state_path)?;
         }
         let (spool, recovery) = Spool::open(&dir.join("spool"), job.spool)?;
         if recovery.discarded_after_gap {
@@ -350,6 +365,7 @@ impl Agent {
             stop,
             planner,
             _lock: lock,
+            _dest_lock: dest_lock,
         })
     }
 
@@ -591,6 +607,26 @@ pub(crate) fn take_lock(dir: &Path, job: &str) -> Result<OwnedFd, AgentError> {
         Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::Locked { job: job.to_string(), lock: path }),
         Err(e) => Err(io_at(&path)(e.into())),
     }
+}
+
+/// Locks a local destination directory for a running job, so that no other job (in this
+/// process or another) mirrors into it at the same time: two would each delete what the
+/// other's source has and its own lacks.
+fn lock_destination(dir: &Path) -> Result<OwnedFd, AgentError> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io_at(dir)(e.into()))?;
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(fd),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::DestinationInUse { dest: dir.to_path_buf() }),
+        Err(e) => Err(io_at(dir)(e.into())),
+    }
+}
+
+/// Whether a directory holds anything besides a fresh file system's `lost+found`.
+fn holds_files(dir: &Path) -> Result<bool, AgentError> {
+    let mut entries = fs::read_dir(dir).map_err(io_at(dir))?;
+    Ok(entries.any(|e| e.map_or(true, |e| e.file_name() != "lost+found")))
 }
 
 /// Requests verifications of a running job.

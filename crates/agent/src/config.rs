@@ -126,6 +126,9 @@ pub struct JobConfig {
     pub checkpoint_interval: Duration,
     /// History the embedded target of a local destination keeps.
     pub history: doppel_target::HistoryPolicy,
+    /// A local destination new to the job may hold files: a copy of the source made
+    /// beforehand (a seed), compared and corrected instead of refused.
+    pub seeded: bool,
 }
 
 impl JobConfig {
@@ -153,6 +156,7 @@ impl JobConfig {
             heartbeat: Duration::from_secs(5),
             checkpoint_interval: Duration::from_secs(30),
             history: Some(doppel_apply::history::DEFAULT_RETENTION),
+            seeded: false,
         }
     }
 }

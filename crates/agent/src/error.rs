@@ -26,6 +26,25 @@ pub enum AgentError {
         /// The lock file.
         lock: PathBuf,
     },
+    /// A local destination is the replica of a job running now (in this process or another).
+    #[error(
+        "the destination {dest} is the replica of a job that is running now; give each job a directory of its own"
+    )]
+    DestinationInUse {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// A local destination new to the job holds files: the first mirror would make it equal
+    /// to the source, deleting them.
+    #[error(
+        "the destination {dest} is not empty and is not this job's replica: the mirror would delete what it holds \
+         that the source has not; choose an empty directory, or pass --seeded (`seeded = true`) if it holds a copy \
+         of the source to start from"
+    )]
+    DestinationNotEmpty {
+        /// The destination.
+        dest: PathBuf,
+    },
     /// The job's state directory is in a format this build does not read.
     #[error(transparent)]
     Format(#[from] doppel_fs::format::FormatError),

@@ -323,6 +323,12 @@ pub struct ProtectArgs {
     /// order of every write (`fuse_writeback` in the config).
     #[arg(long)]
     pub fuse_writeback: bool,
+    /// The `--to DIR` destination already holds a copy of the source (a seed: copied
+    /// beforehand, restored from a backup): compare it and send only what differs. Without it
+    /// a destination new to the job must be empty, since the mirror makes it equal to the
+    /// source, deleting what the source lacks (`seeded` in the config).
+    #[arg(long)]
+    pub seeded: bool,
     /// Bandwidth limit for this job: every byte it sends counts (`20Mbit`, `5MB`, `unlimited`).
     #[arg(long, value_name = "RATE")]
     pub limit: Option<String>,

@@ -436,6 +436,8 @@ pub struct JobSection {
     /// The kernel's write-back cache under the fuse capture (faster; keeps the order at each
     /// fsync only, as a local disk does).
     pub fuse_writeback: Option<bool>,
+    /// The local destination already holds a copy of the source to start from.
+    pub seeded: Option<bool>,
     /// `off`, `fast`, `balanced`, `max`, `auto`, or a zstd level 1-19 (0: off).
     pub compression: Option<CompressionSetting>,
     /// Bandwidth limit of the job (`20Mbit`, `unlimited`).
@@ -610,6 +612,7 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
         bail!("job {}: sync = true needs capture = \"fuse\" (or a `vm` job)", s.name);
     }
     job.fuse_writeback = s.fuse_writeback.unwrap_or(false);
+    job.seeded = s.seeded.unwrap_or(false);
     if job.fuse_writeback && job.capture != CaptureMode::Fuse {
         bail!("job {}: fuse_writeback = true needs capture = \"fuse\"", s.name);
     }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -207,4 +208,62 @@ fn a_report_written_to_a_full_disk_is_one_error_line_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(one_line_error(&err).contains("cannot write the output: No space left on device"), "{err}");
+}
+
+/// Runs a command expected to refuse at once; an agent that starts instead is stopped after
+/// 30 s (and the test fails on its exit status) rather than left running.
+fn refused(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut p = Proc::start(home, "refused", args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while p.running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = if p.running() { p.stop() } else { p.wait(Duration::ZERO) };
+    (st, p.log())
+}
+
+#[test]
+fn a_destination_holding_other_files_or_another_running_jobs_replica_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    Tree::at(&src).file("f", b"source").file("d/g", b"more");
+    let to = |p: &Path| p.to_str().unwrap().to_string();
+    // A directory of someone else's files: the first mirror would delete them.
+    let other = dir.path().join("important");
+    Tree::at(&other).file("precious.db", b"precious");
+    let home = dir.path().join("home");
+    let (st, err) = refused(&home, &["protect", &to(&src), "--to", &to(&other)]);
+    assert_eq!(st.code(), Some(1), "{err}");
+    let line = one_line_error(&err);
+    assert!(
+        line.contains("is not empty and is not this job's replica") && line.contains("--seeded"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(other.join("precious.db")).unwrap(), b"precious");
+    // A fresh file system's mount point holds lost+found only: taken as empty.
+    let replica = dir.path().join("replica");
+    std::fs::create_dir_all(replica.join("lost+found")).unwrap();
+    let mut a = Proc::start(&home, "agent", &["protect", &to(&src), "--to", &to(&replica)]);
+    wait_converged(&src, &replica, Duration::from_secs(30), &mut a);
+    // Another job (another home, another source) aimed at that running job's replica.
+    let src2 = dir.path().join("src2");
+    Tree::at(&src2).file("other", b"other source");
+    let home2 = dir.path().join("home2");
+    let (st, err) = refused(&home2, &["protect", &to(&src2), "--to", &to(&replica), "--seeded"]);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(one_line_error(&err).contains("is the replica of a job that is running now"), "{err}");
+    compare_trees(&src, &replica, Compare::default()).unwrap();
+    // The job's own replica is not empty, and is taken again after a restart.
+    assert!(a.stop().success(), "{}", a.log());
+    std::fs::write(src.join("f"), b"changed while stopped").unwrap();
+    let mut a = Proc::start(&home, "agent2", &["protect", &to(&src), "--to", &to(&replica)]);
+    wait_converged(&src, &replica, Duration::from_secs(30), &mut a);
+    assert!(a.stop().success(), "{}", a.log());
+    // A seed (a copy made beforehand, one file stale): adopted with --seeded, made equal.
+    let seed = dir.path().join("seed");
+    Tree::at(&seed).file("f", b"stale copy").file("d/g", b"more").file("gone", b"deleted since");
+    let home3 = dir.path().join("home3");
+    let mut a = Proc::start(&home3, "agent3", &["protect", &to(&src), "--to", &to(&seed), "--seeded"]);
+    wait_converged(&src, &seed, Duration::from_secs(30), &mut a);
+    assert!(a.stop().success(), "{}", a.log());
 }

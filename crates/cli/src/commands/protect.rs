@@ -289,6 +289,7 @@ fn jobs(mut a: ProtectArgs, file: &FileConfig) -> Result<Vec<JobConfig>> {
     link_settings(&mut job, &a)?;
     job.sync |= a.sync;
     job.fuse_writeback |= a.fuse_writeback;
+    job.seeded |= a.seeded;
     if let Some(t) = a.sync_timeout {
         job.sync_timeout = std::time::Duration::from_secs(t.max(1));
     }
