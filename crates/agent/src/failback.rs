@@ -8,6 +8,10 @@
 //! with the handover. The tree then equals the replica; [`adopt_replica`] records that, and
 //! ordinary protection resumes at the new epoch without comparing anything.
 //!
+//! The tree keeps what the job's rules leave out (scratch files, caches): those names are
+//! never listed to the DR side, and ops on them are skipped (see [`doppel_apply::outside`]),
+//! exactly as forward protection never reads them.
+//!
 //! Links break; every break is followed by a new connection that resumes where the last one
 //! stopped (the embedded target keeps its replica state, the DR side its spool).
 
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use doppel_apply::listing::KnownBlocks;
-use doppel_fs::Meta;
+use doppel_fs::{Meta, Selection};
 use doppel_link::{ByteCounter, FrameReader, FrameWriter, Identity, LinkError};
 use doppel_mirror::index::{Index, Snapshot};
 use doppel_proto::{BlockHash, EntryKind, Hello, Message, PROTOCOL_VERSION, Refusal, RelPath};
@@ -89,6 +93,10 @@ pub async fn receive_with(
     let mut cfg = TargetConfig::new(Layout::Embedded { replica: root, state: state.clone() });
     // The source's own tree receiving its replica back keeps no history (and no attic beside it).
     cfg.history = None;
+    // The names the job's rules leave out are the tree's own: the DR side never lists them,
+    // so it never removes or replaces them, and its ops on such names are skipped.
+    cfg.selection =
+        Selection::new(&job.include, &job.exclude).map_err(|e| FailbackError::Config(e.to_string()))?;
     let indexed = IndexedBlocks::open(&lock.dir, job.index_cache).map(Arc::new);
     cfg.known_blocks = indexed.clone().map(|i| i as Arc<dyn KnownBlocks>);
     // Closed however this ends: sessions may outlive it a moment, and protection may resume

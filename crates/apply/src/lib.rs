@@ -15,6 +15,8 @@
 //!   and the check each op passes; an op over quota pauses its replica as a full disk does.
 //! - [`state`]: the replica's persistent state files.
 //! - [`listing`]: describing the replica (metadata and block hashes) for difference mirrors.
+//! - [`outside`]: names a replica's tree keeps out of the stream (a source's own names the
+//!   job's rules leave out, while it receives its replica back in a failback).
 //! - [`history`]: the undo journal that makes every past op boundary a point: a view of any
 //!   point while apply goes on, restore, rollback.
 //! - [`retention`]: which history a replica keeps (time, size, the minimum window, pins), as
@@ -28,6 +30,7 @@ pub mod lanes;
 pub mod listing;
 mod metered;
 pub mod ops;
+pub mod outside;
 pub mod privilege;
 pub mod quota;
 pub mod replica;

@@ -151,20 +151,28 @@ pub fn list_in_pieces(
     per: usize,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
-    list_knowing(root, scope, per, None, emit)
+    list_knowing(root, scope, per, None, &Selection::all(), emit)
 }
 
 /// [`list_in_pieces`], taking the blocks of the files `known` knows from it instead of
-/// reading them.
+/// reading them, and listing only the names `selection` selects.
+///
+/// A replica that is the source's own tree (a failback) holds names its job's rules leave
+/// out; they are the source's, not the job's. The side comparing with this listing removes
+/// every name it lists and its own tree lacks, so a name left out here is one it never
+/// removes or replaces (see [`crate::outside`] for the ops that would).
 pub fn list_knowing(
     root: &Beneath,
     scope: &ListScope,
     per: usize,
     known: Option<&dyn KnownBlocks>,
+    selection: &Selection,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
+    let listed =
+        |path: &RelPath, meta: &Meta| selection.outside_at(path, meta.kind == EntryKind::Dir).is_none();
     match scope {
-        ListScope::All => walk(root.path(), &RelPath::root(), &Selection::all(), &mut |e| {
+        ListScope::All => walk(root.path(), &RelPath::root(), selection, &mut |e| {
             match entries_for(root, &e.path, &e.meta, per, known, emit) {
                 // Gone between the walk and the hash: the entry simply does not exist.
                 Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -182,14 +190,16 @@ pub fn list_knowing(
                     Err(e) => return Err(e),
                 };
                 let meta = Meta::from_stat(&rustix::fs::fstat(&fd)?);
-                entries_for(root, &path, &meta, per, known, emit)?;
+                if listed(&path, &meta) {
+                    entries_for(root, &path, &meta, per, known, emit)?;
+                }
             }
             Ok(())
         }
         ListScope::Children(dirs) => {
             for w in dirs {
                 let Ok(dir) = RelPath::try_from(w) else { continue };
-                match children_of(root, &dir, emit) {
+                match children_of(root, &dir, &listed, emit) {
                     Err(e)
                         if e.kind() == io::ErrorKind::NotFound
                             || e.raw_os_error() == Some(libc::ENOTDIR)
@@ -202,7 +212,7 @@ pub fn list_knowing(
         ListScope::Ranges(ranges) => {
             for (w, offset, len) in ranges {
                 let Ok(path) = RelPath::try_from(w) else { continue };
-                match range_entries(root, &path, *offset, *len, per, emit) {
+                match range_entries(root, &path, *offset, *len, per, &listed, emit) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound || doppel_fs::beneath::is_escape(&e) => {}
                     r => r?,
                 }
@@ -213,10 +223,11 @@ pub fn list_knowing(
 }
 
 /// Emits an entry without block hashes (nor link target or attributes) for each name
-/// directly beneath the directory `dir`.
+/// directly beneath the directory `dir` that is `listed`.
 fn children_of(
     root: &Beneath,
     dir: &RelPath,
+    listed: &dyn Fn(&RelPath, &Meta) -> bool,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
     let fd = root.open_at(dir, OFlags::RDONLY | OFlags::DIRECTORY, 0)?;
@@ -235,24 +246,28 @@ fn children_of(
             Err(e) => return Err(e.into()),
         };
         let path = dir.join(name.as_bytes()).map_err(io::Error::other)?;
-        emit(bare_entry(&path, &Meta::from_stat(&st)))?;
+        let meta = Meta::from_stat(&st);
+        if listed(&path, &meta) {
+            emit(bare_entry(&path, &meta))?;
+        }
     }
     Ok(())
 }
 
 /// The entries of a regular file with the hashes of the blocks covering
-/// `offset..offset+len` (nothing if `path` is not a regular file).
+/// `offset..offset+len` (nothing if `path` is not a regular file, or not `listed`).
 fn range_entries(
     root: &Beneath,
     path: &RelPath,
     offset: u64,
     len: u64,
     per: usize,
+    listed: &dyn Fn(&RelPath, &Meta) -> bool,
     emit: &mut dyn FnMut(Entry) -> io::Result<()>,
 ) -> io::Result<()> {
     let f = File::from(root.open_at(path, OFlags::RDONLY, 0)?);
     let meta = Meta::from_stat(&rustix::fs::fstat(&f)?);
-    if meta.kind != EntryKind::File {
+    if meta.kind != EntryKind::File || !listed(path, &meta) {
         return Ok(());
     }
     let bs = doppel_proto::BLOCK_SIZE;

@@ -4,7 +4,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use doppel_fs::Beneath;
+use doppel_fs::{Beneath, Selection};
 use doppel_proto::OpRecord;
 
 use crate::dirty::Dirty;
@@ -12,6 +12,7 @@ use crate::error::ApplyError;
 use crate::history::History;
 use crate::metered::{self, Before};
 use crate::ops::{OpenFile, apply_op_with};
+use crate::outside::Outside;
 use crate::privilege::{Decision, Privilege, PrivilegePolicy, Rule};
 use crate::quota::{Account, Usage};
 use crate::state::{Checkpoint, Progress, new_replica_id, read_checkpoint, write_checkpoint};
@@ -48,7 +49,8 @@ pub enum Outcome {
     Stripped(Vec<Privilege>),
     /// Refused and skipped for good, with the reason (also logged).
     Refused(String),
-    /// It touches only names the replica does not have (refused before): skipped quietly.
+    /// It touches only names the replica does not have (refused before), or names its tree
+    /// keeps out of the stream (see [`crate::outside`]): skipped quietly.
     Skipped,
     /// Refused by the source's privilege policy, and skipped for good.
     RefusedByPolicy {
@@ -79,6 +81,8 @@ pub struct Replica {
     measured: Option<(std::time::Instant, u64, u64)>,
     /// Names the target refused to make, and the ops on them it skips.
     unreplicated: crate::unreplicated::Unreplicated,
+    /// Names the tree keeps out of the stream (a source's own, during a failback).
+    outside: Outside,
     /// Threads a run of new files may be applied on ([`Replica::apply_ahead`]).
     lanes: usize,
     /// What became of ops applied ahead, by sequence, until [`Replica::apply`] takes them.
@@ -177,9 +181,26 @@ impl Replica {
             last_retain: None,
             measured: None,
             unreplicated: crate::unreplicated::Unreplicated::load(state_dir),
+            outside: Outside::none(),
             lanes: 1,
             ahead: std::collections::HashMap::new(),
         })
+    }
+
+    /// Keeps the names `selection` leaves out of the stream: listings leave them out and
+    /// ops never remove, replace or change them (see [`crate::outside`]). For a tree that
+    /// is a source's own, receiving its replica back; every other replica selects everything.
+    pub fn set_selection(&mut self, selection: Selection) {
+        self.outside = if selection.selects_everything() {
+            Outside::none()
+        } else {
+            Outside::load(&self.state_dir, selection)
+        };
+    }
+
+    /// The names that belong to the stream (listings show only these).
+    pub fn selection(&self) -> &Selection {
+        self.outside.selection()
     }
 
     /// Sets how many threads a run of new files may be applied on (1: the caller's alone).
@@ -351,6 +372,7 @@ impl Replica {
         self.lanes > 1
             && self.history.is_none()
             && self.unreplicated.is_empty()
+            && self.outside.keeps_nothing()
             && self.account.as_ref().is_none_or(|a| !a.limits().any())
     }
 
@@ -359,9 +381,18 @@ impl Replica {
         &self.unreplicated
     }
 
-    /// Applies `rec` as the privilege policy decides; ops on names refused before are
-    /// skipped, and a name refused now is remembered.
+    /// Applies `rec` as the privilege policy decides; ops on names the tree keeps out of the
+    /// stream or refused before are skipped, and a name refused now is remembered.
     fn apply_policed(&mut self, rec: &OpRecord) -> Result<Outcome, ApplyError> {
+        let instead;
+        let rec = match self.outside.judge(&rec.op, &self.root) {
+            crate::outside::Verdict::Apply => rec,
+            crate::outside::Verdict::Skip => return Ok(Outcome::Skipped),
+            crate::outside::Verdict::Instead(op) => {
+                instead = OpRecord { seq: rec.seq, time_us: rec.time_us, op };
+                &instead
+            }
+        };
         if self.unreplicated.judge(&rec.op) == crate::unreplicated::Verdict::Skip {
             return Ok(Outcome::Skipped);
         }
@@ -475,6 +506,7 @@ impl Replica {
         write_checkpoint(&self.state_dir, &c)?;
         self.durable = Checkpoint { dirty: false, ..c };
         self.dirty_on_disk = more;
+        self.outside.save();
         self.retain_now_and_then()?;
         Ok(self.applied)
     }
@@ -522,6 +554,7 @@ impl Replica {
     pub fn end_commit(&mut self, done: Flushed) -> Result<u64, ApplyError> {
         let c = done.0;
         self.durable = Checkpoint { dirty: false, ..c };
+        self.outside.save();
         self.retain_now_and_then()?;
         Ok(c.applied)
     }

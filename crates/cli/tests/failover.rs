@@ -348,6 +348,94 @@ fn failback_of(capture: &'static [&'static str]) {
     assert_eq!(back.stop().code(), Some(0), "{}", back.log());
 }
 
+/// Whether `rel` (a path beneath the job root) is selected by the rules
+/// `--exclude '*.tmp' --exclude cache/`.
+fn selected_by_tmp_and_cache_rules(rel: &str) -> bool {
+    !rel.split('/').any(|c| c == "cache" || c.ends_with(".tmp"))
+}
+
+/// The names of `root` those rules select, described as [`snapshot`] does (directory times
+/// aside: a name outside the selection moves its directory's time on one side only).
+fn selected_snapshot(root: &Path) -> std::collections::BTreeMap<String, doppel_testkit::Node> {
+    snapshot(root, Compare { ignore_dir_mtimes: true })
+        .into_iter()
+        .filter(|(k, _)| selected_by_tmp_and_cache_rules(k))
+        .collect()
+}
+
+/// A failback leaves the names the job's rules exclude alone on the source: its own excluded
+/// files and directories keep their bytes (the DR side never hears of them, so it neither
+/// removes them nor, when its workload makes a name one of them holds, overwrites them), while
+/// every selected name ends up as the DR side has it, a file the DR workload wrote under an
+/// excluded name and then renamed into the selection too.
+#[test]
+fn a_failback_leaves_the_names_the_rules_exclude_alone_on_the_source() {
+    let mut l = Local::capturing(&["--exclude", "*.tmp", "--exclude", "cache/"], "", |src| {
+        Tree::at(src).standard();
+    });
+    // The source's own excluded names, never replicated (made after the first mirror, whose
+    // wait compares whole trees).
+    let own = [
+        ("scratch.tmp", b"the source's own scratch file".to_vec()),
+        ("dir1/sub/keep.tmp", noise(31, 70_000)),
+        ("cache/blob", noise(32, 150_000)),
+        ("cache/deep/more", b"beneath an excluded directory".to_vec()),
+    ];
+    for (rel, bytes) in &own {
+        Tree::at(&l.src).file(rel, bytes);
+    }
+    let replica = l.replica();
+    std::thread::sleep(Duration::from_secs(1));
+    for (rel, _) in &own {
+        assert!(!replica.join(rel).exists(), "{rel} reached the replica");
+    }
+    let th = l.target_home();
+    let (st, out, err) = run(&th, &["failover", "s"]);
+    assert!(st.success(), "{out}{err}");
+    let mut agent = l.agent.take().unwrap();
+    assert!(!agent.wait(Duration::from_secs(60)).success(), "the fenced agent kept running");
+    // The workload on the DR side changes selected names, and makes excluded names of its
+    // own: one where the source keeps a file of that name.
+    std::fs::write(replica.join("a.txt"), b"changed on the DR side").unwrap();
+    std::fs::write(replica.join("dr-new.bin"), noise(33, 90_000)).unwrap();
+    std::fs::remove_file(replica.join("empty")).unwrap();
+    std::fs::write(replica.join("scratch.tmp"), b"the DR workload's scratch file").unwrap();
+    std::fs::write(replica.join("dr-only.tmp"), b"made on the DR side").unwrap();
+    let mut back = l.start_agent(&["--failback"]);
+    wait_until(Duration::from_secs(120), "the source to hold the replica", || {
+        assert!(back.running(), "{}", back.log());
+        let s = source_status(&th, "s");
+        (s["jobs"][0]["failback"]["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    // While the failback streams, the DR workload writes a report under an excluded name, and
+    // renames it into the selection once the stream has carried it.
+    std::fs::write(replica.join("report.tmp"), noise(34, 40_000)).unwrap();
+    std::fs::write(replica.join("scratch.tmp"), b"rewritten on the DR side").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::rename(replica.join("report.tmp"), replica.join("report.txt")).unwrap();
+    let (st, out, err) = run(&th, &["failback", "s"]);
+    assert!(st.success(), "{out}{err}\nSOURCE LOG:\n{}", back.log());
+    wait_until(Duration::from_secs(60), "protection to resume", || {
+        assert!(back.running(), "{}", back.log());
+        let s = job_status(&l.home, "job");
+        (s["state"] == "replicating").then_some(()).ok_or(s.to_string())
+    });
+    let touched: Vec<String> = own
+        .iter()
+        .filter_map(|(rel, bytes)| match std::fs::read(l.src.join(rel)) {
+            Ok(got) if got == *bytes => None,
+            Ok(_) => Some(format!("{rel}: overwritten")),
+            Err(e) => Some(format!("{rel}: {e}")),
+        })
+        .collect();
+    assert!(touched.is_empty(), "the failback touched excluded names: {touched:?}");
+    let (want, got) = (selected_snapshot(&replica), selected_snapshot(&l.src));
+    let diff = doppel_testkit::diff_snapshots(&want, &got);
+    assert!(diff.is_empty(), "the selected names differ from the DR side's:\n{diff}");
+    assert_eq!(std::fs::read(l.src.join("report.txt")).unwrap(), noise(34, 40_000));
+    assert_eq!(back.stop().code(), Some(0), "{}", back.log());
+}
+
 #[test]
 fn a_failback_survives_a_killed_source_and_a_killed_target_and_resends_little() {
     const BIG: u64 = 160 << 20;

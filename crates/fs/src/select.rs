@@ -84,6 +84,29 @@ impl Selection {
             Some(inc) => inc.matched_path_or_any_parents(path.as_path(), false).is_ignore(),
         }
     }
+
+    /// Whether there are no rules: everything is selected (callers skip all checks then).
+    pub fn selects_everything(&self) -> bool {
+        self.exclude.is_empty() && self.include.is_none()
+    }
+
+    /// The shallowest of `path` and its ancestors that the rules leave out, judged level by
+    /// level as a walk judges them (ancestors are directories; `is_dir` says what `path` is),
+    /// or `None` when `path` is selected. A tree that keeps names out of the job, such as a
+    /// source receiving its replica back, owns everything beneath that name.
+    pub fn outside_at(&self, path: &RelPath, is_dir: bool) -> Option<RelPath> {
+        if path.is_root() || self.selects_everything() {
+            return None;
+        }
+        let mut at = RelPath::root();
+        for name in path.components() {
+            at = at.join(name).ok()?;
+            if self.excluded_here(&at, is_dir || at != *path) {
+                return Some(at);
+            }
+        }
+        (!self.included(path, is_dir)).then(|| path.clone())
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +141,20 @@ mod tests {
         assert!(!s.selects(&p("x/old.db"), false), "excludes win");
         let e = Selection::new(&[], &["{a,b".into()]).unwrap_err();
         assert!(e.to_string().contains("{a,b"), "{e}");
+    }
+
+    #[test]
+    fn outside_at_names_the_shallowest_name_left_out() {
+        let s = Selection::new(&["*.db".into()], &["*.tmp".into(), "cache/".into()]).unwrap();
+        let at = |path: &str, is_dir| s.outside_at(&p(path), is_dir).map(|o| o.to_string());
+        assert_eq!(at("x/cache/y.tmp/z.db", false).as_deref(), Some("x/cache"));
+        assert_eq!(at("x/y.tmp", true).as_deref(), Some("x/y.tmp"));
+        assert_eq!(at("x/cache", false).as_deref(), Some("x/cache"), "not included");
+        assert_eq!(at("x/cache", true).as_deref(), Some("x/cache"), "excluded");
+        assert_eq!(at("x/data.db", false), None);
+        assert_eq!(at("x/notes", true), None, "directories are containers");
+        assert_eq!(s.outside_at(&RelPath::root(), true), None);
+        assert!(Selection::all().selects_everything() && !s.selects_everything());
+        assert_eq!(Selection::all().outside_at(&p("a.tmp"), false), None);
     }
 }

@@ -119,6 +119,11 @@ pub struct TargetConfig {
     /// source side of a failback, whose replica is its own tree and whose agent's index
     /// describes it; `None` everywhere else (every listed file is read).
     pub known_blocks: Option<std::sync::Arc<dyn doppel_apply::listing::KnownBlocks>>,
+    /// The names of each replica that belong to the stream: set by the source side of a
+    /// failback, whose replica is its own tree and keeps the names its job's rules leave out
+    /// (never listed, removed or replaced: see [`doppel_apply::outside`]); everything
+    /// everywhere else.
+    pub selection: doppel_fs::Selection,
     /// Threads each replica without history applies a run of new files on (`None`: one, the
     /// session's own; see [`doppel_apply::lanes`]).
     pub apply_threads: Option<usize>,
@@ -137,6 +142,7 @@ impl TargetConfig {
             commit_interval: Duration::from_millis(100),
             history: Some(doppel_apply::history::DEFAULT_RETENTION),
             known_blocks: None,
+            selection: doppel_fs::Selection::all(),
             apply_threads: None,
         }
     }

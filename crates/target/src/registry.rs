@@ -440,11 +440,13 @@ impl Slot {
                     let account = target.account(&self.source);
                     let history = target.history_of(&self.source);
                     let lanes = target.config.apply_threads;
+                    let selection = target.config.selection.clone();
                     let opened = tokio::task::spawn_blocking(move || {
                         let mut r = Replica::open_with_history(&tree, &state, history)?;
                         if let Some(n) = lanes {
                             r.set_lanes(n);
                         }
+                        r.set_selection(selection);
                         r.set_privileges(privileges);
                         r.set_account(account);
                         Ok(r)

@@ -398,14 +398,22 @@ impl<C: Clock> Worker<C> {
         };
         let known = self.listings.known.as_deref();
         let per = doppel_apply::listing::BLOCKS_PER_ENTRY;
-        let result = doppel_apply::listing::list_knowing(self.replica.root(), scope, per, known, &mut |e| {
-            bytes += weight(&e);
-            chunk.push(e);
-            if chunk.len() >= LIST_CHUNK || bytes >= LIST_CHUNK_BYTES {
-                flush(std::mem::take(&mut chunk), std::mem::take(&mut bytes))?;
-            }
-            Ok(())
-        });
+        let selection = self.replica.selection();
+        let result = doppel_apply::listing::list_knowing(
+            self.replica.root(),
+            scope,
+            per,
+            known,
+            selection,
+            &mut |e| {
+                bytes += weight(&e);
+                chunk.push(e);
+                if chunk.len() >= LIST_CHUNK || bytes >= LIST_CHUNK_BYTES {
+                    flush(std::mem::take(&mut chunk), std::mem::take(&mut bytes))?;
+                }
+                Ok(())
+            },
+        );
         if !chunk.is_empty() {
             let _ = flush(chunk, bytes);
         }

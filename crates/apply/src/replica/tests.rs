@@ -432,6 +432,7 @@ fn listings_take_known_blocks_instead_of_reading() {
         &doppel_proto::ListScope::All,
         4,
         Some(&Knows),
+        &doppel_fs::Selection::all(),
         &mut |e| {
             entries.push(e);
             Ok(())
@@ -453,6 +454,66 @@ fn listings_take_known_blocks_instead_of_reading() {
         );
     }
     assert!(entries.iter().filter(|e| e.kind != doppel_proto::EntryKind::File).all(|e| !e.vouched));
+}
+
+/// Lists `scope` of the fixture's replica as a selecting target lists it.
+fn listed(f: &Fixture, scope: doppel_proto::ListScope) -> Vec<String> {
+    let mut names = Vec::new();
+    let (root, selection) = (f.replica.root(), f.replica.selection());
+    crate::listing::list_knowing(root, &scope, 4, None, selection, &mut |e| {
+        names.push(e.path.display());
+        Ok(())
+    })
+    .unwrap();
+    names
+}
+
+/// A replica that is a source's own tree keeps the names its rules leave out: its listings
+/// never show them (so the side comparing with it never removes them), and the stream's ops
+/// that would remove, replace or write them are skipped; a file the stream moves onto one
+/// leaves its old name. Names the stream makes outside the rules are its own, and a rename
+/// carries them into the selection.
+#[test]
+fn a_selecting_replica_keeps_the_names_its_rules_leave_out() {
+    let mut f = Fixture::new();
+    doppel_testkit::Tree::at(&f.root)
+        .file("keep.txt", b"selected")
+        .file("scratch.tmp", b"the tree's own")
+        .file("d/x.tmp", b"its own too")
+        .file("cache/blob", b"and this");
+    f.replica.set_selection(doppel_fs::Selection::new(&[], &["*.tmp".into(), "cache/".into()]).unwrap());
+    assert_eq!(listed(&f, doppel_proto::ListScope::All), ["", "d", "keep.txt"]);
+    let some = vec![w("scratch.tmp"), w("cache"), w("cache/blob"), w("keep.txt")];
+    assert_eq!(listed(&f, doppel_proto::ListScope::Paths(some)), ["keep.txt"]);
+    assert_eq!(listed(&f, doppel_proto::ListScope::Children(vec![w(""), w("d")])), ["d", "keep.txt"]);
+    assert!(listed(&f, doppel_proto::ListScope::Ranges(vec![(w("scratch.tmp"), 0, 10)])).is_empty());
+    for op in [
+        Op::Unlink { path: w("scratch.tmp") },
+        Op::Write { path: w("d/x.tmp"), offset: 0, data: b"REPLACED".to_vec() },
+        Op::Unlink { path: w("cache/blob") },
+        Op::Rmdir { path: w("cache") },
+        Op::Create { path: w("cache/new"), mode: 0o644 },
+    ] {
+        assert_eq!(f.apply(op.clone()), Outcome::Skipped, "{op:?}");
+    }
+    let mv = |from: &str, to: &str| Op::Rename { from: w(from), to: w(to), flags: RenameFlags::default() };
+    assert_eq!(f.apply(mv("keep.txt", "scratch.tmp")), Outcome::Applied);
+    assert!(!f.root.join("keep.txt").exists(), "the moved name leaves its old one");
+    // Made by the stream, then renamed into the selection.
+    f.apply(Op::Create { path: w("report.tmp"), mode: 0o644 });
+    assert_eq!(
+        f.apply(Op::Write { path: w("report.tmp"), offset: 0, data: b"report".to_vec() }),
+        Outcome::Applied
+    );
+    assert_eq!(f.apply(mv("report.tmp", "report")), Outcome::Applied);
+    f.replica.commit().unwrap();
+    assert_eq!(std::fs::read(f.root.join("report")).unwrap(), b"report");
+    for (name, bytes) in
+        [("scratch.tmp", &b"the tree's own"[..]), ("d/x.tmp", b"its own too"), ("cache/blob", b"and this")]
+    {
+        assert_eq!(std::fs::read(f.root.join(name)).unwrap(), bytes, "{name}");
+    }
+    assert!(!f.root.join("cache/new").exists());
 }
 
 /// The privilege policy on disk, for each rule: a set-uid file, a foreign owner, a `trusted.*`
