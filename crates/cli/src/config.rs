@@ -503,10 +503,20 @@ pub fn destination(
     target_id: Option<&str>,
     pins: &BTreeMap<String, String>,
 ) -> Result<Destination> {
-    let looks_remote = !to.starts_with('/')
-        && !to.starts_with('.')
-        && to.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-    if !looks_remote {
+    let remote = (!to.starts_with('/') && !to.starts_with('.')).then(|| to.rsplit_once(':')).flatten();
+    let Some((host, port)) = remote.filter(|(host, _)| !host.is_empty()) else {
+        return Ok(Destination::Local(PathBuf::from(to)));
+    };
+    // `HOST:` or `HOST:99999` is a mistyped target, not a directory to create and mirror into.
+    if port.is_empty() || port.bytes().all(|b| b.is_ascii_digit()) {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => bail!(
+                "--to {to}: the port of target {host} must be a number from 1 to 65535 (for a local \
+                 directory of that name write ./{to})"
+            ),
+        }
+    } else {
         return Ok(Destination::Local(PathBuf::from(to)));
     }
     let id = target_id.or_else(|| pins.get(to).map(String::as_str)).ok_or_else(|| {
@@ -602,6 +612,14 @@ pub fn job_from_section(s: &JobSection, pins: &BTreeMap<String, String>) -> Resu
         job.capture = capture_mode(c)?;
     }
     job.sync = s.sync.unwrap_or(false);
+    let local = matches!(job.dest, Destination::Local(_));
+    if !local && (s.history.is_some() || s.history_size.is_some() || s.history_min.is_some()) {
+        bail!(
+            "job {}: history, history_size and history_min set a `to = DIR` replica's history; a target keeps its \
+             replicas' history as its own config says (`history` under [target] or the source's [[target.allow]])",
+            s.name
+        );
+    }
     job.history =
         retention(job.history, s.history.as_deref(), s.history_size.as_ref(), s.history_min.as_deref())
             .with_context(|| format!("job {}", s.name))?;
@@ -734,6 +752,21 @@ mod tests {
     }
 
     #[test]
+    fn history_settings_of_a_job_going_to_a_target_are_refused_not_ignored() {
+        let job = |to: &str| {
+            let id = "ab".repeat(32);
+            let c = parse(&format!(
+                "[[job]]\nname = \"j\"\npath = \"/srv\"\nto = \"{to}\"\ntarget_id = \"{id}\"\nhistory = \"2d\"\n"
+            ))
+            .unwrap();
+            job_from_section(&c.job[0], &c.pins).map_err(|e| format!("{e:#}"))
+        };
+        assert!(job("/tmp/r").is_ok());
+        let e = job("dr:7340").unwrap_err();
+        assert!(e.contains("job j: history, history_size and history_min set a `to = DIR` replica's"), "{e}");
+    }
+
+    #[test]
     fn history_retention_reads_durations_sizes_shares_and_off() {
         use doppel_apply::retention::SizeLimit;
         use std::time::Duration;
@@ -847,5 +880,13 @@ mod tests {
         let e = destination("other:1", None, &pins).unwrap_err().to_string();
         assert!(e.contains("--target-id"), "{e}");
         assert!(destination("h:1", Some("zz"), &pins).is_err());
+        // A mistyped port is an error, not a directory named after it.
+        for bad in ["127.0.0.1:99999", "127.0.0.1:", "dr:0"] {
+            let e = destination(bad, Some(&"ab".repeat(32)), &pins).unwrap_err().to_string();
+            assert!(e.contains("must be a number from 1 to 65535") && e.contains(&format!("./{bad}")), "{e}");
+        }
+        // A name with a colon and no port-like tail is a directory.
+        assert!(matches!(destination("backup:daily", None, &pins).unwrap(), Destination::Local(_)));
+        assert!(matches!(destination("./127.0.0.1:99999", None, &pins).unwrap(), Destination::Local(_)));
     }
 }

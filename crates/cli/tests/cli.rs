@@ -67,6 +67,16 @@ fn protect_usage_errors_are_one_clear_line() {
         run(dir.path(), &["protect", src.to_str().unwrap(), "--to", "/tmp/r", "--fuse-writeback"]);
     assert!(!st.success());
     assert!(one_line_error(&err).contains("--fuse-writeback needs --capture fuse"), "{err}");
+    // A mistyped port is not a directory to create and mirror into.
+    let (st, err) = refused(dir.path(), &["protect", src.to_str().unwrap(), "--to", "127.0.0.1:99999"]);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(one_line_error(&err).contains("must be a number from 1 to 65535"), "{err}");
+    // History settings apply to a --to DIR replica; a target's are its own.
+    let id = "ab".repeat(32);
+    let args = ["protect", src.to_str().unwrap(), "--to", "host:7340", "--target-id", &id, "--history", "2d"];
+    let (st, err) = refused(dir.path(), &args);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(one_line_error(&err).contains("set a --to DIR replica's history"), "{err}");
 }
 
 #[test]
@@ -213,7 +223,9 @@ fn a_report_written_to_a_full_disk_is_one_error_line_not_a_panic() {
 /// Runs a command expected to refuse at once; an agent that starts instead is stopped after
 /// 30 s (and the test fails on its exit status) rather than left running.
 fn refused(home: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
-    let mut p = Proc::start(home, "refused", args);
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut p = Proc::start(home, &format!("refused-{n}"), args);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while p.running() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

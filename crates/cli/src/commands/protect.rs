@@ -320,6 +320,12 @@ fn link_settings(job: &mut JobConfig, a: &ProtectArgs) -> Result<()> {
     if let Some(c) = &a.index_cache {
         job.index_cache = crate::config::parse_size(c)? as usize;
     }
+    let remote = !matches!(job.dest, doppel_agent::Destination::Local(_));
+    if remote && (a.history.is_some() || a.history_size.is_some() || a.history_min.is_some()) {
+        bail!(
+            "--history, --history-size and --history-min set a --to DIR replica's history; a target keeps its replicas' history as its own config says (`history` under [target] or the source's [[target.allow]])"
+        );
+    }
     let size = a.history_size.clone().map(crate::config::SizeValue::Text);
     job.history =
         crate::config::retention(job.history, a.history.as_deref(), size.as_ref(), a.history_min.as_deref())?;
