@@ -546,3 +546,35 @@ fn queued_direct_writes_reach_the_daemon_together_and_replay_exactly() {
     assert!(std::fs::read(replica.join("disk.img")).unwrap() == through_mount, "the replayed image differs");
     println!("{writes} writes captured, at most {most} in the daemon at once");
 }
+
+/// A file whose last change was an `fallocate` (a preallocated database file, a disk image
+/// grown with `fallocate -l`) ends with the source's modification time on the replica, not
+/// the time the replica applied it: the allocation changed the source's mtime, and only a
+/// write used to send it.
+#[test]
+fn a_file_last_changed_by_fallocate_keeps_its_mtime_on_the_replica() {
+    use std::os::fd::AsRawFd;
+    if !fuse_available() {
+        return;
+    }
+    let (dir, src) = source_dir();
+    let sink = Arc::new(Recorder::default());
+    let mount = FuseCapture::mount(&src, sink.clone(), FuseOptions::default()).unwrap();
+    std::fs::write(src.join("grown"), b"first bytes").unwrap();
+    std::fs::write(src.join("punched"), vec![7u8; 64 << 10]).unwrap();
+    for (name, mode, len) in
+        [("grown", 0, 1 << 20), ("punched", libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 16 << 10)]
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(src.join(name)).unwrap();
+        // SAFETY: a plain system call on an open descriptor.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, len) };
+        assert_eq!(r, 0, "fallocate {name}: {}", std::io::Error::last_os_error());
+    }
+    drop(mount);
+    let ops = sink.ops.lock().clone();
+    let replica = dir.path().join("replica");
+    // Applied a moment later, as a target would: its own clock must not show.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    replay(&ops, &replica, &dir.path().join("state"));
+    compare_trees(&src, &replica, Compare::default()).unwrap();
+}

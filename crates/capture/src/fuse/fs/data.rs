@@ -222,6 +222,9 @@ impl<S: CaptureSink> DoppelFs<S> {
             f.node.io.lock().stale_cache = true;
         }
         f.wrote.store(true, Ordering::Relaxed);
+        // The allocation moved the source's mtime as a write does; the replica's apply would
+        // set its own clock's.
+        f.node.mtime_dirty.store(true, Ordering::Relaxed);
         if let (Some(p), Some(prep)) = (path, prep) {
             self.commit(prep, vec![Op::Fallocate { path: p.to_wire(), mode: mode as u32, offset, len }]);
         }
