@@ -101,6 +101,27 @@ fn an_unlisted_source_is_refused_with_its_identity_named() {
         !target.data.join("replicas").exists()
             || std::fs::read_dir(target.data.join("replicas")).unwrap().next().is_none()
     );
+    // One job refused among others: the others go on.
+    let local = dir.path().join("local-replica");
+    let cfg = dir.path().join("two-jobs.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[job]]\nname = \"refused\"\npath = {src:?}\nto = {addr:?}\ntarget_id = {tid:?}\n\n\
+             [[job]]\nname = \"local\"\npath = {src:?}\nto = {local:?}\n",
+            addr = target.addr,
+            tid = target.id,
+        ),
+    )
+    .unwrap();
+    let mut both = Proc::start(&home, "agent-two-jobs", &["--config", cfg.to_str().unwrap(), "protect"]);
+    wait_until(Duration::from_secs(60), "the refused job to stop", || {
+        let log = both.log();
+        log.contains("job stopped; the agent's other jobs go on").then_some(()).ok_or(log)
+    });
+    Tree::at(&src).file("after", b"made after the refusal");
+    wait_converged(&src, &local, Duration::from_secs(30), &mut both);
+    assert!(!both.stop().success(), "the refused job's error is the agent's exit status");
     // And a source pinning the wrong target identity never sends anything.
     let wrong = "ab".repeat(32);
     let mut agent = Proc::start(

@@ -141,7 +141,8 @@ fn notice_options(a: &ProtectArgs, file: &FileConfig) -> Result<Option<crate::no
     Ok(Some(crate::notices::NoticeOptions { command, rpo, timing }))
 }
 
-/// Waits for every job; the first error stops the others and is returned.
+/// Waits for every job; a job that fails leaves the others running, and the first error is
+/// returned once all have ended.
 async fn join(
     mut runs: tokio::task::JoinSet<(String, Result<()>)>,
     shutdown: &CancellationToken,
@@ -150,7 +151,12 @@ async fn join(
     while let Some(r) = runs.join_next().await {
         let (name, r) = r?;
         if let Err(e) = r {
-            shutdown.cancel();
+            // One job refused for good (its identity not allowed, fenced after a failover)
+            // must not stop the agent's other jobs; the agent ends, with this error, once
+            // every job has.
+            if !runs.is_empty() && !shutdown.is_cancelled() {
+                tracing::error!(job = %name, error = format!("{e:#}"), "job stopped; the agent's other jobs go on");
+            }
             first_error.get_or_insert_with(|| e.context(format!("job {name}")));
         }
     }
