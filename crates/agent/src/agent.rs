@@ -195,6 +195,9 @@ impl Agent {
             {
                 return Err(AgentError::DestinationNotEmpty { dest: replica.clone() });
             }
+            if !state.dest.is_empty() {
+                set_aside_embedded_state(&dir, &state.dest)?;
+            }
             state = JobState { dest, ..JobState::default() };
             // Claimed before anything is written there: a restart, even in the middle of the
             // first mirror, finds the directory is this job's replica.
@@ -312,8 +315,7 @@ impl Agent {
                 return Err(AgentError::Config(format!("the failback of {source} needs its connections")));
             }
             (Destination::Local(replica), None) => {
-                let layout =
-                    Layout::Embedded { replica: replica.clone(), state: dir.join("embedded-target") };
+                let layout = Layout::Embedded { replica: replica.clone(), state: dir.join(EMBEDDED_STATE) };
                 let mut cfg = TargetConfig::new(layout);
                 cfg.history = job.history;
                 let target = Target::new(cfg);
@@ -621,6 +623,30 @@ fn lock_destination(dir: &Path) -> Result<OwnedFd, AgentError> {
         Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::DestinationInUse { dest: dir.to_path_buf() }),
         Err(e) => Err(io_at(dir)(e.into())),
     }
+}
+
+/// The job directory's subdirectory where the embedded target of a local destination keeps
+/// its replica's state and history.
+pub const EMBEDDED_STATE: &str = "embedded-target";
+
+/// Sets aside what the embedded target kept for the job's previous destination (its
+/// replica's state and history): it describes that directory, and read as the new one's it
+/// listed the old points and restored them from the wrong tree. Kept, not deleted: it is the
+/// only history of the old replica, which is still there.
+fn set_aside_embedded_state(dir: &Path, old_dest: &str) -> Result<(), AgentError> {
+    let state = dir.join(EMBEDDED_STATE);
+    if !state.exists() {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let aside = dir.join(format!("{EMBEDDED_STATE}.before-{secs}"));
+    fs::rename(&state, &aside).map_err(io_at(&state))?;
+    tracing::warn!(
+        previous = old_dest,
+        kept = %aside.display(),
+        "the job's destination changed: the state and history of its previous replica are set aside"
+    );
+    Ok(())
 }
 
 /// Whether a directory holds anything besides a fresh file system's `lost+found`.

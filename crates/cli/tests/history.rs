@@ -191,3 +191,34 @@ fn ransomware_on_a_remote_replica_is_undone_by_restoring_the_point_before_it() {
     let (_, text, _) = run(&target.proc.home, &["status"]);
     assert!(text.contains("HISTORY: points "), "{text}");
 }
+
+#[test]
+fn a_job_moved_to_another_directory_starts_a_history_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let home = dir.path().join("home");
+    tree(&src);
+    let to = |p: &Path| p.to_str().unwrap().to_string();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    let mut agent = Proc::start(&home, "agent", &["protect", &to(&src), "--to", &to(&first)]);
+    wait_converged(&src, &first, Duration::from_secs(60), &mut agent);
+    std::fs::write(src.join("a.txt"), b"changed before the move").unwrap();
+    wait_converged(&src, &first, Duration::from_secs(60), &mut agent);
+    assert!(agent.stop().success(), "{}", agent.log());
+    let moved = jiff::Timestamp::now();
+    let mut agent = Proc::start(&home, "agent2", &["protect", &to(&src), "--to", &to(&second)]);
+    wait_converged(&src, &second, Duration::from_secs(60), &mut agent);
+    // The old replica's history was read as the new one's: its points listed, and restored
+    // from the wrong tree. Now the window starts after the move, and the old history is kept.
+    let (st, out, err) = run(&home, &["history", "list", "src", "--json"]);
+    assert!(st.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let oldest: jiff::Timestamp = v["window"]["oldest"]["time"].as_str().unwrap().parse().unwrap();
+    assert!(oldest >= moved, "the window starts at {oldest}, before the move at {moved}: {out}");
+    let kept = std::fs::read_dir(home.join("jobs/src"))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("embedded-target.before-"));
+    assert!(kept, "the old replica's history is set aside, not deleted");
+    assert!(agent.stop().success(), "{}", agent.log());
+}

@@ -93,7 +93,11 @@ fn place(r: &ReplicaArg, file: &FileConfig, home: &Path) -> Result<Place> {
                     state.dest
                 );
             }
-            Place { name, root: PathBuf::from(state.dest), state: dir.join("embedded-target") }
+            Place {
+                name,
+                root: PathBuf::from(state.dest),
+                state: dir.join(doppel_agent::agent::EMBEDDED_STATE),
+            }
         }
     };
     if !place.state.join("checkpoint.json").exists() {
