@@ -598,31 +598,18 @@ impl StatusSource {
 
 pub(crate) fn take_lock(dir: &Path, job: &str) -> Result<OwnedFd, AgentError> {
     let path = dir.join("lock");
-    let fd = rustix::fs::open(
-        &path,
-        rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| io_at(&path)(e.into()))?;
-    match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(fd),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::Locked { job: job.to_string(), lock: path }),
-        Err(e) => Err(io_at(&path)(e.into())),
-    }
+    doppel_fs::lock::lock_exclusive(&path)
+        .map_err(io_at(&path))?
+        .ok_or_else(|| AgentError::Locked { job: job.to_string(), lock: path.clone() })
 }
 
 /// Locks a local destination directory for a running job, so that no other job (in this
 /// process or another) mirrors into it at the same time: two would each delete what the
 /// other's source has and its own lacks.
 fn lock_destination(dir: &Path) -> Result<OwnedFd, AgentError> {
-    use rustix::fs::{FlockOperation, Mode, OFlags};
-    let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| io_at(dir)(e.into()))?;
-    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(fd),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::DestinationInUse { dest: dir.to_path_buf() }),
-        Err(e) => Err(io_at(dir)(e.into())),
-    }
+    doppel_fs::lock::lock_exclusive(dir)
+        .map_err(io_at(dir))?
+        .ok_or_else(|| AgentError::DestinationInUse { dest: dir.to_path_buf() })
 }
 
 /// The job directory's subdirectory where the embedded target of a local destination keeps

@@ -918,3 +918,31 @@ fn a_silent_target_is_noticed_within_three_heartbeats() {
     assert_eq!(job_status(&home, "src")["state"], "replicating");
     assert!(agent.stop().success(), "{}", agent.log());
 }
+
+/// One target per home and per data directory; a target that cannot listen changes nothing.
+#[test]
+fn a_second_target_on_a_home_or_data_directory_in_use_is_refused_and_a_failed_start_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = start_target(dir.path(), &[], 0);
+    let home = target.proc.home.clone();
+    let note = std::fs::read(home.join("target-data")).unwrap();
+    let other_data = dir.path().join("other-data");
+    let start = |home: &Path, listen: &str, data: &Path| {
+        let mut p =
+            Proc::start(home, "second", &["target", "--listen", listen, "--data", data.to_str().unwrap()]);
+        let st = p.wait(Duration::from_secs(30));
+        (st, p.log())
+    };
+    // The port the first one holds: refused before anything is made or noted.
+    let (st, log) = start(&home, &target.addr, &other_data);
+    assert!(!st.success() && log.contains("cannot listen on"), "{log}");
+    assert!(!other_data.exists(), "a target that could not listen made its data directory");
+    assert_eq!(std::fs::read(home.join("target-data")).unwrap(), note, "the failed start rewrote the note");
+    // Same home, another port.
+    let (st, log) = start(&home, "127.0.0.1:0", &other_data);
+    assert!(!st.success() && log.contains("a target already runs with home"), "{log}");
+    // Another home, the same data directory.
+    let (st, log) = start(&dir.path().join("home2"), "127.0.0.1:0", &target.data);
+    assert!(!st.success() && log.contains("is in use by a target running now"), "{log}");
+    assert_eq!(std::fs::read(home.join("target-data")).unwrap(), note);
+}

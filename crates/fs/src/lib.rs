@@ -11,11 +11,13 @@
 //! - [`select`]: include/exclude rules with gitignore syntax.
 //! - [`format`]: version stamps of the directories doppel keeps state in.
 //! - [`handle`]: file handles, which open an inode wherever it was renamed to.
+//! - [`lock`]: exclusive locks held for a process's life.
 
 pub mod beneath;
 pub mod format;
 pub mod handle;
 pub mod hash;
+pub mod lock;
 pub mod meta;
 pub mod readahead;
 pub mod select;

@@ -33,13 +33,26 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
         .or(section.data.clone())
         .ok_or_else(|| anyhow!("--data DIR is required (or [target] data)"))?;
     let (allowed, policies) = sources(&section, &a.allow)?;
-    doppel_target::secure_data_dir(&data).context("data directory")?;
-    raise_open_file_limit();
-    DATA_FORMAT.take_over(&data, |_| Ok(()))?;
+    // Listening first: a target that cannot listen changes nothing (no data directory made,
+    // no note of it for `doppel history`).
+    let http =
+        match crate::config::http_options(&a.http, section.http.as_ref(), section.http_token_file.as_ref()) {
+            Some(o) => Some(crate::http::bind(&o).await?),
+            None => None,
+        };
+    let listener = bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let (me, created) = Identity::load_or_create(&home)?;
     if created {
         tracing::info!(identity = %me.id, "created this node's identity");
     }
+    let _home_lock = doppel_fs::lock::lock_exclusive(&home.join("target.lock"))?.ok_or_else(|| {
+        anyhow!("a target already runs with home {} (its control socket is there)", home.display())
+    })?;
+    doppel_target::secure_data_dir(&data).context("data directory")?;
+    let _data_lock = doppel_fs::lock::lock_exclusive(&data)?
+        .ok_or_else(|| anyhow!("the data directory {} is in use by a target running now", data.display()))?;
+    raise_open_file_limit();
+    DATA_FORMAT.take_over(&data, |_| Ok(()))?;
     let mut cfg = TargetConfig::new(Layout::DataDir(data.clone()));
     cfg.allowed = allowed;
     cfg.history = target_history(&section)?;
@@ -64,12 +77,6 @@ pub async fn run(a: TargetArgs, file: FileConfig, config: Option<PathBuf>, home:
         Some(0) => bail!("[target] apply_threads must be at least 1"),
         n => n,
     };
-    let http =
-        match crate::config::http_options(&a.http, section.http.as_ref(), section.http_token_file.as_ref()) {
-            Some(o) => Some(crate::http::bind(&o).await?),
-            None => None,
-        };
-    let listener = bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let target = Target::new(cfg);
     let shutdown = super::on_signals()?;
