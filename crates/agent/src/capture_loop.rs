@@ -717,23 +717,14 @@ impl Capture {
             "verify: tree compared"
         );
         if repair && !differing.is_empty() {
-            // The index learns what the replica holds at each differing name, then those
-            // names are compared again through it.
-            for (p, on_replica) in &differing {
-                self.rec.index.remove(p)?;
-                if let Some(e) = on_replica {
-                    self.rec.index.insert(p, e)?;
-                }
-            }
             let spool = self.spool.clone();
             let mut sink = SpoolSink::comparing(&spool, &self.stop);
             sink.emit(Op::Point { kind: PointKind::PreResync })?;
-            for (p, _) in &differing {
-                self.rec.sync_entry(p, &mut sink)?;
-            }
-            self.rec.finish(&mut sink)?;
+            let unrepaired = doppel_mirror::verify::repair(&mut self.rec, &differing, &mut sink)?;
             sink.emit(Op::Point { kind: PointKind::Resynced })?;
-            report.repaired = differing.iter().map(|(p, _)| p.to_string()).collect();
+            let (left, queued) = differing.names.iter().partition(|(p, _)| unrepaired.contains(p));
+            let names = |v: Vec<&(RelPath, _)>| v.into_iter().map(|(p, _)| p.to_string()).collect();
+            (report.unrepaired, report.repaired) = (names(left), names(queued));
         }
         Ok(report)
     }

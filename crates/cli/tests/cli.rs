@@ -199,6 +199,42 @@ fn verify_reports_and_repairs_differences() {
 }
 
 #[test]
+fn verify_repairs_a_hard_linked_file_damaged_on_the_replica() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("shl");
+    Tree::at(&src).file("f", b"original\n").hardlink("g", "f");
+    let home = dir.path().join("home");
+    let replica = dir.path().join("rhl");
+    let mut a =
+        Proc::start(&home, "agent", &["protect", src.to_str().unwrap(), "--to", replica.to_str().unwrap()]);
+    wait_converged(&src, &replica, Duration::from_secs(60), &mut a);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let source_mode = mode(&src.join("f"));
+    // Damaged behind doppel's back, through one name (so both names see it): the bytes, then
+    // the mode alone.
+    let damage: [&dyn Fn(); 2] = [&|| std::fs::write(replica.join("f"), b"CORRUPT\n").unwrap(), &|| {
+        std::fs::set_permissions(replica.join("f"), PermissionsExt::from_mode(0o600)).unwrap()
+    }];
+    for damage in damage {
+        damage();
+        let (st, out, _) = run(&home, &["verify", "shl"]);
+        assert!(!st.success(), "the damage must be found: {out}");
+        let (st, out, err) = run(&home, &["verify", "shl", "--repair"]);
+        assert!(st.success(), "{out}{err}");
+        wait_converged(&src, &replica, Duration::from_secs(30), &mut a);
+        let (st, out, _) = run(&home, &["verify", "shl"]);
+        assert!(st.success() && out.contains("replica matches the source"), "{out}");
+        assert_eq!(std::fs::read(replica.join("f")).unwrap(), b"original\n");
+        assert_eq!(mode(&replica.join("f")), source_mode);
+        let (f, g) = (replica.join("f").metadata().unwrap(), replica.join("g").metadata().unwrap());
+        assert_eq!((f.dev(), f.ino()), (g.dev(), g.ino()), "both names stay one file");
+        // A repair in place moves nothing into the history's attic.
+        assert_eq!(f.nlink(), 2, "links to the replica's file beyond its two names");
+    }
+}
+
+#[test]
 fn a_report_whose_reader_goes_away_ends_as_other_tools_do_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();

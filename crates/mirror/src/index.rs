@@ -454,19 +454,7 @@ impl Index {
 
     /// All names sharing the inode recorded as `ino` (a source inode, or a replica group).
     pub fn names_of(&self, ino: u64) -> Result<Vec<RelPath>, MirrorError> {
-        let t = self.w()?.open_table(INODES).map_err(store)?;
-        let lo = ino.to_be_bytes();
-        let mut out = Vec::new();
-        let range = t.range(lo.as_slice()..).map_err(store)?;
-        for item in range {
-            let item = item.map_err(store)?;
-            let k = item.0.value();
-            if k[..8] != lo {
-                break;
-            }
-            out.push(path_of(&k[8..])?);
-        }
-        Ok(out)
+        names_in(&self.w()?.open_table(INODES).map_err(store)?, ino)
     }
 
     /// Another name of source inode `ino` in the index, if any.
@@ -599,6 +587,30 @@ impl Snapshot {
         let v = t.get(key(path).as_slice()).map_err(store)?;
         v.map(|v| decode(v.value())).transpose()
     }
+
+    /// The names of inode (or replica hard-link group) `ino` as they were.
+    pub fn names_of(&self, ino: u64) -> Result<Vec<RelPath>, MirrorError> {
+        match self.0.open_table(INODES) {
+            Ok(t) => names_in(&t, ino),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Vec::new()),
+            Err(e) => Err(store(e)),
+        }
+    }
+}
+
+/// The names of `ino` in the inode table `t`.
+fn names_in(t: &impl ReadableTable<&'static [u8], ()>, ino: u64) -> Result<Vec<RelPath>, MirrorError> {
+    let lo = ino.to_be_bytes();
+    let mut out = Vec::new();
+    for item in t.range(lo.as_slice()..).map_err(store)? {
+        let item = item.map_err(store)?;
+        let k = item.0.value();
+        if k[..8] != lo {
+            break;
+        }
+        out.push(path_of(&k[8..])?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use doppel_proto::{Attrs, Entry, Op, RelPath, WirePath, Xattr};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MirrorError;
-use crate::index::{Index, IndexEntry, Snapshot};
+use crate::index::{Index, IndexEntry, REPLICA_GROUP, Snapshot};
 use crate::reconcile::{OpSink, Reconciler};
 
 /// One name that differs.
@@ -36,6 +36,9 @@ pub struct VerifyReport {
     pub differences: Vec<Difference>,
     /// Names whose repair was queued.
     pub repaired: Vec<String>,
+    /// Names found differing for which a repair had nothing to send: they stay as they are.
+    #[serde(default)]
+    pub unrepaired: Vec<String>,
 }
 
 /// How a difference in privileged attributes only is described: a target whose privilege
@@ -61,9 +64,94 @@ fn privileged_only(a: &Attrs, e: &IndexEntry) -> bool {
     mode && xattrs && a.mtime.is_none_or(|t| t == e.mtime)
 }
 
-/// The names that differ, as [`compare`] found them, each with what the replica holds there
-/// (`None`: nothing): what a repair seeds the job's index with before comparing them again.
-pub type Differing = Vec<(RelPath, Option<IndexEntry>)>;
+/// The names that differ, as [`compare`] found them, each with what the replica holds there:
+/// what [`repair`] seeds the job's index with before comparing them again.
+#[derive(Debug, Default)]
+pub struct Differing {
+    /// Each name that differs, with the replica's entry (`None`: nothing there).
+    pub names: Vec<(RelPath, Option<IndexEntry>)>,
+    /// The replica's other names of the files among them that have several there. They share
+    /// the damage (one inode), and the index must say so: left describing the source, they
+    /// look sound, and the damaged name would be "repaired" by linking it to them again.
+    pub linked: Vec<(RelPath, IndexEntry)>,
+}
+
+impl Differing {
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Adds `path`, with the replica's entry from `replica` and the replica's other names of
+    /// that entry's inode.
+    fn add(&mut self, path: RelPath, replica: &Snapshot) -> Result<(), MirrorError> {
+        let on_replica = replica.get(&path)?;
+        if let Some(group) = on_replica.as_ref().map(|e| e.ino).filter(|i| i & REPLICA_GROUP != 0) {
+            for other in replica.names_of(group)? {
+                let known = other == path
+                    || self.names.iter().any(|(p, _)| *p == other)
+                    || self.linked.iter().any(|(p, _)| *p == other);
+                if let Some(e) = replica.get(&other)?.filter(|_| !known) {
+                    self.linked.push((other, e));
+                }
+            }
+        }
+        self.linked.retain(|(p, _)| *p != path);
+        self.names.push((path, on_replica));
+        Ok(())
+    }
+}
+
+/// Brings the names of `differing` in line through the job's reconciler `rec`: its index
+/// learns what the replica holds at each of them (and at the replica's other names of their
+/// files), then they are compared again, and the round finished. Returns the names no op was
+/// emitted for: their difference was found, yet nothing would change it.
+pub fn repair(
+    rec: &mut Reconciler,
+    differing: &Differing,
+    sink: &mut dyn OpSink,
+) -> Result<Vec<RelPath>, MirrorError> {
+    let seeds = differing.names.iter().map(|(p, e)| (p, e.as_ref()));
+    for (p, on_replica) in seeds.chain(differing.linked.iter().map(|(p, e)| (p, Some(e)))) {
+        rec.index.remove(p)?;
+        if let Some(e) = on_replica {
+            rec.index.insert(p, e)?;
+        }
+    }
+    let mut touched = Touched { sink, paths: Default::default() };
+    for (p, _) in &differing.names {
+        rec.sync_entry(p, &mut touched)?;
+    }
+    for (p, _) in &differing.linked {
+        rec.sync_entry(p, &mut touched)?;
+    }
+    // Directories' times are settled here.
+    rec.finish(&mut touched)?;
+    let mut untouched = Vec::new();
+    for (p, on_replica) in &differing.names {
+        // Gone from the source since it was compared: absent on both sides now.
+        let gone = on_replica.is_none() && rec.index.get(p)?.is_none();
+        if !touched.paths.contains(&p.to_wire()) && !gone {
+            untouched.push(p.clone());
+        }
+    }
+    Ok(untouched)
+}
+
+/// Passes ops on, noting the names they act on.
+struct Touched<'a> {
+    sink: &'a mut dyn OpSink,
+    paths: std::collections::BTreeSet<WirePath>,
+}
+
+impl OpSink for Touched<'_> {
+    fn emit(&mut self, op: Op) -> Result<(), MirrorError> {
+        if let Some(p) = op.path() {
+            self.paths.insert(p.clone());
+        }
+        self.sink.emit(op)
+    }
+}
 
 /// Compares the tree at `root` with a replica `listing`. Returns the report and the names that
 /// differ.
@@ -156,7 +244,7 @@ pub fn compare_with(
     diff.judge_privileged(&replica)?;
     let stats = rec.stats();
     let mut differences = Vec::new();
-    let mut differing = Vec::new();
+    let mut differing = Differing::default();
     for (path, whats) in diff.per_path {
         let mut what = whats.join(", ");
         // A name removed and created again differs in type; attribute changes of a name
@@ -172,15 +260,14 @@ pub fn compare_with(
         let name = if path.0.is_empty() { ".".to_string() } else { path.display() };
         differences.push(Difference { path: name, what });
         if let Ok(p) = RelPath::try_from(&path) {
-            let on_replica = replica.get(&p)?;
-            differing.push((p, on_replica));
+            differing.add(p, &replica)?;
         }
     }
     let report = VerifyReport {
         entries_compared: stats.entries_seen.load(Ordering::Relaxed),
         bytes_compared: stats.bytes_hashed.load(Ordering::Relaxed),
         differences,
-        repaired: Vec::new(),
+        ..Default::default()
     };
     Ok((report, differing))
 }

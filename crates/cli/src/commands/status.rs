@@ -358,6 +358,9 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
         for d in &report.differences {
             outln!("{}: {}", d.path, d.what)?;
         }
+        for p in &report.unrepaired {
+            outln!("{p}: cannot be repaired (nothing to send would change it)")?;
+        }
         let compared = format!(
             "{} entries compared, {} read",
             crate::progress::thousands(report.entries_compared),
@@ -365,12 +368,22 @@ pub fn verify(a: VerifyArgs, home: &Path) -> Result<()> {
         );
         match (report.differences.len(), a.repair) {
             (0, _) => outln!("replica matches the source ({compared})")?,
-            (n, true) => outln!("{n} differences found and queued for repair ({compared})")?,
+            (n, true) if report.unrepaired.is_empty() => {
+                outln!("{n} differences found and queued for repair ({compared})")?
+            }
+            (n, true) => outln!(
+                "{n} differences found, {} queued for repair, {} cannot be repaired ({compared})",
+                report.repaired.len(),
+                report.unrepaired.len()
+            )?,
             (n, false) => outln!("{n} differences found ({compared}); run with --repair to fix them")?,
         }
     }
     if !a.repair && !report.differences.is_empty() {
         return Err(anyhow!("replica differs from the source"));
+    }
+    if !report.unrepaired.is_empty() {
+        return Err(anyhow!("{} differences cannot be repaired", report.unrepaired.len()));
     }
     Ok(())
 }

@@ -151,6 +151,7 @@ fn responses() -> Vec<ControlResponse> {
         bytes_compared: 100,
         differences: vec![Difference { path: "a".into(), what: "content".into() }],
         repaired: vec!["a".into()],
+        unrepaired: Vec::new(),
     };
     vec![
         ControlResponse::Status(StatusReport::default()),

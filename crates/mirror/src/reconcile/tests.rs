@@ -428,6 +428,49 @@ fn verify_names_stripped_privileges_as_policy() {
     );
 }
 
+/// A file with two names, damaged on the replica through one of them (so both see it): the
+/// repair writes the source's bytes and mode into that file, rather than linking the damaged
+/// name to the other one (the same damaged file) again.
+#[test]
+fn repair_of_a_hard_linked_file_fixes_the_file_its_names_share() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut r = Rig::new();
+    r.tree().file("x/one", b"original\n").hardlink("x/two", "x/one").file("x/three", b"3");
+    r.rescan();
+    std::fs::write(r.dst.join("x/one"), b"CORRUPT\n").unwrap();
+    std::fs::set_permissions(r.dst.join("x/two"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let listing = r.listing(&ListScope::All);
+    let (report, differing) = crate::verify::compare(&r.src, Selection::all(), listing, None).unwrap();
+    assert!(!report.differences.is_empty());
+    let mut ops = Vec::new();
+    let unrepaired = crate::verify::repair(&mut r.rec, &differing, &mut ops).unwrap();
+    assert!(unrepaired.is_empty(), "{unrepaired:?}");
+    assert!(!ops.iter().any(|o| matches!(o, Op::Unlink { .. } | Op::Link { .. })), "{ops:?}");
+    r.apply(ops);
+    r.assert_equal();
+    let (one, two) = (r.dst.join("x/one").metadata().unwrap(), r.dst.join("x/two").metadata().unwrap());
+    assert_eq!((one.ino(), one.nlink()), (two.ino(), 2));
+    // The job's index describes the replica again: nothing is left to do.
+    let (ops, _) = r.rescan();
+    assert!(ops.iter().all(|o| matches!(o, Op::SetAttr { .. })), "{ops:?}");
+}
+
+/// A name whose repair has nothing to send is reported as not repaired, not as queued.
+#[test]
+fn a_difference_the_repair_sends_nothing_for_is_reported() {
+    let mut r = Rig::new();
+    r.tree().file("a", b"a");
+    r.rescan();
+    std::fs::write(r.dst.join("a"), b"b").unwrap();
+    let listing = r.listing(&ListScope::All);
+    let (_, mut differing) = crate::verify::compare(&r.src, Selection::all(), listing, None).unwrap();
+    // The replica's entry as the source's: the index takes the damage for the source's state.
+    let truth = r.rec.index.get(&p("a")).unwrap();
+    differing.names[0].1 = truth;
+    let unrepaired = crate::verify::repair(&mut r.rec, &differing, &mut Vec::new()).unwrap();
+    assert_eq!(unrepaired, [p("a")]);
+}
+
 #[test]
 fn a_name_created_and_removed_between_flushes_still_moves_its_directory_time() {
     let mut r = Rig::new();
