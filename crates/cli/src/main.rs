@@ -50,11 +50,27 @@ fn main() {
     let nofile = doppel_capture::fuse::raise_open_file_limit();
     tracing::debug!(nofile, "open-file limit");
     if let Err(e) = commands::run(args) {
-        // One line naming the cause, as scripts expect.
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("doppel: error: {msg}");
+        eprintln!("doppel: error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, as scripts expect. A cause is left out when the
+/// message before it already ends with it: library errors say their source (`PATH: Not a
+/// directory`) and carry it as their source too, which printed it twice.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.ends_with(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg.replace('\n', " ")
 }
 
 /// Lets a command whose whole work is printing end as `ls` does when the reader of its output
@@ -95,5 +111,23 @@ fn bound_malloc_arenas() {
     });
     if let Err(e) = trim {
         eprintln!("doppel: warning: no thread to return freed memory: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_that_says_its_source_prints_it_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{path}: {source}")]
+        struct AtPath {
+            path: String,
+            source: std::io::Error,
+        }
+        let io = std::io::Error::from_raw_os_error(20);
+        let e = anyhow::Error::from(AtPath { path: "/x/afile/r".into(), source: io }).context("job s");
+        assert_eq!(super::one_line(&e), "job s: /x/afile/r: Not a directory (os error 20)");
+        let plain = anyhow::anyhow!("no target\non two lines").context("job t");
+        assert_eq!(super::one_line(&plain), "job t: no target on two lines");
     }
 }

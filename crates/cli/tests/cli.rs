@@ -63,6 +63,15 @@ fn protect_usage_errors_are_one_clear_line() {
     let (st, _, err) = run(dir.path(), &["protect", src.to_str().unwrap(), "--to", inside.to_str().unwrap()]);
     assert!(!st.success());
     assert!(one_line_error(&err).contains("must not contain one another"), "{err}");
+    assert!(!inside.exists(), "the refused destination was made inside the protected tree");
+    // A destination beneath a file: the cause once, not twice.
+    let file = dir.path().join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    let (st, _, err) =
+        run(dir.path(), &["protect", src.to_str().unwrap(), "--to", file.join("r").to_str().unwrap()]);
+    assert!(!st.success());
+    let line = one_line_error(&err);
+    assert_eq!(line.matches("Not a directory").count(), 1, "{line}");
     let (st, _, err) =
         run(dir.path(), &["protect", src.to_str().unwrap(), "--to", "/tmp/r", "--fuse-writeback"]);
     assert!(!st.success());
