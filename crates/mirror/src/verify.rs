@@ -64,6 +64,14 @@ fn privileged_only(a: &Attrs, e: &IndexEntry) -> bool {
     mode && xattrs && a.mtime.is_none_or(|t| t == e.mtime)
 }
 
+/// Whether setting `a` on the replica's entry `e` would change nothing but its times.
+fn times_only(a: &Attrs, e: &IndexEntry) -> bool {
+    a.mode.is_none_or(|m| (m ^ e.mode) & 0o7777 == 0)
+        && a.uid.is_none_or(|u| u == e.uid)
+        && a.gid.is_none_or(|g| g == e.gid)
+        && a.xattrs.as_ref().is_none_or(|x| *x == e.xattrs)
+}
+
 /// The names that differ, as [`compare`] found them, each with what the replica holds there:
 /// what [`repair`] seeds the job's index with before comparing them again.
 #[derive(Debug, Default)]
@@ -207,11 +215,18 @@ impl OpSink for Differences {
 impl Differences {
     /// Names whose only difference is privileged attributes (judged against the replica's
     /// entries as the listing gave them) say so.
+    ///
+    /// The attributes sent after a file's content are the content's own modification time:
+    /// where nothing else of them differs, the content's difference says it all.
     fn judge_privileged(&mut self, replica: &Snapshot) -> Result<(), MirrorError> {
         for (path, attrs) in std::mem::take(&mut self.attrs) {
             let Ok(p) = RelPath::try_from(&path) else { continue };
-            if replica.get(&p)?.is_some_and(|e| privileged_only(&attrs, &e))
-                && let Some(v) = self.per_path.get_mut(&path)
+            let Some(e) = replica.get(&p)? else { continue };
+            let Some(v) = self.per_path.get_mut(&path) else { continue };
+            let content = v.iter().any(|w| *w == "content differs" || *w == "size differs");
+            if content && times_only(&attrs, &e) {
+                v.retain(|w| *w != "attributes differ");
+            } else if privileged_only(&attrs, &e)
                 && let Some(w) = v.iter_mut().find(|w| **w == "attributes differ")
             {
                 *w = PRIVILEGED;
@@ -252,7 +267,13 @@ pub fn compare_with(
         if whats.contains(&"only on the replica") && whats.contains(&"missing on the replica") {
             what = "type differs".into();
         } else if whats.contains(&"missing on the replica") {
-            what = "missing on the replica".into();
+            // Made again over what the replica has there: a symlink pointing elsewhere.
+            let there = RelPath::try_from(&path).ok().map(|p| replica.get(&p)).transpose()?.flatten();
+            what = match there.map(|e| e.kind) {
+                Some(doppel_proto::EntryKind::Symlink) => "link target differs".into(),
+                Some(_) => "type differs".into(),
+                None => "missing on the replica".into(),
+            };
         }
         if let Some(n) = diff.written.get(&path) {
             what = what.replace("content differs", &format!("content differs ({n} bytes)"));
