@@ -113,21 +113,6 @@ fn canonical(p: &Path, what: &str) -> Result<PathBuf, AgentError> {
     fs::canonicalize(p).map_err(|e| AgentError::Config(format!("{what} {}: {e}", p.display())))
 }
 
-/// The canonical form `p` will have once made: its deepest existing ancestor resolved, the
-/// names below it appended.
-fn canonical_to_be(p: &Path) -> Result<PathBuf, AgentError> {
-    let mut missing = Vec::new();
-    let mut at = p;
-    while !at.exists() {
-        let (Some(parent), Some(name)) = (at.parent(), at.file_name()) else { break };
-        missing.push(name.to_owned());
-        at = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
-    }
-    let mut out = canonical(at, "destination")?;
-    out.extend(missing.iter().rev());
-    Ok(out)
-}
-
 impl Agent {
     /// Checks the job, takes its lock, recovers its spool and index, and starts watching.
     pub fn new(job: JobConfig, home: &Path) -> Result<Agent, AgentError> {
@@ -179,7 +164,7 @@ impl Agent {
         if let Destination::Local(dir) = &mut job.dest {
             // Judged before the directory is made: a refused destination inside the protected
             // tree must not be left there.
-            let planned = canonical_to_be(dir)?;
+            let planned = doppel_fs::beneath::canonical_to_be(dir).map_err(io_at(dir))?;
             if planned.starts_with(&job.root) || job.root.starts_with(&planned) {
                 return Err(AgentError::Config(format!(
                     "the destination {} and the protected tree {} must not contain one another",

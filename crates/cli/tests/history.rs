@@ -152,6 +152,12 @@ fn ransomware_on_an_embedded_replica_is_undone_by_restoring_the_point_before_it(
         assert!(st.success(), "restore --at {at}: {err}");
     }
     compare_trees(&now, &ago, Compare::default()).unwrap();
+    // Into the replica itself: refused before anything is written there.
+    let inside = replica.join("restored");
+    let (st, _, err) =
+        run(&home, &["history", "restore", "src", "--at", "now", "--to", inside.to_str().unwrap()]);
+    assert!(!st.success() && err.contains("is inside the replica"), "{err}");
+    assert!(!inside.exists());
     // A restore that runs out of space: non-zero, the cause named, nothing left behind.
     let small = dir.path().join("small");
     std::fs::create_dir(&small).unwrap();

@@ -117,3 +117,33 @@ mod tests {
         assert!(b.parent(&RelPath::root()).is_err());
     }
 }
+
+/// The canonical form `p` will have once made: its deepest existing ancestor resolved (links
+/// followed), the names below it appended. For judging whether a directory about to be made
+/// would lie inside another before making it.
+pub fn canonical_to_be(p: &Path) -> io::Result<PathBuf> {
+    let mut missing = Vec::new();
+    let mut at = p;
+    while !at.exists() {
+        let (Some(parent), Some(name)) = (at.parent(), at.file_name()) else { break };
+        missing.push(name.to_owned());
+        at = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    }
+    let mut out = std::fs::canonicalize(at)?;
+    out.extend(missing.iter().rev());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    #[test]
+    fn a_path_not_made_yet_resolves_through_its_existing_ancestors() {
+        let d = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(d.path()).unwrap();
+        std::os::unix::fs::symlink(&real, real.join("link")).unwrap();
+        let got = super::canonical_to_be(&real.join("link/a/b")).unwrap();
+        assert_eq!(got, real.join("a/b"));
+        assert!(!real.join("a").exists(), "nothing is made");
+        assert_eq!(super::canonical_to_be(&real).unwrap(), real);
+    }
+}

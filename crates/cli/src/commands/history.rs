@@ -175,6 +175,17 @@ fn list(a: HistoryListArgs, file: &FileConfig, home: &Path) -> Result<()> {
 
 fn restore_cmd(a: HistoryRestoreArgs, file: &FileConfig, home: &Path) -> Result<()> {
     let p = place(&a.replica, file, home)?;
+    let to = doppel_fs::beneath::canonical_to_be(&a.to).with_context(|| a.to.display().to_string())?;
+    for (inside, what) in [(&p.root, "the replica"), (&p.state, "the replica's state and history")] {
+        let inside = std::fs::canonicalize(inside).unwrap_or_else(|_| inside.clone());
+        if to.starts_with(&inside) {
+            bail!(
+                "{} is inside {what} ({}): a restore writes a copy elsewhere (to bring the replica itself back to a point, fail over to it)",
+                a.to.display(),
+                inside.display()
+            );
+        }
+    }
     let created = prepare_dest(&a.to)?;
     let result = (|| -> Result<Restored> {
         let s = p.summary()?;
