@@ -34,7 +34,8 @@ pub fn run(a: FailoverArgs, back: bool, home: &Path) -> Result<()> {
         ControlRequest::Failover { source, jobs, at: a.at.clone(), force: a.force }
     };
     let cmd = req.op();
-    eprintln!("{cmd} of {} started; the steps are logged by the target (`doppel events`)", a.source);
+    // Not "started": the target may refuse it (an unknown source, a run already under way).
+    eprintln!("{cmd} of {}: asking the target; it logs each step (`doppel events`)", a.source);
     let report = match control::call(&sock, &req, LONG)? {
         ControlResponse::Report(r) => r,
         ControlResponse::Error { message } => bail!("{cmd} of {}: {message}", a.source),
