@@ -945,4 +945,14 @@ fn a_second_target_on_a_home_or_data_directory_in_use_is_refused_and_a_failed_st
     let (st, log) = start(&dir.path().join("home2"), "127.0.0.1:0", &target.data);
     assert!(!st.success() && log.contains("is in use by a target running now"), "{log}");
     assert_eq!(std::fs::read(home.join("target-data")).unwrap(), note);
+    // The DR side with its target down: status says so and names the replicas still there,
+    // rather than "no jobs or replicas".
+    let (_, out, _) = run(&home, &["status"]);
+    assert!(!out.contains("TARGET: not running"), "the target runs: {out}");
+    std::fs::create_dir_all(target.data.join("replicas/web1/www")).unwrap();
+    let mut target = target;
+    assert!(target.proc.stop().success(), "{}", target.proc.log());
+    let (st, out, err) = run(&home, &["status"]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("TARGET: not running") && out.contains("replicas web1/www"), "{out}");
 }

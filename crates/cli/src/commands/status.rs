@@ -98,6 +98,16 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
         outln!("{}", serde_json::to_string_pretty(&serde_json::to_value(&all)?)?)?;
         return Ok(());
     }
+    if all.replicas.is_empty()
+        && let Some(line) = stopped_target(home)
+    {
+        // The DR side during an incident: the target is down, its replicas are still there.
+        outln!("{line}")?;
+        if all.jobs.is_empty() && all.sources.is_empty() {
+            return Ok(());
+        }
+        outln!()?;
+    }
     if all.jobs.is_empty() && all.replicas.is_empty() && all.sources.is_empty() {
         outln!("no jobs or replicas under {}", home.display())?;
         return Ok(());
@@ -114,6 +124,34 @@ pub fn run(a: StatusArgs, home: &Path) -> Result<()> {
         print_sources(&all.sources)?;
     }
     Ok(())
+}
+
+/// For a home whose target is not running (nothing listens on its control socket), where it keeps its data and the
+/// replicas there (`SOURCE/JOB`), read from disk; `None` when the home never ran a target.
+fn stopped_target(home: &Path) -> Option<String> {
+    let sock = crate::control::run_dir(home).join("target.sock");
+    if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+        return None;
+    }
+    let data = std::fs::read_to_string(super::history::data_note(home)).ok()?;
+    let data = Path::new(data.trim());
+    let mut replicas = Vec::new();
+    for source in std::fs::read_dir(data.join("replicas")).into_iter().flatten().flatten() {
+        for job in std::fs::read_dir(source.path()).into_iter().flatten().flatten() {
+            replicas.push(format!(
+                "{}/{}",
+                source.file_name().to_string_lossy(),
+                job.file_name().to_string_lossy()
+            ));
+        }
+    }
+    replicas.sort();
+    let held = if replicas.is_empty() {
+        "no replicas".to_string()
+    } else {
+        format!("replicas {}", replicas.join(", "))
+    };
+    Some(format!("TARGET: not running (data {}: {held})", data.display()))
 }
 
 fn print_jobs(jobs: &[JobRow]) -> Result<()> {
