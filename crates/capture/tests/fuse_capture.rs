@@ -573,8 +573,13 @@ fn a_file_last_changed_by_fallocate_keeps_its_mtime_on_the_replica() {
     drop(mount);
     let ops = sink.ops.lock().clone();
     let replica = dir.path().join("replica");
-    // Applied a moment later, as a target would: its own clock must not show.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Applied once the file system's clock has moved past the source's times (it ticks
+    // coarsely), as a target's would have: the replica's own clock must not show.
+    let last = std::fs::metadata(src.join("punched")).unwrap().modified().unwrap();
+    wait_for("the file system's clock to move on", std::time::Duration::from_secs(10), || {
+        std::fs::write(dir.path().join("tick"), b"").unwrap();
+        std::fs::metadata(dir.path().join("tick")).unwrap().modified().unwrap() > last
+    });
     replay(&ops, &replica, &dir.path().join("state"));
     compare_trees(&src, &replica, Compare::default()).unwrap();
 }

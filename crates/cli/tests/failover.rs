@@ -385,7 +385,11 @@ fn a_failback_leaves_the_names_the_rules_exclude_alone_on_the_source() {
         Tree::at(&l.src).file(rel, bytes);
     }
     let replica = l.replica();
-    std::thread::sleep(Duration::from_secs(1));
+    // A selected name made after them: once it is on the replica, they would be too.
+    Tree::at(&l.src).file("after-the-excluded.txt", b"selected");
+    wait_until(Duration::from_secs(60), "a selected name made after the excluded ones to arrive", || {
+        replica.join("after-the-excluded.txt").exists().then_some(()).ok_or_else(|| "not yet".to_string())
+    });
     for (rel, _) in &own {
         assert!(!replica.join(rel).exists(), "{rel} reached the replica");
     }
@@ -411,7 +415,11 @@ fn a_failback_leaves_the_names_the_rules_exclude_alone_on_the_source() {
     // renames it into the selection once the stream has carried it.
     std::fs::write(replica.join("report.tmp"), noise(34, 40_000)).unwrap();
     std::fs::write(replica.join("scratch.tmp"), b"rewritten on the DR side").unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until(Duration::from_secs(60), "the DR side's report.tmp to reach the source", || {
+        (std::fs::read(l.src.join("report.tmp")).ok() == Some(noise(34, 40_000)))
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
     std::fs::rename(replica.join("report.tmp"), replica.join("report.txt")).unwrap();
     let (st, out, err) = run(&th, &["failback", "s"]);
     assert!(st.success(), "{out}{err}\nSOURCE LOG:\n{}", back.log());
