@@ -19,6 +19,11 @@ pub fn data_note(home: &Path) -> PathBuf {
     home.join("target-data")
 }
 
+/// The data directory the target of a home last ran with, if it ever ran.
+pub fn noted_data_dir(home: &Path) -> Option<PathBuf> {
+    std::fs::read_to_string(data_note(home)).ok().map(|s| PathBuf::from(s.trim()))
+}
+
 /// Runs a `doppel history` subcommand.
 pub fn run(c: HistoryCommand, file: &FileConfig, home: &Path) -> Result<()> {
     match c {
@@ -69,7 +74,7 @@ fn place(r: &ReplicaArg, file: &FileConfig, home: &Path) -> Result<Place> {
                 .data
                 .clone()
                 .or_else(|| file.target.as_ref().and_then(|t| t.data.clone()))
-                .or_else(|| std::fs::read_to_string(data_note(home)).ok().map(|s| PathBuf::from(s.trim())))
+                .or_else(|| noted_data_dir(home))
                 .ok_or_else(|| anyhow!("no target data directory: give --data DIR (or [target] data)"))?;
             Place {
                 name,

@@ -133,8 +133,7 @@ fn stopped_target(home: &Path) -> Option<String> {
     if std::os::unix::net::UnixStream::connect(sock).is_ok() {
         return None;
     }
-    let data = std::fs::read_to_string(super::history::data_note(home)).ok()?;
-    let data = Path::new(data.trim());
+    let data = super::history::noted_data_dir(home)?;
     let mut replicas = Vec::new();
     for source in std::fs::read_dir(data.join("replicas")).into_iter().flatten().flatten() {
         for job in std::fs::read_dir(source.path()).into_iter().flatten().flatten() {
